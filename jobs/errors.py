@@ -1,0 +1,61 @@
+"""Every domain error stl raises. The message says what failed and what to do next."""
+
+from __future__ import annotations
+
+
+class StlError(Exception):
+    """Base class; the CLI prints the message on stderr and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class GridError(StlError):
+    """A grid file is invalid. Holds one line per problem, each naming file, line and field."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class UsageError(StlError):
+    """A command-line argument is invalid (bad run id, unknown grid, ...)."""
+
+    exit_code = 2
+
+
+class RedisUnavailable(StlError):
+    """Redis cannot be reached."""
+
+
+class NotFound(StlError):
+    """A run, grid or stage does not exist."""
+
+
+class PermissionDenied(StlError):
+    """The action needs the owner, or --force."""
+
+
+class DataError(StlError):
+    """A dataset file or source is missing or malformed."""
+
+
+class ModelError(StlError):
+    """A model cannot be built or loaded."""
+
+
+class StageCanceled(StlError):
+    """The stage was canceled by a user; no checkpoint is written."""
+
+
+class StagePreempted(StlError):
+    """The worker is shutting down; the stage checkpointed and will resume elsewhere."""
+
+
+class OutOfMemory(StlError):
+    """A stage ran out of accelerator memory even at micro-batch 1."""
+
+
+class ForeignJob(StlError):
+    """A job in Redis names a function other than stl's registered entry point."""

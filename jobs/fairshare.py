@@ -1,0 +1,62 @@
+"""Fair share: the next run comes from the user who used the least GPU time recently."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING
+
+from jobs import keys
+
+if TYPE_CHECKING:
+    import redis
+
+# GPU seconds used an hour ago count half as much as seconds used now.
+HALF_LIFE_S = 3600.0
+
+_CHARGE = """
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local value, stamp = 0, tonumber(ARGV[3])
+if raw then
+  local sep = string.find(raw, '@')
+  value = tonumber(string.sub(raw, 1, sep - 1))
+  stamp = tonumber(string.sub(raw, sep + 1))
+end
+local now = tonumber(ARGV[3])
+local decayed = value * math.pow(0.5, (now - stamp) / tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], ARGV[1], tostring(decayed + tonumber(ARGV[2])) .. '@' .. ARGV[3])
+return tostring(decayed + tonumber(ARGV[2]))
+"""
+
+
+def charge_usage(conn: redis.Redis, user: str, seconds: float, *, now: float | None = None) -> float:
+    """Add GPU seconds to a user's decayed usage, atomically."""
+    stamp = time.time() if now is None else now
+    result = conn.eval(_CHARGE, 1, keys.USAGE, user, f"{max(seconds, 0.0):.6f}", f"{stamp:.6f}",
+                       str(HALF_LIFE_S))
+    return float(result)
+
+
+def decayed_usage(raw: str | bytes | None, now: float) -> float:
+    if not raw:
+        return 0.0
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    value, _, stamp = text.partition("@")
+    return float(value) * math.pow(0.5, (now - float(stamp)) / HALF_LIFE_S)
+
+
+def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple[str, float]]:
+    """Every user who ever queued, least recent GPU time first (ties by name)."""
+    stamp = time.time() if now is None else now
+    pipe = conn.pipeline(transaction=False)
+    pipe.smembers(keys.USERS)
+    pipe.hgetall(keys.USAGE)
+    users_raw, usage_raw = pipe.execute()
+    usage = {(k.decode() if isinstance(k, bytes) else k): decayed_usage(v, stamp) for k, v in usage_raw.items()}
+    users = [u.decode() if isinstance(u, bytes) else u for u in users_raw]
+    return sorted(((u, usage.get(u, 0.0)) for u in users), key=lambda item: (item[1], item[0]))
+
+
+def queue_order(conn: redis.Redis) -> list[str]:
+    """RQ queue names in the order a worker should look at them."""
+    return [keys.queue_name(user, priority) for user, _ in users_by_usage(conn) for priority in keys.PRIORITIES]

@@ -1,0 +1,63 @@
+"""Every Redis key stl writes, in one place. RQ's own keys (rq:*) are RQ's business."""
+
+from __future__ import annotations
+
+PREFIX = "stl"
+
+RUNS = f"{PREFIX}:runs"  # zset run id -> created_at
+GRIDS = f"{PREFIX}:grids"  # zset grid name -> first enqueued at
+USERS = f"{PREFIX}:users"  # set of users who ever queued
+USAGE = f"{PREFIX}:usage"  # hash user -> decayed GPU seconds as "value@timestamp"
+WORKERS = f"{PREFIX}:workers"  # set of stl worker names
+ENQUEUE_LOCK = f"{PREFIX}:lock:enqueue"
+RUNNING_STAGES = f"{PREFIX}:stages:running"  # set of stage ids a work horse has started
+PRIORITIES = ("high", "normal", "low")
+
+
+def run(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}"
+
+
+def run_results(run_id: str) -> str:
+    return f"{PREFIX}:run:{run_id}:results"  # hash task -> json result
+
+
+def grid(name: str) -> str:
+    return f"{PREFIX}:grid:{name}"  # hash: meta (created_at, user, total, notified)
+
+
+def grid_runs(name: str) -> str:
+    return f"{PREFIX}:grid:{name}:runs"  # zset run id -> index in the grid
+
+
+def stage(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}"
+
+
+def stage_lease(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}:lease"  # holder of the stage; expires when its horse dies
+
+
+def stage_reap_lock(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}:reap"
+
+
+def stage_runs(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}:runs"  # set of run ids that need this stage
+
+
+def stage_log(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}:log"  # list of log lines
+
+
+def stage_steps(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}:steps"  # list of json step records (loss curve)
+
+
+def worker(name: str) -> str:
+    return f"{PREFIX}:worker:{name}"
+
+
+def queue_name(user: str, priority: str) -> str:
+    """RQ queue name of one user's priority lane; RQ stores it under rq:queue:<name>."""
+    return f"{PREFIX}.{user}.{priority}"

@@ -1,0 +1,274 @@
+"""Reading runs, stages, workers and results back out of Redis, as plain rows for the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from jobs import keys
+from jobs.errors import NotFound, UsageError
+from jobs.specs import RunStatus
+
+if TYPE_CHECKING:
+    import redis
+
+RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
+RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
+              "started_at", "ended_at", "error", "current_stage")
+STAGE_PROGRESS_FIELDS = ("kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status")
+WORKER_STALE_S = 60
+
+
+def _s(value: bytes | str | None) -> str:
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _f(value: str) -> float | None:
+    try:
+        return float(value) if value != "" else None
+    except ValueError:
+        return None
+
+
+def check_run_id(run_id: str) -> str:
+    """Run ids become paths and keys: accept only what stl itself makes."""
+    if not RUN_ID_PATTERN.match(run_id):
+        raise UsageError(f'"{run_id}" is not a run id (16 hex digits, or a unique prefix of at least 6); '
+                         "`stl status --json` lists them")
+    return run_id
+
+
+def resolve_run_ids(conn: redis.Redis, given: list[str]) -> list[str]:
+    """Full run ids for ids or unique prefixes."""
+    resolved: list[str] = []
+    all_ids: list[str] | None = None
+    for run_id in given:
+        check_run_id(run_id)
+        if len(run_id) == 16:
+            resolved.append(run_id)
+            continue
+        if all_ids is None:
+            all_ids = [_s(m) for m in conn.zrange(keys.RUNS, 0, -1)]
+        matches = [m for m in all_ids if m.startswith(run_id)]
+        if not matches:
+            raise NotFound(f'no run id starts with "{run_id}"; `stl status --json` lists them')
+        if len(matches) > 1:
+            raise UsageError(f'"{run_id}" matches {len(matches)} runs; give more digits')
+        resolved.append(matches[0])
+    return resolved
+
+
+@dataclass
+class RunRow:
+    id: str
+    grid: str
+    user: str
+    priority: str
+    status: str
+    progress: float
+    cell: dict[str, Any]
+    created_at: float | None
+    started_at: float | None
+    ended_at: float | None
+    error: str
+    stage: str = ""
+    step: int | None = None
+    total: int | None = None
+    loss: float | None = None
+    samples_per_s: float | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class WorkerRow:
+    name: str
+    host: str
+    gpu: str
+    gpu_util: float | None
+    gpu_mem_used_mb: float | None
+    gpu_mem_total_mb: float | None
+    state: str
+    stage: str
+    last_seen: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GridRow:
+    grid: str
+    total: int
+    counts: dict[str, int] = field(default_factory=dict)
+    created_at: float | None = None
+    ended_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.total > 0 and sum(self.counts.get(s.value, 0) for s in RunStatus if s.is_done) == self.total
+
+
+def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> list[RunRow]:
+    """Every run (optionally one user's or one grid's), oldest first, with live progress."""
+    index = keys.grid_runs(grid) if grid else keys.RUNS
+    run_ids = [_s(r) for r in conn.zrange(index, 0, -1)]
+    if grid and not run_ids:
+        raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
+    pipe = conn.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hmget(keys.run(run_id), *RUN_FIELDS)
+    raw_rows = pipe.execute()
+    records = [dict(zip(RUN_FIELDS, map(_s, raw), strict=True)) for raw in raw_rows]
+    if user:
+        records = [r for r in records if r["user"] == user]
+    running_stages = sorted({r["current_stage"] for r in records
+                             if r["status"] == RunStatus.running.value and r["current_stage"]})
+    stage_info: dict[str, dict[str, str]] = {}
+    if running_stages:
+        pipe = conn.pipeline(transaction=False)
+        for sid in running_stages:
+            pipe.hmget(keys.stage(sid), *STAGE_PROGRESS_FIELDS)
+        for sid, raw in zip(running_stages, pipe.execute(), strict=True):
+            stage_info[sid] = dict(zip(STAGE_PROGRESS_FIELDS, map(_s, raw), strict=True))
+    now = time.time()
+    return [_run_row(r, stage_info.get(r["current_stage"]), now) for r in records if r["id"]]
+
+
+def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -> RunRow:
+    n_stages = int(record["n_stages"] or 1)
+    done = int(record["stages_done"] or 0)
+    row = RunRow(
+        id=record["id"], grid=record["grid"], user=record["user"], priority=record["priority"],
+        status=record["status"], progress=0.0, cell=json.loads(record["cell"] or "{}"),
+        created_at=_f(record["created_at"]), started_at=_f(record["started_at"]),
+        ended_at=_f(record["ended_at"]), error=record["error"],
+    )
+    fraction = 0.0
+    if stage and record["status"] == RunStatus.running.value:
+        row.stage = stage["kind"]
+        step, total = int(_f(stage["step"]) or 0), int(_f(stage["total"]) or 0)
+        row.step, row.total = step, total or None
+        row.loss = _f(stage["loss"])
+        row.samples_per_s = _f(stage["samples_per_s"])
+        started = _f(stage["started_at"])
+        row.elapsed_s = now - started if started else None
+        if total and step:
+            fraction = min(step / total, 1.0)
+            if row.elapsed_s:
+                row.eta_s = row.elapsed_s * (total - step) / step
+    row.progress = 1.0 if record["status"] == RunStatus.finished.value else min((done + fraction) / n_stages, 1.0)
+    return row
+
+
+def grid_rows(runs: list[RunRow], grid_meta: dict[str, dict[str, str]] | None = None) -> list[GridRow]:
+    grids: dict[str, GridRow] = {}
+    for run in runs:
+        row = grids.setdefault(run.grid, GridRow(grid=run.grid, total=0))
+        row.total += 1
+        row.counts[run.status] = row.counts.get(run.status, 0) + 1
+        if run.created_at is not None:
+            row.created_at = min(row.created_at or run.created_at, run.created_at)
+        if run.ended_at is not None:
+            row.ended_at = max(row.ended_at or run.ended_at, run.ended_at)
+    return list(grids.values())
+
+
+def list_workers(conn: redis.Redis) -> list[WorkerRow]:
+    names = sorted(_s(n) for n in conn.smembers(keys.WORKERS))
+    pipe = conn.pipeline(transaction=False)
+    for name in names:
+        pipe.hgetall(keys.worker(name))
+    rows: list[WorkerRow] = []
+    now = time.time()
+    for name, raw in zip(names, pipe.execute(), strict=True):
+        record = {_s(k): _s(v) for k, v in raw.items()}
+        if not record:
+            continue  # its record expired: the worker is gone
+        last_seen = _f(record.get("heartbeat", ""))
+        state = record.get("state", "?")
+        if last_seen is not None and now - last_seen > WORKER_STALE_S:
+            state = "lost"
+        rows.append(WorkerRow(
+            name=name, host=record.get("host", ""), gpu=record.get("gpu", "cpu"),
+            gpu_util=_f(record.get("gpu_util", "")), gpu_mem_used_mb=_f(record.get("gpu_mem_used_mb", "")),
+            gpu_mem_total_mb=_f(record.get("gpu_mem_total_mb", "")), state=state,
+            stage=record.get("stage", ""), last_seen=last_seen,
+        ))
+    return rows
+
+
+def grid_summary(conn: redis.Redis, grid: str) -> dict[str, Any]:
+    """Counts and wall time of one grid: what a notification says."""
+    runs = list_runs(conn, grid=grid)
+    counts = {s.value: 0 for s in RunStatus}
+    for run in runs:
+        counts[run.status] = counts.get(run.status, 0) + 1
+    created = min((r.created_at for r in runs if r.created_at), default=None)
+    ended = max((r.ended_at for r in runs if r.ended_at), default=None)
+    return {
+        "grid": grid, "total": len(runs), **counts,
+        "live": counts[RunStatus.queued.value] + counts[RunStatus.running.value],
+        "wall_time_s": (ended - created) if created and ended else None,
+    }
+
+
+def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
+    """One row per run x eval task: {grid, run, cell, task, task_type, metric, value}."""
+    runs = list_runs(conn, grid=grid)
+    pipe = conn.pipeline(transaction=False)
+    for run in runs:
+        pipe.hgetall(keys.run_results(run.id))
+    rows: list[dict[str, Any]] = []
+    for run, raw in zip(runs, pipe.execute(), strict=True):
+        results = {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+        for task, result in sorted(results.items()):
+            rows.append({"grid": grid, "run": run.id, "cell": run.cell, "task": task,
+                         "task_type": result["task_type"], "metric": result["metric"],
+                         "value": result["value"]})
+    return rows
+
+
+def run_log(conn: redis.Redis, run_id: str, *, start: dict[str, int] | None = None) -> tuple[list[str], dict[str, int]]:
+    """New log lines of every stage of a run, and where to continue from (for `stl logs -f`)."""
+    raw_stages = conn.hget(keys.run(run_id), "stages")
+    if raw_stages is None:
+        raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
+    positions = dict(start or {})
+    lines: list[str] = []
+    for sid in json.loads(_s(raw_stages)):
+        offset = positions.get(sid, 0)
+        new = [_s(x) for x in conn.lrange(keys.stage_log(sid), offset, -1)]
+        lines += new
+        positions[sid] = offset + len(new)
+    return lines, positions
+
+
+def run_status(conn: redis.Redis, run_id: str) -> str:
+    return _s(conn.hget(keys.run(run_id), "status"))
+
+
+def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
+    """The training-loss curve of a run: its training stages' steps, one after the other."""
+    raw_stages = conn.hget(keys.run(run_id), "stages")
+    if raw_stages is None:
+        raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
+    points: list[tuple[int, float]] = []
+    offset = 0
+    for sid in json.loads(_s(raw_stages)):
+        steps = [json.loads(_s(x)) for x in conn.lrange(keys.stage_steps(sid), 0, -1)]
+        if not steps:
+            continue
+        for step in steps:
+            if step.get("loss") is not None:
+                points.append((offset + int(step["step"]), float(step["loss"])))
+        offset += max(int(s["step"]) for s in steps)
+    return points

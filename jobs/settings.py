@@ -1,0 +1,60 @@
+"""Settings, read from the environment in this one place."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+USER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str
+    redis_url_explicit: bool
+    home: Path
+    user: str
+    notify_cmd: str | None
+    notify_url: str | None
+    # Test-only fault injection, e.g. "oom_at_step=3" (see jobs/faults.py). Empty in normal use.
+    fault_inject: str
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def stages_dir(self) -> Path:
+        return self.home / "stages"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+
+def _default_user() -> str:
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "user"
+    name = re.sub(r"[^a-z0-9_.-]", "-", name.lower()) or "user"
+    return name[:32]
+
+
+def load_settings() -> Settings:
+    env = os.environ
+    url = env.get("STL_REDIS_URL", "").strip()
+    home = Path(env.get("STL_HOME") or Path.home() / ".local" / "share" / "stl").expanduser()
+    return Settings(
+        redis_url=url or DEFAULT_REDIS_URL,
+        redis_url_explicit=bool(url),
+        home=home.resolve(),
+        user=(env.get("STL_USER") or _default_user()).strip(),
+        notify_cmd=env.get("STL_NOTIFY_CMD") or None,
+        notify_url=env.get("STL_NOTIFY_URL") or None,
+        fault_inject=env.get("STL_FAULT_INJECT", ""),
+    )

@@ -1,0 +1,106 @@
+"""Frozen specs for stages and runs. A stage's id is the hash of its resolved spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RunStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_done(self) -> bool:
+        return self in (RunStatus.finished, RunStatus.failed, RunStatus.canceled)
+
+
+class StageKind(str, Enum):
+    mtl = "mtl"
+    finetune = "finetune"
+    eval = "eval"
+
+
+class TaskType(str, Enum):
+    classification = "classification"
+    generation = "generation"
+
+
+class Priority(str, Enum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class TrainConfig(Frozen):
+    max_steps: Annotated[int, Field(gt=0, le=10_000_000)] = 1000
+    batch_size: Annotated[int, Field(gt=0, le=4096)] = 16
+    grad_accum: Annotated[int, Field(gt=0, le=1024)] = 1
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 5.0e-5
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.06
+    weight_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    max_source_length: Annotated[int, Field(gt=0, le=8192)] = 512
+    max_target_length: Annotated[int, Field(gt=0, le=2048)] = 64
+    checkpoint_every: Annotated[int, Field(gt=0)] = 200
+    # Examples-proportional mixing cap (T5/T0): no task contributes more than this many examples.
+    mixture_cap: Annotated[int, Field(gt=0)] = 500_000
+    compile: bool = False
+
+
+class EvalConfig(Frozen):
+    max_examples: Annotated[int, Field(gt=0, le=1_000_000)] = 200
+    batch_size: Annotated[int, Field(gt=0, le=4096)] = 32
+    max_new_tokens: Annotated[int, Field(gt=0, le=2048)] = 64
+    max_source_length: Annotated[int, Field(gt=0, le=8192)] = 512
+    samples: Annotated[int, Field(ge=0, le=100)] = 5
+
+
+class StageSpec(Frozen):
+    """One unit of GPU work. `parent` is the stage whose final model this one starts from."""
+
+    kind: StageKind
+    model: str
+    parent: str | None = None
+    seed: int = 0
+    instructions: bool = True
+    data: str  # absolute path to an InstructDial JSONL, or hf:<dataset>[:<config>]
+    tasks: tuple[str, ...]
+    shots: int = 0  # finetune: k examples of each task; 0 otherwise
+    train: TrainConfig | None = None
+    eval: EvalConfig | None = None
+
+    @property
+    def stage_id(self) -> str:
+        return content_hash(self.model_dump(mode="json"))[:20]
+
+
+class RunSpec(Frozen):
+    """One cell of a grid, resolved. Its id is the hash of everything that affects its results."""
+
+    grid: str
+    cell: dict[str, Any]
+    stages: tuple[str, ...]  # stage ids, in execution order
+    eval_stages: tuple[str, ...]  # the stages whose metrics make this run's results
+
+    @property
+    def run_id(self) -> str:
+        return content_hash({"grid": self.grid, "cell": self.cell, "stages": list(self.stages)})[:16]
+
+
+def content_hash(obj: object) -> str:
+    payload = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()

@@ -1,0 +1,218 @@
+"""The GPU worker: an RQ worker that takes stl's stage jobs one at a time, fairly between users.
+
+The parent imports torch and transformers once, before forking, and never touches CUDA: RQ forks a
+work horse per job, and a CUDA context created before a fork is unusable in the child.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from rq import Queue, Worker
+from rq.exceptions import DequeueTimeout
+from rq.job import JobStatus
+from rq.serializers import JSONSerializer
+
+from jobs import keys
+from jobs.errors import StagePreempted
+from jobs.fairshare import queue_order
+from jobs.queueing import ENTRY_POINT, stage_id_for
+from jobs.recovery import reap_orphans, requeue_orphan
+from worker.gpu import GpuProbe
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    import redis
+    from rq.executions import Execution
+    from rq.job import Job
+
+    from jobs.settings import Settings
+
+POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new users' queues
+REAP_EVERY_S = 5.0
+WORKER_RECORD_TTL_S = 120
+
+
+class StlWorker(Worker):
+    """RQ's forking worker with fair-share queue order, a safe entry point and preemption."""
+
+    def __init__(self, *, connection: redis.Redis, settings: Settings, gpu_index: int | None,
+                 name: str | None = None) -> None:
+        self.settings = settings
+        self.gpu_index = gpu_index
+        self._probe = GpuProbe(gpu_index)
+        self._last_reap = 0.0
+        self._current_stage = ""
+        host = socket.gethostname()
+        self.host = host
+        device = f"gpu{gpu_index}" if gpu_index is not None else "gpu"
+        super().__init__(
+            [Queue(keys.queue_name("_", "normal"), connection=connection, serializer=JSONSerializer)],
+            name=name or f"{host}.{device}.{os.getpid()}",
+            connection=connection,
+            serializer=JSONSerializer,
+            job_monitoring_interval=5,
+        )
+        self._refresh_queues()
+
+    # --- which queue next ---------------------------------------------------------------------
+
+    def _refresh_queues(self) -> None:
+        names = queue_order(self.connection)
+        self.queues = [Queue(n, connection=self.connection, serializer=JSONSerializer) for n in names]
+        self._ordered_queues = list(self.queues)
+
+    def reorder_queues(self, reference_queue: Queue) -> None:
+        self._refresh_queues()
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None
+                                     ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue loop, but it re-reads fair-share order and reaps orphans while it waits."""
+        from rq.worker import WorkerStatus
+
+        self.set_state(WorkerStatus.IDLE)
+        self._write_record("idle")
+        idle_since = time.monotonic()
+        while True:
+            self.heartbeat()
+            self._reap_if_due()
+            self._refresh_queues()
+            if self._stop_requested:
+                return None
+            try:
+                if not self._ordered_queues:
+                    if timeout is None:
+                        return None
+                    time.sleep(POLL_S)
+                    continue
+                result = self.queue_class.dequeue_any(
+                    self._ordered_queues, None if timeout is None else POLL_S, connection=self.connection,
+                    job_class=self.job_class, serializer=self.serializer,
+                    death_penalty_class=self.death_penalty_class,
+                )
+                if result is not None or timeout is None:
+                    return result
+            except DequeueTimeout:
+                pass
+            if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
+                return None
+
+    # --- running a job ------------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Refuse anything but stl's registered entry point, before a horse is forked for it."""
+        try:
+            func_name = job.func_name
+        except Exception as e:  # noqa: BLE001 - undecodable (e.g. pickled) data is refused too
+            self._refuse(job, queue, f"job {job.id} was refused: its data is not stl's JSON ({type(e).__name__}); "
+                         "stl runs only jobs written by `stl enqueue`")
+            return
+        if func_name != ENTRY_POINT:
+            self._refuse(job, queue, f"job {job.id} was refused: it names {func_name!r}, but this worker runs "
+                         f"only {ENTRY_POINT}; enqueue work with `stl enqueue`")
+            return
+        self._current_stage = stage_id_for(job.id)
+        self._write_record("busy")
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._current_stage = ""
+            self._write_record("idle")
+
+    def _refuse(self, job: Job, queue: Queue, message: str) -> None:
+        self.log.error("Worker %s: %s", self.name, message)
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            job._handle_failure(message, pipeline=pipe, worker_name=self.name)  # noqa: SLF001
+            pipe.execute()
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution,
+                          exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
+                          ) -> None:
+        """In the horse: a preempted stage goes back to the head of its queue, not to 'failed'."""
+        if isinstance(exc_info[1], StagePreempted):
+            self.handle_execution_ended(job, queue, job.failure_callback_timeout)
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=execution)
+                job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                queue._enqueue_job(job, pipeline=pipe, at_front=True)  # noqa: SLF001
+                pipe.execute()
+            return
+        super()._finalize_failure(job, queue, execution, exc_info)
+
+    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
+        """The horse died (OOM killer, kill -9): resume the stage from its checkpoint, now."""
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
+        stage_id = stage_id_for(job.id)
+        self.connection.delete(keys.stage_lease(stage_id))
+        self._pending_orphan = stage_id
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
+                           execution: Execution | None = None) -> None:
+        super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
+                                   execution=execution)
+        pending = getattr(self, "_pending_orphan", None)
+        if pending and pending == stage_id_for(job.id):
+            self._pending_orphan = None
+            requeue_orphan(self.connection, self.settings, pending,
+                           reason=f"its work horse died ({exc_string.strip()[:120]})")
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    def request_stop(self, signum: int, frame: Any) -> None:
+        """SIGTERM (docker stop): take no new work; a training stage checkpoints and is requeued."""
+        if self._current_stage:
+            self.connection.hset(keys.stage(self._current_stage), "preempt", "1")
+            self.log.info("Worker %s: asked stage %s to checkpoint and yield", self.name, self._current_stage)
+        super().request_stop(signum, frame)
+
+    # --- what `stl status` shows --------------------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        self._write_record(None)
+
+    def _write_record(self, state: str | None) -> None:
+        record = {"host": self.host, "heartbeat": time.time(), "stage": self._current_stage, **self._probe.read()}
+        if state is not None:
+            record["state"] = state
+        pipe = self.connection.pipeline(transaction=False)
+        pipe.sadd(keys.WORKERS, self.name)
+        pipe.hset(keys.worker(self.name), mapping=record)
+        pipe.expire(keys.worker(self.name), WORKER_RECORD_TTL_S)
+        pipe.execute()
+
+    def _reap_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap < REAP_EVERY_S:
+            return
+        self._last_reap = now
+        for stage_id in reap_orphans(self.connection, self.settings):
+            self.log.warning("Worker %s: stage %s was orphaned; requeued at the head of its queue",
+                             self.name, stage_id)
+
+    def teardown(self) -> None:
+        try:
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.srem(keys.WORKERS, self.name)
+            pipe.delete(keys.worker(self.name))
+            pipe.execute()
+        finally:
+            super().teardown()
+
+
+def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
+               preload: bool = True) -> bool:
+    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking."""
+    if gpu_index is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
+    if preload:
+        from jobs.stages import preload_libraries
+
+        preload_libraries()
+    worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
+    return worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
