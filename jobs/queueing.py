@@ -191,7 +191,7 @@ def _write_stage_job(
 ) -> None:
     job_id = job_id_for(stage_id)
     if replace:  # a failed or canceled stage: clear RQ's old record of it first
-        pipe.delete(Job.key_for(job_id), Job.dependencies_key_for(job_id))
+        pipe.delete(Job.key_for(job_id), Job.key_for(job_id) + ":dependencies")
         pipe.zrem(queue.failed_job_registry.key, job_id)
         pipe.zrem(queue.canceled_job_registry.key, job_id)
     job = queue.create_job(

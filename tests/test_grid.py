@@ -1,0 +1,120 @@
+"""The grid file: validation with file:line messages, and expansion into runs and shared stages."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from jobs.errors import GridError
+from jobs.grid import parse_grid
+from jobs.specs import StageKind
+from tests.helpers import grid_dict, write_grid
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def problems_of(path: Path, **kwargs: object) -> list[str]:
+    with pytest.raises(GridError) as info:
+        parse_grid(path, **kwargs)  # type: ignore[arg-type]
+    return info.value.problems
+
+
+def test_expands_every_combination_and_shares_stages(tmp_path: Path, demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["grid"]["seed"] = [0, 1]
+    path = tmp_path / "g.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(grid))
+    expanded = parse_grid(path)
+    # model(1) x mtl(2) x instructions(1) x shots(2) x seed(2)
+    assert len(expanded.runs) == 8
+    mtl_stages = [s for s in expanded.stages.values() if s.kind == StageKind.mtl]
+    # one MTL model per seed serves both shots values and both eval tasks
+    assert len(mtl_stages) == 2
+    users_of_mtl = {sid: sum(sid in run.stages for run in expanded.runs)
+                    for sid, spec in expanded.stages.items() if spec.kind == StageKind.mtl}
+    assert sorted(users_of_mtl.values()) == [2, 2]
+    few_shot = [r for r in expanded.runs if r.cell["shots"] == 4 and r.cell["mtl"] == "in-domain"]
+    kinds = [expanded.stages[s].kind for s in few_shot[0].stages]
+    assert kinds == [StageKind.mtl, StageKind.finetune, StageKind.eval, StageKind.finetune, StageKind.eval]
+    assert len({r.run_id for r in expanded.runs}) == 8
+
+
+def test_single_values_are_axes_of_one(tmp_path: Path, demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["grid"] = {"model": "tiny:t5", "mtl": "none", "instructions": False, "shots": 0, "seed": 3}
+    import yaml
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    expanded = parse_grid(path)
+    assert [r.cell for r in expanded.runs] == [
+        {"model": "tiny:t5", "mtl": "none", "instructions": False, "shots": 0, "seed": 3}]
+
+
+def test_string_shots_names_file_line_and_field(tmp_path: Path, demo_data: Path) -> None:
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"""name: g
+data: {demo_data}
+tasks:
+  train: [sentiment_classification]
+  eval: [emotion_classification]
+grid:
+  model: [tiny:bart]
+  shots: [0, "16"]
+""")
+    assert problems_of(path) == [f'{path}:8: grid.shots.1: expected an integer, got "16"']
+
+
+def test_unknown_task_missing_file_and_bad_arch_are_reported_together(tmp_path: Path, demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["tasks"]["eval"] = ["emotion_classification", "no_such_task"]
+    grid["grid"]["model"] = ["tiny:lstm"]
+    grid["mixtures"] = {"general": {"data": "missing.jsonl", "tasks": ["x"]}}
+    grid["grid"]["mtl"] = ["general"]
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    problems = problems_of(path)
+    text = "\n".join(problems)
+    assert 'unknown task "no_such_task"' in text
+    assert "data file not found" in text and "missing.jsonl" in text
+    assert "tiny:lstm" in text
+    assert all(line.startswith(f"{path}:") for line in problems)
+
+
+def test_grid_over_the_run_limit_is_refused(tmp_path: Path, demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["grid"]["seed"] = list(range(100))
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    assert "over the limit of 50" in problems_of(path, max_runs=50)[0]
+    assert len(parse_grid(path, max_runs=400).runs) == 400
+
+
+def test_learning_rate_in_plain_exponent_form_is_a_number(tmp_path: Path, demo_data: Path) -> None:
+    path = write_grid(tmp_path, demo_data)
+    path.write_text(path.read_text().replace("learning_rate: 0.001", "learning_rate: 1e-3"))
+    assert parse_grid(path).grid.train.learning_rate == pytest.approx(1e-3)
+
+
+def test_split_axis_comes_from_task_splits(tmp_path: Path, demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["tasks"] = {
+        "s1": {"train": ["sentiment_classification"], "eval": ["emotion_classification"]},
+        "s2": {"train": ["intent_classification"], "eval": ["summarization"]},
+    }
+    grid["grid"]["shots"] = [0]
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    expanded = parse_grid(path)
+    assert {r.cell["split"] for r in expanded.runs} == {"s1", "s2"}
+    assert len(expanded.runs) == 4

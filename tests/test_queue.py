@@ -1,0 +1,248 @@
+"""The queue on a real redis-server: atomic enqueue, dedupe, fair share, cancel, retry, safety."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import zlib
+from typing import TYPE_CHECKING
+
+import pytest
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from typer.testing import CliRunner
+
+from cli.main import app
+from jobs import keys
+from jobs.fairshare import charge_usage, queue_order
+from jobs.grid import parse_grid
+from jobs.queueing import job_id_for, submit_runs
+from jobs.settings import load_settings
+from tests.helpers import grid_dict, write_grid
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import redis
+
+runner = CliRunner()
+
+
+def enqueue(path: Path, *args: str) -> tuple[int, str, str]:
+    result = runner.invoke(app, ["enqueue", str(path), *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def queued_job_ids(conn: redis.Redis, user: str, priority: str = "normal") -> list[str]:
+    return [j.decode() for j in conn.lrange(f"rq:queue:{keys.queue_name(user, priority)}", 0, -1)]
+
+
+def test_enqueue_writes_runs_stages_and_rq_jobs(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                demo_data: Path) -> None:
+    path = write_grid(tmp_path, demo_data)
+    code, out, err = enqueue(path)
+    assert code == 0, err
+    assert "queued 4 run(s)" in out and "skipped 0" in out and "stl status --grid test-grid" in out
+    expanded = parse_grid(path)
+    assert conn.zcard(keys.RUNS) == 4
+    # stages with no unfinished parent are queued; the rest wait on their parent through RQ
+    ready = queued_job_ids(conn, "alice")
+    for sid, spec in expanded.stages.items():
+        job = Job.fetch(job_id_for(sid), connection=conn, serializer=JSONSerializer)
+        assert job.func_name == "jobs.entry.run_stage"
+        assert job.timeout == 86400 and job.result_ttl is not None and job.result_ttl > 500
+        if spec.parent is None:
+            assert job.id in ready
+        else:
+            assert job.get_status().value == "deferred"
+            assert job._dependency_ids == [job_id_for(spec.parent)]
+
+
+def test_one_bad_cell_writes_nothing(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["grid"]["model"] = ["tiny:bart", "tiny:nope"]
+    import yaml
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    code, out, err = enqueue(path)
+    assert code == 2
+    assert "tiny:nope" in err and err.startswith(f"{path}:")
+    assert "Traceback" not in err + out
+    assert conn.dbsize() == 0
+
+
+def test_identical_runs_are_skipped(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    path = write_grid(tmp_path, demo_data)
+    assert enqueue(path)[0] == 0
+    before = queued_job_ids(conn, "alice")
+    code, out, _ = enqueue(path)
+    assert code == 0 and "queued 0 run(s)" in out and "skipped 4" in out
+    assert queued_job_ids(conn, "alice") == before
+    # a grid that adds a seed queues only the new runs, and reuses nothing it should not
+    grid = grid_dict(demo_data)
+    grid["grid"]["seed"] = [0, 1]
+    import yaml
+
+    path.write_text(yaml.safe_dump(grid))
+    code, out, _ = enqueue(path)
+    assert "queued 4 run(s)" in out and "skipped 4" in out
+
+
+def test_dry_run_writes_nothing(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    code, out, _ = enqueue(write_grid(tmp_path, demo_data), "--dry-run")
+    assert code == 0 and "4 runs" in out
+    assert conn.dbsize() == 0
+
+
+def test_fair_share_prefers_the_user_with_least_recent_gpu_time(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    settings = load_settings()
+    grid = grid_dict(demo_data)
+    grid["grid"]["seed"] = list(range(10))
+    grid["grid"]["mtl"] = ["none"]
+    grid["grid"]["shots"] = [0]
+    import yaml
+
+    big = tmp_path / "big.yaml"
+    big.write_text(yaml.safe_dump(grid))
+    expanded = parse_grid(big)
+    submit_runs(conn, expanded.runs, expanded.stages, user="alice", priority="normal", stage_timeout=60)
+    grid["name"] = "small"
+    grid["grid"]["seed"] = [99]
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(grid))
+    expanded_small = parse_grid(small)
+    submit_runs(conn, expanded_small.runs, expanded_small.stages, user="bob", priority="normal", stage_timeout=60)
+
+    charge_usage(conn, "alice", 600.0)
+    assert queue_order(conn)[:3] == [keys.queue_name("bob", p) for p in keys.PRIORITIES]
+
+    from worker.main import StlWorker
+
+    worker = StlWorker(connection=conn, settings=settings, gpu_index=None)
+    job, queue = worker.dequeue_job_and_maintain_ttl(None)  # type: ignore[misc]
+    assert queue.name == keys.queue_name("bob", "normal")
+    assert job.id == job_id_for(expanded_small.runs[0].stages[0])
+    # with bob now the heavier user, alice's queue comes first again
+    charge_usage(conn, "bob", 1200.0)
+    job, queue = worker.dequeue_job_and_maintain_ttl(None)  # type: ignore[misc]
+    assert queue.name == keys.queue_name("alice", "normal")
+
+
+def test_priority_orders_within_one_users_queue(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                demo_data: Path) -> None:
+    low = write_grid(tmp_path, demo_data, "low.yaml", name="low-grid")
+    axes = grid_dict(demo_data)["grid"]
+    axes["seed"] = [5]
+    high = write_grid(tmp_path, demo_data, "high.yaml", name="high-grid", grid=axes)
+    assert enqueue(low, "--priority", "low")[0] == 0
+    assert enqueue(high, "--priority", "high")[0] == 0
+    order = queue_order(conn)
+    assert order.index(keys.queue_name("alice", "high")) < order.index(keys.queue_name("alice", "low"))
+    assert enqueue(low, "--priority", "urgent")[0] == 2
+
+
+def test_cancel_queued_runs_and_retry(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    path = write_grid(tmp_path, demo_data)
+    enqueue(path)
+    expanded = parse_grid(path)
+    zero_shot_plain = next(r for r in expanded.runs if r.cell["mtl"] == "none" and r.cell["shots"] == 0)
+    result = runner.invoke(app, ["cancel", zero_shot_plain.run_id])
+    assert result.exit_code == 0, result.stderr
+    assert conn.hget(keys.run(zero_shot_plain.run_id), "status") == b"canceled"
+    (eval_stage,) = zero_shot_plain.stages
+    assert job_id_for(eval_stage) not in queued_job_ids(conn, "alice")
+    assert conn.hget(keys.stage(eval_stage), "status") == b"canceled"
+
+    # the MTL stage is shared by two runs: canceling one of them leaves it queued for the other
+    mtl_runs = [r for r in expanded.runs if r.cell["mtl"] == "in-domain"]
+    runner.invoke(app, ["cancel", mtl_runs[0].run_id])
+    assert conn.hget(keys.stage(mtl_runs[0].stages[0]), "status") == b"queued"
+    assert job_id_for(mtl_runs[0].stages[0]) in queued_job_ids(conn, "alice")
+
+    result = runner.invoke(app, ["retry", "--grid", "test-grid", "--failed"])
+    assert result.exit_code == 0, result.stderr
+    assert "re-queued 2 run(s)" in result.stdout
+    assert conn.hget(keys.run(zero_shot_plain.run_id), "status") == b"queued"
+    assert job_id_for(eval_stage) in queued_job_ids(conn, "alice")
+
+
+def test_only_the_owner_may_cancel_without_force(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                 demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_grid(tmp_path, demo_data)
+    enqueue(path)
+    run_id = parse_grid(path).runs[0].run_id
+    monkeypatch.setenv("STL_USER", "mallory")
+    result = runner.invoke(app, ["cancel", run_id])
+    assert result.exit_code != 0
+    assert "owned by alice" in result.stderr and "--force" in result.stderr
+    assert conn.hget(keys.run(run_id), "status") == b"queued"
+    result = runner.invoke(app, ["retry", run_id])
+    assert result.exit_code != 0 and "owned by alice" in result.stderr
+    result = runner.invoke(app, ["cancel", run_id, "--force"])
+    assert result.exit_code == 0
+    assert conn.hget(keys.run(run_id), "status") == b"canceled"
+
+
+def test_cli_rejects_bad_run_ids_before_they_become_paths(stl_env: Path, conn: redis.Redis) -> None:
+    for bad in ["../../etc/passwd", "abc", "$(rm -rf ~)", "0123456789abcdef0"]:
+        result = runner.invoke(app, ["logs", bad])
+        assert result.exit_code == 2, bad
+        assert "is not a run id" in result.stderr
+    result = runner.invoke(app, ["logs", "0123456789abcdef"])
+    assert result.exit_code == 1 and "no run with id" in result.stderr
+
+
+def _run_worker_burst(stl_env: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def test_worker_refuses_foreign_functions_and_pickles(stl_env: Path, conn: redis.Redis, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    conn.sadd(keys.USERS, "alice")
+    queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
+    foreign = queue.enqueue("os.system", f"touch {marker}")
+    # a job whose data is a pickle, as RQ's default serializer would write it
+    forged = queue.enqueue("jobs.entry.run_stage", "x")
+    payload = zlib.compress(pickle.dumps(("os.system", None, (f"touch {marker}",), {})))
+    conn.hset(Job.key_for(forged.id), "data", payload)
+
+    result = _run_worker_burst(stl_env)
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    for job_id, needle in [(foreign.id, "names 'os.system'"), (forged.id, "not stl's JSON")]:
+        job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+        assert job.get_status().value == "failed"
+        assert needle in (job.latest_result().exc_string if job.latest_result() else "")  # type: ignore[union-attr]
+
+
+def test_enqueue_against_a_redis_that_is_down_fails_clearly(tmp_path: Path, demo_data: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("STL_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("STL_HOME", str(tmp_path / "home"))
+    code, out, err = enqueue(write_grid(tmp_path, demo_data))
+    assert code == 1
+    assert "cannot reach Redis" in err and "Traceback" not in err + out
+
+
+def test_status_json_shape(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    enqueue(write_grid(tmp_path, demo_data))
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"runs", "workers"}
+    assert len(payload["runs"]) == 4
+    for run in payload["runs"]:
+        assert {"id", "grid", "user", "status", "progress", "cell", "created_at", "started_at", "ended_at",
+                "error"} <= set(run)
+        assert run["status"] == "queued" and 0.0 <= run["progress"] <= 1.0
+        assert set(run["cell"]) == {"model", "mtl", "instructions", "shots", "seed"}
+    result = runner.invoke(app, ["status", "--json", "--user", "bob"])
+    assert json.loads(result.stdout)["runs"] == []
