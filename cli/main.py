@@ -133,7 +133,7 @@ def status(
         conn = _connect(settings)
 
         def snapshot() -> tuple[list, list, list]:
-            runs = list_runs(conn, user=user, grid=grid)
+            runs = list_runs(conn, user=user, grid=grid, detail=as_json)
             return runs, list_workers(conn), grid_rows(runs)
 
         if as_json:
@@ -203,12 +203,12 @@ def results(
         pivot = analysis.build_pivot(all_rows, run_summaries, by=by_axes)
         report = None
         if effect:
-            axis, a, b = analysis.parse_effect(effect)
+            axis, a, b = analysis.parse_effect(effect, all_rows)
             report = analysis.effect_sizes(all_rows, axis=axis, a=a, b=b)
         if plot is not None:
             from jobs.plots import plot_pivot
 
-            written = plot_pivot(pivot, plot)
+            written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
             typer.echo(f"stl: wrote {written}", err=True)
         if as_json:
             payload = {"grids": grids, "pivot": analysis.pivot_to_json(pivot), "rows": all_rows}

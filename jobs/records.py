@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobs import keys
 from jobs.errors import NotFound, UsageError
-from jobs.specs import RunStatus
+from jobs.states import RunStatus
 
 if TYPE_CHECKING:
     import redis
@@ -18,8 +18,22 @@ if TYPE_CHECKING:
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
 RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
               "started_at", "ended_at", "error", "current_stage")
+SUMMARY_FIELDS = ("id", "grid", "user", "status", "created_at", "ended_at")
 STAGE_PROGRESS_FIELDS = ("kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status")
 WORKER_STALE_S = 60
+
+# Read-only: the fields ARGV[2..] of every run hash named in the zset KEYS[1] (ARGV[1] is the key prefix).
+_BULK_HMGET = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local fields = {}
+for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
+local out = {}
+for _, id in ipairs(ids) do
+  local values = redis.call('HMGET', ARGV[1] .. id, unpack(fields))
+  for j = 1, #fields do out[#out + 1] = values[j] or '' end
+end
+return out
+"""
 
 
 def _s(value: bytes | str | None) -> str:
@@ -117,19 +131,31 @@ class GridRow:
         return self.total > 0 and sum(self.counts.get(s.value, 0) for s in RunStatus if s.is_done) == self.total
 
 
-def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> list[RunRow]:
-    """Every run (optionally one user's or one grid's), oldest first, with live progress."""
+def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = None,
+              detail: bool = True) -> list[RunRow]:
+    """Every run (optionally one user's or one grid's), oldest first, with live progress.
+
+    With detail=False only what the status summary needs is read, except for running runs.
+    """
     index = keys.grid_runs(grid) if grid else keys.RUNS
-    run_ids = [_s(r) for r in conn.zrange(index, 0, -1)]
-    if grid and not run_ids:
+    fields = RUN_FIELDS if detail else SUMMARY_FIELDS
+    # One server-side pass instead of one HMGET per run: status stays fast with 10,000 runs.
+    flat = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *fields)
+    width = len(fields)
+    empty = dict.fromkeys(RUN_FIELDS, "")
+    records = [{**empty, **dict(zip(fields, map(_s, flat[i:i + width]), strict=True))}
+               for i in range(0, len(flat), width)]
+    if grid and not records:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
-    pipe = conn.pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.hmget(keys.run(run_id), *RUN_FIELDS)
-    raw_rows = pipe.execute()
-    records = [dict(zip(RUN_FIELDS, map(_s, raw), strict=True)) for raw in raw_rows]
     if user:
         records = [r for r in records if r["user"] == user]
+    if not detail:
+        running = [i for i, r in enumerate(records) if r["status"] == RunStatus.running.value]
+        pipe = conn.pipeline(transaction=False)
+        for i in running:
+            pipe.hmget(keys.run(records[i]["id"]), *RUN_FIELDS)
+        for i, raw in zip(running, pipe.execute() if running else [], strict=True):
+            records[i] = dict(zip(RUN_FIELDS, map(_s, raw), strict=True))
     running_stages = sorted({r["current_stage"] for r in records
                              if r["status"] == RunStatus.running.value and r["current_stage"]})
     stage_info: dict[str, dict[str, str]] = {}
@@ -148,7 +174,7 @@ def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -
     done = int(record["stages_done"] or 0)
     row = RunRow(
         id=record["id"], grid=record["grid"], user=record["user"], priority=record["priority"],
-        status=record["status"], progress=0.0, cell=json.loads(record["cell"] or "{}"),
+        status=record["status"], progress=0.0, cell=json.loads(record["cell"]) if record["cell"] else {},
         created_at=_f(record["created_at"]), started_at=_f(record["started_at"]),
         ended_at=_f(record["ended_at"]), error=record["error"],
     )
@@ -217,7 +243,7 @@ def grid_summary(conn: redis.Redis, grid: str) -> dict[str, Any]:
     return {
         "grid": grid, "total": len(runs), **counts,
         "live": counts[RunStatus.queued.value] + counts[RunStatus.running.value],
-        "wall_time_s": (ended - created) if created and ended else None,
+        "wall_s": (ended - created) if created and ended else None,
     }
 
 

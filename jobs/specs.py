@@ -4,43 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-from enum import Enum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from jobs.states import Priority, RunStatus, StageKind, TaskType
+
+__all__ = ["EvalConfig", "Priority", "RunSpec", "RunStatus", "StageKind", "StageSpec", "TaskType", "TrainConfig"]
+
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class RunStatus(str, Enum):
-    queued = "queued"
-    running = "running"
-    finished = "finished"
-    failed = "failed"
-    canceled = "canceled"
-
-    @property
-    def is_done(self) -> bool:
-        return self in (RunStatus.finished, RunStatus.failed, RunStatus.canceled)
-
-
-class StageKind(str, Enum):
-    mtl = "mtl"
-    finetune = "finetune"
-    eval = "eval"
-
-
-class TaskType(str, Enum):
-    classification = "classification"
-    generation = "generation"
-
-
-class Priority(str, Enum):
-    high = "high"
-    normal = "normal"
-    low = "low"
 
 
 PositiveInt = Annotated[int, Field(gt=0)]

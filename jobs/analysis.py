@@ -1,0 +1,682 @@
+"""Turn result rows into the study's tables: a pivot over grid axes, and effect sizes of one axis.
+
+Everything here is a pure function over plain dicts (the result rows and run summaries the store
+returns), so `stl results` needs neither torch nor matplotlib. Rendering helpers build rich tables
+and markdown / CSV / JSON text; the CLI only prints them.
+
+Result row: {"grid", "run", "cell": {axis: value}, "task", "task_type", "metric", "value"}.
+Run summary: {"grid", "run", "cell", "status"}.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+from jobs.errors import UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping, Sequence
+
+    from rich.table import Table
+
+AxisValue = str | int | float | bool | None
+
+GRID_AXIS = "grid"
+SEED_AXIS = "seed"
+# The per-type score of a run is the mean of this metric over the run's tasks of that type.
+TYPE_METRICS: dict[str, str] = {"classification": "accuracy", "generation": "rougeL"}
+METRIC_LABELS: dict[str, str] = {"accuracy": "accuracy", "rougeL": "ROUGE-L", "exact_match": "exact match"}
+EMPTY_CELL = "—"
+
+RunKey = tuple[str, str]  # (grid, run id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data model
+
+
+@dataclass(frozen=True)
+class CellStat:
+    """Mean ± sample std over the runs (seeds) of one pivot row that have a result for a column."""
+
+    mean: float
+    std: float
+    n: int
+    expected: int  # runs in the row, finished or not: n < expected means the grid is still going
+
+    @property
+    def complete(self) -> bool:
+        return self.n >= self.expected
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: Literal["type", "task"]
+    metric: str
+    task_type: str
+    task: str | None = None  # the eval task of a "task" column
+
+    @property
+    def header(self) -> str:
+        metric = METRIC_LABELS.get(self.metric, self.metric)
+        return f"{self.name}\n(mean {metric})" if self.kind == "type" else f"{self.name}\n({metric})"
+
+
+@dataclass(frozen=True)
+class PivotRow:
+    key: tuple[AxisValue, ...]
+    cells: Mapping[str, CellStat | None]  # column name -> stat, None when no run has that result
+    expected: int
+
+
+@dataclass(frozen=True)
+class Pivot:
+    row_axes: tuple[str, ...]
+    columns: tuple[Column, ...]
+    rows: tuple[PivotRow, ...]
+
+    def type_columns(self) -> tuple[Column, ...]:
+        return tuple(column for column in self.columns if column.kind == "type")
+
+    def row_label(self, row: PivotRow, *, separator: str = ", ") -> str:
+        """`model=tiny:bart, mtl=in-domain, ...`; "all runs" when the pivot has no row axes."""
+        if not self.row_axes:
+            return "all runs"
+        return separator.join(
+            f"{axis}={render_value(value)}" for axis, value in zip(self.row_axes, row.key, strict=True)
+        )
+
+
+class EffectSpec(NamedTuple):
+    axis: str
+    a: str
+    b: str
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """B against A for one combination of the other axes and one task type."""
+
+    combo: tuple[tuple[str, AxisValue], ...]
+    task_type: str
+    a_mean: float | None
+    b_mean: float | None
+    n_a: int
+    n_b: int
+    relative: float | None  # (B - A) / A as a fraction; None when skipped
+    skipped: str | None  # why there is no relative improvement
+
+
+@dataclass(frozen=True)
+class EffectReport:
+    axis: str
+    a: str
+    b: str
+    comparisons: tuple[Comparison, ...]
+    overall: float | None  # plain mean of every compared relative improvement, as a fraction
+    by_type: Mapping[str, float | None]
+
+    @property
+    def n_compared(self) -> int:
+        return sum(1 for comparison in self.comparisons if comparison.relative is not None)
+
+    @property
+    def skipped_zero_baseline(self) -> int:
+        return sum(1 for comparison in self.comparisons if comparison.skipped == ZERO_BASELINE)
+
+    @property
+    def skipped_missing(self) -> int:
+        return sum(1 for comparison in self.comparisons if comparison.skipped not in (None, ZERO_BASELINE))
+
+
+ZERO_BASELINE = "A is 0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Values and axes
+
+
+def render_value(value: object) -> str:
+    """How an axis value is shown and matched in `--effect`: bools as true/false."""
+    if value is None:
+        return EMPTY_CELL
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _axis_value(grid: str, cell: Mapping[str, Any], axis: str) -> AxisValue:
+    if axis == GRID_AXIS:
+        return grid
+    value = cell.get(axis)
+    return value if isinstance(value, str | int | float | bool) or value is None else str(value)
+
+
+def _cell_axes(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Every axis named in the records' cells, in order of first appearance."""
+    axes: dict[str, None] = {}
+    for record in records:
+        for axis in record.get("cell", {}):
+            axes.setdefault(axis, None)
+    return list(axes)
+
+
+def _value_order(values: Sequence[AxisValue]) -> dict[AxisValue, int]:
+    """Numbers sort numerically, bools false first; anything else keeps grid (first-seen) order."""
+    distinct: list[AxisValue] = list(dict.fromkeys(values))
+    numbers: list[int | float] = [
+        value for value in distinct if isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+    if distinct and all(isinstance(value, bool) for value in distinct):
+        distinct.sort()
+    elif numbers and len(numbers) == len(distinct):
+        distinct = [*sorted(numbers)]
+    return {value: index for index, value in enumerate(distinct)}
+
+
+def _sort_keys(keys: Iterable[tuple[AxisValue, ...]], width: int) -> list[tuple[AxisValue, ...]]:
+    keys = list(dict.fromkeys(keys))
+    orders = [_value_order([key[position] for key in keys]) for position in range(width)]
+    return sorted(keys, key=lambda key: tuple(orders[i][value] for i, value in enumerate(key)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-run scores
+
+
+@dataclass(frozen=True)
+class _RunScores:
+    grid: str
+    run: str
+    cell: Mapping[str, Any]
+    task_values: Mapping[tuple[str, str], float]  # (task, metric) -> value
+    type_scores: Mapping[str, float]  # task type -> mean primary metric over its tasks
+
+
+def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores]:
+    cells: dict[RunKey, Mapping[str, Any]] = {}
+    values: dict[RunKey, dict[tuple[str, str], float]] = defaultdict(dict)
+    typed: dict[RunKey, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for row in rows:
+        key = (str(row["grid"]), str(row["run"]))
+        cells.setdefault(key, row.get("cell", {}))
+        task, metric, value = str(row["task"]), str(row["metric"]), float(row["value"])
+        values[key][(task, metric)] = value  # a re-evaluated task replaces the older value
+        task_type = str(row["task_type"])
+        if TYPE_METRICS.get(task_type) == metric:
+            typed[key][task_type][task] = value
+    return {
+        key: _RunScores(
+            grid=key[0],
+            run=key[1],
+            cell=cells[key],
+            task_values=values[key],
+            type_scores={
+                task_type: statistics.fmean(by_task.values()) for task_type, by_task in typed[key].items()
+            },
+        )
+        for key in cells
+    }
+
+
+def _columns(rows: Sequence[Mapping[str, Any]]) -> tuple[Column, ...]:
+    present = {(str(row["task_type"]), str(row["task"]), str(row["metric"])) for row in rows}
+    type_columns = [
+        Column(name=task_type, kind="type", metric=metric, task_type=task_type)
+        for task_type, metric in TYPE_METRICS.items()
+        if any(t == task_type and m == metric for t, _, m in present)
+    ]
+    type_rank = {task_type: index for index, task_type in enumerate(TYPE_METRICS)}
+    ordered = sorted(
+        present, key=lambda item: (type_rank.get(item[0], len(type_rank)), item[0], item[1], item[2])
+    )
+    metrics_per_task: dict[str, int] = defaultdict(int)
+    for _, task, _ in present:
+        metrics_per_task[task] += 1
+    taken = {column.name for column in type_columns}
+    task_columns = []
+    for task_type, task, metric in ordered:
+        # A task with several metrics (or named like a task type) needs the metric in its name.
+        clashes = metrics_per_task[task] > 1 or task in taken
+        name = f"{task} ({METRIC_LABELS.get(metric, metric)})" if clashes else task
+        task_columns.append(Column(name=name, kind="task", metric=metric, task_type=task_type, task=task))
+    return (*type_columns, *task_columns)
+
+
+def _column_value(scores: _RunScores, column: Column) -> float | None:
+    if column.kind == "type":
+        return scores.type_scores.get(column.task_type)
+    return scores.task_values.get((str(column.task), column.metric))
+
+
+def _stat(samples: Sequence[float], expected: int) -> CellStat | None:
+    if not samples:
+        return None
+    std = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    return CellStat(
+        mean=statistics.fmean(samples), std=std, n=len(samples), expected=max(expected, len(samples))
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pivot
+
+
+def pivot_axes(rows: Iterable[Mapping[str, Any]], runs: Iterable[Mapping[str, Any]] = ()) -> list[str]:
+    """Every axis `by` may name: "grid", then the cells' axes (seed included) in grid order."""
+    return [GRID_AXIS, *(axis for axis in _cell_axes([*runs, *rows]) if axis != GRID_AXIS)]
+
+
+def build_pivot(
+    rows: Iterable[Mapping[str, Any]],
+    runs: Iterable[Mapping[str, Any]] = (),
+    *,
+    by: list[str] | None = None,
+) -> Pivot:
+    """One pivot row per combination of the row axes; mean ± std over the seeds in each.
+
+    Default row axes: every cell axis except seed, in grid order, led by "grid" when the rows
+    span several grids. An empty `by` means the default too. When `by` folds axes away, every run
+    in a row counts as one sample.
+    """
+    rows, runs = list(rows), list(runs)
+    valid_axes = pivot_axes(rows, runs)
+    if by:
+        unknown = [axis for axis in by if axis not in valid_axes]
+        if unknown:
+            raise UsageError(
+                f"unknown axis {', '.join(map(repr, unknown))} in --by; valid axes: {', '.join(valid_axes)}"
+            )
+        if len(set(by)) != len(by):
+            raise UsageError(f"--by names an axis twice: {', '.join(by)}; name each axis once")
+        row_axes = tuple(by)
+    else:
+        grids = {str(record["grid"]) for record in [*runs, *rows]}
+        cell_axes = [axis for axis in valid_axes if axis not in (GRID_AXIS, SEED_AXIS)]
+        row_axes = tuple([GRID_AXIS, *cell_axes] if len(grids) > 1 else cell_axes)
+
+    scores = _scores_by_run(rows)
+    columns = _columns(rows)
+
+    def row_key(grid: str, cell: Mapping[str, Any]) -> tuple[AxisValue, ...]:
+        return tuple(_axis_value(grid, cell, axis) for axis in row_axes)
+
+    runs_per_key: dict[tuple[AxisValue, ...], set[RunKey]] = defaultdict(set)
+    for record in runs:
+        runs_per_key[row_key(str(record["grid"]), record.get("cell", {}))].add(
+            (str(record["grid"]), str(record["run"]))
+        )
+    for run_key, run_scores in scores.items():
+        runs_per_key[row_key(run_scores.grid, run_scores.cell)].add(run_key)
+
+    pivot_rows = []
+    for key in _sort_keys(runs_per_key, len(row_axes)):
+        members = sorted(runs_per_key[key])
+        expected = len(members)
+        cells: dict[str, CellStat | None] = {}
+        for column in columns:
+            samples = [
+                value
+                for member in members
+                if member in scores and (value := _column_value(scores[member], column)) is not None
+            ]
+            cells[column.name] = _stat(samples, expected)
+        pivot_rows.append(PivotRow(key=key, cells=cells, expected=expected))
+    return Pivot(row_axes=row_axes, columns=columns, rows=tuple(pivot_rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# Effect sizes
+
+
+def parse_effect(text: str, rows: Iterable[Mapping[str, Any]] | None = None) -> EffectSpec:
+    """Parse `AXIS=A:B` ("B compared with A"). With `rows`, check the axis and both values exist.
+
+    Values may contain ':' (model names like tiny:bart); `rows` then decide where A ends.
+    """
+    usage = "write --effect AXIS=A:B, e.g. --effect mtl=none:in-domain (B is compared with A)"
+    axis, equals, values = text.strip().partition("=")
+    axis = axis.strip()
+    if not equals or not axis:
+        raise UsageError(f"malformed --effect {text!r}: {usage}")
+    splits = [
+        (values[:index].strip(), values[index + 1 :].strip())
+        for index, char in enumerate(values)
+        if char == ":" and values[:index].strip() and values[index + 1 :].strip()
+    ]
+    if not splits:
+        raise UsageError(f"malformed --effect {text!r}: {usage}")
+    if rows is None:
+        if len(splits) > 1:
+            raise UsageError(
+                f"--effect {text!r} is ambiguous: more than one ':' and no results to tell A from B"
+            )
+        return _checked_effect(axis, *splits[0])
+    rows = list(rows)
+    known = _effect_values(rows, axis)
+    matching = [(a, b) for a, b in splits if a in known and b in known]
+    if len(matching) == 1:
+        return _checked_effect(axis, *matching[0])
+    if len(matching) > 1:
+        options = " or ".join(f"{a} vs {b}" for a, b in matching)
+        raise UsageError(f"--effect {text!r} is ambiguous: {options}")
+    a, b = splits[0] if len(splits) == 1 else ("", "")
+    missing = [value for value in (a, b) if value and value not in known] or [values]
+    raise UsageError(
+        f"--effect {text!r}: {axis} has no value {', '.join(map(repr, missing))}; "
+        f"values in these results: {', '.join(sorted(known)) or 'none'}"
+    )
+
+
+def _checked_effect(axis: str, a: str, b: str) -> EffectSpec:
+    if a == b:
+        raise UsageError(f"--effect {axis}={a}:{b} compares a value with itself; name two different values")
+    return EffectSpec(axis, a, b)
+
+
+def _effect_values(rows: Sequence[Mapping[str, Any]], axis: str) -> set[str]:
+    axes = pivot_axes(rows)
+    if axis not in axes:
+        raise UsageError(f"unknown axis {axis!r} in --effect; valid axes: {', '.join(axes)}")
+    return {render_value(_axis_value(str(row["grid"]), row.get("cell", {}), axis)) for row in rows}
+
+
+def effect_sizes(rows: Iterable[Mapping[str, Any]], *, axis: str, a: str, b: str) -> EffectReport:
+    """Relative improvement (B − A) / A of each task type's score, per combination of the other axes.
+
+    A and B are means over seeds of the per-type score (mean primary metric over that type's tasks).
+    Combinations are keyed by every cell axis except seed and `axis`, so grids that differ only in
+    `axis` compare with each other. Reports the plain mean over all compared (combination, type)
+    pairs, and per type; pairs with A = 0 or a missing side are listed but not averaged.
+    """
+    rows = list(rows)
+    known = _effect_values(rows, axis)
+    for value in (a, b):
+        if value not in known:
+            raise UsageError(
+                f"{axis} has no value {value!r}; values in these results: {', '.join(sorted(known))}"
+            )
+    _checked_effect(axis, a, b)
+
+    combo_axes = [name for name in _cell_axes(rows) if name not in (SEED_AXIS, axis, GRID_AXIS)]
+    samples: dict[tuple[tuple[AxisValue, ...], str], dict[str, list[float]]] = defaultdict(
+        lambda: {"a": [], "b": []}
+    )
+    for scores in _scores_by_run(rows).values():
+        side_value = render_value(_axis_value(scores.grid, scores.cell, axis))
+        side = "a" if side_value == a else "b" if side_value == b else None
+        if side is None:
+            continue
+        combo = tuple(_axis_value(scores.grid, scores.cell, name) for name in combo_axes)
+        for task_type, score in scores.type_scores.items():
+            samples[(combo, task_type)][side].append(score)
+
+    type_rank = {task_type: index for index, task_type in enumerate(TYPE_METRICS)}
+    combo_order = {
+        combo: index for index, combo in enumerate(_sort_keys((c for c, _ in samples), len(combo_axes)))
+    }
+    comparisons = []
+    for combo, task_type in sorted(
+        samples, key=lambda item: (combo_order[item[0]], type_rank.get(item[1], 99), item[1])
+    ):
+        sides = samples[(combo, task_type)]
+        a_mean = statistics.fmean(sides["a"]) if sides["a"] else None
+        b_mean = statistics.fmean(sides["b"]) if sides["b"] else None
+        relative: float | None = None
+        if a_mean is None:
+            skipped: str | None = f"no {axis}={a} results"
+        elif b_mean is None:
+            skipped = f"no {axis}={b} results"
+        elif a_mean == 0:
+            skipped = ZERO_BASELINE  # a relative gain over nothing is undefined
+        else:
+            skipped, relative = None, (b_mean - a_mean) / a_mean
+        comparisons.append(
+            Comparison(
+                combo=tuple(zip(combo_axes, combo, strict=True)),
+                task_type=task_type,
+                a_mean=a_mean,
+                b_mean=b_mean,
+                n_a=len(sides["a"]),
+                n_b=len(sides["b"]),
+                relative=relative,
+                skipped=skipped,
+            )
+        )
+
+    def mean_of(selected: Iterable[Comparison]) -> float | None:
+        relatives = [comparison.relative for comparison in selected if comparison.relative is not None]
+        return statistics.fmean(relatives) if relatives else None
+
+    task_types = list(dict.fromkeys(comparison.task_type for comparison in comparisons))
+    return EffectReport(
+        axis=axis,
+        a=a,
+        b=b,
+        comparisons=tuple(comparisons),
+        overall=mean_of(comparisons),
+        by_type={
+            task_type: mean_of(c for c in comparisons if c.task_type == task_type) for task_type in task_types
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Formatting
+
+
+def format_stat(stat: CellStat | None, *, digits: int = 3) -> str:
+    """`0.523 ± 0.012 (n=3)`, or `(n=2/3)` while some runs of the row have no result yet."""
+    if stat is None:
+        return EMPTY_CELL
+    count = f"n={stat.n}" if stat.complete else f"n={stat.n}/{stat.expected}"
+    return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f} ({count})"
+
+
+def format_percent(fraction: float | None) -> str:
+    """+31.1 % — rounded half-up after dropping float noise, so 0.3105 never prints as 31.0."""
+    if fraction is None:
+        return EMPTY_CELL
+    percent = Decimal(f"{fraction * 100:.9f}").quantize(Decimal("0.1"), rounding=ROUND_HALF_UP)
+    return f"{percent:+} %"
+
+
+def type_columns_only(pivot: Pivot) -> Pivot:
+    """The pivot without per-task columns: the compact view when a grid evaluates many tasks."""
+    return replace(pivot, columns=pivot.type_columns())
+
+
+def pivot_headers(pivot: Pivot) -> list[str]:
+    return [*pivot.row_axes, *(column.header.replace("\n", " ") for column in pivot.columns)]
+
+
+def pivot_table_rows(pivot: Pivot) -> list[list[str]]:
+    """The pivot as rows of display strings: axis values, then one formatted stat per column."""
+    return [
+        [
+            *(render_value(value) for value in row.key),
+            *(format_stat(row.cells[c.name]) for c in pivot.columns),
+        ]
+        for row in pivot.rows
+    ]
+
+
+def build_pivot_table(pivot: Pivot, *, title: str | None = None) -> Table:
+    """Rich table; the best mean of each column is bold, rows still waiting for runs are yellow."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(
+        title=title,
+        caption="mean ± sample std over seeds; n=k/m: only k of the row's m runs have this result yet",
+        show_lines=False,
+    )
+    for axis in pivot.row_axes:
+        table.add_column(axis, no_wrap=True)
+    for column in pivot.columns:
+        table.add_column(column.header, justify="right", style="bold cyan" if column.kind == "type" else None)
+    best = {
+        column.name: max(
+            (s.mean for row in pivot.rows if (s := row.cells[column.name]) is not None), default=None
+        )
+        for column in pivot.columns
+    }
+    for row, strings in zip(pivot.rows, pivot_table_rows(pivot), strict=True):
+        cells = [Text(text) for text in strings[: len(pivot.row_axes)]]
+        for column, text in zip(pivot.columns, strings[len(pivot.row_axes) :], strict=True):
+            stat = row.cells[column.name]
+            style = "dim" if stat is None else "yellow" if not stat.complete else ""
+            if stat is not None and stat.mean == best[column.name] and len(pivot.rows) > 1:
+                style += " bold"
+            cells.append(Text(text, style=style.strip()))
+        table.add_row(*cells)
+    return table
+
+
+def effect_summary(report: EffectReport) -> list[tuple[str, str]]:
+    """(label, rendered mean) per task type, then overall: the lines a draft quotes."""
+    lines = [(f"mean {task_type}", format_percent(value)) for task_type, value in report.by_type.items()]
+    lines.append(("mean overall", format_percent(report.overall)))
+    return lines
+
+
+def effect_table_rows(report: EffectReport) -> list[list[str]]:
+    """One row per comparison: combo axis values, task type, A, B, relative improvement (or why not)."""
+    return [
+        [
+            *(render_value(value) for _, value in comparison.combo),
+            comparison.task_type,
+            _format_side(comparison.a_mean, comparison.n_a),
+            _format_side(comparison.b_mean, comparison.n_b),
+            format_percent(comparison.relative)
+            if comparison.skipped is None
+            else f"skipped: {comparison.skipped}",
+        ]
+        for comparison in report.comparisons
+    ]
+
+
+def _format_side(mean: float | None, n: int) -> str:
+    return EMPTY_CELL if mean is None else f"{mean:.3f} (n={n})"
+
+
+def build_effect_table(report: EffectReport, *, title: str | None = None) -> Table:
+    """Rich table of every comparison, then the mean relative improvement per task type and overall."""
+    from rich.table import Table
+    from rich.text import Text
+
+    combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
+    skipped = []
+    if report.skipped_zero_baseline:
+        skipped.append(f"{report.skipped_zero_baseline} with A = 0")
+    if report.skipped_missing:
+        skipped.append(f"{report.skipped_missing} missing A or B")
+    caption = f"(B − A) / A, A and B = mean over seeds of the task type's score; {report.n_compared} compared"
+    if skipped:
+        caption += f"; skipped {', '.join(skipped)}"
+    table = Table(
+        title=title or f"Effect of {report.axis}: {report.b} vs {report.a}",
+        caption=caption,
+    )
+    for axis in combo_axes:
+        table.add_column(axis, no_wrap=True)
+    table.add_column("task type")
+    table.add_column(f"A: {report.axis}={report.a}", justify="right")
+    table.add_column(f"B: {report.axis}={report.b}", justify="right")
+    table.add_column("(B − A) / A", justify="right")
+    rows = effect_table_rows(report)
+    for index, (comparison, strings) in enumerate(zip(report.comparisons, rows, strict=True)):
+        style = "dim" if comparison.skipped else "green" if (comparison.relative or 0) > 0 else "red"
+        last = index == len(rows) - 1
+        table.add_row(*strings[:-1], Text(strings[-1], style=style), end_section=last)
+    for label, value in effect_summary(report):
+        padding = [""] * len(combo_axes)
+        table.add_row(*padding, Text(label, style="bold"), "", "", Text(value, style="bold"))
+    return table
+
+
+def pivot_to_markdown(pivot: Pivot) -> str:
+    """GitHub pipe table, for pasting into a draft."""
+
+    def line(cells: Iterable[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    alignment = ["---"] * len(pivot.row_axes) + ["---:"] * len(pivot.columns)
+    body = [line(row) for row in pivot_table_rows(pivot)]
+    return "\n".join([line(pivot_headers(pivot)), line(alignment), *body]) + "\n"
+
+
+def pivot_to_csv(pivot: Pivot) -> str:
+    """Wide CSV: axis values, runs in the row, then mean / std / n per column (blank when empty)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    stat_headers = [f"{column.name} {part}" for column in pivot.columns for part in ("mean", "std", "n")]
+    writer.writerow([*pivot.row_axes, "runs", *stat_headers])
+    for row in pivot.rows:
+        stats: list[object] = []
+        for column in pivot.columns:
+            stat = row.cells[column.name]
+            stats.extend(("", "", 0) if stat is None else (repr(stat.mean), repr(stat.std), stat.n))
+        writer.writerow(
+            [*("" if value is None else render_value(value) for value in row.key), row.expected, *stats]
+        )
+    return buffer.getvalue()
+
+
+def pivot_to_json(pivot: Pivot) -> dict[str, Any]:
+    """JSON-ready dict: row axes, columns, and rows keyed by axis name."""
+    return {
+        "row_axes": list(pivot.row_axes),
+        "columns": [
+            {"name": column.name, "kind": column.kind, "metric": column.metric, "task_type": column.task_type}
+            for column in pivot.columns
+        ],
+        "rows": [
+            {
+                "key": dict(zip(pivot.row_axes, row.key, strict=True)),
+                "runs": row.expected,
+                "cells": {column.name: _stat_json(row.cells[column.name]) for column in pivot.columns},
+            }
+            for row in pivot.rows
+        ],
+    }
+
+
+def _stat_json(stat: CellStat | None) -> dict[str, float | int] | None:
+    if stat is None:
+        return None
+    return {"mean": stat.mean, "std": stat.std, "n": stat.n, "expected": stat.expected}
+
+
+def effect_to_json(report: EffectReport) -> dict[str, Any]:
+    """JSON-ready dict of an effect report; relative improvements are fractions (0.31 = +31 %)."""
+    return {
+        "axis": report.axis,
+        "a": report.a,
+        "b": report.b,
+        "overall": report.overall,
+        "by_type": dict(report.by_type),
+        "compared": report.n_compared,
+        "skipped_zero_baseline": report.skipped_zero_baseline,
+        "skipped_missing": report.skipped_missing,
+        "comparisons": [
+            {
+                "combo": dict(comparison.combo),
+                "task_type": comparison.task_type,
+                "a_mean": comparison.a_mean,
+                "b_mean": comparison.b_mean,
+                "n_a": comparison.n_a,
+                "n_b": comparison.n_b,
+                "relative": comparison.relative,
+                "skipped": comparison.skipped,
+            }
+            for comparison in report.comparisons
+        ],
+    }

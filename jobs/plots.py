@@ -1,0 +1,278 @@
+"""Figures for `stl results --plot` and `stl plot`: grouped bars of a pivot, and training-loss curves.
+
+matplotlib is imported inside the functions (it costs ~0.5 s) and only through its object API with
+the Agg canvas, so nothing here touches pyplot's global state or needs a display.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from typing import TYPE_CHECKING
+
+from jobs.analysis import METRIC_LABELS, render_value
+from jobs.errors import UsageError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from jobs.analysis import Column, Pivot, PivotRow
+
+DPI = 120
+Colour = tuple[float, float, float, float]
+# The study's question is what MTL buys, so MTL variants are compared side by side when present.
+PREFERRED_HUE_AXES = ("mtl",)
+BAR_HEIGHT = 0.8
+GROUP_GAP = 0.8  # empty bar slots between groups
+INCH_PER_BAR = 0.24
+LABEL_WRAP = 34  # characters per line of a group label
+SMOOTH_FROM_POINTS = 40  # longer curves get a moving-average line over the faint raw one
+
+
+def plot_pivot(pivot: Pivot, path: Path, *, hue: str | None = None, title: str | None = None) -> Path:
+    """Horizontal grouped bars (mean ± std over seeds), one panel per task type; writes `path`."""
+    return _save(build_pivot_figure(pivot, hue=hue, title=title), path)
+
+
+def plot_loss_curves(
+    curves: dict[str, list[tuple[int, float]]], path: Path, *, title: str | None = None
+) -> Path:
+    """Training loss against step, one line per label; writes `path`."""
+    return _save(build_loss_figure(curves, title=title), path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pivot bars
+
+
+def choose_hue(pivot: Pivot, hue: str | None = None) -> str | None:
+    """The row axis whose values become bar colours: `hue`, else "mtl", else the last row axis."""
+    if hue is not None:
+        if hue not in pivot.row_axes:
+            axes = ", ".join(pivot.row_axes) or "none"
+            raise UsageError(
+                f"cannot colour bars by {hue!r}: it is not a row axis of the table (row axes: {axes})"
+            )
+        return hue
+    for axis in PREFERRED_HUE_AXES:
+        if axis in pivot.row_axes:
+            return axis
+    return pivot.row_axes[-1] if pivot.row_axes else None
+
+
+def group_label(axes: tuple[str, ...], key: tuple[object, ...]) -> str:
+    """`tiny:bart · instructions=true · shots=16`: names are dropped only where the value says it."""
+    parts = [
+        render_value(value) if isinstance(value, str) else f"{axis}={render_value(value)}"
+        for axis, value in zip(axes, key, strict=True)
+    ]
+    return " · ".join(parts) or "all runs"
+
+
+def _groups(pivot: Pivot, hue: str | None) -> tuple[list[str], list[object], dict[tuple[int, int], PivotRow]]:
+    """Group labels (pivot order), hue values (pivot order), and (group, hue) -> pivot row."""
+    hue_index = pivot.row_axes.index(hue) if hue is not None else None
+    other_axes = tuple(axis for axis in pivot.row_axes if axis != hue)
+    group_keys: dict[tuple[object, ...], int] = {}
+    hue_values: dict[object, int] = {}
+    placed: dict[tuple[int, int], PivotRow] = {}
+    for row in pivot.rows:
+        hue_value = row.key[hue_index] if hue_index is not None else None
+        group_key = tuple(value for index, value in enumerate(row.key) if index != hue_index)
+        group = group_keys.setdefault(group_key, len(group_keys))
+        slot = hue_values.setdefault(hue_value, len(hue_values))
+        placed[(group, slot)] = row
+    labels = [group_label(other_axes, key) for key in group_keys]
+    return labels, list(hue_values), placed
+
+
+def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | None = None) -> Figure:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    panels = pivot.type_columns()
+    if not pivot.rows or not panels:
+        raise UsageError(
+            "nothing to plot: no classification accuracy or generation ROUGE-L results yet; "
+            "run `stl status` to see whether the grid has finished runs"
+        )
+    hue = choose_hue(pivot, hue)
+    labels, hue_values, placed = _groups(pivot, hue)
+    slots = len(hue_values)
+    stride = slots + GROUP_GAP
+    wrapped = [textwrap.fill(label, LABEL_WRAP) for label in labels]
+    label_lines = sum(label.count("\n") + 1 for label in wrapped)
+    label_width = max(len(line) for label in wrapped for line in label.splitlines())
+
+    bar_rows = len(labels) * stride
+    height = max(3.2, 1.8 + max(bar_rows * INCH_PER_BAR, label_lines * 0.17))
+    width = 1.0 + label_width * 0.075 + 4.6 * len(panels)
+    figure = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    axes = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
+    colours = _palette(slots)
+
+    group_centres = [group * stride + (slots - 1) / 2 for group in range(len(labels))]
+    for panel, column in zip(axes, panels, strict=True):
+        _draw_bars(panel, column, placed, stride, colours)
+        metric = METRIC_LABELS.get(column.metric, column.metric)
+        panel.set_title(f"{column.task_type.capitalize()}: mean {metric}", fontsize=11)
+        panel.set_xlabel(
+            f"mean {metric} over {column.task_type} tasks (error bar: ± std over seeds)", fontsize=9
+        )
+        panel.grid(axis="x", alpha=0.3)
+        panel.set_axisbelow(True)
+        panel.tick_params(axis="y", length=0)
+    first = axes[0]
+    first.set_yticks(group_centres, wrapped, fontsize=8.5)
+    first.set_ylim(bar_rows - GROUP_GAP + 0.2, -0.8)  # first group on top
+    other_axes = [axis for axis in pivot.row_axes if axis != hue]
+    if other_axes:
+        first.set_ylabel(" · ".join(other_axes), fontsize=9)
+
+    handles = [
+        Patch(facecolor=colour, label=render_value(value))
+        for value, colour in zip(hue_values, colours, strict=True)
+    ]
+    if any(stat is not None and not stat.complete for row in pivot.rows for stat in row.cells.values()):
+        handles.append(Patch(facecolor="white", edgecolor="0.3", hatch="///", label="incomplete (n < runs)"))
+    if hue is not None or len(handles) > slots:
+        figure.legend(
+            handles=handles,
+            title=hue,
+            loc="outside lower center",
+            ncols=min(len(handles), 6),
+            fontsize=9,
+            title_fontsize=9,
+            frameon=False,
+        )
+    if title:
+        figure.suptitle(title, fontsize=12)
+    return figure
+
+
+def _draw_bars(
+    panel: Axes,
+    column: Column,
+    placed: dict[tuple[int, int], PivotRow],
+    stride: float,
+    colours: list[Colour],
+) -> None:
+    tops = [
+        stat.mean + stat.std for row in placed.values() if (stat := row.cells.get(column.name)) is not None
+    ]
+    reach = max(tops, default=1.0) or 1.0
+    for (group, slot), row in placed.items():
+        y = group * stride + slot
+        stat = row.cells.get(column.name)
+        if stat is None:
+            panel.text(reach * 0.01, y, "no result", va="center", fontsize=7, color="0.45")
+            continue
+        incomplete = not stat.complete
+        panel.barh(
+            y,
+            stat.mean,
+            height=BAR_HEIGHT,
+            color=colours[slot],
+            alpha=0.55 if incomplete else 1.0,
+            hatch="///" if incomplete else None,
+            edgecolor="0.3" if incomplete else colours[slot],
+            linewidth=0.6,
+        )
+        if stat.n > 1:
+            panel.errorbar(
+                stat.mean, y, xerr=stat.std, fmt="none", ecolor="0.15", elinewidth=0.9, capsize=2.5
+            )
+        note = f"{stat.mean:.3f}" + (f"  (n={stat.n}/{stat.expected})" if incomplete else "")
+        panel.text(stat.mean + stat.std + reach * 0.015, y, note, va="center", fontsize=7, color="0.2")
+    panel.set_xlim(0, reach * 1.28)  # room for the value labels right of the error bars
+
+
+def _palette(count: int) -> list[Colour]:
+    from matplotlib import colormaps
+
+    if count <= 10:
+        return [colormaps["tab10"](index) for index in range(count)]
+    cmap = colormaps["viridis"]
+    return [cmap(index / max(count - 1, 1)) for index in range(count)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curves
+
+
+def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str | None = None) -> Figure:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
+    drawable = {label: sorted(points) for label, points in curves.items() if points}
+    if not drawable:
+        raise UsageError("no training-loss steps to plot yet: the runs have not logged a training step")
+    many = len(curves) > 8
+    figure = Figure(figsize=(10.5 if many else 8.5, 5.0), dpi=DPI, layout="constrained")
+    panel = figure.subplots()
+    colours = _palette(len(curves))
+    smoothed = False
+    for label, colour in zip(curves, colours, strict=True):
+        points = drawable.get(label, [])
+        if not points:
+            panel.plot([], [], color=colour, label=f"{label} (no steps yet)")
+            continue
+        steps = [step for step, _ in points]
+        losses = [loss for _, loss in points]
+        if len(points) >= SMOOTH_FROM_POINTS:
+            smoothed = True
+            if not many:  # raw noise of a dozen runs hides the curves
+                panel.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
+            window = max(3, len(points) // 30)
+            panel.plot(steps, _centred_mean(losses, window=window), color=colour, linewidth=1.8, label=label)
+        else:
+            panel.plot(steps, losses, color=colour, linewidth=1.6, marker="o", markersize=3, label=label)
+    finite = [loss for points in drawable.values() for _, loss in points if math.isfinite(loss) and loss > 0]
+    if finite and max(finite) / min(finite) > 30:
+        panel.set_yscale("log")  # early spikes would flatten the part of the curve that matters
+        panel.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        panel.yaxis.set_major_formatter(ScalarFormatter())
+        panel.yaxis.set_minor_formatter(NullFormatter())
+    panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    panel.set_xlabel("training step")
+    panel.set_ylabel("training loss" + (" (log scale)" if panel.get_yscale() == "log" else ""))
+    note = ""
+    if smoothed:
+        note = " (moving average)" if many else " (faint: raw, solid: moving average)"
+    panel.set_title(title or f"Training loss{note}")
+    panel.grid(alpha=0.3)
+    if many:
+        figure.legend(loc="outside right upper", fontsize=8, frameon=False)
+    else:
+        panel.legend(fontsize=9)
+    return figure
+
+
+def _centred_mean(values: list[float], *, window: int) -> list[float]:
+    """Moving average centred on each point (shrinking at the ends), so a falling curve does not lag."""
+    half = window // 2
+    return [
+        math.fsum(values[max(0, i - half) : i + half + 1]) / len(values[max(0, i - half) : i + half + 1])
+        for i in range(len(values))
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(figure)
+    suffix = path.suffix.lower().lstrip(".")
+    supported = canvas.get_supported_filetypes()
+    if suffix not in supported:
+        raise UsageError(
+            f"cannot write {path}: unknown image format {suffix or '(none)'!r}; use .png, .svg or .pdf"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI)
+    return path

@@ -1,0 +1,34 @@
+"""States and kinds, as str enums. Light to import: no pydantic here."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class RunStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    finished = "finished"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_done(self) -> bool:
+        return self in (RunStatus.finished, RunStatus.failed, RunStatus.canceled)
+
+
+class StageKind(str, Enum):
+    mtl = "mtl"
+    finetune = "finetune"
+    eval = "eval"
+
+
+class TaskType(str, Enum):
+    classification = "classification"
+    generation = "generation"
+
+
+class Priority(str, Enum):
+    high = "high"
+    normal = "normal"
+    low = "low"

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import math
+import struct
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from jobs.analysis import Pivot, build_pivot
+from jobs.errors import UsageError
+from jobs.plots import (
+    build_loss_figure,
+    build_pivot_figure,
+    choose_hue,
+    group_label,
+    plot_loss_curves,
+    plot_pivot,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+MODELS = ("tiny:bart", "small:t5", "base:t5")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def study_grid(*, task_types: tuple[str, ...] = ("classification", "generation")) -> Pivot:
+    """3 models × 2 mtl × 2 instructions × 2 shots, 3 seeds; base:t5's third seed still running."""
+    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for index, (model, mtl, instructions, shots, seed) in enumerate(
+        (m, t, i, s, seed)
+        for m in MODELS
+        for t in ("none", "in-domain")
+        for i in (False, True)
+        for s in (16, 64)
+        for seed in range(3)
+    ):
+        cell = {"model": model, "mtl": mtl, "instructions": instructions, "shots": shots, "seed": seed}
+        run = f"run{index:03d}"
+        running = model == "base:t5" and seed == 2
+        runs.append({"grid": "g", "run": run, "cell": cell, "status": "running" if running else "finished"})
+        if running:
+            continue
+        base = 0.3 + 0.1 * MODELS.index(model) + (0.08 if mtl == "in-domain" else 0) + 0.01 * seed
+        for task_type in task_types:
+            metric = "accuracy" if task_type == "classification" else "rougeL"
+            scale = 1.0 if task_type == "classification" else 0.5
+            for task in ("a", "b"):
+                rows.append(
+                    {
+                        "grid": "g",
+                        "run": run,
+                        "cell": cell,
+                        "task": f"{task_type[:3]}_{task}",
+                        "task_type": task_type,
+                        "metric": metric,
+                        "value": base * scale,
+                    }
+                )
+    return build_pivot(rows, runs)
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    header = path.read_bytes()[:24]
+    assert header[:8] == PNG_MAGIC
+    width, height = struct.unpack(">II", header[16:24])
+    return width, height
+
+
+def test_plot_pivot_writes_one_panel_per_task_type(tmp_path: Path) -> None:
+    pivot = study_grid()
+    figure = build_pivot_figure(pivot)
+    assert len(figure.axes) == 2
+    assert [ax.get_title() for ax in figure.axes] == [
+        "Classification: mean accuracy",
+        "Generation: mean ROUGE-L",
+    ]
+    labels = [tick.get_text() for tick in figure.axes[0].get_yticklabels()]
+    assert len(labels) == 12  # 3 models × 2 instructions × 2 shots; mtl is the bar colour
+    assert labels[0].replace("\n", " ") == "tiny:bart · instructions=false · shots=16"
+    assert len(figure.axes[0].patches) == 24  # one bar per pivot row
+    legend_texts = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend_texts == ["none", "in-domain", "incomplete (n < runs)"]
+
+    path = plot_pivot(pivot, tmp_path / "nested" / "pivot.png", title="g")
+    assert path == tmp_path / "nested" / "pivot.png"
+    width, height = png_size(path)
+    assert width > 800 and height > 800
+    assert path.stat().st_size > 20_000
+
+
+def test_plot_pivot_with_one_task_type_and_chosen_hue(tmp_path: Path) -> None:
+    rows_pivot = study_grid(task_types=("classification",))
+    figure = build_pivot_figure(rows_pivot, hue="shots")
+    assert len(figure.axes) == 1
+    assert [text.get_text() for text in figure.legends[0].get_texts()][:2] == ["16", "64"]
+    assert png_size(plot_pivot(rows_pivot, tmp_path / "cls.png"))[0] > 400
+    svg = plot_pivot(rows_pivot, tmp_path / "cls.svg")
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_hue_defaults_to_mtl_then_last_axis() -> None:
+    pivot = study_grid()
+    assert choose_hue(pivot) == "mtl"
+    no_mtl = Pivot(row_axes=("model", "shots"), columns=pivot.columns, rows=())
+    assert choose_hue(no_mtl) == "shots"
+    assert choose_hue(Pivot(row_axes=(), columns=(), rows=())) is None
+    with pytest.raises(UsageError, match="not a row axis"):
+        choose_hue(pivot, "seed")
+
+
+def test_group_label_names_only_non_string_values() -> None:
+    assert group_label(("model", "instructions", "shots"), ("tiny:bart", True, 16)) == (
+        "tiny:bart · instructions=true · shots=16"
+    )
+    assert group_label((), ()) == "all runs"
+
+
+def test_nothing_to_plot_and_bad_format_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="nothing to plot"):
+        plot_pivot(Pivot(row_axes=("model",), columns=(), rows=()), tmp_path / "empty.png")
+    with pytest.raises(UsageError, match="unknown image format 'bmpx'"):
+        plot_pivot(study_grid(), tmp_path / "pivot.bmpx")
+    with pytest.raises(UsageError, match="no training-loss steps"):
+        plot_loss_curves({"run": []}, tmp_path / "loss.png")
+
+
+def test_loss_curves_one_line_per_label(tmp_path: Path) -> None:
+    curves = {
+        "run-a": [(step, 2.0 * math.exp(-step / 200) + 0.3) for step in range(0, 1000, 10)],
+        "run-b": [(step, 2.5 * math.exp(-step / 300) + 0.4) for step in range(0, 1000, 10)],
+        "run-c": [(1, 2.0), (2, 1.5)],
+        "queued": [],
+    }
+    figure = build_loss_figure(curves)
+    (ax,) = figure.axes
+    assert ax.get_xlabel() == "training step"
+    assert ax.get_ylabel() == "training loss"
+    assert ax.get_yscale() == "linear"
+    assert (legend_box := ax.get_legend()) is not None
+    legend = [text.get_text() for text in legend_box.get_texts()]
+    assert legend == ["run-a", "run-b", "run-c", "queued (no steps yet)"]
+
+    path = plot_loss_curves(curves, tmp_path / "loss.png")
+    assert png_size(path)[0] > 800
+    assert path.stat().st_size > 10_000
+
+
+def test_loss_curves_switch_to_log_scale_for_wide_ranges() -> None:
+    curves = {f"run{i}": [(step, 50 * math.exp(-step / 50) + 0.2) for step in range(500)] for i in range(12)}
+    figure = build_loss_figure(curves)
+    assert figure.axes[0].get_yscale() == "log"
+    assert len(figure.legends) == 1  # many runs: the legend moves outside the axes
+    assert len(figure.axes[0].get_lines()) == 12  # smoothed lines only; raw noise would hide them
