@@ -106,7 +106,7 @@ class ExpandedGrid:
 # --- YAML with positions -------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """Safe loader that also accepts 5e-5 as a float (YAML 1.1 wants 5.0e-5)."""
 
 
@@ -191,7 +191,7 @@ def load_yaml(path: Path) -> tuple[Any, _Positions]:
     if problems:
         raise GridError(problems)
     try:
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+        data = _Loader(text).construct_document(root)
     except yaml.YAMLError as e:
         raise GridError([f"{where}:1: yaml: {e}"]) from e
     return data, _Positions(lines)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from jobs import keys
-from jobs.errors import NotFound, PermissionDenied, RedisUnavailable, StlError, UsageError
+from jobs.errors import NotFound, PermissionDenied, RedisUnavailable, UsageError
 from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
 
 if TYPE_CHECKING:
@@ -54,30 +53,148 @@ class SubmitReport:
     stages_reused: int = 0
 
 
-class _EnqueueLock:
-    """Serialises enqueuers so that dedupe reads and the write that follows agree."""
-
-    def __init__(self, conn: redis.Redis) -> None:
-        self.conn = conn
-        self.token = uuid.uuid4().hex
-
-    def __enter__(self) -> _EnqueueLock:
-        deadline = time.monotonic() + 30
-        while not self.conn.set(keys.ENQUEUE_LOCK, self.token, nx=True, px=ENQUEUE_LOCK_TTL_MS):
-            if time.monotonic() > deadline:
-                raise StlError("another `stl enqueue` has held the queue lock for 30 s; try again")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.conn.get(keys.ENQUEUE_LOCK) == self.token.encode():
-            self.conn.delete(keys.ENQUEUE_LOCK)
-
-
 def _decode(value: bytes | str | None) -> str:
     if value is None:
         return ""
     return value.decode() if isinstance(value, bytes) else value
+
+
+# Everything `submit_runs` writes, decided and written inside Redis in one atomic script: the
+# dedupe reads and the writes cannot interleave with another enqueue or with a worker, and a grid
+# of 10,000 runs costs one round trip. RQ's job hashes come from a template RQ itself built.
+_SUBMIT = """
+local p = cjson.decode(ARGV[1])
+local K = p.keys
+local function present(v) return v ~= nil and v ~= cjson.null end
+local requeue = {}
+for _, id in ipairs(p.requeue) do requeue[id] = true end
+local keep = {queued = true, running = true, finished = true}
+local to_write, skipped = {}, {}
+for _, run in ipairs(p.runs) do
+  local st = redis.call('HGET', K.run .. run.id, 'status')
+  if st and keep[st] and not requeue[run.id] then skipped[#skipped + 1] = run.id
+  else run.existed = st ~= false; to_write[#to_write + 1] = run end
+end
+local status_cache = {}
+local function status_of(sid)
+  if status_cache[sid] == nil then
+    status_cache[sid] = redis.call('HGET', K.stage .. sid, 'status') or ''
+  end
+  return status_cache[sid]
+end
+local created, seen = {}, {}
+local n_created, n_reused = 0, 0
+for _, run in ipairs(to_write) do
+  for _, sid in ipairs(run.stages) do
+    if not seen[sid] then
+      seen[sid] = true
+      local st = status_of(sid)
+      if st == 'finished' or st == 'queued' or st == 'running' then
+        n_reused = n_reused + 1
+      else
+        local spec = p.stages[sid]
+        local jid = K.job_id_prefix .. sid
+        local jkey = K.rq_job .. jid
+        if st ~= '' then
+          redis.call('DEL', jkey, jkey .. ':dependencies')
+          redis.call('ZREM', K.failed, jid)
+          redis.call('ZREM', K.canceled, jid)
+        end
+        local fields = {}
+        for k, v in pairs(p.job_template) do fields[#fields + 1] = k; fields[#fields + 1] = v end
+        fields[#fields + 1] = 'data'; fields[#fields + 1] = p.data_prefix .. sid .. p.data_suffix
+        fields[#fields + 1] = 'description'; fields[#fields + 1] = spec.description
+        local parent = spec.parent
+        if present(parent) and (created[parent] or status_of(parent) ~= 'finished') then
+          local pjid = K.job_id_prefix .. parent
+          fields[#fields + 1] = 'status'; fields[#fields + 1] = 'deferred'
+          fields[#fields + 1] = 'dependency_id'; fields[#fields + 1] = pjid
+          fields[#fields + 1] = 'dependency_ids'; fields[#fields + 1] = cjson.encode({pjid})
+          redis.call('HSET', jkey, unpack(fields))
+          redis.call('SADD', K.rq_job .. pjid .. ':dependents', jid)
+          redis.call('SADD', jkey .. ':dependencies', pjid)
+          redis.call('ZADD', K.deferred, p.now, jid)
+        else
+          fields[#fields + 1] = 'status'; fields[#fields + 1] = 'queued'
+          fields[#fields + 1] = 'enqueued_at'; fields[#fields + 1] = p.enqueued_at
+          redis.call('HSET', jkey, unpack(fields))
+          redis.call('RPUSH', K.queue, jid)
+        end
+        if st ~= '' then
+          redis.call('HDEL', K.stage .. sid, 'started_at', 'ended_at', 'error', 'loss', 'cancel', 'preempt',
+            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome')
+        end
+        redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
+          'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,
+          'total', spec.total)
+        created[sid] = true
+        n_created = n_created + 1
+      end
+    end
+  end
+end
+local queued, scores = {}, {}
+for _, run in ipairs(to_write) do
+  local finished = {}
+  local n_finished = 0
+  for _, sid in ipairs(run.stages) do
+    if not created[sid] and status_of(sid) == 'finished' then finished[sid] = true; n_finished = n_finished + 1 end
+  end
+  local done = n_finished == #run.stages
+  local rkey = K.run .. run.id
+  if run.existed then
+    redis.call('DEL', rkey .. ':results')
+    redis.call('HDEL', rkey, 'started_at', 'ended_at', 'error', 'current_stage')
+  end
+  redis.call('HSET', rkey, 'id', run.id, 'grid', p.grid, 'user', p.user, 'priority', p.priority,
+    'status', done and 'finished' or 'queued', 'cell', run.cell, 'stages', run.stages_json,
+    'eval_stages', run.eval_stages_json, 'n_stages', #run.stages, 'stages_done', n_finished,
+    'created_at', p.now)
+  if done then redis.call('HSET', rkey, 'started_at', p.now, 'ended_at', p.now) end
+  for _, sid in ipairs(run.stages) do redis.call('SADD', K.stage .. sid .. ':runs', run.id) end
+  for _, sid in ipairs(run.eval_stages) do
+    if finished[sid] then
+      local metrics = redis.call('HGET', K.stage .. sid, 'metrics')
+      if metrics then
+        for _, m in ipairs(cjson.decode(metrics)) do
+          m.stage = sid
+          redis.call('HSET', rkey .. ':results', m.task, cjson.encode(m))
+        end
+      end
+    end
+  end
+  queued[#queued + 1] = run.id
+  scores[#scores + 1] = p.now
+  scores[#scores + 1] = run.id
+end
+for i = 1, #scores, 4000 do  -- unpack() has a stack limit: add members in chunks
+  local last = math.min(i + 3999, #scores)
+  redis.call('ZADD', K.runs, unpack(scores, i, last))
+  redis.call('ZADD', K.grid_runs, unpack(scores, i, last))
+end
+if #to_write > 0 then
+  redis.call('ZADD', K.grids, 'NX', p.now, p.grid)
+  redis.call('HSETNX', K.grid, 'created_at', p.now)
+  redis.call('HDEL', K.grid, 'notified_at', 'ended_at')
+  redis.call('SADD', K.users, p.user)
+  if n_created > 0 then redis.call('SADD', K.queues, K.queue) end
+end
+return cjson.encode({queued = queued, skipped = skipped, created = n_created, reused = n_reused})
+"""
+
+
+def _job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, str]:
+    """The hash RQ itself writes for a stage job, with the stage id left as a hole in `data`."""
+    hole = "STAGEHOLE"
+    job = queue.create_job(ENTRY_POINT, args=(hole,), job_id=job_id_for(hole), timeout=timeout,
+                           result_ttl=RESULT_TTL_S, failure_ttl=FAILURE_TTL_S, status=JobStatus.QUEUED)
+    job.origin = queue.name
+    fields = job.to_dict()
+    data = job.data.decode()  # RQ reads uncompressed data as well as zlib-compressed
+    prefix, _, suffix = data.partition(hole)
+    for name in ("data", "description", "status", "enqueued_at", "dependency_id", "dependency_ids"):
+        fields.pop(name, None)
+    return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}, prefix, suffix
 
 
 def submit_runs(
@@ -90,7 +207,7 @@ def submit_runs(
     stage_timeout: int,
     requeue: Iterable[str] = (),
 ) -> SubmitReport:
-    """Write runs and the stage jobs they need, in one Redis transaction.
+    """Write runs and the stage jobs they need, atomically (one Redis script: all or nothing).
 
     A run whose identical twin is queued, running or finished is skipped, unless its id is in
     `requeue` (used by retry). Stages already finished are reused; stages queued or running are
@@ -98,149 +215,39 @@ def submit_runs(
     """
     if not runs:
         return SubmitReport(grid="")
-    requeue_ids = set(requeue)
-    report = SubmitReport(grid=runs[0].grid)
+    grid = runs[0].grid
+    queue = make_queue(conn, user, priority)
+    template, data_prefix, data_suffix = _job_template(queue, timeout=stage_timeout)
+    now = time.time()
+    payload: dict[str, Any] = {
+        "keys": {
+            "run": keys.run(""), "stage": keys.stage(""), "rq_job": Job.redis_job_namespace_prefix,
+            "job_id_prefix": job_id_for(""), "queue": queue.key, "queue_name": queue.name,
+            "queues": queue.redis_queues_keys, "deferred": queue.deferred_job_registry.key,
+            "failed": queue.failed_job_registry.key, "canceled": queue.canceled_job_registry.key,
+            "runs": keys.RUNS, "grid_runs": keys.grid_runs(grid), "grids": keys.GRIDS, "grid": keys.grid(grid),
+            "users": keys.USERS,
+        },
+        "now": f"{now:.6f}", "enqueued_at": template.get("created_at", ""), "user": user, "priority": priority,
+        "grid": grid, "requeue": list(requeue), "job_template": template,
+        "data_prefix": data_prefix, "data_suffix": data_suffix,
+        "runs": [{"id": run.run_id, "stages": list(run.stages), "eval_stages": list(run.eval_stages),
+                  "stages_json": json.dumps(list(run.stages)), "eval_stages_json": json.dumps(list(run.eval_stages)),
+                  "cell": json.dumps(run.cell, sort_keys=True)} for run in runs],
+        "stages": {sid: {"parent": spec.parent, "kind": spec.kind.value, "model": spec.model, "arg": index + 2,
+                         "total": spec.train.max_steps if spec.train else 0,
+                         "description": f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"}
+                   for index, (sid, spec) in enumerate(stages.items())},
+    }
+    # Specs travel as plain arguments, not inside the JSON: decoding JSON-in-JSON costs Lua dearly.
+    spec_texts = [spec.model_dump_json() for spec in stages.values()]
     try:
-        with _EnqueueLock(conn):
-            for _attempt in range(20):
-                try:
-                    _submit_once(conn, runs, stages, user=user, priority=priority,
-                                 stage_timeout=stage_timeout, requeue_ids=requeue_ids, report=report)
-                    return report
-                except redis.WatchError:
-                    report = SubmitReport(grid=runs[0].grid)
-                    continue
-            raise StlError("the queue kept changing while enqueueing; try again")
+        answer = json.loads(conn.eval(_SUBMIT, 0, json.dumps(payload), *spec_texts))
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailable(f"lost the connection to Redis while enqueueing ({e}); "
                                "nothing was written; try again") from e
-
-
-def _submit_once(
-    conn: redis.Redis,
-    runs: list[RunSpec],
-    stages: dict[str, StageSpec],
-    *,
-    user: str,
-    priority: str,
-    stage_timeout: int,
-    requeue_ids: set[str],
-    report: SubmitReport,
-) -> None:
-    run_ids = [run.run_id for run in runs]
-    stage_ids = list(stages)
-    with conn.pipeline(transaction=True) as pipe:
-        pipe.watch(*[keys.stage(s) for s in stage_ids])
-        # Reads (immediate, because the pipeline is in WATCH mode) go through a second pipeline.
-        reader = conn.pipeline(transaction=False)
-        for run_id in run_ids:
-            reader.hget(keys.run(run_id), "status")
-        for stage_id in stage_ids:
-            reader.hmget(keys.stage(stage_id), "status", "metrics")
-        answers = reader.execute()
-        run_status = {rid: _decode(s) for rid, s in zip(run_ids, answers[: len(run_ids)], strict=True)}
-        stage_state: dict[str, tuple[str, str]] = {}
-        for sid, (status, metrics) in zip(stage_ids, answers[len(run_ids):], strict=True):
-            stage_state[sid] = (_decode(status), _decode(metrics))
-
-        to_write: list[RunSpec] = []
-        for run in runs:
-            status = run_status[run.run_id]
-            if status in (*LIVE, RunStatus.finished.value) and run.run_id not in requeue_ids:
-                report.skipped.append(run.run_id)
-            else:
-                to_write.append(run)
-        needed: dict[str, StageSpec] = {}
-        for run in to_write:
-            for sid in run.stages:
-                needed.setdefault(sid, stages[sid])
-
-        queue = make_queue(conn, user, priority)
-        now = time.time()
-        pipe.multi()
-        created: set[str] = set()
-        for sid, spec in needed.items():
-            status, _metrics = stage_state[sid]
-            if status in (RunStatus.finished.value, *LIVE):
-                report.stages_reused += 1
-                continue
-            parent_pending = spec.parent is not None and (
-                spec.parent in created or stage_state[spec.parent][0] != RunStatus.finished.value
-            )
-            _write_stage_job(pipe, queue, sid, spec, user=user, now=now, timeout=stage_timeout,
-                             depends_on=job_id_for(spec.parent) if parent_pending and spec.parent else None,
-                             replace=bool(status))
-            created.add(sid)
-            report.stages_created += 1
-
-        for run in to_write:
-            _write_run(pipe, run, user=user, priority=priority, now=now, stage_state=stage_state,
-                       created=created)
-            report.queued.append(run.run_id)
-        if to_write:
-            pipe.zadd(keys.GRIDS, {runs[0].grid: now}, nx=True)
-            pipe.hsetnx(keys.grid(runs[0].grid), "created_at", now)
-            pipe.hdel(keys.grid(runs[0].grid), "notified_at", "ended_at")
-            pipe.sadd(keys.USERS, user)
-        pipe.execute()
-
-
-def _write_stage_job(
-    pipe: Any, queue: Queue, stage_id: str, spec: StageSpec, *, user: str, now: float, timeout: int,
-    depends_on: str | None, replace: bool,
-) -> None:
-    job_id = job_id_for(stage_id)
-    if replace:  # a failed or canceled stage: clear RQ's old record of it first
-        pipe.delete(Job.key_for(job_id), Job.key_for(job_id) + ":dependencies")
-        pipe.zrem(queue.failed_job_registry.key, job_id)
-        pipe.zrem(queue.canceled_job_registry.key, job_id)
-    job = queue.create_job(
-        ENTRY_POINT, args=(stage_id,), job_id=job_id, timeout=timeout, result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S, description=f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}",
-        depends_on=depends_on,
-        status=JobStatus.DEFERRED if depends_on else JobStatus.QUEUED,
-    )
-    if depends_on:
-        job.origin = queue.name
-        job.register_dependency(pipeline=pipe)
-        job.save(pipeline=pipe)
-        pipe.sadd(queue.redis_queues_keys, queue.key)
-    else:
-        queue._enqueue_job(job, pipeline=pipe)  # noqa: SLF001 - enqueue_job would WATCH inside our MULTI
-        pipe.sadd(queue.redis_queues_keys, queue.key)
-    total = spec.train.max_steps if spec.train else 0
-    pipe.hset(keys.stage(stage_id), mapping={
-        "id": stage_id, "kind": spec.kind.value, "model": spec.model, "spec": spec.model_dump_json(),
-        "status": RunStatus.queued.value, "user": user, "queue": queue.name, "created_at": now,
-        "started_at": "", "ended_at": "", "error": "", "step": 0, "total": total, "loss": "",
-        "cancel": "", "preempt": "", "heartbeat": "", "worker": "",
-    })
-
-
-def _write_run(
-    pipe: Any, run: RunSpec, *, user: str, priority: str, now: float,
-    stage_state: dict[str, tuple[str, str]], created: set[str],
-) -> None:
-    run_id = run.run_id
-    finished = [s for s in run.stages if s not in created and stage_state[s][0] == RunStatus.finished.value]
-    done = len(finished) == len(run.stages)
-    pipe.delete(keys.run_results(run_id))
-    pipe.hset(keys.run(run_id), mapping={
-        "id": run_id, "grid": run.grid, "user": user, "priority": priority,
-        "status": RunStatus.finished.value if done else RunStatus.queued.value,
-        "cell": json.dumps(run.cell, sort_keys=True), "stages": json.dumps(list(run.stages)),
-        "eval_stages": json.dumps(list(run.eval_stages)), "n_stages": len(run.stages),
-        "stages_done": len(finished), "created_at": now, "started_at": now if done else "",
-        "ended_at": now if done else "", "error": "",
-    })
-    for sid in run.stages:
-        pipe.sadd(keys.stage_runs(sid), run_id)
-    for sid in run.eval_stages:
-        if sid in finished and stage_state[sid][1]:
-            for metric in json.loads(stage_state[sid][1]):
-                pipe.hset(keys.run_results(run_id), metric["task"], json.dumps({**metric, "stage": sid}))
-    pipe.zadd(keys.RUNS, {run_id: now})
-    pipe.zadd(keys.grid_runs(run.grid), {run_id: now})
+    return SubmitReport(grid=grid, queued=list(answer["queued"] or []), skipped=list(answer["skipped"] or []),
+                        stages_created=int(answer["created"]), stages_reused=int(answer["reused"]))
 
 
 # --- cancel and retry -------------------------------------------------------------------------
