@@ -233,7 +233,7 @@ def submit_runs(
         "data_prefix": data_prefix, "data_suffix": data_suffix,
         "runs": [{"id": run.run_id, "stages": list(run.stages), "eval_stages": list(run.eval_stages),
                   "stages_json": json.dumps(list(run.stages)), "eval_stages_json": json.dumps(list(run.eval_stages)),
-                  "cell": json.dumps(run.cell, sort_keys=True)} for run in runs],
+                  "cell": json.dumps(run.cell)} for run in runs],
         "stages": {sid: {"parent": spec.parent, "kind": spec.kind.value, "model": spec.model, "arg": index + 2,
                          "total": spec.train.max_steps if spec.train else 0,
                          "description": f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"}
