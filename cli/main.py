@@ -326,9 +326,11 @@ def worker(
 ) -> None:
     """Run the GPU worker: one stage at a time, the next from whoever used the GPU least recently."""
     with handled():
-        settings = _settings()
-        conn = _connect(settings)
+        from jobs.connection import connect
         from worker.main import run_worker
+
+        settings = _settings()
+        conn = connect(settings, patient=True)
 
         run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst)
 

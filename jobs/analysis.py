@@ -602,15 +602,26 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
     return table
 
 
-def pivot_to_markdown(pivot: Pivot) -> str:
-    """GitHub pipe table, for pasting into a draft."""
-
+def _markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], n_left: int) -> str:
     def line(cells: Iterable[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
-    alignment = ["---"] * len(pivot.row_axes) + ["---:"] * len(pivot.columns)
-    body = [line(row) for row in pivot_table_rows(pivot)]
-    return "\n".join([line(pivot_headers(pivot)), line(alignment), *body]) + "\n"
+    alignment = ["---"] * n_left + ["---:"] * (len(headers) - n_left)
+    return "\n".join([line(headers), line(alignment), *(line(row) for row in rows)]) + "\n"
+
+
+def pivot_to_markdown(pivot: Pivot) -> str:
+    """GitHub pipe table, for pasting into a draft."""
+    return _markdown_table(pivot_headers(pivot), pivot_table_rows(pivot), len(pivot.row_axes))
+
+
+def effect_to_markdown(report: EffectReport) -> str:
+    """Every comparison as a pipe table, then the mean relative improvements."""
+    combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
+    headers = [*combo_axes, "task type", f"A = {report.a}", f"B = {report.b}", "(B − A) / A"]
+    table = _markdown_table(headers, effect_table_rows(report), len(combo_axes) + 1)
+    means = "\n".join(f"- {label}: **{value}**" for label, value in effect_summary(report))
+    return f"Effect of {report.axis}: {report.b} vs {report.a}\n\n{table}\n{means}\n"
 
 
 def pivot_to_csv(pivot: Pivot) -> str:

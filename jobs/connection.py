@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from jobs.errors import RedisUnavailable
 
@@ -42,10 +44,18 @@ def _describe_url(url: str) -> str:
     return f"{parsed.scheme}://{host}:{parsed.port or 6379}{parsed.path or ''}"
 
 
-def _ping(url: str, timeout: float = 1.0) -> redis.Redis:
-    conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=30,
+# A worker rides out a Redis restart: each command retries with backoff for about a minute.
+PATIENT_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=40)
+
+
+def _ping(url: str, timeout: float = 1.0, *, patient: bool = False) -> redis.Redis:
+    conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
                                 health_check_interval=30)
     conn.ping()
+    if patient:
+        conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
+                                    health_check_interval=30, retry=PATIENT_RETRY,
+                                    retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     return conn
 
 
@@ -73,11 +83,14 @@ def start_embedded_redis(home: Path) -> None:
           f"(data in {data_dir}; set STL_REDIS_URL to use another)", file=sys.stderr)
 
 
-def connect(settings: Settings, *, start_embedded: bool = True) -> redis.Redis:
-    """A connection that answers PING, or RedisUnavailable saying what to do."""
+def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = False) -> redis.Redis:
+    """A connection that answers PING, or RedisUnavailable saying what to do.
+
+    `patient` connections (the worker's) retry every command through a Redis restart.
+    """
     url = settings.redis_url
     try:
-        return _ping(url)
+        return _ping(url, patient=patient)
     except redis.AuthenticationError as e:
         raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the password: {e}; "
                                "check the password in STL_REDIS_URL") from e
@@ -90,7 +103,7 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> redis.Redis:
     deadline = time.monotonic() + 10
     while True:
         try:
-            return _ping(url)
+            return _ping(url, patient=patient)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             if time.monotonic() > deadline:
                 raise RedisUnavailable(f"the embedded redis-server did not answer on {_describe_url(url)}: "

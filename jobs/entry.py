@@ -7,24 +7,28 @@ preempt flags, logs, results, run status, fair-share usage and the grid-done not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import redis
 
 from jobs import keys
-from jobs.errors import StageCanceled, StagePreempted
+from jobs.codec import text
+from jobs.errors import StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
 
 if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
+    from pathlib import Path
+
     from jobs.settings import Settings
     from jobs.train import StepReport
 
@@ -33,13 +37,15 @@ LEASE_TTL_S = 30
 PROGRESS_EVERY_S = 2.0
 FLAGS_EVERY_S = 1.0
 LOG_LINES_KEPT = 5000
+# Renew the lease only while we still hold it (after a Redis restart it may have expired).
+_RENEW_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
+if not holder then return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') and 1 or 0 end
+return 0
+"""
 STEPS_KEPT = 20_000
 
-
-def _decode(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class StageLease:
@@ -52,6 +58,7 @@ class StageLease:
         self.key = keys.stage_lease(stage_id)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost = False
 
     def acquire(self) -> bool:
         return bool(self.conn.set(self.key, self.holder, nx=True, ex=LEASE_TTL_S))
@@ -60,12 +67,13 @@ class StageLease:
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_EVERY_S):
                 try:
-                    pipe = self.conn.pipeline(transaction=False)
-                    pipe.expire(self.key, LEASE_TTL_S)
-                    pipe.hset(keys.stage(self.stage_id), "heartbeat", time.time())
-                    pipe.execute()
+                    if not self.conn.eval(_RENEW_LEASE, 1, self.key, self.holder, LEASE_TTL_S):
+                        # Someone else holds the stage now: stop without touching its records.
+                        self.lost = True
+                        return
+                    self.conn.hset(keys.stage(self.stage_id), "heartbeat", time.time())
                 except redis.RedisError:
-                    pass  # Redis is away; the reaper tolerates a late heartbeat, training goes on
+                    pass  # Redis is away; training goes on and the lease is renewed when it is back
         self._thread = threading.Thread(target=beat, name="stl-heartbeat", daemon=True)
         self._thread.start()
 
@@ -74,7 +82,7 @@ class StageLease:
         if self._thread:
             self._thread.join(timeout=5)
         try:
-            if _decode(self.conn.get(self.key)) == self.holder:
+            if text(self.conn.get(self.key)) == self.holder:
                 self.conn.delete(self.key)
         except redis.RedisError:
             pass
@@ -83,9 +91,10 @@ class StageLease:
 class StageReporter:
     """Throttled writes of progress, logs and flags for one stage."""
 
-    def __init__(self, conn: redis.Redis, stage_id: str, workdir: Path) -> None:
+    def __init__(self, conn: redis.Redis, stage_id: str, workdir: Path, lease: StageLease) -> None:
         self.conn = conn
         self.stage_id = stage_id
+        self.lease = lease
         self.log_file = workdir / "log.txt"
         self._last_progress = 0.0
         self._last_flags = 0.0
@@ -127,6 +136,8 @@ class StageReporter:
             pass
 
     def should_stop(self) -> str | None:
+        if self.lease.lost:
+            return "cancel"
         now = time.monotonic()
         if self._flag is None and now - self._last_flags >= FLAGS_EVERY_S:
             self._last_flags = now
@@ -134,20 +145,20 @@ class StageReporter:
                 cancel, preempt = self.conn.hmget(keys.stage(self.stage_id), "cancel", "preempt")
             except redis.RedisError:
                 return None
-            if _decode(cancel):
+            if text(cancel):
                 self._flag = "cancel"
-            elif _decode(preempt):
+            elif text(preempt):
                 self._flag = "preempt"
         return self._flag
 
 
 def _live_runs(conn: redis.Redis, stage_id: str) -> list[str]:
-    run_ids = [_decode(r) for r in conn.smembers(keys.stage_runs(stage_id))]
+    run_ids = [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
     pipe = conn.pipeline(transaction=False)
     for run_id in run_ids:
         pipe.hget(keys.run(run_id), "status")
     return [r for r, s in zip(run_ids, pipe.execute(), strict=True)
-            if _decode(s) in (RunStatus.queued.value, RunStatus.running.value)]
+            if text(s) in (RunStatus.queued.value, RunStatus.running.value)]
 
 
 def _write_run_dirs(settings: Settings, conn: redis.Redis, run_ids: list[str], stage_id: str,
@@ -158,11 +169,9 @@ def _write_run_dirs(settings: Settings, conn: redis.Redis, run_ids: list[str], s
         (run_dir / "stages").mkdir(parents=True, exist_ok=True)
         link = run_dir / "stages" / f"{spec.kind.value}-{stage_id}"
         if not link.exists():
-            try:
+            with contextlib.suppress(FileExistsError):
                 link.symlink_to(settings.stages_dir / stage_id, target_is_directory=True)
-            except FileExistsError:
-                pass
-        record = {_decode(k): _decode(v) for k, v in conn.hgetall(keys.run(run_id)).items()}
+        record = {text(k): text(v) for k, v in conn.hgetall(keys.run(run_id)).items()}
         (run_dir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
@@ -181,7 +190,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     if not raw_spec:
         raise StageCanceled(f"stage {stage_id} has no record in Redis; it was removed")
     spec = StageSpec.model_validate_json(raw_spec)
-    status = _decode(conn.hget(stage_key, "status"))
+    status = text(conn.hget(stage_key, "status"))
     if status == RunStatus.finished.value:
         return {"stage": stage_id, "status": "already finished"}
     if status == RunStatus.canceled.value:
@@ -192,7 +201,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     while not lease.acquire():
         # Another horse holds the stage (a false orphan alarm): wait for it rather than run it twice.
         time.sleep(2)
-        status = _decode(conn.hget(stage_key, "status"))
+        status = text(conn.hget(stage_key, "status"))
         if status == RunStatus.finished.value:
             return {"stage": stage_id, "status": "already finished"}
         if status in (RunStatus.failed.value, RunStatus.canceled.value):
@@ -200,9 +209,9 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     workdir = settings.stages_dir / stage_id
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "spec.json").write_text(spec.model_dump_json(indent=2))
-    reporter = StageReporter(conn, stage_id, workdir)
+    reporter = StageReporter(conn, stage_id, workdir, lease)
     started = time.time()
-    user = _decode(conn.hget(stage_key, "user")) or "unknown"
+    user = text(conn.hget(stage_key, "user")) or "unknown"
     live = _live_runs(conn, stage_id)
     pipe = conn.pipeline(transaction=False)
     pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
@@ -214,7 +223,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         pipe.hset(keys.run(run_id), "current_stage", stage_id)
     pipe.execute()
     for run_id in live:  # hsetnx above cannot overwrite an empty string
-        if not _decode(conn.hget(keys.run(run_id), "started_at")):
+        if not text(conn.hget(keys.run(run_id), "started_at")):
             conn.hset(keys.run(run_id), "started_at", started)
     _write_run_dirs(settings, conn, live, stage_id, spec)
     lease.start_heartbeat()
@@ -238,6 +247,9 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         lease.release()
         raise
     except StageCanceled as e:
+        if lease.lost:
+            reporter.log("another work horse took this stage over; stopping this copy")
+            raise StageLeaseLost(f"stage {stage_id} is being run elsewhere") from e
         reporter.log(f"canceled: {e}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.canceled, error=str(e) or "canceled",
                       started=started, user=user)
@@ -276,16 +288,14 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
 
     now = time.time()
     metrics = (result or {}).get("metrics") or []
-    stage_fields: dict[str, Any] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
+    stage_fields: dict[FieldT, EncodableT] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
     if result is not None:
         stage_fields["outcome"] = json.dumps(result)
         if spec.kind == StageKind.eval:
             stage_fields["metrics"] = json.dumps(metrics)
-    try:
+    with contextlib.suppress(redis.RedisError):
         charge_usage(conn, user, now - started)
-    except redis.RedisError:
-        pass
-    run_ids = [_decode(r) for r in conn.smembers(keys.stage_runs(stage_id))]
+    run_ids = [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
     pipe = conn.pipeline(transaction=False)
     pipe.hset(keys.stage(stage_id), mapping=stage_fields)
     pipe.srem(keys.RUNNING_STAGES, stage_id)
@@ -295,16 +305,16 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
     grids: set[str] = set()
     pipe = conn.pipeline(transaction=False)
     for run_id, (run_status, n_stages, grid, eval_stages) in zip(run_ids, answers, strict=True):
-        run_status = _decode(run_status)
+        run_status = text(run_status)
         if run_status not in (RunStatus.queued.value, RunStatus.running.value):
             continue
-        grids.add(_decode(grid))
+        grids.add(text(grid))
         if status == RunStatus.finished:
-            if stage_id in json.loads(_decode(eval_stages) or "[]"):
+            if stage_id in json.loads(text(eval_stages) or "[]"):
                 for metric in metrics:
                     pipe.hset(keys.run_results(run_id), metric["task"], json.dumps({**metric, "stage": stage_id}))
             done = conn.hincrby(keys.run(run_id), "stages_done", 1)
-            if done >= int(_decode(n_stages) or 0):
+            if done >= int(text(n_stages) or 0):
                 pipe.hset(keys.run(run_id), mapping={"status": RunStatus.finished.value, "ended_at": now,
                                                      "current_stage": ""})
             else:
@@ -325,7 +335,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
-    results = {_decode(k): json.loads(_decode(v)) for k, v in conn.hgetall(keys.run_results(run_id)).items()}
+    results = {text(k): json.loads(text(v)) for k, v in conn.hgetall(keys.run_results(run_id)).items()}
     if not results:
         return
     run_dir = settings.runs_dir / run_id

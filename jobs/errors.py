@@ -53,6 +53,10 @@ class StagePreempted(StlError):
     """The worker is shutting down; the stage checkpointed and will resume elsewhere."""
 
 
+class StageLeaseLost(StlError):
+    """Another work horse took the stage over (its lease expired here); this one stops quietly."""
+
+
 class OutOfMemory(StlError):
     """A stage ran out of accelerator memory even at micro-batch 1."""
 

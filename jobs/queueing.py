@@ -18,6 +18,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from jobs import keys
+from jobs.codec import text
 from jobs.errors import NotFound, PermissionDenied, RedisUnavailable, UsageError
 from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
 
@@ -52,11 +53,6 @@ class SubmitReport:
     stages_created: int = 0
     stages_reused: int = 0
 
-
-def _decode(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
 
 
 # Everything `submit_runs` writes, decided and written inside Redis in one atomic script: the
@@ -254,7 +250,7 @@ def submit_runs(
 
 
 def runs_of_grid(conn: redis.Redis, grid: str) -> list[str]:
-    ids = [_decode(r) for r in conn.zrange(keys.grid_runs(grid), 0, -1)]
+    ids = [text(r) for r in conn.zrange(keys.grid_runs(grid), 0, -1)]
     if not ids:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
     return ids
@@ -268,7 +264,7 @@ def _load_runs(conn: redis.Redis, run_ids: list[str]) -> list[dict[str, str]]:
     for run_id, raw in zip(run_ids, pipe.execute(), strict=True):
         if not raw:
             raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
-        records.append({_decode(k): _decode(v) for k, v in raw.items()})
+        records.append({text(k): text(v) for k, v in raw.items()})
     return records
 
 
@@ -300,14 +296,14 @@ def cancel_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool
 
 
 def _cancel_stage_if_unneeded(conn: redis.Redis, stage_id: str, *, user: str) -> None:
-    status = _decode(conn.hget(keys.stage(stage_id), "status"))
+    status = text(conn.hget(keys.stage(stage_id), "status"))
     if status not in LIVE:
         return
-    others = [_decode(r) for r in conn.smembers(keys.stage_runs(stage_id))]
+    others = [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
     pipe = conn.pipeline(transaction=False)
     for run_id in others:
         pipe.hget(keys.run(run_id), "status")
-    if any(_decode(s) in LIVE for s in pipe.execute()):
+    if any(text(s) in LIVE for s in pipe.execute()):
         return
     if status == RunStatus.running.value:
         # The work horse checks this flag between steps and stops within seconds.
@@ -375,7 +371,7 @@ def _stage_timeout_of(conn: redis.Redis, runs: list[RunSpec]) -> int:
     for job_id in job_ids:
         raw = conn.hget(Job.key_for(job_id), "timeout")
         if raw:
-            return int(float(_decode(raw)))
+            return int(float(text(raw)))
     return 86400
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobs import keys
+from jobs.codec import text
 from jobs.errors import NotFound, UsageError
 from jobs.states import RunStatus
 
@@ -36,11 +37,6 @@ return out
 """
 
 
-def _s(value: bytes | str | None) -> str:
-    if value is None:
-        return ""
-    return value.decode() if isinstance(value, bytes) else value
-
 
 def _f(value: str) -> float | None:
     try:
@@ -67,7 +63,7 @@ def resolve_run_ids(conn: redis.Redis, given: list[str]) -> list[str]:
             resolved.append(run_id)
             continue
         if all_ids is None:
-            all_ids = [_s(m) for m in conn.zrange(keys.RUNS, 0, -1)]
+            all_ids = [text(m) for m in conn.zrange(keys.RUNS, 0, -1)]
         matches = [m for m in all_ids if m.startswith(run_id)]
         if not matches:
             raise NotFound(f'no run id starts with "{run_id}"; `stl status --json` lists them')
@@ -143,7 +139,7 @@ def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = 
     flat = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *fields)
     width = len(fields)
     empty = dict.fromkeys(RUN_FIELDS, "")
-    records = [{**empty, **dict(zip(fields, map(_s, flat[i:i + width]), strict=True))}
+    records = [{**empty, **dict(zip(fields, map(text, flat[i:i + width]), strict=True))}
                for i in range(0, len(flat), width)]
     if grid and not records:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
@@ -155,7 +151,7 @@ def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = 
         for i in running:
             pipe.hmget(keys.run(records[i]["id"]), *RUN_FIELDS)
         for i, raw in zip(running, pipe.execute() if running else [], strict=True):
-            records[i] = dict(zip(RUN_FIELDS, map(_s, raw), strict=True))
+            records[i] = dict(zip(RUN_FIELDS, map(text, raw), strict=True))
     running_stages = sorted({r["current_stage"] for r in records
                              if r["status"] == RunStatus.running.value and r["current_stage"]})
     stage_info: dict[str, dict[str, str]] = {}
@@ -164,7 +160,7 @@ def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = 
         for sid in running_stages:
             pipe.hmget(keys.stage(sid), *STAGE_PROGRESS_FIELDS)
         for sid, raw in zip(running_stages, pipe.execute(), strict=True):
-            stage_info[sid] = dict(zip(STAGE_PROGRESS_FIELDS, map(_s, raw), strict=True))
+            stage_info[sid] = dict(zip(STAGE_PROGRESS_FIELDS, map(text, raw), strict=True))
     now = time.time()
     return [_run_row(r, stage_info.get(r["current_stage"]), now) for r in records if r["id"]]
 
@@ -209,14 +205,14 @@ def grid_rows(runs: list[RunRow], grid_meta: dict[str, dict[str, str]] | None = 
 
 
 def list_workers(conn: redis.Redis) -> list[WorkerRow]:
-    names = sorted(_s(n) for n in conn.smembers(keys.WORKERS))
+    names = sorted(text(n) for n in conn.smembers(keys.WORKERS))
     pipe = conn.pipeline(transaction=False)
     for name in names:
         pipe.hgetall(keys.worker(name))
     rows: list[WorkerRow] = []
     now = time.time()
     for name, raw in zip(names, pipe.execute(), strict=True):
-        record = {_s(k): _s(v) for k, v in raw.items()}
+        record = {text(k): text(v) for k, v in raw.items()}
         if not record:
             continue  # its record expired: the worker is gone
         last_seen = _f(record.get("heartbeat", ""))
@@ -255,7 +251,7 @@ def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
         pipe.hgetall(keys.run_results(run.id))
     rows: list[dict[str, Any]] = []
     for run, raw in zip(runs, pipe.execute(), strict=True):
-        results = {_s(k): json.loads(_s(v)) for k, v in raw.items()}
+        results = {text(k): json.loads(text(v)) for k, v in raw.items()}
         for task, result in sorted(results.items()):
             rows.append({"grid": grid, "run": run.id, "cell": run.cell, "task": task,
                          "task_type": result["task_type"], "metric": result["metric"],
@@ -270,16 +266,16 @@ def run_log(conn: redis.Redis, run_id: str, *, start: dict[str, int] | None = No
         raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
     positions = dict(start or {})
     lines: list[str] = []
-    for sid in json.loads(_s(raw_stages)):
+    for sid in json.loads(text(raw_stages)):
         offset = positions.get(sid, 0)
-        new = [_s(x) for x in conn.lrange(keys.stage_log(sid), offset, -1)]
+        new = [text(x) for x in conn.lrange(keys.stage_log(sid), offset, -1)]
         lines += new
         positions[sid] = offset + len(new)
     return lines, positions
 
 
 def run_status(conn: redis.Redis, run_id: str) -> str:
-    return _s(conn.hget(keys.run(run_id), "status"))
+    return text(conn.hget(keys.run(run_id), "status"))
 
 
 def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
@@ -289,8 +285,8 @@ def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
         raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
     points: list[tuple[int, float]] = []
     offset = 0
-    for sid in json.loads(_s(raw_stages)):
-        steps = [json.loads(_s(x)) for x in conn.lrange(keys.stage_steps(sid), 0, -1)]
+    for sid in json.loads(text(raw_stages)):
+        steps = [json.loads(text(x)) for x in conn.lrange(keys.stage_steps(sid), 0, -1)]
         if not steps:
             continue
         for step in steps:

@@ -9,7 +9,6 @@ import sys
 import zlib
 from typing import TYPE_CHECKING
 
-import pytest
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -26,6 +25,7 @@ from tests.helpers import grid_dict, write_grid
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import pytest
     import redis
 
 runner = CliRunner()

@@ -17,13 +17,14 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from jobs import keys
-from jobs.errors import StagePreempted
+from jobs.errors import StageLeaseLost, StagePreempted
 from jobs.fairshare import queue_order
 from jobs.queueing import ENTRY_POINT, stage_id_for
 from jobs.recovery import reap_orphans, requeue_orphan
 from worker.gpu import GpuProbe
 
 if TYPE_CHECKING:
+    from redis.typing import EncodableT, FieldT
     from types import TracebackType
 
     import redis
@@ -47,6 +48,7 @@ class StlWorker(Worker):
         self._probe = GpuProbe(gpu_index)
         self._last_reap = 0.0
         self._current_stage = ""
+        self._pending_orphan = ""
         host = socket.gethostname()
         self.host = host
         device = f"gpu{gpu_index}" if gpu_index is not None else "gpu"
@@ -134,12 +136,13 @@ class StlWorker(Worker):
                           exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
                           ) -> None:
         """In the horse: a preempted stage goes back to the head of its queue, not to 'failed'."""
-        if isinstance(exc_info[1], StagePreempted):
+        if isinstance(exc_info[1], StagePreempted | StageLeaseLost):
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
-                job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                queue._enqueue_job(job, pipeline=pipe, at_front=True)  # noqa: SLF001
+                if isinstance(exc_info[1], StagePreempted):
+                    job.set_status(JobStatus.QUEUED, pipeline=pipe)
+                    queue._enqueue_job(job, pipeline=pipe, at_front=True)  # noqa: SLF001
                 pipe.execute()
             return
         super()._finalize_failure(job, queue, execution, exc_info)
@@ -155,9 +158,9 @@ class StlWorker(Worker):
                            execution: Execution | None = None) -> None:
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
                                    execution=execution)
-        pending = getattr(self, "_pending_orphan", None)
+        pending = self._pending_orphan
         if pending and pending == stage_id_for(job.id):
-            self._pending_orphan = None
+            self._pending_orphan = ""
             requeue_orphan(self.connection, self.settings, pending,
                            reason=f"its work horse died ({exc_string.strip()[:120]})")
 
@@ -177,7 +180,8 @@ class StlWorker(Worker):
         self._write_record(None)
 
     def _write_record(self, state: str | None) -> None:
-        record = {"host": self.host, "heartbeat": time.time(), "stage": self._current_stage, **self._probe.read()}
+        record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
+                                          "stage": self._current_stage, **self._probe.read()}
         if state is not None:
             record["state"] = state
         pipe = self.connection.pipeline(transaction=False)
