@@ -26,8 +26,9 @@ from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
 
 if TYPE_CHECKING:
-    from redis.typing import EncodableT, FieldT
     from pathlib import Path
+
+    from redis.typing import EncodableT, FieldT
 
     from jobs.settings import Settings
     from jobs.train import StepReport

@@ -24,10 +24,10 @@ from jobs.recovery import reap_orphans, requeue_orphan
 from worker.gpu import GpuProbe
 
 if TYPE_CHECKING:
-    from redis.typing import EncodableT, FieldT
     from types import TracebackType
 
     import redis
+    from redis.typing import EncodableT, FieldT
     from rq.executions import Execution
     from rq.job import Job
 
@@ -181,7 +181,8 @@ class StlWorker(Worker):
 
     def _write_record(self, state: str | None) -> None:
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
-                                          "stage": self._current_stage, **self._probe.read()}
+                                            "stage": self._current_stage}
+        record.update(self._probe.read())
         if state is not None:
             record["state"] = state
         pipe = self.connection.pipeline(transaction=False)
