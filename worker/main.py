@@ -11,6 +11,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Any
 
+import redis
 from rq import Queue, Worker
 from rq.exceptions import DequeueTimeout
 from rq.job import JobStatus
@@ -26,7 +27,6 @@ from worker.gpu import GpuProbe
 if TYPE_CHECKING:
     from types import TracebackType
 
-    import redis
     from redis.typing import EncodableT, FieldT
     from rq.executions import Execution
     from rq.job import Job
@@ -80,9 +80,14 @@ class StlWorker(Worker):
         self._write_record("idle")
         idle_since = time.monotonic()
         while True:
-            self.heartbeat()
-            self._reap_if_due()
-            self._refresh_queues()
+            try:
+                self.heartbeat()
+                self._reap_if_due()
+                self._refresh_queues()
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self.log.error("Worker %s: Redis is unreachable (%s); retrying in 2 s", self.name, e)
+                time.sleep(2)
+                continue
             if self._stop_requested:
                 return None
             try:
@@ -100,6 +105,10 @@ class StlWorker(Worker):
                     return result
             except DequeueTimeout:
                 pass
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                self.log.error("Worker %s: Redis is unreachable (%s); retrying in 2 s", self.name, e)
+                time.sleep(2)
+                continue
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 
