@@ -83,7 +83,7 @@ def _print_json(obj: object) -> None:
 
 @app.command()
 def enqueue(
-    grid_file: Annotated[Path, typer.Argument(help="The grid YAML file.", show_default=False)],
+    grid_file: Annotated[Path, typer.Argument(help="The grid YAML file.", show_default=False, metavar="GRID.yaml")],
     user: Annotated[str | None, typer.Option(help="Queue as this user (default: STL_USER or your login).")] = None,
     priority: Annotated[str, typer.Option(help="Order within your own queue: high, normal or low.")] = "normal",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded runs; write nothing.")] = False,
@@ -172,7 +172,7 @@ def _live_status(console: object, snapshot: object, interval: float) -> None:
 
 @app.command()
 def results(
-    grids: Annotated[list[str], typer.Argument(help="One or more grid names.", show_default=False)],
+    grids: Annotated[list[str], typer.Argument(help="One or more grid names.", show_default=False, metavar="GRID")],
     by: Annotated[str | None, typer.Option(help="Row axes of the pivot, e.g. model,mtl.")] = None,
     effect: Annotated[str | None, typer.Option(help="Relative gain of B over A on an axis: AXIS=A:B.")] = None,
     rows: Annotated[bool, typer.Option("--rows", help="One row per run and task instead of the pivot.")] = False,
@@ -253,7 +253,7 @@ def _print_rows(grids: list[str], rows: list[dict], *, as_json: bool, as_csv: bo
 
 @app.command()
 def logs(
-    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).", show_default=False)],
+    run: Annotated[str, typer.Argument(help="Run id (or a unique prefix).", show_default=False, metavar="RUN")],
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
 ) -> None:
     """Print a run's log: every stage it needs, from any machine that reaches Redis."""
@@ -278,7 +278,7 @@ def logs(
 
 @app.command()
 def cancel(
-    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False)] = None,
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")] = None,
     grid: Annotated[str | None, typer.Option(help="Cancel every live run of this grid.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Also cancel other users' runs.")] = False,
 ) -> None:
@@ -298,7 +298,7 @@ def cancel(
 
 @app.command()
 def retry(
-    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False)] = None,
+    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")] = None,
     grid: Annotated[str | None, typer.Option(help="Retry runs of this grid (with --failed).")] = None,
     failed: Annotated[bool, typer.Option("--failed", help="With --grid: only failed and canceled runs.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
@@ -337,7 +337,7 @@ def worker(
 
 @app.command("plot")
 def plot_curves(
-    runs: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes).", show_default=False)],
+    runs: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")],
     out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
@@ -361,7 +361,7 @@ def plot_curves(
 
 @data_app.command("demo")
 def data_demo(
-    directory: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.", show_default=False)],
+    directory: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.", show_default=False, metavar="DIR")],
 ) -> None:
     """Write stl's own small synthetic dialogue dataset (InstructDial format), for demos and tests."""
     from jobs.data import write_demo_dataset
