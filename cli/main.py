@@ -196,8 +196,8 @@ def results(
             all_rows += result_rows(conn, grid)
             run_summaries += [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status}
                               for r in list_runs(conn, grid=grid)]
-        if rows or (as_json and not effect and len(grids) == 1 and by is None and plot is None):
-            _print_rows(grids, all_rows, as_json=as_json, as_csv=as_csv)
+        if rows and not as_json:
+            _print_rows(grids, all_rows, as_csv=as_csv)
             return
         by_axes = [a.strip() for a in by.split(",") if a.strip()] if by else None
         pivot = analysis.build_pivot(all_rows, run_summaries, by=by_axes)
@@ -211,7 +211,9 @@ def results(
             written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
             typer.echo(f"stl: wrote {written}", err=True)
         if as_json:
-            payload = {"grids": grids, "pivot": analysis.pivot_to_json(pivot), "rows": all_rows}
+            clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value")} for r in all_rows]
+            payload = {"grid": grids[0] if len(grids) == 1 else grids, "rows": clean,
+                       "pivot": analysis.pivot_to_json(pivot)}
             if report is not None:
                 payload["effect"] = analysis.effect_to_json(report)
             _print_json(payload)
@@ -230,11 +232,8 @@ def results(
                 console.print(analysis.build_effect_table(report))
 
 
-def _print_rows(grids: list[str], rows: list[dict], *, as_json: bool, as_csv: bool) -> None:
-    if as_json:
-        clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value")} for r in rows]
-        _print_json({"grid": grids[0] if len(grids) == 1 else grids, "rows": clean})
-    elif as_csv:
+def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool) -> None:
+    if as_csv:
         import csv
 
         axes = sorted({k for r in rows for k in r["cell"]})
