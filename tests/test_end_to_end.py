@@ -1,0 +1,139 @@
+"""A grid from enqueue to results, through a real `stl worker --burst` and a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from cli.main import app
+from jobs import keys
+from jobs.grid import parse_grid
+from jobs.specs import StageKind
+from tests.helpers import grid_dict, write_grid
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import redis
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def run_worker(timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
+                            text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def cli(*args: str) -> str:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, (args, result.stderr, result.stdout)
+    return result.stdout
+
+
+def test_grid_runs_to_results(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    notified = tmp_path / "notified.json"
+    hook = tmp_path / "hook.py"
+    hook.write_text("import sys, json, pathlib\n"
+                    f"pathlib.Path({str(notified)!r}).write_text(json.dumps({{'argv': sys.argv[1:], "
+                    "'stdin': json.loads(sys.stdin.read())}))\n")
+    monkeypatch.setenv("STL_NOTIFY_CMD", f"{sys.executable} {hook}")
+    path = write_grid(tmp_path, demo_data)
+    expanded = parse_grid(path)
+    assert "queued 4 run(s)" in cli("enqueue", str(path))
+    run_worker()
+
+    status = json.loads(cli("status", "--json"))
+    assert [r["status"] for r in status["runs"]] == ["finished"] * 4
+    assert all(r["progress"] == 1.0 and r["ended_at"] >= r["started_at"] for r in status["runs"])
+
+    # every distinct stage ran exactly once: the shared MTL stage served both of its runs
+    for stage_id, spec in expanded.stages.items():
+        log = (stl_env / "stages" / stage_id / "log.txt").read_text()
+        assert log.count(" started on ") == 1, (spec.kind, log)
+    mtl_ids = [s for s, spec in expanded.stages.items() if spec.kind == StageKind.mtl]
+    assert len(mtl_ids) == 1 and conn.scard(keys.stage_runs(mtl_ids[0])) == 2
+
+    results = json.loads(cli("results", "test-grid", "--json"))
+    assert results["grid"] == "test-grid"
+    rows = results["rows"]
+    assert len(rows) == 4 * 2
+    for row in rows:
+        assert set(row) == {"run", "cell", "task", "task_type", "metric", "value"}
+        assert 0.0 <= row["value"] <= 1.0
+        expected = {"emotion_classification": ("classification", "accuracy"),
+                    "summarization": ("generation", "rougeL")}[row["task"]]
+        assert (row["task_type"], row["metric"]) == expected
+    assert (stl_env / "runs" / rows[0]["run"] / "metrics.json").is_file()
+
+    markdown = cli("results", "test-grid", "--markdown")
+    assert markdown.startswith("| model | mtl | instructions | shots |")
+    effect = cli("results", "test-grid", "--effect", "mtl=none:in-domain")
+    assert "Effect of mtl" in effect
+    png = tmp_path / "pivot.png"
+    cli("results", "test-grid", "--plot", str(png))
+    assert png.stat().st_size > 10_000
+
+    mtl_run = next(r.run_id for r in expanded.runs if r.cell["mtl"] == "in-domain")
+    curves = tmp_path / "curves.png"
+    cli("plot", mtl_run[:8], "--out", str(curves))
+    assert curves.stat().st_size > 10_000
+    log = cli("logs", mtl_run)
+    assert "stage mtl" in log and "finished in" in log
+
+    payload = json.loads(notified.read_text())
+    assert payload["argv"] == ["test-grid"]
+    assert payload["stdin"]["grid"] == "test-grid" and payload["stdin"]["finished"] == 4
+
+    # enqueuing again skips everything; a new grid with the same cells reuses every stage at once
+    assert "queued 0 run(s)" in cli("enqueue", str(path))
+    again = grid_dict(demo_data)
+    again["name"] = "same-cells"
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(again))
+    out = cli("enqueue", str(other))
+    assert "queued 4 run(s)" in out and "0 new stage job(s)" in out
+    reused = json.loads(cli("results", "same-cells", "--json"))["rows"]
+    assert sorted(r["value"] for r in reused) == sorted(r["value"] for r in rows)
+    assert status["workers"] == [] or all(w["state"] for w in status["workers"])
+
+
+def test_running_run_is_canceled_within_seconds(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                demo_data: Path) -> None:
+    grid = grid_dict(demo_data)
+    grid["grid"] = {"model": "tiny:bart", "mtl": "in-domain", "shots": 0, "seed": 0}
+    grid["train"] = {**grid["train"], "max_steps": 100_000, "checkpoint_every": 1000}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    cli("enqueue", str(path))
+    (run,) = parse_grid(path).runs
+    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--burst"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        import time
+
+        deadline = time.monotonic() + 120
+        while conn.hget(keys.stage(run.stages[0]), "status") != b"running" or \
+                int(conn.hget(keys.stage(run.stages[0]), "step") or 0) < 2:
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.2)
+        asked = time.monotonic()
+        cli("cancel", run.run_id)
+        while conn.hget(keys.stage(run.stages[0]), "status") != b"canceled":
+            assert time.monotonic() - asked < 20, "the running stage did not stop"
+            time.sleep(0.2)
+        worker.wait(timeout=60)
+    finally:
+        worker.kill()
+    assert conn.hget(keys.run(run.run_id), "status") == b"canceled"
+    # the eval stage that depended on it never runs
+    assert conn.hget(keys.stage(run.stages[1]), "status") == b"canceled"
