@@ -1,19 +1,32 @@
 """The grid file: parse YAML with line numbers, validate, and expand into runs and stages.
 
-Every problem is reported as `file:line: field: what is wrong`, and nothing is written until the
-whole file is valid.
+Every problem is reported as `file:line: field: what is wrong`, one line each, and nothing is
+written until the whole file is valid. Hostile input (alias bombs, huge or binary files, names
+that would escape a path or a shell) is refused before anything expensive happens.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import re
+import stat
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from jobs.errors import GridError
 from jobs.specs import EvalConfig, RunSpec, StageKind, StageSpec, TrainConfig
@@ -23,9 +36,20 @@ if TYPE_CHECKING:
 
 MAX_GRID_FILE_BYTES = 1_000_000
 MAX_YAML_NODES = 100_000
+# The deepest real path is tasks.<split>.eval.<index>; anything far deeper is a mistake or an attack.
+MAX_YAML_DEPTH = 12
+MAX_REPORTED_PROBLEMS = 50
 DEFAULT_MAX_RUNS = 10_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TASK_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+# Characters YAML refuses (it allows tab, newline, carriage return and printable Unicode).
+YAML_FORBIDDEN_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x84\x86-\x9f\ud800-\udfff\ufffe\uffff]")
+PATTERN_HINTS = {
+    NAME_PATTERN.pattern: "expected a name of 1 to 64 letters, digits, '_', '.' or '-', starting with a letter "
+                          "or digit (no paths, spaces or shell characters)",
+    TASK_PATTERN.pattern: "expected a task name of letters, digits, '_', '.', ':', '+' or '-' "
+                          "(no paths, spaces or shell characters)",
+}
 
 
 class Strict(BaseModel):
@@ -39,6 +63,7 @@ def _as_list(value: Any) -> Any:
 
 Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
 TaskName = Annotated[str, Field(pattern=TASK_PATTERN.pattern)]
+Source = Annotated[str, Field(min_length=1)]
 
 
 class TaskSplit(Strict):
@@ -46,8 +71,26 @@ class TaskSplit(Strict):
     eval: Annotated[list[TaskName], Field(min_length=1)]
 
 
+SINGLE_TAG, SPLITS_TAG = "single-split", "named-splits"
+
+
+def _tasks_form(value: Any) -> str:
+    """`tasks` is either {train, eval} or a map of split names to {train, eval}; pick the one meant,
+    so that a mistake is reported against that form alone instead of against both."""
+    if (isinstance(value, dict) and "train" not in value and "eval" not in value
+            and any(isinstance(v, dict) for v in value.values())):
+        return SPLITS_TAG
+    return SINGLE_TAG
+
+
+Tasks = Annotated[
+    Annotated[TaskSplit, Tag(SINGLE_TAG)] | Annotated[dict[Name, TaskSplit], Tag(SPLITS_TAG)],
+    Discriminator(_tasks_form),
+]
+
+
 class Mixture(Strict):
-    data: str
+    data: Source
     tasks: Annotated[list[TaskName], Field(min_length=1)]
 
 
@@ -62,20 +105,26 @@ class Axes(Strict):
     @field_validator("model", "mtl", "instructions", "shots", "seed", "split", mode="before")
     @classmethod
     def _single_value(cls, value: Any) -> Any:
-        return None if value is None else _as_list(value)
+        # A mapping or set is not a single value: let it fail as "expected a list", not as an item.
+        return value if value is None or isinstance(value, (dict, set)) else _as_list(value)
 
     @field_validator("model", "mtl", "instructions", "shots", "seed", "split")
     @classmethod
     def _no_duplicates(cls, value: list[Any] | None) -> list[Any] | None:
-        if value is not None and len({repr(v) for v in value}) != len(value):
-            raise ValueError("values must not repeat")
+        if value is None:
+            return value
+        seen: set[str] = set()
+        for item in value:
+            if repr(item) in seen:
+                raise ValueError(f"values must not repeat; {_show(item)} is given more than once")
+            seen.add(repr(item))
         return value
 
 
 class GridFile(Strict):
     name: Name
-    data: str
-    tasks: TaskSplit | dict[Name, TaskSplit]
+    data: Source
+    tasks: Tasks
     grid: Axes
     mixtures: dict[Name, Mixture] = Field(default_factory=dict)
     train: TrainConfig = TrainConfig()
@@ -84,15 +133,18 @@ class GridFile(Strict):
     stage_timeout: Annotated[int, Field(gt=0, le=30 * 86400)] = 86400
 
     @model_validator(mode="after")
-    def _split_axis_matches_tasks(self) -> GridFile:
-        if isinstance(self.tasks, dict):
-            if not self.tasks:
-                raise ValueError("tasks: give train and eval lists, or a map of split name to them")
-            if self.grid.split is None:
-                object.__setattr__(self.grid, "split", list(self.tasks))
-        elif self.grid.split is not None:
-            raise ValueError("grid.split needs tasks to map split names to {train, eval}")
+    def _split_axis_defaults_to_every_split(self) -> GridFile:
+        # A split axis without a split map is reported by parse_grid, where it has a line number.
+        if isinstance(self.tasks, dict) and self.grid.split is None:
+            object.__setattr__(self.grid, "split", list(self.tasks))
         return self
+
+
+# Which model describes the keys of each section, to suggest the key that was meant.
+SECTION_MODELS: dict[tuple[str, ...], type[BaseModel]] = {
+    (): GridFile, ("grid",): Axes, ("train",): TrainConfig, ("finetune",): TrainConfig,
+    ("eval",): EvalConfig, ("tasks",): TaskSplit, ("tasks", "*"): TaskSplit, ("mixtures", "*"): Mixture,
+}
 
 
 @dataclass(frozen=True)
@@ -103,11 +155,34 @@ class ExpandedGrid:
     stages: dict[str, StageSpec]
 
 
+def _refuse(problems: list[str], not_formatted: int = 0) -> GridError:
+    """One line per problem, however odd the input; a flood is cut short so the first ones stay readable."""
+    lines = [YAML_FORBIDDEN_CHARS.sub("?", " ".join(p.split())) for p in problems[:MAX_REPORTED_PROBLEMS]]
+    hidden = len(problems) + not_formatted - len(lines)
+    if hidden > 0:
+        where_and_line = lines[-1].split(": ", 1)[0]
+        lines.append(f"{where_and_line}: grid: {hidden:,} more problems not shown; fix the ones above first")
+    return GridError(lines)
+
+
 # --- YAML with positions -------------------------------------------------------------------
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """Safe loader that also accepts 5e-5 as a float (YAML 1.1 wants 5.0e-5)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's constructors raise plain Python errors for values such as 2024-13-45 or
+        # `!!int abc`; give them the node's position like any other YAML error.
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as e:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            shown = node.value[:40] if isinstance(node.value, str) else "this value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown!r} as a YAML {kind}", node.start_mark) from e
 
 
 _Loader.add_implicit_resolver(
@@ -116,56 +191,182 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
+Loc = tuple[str | int, ...]
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _key_path(loc: tuple[Any, ...]) -> tuple[str, ...]:
+    # YAML keys are recorded as written; pydantic may hand back an int key or a list index.
+    return tuple(str(part) for part in loc)
+
 
 @dataclass
 class _Positions:
-    lines: dict[tuple[str | int, ...], int]
+    lines: dict[tuple[str, ...], int]
 
-    def line_of(self, loc: tuple[str | int, ...]) -> int:
-        while loc:
-            if loc in self.lines:
-                return self.lines[loc]
-            loc = loc[:-1]
+    def line_of(self, loc: tuple[Any, ...]) -> int:
+        path = _key_path(loc)
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
         return self.lines.get((), 1)
 
 
-def _walk_nodes(node: yaml.Node, loc: tuple[str | int, ...], out: dict[tuple[str | int, ...], int],
-                problems: list[str], where: str, budget: list[int]) -> None:
-    budget[0] -= 1
-    if budget[0] < 0:
-        return
-    out.setdefault(loc, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
+@dataclass
+class _Walk:
+    """State of one pass over the composed YAML graph (aliases still shared, so this is cheap)."""
+
+    where: str
+    lines: dict[tuple[str, ...], int]
+    problems: list[str]
+    nodes_left: int = MAX_YAML_NODES
+
+    def visit(self, node: yaml.Node, loc: tuple[str, ...], ancestors: set[int]) -> None:
+        self.nodes_left -= 1
+        if self.nodes_left < 0:
+            return
+        line = node.start_mark.line + 1
+        self.lines.setdefault(loc, line)
+        if not isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            return
+        field = _field_name(loc) or "yaml"
+        if id(node) in ancestors:
+            self.problems.append(f"{self.where}:{line}: {field}: recursive alias (a list or mapping that "
+                                 "contains itself); write the values out")
+            self.nodes_left = min(self.nodes_left, 0)  # the graph is infinite: nothing further is meaningful
+            return
+        if len(loc) >= MAX_YAML_DEPTH:
+            self.problems.append(f"{self.where}:{line}: {field}: nested too deeply (more than "
+                                 f"{MAX_YAML_DEPTH} levels); a grid needs at most 4")
+            return
+        ancestors.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            self._visit_mapping(node, loc, ancestors)
+        else:
+            for index, item in enumerate(node.value):
+                if not node.start_mark.index <= item.start_mark.index <= node.end_mark.index:
+                    # An alias to a node defined elsewhere: point at the list that uses it.
+                    self.lines.setdefault((*loc, str(index)), line)
+                self.visit(item, (*loc, str(index)), ancestors)
+        ancestors.discard(id(node))
+
+    def _visit_merge(self, node: yaml.Node, loc: tuple[str, ...], line: int, ancestors: set[int]) -> None:
+        # Checked here, where the `<<` line is known; the constructor would blame the merged value.
+        merged = node.value if isinstance(node, yaml.SequenceNode) else [node]
+        if not all(isinstance(item, yaml.MappingNode) for item in merged):
+            self.problems.append(f"{self.where}:{line}: {_field_name(loc) or 'yaml'}: '<<' merges a mapping "
+                                 "(or a list of mappings) into this one; point it at a mapping")
+            return
+        for item in merged:
+            self.visit(item, loc, ancestors)
+
+    def _visit_mapping(self, node: yaml.MappingNode, loc: tuple[str, ...], ancestors: set[int]) -> None:
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.problems.append(f"{self.where}:{line}: {_field_name(loc) or 'yaml'}: a key must be a "
+                                     "plain name, not a list or mapping")
+                continue
+            key = key_node.value
+            if key == "<<" and key_node.tag == MERGE_TAG:
+                self._visit_merge(value_node, loc, line, ancestors)
+                continue
             if key in seen:
-                dotted = ".".join(str(p) for p in (*loc, key))
-                problems.append(f"{where}:{line}: {dotted}: duplicate key (first at line {seen[key]})")
+                self.problems.append(f"{self.where}:{line}: {_field_name((*loc, key))}: duplicate key "
+                                     f"(first at line {seen[key]}); keep one")
             seen[key] = line
-            out[(*loc, key)] = line
-            _walk_nodes(value_node, (*loc, key), out, problems, where, budget)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _walk_nodes(item, (*loc, index), out, problems, where, budget)
+            self.lines[(*loc, key)] = line
+            self.visit(value_node, (*loc, key), ancestors)
+
+
+def _open_grid_file(path: Path, where: str) -> bytes:
+    try:
+        info = path.stat()
+    except FileNotFoundError as e:
+        raise GridError([f"{where}:1: file: no such grid file; check the path"]) from e
+    except OSError as e:
+        raise GridError([f"{where}:1: file: cannot read grid file: {e.strerror or e}"]) from e
+    if stat.S_ISDIR(info.st_mode):
+        raise GridError([f"{where}:1: file: is a directory; give the grid's YAML file"])
+    if not stat.S_ISREG(info.st_mode):  # a FIFO or a device could block or never end
+        raise GridError([f"{where}:1: file: not a regular file; give the grid's YAML file"])
+    if info.st_size > MAX_GRID_FILE_BYTES:
+        raise GridError([f"{where}:1: file: grid file is {info.st_size:,} bytes; the limit is "
+                         f"{MAX_GRID_FILE_BYTES:,}. A grid lists axes, not data: point `data` at the dataset"])
+    try:
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_GRID_FILE_BYTES + 1)  # the file may have grown since stat()
+    except OSError as e:
+        raise GridError([f"{where}:1: file: cannot read grid file: {e.strerror or e}"]) from e
+    if len(raw) > MAX_GRID_FILE_BYTES:
+        raise GridError([f"{where}:1: file: grid file is over {MAX_GRID_FILE_BYTES:,} bytes; "
+                         "a grid lists axes, not data"])
+    return raw
 
 
 def _read_text(path: Path, where: str) -> str:
+    raw = _open_grid_file(path, where)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise GridError([f"{where}:1: file: the file is UTF-16 (or UTF-32); save it as UTF-8"])
+    if b"\0" in raw:
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise GridError([f"{where}:{line}: file: contains NUL bytes, so this looks like a binary file, "
+                         "not a YAML grid"])
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise GridError([f"{where}:1: file: cannot read grid file: {e.strerror or e}"]) from e
-    if size > MAX_GRID_FILE_BYTES:
-        raise GridError([f"{where}:1: file: grid file is {size:,} bytes; the limit is "
-                         f"{MAX_GRID_FILE_BYTES:,}. A grid lists axes, not data"])
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise GridError([f"{where}:{line}: file: not valid UTF-8 (byte 0x{raw[e.start]:02x}); "
                          "save the file as UTF-8"]) from e
+    bad = YAML_FORBIDDEN_CHARS.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise GridError([f"{where}:{line}: file: control character U+{ord(bad.group()):04X} is not allowed in "
+                         "YAML; delete it"])
+    return text
+
+
+def _yaml_hint(error: yaml.MarkedYAMLError, text: str) -> str:
+    """What to do about a YAML error, in the words of someone editing the file."""
+    said = f"{error.context or ''} {error.problem or ''}"
+    mark = error.problem_mark
+    if mark is not None and 0 <= mark.index < len(text) and text[mark.index] == "\t":
+        return "a tab character; YAML indents with spaces only"
+    hints = [
+        ("quoted scalar", "close the quote"),
+        ("flow sequence", "close the [ with ], or quote a value that contains ',' or ']'"),
+        ("flow mapping", "close the { with }, or quote a value that contains ',' or '}'"),
+        ("mapping values are not allowed", "a second ': ' on this line; quote the value, or fix the indentation"),
+        ("undefined alias", "define the &anchor before its *alias, or write the values out"),
+        ("duplicate anchor", "give each &anchor its own name"),
+        ("single document", "one grid per file: remove the '---' and what follows, or split the file"),
+        ("constructor for the tag", "grids are plain YAML: remove the !tag"),
+        ("unhashable key", "a key must be a plain name"),
+        ("merging", "'<<' merges a mapping (or a list of mappings) into this one"),
+        ("nesting depth", "a grid needs at most 4 levels of nesting"),
+        ("cannot read", "quote it if it is meant as text"),
+        ("block", "check the indentation: keys of one mapping start in the same column"),
+    ]
+    for words, hint in hints:
+        if words in said:
+            return hint
+    return "check the YAML syntax on this line"
+
+
+def _yaml_problem(error: yaml.YAMLError, where: str, text: str) -> str:
+    if not isinstance(error, yaml.MarkedYAMLError):
+        return f"{where}:1: yaml: {' '.join(str(error).split())}"
+    problem_mark, context_mark = error.problem_mark, error.context_mark
+    # An error found only at the end of the file (an unclosed quote) is about where it started.
+    at_end = problem_mark is not None and problem_mark.index >= len(text.rstrip())
+    mark = context_mark if (at_end and context_mark is not None) else (problem_mark or context_mark)
+    line = mark.line + 1 if mark is not None else 1
+    what = error.problem or error.context or "invalid YAML"
+    if error.context and error.problem and context_mark is not None and context_mark.line + 1 != line:
+        what = f"{error.problem} ({error.context} from line {context_mark.line + 1})"
+    return f"{where}:{line}: yaml: {what}; {_yaml_hint(error, text)}"
 
 
 def load_yaml(path: Path) -> tuple[Any, _Positions]:
@@ -173,38 +374,55 @@ def load_yaml(path: Path) -> tuple[Any, _Positions]:
     text = _read_text(path, where)
     try:
         root = yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        raise GridError([f"{where}:{line}: yaml: {e.problem or e.context}"]) from e
     except yaml.YAMLError as e:
-        raise GridError([f"{where}:1: yaml: {e}"]) from e
+        raise GridError([_yaml_problem(e, where, text)]) from e
     if root is None:
-        raise GridError([f"{where}:1: file: the grid file is empty"])
-    lines: dict[tuple[str | int, ...], int] = {}
-    problems: list[str] = []
-    budget = [MAX_YAML_NODES]
-    _walk_nodes(root, (), lines, problems, where, budget)
-    if budget[0] < 0:
-        raise GridError([f"{where}:1: yaml: more than {MAX_YAML_NODES:,} nodes once aliases are expanded "
-                         "(an alias bomb?); write the grid out plainly"])
-    if problems:
-        raise GridError(problems)
+        raise GridError([f"{where}:1: file: the grid file is empty; see grids/example.yaml for one"])
+    walk = _Walk(where=where, lines={}, problems=[])
+    walk.visit(root, (), set())
+    if walk.nodes_left < 0 and not walk.problems:
+        raise GridError([f"{where}:{root.start_mark.line + 1}: yaml: more than {MAX_YAML_NODES:,} values once "
+                         "aliases are expanded (an alias bomb?); a grid needs far fewer: write it out plainly"])
+    if walk.problems:
+        raise _refuse(walk.problems)
     try:
         data = _Loader(text).construct_document(root)
     except yaml.YAMLError as e:
-        raise GridError([f"{where}:1: yaml: {e}"]) from e
-    return data, _Positions(lines)
+        raise GridError([_yaml_problem(e, where, text)]) from e
+    return data, _Positions(walk.lines)
 
 
-def _describe(error: dict[str, Any]) -> str:
+# --- schema errors as file:line: field: message ----------------------------------------------
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # The field goes between colons on a line of its own: keep it one word, whatever a key holds.
+    return ".".join(re.sub(r"[^A-Za-z0-9_.+\-\[\]*]", "?", str(part)) for part in loc)
+
+
+def _known_keys(section: tuple[Any, ...]) -> list[str]:
+    parts = tuple(str(p) for p in section)
+    model = SECTION_MODELS.get(parts)
+    if model is None and len(parts) == 2:  # a named mixture or split
+        model = SECTION_MODELS.get((parts[0], "*"))
+    return list(model.model_fields) if model else []
+
+
+def _describe(error: dict[str, Any], loc: tuple[Any, ...]) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
+    value = error.get("input")
     if kind == "extra_forbidden":
-        return "unknown key"
+        known = _known_keys(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        if close:
+            return f"unknown key; did you mean {close[0]}?"
+        return f"unknown key; known keys here: {', '.join(known)}" if known else "unknown key"
     if kind == "missing":
         return "required key is missing"
-    if kind in {"int_type", "int_parsing"}:
+    if kind == "invalid_key":
+        return f"keys must be names, got {_show(value)}; quote it if it is meant as one"
+    if kind in {"int_type", "int_parsing", "int_from_float"}:
         text = "expected an integer"
     elif kind == "bool_type":
         text = "expected true or false"
@@ -225,47 +443,74 @@ def _describe(error: dict[str, Any]) -> str:
     elif kind == "less_than":
         text = f"expected a value < {ctx.get('lt')}"
     elif kind == "string_pattern_mismatch":
-        text = "expected letters, digits, '_', '.' or '-' only (no paths, spaces or shell characters)"
-    elif kind == "too_short":
-        text = "must not be empty"
+        text = PATTERN_HINTS.get(str(ctx.get("pattern")), f"expected text matching {ctx.get('pattern')}")
+    elif kind in {"too_short", "string_too_short"}:
+        return "must not be empty; give at least one value"
     elif kind == "string_too_long":
-        text = "is too long"
+        text = f"is too long (at most {ctx.get('max_length')} characters)"
     else:
         text = str(error["msg"]).removeprefix("Value error, ")
-    return f"{text}, got {_show(error.get('input'))}"
+        if isinstance(value, (list, dict)):  # the message of a whole-list check says what is wrong
+            return text
+    return f"{text}, got {_show(value)}{_yaml_typing_hint(kind, value)}"
+
+
+def _yaml_typing_hint(kind: str, value: Any) -> str:
+    """YAML turns some unquoted words into booleans and dates; say so when a string was wanted."""
+    if kind not in {"string_type", "string_pattern_mismatch"}:
+        return ""
+    if isinstance(value, bool):
+        return " (YAML reads yes/no/on/off/true/false as a boolean; quote it)"
+    if isinstance(value, (datetime.date, int, float)):
+        return " (YAML reads it as a number or a date; quote it)"
+    return ""
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "null (an empty value)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         shown = value if len(value) <= 40 else value[:37] + "..."
         return '"' + shown.replace('"', '\\"') + '"'
-    if isinstance(value, (dict, list)):
-        return type(value).__name__
-    return repr(value)
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
 
 
-def _loc_for_report(loc: tuple[Any, ...]) -> tuple[str | int, ...]:
-    """Drop pydantic's union-branch names (e.g. 'TaskSplit', 'dict[...]') from a location."""
-    keep: list[str | int] = []
-    for part in loc:
-        if isinstance(part, str) and (part[:1].isupper() or "[" in part or part.startswith("function-")):
-            continue
-        keep.append(part)
-    return tuple(keep)
+def _loc_for_report(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop pydantic's inner names (the tasks union's tag, validator names) from a location."""
+    keep = list(loc)
+    if len(keep) >= 2 and keep[0] == "tasks" and keep[1] in (SINGLE_TAG, SPLITS_TAG):
+        del keep[1]
+    return tuple(p for p in keep if not (isinstance(p, str) and p.startswith("function-")))
 
 
-def _format_errors(error: ValidationError, where: str, positions: _Positions) -> list[str]:
+def _format_errors(error: ValidationError, where: str, positions: _Positions) -> GridError:
     problems: list[str] = []
     seen: set[str] = set()
-    for item in error.errors():
+    items = error.errors(include_url=False)
+    # Only the lines that will be shown are worth formatting: a 1 MB file can hold 100,000 mistakes.
+    shown = items[: MAX_REPORTED_PROBLEMS + 1]
+    for item in shown:
         loc = _loc_for_report(tuple(item["loc"]))
-        field = ".".join(str(p) for p in loc) or "grid"
-        line = positions.line_of(loc)
-        message = f"{where}:{line}: {field}: {_describe(dict(item))}"
+        if loc and loc[-1] == "[key]":  # a bad name used as a key: report it at that key
+            line = positions.line_of(loc[:-1])
+            field = _field_name(loc[:-2]) or "grid"
+        else:
+            line = positions.line_of(loc)
+            field = _field_name(loc) or "grid"
+        message = f"{where}:{line}: {field}: {_describe(dict(item), loc)}"
         if message not in seen:
             seen.add(message)
             problems.append(message)
-    return problems
+    return _refuse(problems, not_formatted=len(items) - len(shown))
 
 
 # --- semantic checks and expansion ----------------------------------------------------------
@@ -287,51 +532,62 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     where = str(path)
     data, positions = load_yaml(path)
     if not isinstance(data, dict):
-        raise GridError([f"{where}:1: grid: expected a mapping with name, data, tasks and grid keys"])
+        raise GridError([f"{where}:{positions.line_of(())}: grid: expected a mapping with name, data, tasks "
+                         f"and grid keys, got {_show(data)}; see grids/example.yaml"])
     try:
-        grid = GridFile.model_validate(data)
+        grid = GridFile.model_validate(data, strict=True)  # strict all the way down: "yes" is not true
     except ValidationError as e:
-        raise GridError(_format_errors(e, where, positions)) from e
+        raise _format_errors(e, where, positions) from e
 
     base = path.resolve().parent
     problems: list[str] = []
 
-    def report(loc: tuple[str | int, ...], message: str) -> None:
-        field = ".".join(str(p) for p in loc)
-        problems.append(f"{where}:{positions.line_of(loc)}: {field}: {message}")
+    def report(loc: Loc, message: str) -> None:
+        problems.append(f"{where}:{positions.line_of(loc)}: {_field_name(loc)}: {message}")
 
-    sources: dict[str, tuple[str | int, ...]] = {_resolve_source(grid.data, base): ("data",)}
+    sources: dict[str, Loc] = {_resolve_source(grid.data, base): ("data",)}
     for name, mixture in grid.mixtures.items():
         sources.setdefault(_resolve_source(mixture.data, base), ("mixtures", name, "data"))
     catalogs: dict[str, dict[str, Any]] = {}
     for source, loc in sources.items():
-        if not source.startswith("hf:") and not Path(source).is_file():
-            report(loc, f"data file not found: {source}")
+        if source.startswith("hf:"):
+            catalogs[source] = {}
+            continue
+        if Path(source).is_dir():
+            report(loc, f"{source} is a directory; point it at the JSONL data file")
+            continue
+        if not Path(source).exists():
+            report(loc, f"data file not found: {source}; paths are relative to the grid file")
+            continue
+        if not Path(source).is_file():
+            report(loc, f"{source} is not a regular file; point it at the JSONL data file")
             continue
         try:
             catalogs[source] = task_catalog(source)
         except Exception as e:  # noqa: BLE001 - any unreadable data file is a grid problem
             report(loc, f"cannot read data file: {e}")
 
-    def check_tasks(source: str, tasks: list[str], loc: tuple[str | int, ...]) -> None:
+    def check_tasks(source: str, tasks: list[str], loc: Loc) -> None:
         catalog = catalogs.get(source)
         if not catalog:  # unreadable (already reported) or hf: (validated when it runs)
             return
         for index, task in enumerate(tasks):
             if task not in catalog:
-                close = sorted(t for t in catalog if t.split("_")[0] == task.split("_")[0])[:3]
+                close = difflib.get_close_matches(task, list(catalog), n=3) or sorted(
+                    t for t in catalog if t.split("_")[0] == task.split("_")[0])[:3]
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(catalog)} tasks"
                 report((*loc, index), f'unknown task "{task}" in {Path(source).name}{hint}')
 
     main_source = _resolve_source(grid.data, base)
     splits = grid.tasks if isinstance(grid.tasks, dict) else {"": grid.tasks}
     for split_name, split in splits.items():
-        prefix: tuple[str | int, ...] = ("tasks", split_name) if split_name else ("tasks",)
+        prefix: Loc = ("tasks", split_name) if split_name else ("tasks",)
         check_tasks(main_source, split.train, (*prefix, "train"))
         check_tasks(main_source, split.eval, (*prefix, "eval"))
         overlap = sorted(set(split.train) & set(split.eval))
         if overlap:
-            report((*prefix, "eval"), f"held-out tasks also appear in train: {', '.join(overlap)}")
+            report((*prefix, "eval"), f"held-out tasks also appear in train: {', '.join(overlap)}; "
+                   "a target task must not be a source")
     for name, mixture in grid.mixtures.items():
         check_tasks(_resolve_source(mixture.data, base), mixture.tasks, ("mixtures", name, "tasks"))
     for index, model in enumerate(grid.grid.model):
@@ -341,10 +597,14 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     for index, mtl in enumerate(grid.grid.mtl):
         if mtl not in ("none", "in-domain") and mtl not in grid.mixtures:
             known = ", ".join(["none", "in-domain", *grid.mixtures])
-            report(("grid", "mtl", index), f'unknown mixture "{mtl}"; use one of: {known}')
+            report(("grid", "mtl", index), f'unknown mixture "{mtl}"; use one of: {known}, '
+                   "or define it under mixtures:")
         if mtl == "in-domain" and any(not s.train for s in splits.values()):
             report(("grid", "mtl", index), "in-domain MTL needs tasks.train to list source tasks")
-    if grid.grid.split is not None and isinstance(grid.tasks, dict):
+    if grid.grid.split is not None and not isinstance(grid.tasks, dict):
+        report(("grid", "split"), "a split axis needs tasks to map split names to {train, eval}; "
+               "remove grid.split or name the splits under tasks:")
+    elif grid.grid.split is not None and isinstance(grid.tasks, dict):
         for index, split_name in enumerate(grid.grid.split):
             if split_name not in grid.tasks:
                 report(("grid", "split", index), f'unknown split "{split_name}"; tasks defines '
@@ -354,18 +614,19 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     total = (len(axes.model) * len(axes.mtl) * len(axes.instructions) * len(axes.shots)
              * len(axes.seed) * len(axes.split or [None]))
     if total > max_runs:
-        report(("grid",), f"expands to {total:,} runs, over the limit of {max_runs:,}; "
-               "split the grid or pass --max-runs")
+        report(("grid",), f"expands to {total:,} runs, over the limit of {max_runs:,}; split it into smaller "
+               f"grids, or pass --max-runs {total} if you really mean to queue them all")
     if problems:
-        raise GridError(problems)
+        raise _refuse(problems)
     runs, stages = _expand(grid, base)
     return ExpandedGrid(grid=grid, path=path, runs=runs, stages=stages)
 
 
 def _cells(grid: GridFile) -> Iterator[dict[str, Any]]:
     axes = grid.grid
+    splits: list[str | None] = list(axes.split) if axes.split else [None]
     for split, model, mtl, instructions, shots, seed in product(
-        axes.split or [None], axes.model, axes.mtl, axes.instructions, axes.shots, axes.seed
+        splits, axes.model, axes.mtl, axes.instructions, axes.shots, axes.seed
     ):
         cell: dict[str, Any] = {"model": model, "mtl": mtl, "instructions": instructions,
                                 "shots": shots, "seed": seed}
