@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from jobs.errors import GridError, StlError, UsageError
+from jobs.settings import DEFAULT_MAX_RUNS
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -87,7 +88,7 @@ def enqueue(
     user: Annotated[str | None, typer.Option(help="Queue as this user (default: STL_USER or your login).")] = None,
     priority: Annotated[str, typer.Option(help="Order within your own queue: high, normal or low.")] = "normal",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded runs; write nothing.")] = False,
-    max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = 10_000,
+    max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = DEFAULT_MAX_RUNS,
 ) -> None:
     """Validate a grid file, expand it into runs and queue them, all or nothing.
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlparse
 
 import redis
@@ -18,7 +19,11 @@ from redis.retry import Retry
 from jobs.errors import RedisUnavailable
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from jobs.settings import Settings
+
+T = TypeVar("T")
 
 EMBEDDED_HOST = "127.0.0.1"
 EMBEDDED_PORT = 6379
@@ -44,13 +49,48 @@ def _describe_url(url: str) -> str:
     return f"{parsed.scheme}://{host}:{parsed.port or 6379}{parsed.path or ''}"
 
 
+class _Outage:
+    """Whether this process is riding out a Redis outage: said once when it starts and once when it ends."""
+
+    since: float | None = None
+
+
+def _say(message: str) -> None:
+    with contextlib.suppress(OSError):
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} stl: {message}\n")
+        sys.stderr.flush()
+
+
+class PatientRetry(Retry):
+    """Retries a command through a Redis restart, and says so on stderr instead of staying silent."""
+
+    def call_with_retry(self, do: Callable[[], T], fail: Callable[..., Any], *args: Any, **kwargs: Any) -> T:
+        def failed(error: Exception, *rest: Any) -> Any:
+            if _Outage.since is None:
+                _Outage.since = time.monotonic()
+                _say(f"Redis is unreachable ({error}); retrying for up to {PATIENT_WINDOW_S:.0f} s")
+            return fail(error, *rest)
+
+        result = super().call_with_retry(do, failed, *args, **kwargs)
+        if _Outage.since is not None:
+            _say(f"Redis is reachable again after {time.monotonic() - _Outage.since:.1f} s")
+            _Outage.since = None
+        return result
+
+
 # A worker rides out a Redis restart: each command retries with backoff for about a minute.
-PATIENT_RETRY = Retry(ExponentialBackoff(cap=2.0, base=0.1), retries=40)
+PATIENT_RETRIES = 40
+PATIENT_BACKOFF = ExponentialBackoff(cap=2.0, base=0.1)
+PATIENT_WINDOW_S = sum(PATIENT_BACKOFF.compute(n) for n in range(1, PATIENT_RETRIES + 1))
+PATIENT_RETRY = PatientRetry(PATIENT_BACKOFF, retries=PATIENT_RETRIES)
+# Commands of the CLI give up within about a second, so `stl status` can say Redis is away.
+BRIEF_RETRY = Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2)
 
 
 def _ping(url: str, timeout: float = 1.0, *, patient: bool = False) -> redis.Redis:
     conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
-                                health_check_interval=30)
+                                health_check_interval=30, retry=BRIEF_RETRY,
+                                retry_on_error=[redis.ConnectionError, redis.TimeoutError])
     conn.ping()
     if patient:
         conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,

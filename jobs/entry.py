@@ -31,20 +31,35 @@ if TYPE_CHECKING:
     from redis.typing import EncodableT, FieldT
 
     from jobs.settings import Settings
-    from jobs.train import StepReport
+    from jobs.train import StepReport, TrainOutcome
 
 HEARTBEAT_EVERY_S = 3.0
 LEASE_TTL_S = 30
 PROGRESS_EVERY_S = 2.0
 FLAGS_EVERY_S = 1.0
 LOG_LINES_KEPT = 5000
-# Renew the lease only while we still hold it (after a Redis restart it may have expired).
+# Taking the lease and joining the running set is one step: a horse killed in between would leave a
+# stage that no reaper looks at.
+_ACQUIRE_LEASE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
+  redis.call('SADD', KEYS[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+# Renew the lease only while we still hold it (after a Redis restart it may have expired, and a reaper
+# may have taken the stage out of the running set: both are put back).
 _RENEW_LEASE = """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-if not holder then return redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2], 'NX') and 1 or 0 end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[3])
+  return 1
+end
 return 0
 """
+FAILURE_MESSAGE_MAX = 500
 STEPS_KEPT = 20_000
 
 
@@ -62,13 +77,15 @@ class StageLease:
         self.lost = False
 
     def acquire(self) -> bool:
-        return bool(self.conn.set(self.key, self.holder, nx=True, ex=LEASE_TTL_S))
+        return bool(self.conn.eval(_ACQUIRE_LEASE, 2, self.key, keys.RUNNING_STAGES, self.holder, LEASE_TTL_S,
+                                   self.stage_id))
 
     def start_heartbeat(self) -> None:
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_EVERY_S):
                 try:
-                    if not self.conn.eval(_RENEW_LEASE, 1, self.key, self.holder, LEASE_TTL_S):
+                    if not self.conn.eval(_RENEW_LEASE, 2, self.key, keys.RUNNING_STAGES, self.holder,
+                                          LEASE_TTL_S, self.stage_id):
                         # Someone else holds the stage now: stop without touching its records.
                         self.lost = True
                         return
@@ -103,8 +120,11 @@ class StageReporter:
 
     def log(self, line: str) -> None:
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
-        with self.log_file.open("a") as f:
-            f.write(stamped + "\n")
+        try:
+            with self.log_file.open("a") as f:
+                f.write(stamped + "\n")
+        except OSError:
+            pass  # a full disk or a missing folder: Redis keeps the line
         try:
             pipe = self.conn.pipeline(transaction=False)
             pipe.rpush(keys.stage_log(self.stage_id), stamped)
@@ -118,7 +138,7 @@ class StageReporter:
         last = report.step >= report.total
         step_record = json.dumps({"step": report.step, "loss": report.loss, "lr": report.learning_rate,
                                   "samples_per_s": report.samples_per_s, "t": time.time()})
-        with (self.log_file.parent / "steps.jsonl").open("a") as f:
+        with contextlib.suppress(OSError), (self.log_file.parent / "steps.jsonl").open("a") as f:
             f.write(step_record + "\n")
         try:
             pipe = self.conn.pipeline(transaction=False)
@@ -208,48 +228,51 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         if status in (RunStatus.failed.value, RunStatus.canceled.value):
             raise StageCanceled(f"stage {stage_id} {status} in another work horse")
     workdir = settings.stages_dir / stage_id
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "spec.json").write_text(spec.model_dump_json(indent=2))
     reporter = StageReporter(conn, stage_id, workdir, lease)
     started = time.time()
     user = text(conn.hget(stage_key, "user")) or "unknown"
-    live = _live_runs(conn, stage_id)
-    pipe = conn.pipeline(transaction=False)
-    pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
-                                  "heartbeat": started, "worker": holder, "error": "", "preempt": ""})
-    pipe.sadd(keys.RUNNING_STAGES, stage_id)
-    for run_id in live:
-        pipe.hset(keys.run(run_id), "status", RunStatus.running.value)
-        pipe.hsetnx(keys.run(run_id), "started_at", started)
-        pipe.hset(keys.run(run_id), "current_stage", stage_id)
-    pipe.execute()
-    for run_id in live:  # hsetnx above cannot overwrite an empty string
-        if not text(conn.hget(keys.run(run_id), "started_at")):
-            conn.hset(keys.run(run_id), "started_at", started)
-    _write_run_dirs(settings, conn, live, stage_id, spec)
-    lease.start_heartbeat()
-
     faults = parse_faults(settings.fault_inject)
-    device = pick_device()
-    reporter.log(f"stage {spec.kind.value} {stage_id} started on {holder} ({device}); "
-                 f"model {spec.model}, tasks {', '.join(spec.tasks)}")
-    parent_dir = settings.stages_dir / spec.parent if spec.parent else None
-    ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
-                       should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
+    # From here on the lease is held: every way out must release it and record what happened.
     try:
         faults.before_stage(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        live = _live_runs(conn, stage_id)
+        pipe = conn.pipeline(transaction=False)
+        # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
+        pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
+                                      "heartbeat": started, "worker": holder, "error": ""})
+        pipe.sadd(keys.RUNNING_STAGES, stage_id)
+        for run_id in live:
+            pipe.hset(keys.run(run_id), "status", RunStatus.running.value)
+            pipe.hsetnx(keys.run(run_id), "started_at", started)
+            pipe.hset(keys.run(run_id), "current_stage", stage_id)
+        pipe.execute()
+        for run_id in live:  # hsetnx above cannot overwrite an empty string
+            if not text(conn.hget(keys.run(run_id), "started_at")):
+                conn.hset(keys.run(run_id), "started_at", started)
+        _write_run_dirs(settings, conn, live, stage_id, spec)
+        lease.start_heartbeat()
+
+        device = pick_device()
+        reporter.log(f"stage {spec.kind.value} {stage_id} started on {holder} ({device}); "
+                     f"model {spec.model}, tasks {', '.join(spec.tasks)}")
+        parent_dir = settings.stages_dir / spec.parent if spec.parent else None
+        ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
+                           should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
         outcome = execute_stage(spec, ctx)
     except StagePreempted:
         reporter.log("preempted: checkpoint saved; back to the head of the queue")
         conn.hset(stage_key, mapping={"status": RunStatus.queued.value, "preempt": "", "worker": ""})
         conn.srem(keys.RUNNING_STAGES, stage_id)
         for run_id in _live_runs(conn, stage_id):
-            conn.hset(keys.run(run_id), "status", RunStatus.queued.value)
+            conn.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
         lease.release()
         raise
     except StageCanceled as e:
         if lease.lost:
             reporter.log("another work horse took this stage over; stopping this copy")
+            lease.release()
             raise StageLeaseLost(f"stage {stage_id} is being run elsewhere") from e
         reporter.log(f"canceled: {e}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.canceled, error=str(e) or "canceled",
@@ -264,11 +287,25 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         lease.release()
         raise
     result = outcome.to_dict()
+    if outcome.train is not None and outcome.train.oom_retries:
+        _record_oom_retries(conn, reporter, stage_id, outcome.train)
     reporter.log(f"finished in {time.time() - started:.1f} s")
     finish_stage(conn, settings, stage_id, spec, status=RunStatus.finished, error="", started=started,
                   user=user, result=result)
     lease.release()
     return {"stage": stage_id, "status": "finished"}
+
+
+def _record_oom_retries(conn: redis.Redis, reporter: StageReporter, stage_id: str, train: TrainOutcome) -> None:
+    """Out-of-memory back-offs go on the stage record and in its log, where `stl logs` shows them."""
+    steps = "; ".join(f"step {r.step}: micro-batch {r.micro_batch} -> {r.new_micro_batch} "
+                      f"x {r.new_grad_accum} accumulation, from step {r.restarted_from}" for r in train.oom_retries)
+    reporter.log(f"finished after {len(train.oom_retries)} out-of-memory retr"
+                 f"{'y' if len(train.oom_retries) == 1 else 'ies'} ({steps}); now micro-batch {train.micro_batch} "
+                 f"x {train.grad_accum} accumulation")
+    conn.hset(keys.stage(stage_id), mapping={
+        "oom_retries": json.dumps([r.to_dict() for r in train.oom_retries]),
+        "micro_batch": train.micro_batch, "grad_accum": train.grad_accum})
 
 
 def _failure_message(error: BaseException, spec: StageSpec) -> str:
@@ -277,8 +314,11 @@ def _failure_message(error: BaseException, spec: StageSpec) -> str:
         return f"the {spec.kind.value} stage ran past its time limit ({error}); raise stage_timeout in the grid"
     if isinstance(error, OSError) and error.errno == 28:
         return "no space left on the disk under STL_HOME; free some space, then `stl retry`"
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{name}: {text}" if text else name
+    # One line, of bounded length: it becomes the run's error in `stl status`.
+    detail = " ".join(str(error).split())
+    if len(detail) > FAILURE_MESSAGE_MAX:
+        detail = detail[:FAILURE_MESSAGE_MAX - 1] + "…"
+    return f"{name}: {detail}" if detail else name
 
 
 def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec, *,

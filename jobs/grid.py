@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from jobs.errors import GridError
+from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.specs import EvalConfig, RunSpec, StageKind, StageSpec, TrainConfig
 
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ MAX_YAML_NODES = 100_000
 # The deepest real path is tasks.<split>.eval.<index>; anything far deeper is a mistake or an attack.
 MAX_YAML_DEPTH = 12
 MAX_REPORTED_PROBLEMS = 50
-DEFAULT_MAX_RUNS = 10_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 TASK_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
 # Characters YAML refuses (it allows tab, newline, carriage return and printable Unicode).

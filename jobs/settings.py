@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+# A grid expanding to more runs than this is refused unless `stl enqueue --max-runs` raises it.
+DEFAULT_MAX_RUNS = 10_000
 USER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
 
 

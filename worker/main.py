@@ -6,6 +6,7 @@ work horse per job, and a CUDA context created before a fork is unusable in the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -16,12 +17,13 @@ from rq import Queue, Worker
 from rq.exceptions import DequeueTimeout
 from rq.job import JobStatus
 from rq.serializers import JSONSerializer
+from rq.utils import now as rq_now
 
 from jobs import keys
 from jobs.errors import StageLeaseLost, StagePreempted
 from jobs.fairshare import queue_order
 from jobs.queueing import ENTRY_POINT, stage_id_for
-from jobs.recovery import reap_orphans, requeue_orphan
+from jobs.recovery import fail_stage, reap_orphans, requeue_orphan
 from worker.gpu import GpuProbe
 
 if TYPE_CHECKING:
@@ -36,6 +38,11 @@ if TYPE_CHECKING:
 POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new users' queues
 REAP_EVERY_S = 5.0
 WORKER_RECORD_TTL_S = 120
+# Delete a lease only if the given (dead) horse holds it.
+_DROP_LEASE_OF = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 class StlWorker(Worker):
@@ -49,6 +56,8 @@ class StlWorker(Worker):
         self._last_reap = 0.0
         self._current_stage = ""
         self._pending_orphan = ""
+        self._pending_timeout = ""
+        self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
         host = socket.gethostname()
         self.host = host
         device = f"gpu{gpu_index}" if gpu_index is not None else "gpu"
@@ -96,19 +105,24 @@ class StlWorker(Worker):
                         return None
                     time.sleep(POLL_S)
                     continue
+                self._holding_job = True  # a SIGTERM from here on is noted, not raised mid-dequeue
                 result = self.queue_class.dequeue_any(
                     self._ordered_queues, None if timeout is None else POLL_S, connection=self.connection,
                     job_class=self.job_class, serializer=self.serializer,
                     death_penalty_class=self.death_penalty_class,
                 )
+                self._holding_job = result is not None
                 if result is not None or timeout is None:
                     return result
             except DequeueTimeout:
-                pass
+                self._holding_job = False
             except (redis.ConnectionError, redis.TimeoutError) as e:
+                self._holding_job = False
                 self.log.error("Worker %s: Redis is unreachable (%s); retrying in 2 s", self.name, e)
                 time.sleep(2)
                 continue
+            if self._stop_requested:
+                return None
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 
@@ -116,6 +130,12 @@ class StlWorker(Worker):
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         """Refuse anything but stl's registered entry point, before a horse is forked for it."""
+        try:
+            self._execute_job(job, queue)
+        finally:
+            self._holding_job = False
+
+    def _execute_job(self, job: Job, queue: Queue) -> None:
         try:
             func_name = job.func_name
         except Exception as e:  # noqa: BLE001 - undecodable (e.g. pickled) data is refused too
@@ -125,6 +145,11 @@ class StlWorker(Worker):
         if func_name != ENTRY_POINT:
             self._refuse(job, queue, f"job {job.id} was refused: it names {func_name!r}, but this worker runs "
                          f"only {ENTRY_POINT}; enqueue work with `stl enqueue`")
+            return
+        if self._stop_requested:
+            # Told to stop between taking the job and starting it: it goes back where it was.
+            queue._enqueue_job(job, at_front=True)  # noqa: SLF001
+            self.log.info("Worker %s: stopping; job %s goes back to the head of %s", self.name, job.id, queue.name)
             return
         self._current_stage = stage_id_for(job.id)
         self._write_record("busy")
@@ -157,36 +182,79 @@ class StlWorker(Worker):
         super()._finalize_failure(job, queue, execution, exc_info)
 
     def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
-        """The horse died (OOM killer, kill -9): resume the stage from its checkpoint, now."""
+        """The horse died (OOM killer, kill -9): resume the stage from its checkpoint, now.
+
+        Unless it died because this worker killed it for running far past its time limit: then it failed.
+        """
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         stage_id = stage_id_for(job.id)
-        self.connection.delete(keys.stage_lease(stage_id))
-        self._pending_orphan = stage_id
+        # Only the dead horse's own lease: another horse may hold the stage (a false orphan alarm).
+        self.connection.eval(_DROP_LEASE_OF, 1, keys.stage_lease(stage_id), f"{self.host}:{retpid}")
+        elapsed = (rq_now() - job.started_at).total_seconds() if job.started_at else 0.0
+        if job.timeout and job.timeout > 0 and elapsed > job.timeout:
+            self._pending_timeout = stage_id
+        else:
+            self._pending_orphan = stage_id
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
                            execution: Execution | None = None) -> None:
         super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
                                    execution=execution)
-        pending = self._pending_orphan
-        if pending and pending == stage_id_for(job.id):
-            self._pending_orphan = ""
-            requeue_orphan(self.connection, self.settings, pending,
-                           reason=f"its work horse died ({exc_string.strip()[:120]})")
+        stage_id = stage_id_for(job.id)
+        try:
+            if self._pending_orphan == stage_id:
+                if requeue_orphan(self.connection, self.settings, stage_id, horse_dead=True,
+                                  reason=f"its work horse died ({' '.join(exc_string.split())[:120]})"):
+                    self.log.warning("Worker %s: the horse of stage %s died; requeued at the head of its queue",
+                                     self.name, stage_id)
+            elif self._pending_timeout == stage_id:
+                fail_stage(self.connection, self.settings, stage_id,
+                           f"its work horse ran more than a minute past the stage's time limit ({job.timeout} s) "
+                           "and was killed; raise stage_timeout in the grid")
+        except redis.RedisError as e:
+            # The reaper finds the stage again once Redis answers.
+            self.log.error("Worker %s: could not requeue stage %s (%s); the reaper will", self.name, stage_id, e)
+        finally:
+            self._pending_orphan = self._pending_timeout = ""
 
     # --- stopping -----------------------------------------------------------------------------
 
     def request_stop(self, signum: int, frame: Any) -> None:
         """SIGTERM (docker stop): take no new work; a training stage checkpoints and is requeued."""
         if self._current_stage:
-            self.connection.hset(keys.stage(self._current_stage), "preempt", "1")
-            self.log.info("Worker %s: asked stage %s to checkpoint and yield", self.name, self._current_stage)
+            try:
+                self.connection.hset(keys.stage(self._current_stage), "preempt", "1")
+                self.log.info("Worker %s: asked stage %s to checkpoint and yield", self.name, self._current_stage)
+            except redis.RedisError as e:
+                self.log.error("Worker %s: could not ask stage %s to yield (%s)", self.name, self._current_stage, e)
         super().request_stop(signum, frame)
+
+    def _shutdown(self) -> None:
+        if self._holding_job:
+            # A job was just taken off the queue: finish taking it (execute_job puts it back), then stop.
+            self._stop_requested = True
+            return
+        super()._shutdown()
+
+    def set_shutdown_requested_date(self) -> None:
+        with contextlib.suppress(redis.RedisError):
+            super().set_shutdown_requested_date()
 
     # --- what `stl status` shows --------------------------------------------------------------
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)
-        self._write_record(None)
+        if pipeline is None:
+            self._write_record(None)
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        """While the horse works: a Redis outage longer than the connection's patience must not end the
+        worker (RQ would quit its loop); the horse goes on, and the next beat gets through."""
+        try:
+            super().maintain_heartbeats(job, execution)
+            self._write_record(None)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            self.log.error("Worker %s: Redis is unreachable (%s); the stage goes on", self.name, e)
 
     def _write_record(self, state: str | None) -> None:
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
@@ -194,11 +262,15 @@ class StlWorker(Worker):
         record.update(self._probe.read())
         if state is not None:
             record["state"] = state
-        pipe = self.connection.pipeline(transaction=False)
-        pipe.sadd(keys.WORKERS, self.name)
-        pipe.hset(keys.worker(self.name), mapping=record)
-        pipe.expire(keys.worker(self.name), WORKER_RECORD_TTL_S)
-        pipe.execute()
+        try:
+            pipe = self.connection.pipeline(transaction=False)
+            pipe.sadd(keys.WORKERS, self.name)
+            pipe.hset(keys.worker(self.name), mapping=record)
+            pipe.expire(keys.worker(self.name), WORKER_RECORD_TTL_S)
+            pipe.execute()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # What `stl status` shows can wait; the work cannot.
+            self.log.error("Worker %s: could not write its status to Redis (%s)", self.name, e)
 
     def _reap_if_due(self) -> None:
         now = time.monotonic()
@@ -215,8 +287,11 @@ class StlWorker(Worker):
             pipe.srem(keys.WORKERS, self.name)
             pipe.delete(keys.worker(self.name))
             pipe.execute()
+        except redis.RedisError as e:
+            self.log.error("Worker %s: could not remove its record from Redis (%s); it expires", self.name, e)
         finally:
-            super().teardown()
+            with contextlib.suppress(redis.RedisError):
+                super().teardown()
 
 
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
