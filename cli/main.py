@@ -53,6 +53,9 @@ def handled() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")
+
+
 def _settings() -> Settings:
     from jobs.settings import USER_PATTERN, load_settings
 
@@ -278,7 +281,7 @@ def logs(
 
 @app.command()
 def cancel(
-    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")] = None,
+    runs: Annotated[list[str] | None, RUN_IDS] = None,
     grid: Annotated[str | None, typer.Option(help="Cancel every live run of this grid.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Also cancel other users' runs.")] = False,
 ) -> None:
@@ -298,7 +301,7 @@ def cancel(
 
 @app.command()
 def retry(
-    runs: Annotated[list[str] | None, typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")] = None,
+    runs: Annotated[list[str] | None, RUN_IDS] = None,
     grid: Annotated[str | None, typer.Option(help="Retry runs of this grid (with --failed).")] = None,
     failed: Annotated[bool, typer.Option("--failed", help="With --grid: only failed and canceled runs.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
@@ -361,7 +364,8 @@ def plot_curves(
 
 @data_app.command("demo")
 def data_demo(
-    directory: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.", show_default=False, metavar="DIR")],
+    directory: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.", show_default=False,
+                                              metavar="DIR")],
 ) -> None:
     """Write stl's own small synthetic dialogue dataset (InstructDial format), for demos and tests."""
     from jobs.data import write_demo_dataset
