@@ -1,0 +1,657 @@
+"""Reading InstructDial-format text-to-text data, sampling it for training, and stl's own demo dataset.
+
+A source is either a path to a JSONL file (one InstructDial text2text row per line) or
+`hf:<dataset>[:<config>]` for a Hugging Face dataset with the same field names (split "train").
+
+This module must stay cheap to import: the CLI imports it to validate grids, so `datasets` is only
+imported inside the functions that read `hf:` sources, and nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import accumulate, count, islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import DataError
+from jobs.specs import TaskType
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+HF_PREFIX = "hf:"
+HF_SPLIT = "train"
+REQUIRED_FIELDS = ("task", "prompt", "input", "output")
+
+# `[OPTIONS] a||||b||||c` runs until the next `[TAG]` (usually `[QUESTION]`) or the end of the input.
+OPTIONS_PATTERN = re.compile(r"\[OPTIONS\](.*?)(?=\[[A-Z_]+\]|$)", re.DOTALL)
+OPTION_SEPARATOR = "||||"
+# Some tasks list options as "0: offerbook||||1: recommend" but answer with the bare index ("1").
+INDEXED_OPTION_PATTERN = re.compile(r"^\s*(\d+)\s*:")
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    prompt: str  # "Instruction: ...\nInput: ..." (instructions on)
+    input: str  # the same example without the instruction (instructions off)
+    output: str
+    all_outputs: tuple[str, ...]  # every accepted target; never empty
+    options: tuple[str, ...] | None  # parsed from "[OPTIONS]" in the input; None for generation
+
+
+def parse_options(text: str) -> tuple[str, ...] | None:
+    """The options listed inline after `[OPTIONS]`, stripped, empty ones dropped; None if there are none."""
+    match = OPTIONS_PATTERN.search(text)
+    if match is None:
+        return None
+    options = tuple(option.strip() for option in match.group(1).split(OPTION_SEPARATOR))
+    options = tuple(option for option in options if option)
+    return options or None
+
+
+def answer_candidates(example: Example) -> tuple[str, ...]:
+    """The strings a model should emit for each option, in option order.
+
+    Usually the options themselves; for indexed options ("2: inform") whose gold output is the bare
+    index ("2"), the indices, because that is what the model was trained to produce.
+    """
+    if example.options is None:
+        return ()
+    indices = [INDEXED_OPTION_PATTERN.match(option) for option in example.options]
+    if all(indices) and normalize_answer(example.output) in {m.group(1) for m in indices if m}:
+        return tuple(m.group(1) for m in indices if m)
+    return example.options
+
+
+def normalize_answer(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def source_text(example: Example, instructions: bool) -> str:
+    return example.prompt if instructions else example.input
+
+
+def example_from_row(row: Mapping[str, Any], where: str = "row") -> Example:
+    missing = [name for name in REQUIRED_FIELDS if not isinstance(row.get(name), str)]
+    if missing:
+        raise DataError(f"{where}: missing or non-text field(s) {', '.join(missing)}")
+    output = row["output"]
+    raw_outputs = row.get("all_outputs")
+    if isinstance(raw_outputs, str):
+        raw_outputs = [raw_outputs]
+    all_outputs = tuple(str(text) for text in raw_outputs or () if text is not None) or (output,)
+    return Example(
+        task=row["task"],
+        prompt=row["prompt"],
+        input=row["input"],
+        output=output,
+        all_outputs=all_outputs,
+        # No fallback to `candidates`/`classes_in_options`: a row that does not show its options to the
+        # model is not rank-classified (the InstructDial README's rule: [OPTIONS] makes classification).
+        options=parse_options(row["input"]),
+    )
+
+
+def is_hf_source(source: str) -> bool:
+    return source.startswith(HF_PREFIX)
+
+
+def _hf_name(source: str) -> tuple[str, str | None]:
+    rest = source[len(HF_PREFIX) :]
+    name, _, config = rest.partition(":")
+    if not name:
+        raise DataError(f"data source {source!r} names no dataset; write hf:<dataset>[:<config>]")
+    return name, config or None
+
+
+def _jsonl_path(source: str) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist or is not a file; check the data path")
+    return path
+
+
+def _iter_jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open("rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{line_number}: not valid JSON ({e})") from e
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{line_number}: expected a JSON object")
+            yield line_number, row
+
+
+def _load_hf(source: str, *, streaming: bool) -> Any:
+    name, config = _hf_name(source)
+    try:
+        import datasets
+
+        return datasets.load_dataset(name, config, split=HF_SPLIT, streaming=streaming)
+    except Exception as e:  # datasets raises many unrelated types for "unreachable" / "not found"
+        raise DataError(
+            f"Hugging Face dataset {source!r} could not be loaded ({type(e).__name__}: {e}); "
+            "check the name, the network, or use a local JSONL file"
+        ) from e
+
+
+def read_examples(source: str, tasks: Iterable[str] | None = None) -> Iterator[Example]:
+    """Every example of `tasks` (all tasks when None), in source order, streamed."""
+    wanted = None if tasks is None else frozenset(tasks)
+    if is_hf_source(source):
+        dataset = _load_hf(source, streaming=True)
+        for position, row in enumerate(dataset):
+            if wanted is None or row.get("task") in wanted:
+                yield example_from_row(row, f"{source} row {position}")
+        return
+    path = _jsonl_path(source)
+    for line_number, row in _iter_jsonl_rows(path):
+        if wanted is None or row.get("task") in wanted:
+            yield example_from_row(row, f"{path}:{line_number}")
+
+
+def task_catalog(source: str) -> dict[str, TaskType]:
+    """Task name -> type for a JSONL source; {} for hf: sources ("unknown": no network at enqueue time)."""
+    if is_hf_source(source):
+        return {}
+    path = _jsonl_path(source)
+    stat = path.stat()
+    return dict(_cached_catalog(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=8)
+def _cached_catalog(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, TaskType], ...]:
+    del mtime_ns, size  # only part of the cache key: a rewritten file is read again
+    types: dict[str, TaskType] = {}
+    with Path(path).open("rb") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            task = _task_of_line(line)
+            if task is None:
+                raise DataError(f"{path}:{line_number}: not a JSON object with a text field task")
+            # Only rows that mention [OPTIONS] at all need a full parse to see whether their input does.
+            if b"[OPTIONS]" in line and "[OPTIONS]" in str(json.loads(line).get("input", "")):
+                types[task] = TaskType.classification
+            else:
+                types.setdefault(task, TaskType.generation)
+    return tuple(sorted(types.items()))
+
+
+# --- sampling -------------------------------------------------------------------------------------
+
+
+def _seeded(*parts: object) -> random.Random:
+    # Seeding with a str hashes it with SHA-512: stable across processes, unlike hash().
+    return random.Random(":".join(str(part) for part in ("stl", *parts)))
+
+
+def _chosen_indices(n: int, k: int, seed: int) -> list[int]:
+    if k >= n:
+        return list(range(n))
+    return sorted(_seeded("k-shot", seed).sample(range(n), k))
+
+
+def k_shot(examples: Sequence[Example], k: int, seed: int) -> list[Example]:
+    """k examples drawn without replacement (all of them when k >= len), kept in source order."""
+    if k <= 0:
+        raise ValueError(f"k must be positive, got {k}")
+    return [examples[i] for i in _chosen_indices(len(examples), k, seed)]
+
+
+class _RowStore:
+    """Random access to the rows of a source by a small integer key, plus a per-task key index.
+
+    JSONL: keys are byte offsets of lines. hf: keys are row numbers of the memory-mapped Arrow table
+    (the dataset is downloaded once into the datasets cache). Either way no example text is kept in
+    memory, only 8 bytes per indexed row.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._path: Path | None = None
+        self._dataset: Any = None
+        if is_hf_source(source):
+            self._dataset = _load_hf(source, streaming=False)
+        else:
+            self._path = _jsonl_path(source)
+
+    def index(self, tasks: Iterable[str]) -> dict[str, array[int]]:
+        keys: dict[str, array[int]] = {task: array("q") for task in tasks}
+        if self._dataset is not None:
+            position = 0
+            for batch in self._dataset.select_columns(["task"]).iter(batch_size=10_000):
+                for task in batch["task"]:
+                    if task in keys:
+                        keys[task].append(position)
+                    position += 1
+            return keys
+        assert self._path is not None
+        with self._path.open("rb") as handle:
+            offset = 0
+            for line in handle:
+                if line.strip():
+                    task = _task_of_line(line)
+                    if task in keys:
+                        keys[task].append(offset)
+                offset += len(line)
+        return keys
+
+    def rows(self, keys: Iterable[int]) -> Iterator[Example]:
+        if self._dataset is not None:
+            for key in keys:
+                yield example_from_row(self._dataset[int(key)], f"{self.source} row {key}")
+            return
+        assert self._path is not None
+        with self._path.open("rb") as handle:
+            for key in keys:
+                handle.seek(key)
+                line = handle.readline()
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise DataError(f"{self._path} at byte {key}: not valid JSON ({e})") from e
+                yield example_from_row(row, f"{self._path} at byte {key}")
+
+
+# Finding `"task": "..."` with a regex is several times faster than parsing the whole row, which
+# matters for multi-GB files; a row where the key is not found exactly once is parsed instead.
+_TASK_FIELD = re.compile(rb'"task"\s*:\s*("(?:[^"\\]|\\.)*")')
+
+
+def _task_of_line(line: bytes) -> str | None:
+    found = _TASK_FIELD.findall(line)
+    try:
+        if len(found) == 1:
+            task = json.loads(found[0])
+        else:
+            row = json.loads(line)
+            task = row.get("task") if isinstance(row, dict) else None
+    except ValueError:
+        return None  # reported with its position when (if) the row is actually read
+    return task if isinstance(task, str) else None
+
+
+def _indexed_tasks(store: _RowStore, tasks: Iterable[str]) -> dict[str, array[int]]:
+    names = list(dict.fromkeys(tasks))  # keep the caller's order, drop repeats
+    if not names:
+        raise DataError("no tasks given")
+    keys = store.index(names)
+    empty = [task for task in names if not keys[task]]
+    if empty:
+        raise DataError(f"task(s) {', '.join(empty)} have no examples in {store.source}")
+    return keys
+
+
+def few_shot_examples(source: str, tasks: Iterable[str], k: int, seed: int) -> list[Example]:
+    """k_shot() of each task's examples, read by index so a large task is never held in memory.
+
+    Gives the same examples as `k_shot(list(read_examples(source, [task])), k, seed)` per task.
+    """
+    if k <= 0:
+        raise DataError(f"few-shot fine-tuning needs shots > 0, got {k}")
+    store = _RowStore(source)
+    chosen: list[Example] = []
+    for keys in _indexed_tasks(store, tasks).values():
+        picked = [keys[i] for i in _chosen_indices(len(keys), k, seed)]
+        chosen.extend(store.rows(picked))
+    return chosen
+
+
+def _reservoir(keys: array[int], cap: int, rng: random.Random) -> array[int]:
+    if len(keys) <= cap:
+        return keys
+    pool = keys[:cap]
+    for seen, key in enumerate(islice(keys, cap, None), start=cap):
+        slot = rng.randrange(seen + 1)
+        if slot < cap:
+            pool[slot] = key
+    return pool
+
+
+class Mixture:
+    """Examples-proportional mixing of tasks with a per-task cap (T5/T0 convention), streamed.
+
+    How it streams (memory stays flat as the data grows):
+    1. One pass over the source builds, per task, the keys (byte offsets / row numbers) of its rows,
+       thinned to at most `cap` by reservoir sampling: 8 bytes per row, never the text.
+    2. Each draw picks a task with probability min(n_task, cap) / sum(min(n, cap)), then takes that
+       task's next key from a per-epoch shuffle of its pool, and reads that one row.
+    `stream(start)` skips the first `start` draws without reading them (only random numbers are
+    replayed), so a resumed training run continues exactly where it stopped.
+    """
+
+    def __init__(self, source: str, tasks: Iterable[str], *, cap: int, seed: int) -> None:
+        if cap <= 0:
+            raise DataError(f"mixture cap must be positive, got {cap}")
+        self._store = _RowStore(source)
+        self._seed = seed
+        self._pools = {
+            task: _reservoir(keys, cap, _seeded("pool", seed, task))
+            for task, keys in _indexed_tasks(self._store, tasks).items()
+        }
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Examples each task can contribute (its count, capped); the mixing rates are proportional."""
+        return {task: len(pool) for task, pool in self._pools.items()}
+
+    def stream(self, start: int = 0) -> Iterator[Example]:
+        """The endless, deterministic stream of draws, from draw number `start` on."""
+        return self._store.rows(islice(_mixture_keys(self._pools, self._seed), start, None))
+
+
+def mixture(source: str, tasks: Iterable[str], *, cap: int, seed: int, start: int = 0) -> Iterator[Example]:
+    """An endless, deterministic stream mixing `tasks` examples-proportionally with a per-task cap.
+
+    See `Mixture` for how it streams; `start` skips that many draws cheaply (for resuming).
+    """
+    return Mixture(source, tasks, cap=cap, seed=seed).stream(start)
+
+
+def _mixture_keys(pools: dict[str, array[int]], seed: int) -> Iterator[int]:
+    names = list(pools)
+    cumulative = list(accumulate(len(pools[task]) for task in names))
+    total = cumulative[-1]
+    chooser = _seeded("mixture", seed)
+    orders: dict[str, array[int]] = {}
+    positions = dict.fromkeys(names, 0)
+    epochs = dict.fromkeys(names, -1)
+    while True:
+        task = names[bisect_right(cumulative, chooser.randrange(total))]
+        if task not in orders or positions[task] == len(orders[task]):
+            epochs[task] += 1
+            order = array("q", pools[task])
+            _seeded("epoch", seed, task, epochs[task]).shuffle(order)
+            orders[task] = order
+            positions[task] = 0
+        yield orders[task][positions[task]]
+        positions[task] += 1
+
+
+def cycle_shuffled(examples: Sequence[Example], seed: int, start: int = 0) -> Iterator[Example]:
+    """`examples` over and over, reshuffled each epoch; `start` skips that many draws."""
+    if not examples:
+        raise DataError("no examples to train on")
+    first_epoch, offset = divmod(start, len(examples))
+    for epoch in count(first_epoch):
+        order = list(range(len(examples)))
+        _seeded("cycle", seed, epoch).shuffle(order)
+        for position in order[offset:]:
+            yield examples[position]
+        offset = 0
+    raise AssertionError("unreachable")  # pragma: no cover  (count() never ends)
+
+
+def length_grouped_batches(
+    stream_from: Callable[[int], Iterator[Example]],
+    *,
+    batch_size: int,
+    seed: int,
+    length: Callable[[Example], int],
+    start_batch: int = 0,
+    window_batches: int = 50,
+) -> Iterator[list[Example]]:
+    """Batches of similar-length examples, to keep dynamic padding small.
+
+    The stream is cut into windows of `window_batches * batch_size` examples; each window is sorted by
+    `length` (ties by position), cut into batches, and the batches are shuffled. Batch number b depends
+    only on the seed and the data, so `start_batch` resumes exactly: `stream_from(n)` must return the
+    stream with its first n examples skipped.
+    """
+    window_size = window_batches * batch_size
+    window, skip = divmod(start_batch, window_batches)
+    stream = stream_from(window * window_size)
+    for window_number in count(window):
+        examples = list(islice(stream, window_size))
+        if len(examples) < window_size:
+            raise DataError("the training stream ended early")  # streams given here are endless
+        order = sorted(range(window_size), key=lambda i: (length(examples[i]), i))
+        batches = [
+            [examples[i] for i in order[first : first + batch_size]] for first in range(0, window_size, batch_size)
+        ]
+        _seeded("batches", seed, window_number).shuffle(batches)
+        yield from batches[skip:]
+        skip = 0
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# --- stl's own demo dataset ---------------------------------------------------------------------
+
+DEMO_DATASET = "stl-demo"
+DEMO_FILE = "demo_text2text.jsonl"
+DEMO_TRAIN_TASKS = (
+    "sentiment_classification",
+    "intent_classification",
+    "act_classification",
+    "response_generation",
+    "question_generation",
+    "answer_generation",
+)
+DEMO_EVAL_TASKS = ("emotion_classification", "summarization")
+DEMO_ROWS_PER_TASK = 48
+
+_NAMES = ("ana", "ben", "chloe", "dev", "emma", "farid", "grace", "hugo", "iris", "jonas")
+_CITIES = ("paris", "lima", "oslo", "tokyo", "cairo", "rome", "delhi", "quito")
+_FOODS = ("pizza", "sushi", "tacos", "curry", "pasta", "salad")
+_TIMES = ("7 am", "9 am", "noon", "3 pm", "5 pm", "8 pm")
+_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
+
+_SENTIMENT_LINES = {
+    "positive": ("i love this {x} , it is great !", "what a wonderful day in {c} , i am so happy ."),
+    "negative": ("i hate this {x} , it is awful .", "the trip to {c} was terrible , i am upset ."),
+    "neutral": ("i had {x} for lunch on {d} .", "the meeting in {c} is at {t} ."),
+}
+_EMOTION_LINES = {
+    "joy": ("yay , we won the game in {c} ! i am so happy .", "i love the {x} here , what a great day !"),
+    "anger": (
+        "i am furious , they cancelled my {x} again !",
+        "this is outrageous , the bus to {c} left early !",
+    ),
+    "sadness": (
+        "i miss my friends in {c} , i feel so sad .",
+        "my {x} fell on the floor , i am heartbroken .",
+    ),
+}
+_INTENTS = {
+    "book_flight": ("can you book me a flight to {c} on {d} ?", "i need a plane ticket to {c} ."),
+    "check_weather": ("what is the weather like in {c} today ?", "will it rain in {c} on {d} ?"),
+    "order_food": ("i want to order some {x} please .", "can i get a large {x} delivered ?"),
+    "set_alarm": ("please set an alarm for {t} .", "wake me up at {t} on {d} ."),
+}
+_ACTS = {
+    "greeting": ("hello {n} , nice to meet you .", "hi there {n} , good morning !"),
+    "question": ("do you like {x} ?", "when do we leave for {c} ?"),
+    "thanks": ("thank you so much for the {x} .", "thanks {n} , that was kind ."),
+    "inform": ("the train to {c} leaves at {t} .", "the {x} place opens on {d} ."),
+}
+_OPENERS = ("hey , how are you ?", "good to see you .", "so , what is new ?", "hi , got a minute ?")
+
+
+def _dialogue(turns: Sequence[str]) -> str:
+    return " [ENDOFTURN] ".join(turns)
+
+
+def _row(task: str, instruction: str, text: str, output: str, labels: Sequence[str] = ()) -> dict[str, Any]:
+    if labels:
+        text = f"{text} [OPTIONS] {OPTION_SEPARATOR.join(labels)}"
+    return {
+        "prompt": f"Instruction: {instruction}\nInput: {text}",
+        "input": text,
+        "output": output,
+        "all_outputs": [output],
+        "task": task,
+        "dataset": DEMO_DATASET,
+        "candidates": list(labels),
+        "classes_in_options": list(labels),
+    }
+
+
+def _fill(template: str, rng: random.Random) -> dict[str, str]:
+    slots = {
+        "n": rng.choice(_NAMES),
+        "c": rng.choice(_CITIES),
+        "x": rng.choice(_FOODS),
+        "t": rng.choice(_TIMES),
+        "d": rng.choice(_DAYS),
+    }
+    return {"text": template.format(**slots), **slots}
+
+
+def _classification_rows(
+    task: str, instruction: str, question: str, lines: Mapping[str, Sequence[str]], rng: random.Random
+) -> list[dict[str, Any]]:
+    labels = sorted(lines)
+    rows = []
+    for i in range(DEMO_ROWS_PER_TASK):
+        label = labels[i % len(labels)]  # balanced labels
+        said = _fill(rng.choice(lines[label]), rng)["text"]
+        context = _dialogue([rng.choice(_OPENERS), said])
+        rows.append(_row(task, instruction, f"[CONTEXT] {context} [QUESTION] {question}", label, labels))
+    return rows
+
+
+def _demo_rows() -> list[dict[str, Any]]:
+    rng = _seeded("demo-dataset", 0)
+    rows = _classification_rows(
+        "sentiment_classification",
+        "Given a conversation, classify the sentiment of the last utterance.",
+        "What is the sentiment of the last utterance?",
+        _SENTIMENT_LINES,
+        rng,
+    )
+    rows += _classification_rows(
+        "emotion_classification",
+        "Given a conversation, choose the emotion the last speaker feels.",
+        "Which emotion does the last speaker feel?",
+        _EMOTION_LINES,
+        rng,
+    )
+    rows += _classification_rows(
+        "intent_classification",
+        "Given a conversation, find the intent of the user's last request.",
+        "What is the intent of the last utterance?",
+        _INTENTS,
+        rng,
+    )
+    rows += _classification_rows(
+        "act_classification",
+        "Given a conversation, choose the dialogue act of the last utterance.",
+        "What is the dialogue act of the last utterance?",
+        _ACTS,
+        rng,
+    )
+    intents = sorted(_INTENTS)
+    replies = {
+        "book_flight": "sure , i booked your flight to {c} .",
+        "check_weather": "it will be sunny in {c} .",
+        "order_food": "ok , your {x} is on the way .",
+        "set_alarm": "done , your alarm is set for {t} .",
+    }
+    for i in range(DEMO_ROWS_PER_TASK):
+        intent = intents[i % len(intents)]
+        slots = _fill(rng.choice(_INTENTS[intent]), rng)
+        reply = replies[intent].format(**slots)
+        context = _dialogue([rng.choice(_OPENERS), slots["text"]])
+        rows.append(
+            _row(
+                "response_generation",
+                "Given a conversation, write the assistant's next response.",
+                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] Generate the next response.",
+                reply,
+            )
+        )
+    facts = (
+        ("the train to {c} leaves at {t} .", "when does the train to {c} leave ?", "{t}"),
+        ("{n} is flying to {c} on {d} .", "where is {n} flying on {d} ?", "{c}"),
+        ("{n} ordered {x} for dinner .", "what did {n} order for dinner ?", "{x}"),
+        ("the party at {n}'s house is on {d} .", "when is the party at {n}'s house ?", "{d}"),
+    )
+    for i in range(DEMO_ROWS_PER_TASK):
+        fact, question, answer = facts[i % len(facts)]
+        slots = _fill(fact, rng)
+        context = _dialogue([rng.choice(_OPENERS), slots["text"]])
+        rows.append(
+            _row(
+                "question_generation",
+                "Given a conversation, write a question that its last utterance answers.",
+                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] Generate a question.",
+                question.format(**slots),
+            )
+        )
+    for i in range(DEMO_ROWS_PER_TASK):
+        fact, question, answer = facts[(i + 1) % len(facts)]
+        slots = _fill(fact, rng)
+        context = _dialogue([rng.choice(_OPENERS), slots["text"]])
+        rows.append(
+            _row(
+                "answer_generation",
+                "Given a conversation and a question, answer the question in a few words.",
+                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] {question.format(**slots)}",
+                answer.format(**slots),
+            )
+        )
+    summaries = {
+        "book_flight": "{n} wants to fly to {c} .",
+        "check_weather": "{n} asks about the weather in {c} .",
+        "order_food": "{n} wants to order {x} .",
+        "set_alarm": "{n} wants an alarm at {t} .",
+    }
+    for i in range(DEMO_ROWS_PER_TASK):
+        intent = intents[i % len(intents)]
+        slots = _fill(rng.choice(_INTENTS[intent]), rng)
+        context = _dialogue([f"{slots['n']} : {rng.choice(_OPENERS)}", f"{slots['n']} : {slots['text']}"])
+        rows.append(
+            _row(
+                "summarization",
+                "Summarize the conversation in one sentence.",
+                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] Summarize the dialogue.",
+                summaries[intent].format(**slots),
+            )
+        )
+    rng.shuffle(rows)
+    return rows
+
+
+_DEMO_README = """# stl demo dataset (synthetic)
+
+Synthetic dialogue data generated by stl (`jobs/data.py: write_demo_dataset`) from templates, so the
+pipeline can be exercised with no downloads. It is NOT InstructDial and says nothing about the
+paper's results.
+
+Same JSONL format and field names as InstructDial's text2text files (prompt, input, output, all_outputs,
+task, dataset, candidates, classes_in_options); classification inputs list their options inline as
+`[OPTIONS] a||||b`. Labels follow keywords in the dialogue, so tiny models can learn them.
+
+Tasks for multi-task training: {train}
+Held-out tasks for zero-shot / few-shot evaluation: {held_out}
+"""
+
+
+def write_demo_dataset(directory: Path) -> Path:
+    """Write the demo JSONL (byte-identical every time) and its README; return the JSONL path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / DEMO_FILE
+    lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in _demo_rows()]
+    _write_atomically(path, "".join(line + "\n" for line in lines))
+    readme = _DEMO_README.format(train=", ".join(DEMO_TRAIN_TASKS), held_out=", ".join(DEMO_EVAL_TASKS))
+    _write_atomically(directory / "README.md", readme)
+    return path
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(temporary, path)

@@ -1,0 +1,364 @@
+"""Zero-/few-shot scoring of held-out tasks: rank classification (accuracy) and greedy generation (ROUGE-L).
+
+Classification: every option is scored by its total log-likelihood as the answer to the source, and the
+likeliest option is the prediction (rank classification, as in T0). For encoder-decoder models the
+encoder runs once per example and all of its options go through the decoder in batches.
+Generation: batched greedy decoding with the KV cache; the score is rouge-score's ROUGE-L F-measure
+(stemming on) against the best of the example's accepted outputs, averaged over examples, on a 0..1 scale
+(multiply by 100 for the paper's tables).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from jobs import data as data_lib
+from jobs.errors import DataError, StageCanceled, StagePreempted
+from jobs.models import (
+    encode_sources,
+    encode_targets,
+    is_seq2seq,
+    load_model_and_tokenizer,
+    max_positions,
+    pad_sequences,
+)
+from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
+from jobs.train import IGNORE_INDEX, StepReport
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
+    from pathlib import Path
+
+    import torch
+    from rouge_score.rouge_scorer import RougeScorer
+
+    from jobs.data import Example
+
+ACCURACY = "accuracy"
+EXACT_MATCH = "exact_match"
+ROUGE_L = "rougeL"
+
+
+@dataclass(frozen=True)
+class TaskMetrics:
+    task: str
+    task_type: str  # "classification" or "generation"
+    metric: str  # "accuracy" (rank classification), "exact_match" (generated labels) or "rougeL" (0..1)
+    value: float
+    n: int
+    samples: list[dict[str, Any]]  # up to eval.samples of {source, prediction, references}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TaskMetrics:
+        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+
+
+@dataclass
+class EvalRun:
+    spec: StageSpec  # kind eval, with spec.eval set
+    model_dir: Path | None  # a parent stage's model directory; None: evaluate spec.model as it is
+    device: str
+    should_stop: Callable[[], str | None]  # None, "cancel" or "preempt"; called between batches
+    log: Callable[[str], None]
+
+
+def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of log p(label) for each row; positions labelled IGNORE_INDEX count for nothing.
+
+    logits: [rows, positions, vocab] predicting labels: [rows, positions].
+    """
+    import torch
+
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    known = labels != IGNORE_INDEX
+    picked = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * known).sum(dim=-1)
+
+
+def best_option(scores: Sequence[float]) -> int:
+    """Index of the highest score; the first one wins ties."""
+    if not scores:
+        raise ValueError("no options to choose from")
+    return max(range(len(scores)), key=lambda i: (scores[i], -i))
+
+
+def make_rouge_scorer() -> RougeScorer:
+    from rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, references: Iterable[str], scorer: RougeScorer | None = None) -> float:
+    """ROUGE-L F-measure (0..1) of `prediction` against its best-matching reference."""
+    scorer = scorer or make_rouge_scorer()
+    return max((scorer.score(reference, prediction)["rougeL"].fmeasure for reference in references), default=0.0)
+
+
+def _references(example: Example) -> list[str]:
+    return list(dict.fromkeys((example.output, *example.all_outputs)))
+
+
+def evaluate(cfg: EvalRun, *, on_step: Callable[[StepReport], None]) -> list[TaskMetrics]:
+    """Metrics for every task of the stage, in spec order. Raises StageCanceled/StagePreempted, DataError,
+    ModelError."""
+    spec = cfg.spec
+    if spec.kind != StageKind.eval:
+        raise ValueError(f"evaluate() runs eval stages, not {spec.kind.value}")
+    if spec.eval is None:
+        raise DataError(f"eval stage {spec.stage_id} has no eval settings")
+    examples = _first_examples(spec.data, spec.tasks, spec.eval.max_examples)
+    scorer = _Scorer(cfg, spec.eval, on_step, total=sum(len(task_examples) for task_examples in examples.values()))
+    model = f"{spec.model} from {cfg.model_dir}" if cfg.model_dir else spec.model
+    cfg.log(f"evaluating {model} on {len(spec.tasks)} task(s), {scorer.total} examples, on {cfg.device}")
+    results = []
+    for task in dict.fromkeys(spec.tasks):
+        metrics = scorer.score_task(task, examples[task])
+        cfg.log(f"{task}: {metrics.metric} {metrics.value:.4f} over {metrics.n} examples")
+        results.append(metrics)
+    return results
+
+
+def _first_examples(source: str, tasks: Sequence[str], limit: int) -> dict[str, list[Example]]:
+    """The first `limit` examples of each task, in one pass that stops once every task is full."""
+    wanted = list(dict.fromkeys(tasks))
+    found: dict[str, list[Example]] = {task: [] for task in wanted}
+    open_tasks = set(wanted)
+    for example in data_lib.read_examples(source, wanted):
+        bucket = found[example.task]
+        if len(bucket) < limit:
+            bucket.append(example)
+            if len(bucket) == limit:
+                open_tasks.discard(example.task)
+                if not open_tasks:
+                    break
+    empty = [task for task in wanted if not found[task]]
+    if empty:
+        raise DataError(f"task(s) {', '.join(empty)} have no examples in {source}")
+    return found
+
+
+class _Scorer:
+    def __init__(
+        self, cfg: EvalRun, settings: EvalConfig, on_step: Callable[[StepReport], None], *, total: int
+    ) -> None:
+        import torch
+
+        self.cfg, self.settings, self.on_step, self.total = cfg, settings, on_step, total
+        self.spec = cfg.spec
+        self.device = torch.device(cfg.device)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            self.spec.model, device=cfg.device, seed=self.spec.seed, init_from=cfg.model_dir
+        )
+        self.model.eval()
+        self.seq2seq = is_seq2seq(self.model)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        start_id = getattr(self.model.config, "decoder_start_token_id", None)
+        self.decoder_start_id = self.pad_id if start_id is None else int(start_id)
+        limit = max_positions(self.model)
+        self.target_limit = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit // 2)
+        self.source_limit = settings.max_source_length
+        if limit is not None:
+            self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
+        on_cuda = self.device.type == "cuda"
+        use_bf16 = on_cuda and torch.cuda.is_bf16_supported()
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.rouge = make_rouge_scorer()
+        self.done = 0
+        self.started = time.perf_counter()
+
+    # --- bookkeeping ---
+
+    def _between_batches(self, finished: int) -> None:
+        self.done += finished
+        elapsed = time.perf_counter() - self.started
+        self.on_step(
+            StepReport(
+                step=self.done,
+                total=self.total,
+                loss=math.nan,
+                learning_rate=0.0,
+                samples_per_s=self.done / max(elapsed, 1e-9),
+                tokens_per_s=0.0,
+                elapsed_s=elapsed,
+                micro_batch=self.settings.batch_size,
+                grad_accum=1,
+                phase="eval",
+            )
+        )
+        request = self.cfg.should_stop()
+        if request == "cancel":
+            raise StageCanceled(f"eval stage {self.spec.stage_id} was canceled")
+        if request == "preempt":
+            raise StagePreempted(f"eval stage {self.spec.stage_id} was interrupted and will start again")
+
+    def _sources(self, examples: Sequence[Example]) -> list[list[int]]:
+        texts = [data_lib.source_text(example, self.spec.instructions) for example in examples]
+        return encode_sources(self.tokenizer, texts, self.source_limit, seq2seq=self.seq2seq)
+
+    def _batches(self, examples: Sequence[Example]) -> list[list[int]]:
+        """Example positions in batches of similar source length (less padding)."""
+        order = sorted(
+            range(len(examples)),
+            key=lambda i: (len(data_lib.source_text(examples[i], self.spec.instructions)), i),
+        )
+        size = self.settings.batch_size
+        return [order[first : first + size] for first in range(0, len(order), size)]
+
+    # --- tasks ---
+
+    def score_task(self, task: str, examples: list[Example]) -> TaskMetrics:
+        with_options = [i for i, example in enumerate(examples) if example.options is not None]
+        if not with_options:
+            predictions = self._generate(examples)
+            values = [rouge_l(p, _references(e), self.rouge) for p, e in zip(predictions, examples, strict=True)]
+            return self._metrics(task, TaskType.generation, ROUGE_L, values, examples, predictions)
+        # Examples that list options are rank-classified; any others of a classification task must
+        # generate their label, which is then matched exactly.
+        predictions = [""] * len(examples)
+        ranked = [examples[i] for i in with_options]
+        for i, prediction in zip(with_options, self._classify(ranked), strict=True):
+            predictions[i] = prediction
+        unranked = [i for i in range(len(examples)) if examples[i].options is None]
+        if unranked:
+            for i, prediction in zip(unranked, self._generate([examples[i] for i in unranked]), strict=True):
+                predictions[i] = prediction
+        values = [
+            float(data_lib.normalize_answer(p) == data_lib.normalize_answer(e.output))
+            for p, e in zip(predictions, examples, strict=True)
+        ]
+        metric = EXACT_MATCH if unranked else ACCURACY
+        return self._metrics(task, TaskType.classification, metric, values, examples, predictions)
+
+    def _metrics(
+        self,
+        task: str,
+        task_type: TaskType,
+        metric: str,
+        values: list[float],
+        examples: list[Example],
+        predictions: list[str],
+    ) -> TaskMetrics:
+        samples = [
+            {
+                "source": data_lib.source_text(example, self.spec.instructions),
+                "prediction": prediction,
+                "references": [example.output] if task_type == TaskType.classification else _references(example),
+            }
+            for example, prediction in list(zip(examples, predictions, strict=True))[: self.settings.samples]
+        ]
+        return TaskMetrics(
+            task=task,
+            task_type=task_type.value,
+            metric=metric,
+            value=sum(values) / len(values),
+            n=len(values),
+            samples=samples,
+        )
+
+    # --- rank classification ---
+
+    def _classify(self, examples: Sequence[Example]) -> list[str]:
+        """The likeliest answer candidate of each example."""
+        import torch
+
+        predictions = [""] * len(examples)
+        with torch.no_grad():
+            for positions in self._batches(examples):
+                batch = [examples[i] for i in positions]
+                candidates = [data_lib.answer_candidates(example) for example in batch]
+                scores = self._option_scores(batch, candidates)
+                for i, example_candidates, example_scores in zip(positions, candidates, scores, strict=True):
+                    predictions[i] = example_candidates[best_option(example_scores)]
+                self._between_batches(len(batch))
+        return predictions
+
+    def _option_scores(self, batch: Sequence[Example], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+        import torch
+
+        sources = self._sources(batch)
+        owners = [row for row, options in enumerate(candidates) for _ in options]
+        options = encode_targets(
+            self.tokenizer,
+            [option for opts in candidates for option in opts],
+            self.target_limit,
+            seq2seq=self.seq2seq,
+        )
+        chunk = self.settings.batch_size
+        flat_scores: list[torch.Tensor] = []
+        if self.seq2seq:
+            encoder_ids = pad_sequences(sources, self.pad_id).to(self.device)
+            encoder_mask = pad_sequences([[1] * len(s) for s in sources], 0).to(self.device)
+            with self.autocast():
+                encoded = self.model.get_encoder()(input_ids=encoder_ids, attention_mask=encoder_mask)
+            for first in range(0, len(options), chunk):
+                rows = torch.tensor(owners[first : first + chunk], device=self.device)
+                targets = options[first : first + chunk]
+                labels = pad_sequences(targets, IGNORE_INDEX).to(self.device)
+                decoder_ids = pad_sequences([[self.decoder_start_id] + t[:-1] for t in targets], self.pad_id)
+                with self.autocast():
+                    logits = self.model(
+                        encoder_outputs=(encoded.last_hidden_state.index_select(0, rows),),
+                        attention_mask=encoder_mask.index_select(0, rows),
+                        decoder_input_ids=decoder_ids.to(self.device),
+                        use_cache=False,
+                    ).logits
+                flat_scores.append(sequence_log_likelihoods(logits, labels))
+        else:
+            for first in range(0, len(options), chunk):
+                pairs = list(zip(owners[first : first + chunk], options[first : first + chunk], strict=True))
+                input_ids = pad_sequences([sources[row] + option for row, option in pairs], self.pad_id)
+                mask = pad_sequences([[1] * (len(sources[row]) + len(option)) for row, option in pairs], 0)
+                labels = pad_sequences(
+                    [[IGNORE_INDEX] * len(sources[row]) + option for row, option in pairs], IGNORE_INDEX
+                ).to(self.device)
+                with self.autocast():
+                    logits = self.model(
+                        input_ids=input_ids.to(self.device),
+                        attention_mask=mask.to(self.device),
+                        use_cache=False,
+                    ).logits
+                flat_scores.append(sequence_log_likelihoods(logits[:, :-1], labels[:, 1:]))
+        flat = torch.cat(flat_scores).tolist()  # one host sync per batch of examples
+        scores: list[list[float]] = [[] for _ in batch]
+        for row, score in zip(owners, flat, strict=True):
+            scores[row].append(score)
+        return scores
+
+    # --- generation ---
+
+    def _generate(self, examples: Sequence[Example]) -> list[str]:
+        """Greedy continuation of each example's source, decoded without special tokens."""
+        import torch
+
+        predictions = [""] * len(examples)
+        with torch.no_grad():
+            for positions in self._batches(examples):
+                sources = self._sources([examples[i] for i in positions])
+                # Causal LMs continue from the right end, so they are padded on the left.
+                left = not self.seq2seq
+                input_ids = pad_sequences(sources, self.pad_id, left=left).to(self.device)
+                mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left).to(self.device)
+                with self.autocast():
+                    generated = cast("Any", self.model).generate(
+                        input_ids=input_ids,
+                        attention_mask=mask,
+                        max_new_tokens=self.target_limit,
+                        do_sample=False,
+                        num_beams=1,
+                        use_cache=True,
+                        pad_token_id=self.pad_id,
+                    )
+                if not self.seq2seq:
+                    generated = generated[:, input_ids.size(1) :]
+                texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                for i, text in zip(positions, texts, strict=True):
+                    predictions[i] = text.strip()
+                self._between_batches(len(positions))
+        return predictions

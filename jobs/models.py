@@ -1,0 +1,303 @@
+"""Building, loading and saving models and tokenizers, and turning text into token ids for them.
+
+Names: `tiny:bart`, `tiny:t5`, `tiny:gpt2` build a small randomly initialised model offline with a byte
+tokenizer (for tests and demos); anything else is a Hugging Face hub id or a local directory.
+No torch/transformers import at module level: the CLI imports `check_model_name` and must stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import ModelError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TINY_PREFIX = "tiny:"
+TINY_ARCHS = ("bart", "t5", "gpt2")
+STL_MODEL_FILE = "stl_model.json"
+MAX_NAME_LENGTH = 300
+# A hub id ("facebook/bart-base", "gpt2"); local paths are recognised separately.
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+# The tiny models' width: big enough to learn keyword rules, small enough for CPU tests.
+TINY_WIDTH = 64
+TINY_LAYERS = 2
+TINY_HEADS = 4
+TINY_MAX_POSITIONS = 2048
+
+
+def check_model_name(name: str) -> str | None:
+    """An error message if `name` cannot name a model, else None. Never touches the network."""
+    if not name or not name.strip():
+        return "model name is empty"
+    if name != name.strip() or any(ch.isspace() or not ch.isprintable() for ch in name):
+        return f"model name {name!r} contains whitespace or control characters"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"model name is {len(name)} characters long; at most {MAX_NAME_LENGTH}"
+    if name.startswith(TINY_PREFIX):
+        arch = name[len(TINY_PREFIX) :]
+        if arch not in TINY_ARCHS:
+            return f"unknown tiny model {name!r}; use one of " + ", ".join(TINY_PREFIX + a for a in TINY_ARCHS)
+        return None
+    if name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists():
+        return None
+    if HUB_ID_PATTERN.match(name) and ".." not in name:
+        return None
+    return f"model name {name!r} is neither a hub id (owner/name), a local path, nor tiny:<arch>"
+
+
+def is_seq2seq(model: PreTrainedModel) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: relative positions, no limit)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def base_model_name(model: PreTrainedModel) -> str:
+    """The name the model was first built from, kept across save/load."""
+    return str(getattr(model.config, "stl_base_model", None) or model.config.name_or_path)
+
+
+def load_model_and_tokenizer(
+    name: str,
+    *,
+    device: str,
+    seed: int,
+    init_from: Path | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (on `device`, in train mode off) and its tokenizer.
+
+    `init_from` is a directory written by `save_model` (a parent stage's model); its weights replace
+    the base model's. The seed is set before anything is built so random initialisation is reproducible.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    if init_from is not None:
+        model, tokenizer = _load_saved(init_from, device=device, dtype=dtype)
+    elif name.startswith(TINY_PREFIX):
+        model, tokenizer = _build_tiny(name, device=device, dtype=dtype)
+    else:
+        model, tokenizer = _load_pretrained(name, device=device, dtype=dtype)
+        model.config.stl_base_model = name
+    _make_pad_token_coherent(model, tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """ByT5's byte-level tokenizer: needs no files (pad 0, eos 1, unk 2, 384 ids).
+
+    Built afresh each call: it costs microseconds, and callers may change its settings.
+    """
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def _build_tiny(name: str, *, device: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        BartConfig,
+        GPT2Config,
+        T5Config,
+    )
+
+    message = check_model_name(name)
+    if message:
+        raise ModelError(message)
+    arch = name[len(TINY_PREFIX) :]
+    tokenizer = byte_tokenizer()
+    vocab = len(tokenizer)
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config: Any
+    if arch == "bart":
+        config = BartConfig(
+            vocab_size=vocab,
+            d_model=TINY_WIDTH,
+            encoder_layers=TINY_LAYERS,
+            decoder_layers=TINY_LAYERS,
+            encoder_attention_heads=TINY_HEADS,
+            decoder_attention_heads=TINY_HEADS,
+            encoder_ffn_dim=TINY_WIDTH * 4,
+            decoder_ffn_dim=TINY_WIDTH * 4,
+            max_position_embeddings=TINY_MAX_POSITIONS,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            bos_token_id=None,  # byte tokenizer has no BOS; decoding starts from pad, as in T5
+            decoder_start_token_id=pad,
+            forced_eos_token_id=None,
+        )
+    elif arch == "t5":
+        config = T5Config(
+            vocab_size=vocab,
+            d_model=TINY_WIDTH,
+            d_kv=TINY_WIDTH // TINY_HEADS,
+            d_ff=TINY_WIDTH * 4,
+            num_layers=TINY_LAYERS,
+            num_decoder_layers=TINY_LAYERS,
+            num_heads=TINY_HEADS,
+            pad_token_id=pad,
+            eos_token_id=eos,
+        )
+        config.decoder_start_token_id = pad
+    else:
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=TINY_MAX_POSITIONS,
+            n_embd=TINY_WIDTH,
+            n_layer=TINY_LAYERS,
+            n_head=TINY_HEADS,
+            bos_token_id=eos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    config.stl_base_model = name
+    factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = factory.from_config(config)
+    model.config.name_or_path = name
+    model.to(device=device, dtype=dtype)
+    return model, tokenizer
+
+
+def _load_pretrained(
+    name_or_path: str | Path, *, device: str, dtype: torch.dtype | None
+) -> tuple[PreTrainedModel, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
+        factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = factory.from_pretrained(
+            name_or_path, config=config, dtype=dtype, device_map=device, trust_remote_code=False
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
+    except Exception as e:  # hub/network/format errors come in many types; all mean "cannot load"
+        detail = " ".join(str(e).split())  # one line: the CLI prints it as the run's error
+        raise ModelError(
+            f"model {name_or_path} could not be loaded: {type(e).__name__}: {detail}; check the id or path"
+        ) from e
+    return model, tokenizer
+
+
+def _load_saved(directory: Path, *, device: str, dtype: torch.dtype | None) -> tuple[PreTrainedModel, Any]:
+    if not (directory / STL_MODEL_FILE).is_file():
+        raise ModelError(f"{directory} holds no model saved by stl (no {STL_MODEL_FILE}); rerun its stage")
+    return _load_pretrained(directory, device=device, dtype=dtype)
+
+
+def _make_pad_token_coherent(model: PreTrainedModel, tokenizer: Any) -> None:
+    # Causal LMs such as gpt2 ship without a pad token; padding positions are masked out anyway.
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        if generation.pad_token_id is None:
+            generation.pad_token_id = model.config.pad_token_id
+        if generation.eos_token_id is None:
+            generation.eos_token_id = tokenizer.eos_token_id
+        if is_seq2seq(model) and generation.decoder_start_token_id is None:
+            generation.decoder_start_token_id = model.config.decoder_start_token_id
+
+
+def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
+    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`."""
+    temporary = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_pretrained(temporary)
+    tokenizer.save_pretrained(temporary)
+    info = {
+        "base_model": base_model_name(model),
+        "model_type": model.config.model_type,
+        "seq2seq": is_seq2seq(model),
+    }
+    (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    replace_directory(temporary, directory)
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """Move `source` to `target`, replacing it. A crash leaves either the old or the new one in place:
+    at worst `target` is missing and `<target>.old` holds the previous version (see `existing_directory`).
+    """
+    previous = target.with_name(f"{target.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(source, target)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def existing_directory(target: Path) -> Path | None:
+    """`target` if present, else the `.old` copy a crash inside `replace_directory` may have left."""
+    if target.is_dir():
+        return target
+    previous = target.with_name(f"{target.name}.old")
+    return previous if previous.is_dir() else None
+
+
+# --- text to token ids ----------------------------------------------------------------------------
+
+
+def _keep_head_and_tail(ids: list[int], max_length: int) -> list[int]:
+    # InstructDial puts the instruction first and the question/options last; dropping the middle of the
+    # dialogue context loses least when a source is too long.
+    if len(ids) <= max_length:
+        return ids
+    head = max_length // 4
+    return ids[:head] + ids[len(ids) - (max_length - head) :]
+
+
+def encode_sources(tokenizer: Any, texts: Sequence[str], max_length: int, *, seq2seq: bool) -> list[list[int]]:
+    """Encoder inputs (seq2seq, with the tokenizer's special tokens) or causal-LM prompts ending in EOS,
+    which separates the prompt from the answer. At most `max_length` ids, cut in the middle."""
+    if seq2seq:
+        encoded = tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+        return [_keep_head_and_tail(list(ids), max_length) for ids in encoded]
+    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    separator = tokenizer.eos_token_id
+    return [_keep_head_and_tail(list(ids), max(max_length - 1, 1)) + [separator] for ids in encoded]
+
+
+def encode_targets(tokenizer: Any, texts: Sequence[str], max_length: int, *, seq2seq: bool) -> list[list[int]]:
+    """Target ids ending in EOS, at most `max_length` (cut at the end, EOS kept)."""
+    eos = tokenizer.eos_token_id
+    if seq2seq:
+        encoded = tokenizer(text_target=list(texts), add_special_tokens=True)["input_ids"]
+    else:
+        encoded = [list(ids) + [eos] for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    targets = []
+    for ids in encoded:
+        ids = list(ids)
+        if not ids or ids[-1] != eos:
+            ids.append(eos)
+        if len(ids) > max_length:
+            ids = ids[: max_length - 1] + [eos]
+        targets.append(ids)
+    return targets
+
+
+def pad_sequences(sequences: Iterable[Sequence[int]], pad_value: int, *, left: bool = False) -> torch.Tensor:
+    import torch
+
+    rows = [list(row) for row in sequences]
+    width = max(len(row) for row in rows)
+    padded = [
+        ([pad_value] * (width - len(row)) + row) if left else (row + [pad_value] * (width - len(row))) for row in rows
+    ]
+    return torch.tensor(padded, dtype=torch.long)

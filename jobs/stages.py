@@ -1,0 +1,130 @@
+"""The one seam between the worker and the ML code: run a stage, get its outcome. No Redis here.
+
+Imports stay light (no torch at module level) so the worker can import this before deciding to fork;
+`preload_libraries()` pays the heavy imports once in a forking parent without touching CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import ModelError
+from jobs.evaluate import EvalRun, TaskMetrics, evaluate
+from jobs.models import STL_MODEL_FILE
+from jobs.specs import StageKind
+from jobs.train import DONE_FILE, MODEL_DIR, StepReport, TrainOutcome, TrainRun, train
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from jobs.specs import StageSpec
+
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class StageContext:
+    workdir: Path  # this stage's own directory (checkpoints, model, metrics)
+    parent_dir: Path | None  # the parent stage's workdir (its model is parent_dir/"model"); None: base model
+    device: str
+    on_step: Callable[[StepReport], None]
+    should_stop: Callable[[], str | None]  # None, "cancel" or "preempt"; called often, so keep it cheap
+    log: Callable[[str], None]
+    oom_at_step: int | None = None  # test-only fault injection, see TrainRun.oom_at_step
+
+
+@dataclass
+class StageOutcome:
+    metrics: list[TaskMetrics] = field(default_factory=list)  # eval stages only
+    train: TrainOutcome | None = None  # mtl / finetune stages only
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metrics": [metric.to_dict() for metric in self.metrics],
+            "train": None if self.train is None else self.train.to_dict(),
+        }
+
+
+def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
+    """Run one stage in `ctx.workdir`. A finished stage (done.json present) is not run again.
+
+    Escaping exceptions: StageCanceled, StagePreempted (training checkpointed first), OutOfMemory,
+    DataError (missing/malformed data, unknown task), ModelError (model cannot be built or loaded);
+    anything else is a bug.
+    """
+    ctx.workdir.mkdir(parents=True, exist_ok=True)
+    parent_model = _parent_model_dir(ctx.parent_dir)
+    if spec.kind == StageKind.eval:
+        done = ctx.workdir / DONE_FILE
+        if done.is_file():
+            saved = json.loads(done.read_text())
+            ctx.log(f"stage {spec.stage_id} already evaluated; reusing its metrics")
+            return StageOutcome(metrics=[TaskMetrics.from_dict(m) for m in saved["metrics"]])
+        metrics = evaluate(
+            EvalRun(spec=spec, model_dir=parent_model, device=ctx.device, should_stop=ctx.should_stop, log=ctx.log),
+            on_step=ctx.on_step,
+        )
+        outcome = StageOutcome(metrics=metrics)
+        _write_json(ctx.workdir / METRICS_FILE, outcome.to_dict()["metrics"])
+        _write_json(done, {"stage_id": spec.stage_id, "metrics": outcome.to_dict()["metrics"]})
+        return outcome
+    run = TrainRun(
+        spec=spec,
+        workdir=ctx.workdir,
+        init_from=parent_model,
+        device=ctx.device,
+        should_stop=ctx.should_stop,
+        log=ctx.log,
+        oom_at_step=ctx.oom_at_step,
+    )
+    return StageOutcome(train=train(run, on_step=ctx.on_step))
+
+
+def _parent_model_dir(parent_dir: Path | None) -> Path | None:
+    if parent_dir is None:
+        return None
+    for candidate in (parent_dir / MODEL_DIR, parent_dir):
+        if (candidate / STL_MODEL_FILE).is_file():
+            return candidate
+    raise ModelError(f"parent stage in {parent_dir} has no finished model; run the parent stage first")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def preload_libraries() -> None:
+    """Import torch, transformers, datasets and the model code once, e.g. in a forking worker's parent.
+
+    Only imports: no device queries, so no CUDA context exists before the fork.
+    """
+    import datasets  # noqa: F401
+    import numpy  # noqa: F401
+    import rouge_score.rouge_scorer  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+    import torch.nn.functional  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import (  # noqa: F401  (resolves transformers' lazy modules now, not per job)
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        BartForConditionalGeneration,
+        ByT5Tokenizer,
+        GPT2LMHeadModel,
+        T5ForConditionalGeneration,
+    )
+
+
+def pick_device() -> str:
+    """Return "cuda" when a GPU is usable, else "cpu". Call it in the process that will do the work."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,309 @@
+"""Reading InstructDial-format data, sampling (k-shot, mixture, batches) and the demo dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobs import data
+from jobs.data import (
+    DEMO_EVAL_TASKS,
+    DEMO_TRAIN_TASKS,
+    Example,
+    answer_candidates,
+    cycle_shuffled,
+    few_shot_examples,
+    k_shot,
+    length_grouped_batches,
+    mixture,
+    normalize_answer,
+    parse_options,
+    read_examples,
+    source_text,
+    task_catalog,
+    write_demo_dataset,
+)
+from jobs.errors import DataError
+from jobs.specs import TaskType
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parents[1]
+INSTRUCTDIAL = REPO.parent / "shared" / "data" / "instructdial"
+
+
+def row(task: str, text: str, output: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "task": task,
+        "prompt": f"Instruction: do {task}.\nInput: {text}",
+        "input": text,
+        "output": output,
+        "all_outputs": [output],
+        **extra,
+    }
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def sized(tmp_path: Path) -> Path:
+    """Three tasks with 100, 10 and 1000 rows (interleaved), outputs numbered per task."""
+    rows = [row("mid", f"m {i}", f"mid-{i}") for i in range(100)]
+    rows += [row("small", f"s {i}", f"small-{i}") for i in range(10)]
+    rows += [row("big", f"b {i}", f"big-{i}") for i in range(1000)]
+    rows.sort(key=lambda r: (int(r["output"].split("-")[1]) % 7, r["output"]))
+    return write_rows(tmp_path / "sized.jsonl", rows)
+
+
+def test_options_are_parsed_like_instructdial() -> None:
+    assert parse_options("[CONTEXT] hi [QUESTION] ok? [OPTIONS] yes||||no") == ("yes", "no")
+    assert parse_options("[OPTIONS] 0||||1||||all correct [QUESTION] Which one") == ("0", "1", "all correct")
+    assert parse_options("classes:  [OPTIONS]  none of the above||||yes") == ("none of the above", "yes")
+    assert parse_options("[CONTEXT] no options here") is None
+    assert parse_options("[OPTIONS] ||||") is None
+
+
+def test_indexed_options_are_answered_by_index() -> None:
+    options = ("0: offerbook", "1: recommend", "2: inform")
+    indexed = Example("act", "p", "i", "2", ("2",), options)
+    assert answer_candidates(indexed) == ("0", "1", "2")
+    by_name = Example("act", "p", "i", "inform", ("inform",), ("inform", "greet"))
+    assert answer_candidates(by_name) == ("inform", "greet")
+    assert answer_candidates(Example("gen", "p", "i", "x", ("x",), None)) == ()
+    assert normalize_answer("  Yes \n please ") == "yes please"
+
+
+def test_instructions_switch_picks_prompt_or_input() -> None:
+    example = Example("t", "Instruction: say hi\nInput: hello", "hello", "hi", ("hi",), None)
+    assert source_text(example, instructions=True) == "Instruction: say hi\nInput: hello"
+    assert source_text(example, instructions=False) == "hello"
+
+
+def test_demo_dataset_is_deterministic_and_parses(tmp_path: Path, demo: Path) -> None:
+    again = write_demo_dataset(tmp_path / "again")
+    assert again.read_bytes() == demo.read_bytes()
+    readme = (demo.parent / "README.md").read_text()
+    assert "synthetic" in readme.lower() and "not instructdial" in readme.lower()
+    examples = list(read_examples(str(demo)))
+    assert 200 <= len(examples) <= 600
+    assert {e.task for e in examples} == set(DEMO_TRAIN_TASKS) | set(DEMO_EVAL_TASKS)
+    assert not set(DEMO_TRAIN_TASKS) & set(DEMO_EVAL_TASKS)
+    rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    assert all(r["dataset"] == "stl-demo" for r in rows)
+    assert set(rows[0]) == {
+        "prompt", "input", "output", "all_outputs", "task", "dataset", "candidates", "classes_in_options"
+    }  # fmt: skip
+    catalog = task_catalog(str(demo))
+    held_out_types = {catalog[task] for task in DEMO_EVAL_TASKS}
+    assert held_out_types == {TaskType.classification, TaskType.generation}
+    for example in examples:
+        if catalog[example.task] == TaskType.classification:
+            assert example.options and example.output in example.options
+        else:
+            assert example.options is None
+
+
+def test_read_examples_filters_tasks_in_order(demo: Path) -> None:
+    wanted = ["summarization", "intent_classification"]
+    examples = list(read_examples(str(demo), wanted))
+    assert {e.task for e in examples} == set(wanted)
+    all_examples = [e for e in read_examples(str(demo)) if e.task in wanted]
+    assert examples == all_examples
+
+
+def test_bad_sources_raise_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        list(read_examples(str(tmp_path / "missing.jsonl")))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(row("a", "x", "y")) + "\n{not json\n")
+    with pytest.raises(DataError, match=r"broken.jsonl:2"):
+        list(read_examples(str(broken)))
+    no_output = write_rows(tmp_path / "no_output.jsonl", [{"task": "a", "prompt": "p", "input": "i"}])
+    with pytest.raises(DataError, match="output"):
+        list(read_examples(str(no_output)))
+    with pytest.raises(DataError, match="no examples"):
+        list(islice(mixture(str(no_output), ["zzz"], cap=10, seed=0), 1))
+
+
+def test_unreachable_hf_dataset_is_a_data_error() -> None:
+    with pytest.raises(DataError, match="could not be loaded"):
+        next(read_examples("hf:stl-test/surely-not-a-dataset"))
+
+
+def test_hf_sources_read_and_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    rows = [row("a", f"a{i}", f"a{i}") for i in range(6)] + [row("b", f"b{i}", f"b{i}") for i in range(3)]
+    seen: list[tuple[str, str | None, bool]] = []
+
+    def fake_load(name: str, config: str | None = None, *, split: str, streaming: bool) -> Any:
+        seen.append((name, config, streaming))
+        table = datasets.Dataset.from_list(rows)
+        return table.to_iterable_dataset() if streaming else table
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    assert [e.output for e in read_examples("hf:org/dial:text2text", ["b"])] == ["b0", "b1", "b2"]
+    assert seen[-1] == ("org/dial", "text2text", True)
+    drawn = list(islice(mixture("hf:org/dial", ["a", "b"], cap=100, seed=1), 90))
+    assert Counter(e.task for e in drawn)["a"] > Counter(e.task for e in drawn)["b"]
+    assert {e.output for e in drawn} == {r["output"] for r in rows}
+    assert task_catalog("hf:org/dial") == {}
+
+
+def test_task_catalog_types_and_cache_invalidation(tmp_path: Path) -> None:
+    path = write_rows(tmp_path / "d.jsonl", [row("cls", "q [OPTIONS] yes||||no", "yes"), row("gen", "q", "a")])
+    assert task_catalog(str(path)) == {"cls": TaskType.classification, "gen": TaskType.generation}
+    with path.open("a") as handle:
+        handle.write(json.dumps(row("more", "q", "a")) + "\n")
+    assert "more" in task_catalog(str(path))
+
+
+def test_catalog_and_models_import_without_torch() -> None:
+    code = "import sys, jobs.data, jobs.models, jobs.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_k_shot_is_deterministic(demo: Path) -> None:
+    examples = list(read_examples(str(demo), ["summarization"]))
+    first = k_shot(examples, 8, seed=3)
+    assert first == k_shot(examples, 8, seed=3)
+    assert first != k_shot(examples, 8, seed=4)
+    assert len(first) == 8 and len(set(first)) == 8
+    assert [examples.index(e) for e in first] == sorted(examples.index(e) for e in first)
+    assert k_shot(examples, 10_000, seed=0) == examples
+    assert few_shot_examples(str(demo), ["summarization"], 8, seed=3) == first
+    with pytest.raises(ValueError):
+        k_shot(examples, 0, seed=0)
+
+
+def test_k_shot_does_not_depend_on_hash_randomization(demo: Path) -> None:
+    code = (
+        "import sys; from jobs.data import read_examples, k_shot;"
+        "ex = list(read_examples(sys.argv[1], ['summarization']));"
+        "print([e.output for e in k_shot(ex, 4, seed=7)])"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", code, str(demo)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outputs) == 1
+
+
+def test_mixture_is_examples_proportional_with_a_cap(sized: Path) -> None:
+    drawn = list(islice(mixture(str(sized), ["mid", "small", "big"], cap=100, seed=0), 4200))
+    counts = Counter(e.task for e in drawn)
+    # Rates 100 : 10 : min(1000, 100) -> 1/2.1, 0.1/2.1, 1/2.1.
+    assert abs(counts["mid"] / 4200 - 100 / 210) < 0.04
+    assert abs(counts["small"] / 4200 - 10 / 210) < 0.02
+    assert abs(counts["big"] / 4200 - 100 / 210) < 0.04
+    # The cap keeps 100 of big's rows (a reservoir sample), each seen equally often per epoch.
+    big_outputs = Counter(e.output for e in drawn if e.task == "big")
+    assert len(big_outputs) == 100
+    assert max(big_outputs.values()) - min(big_outputs.values()) <= 1
+    # Small tasks cycle through all their rows.
+    assert len({e.output for e in drawn if e.task == "small"}) == 10
+
+
+def test_mixture_sizes_are_capped_counts(sized: Path) -> None:
+    sizes = data.Mixture(str(sized), ["big", "small", "mid", "big"], cap=100, seed=0).sizes
+    assert sizes == {"big": 100, "small": 10, "mid": 100}
+
+
+def test_task_is_found_in_odd_rows(tmp_path: Path) -> None:
+    rows = [
+        {"metadata": {"task": "inner"}, **row("outer", "q [OPTIONS] a||||b", "a")},
+        row('quote"d', "x", "y"),
+        {"task": "gen", "prompt": "[OPTIONS] only in the prompt", "input": "x", "output": "y"},
+    ]
+    path = write_rows(tmp_path / "odd.jsonl", rows)
+    assert task_catalog(str(path)) == {
+        "outer": TaskType.classification,
+        'quote"d': TaskType.generation,
+        "gen": TaskType.generation,
+    }
+    assert [e.task for e in islice(mixture(str(path), ['quote"d'], cap=5, seed=0), 2)] == ['quote"d'] * 2
+
+
+def test_mixture_is_deterministic_and_resumable(sized: Path) -> None:
+    tasks = ["mid", "small", "big"]
+    full = [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=5), 300)]
+    assert full == [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=5), 300)]
+    assert full != [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=6), 300)]
+    resumed = [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=5, start=123), 177)]
+    assert resumed == full[123:]
+
+
+def test_cycle_shuffled_reshuffles_each_epoch_and_resumes() -> None:
+    examples = [Example("t", str(i), str(i), str(i), (str(i),), None) for i in range(5)]
+    drawn = [e.output for e in islice(cycle_shuffled(examples, seed=1), 15)]
+    assert sorted(drawn[:5]) == sorted(drawn[5:10]) == [str(i) for i in range(5)]
+    assert drawn[:5] != drawn[5:10] or drawn[5:10] != drawn[10:15]
+    assert [e.output for e in islice(cycle_shuffled(examples, seed=1, start=7), 8)] == drawn[7:]
+
+
+def test_length_grouped_batches_resume_exactly(sized: Path) -> None:
+    def stream_from(start: int) -> Any:
+        return mixture(str(sized), ["mid", "big"], cap=1000, seed=2, start=start)
+
+    def batches(start_batch: int, count: int) -> list[list[str]]:
+        produced = length_grouped_batches(
+            stream_from, batch_size=4, seed=2, length=lambda e: len(e.input), start_batch=start_batch, window_batches=5
+        )
+        return [[e.output for e in batch] for batch in islice(produced, count)]
+
+    full = batches(0, 23)
+    assert all(len(batch) == 4 for batch in full)
+    assert batches(7, 16) == full[7:]
+    assert batches(10, 13) == full[10:]
+    # Within a window, batches are sorted by length (then shuffled): each batch spans a narrow range.
+    lengths = [sorted(len(o) for o in batch) for batch in full[:5]]
+    assert sum(b[-1] - b[0] for b in lengths) <= 5
+
+
+@pytest.mark.instructdial
+def test_instructdial_sample_parses() -> None:
+    path = INSTRUCTDIAL / "sample_text2text.jsonl"
+    if not path.is_file():
+        pytest.skip(f"InstructDial sample not found at {path} (it lives in ../shared/data, outside the repo)")
+    examples = list(read_examples(str(path)))
+    assert len(examples) == 1000
+    catalog = task_catalog(str(path))
+    assert len(catalog) == 46
+    assert catalog["act_classification"] == TaskType.classification
+    assert catalog["response_generation"] == TaskType.generation
+    for example in examples:
+        assert example.prompt.startswith("Instruction:")
+        assert example.all_outputs
+        if catalog[example.task] == TaskType.classification:
+            assert example.options is not None
+            candidates = {normalize_answer(c) for c in answer_candidates(example)}
+            assert normalize_answer(example.output) in candidates, example.task
+        else:
+            assert example.options is None
+    shots = few_shot_examples(str(path), ["intent_classification"], 4, seed=0)
+    assert [e.task for e in shots] == ["intent_classification"] * 4
+    assert data.k_shot(list(read_examples(str(path), ["intent_classification"])), 4, seed=0) == shots

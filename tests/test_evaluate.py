@@ -1,0 +1,172 @@
+"""Scoring: log-likelihood ranking, ROUGE-L, batched vs. one-by-one consistency, and a model that learned."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+
+from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, write_demo_dataset
+from jobs.errors import DataError, StageCanceled
+from jobs.evaluate import (
+    EvalRun,
+    TaskMetrics,
+    best_option,
+    evaluate,
+    make_rouge_scorer,
+    rouge_l,
+    sequence_log_likelihoods,
+)
+from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+from jobs.train import TrainRun, train
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+def eval_spec(data: Path, tasks: tuple[str, ...], *, model: str = "tiny:t5", **settings: Any) -> StageSpec:
+    defaults: dict[str, Any] = {"max_examples": 6, "batch_size": 4, "max_new_tokens": 8, "samples": 2}
+    return StageSpec(
+        kind=StageKind.eval, model=model, data=str(data), tasks=tasks, eval=EvalConfig(**{**defaults, **settings})
+    )
+
+
+def run_eval(
+    spec: StageSpec,
+    model_dir: Path | None = None,
+    should_stop: Callable[[], str | None] = lambda: None,
+) -> list[TaskMetrics]:
+    run = EvalRun(spec=spec, model_dir=model_dir, device="cpu", should_stop=should_stop, log=lambda line: None)
+    return evaluate(run, on_step=lambda report: None)
+
+
+def test_sequence_log_likelihood_sums_only_labelled_positions() -> None:
+    logits = torch.tensor(
+        [
+            [[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [9.0, 9.0, 9.0]],
+            [[0.0, 0.0, 1.0], [1.0, 1.0, 1.0], [0.0, 5.0, 0.0]],
+        ]
+    )
+    labels = torch.tensor([[0, 1, -100], [2, -100, 1]])
+    log_probs = torch.log_softmax(logits, dim=-1)
+    expected = torch.stack([log_probs[0, 0, 0] + log_probs[0, 1, 1], log_probs[1, 0, 2] + log_probs[1, 2, 1]])
+    assert torch.allclose(sequence_log_likelihoods(logits, labels), expected)
+
+
+def test_rank_classification_picks_the_likeliest_option() -> None:
+    # Three one-token options (ids 0, 1, 2); the model puts most mass on id 1 ("no").
+    logits = torch.tensor([[[0.1, 4.0, -1.0]]]).expand(3, 1, 3)
+    options = torch.tensor([[0], [1], [2]])
+    scores = sequence_log_likelihoods(logits, options).tolist()
+    assert best_option(scores) == 1
+    assert best_option([0.5, 0.5, 0.1]) == 0  # ties: first option
+    assert best_option([-3.0, -1.0, -2.0]) == 1
+    with pytest.raises(ValueError):
+        best_option([])
+
+
+@pytest.mark.parametrize(
+    ("prediction", "references"),
+    [
+        ("the cat sat on the mat", ["the cat is on the mat"]),
+        ("Booked your flights to Rome!", ["sure , i booked your flight to rome .", "flight booked"]),
+        ("", ["anything"]),
+        ("completely different", ["nothing shared here"]),
+    ],
+)
+def test_rouge_l_equals_rouge_score(prediction: str, references: list[str]) -> None:
+    scorer = make_rouge_scorer()
+    expected = max(scorer.score(reference, prediction)["rougeL"].fmeasure for reference in references)
+    assert rouge_l(prediction, references) == pytest.approx(expected)
+    assert 0.0 <= rouge_l(prediction, references, scorer) <= 1.0
+    assert rouge_l("flight booked", ["sure , i booked your flight", "flight booked"]) == 1.0
+
+
+def briefly_trained(demo: Path, workdir: Path, model: str) -> Path:
+    """A model trained just enough to emit text (an untrained byte model emits invalid UTF-8, i.e. "")."""
+    spec = StageSpec(
+        kind=StageKind.mtl,
+        model=model,
+        data=str(demo),
+        tasks=(*DEMO_TRAIN_TASKS, *DEMO_EVAL_TASKS),
+        train=TrainConfig(max_steps=30, batch_size=8, learning_rate=1e-2, max_source_length=96, checkpoint_every=100),
+    )
+    run = TrainRun(spec=spec, workdir=workdir, init_from=None, device="cpu", should_stop=lambda: None, log=print)
+    train(run, on_step=lambda report: None)
+    return workdir / "model"
+
+
+@pytest.mark.parametrize("model", ["tiny:t5", "tiny:gpt2"])
+def test_batched_scoring_matches_one_example_at_a_time(tmp_path: Path, demo: Path, model: str) -> None:
+    tasks = ("intent_classification", "summarization")
+    model_dir = briefly_trained(demo, tmp_path, model)
+    batched = run_eval(eval_spec(demo, tasks, model=model, batch_size=4), model_dir=model_dir)
+    single = run_eval(eval_spec(demo, tasks, model=model, batch_size=1), model_dir=model_dir)
+    assert [m.to_dict() for m in batched] == [m.to_dict() for m in single]
+    classification, generation = batched
+    assert (classification.task_type, classification.metric, classification.n) == ("classification", "accuracy", 6)
+    assert (generation.task_type, generation.metric, generation.n) == ("generation", "rougeL", 6)
+    assert 0.0 <= classification.value <= 1.0 and 0.0 <= generation.value <= 1.0
+    assert len(generation.samples) == 2
+    if model == "tiny:t5":  # 30 steps teach t5 some words; gpt2 still answers with spaces
+        assert all(sample["prediction"] for sample in generation.samples)
+    assert set(generation.samples[0]) == {"source", "prediction", "references"}
+    assert json.loads(json.dumps(classification.to_dict())) == classification.to_dict()
+    assert TaskMetrics.from_dict(classification.to_dict()) == classification
+
+
+def test_eval_errors_and_cancel(demo: Path) -> None:
+    with pytest.raises(DataError, match="no_such_task"):
+        run_eval(eval_spec(demo, ("no_such_task",)))
+    with pytest.raises(StageCanceled):
+        run_eval(eval_spec(demo, DEMO_EVAL_TASKS), should_stop=lambda: "cancel")
+
+
+def write_yes_no(path: Path, task: str, answer: str, n: int, offset: int = 0) -> None:
+    words = ["tea", "rain", "bus", "song", "cake", "park", "book", "lamp", "door", "bird"]
+    rows = []
+    for i in range(offset, offset + n):
+        text = f"[CONTEXT] {words[i % 10]} {words[(i * 3) % 10]} [QUESTION] ok? [OPTIONS] yes||||no"
+        rows.append({"task": task, "prompt": f"Instruction: answer.\nInput: {text}", "input": text, "output": answer})
+    with path.open("a") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def test_a_model_trained_to_say_yes_is_scored_right(tmp_path: Path) -> None:
+    data = tmp_path / "yes.jsonl"
+    write_yes_no(data, "always_yes", "yes", 24)
+    write_yes_no(data, "held_out_yes", "yes", 8, offset=50)
+    write_yes_no(data, "held_out_no", "no", 8, offset=50)
+    spec = StageSpec(
+        kind=StageKind.mtl,
+        model="tiny:t5",
+        data=str(data),
+        tasks=("always_yes",),
+        train=TrainConfig(max_steps=40, batch_size=8, learning_rate=1e-2, warmup_ratio=0.1, checkpoint_every=100),
+    )
+    run = TrainRun(spec=spec, workdir=tmp_path / "w", init_from=None, device="cpu", should_stop=lambda: None, log=print)
+    train(run, on_step=lambda report: None)
+    tasks = ("held_out_yes", "held_out_no")
+    untrained_yes, _ = run_eval(eval_spec(data, tasks, max_examples=8))
+    yes, no = run_eval(eval_spec(data, tasks, max_examples=8), model_dir=tmp_path / "w" / "model")
+    assert (yes.value, no.value) == (1.0, 0.0), (untrained_yes.value, yes.samples, no.samples)
+    assert yes.samples[0]["prediction"] == "yes" and no.samples[0]["references"] == ["no"]
+
+
+def test_demo_tasks_split_into_train_and_held_out() -> None:
+    assert set(DEMO_EVAL_TASKS).isdisjoint(DEMO_TRAIN_TASKS)

@@ -1,0 +1,119 @@
+"""Tiny offline models, hub/local loading errors, save/load round trips and text encoding."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+import torch
+
+from jobs.errors import ModelError
+from jobs.models import (
+    TINY_ARCHS,
+    base_model_name,
+    check_model_name,
+    encode_sources,
+    encode_targets,
+    is_seq2seq,
+    load_model_and_tokenizer,
+    pad_sequences,
+    save_model,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
+torch.set_num_threads(1)
+
+
+def weights_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    left, right = a.state_dict(), b.state_dict()
+    return left.keys() == right.keys() and all(torch.equal(left[k], right[k]) for k in left)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_tiny_models_build_offline_with_coherent_ids(arch: str) -> None:
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
+    model, tokenizer = load_model_and_tokenizer(f"tiny:{arch}", device="cpu", seed=0)
+    params = sum(p.numel() for p in model.parameters())
+    assert 100_000 <= params <= 3_000_000
+    assert is_seq2seq(model) == (arch != "gpt2")
+    assert model.config.pad_token_id == tokenizer.pad_token_id is not None
+    assert model.config.eos_token_id == tokenizer.eos_token_id
+    assert model.config.vocab_size >= len(tokenizer)
+    if is_seq2seq(model):
+        assert model.config.decoder_start_token_id == tokenizer.pad_token_id
+        assert model.generation_config.decoder_start_token_id == tokenizer.pad_token_id
+    assert model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert base_model_name(model) == f"tiny:{arch}"
+    # A forward pass with a loss works.
+    ids = pad_sequences(encode_sources(tokenizer, ["hello there"], 32, seq2seq=is_seq2seq(model)), 0)
+    labels = pad_sequences(encode_targets(tokenizer, ["hi"], 8, seq2seq=is_seq2seq(model)), -100)
+    out = model(input_ids=ids, labels=labels if is_seq2seq(model) else ids)
+    assert torch.isfinite(out.loss)
+
+
+def test_seed_fixes_initialisation() -> None:
+    first, _ = load_model_and_tokenizer("tiny:t5", device="cpu", seed=1)
+    again, _ = load_model_and_tokenizer("tiny:t5", device="cpu", seed=1)
+    other, _ = load_model_and_tokenizer("tiny:t5", device="cpu", seed=2)
+    assert weights_equal(first, again)
+    assert not weights_equal(first, other)
+
+
+@pytest.mark.parametrize("arch", ["bart", "gpt2"])
+def test_save_and_load_round_trip(tmp_path: Path, arch: str) -> None:
+    model, tokenizer = load_model_and_tokenizer(f"tiny:{arch}", device="cpu", seed=0)
+    directory = tmp_path / "model"
+    save_model(model, tokenizer, directory)
+    save_model(model, tokenizer, directory)  # replacing an existing save works
+    assert (directory / "model.safetensors").is_file()
+    info = json.loads((directory / "stl_model.json").read_text())
+    assert info == {"base_model": f"tiny:{arch}", "model_type": model.config.model_type, "seq2seq": arch != "gpt2"}
+    loaded, loaded_tokenizer = load_model_and_tokenizer("ignored", device="cpu", seed=5, init_from=directory)
+    assert weights_equal(model, loaded)
+    assert base_model_name(loaded) == f"tiny:{arch}"
+    assert loaded_tokenizer("abc")["input_ids"] == tokenizer("abc")["input_ids"]
+    assert not list(tmp_path.glob(".model*"))
+
+
+def test_loading_failures_are_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"could not be loaded: .*check the id or path") as caught:
+        load_model_and_tokenizer("stl-test/surely-not-a-model", device="cpu", seed=0)
+    assert caught.value.__cause__ is not None
+    with pytest.raises(ModelError, match="no model saved by stl"):
+        load_model_and_tokenizer("tiny:t5", device="cpu", seed=0, init_from=tmp_path)
+    with pytest.raises(ModelError, match="unknown tiny model"):
+        load_model_and_tokenizer("tiny:llama", device="cpu", seed=0)
+
+
+def test_check_model_name() -> None:
+    for good in ("tiny:bart", "tiny:t5", "tiny:gpt2", "facebook/bart-base", "gpt2", "bigscience/T0_3B", "/models/x"):
+        assert check_model_name(good) is None, good
+    assert "unknown tiny model" in (check_model_name("tiny:llama") or "")
+    assert "empty" in (check_model_name("  ") or "")
+    for bad in ("a b", "x" * 400, "owner/name/extra/more", "bad\x00name", "-dash/start"):
+        assert check_model_name(bad), bad
+
+
+def test_encoding_keeps_head_tail_and_eos() -> None:
+    _, tokenizer = load_model_and_tokenizer("tiny:t5", device="cpu", seed=0)
+    eos = tokenizer.eos_token_id
+    [source] = encode_sources(tokenizer, ["ABCDEFGHIJKLMNOP"], 8, seq2seq=True)
+    assert len(source) == 8 and source[-1] == eos
+    text = str(tokenizer.decode(source, skip_special_tokens=True))
+    assert text.startswith("AB") and text.endswith("NOP")
+    [prompt] = encode_sources(tokenizer, ["ABCDEFGHIJKLMNOP"], 8, seq2seq=False)
+    assert len(prompt) == 8 and prompt[-1] == eos  # EOS separates prompt from answer
+    short, long = encode_targets(tokenizer, ["yes", "a much longer answer"], 6, seq2seq=True)
+    assert short == tokenizer("yes")["input_ids"]
+    assert len(long) == 6 and long[-1] == eos
+    assert encode_targets(tokenizer, ["yes"], 6, seq2seq=False) == [short]
+    padded = pad_sequences([[1, 2, 3], [4]], 0, left=True)
+    assert padded.tolist() == [[1, 2, 3], [0, 0, 4]]

@@ -1,0 +1,217 @@
+"""The training loop: deterministic resume, cancel/preempt, OOM back-off, reports, and the stage seam."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from safetensors import torch as safetensors_torch
+
+from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, write_demo_dataset
+from jobs.errors import ModelError, OutOfMemory, StageCanceled, StagePreempted
+from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+from jobs.stages import StageContext, execute_stage
+from jobs.train import OomRetry, StepReport, TrainRun, _warmup_then_linear_decay, train
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+def train_spec(demo: Path, *, model: str = "tiny:t5", kind: str = "mtl", **settings: Any) -> StageSpec:
+    defaults: dict[str, Any] = {
+        "max_steps": 9,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "checkpoint_every": 4,
+        "max_source_length": 48,
+        "max_target_length": 12,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.2,
+    }
+    tasks = DEMO_TRAIN_TASKS if kind == "mtl" else (DEMO_EVAL_TASKS[1],)
+    return StageSpec(
+        kind=StageKind(kind),
+        model=model,
+        data=str(demo),
+        tasks=tasks,
+        shots=6 if kind == "finetune" else 0,
+        seed=11,
+        train=TrainConfig(**{**defaults, **settings}),
+    )
+
+
+def stop_after(steps: int, request: str) -> Callable[[], str | None]:
+    """should_stop() that asks for `request` once `steps` steps have run (it is called before each step)."""
+    calls = {"n": 0}
+
+    def should_stop() -> str | None:
+        calls["n"] += 1
+        return request if calls["n"] > steps else None
+
+    return should_stop
+
+
+def run_training(
+    spec: StageSpec,
+    workdir: Path,
+    *,
+    should_stop: Callable[[], str | None] = lambda: None,
+    init_from: Path | None = None,
+    oom_at_step: int | None = None,
+    reports: list[StepReport] | None = None,
+) -> tuple[Any, list[str]]:
+    lines: list[str] = []
+    run = TrainRun(
+        spec=spec,
+        workdir=workdir,
+        init_from=init_from,
+        device="cpu",
+        should_stop=should_stop,
+        log=lines.append,
+        oom_at_step=oom_at_step,
+    )
+    outcome = train(run, on_step=(reports.append if reports is not None else lambda report: None))
+    return outcome, lines
+
+
+def saved_weights(workdir: Path) -> dict[str, torch.Tensor]:
+    return safetensors_torch.load_file(str(workdir / "model" / "model.safetensors"))
+
+
+def assert_bit_identical(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name
+
+
+@pytest.mark.parametrize(
+    ("model", "kind", "stop_at"),
+    [("tiny:t5", "mtl", 5), ("tiny:gpt2", "finetune", 3)],
+)
+def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
+    tmp_path: Path, demo: Path, model: str, kind: str, stop_at: int
+) -> None:
+    spec = train_spec(demo, model=model, kind=kind)
+    straight, _ = run_training(spec, tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(StagePreempted, match=f"step {stop_at}"):
+        run_training(spec, interrupted, should_stop=stop_after(stop_at, "preempt"))
+    state = json.loads((interrupted / "checkpoint" / "state.json").read_text())
+    assert state["step"] == stop_at and state["data"]["next_batch"] == stop_at
+    assert not (interrupted / "model").exists()
+
+    resumed, lines = run_training(spec, interrupted)
+    assert f"resumed from step {stop_at}" in lines
+    assert resumed.resumed_from == stop_at and resumed.steps == straight.steps == 9
+    assert_bit_identical(saved_weights(tmp_path / "straight"), saved_weights(interrupted))
+    assert not (interrupted / "checkpoint").exists()  # a finished stage drops its checkpoint
+    done = json.loads((interrupted / "done.json").read_text())
+    assert done["stage_id"] == spec.stage_id and done["train"]["steps"] == 9
+
+
+def test_cancel_raises_without_checkpoint(tmp_path: Path, demo: Path) -> None:
+    spec = train_spec(demo, checkpoint_every=100)
+    with pytest.raises(StageCanceled):
+        run_training(spec, tmp_path, should_stop=stop_after(2, "cancel"))
+    assert not (tmp_path / "checkpoint").exists()
+    assert not (tmp_path / "done.json").exists()
+
+
+def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo: Path) -> None:
+    spec = train_spec(demo, batch_size=4, grad_accum=1, checkpoint_every=2, max_steps=6)
+    outcome, lines = run_training(spec, tmp_path, oom_at_step=3)
+    assert outcome.steps == 6
+    assert (outcome.micro_batch, outcome.grad_accum) == (2, 2)
+    assert outcome.oom_retries == [
+        OomRetry(step=3, micro_batch=4, new_micro_batch=2, new_grad_accum=2, restarted_from=2)
+    ]
+    assert any("out of GPU memory at step 3" in line for line in lines)
+    assert "resumed from step 2" in lines
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    recorded = json.loads((tmp_path / "done.json").read_text())["train"]["oom_retries"]
+    assert recorded == [outcome.oom_retries[0].to_dict()]
+
+
+def test_out_of_memory_at_micro_batch_one_fails_clearly(tmp_path: Path, demo: Path) -> None:
+    spec = train_spec(demo, batch_size=1, grad_accum=1, max_steps=4)
+    with pytest.raises(OutOfMemory, match="even at micro-batch 1.*lower max_source_length or use a smaller model"):
+        run_training(spec, tmp_path, oom_at_step=2)
+
+
+def test_reports_schedule_and_reuse_of_a_finished_stage(tmp_path: Path, demo: Path) -> None:
+    spec = train_spec(demo, model="tiny:bart", max_steps=12, warmup_ratio=0.25, checkpoint_every=100)
+    reports: list[StepReport] = []
+    outcome, _ = run_training(spec, tmp_path, reports=reports)
+    assert [r.step for r in reports] == [1, 10, 12]
+    assert all(r.total == 12 and r.phase == "train" and r.loss > 0 for r in reports)
+    assert all(r.samples_per_s > 0 and r.tokens_per_s > 0 for r in reports)
+    assert (reports[-1].micro_batch, reports[-1].grad_accum) == (2, 2)
+    assert json.dumps(reports[-1].to_dict())
+    assert outcome.final_loss == reports[-1].loss and outcome.resumed_from is None
+    again, lines = run_training(spec, tmp_path)
+    assert again == outcome and any("already trained" in line for line in lines)
+
+
+def test_learning_rate_warms_up_then_decays_linearly() -> None:
+    factor = _warmup_then_linear_decay(max_steps=10, warmup_ratio=0.3)
+    values = [factor(step) for step in range(10)]
+    assert values[:3] == [0.25, 0.5, 0.75]
+    assert values[3] == 1.0
+    assert all(a > b for a, b in zip(values[3:], values[4:], strict=False))
+    assert values[-1] > 0
+
+
+def test_stage_chain_mtl_then_finetune_then_eval(tmp_path: Path, demo: Path) -> None:
+    mtl = train_spec(demo, model="tiny:bart", max_steps=4)
+    finetune = train_spec(demo, model="tiny:bart", kind="finetune", max_steps=3)
+    evaluation = StageSpec(
+        kind=StageKind.eval,
+        model="tiny:bart",
+        data=str(demo),
+        tasks=DEMO_EVAL_TASKS,
+        eval=EvalConfig(max_examples=3, batch_size=4, max_new_tokens=6, samples=1),
+    )
+    reports: list[StepReport] = []
+    lines: list[str] = []
+
+    def context(name: str, parent: str | None) -> StageContext:
+        return StageContext(
+            workdir=tmp_path / name,
+            parent_dir=None if parent is None else tmp_path / parent,
+            device="cpu",
+            on_step=reports.append,
+            should_stop=lambda: None,
+            log=lines.append,
+        )
+
+    first = execute_stage(mtl, context("mtl", None))
+    assert first.train is not None and first.train.steps == 4 and first.metrics == []
+    second = execute_stage(finetune, context("finetune", "mtl"))
+    assert second.train is not None and second.train.steps == 3
+    third = execute_stage(evaluation, context("eval", "finetune"))
+    assert [m.task for m in third.metrics] == list(DEMO_EVAL_TASKS)
+    assert third.train is None
+    outcome = json.loads(json.dumps(third.to_dict()))
+    assert outcome["metrics"][0]["n"] == 3
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text()) == outcome["metrics"]
+    assert any(r.phase == "eval" for r in reports)
+    # A finished eval stage is not run again.
+    assert execute_stage(evaluation, context("eval", "finetune")).metrics == third.metrics
+    with pytest.raises(ModelError, match="no finished model"):
+        execute_stage(evaluation, context("eval-orphan", "missing-parent"))
