@@ -344,8 +344,9 @@ def plot_curves(
     out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
+    from cli.render import format_cell
     from jobs.plots import plot_loss_curves
-    from jobs.records import loss_curve, resolve_run_ids
+    from jobs.records import loss_curve, resolve_run_ids, run_cell
 
     with handled():
         settings = _settings()
@@ -356,7 +357,7 @@ def plot_curves(
             if not points:
                 typer.echo(f"stl: run {run_id} has no training steps yet (zero-shot runs have none)", err=True)
                 continue
-            curves[run_id[:10]] = points
+            curves[f"{run_id[:8]} {format_cell(run_cell(conn, run_id))}"] = points
         if not curves:
             raise UsageError("none of these runs has a training-loss curve")
         typer.echo(f"wrote {plot_loss_curves(curves, out)}")

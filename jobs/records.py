@@ -278,6 +278,13 @@ def run_status(conn: redis.Redis, run_id: str) -> str:
     return text(conn.hget(keys.run(run_id), "status"))
 
 
+def run_cell(conn: redis.Redis, run_id: str) -> dict[str, Any]:
+    raw = conn.hget(keys.run(run_id), "cell")
+    if raw is None:
+        raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
+    return dict(json.loads(text(raw)))
+
+
 def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
     """The training-loss curve of a run: its training stages' steps, one after the other."""
     raw_stages = conn.hget(keys.run(run_id), "stages")
