@@ -293,11 +293,12 @@ def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
     points: list[tuple[int, float]] = []
     offset = 0
     for sid in json.loads(text(raw_stages)):
-        steps = [json.loads(text(x)) for x in conn.lrange(keys.stage_steps(sid), 0, -1)]
+        records = [json.loads(text(x)) for x in conn.lrange(keys.stage_steps(sid), 0, -1)]
+        # Evaluation reports progress without a loss (None or NaN): only training steps make the curve.
+        steps = [s for s in records if isinstance(s.get("loss"), int | float) and s["loss"] == s["loss"]]
         if not steps:
             continue
         for step in steps:
-            if step.get("loss") is not None:
-                points.append((offset + int(step["step"]), float(step["loss"])))
+            points.append((offset + int(step["step"]), float(step["loss"])))
         offset += max(int(s["step"]) for s in steps)
     return points
