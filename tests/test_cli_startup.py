@@ -1,0 +1,75 @@
+"""Commands that do not train start fast (no torch), and a laptop with no Redis gets an embedded one."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import pytest
+import redis
+
+from tests.conftest import free_port
+from tests.helpers import write_grid
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+HEAVY = ("torch", "transformers", "datasets", "matplotlib")
+
+
+def modules_loaded_by(args: list[str]) -> set[str]:
+    """Run a CLI command in a fresh interpreter and return the heavy modules it imported."""
+    script = ("import sys\nfrom cli.main import app\n"
+              "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+              f"print('LOADED=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                            timeout=120, check=False)
+    line = next(x for x in result.stdout.splitlines() if x.startswith("LOADED="))
+    return {m for m in line.removeprefix("LOADED=").split(",") if m}
+
+
+def test_help_status_and_enqueue_do_not_import_torch(stl_env: Path, tmp_path: Path, demo_data: Path) -> None:
+    assert modules_loaded_by(["--help"]) == set()
+    assert modules_loaded_by(["status", "--once"]) == set()
+    assert modules_loaded_by(["enqueue", str(write_grid(tmp_path, demo_data)), "--dry-run"]) == set()
+    assert modules_loaded_by(["enqueue", str(write_grid(tmp_path, demo_data))]) == set()
+    assert modules_loaded_by(["results", "test-grid"]) == set()
+
+
+def test_embedded_redis_starts_when_nothing_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from jobs import connection, settings
+
+    port = free_port()
+    monkeypatch.delenv("STL_REDIS_URL", raising=False)
+    monkeypatch.setenv("STL_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(settings, "DEFAULT_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    monkeypatch.setattr(connection, "EMBEDDED_PORT", port)
+    conn = connection.connect(settings.load_settings())
+    try:
+        assert "started an embedded redis-server" in capsys.readouterr().err
+        conn.set("stl:test", "1")
+        assert conn.config_get("appendonly")["appendonly"] == "yes"
+        assert conn.config_get("dir")["dir"] == str((tmp_path / "home" / "redis").resolve())
+        # a second `stl` finds it running and starts nothing
+        again = connection.connect(settings.load_settings())
+        assert again.get("stl:test") == b"1"
+        assert "started" not in capsys.readouterr().err
+    finally:
+        try:
+            conn.shutdown(nosave=True)
+        except redis.ConnectionError:
+            pass
+
+
+def test_explicit_url_that_is_down_is_an_error_not_an_embedded_server(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import connection, settings
+    from jobs.errors import RedisUnavailable
+
+    monkeypatch.setenv("STL_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("STL_HOME", str(tmp_path / "home"))
+    with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
+        connection.connect(settings.load_settings())
+    assert not (tmp_path / "home" / "redis").exists()
