@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from typing import TYPE_CHECKING
@@ -57,10 +58,8 @@ def test_embedded_redis_starts_when_nothing_answers(tmp_path: Path, monkeypatch:
         assert again.get("stl:test") == b"1"
         assert "started" not in capsys.readouterr().err
     finally:
-        try:
+        with contextlib.suppress(redis.ConnectionError):
             conn.shutdown(nosave=True)
-        except redis.ConnectionError:
-            pass
 
 
 def test_explicit_url_that_is_down_is_an_error_not_an_embedded_server(
