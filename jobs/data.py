@@ -9,6 +9,7 @@ imported inside the functions that read `hf:` sources, and nothing here imports 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 HF_PREFIX = "hf:"
+# On-disk caches under STL_HOME/cache (safetensors files, never pickle). Bump a format to drop old entries.
+CACHE_FORMAT = 1
+INDEX_CACHE_DIR = "index"  # per-task row offsets of a JSONL file
+TOKEN_CACHE_DIR = "tokens"  # encoded token ids (few-shot sets, eval examples)
 HF_SPLIT = "train"
 REQUIRED_FIELDS = ("task", "prompt", "input", "output")
 
@@ -219,10 +224,12 @@ class _RowStore:
     memory, only 8 bytes per indexed row.
     """
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, cache_dir: Path | None = None, log: Callable[[str], None] | None = None) -> None:
         self.source = source
         self._path: Path | None = None
         self._dataset: Any = None
+        self._cache_dir = cache_dir
+        self._log = log or (lambda line: None)
         if is_hf_source(source):
             self._dataset = _load_hf(source, streaming=False)
         else:
@@ -239,14 +246,25 @@ class _RowStore:
                     position += 1
             return keys
         assert self._path is not None
-        with self._path.open("rb") as handle:
-            offset = 0
-            for line in handle:
-                if line.strip():
-                    task = _task_of_line(line)
-                    if task in keys:
-                        keys[task].append(offset)
-                offset += len(line)
+        fingerprint = source_fingerprint(self.source)
+        if self._cache_dir is None or fingerprint is None:
+            keys.update(_scan_offsets(self._path, frozenset(keys)))
+            return keys
+        # The pass over a multi-GB file is what makes a stage slow to start: index every task once and
+        # keep the offsets, so later stages on the same file (any tasks) skip it.
+        cache = self._cache_dir / INDEX_CACHE_DIR / f"{cache_key({'kind': 'row-index', **fingerprint})}.safetensors"
+        cached = _load_row_index(cache, list(keys))
+        if cached is not None:
+            self._log(f"row index cache hit for {self._path} ({cache})")
+            keys.update(cached)
+            return keys
+        every_task = _scan_offsets(self._path, None)
+        try:
+            _save_row_index(cache, every_task, description=str(self._path))
+            self._log(f"row index cache miss for {self._path}; wrote {cache}")
+        except OSError as e:
+            self._log(f"row index cache miss for {self._path}; could not write {cache}: {e}")
+        keys.update({task: every_task[task] for task in keys if task in every_task})
         return keys
 
     def rows(self, keys: Iterable[int]) -> Iterator[Example]:
@@ -264,6 +282,127 @@ class _RowStore:
                 except ValueError as e:
                     raise DataError(f"{self._path} at byte {key}: not valid JSON ({e})") from e
                 yield example_from_row(row, f"{self._path} at byte {key}")
+
+
+def _scan_offsets(path: Path, tasks: frozenset[str] | None) -> dict[str, array[int]]:
+    """Byte offsets of the rows of each task (every task when `tasks` is None), in file order."""
+    keys: dict[str, array[int]] = {}
+    with path.open("rb") as handle:
+        offset = 0
+        for line in handle:
+            if line.strip():
+                task = _task_of_line(line)
+                if task is not None and (tasks is None or task in tasks):
+                    keys.setdefault(task, array("q")).append(offset)
+            offset += len(line)
+    return keys
+
+
+def _save_row_index(path: Path, keys: Mapping[str, array[int]], *, description: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    names = list(keys)
+    arrays = {f"t{i}": np.frombuffer(keys[name], dtype=np.int64) for i, name in enumerate(names)}
+    metadata = {"format": str(CACHE_FORMAT), "tasks": json.dumps(names), "source": description}
+    _write_cache_file(path, lambda temporary: save_file(arrays, str(temporary), metadata=metadata))
+
+
+def _load_row_index(path: Path, tasks: Sequence[str]) -> dict[str, array[int]] | None:
+    """The cached offsets of `tasks` (tasks absent from the file are left out); None if not cached."""
+    if not path.is_file():
+        return None
+    import numpy as np
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as cached:
+            metadata = cached.metadata() or {}
+            if metadata.get("format") != str(CACHE_FORMAT):
+                return None
+            position = {name: i for i, name in enumerate(json.loads(metadata["tasks"]))}
+            found: dict[str, array[int]] = {}
+            for task in tasks:
+                if task in position:
+                    offsets = array("q")
+                    offsets.frombytes(np.ascontiguousarray(cached.get_tensor(f"t{position[task]}"), np.int64).tobytes())
+                    found[task] = offsets
+            return found
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # damaged: a miss, then rewritten
+        return None
+
+
+# --- on-disk caches ---------------------------------------------------------------------------------
+
+
+def source_fingerprint(source: str) -> dict[str, Any] | None:
+    """What identifies a JSONL file's contents, cheaply: its path, size and modification time (hashing a
+    multi-GB file would cost as much as the pass the cache saves). None for hf: sources, which are not
+    cached here (the datasets library keeps its own cache)."""
+    if is_hf_source(source):
+        return None
+    path = _jsonl_path(source).resolve()
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+    """sha256 of the JSON of everything that decides a cached value, plus the cache format."""
+    payload = json.dumps({"cache_format": CACHE_FORMAT, **parts}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def token_cache_path(cache_dir: Path, parts: Mapping[str, Any]) -> Path:
+    return cache_dir / TOKEN_CACHE_DIR / f"{cache_key(parts)}.safetensors"
+
+
+def save_token_lists(path: Path, groups: Mapping[str, Sequence[Sequence[int]]], *, description: str = "") -> None:
+    """Write named lists of token-id sequences (ragged) as one safetensors file, atomically."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    arrays: dict[str, Any] = {}
+    for name, rows in groups.items():
+        arrays[f"{name}.ids"] = np.fromiter((i for row in rows for i in row), dtype=np.int64)
+        arrays[f"{name}.lengths"] = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
+    metadata = {"format": str(CACHE_FORMAT), "groups": json.dumps(list(groups)), "description": description}
+    _write_cache_file(path, lambda temporary: save_file(arrays, str(temporary), metadata=metadata))
+
+
+def load_token_lists(path: Path) -> dict[str, list[list[int]]] | None:
+    """What `save_token_lists` wrote; None when the file is missing, of another format, or damaged."""
+    if not path.is_file():
+        return None
+    import numpy as np
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as cached:
+            metadata = cached.metadata() or {}
+            if metadata.get("format") != str(CACHE_FORMAT):
+                return None
+            groups: dict[str, list[list[int]]] = {}
+            for name in json.loads(metadata["groups"]):
+                ids = cached.get_tensor(f"{name}.ids").tolist()
+                lengths = cached.get_tensor(f"{name}.lengths")
+                if int(lengths.sum()) != len(ids):
+                    return None
+                ends = np.cumsum(lengths).tolist()
+                groups[name] = [ids[end - length : end] for end, length in zip(ends, lengths.tolist(), strict=True)]
+            return groups
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # damaged: a miss, then rewritten
+        return None
+
+
+def _write_cache_file(path: Path, write: Callable[[Path], None]) -> None:
+    # Written aside and renamed: a reader (another work horse) sees the old file or the whole new one.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 # Finding `"task": "..."` with a regex is several times faster than parsing the whole row, which
@@ -295,14 +434,23 @@ def _indexed_tasks(store: _RowStore, tasks: Iterable[str]) -> dict[str, array[in
     return keys
 
 
-def few_shot_examples(source: str, tasks: Iterable[str], k: int, seed: int) -> list[Example]:
+def few_shot_examples(
+    source: str,
+    tasks: Iterable[str],
+    k: int,
+    seed: int,
+    *,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[Example]:
     """k_shot() of each task's examples, read by index so a large task is never held in memory.
 
     Gives the same examples as `k_shot(list(read_examples(source, [task])), k, seed)` per task.
+    With `cache_dir`, a JSONL file's row index is cached there (see `_RowStore.index`).
     """
     if k <= 0:
         raise DataError(f"few-shot fine-tuning needs shots > 0, got {k}")
-    store = _RowStore(source)
+    store = _RowStore(source, cache_dir=cache_dir, log=log)
     chosen: list[Example] = []
     for keys in _indexed_tasks(store, tasks).values():
         picked = [keys[i] for i in _chosen_indices(len(keys), k, seed)]
@@ -326,17 +474,27 @@ class Mixture:
 
     How it streams (memory stays flat as the data grows):
     1. One pass over the source builds, per task, the keys (byte offsets / row numbers) of its rows,
-       thinned to at most `cap` by reservoir sampling: 8 bytes per row, never the text.
+       thinned to at most `cap` by reservoir sampling: 8 bytes per row, never the text. With
+       `cache_dir`, a JSONL file's offsets are kept there and later mixtures skip the pass.
     2. Each draw picks a task with probability min(n_task, cap) / sum(min(n, cap)), then takes that
        task's next key from a per-epoch shuffle of its pool, and reads that one row.
     `stream(start)` skips the first `start` draws without reading them (only random numbers are
     replayed), so a resumed training run continues exactly where it stopped.
     """
 
-    def __init__(self, source: str, tasks: Iterable[str], *, cap: int, seed: int) -> None:
+    def __init__(
+        self,
+        source: str,
+        tasks: Iterable[str],
+        *,
+        cap: int,
+        seed: int,
+        cache_dir: Path | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
         if cap <= 0:
             raise DataError(f"mixture cap must be positive, got {cap}")
-        self._store = _RowStore(source)
+        self._store = _RowStore(source, cache_dir=cache_dir, log=log)
         self._seed = seed
         self._pools = {
             task: _reservoir(keys, cap, _seeded("pool", seed, task))

@@ -6,11 +6,12 @@ encoder runs once per example and all of its options go through the decoder in b
 Generation: batched greedy decoding with the KV cache; the score is rouge-score's ROUGE-L F-measure
 (stemming on) against the best of the example's accepted outputs, averaged over examples, on a 0..1 scale
 (multiply by 100 for the paper's tables).
+Each task's sources and answer candidates are encoded once; with a cache_dir (STL_HOME/cache) the ids are
+kept there, keyed by the data file, task, limits and tokenizer, so evaluating again skips tokenization.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -19,12 +20,14 @@ from typing import TYPE_CHECKING, Any, cast
 from jobs import data as data_lib
 from jobs.errors import DataError, StageCanceled, StagePreempted
 from jobs.models import (
+    autocast_for,
     encode_sources,
     encode_targets,
     is_seq2seq,
     load_model_and_tokenizer,
     max_positions,
     pad_sequences,
+    tokenizer_fingerprint,
 )
 from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
 from jobs.train import IGNORE_INDEX, StepReport
@@ -67,6 +70,15 @@ class EvalRun:
     device: str
     should_stop: Callable[[], str | None]  # None, "cancel" or "preempt"; called between batches
     log: Callable[[str], None]
+    cache_dir: Path | None = None  # STL_HOME/cache, for cached token ids; None: nothing cached on disk
+
+
+@dataclass(frozen=True)
+class _TaskIds:
+    """One task's examples as token ids, in example order."""
+
+    sources: list[list[int]]
+    candidates: list[list[list[int]]]  # per example, the ids of each answer candidate ([] without options)
 
 
 def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -119,7 +131,7 @@ def evaluate(cfg: EvalRun, *, on_step: Callable[[StepReport], None]) -> list[Tas
     cfg.log(f"evaluating {model} on {len(spec.tasks)} task(s), {scorer.total} examples, on {cfg.device}")
     results = []
     for task in dict.fromkeys(spec.tasks):
-        metrics = scorer.score_task(task, examples[task])
+        metrics = scorer.score_task(task, examples[task], scorer.encode_task(task, examples[task]))
         cfg.log(f"{task}: {metrics.metric} {metrics.value:.4f} over {metrics.n} examples")
         results.append(metrics)
     return results
@@ -166,9 +178,8 @@ class _Scorer:
         self.source_limit = settings.max_source_length
         if limit is not None:
             self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
-        on_cuda = self.device.type == "cuda"
-        use_bf16 = on_cuda and torch.cuda.is_bf16_supported()
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.autocast = autocast_for(self.device)
+        self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
         self.rouge = make_rouge_scorer()
         self.done = 0
         self.started = time.perf_counter()
@@ -198,36 +209,85 @@ class _Scorer:
         if request == "preempt":
             raise StagePreempted(f"eval stage {self.spec.stage_id} was interrupted and will start again")
 
-    def _sources(self, examples: Sequence[Example]) -> list[list[int]]:
-        texts = [data_lib.source_text(example, self.spec.instructions) for example in examples]
-        return encode_sources(self.tokenizer, texts, self.source_limit, seq2seq=self.seq2seq)
-
-    def _batches(self, examples: Sequence[Example]) -> list[list[int]]:
-        """Example positions in batches of similar source length (less padding)."""
+    def _batches(self, examples: Sequence[Example], positions: Sequence[int]) -> list[list[int]]:
+        """`positions` (into `examples`) in batches of similar source length (less padding)."""
         order = sorted(
-            range(len(examples)),
+            positions,
             key=lambda i: (len(data_lib.source_text(examples[i], self.spec.instructions)), i),
         )
         size = self.settings.batch_size
         return [order[first : first + size] for first in range(0, len(order), size)]
 
+    # --- token ids ---
+
+    def encode_task(self, task: str, examples: Sequence[Example]) -> _TaskIds:
+        """The task's sources and answer candidates as ids, from the token cache when it has them."""
+        path = None
+        fingerprint = None if self.cfg.cache_dir is None else data_lib.source_fingerprint(self.spec.data)
+        if self.cfg.cache_dir is not None and fingerprint is not None:
+            # The examples are the first max_examples of the task in the file, so the file and the task
+            # decide them; the rest decides how they are encoded.
+            key = {
+                "kind": "eval",
+                "data": fingerprint,
+                "task": task,
+                "max_examples": self.settings.max_examples,
+                "instructions": self.spec.instructions,
+                "tokenizer": self._tokenizer_id(),
+                "source_limit": self.source_limit,
+                "target_limit": self.target_limit,
+                "seq2seq": self.seq2seq,
+            }
+            path = data_lib.token_cache_path(self.cfg.cache_dir, key)
+            cached = data_lib.load_token_lists(path)
+            ids = None if cached is None else _task_ids_from_lists(cached, len(examples))
+            if ids is not None:
+                self.cfg.log(f"token cache hit: {task}, {len(examples)} examples ({path})")
+                return ids
+        ids = self._encode_examples(examples)
+        if path is not None:
+            try:
+                data_lib.save_token_lists(path, _task_ids_to_lists(ids), description=f"eval {task}")
+                self.cfg.log(f"token cache miss: {task}, {len(examples)} examples; wrote {path}")
+            except OSError as e:
+                self.cfg.log(f"token cache miss: {task}; could not write {path}: {e}")
+        return ids
+
+    def _tokenizer_id(self) -> str:
+        # Hashing a large vocabulary takes tens of milliseconds: once per stage, not per task.
+        if self.tokenizer_id is None:
+            self.tokenizer_id = tokenizer_fingerprint(self.tokenizer)
+        return self.tokenizer_id
+
+    def _encode_examples(self, examples: Sequence[Example]) -> _TaskIds:
+        texts = [data_lib.source_text(example, self.spec.instructions) for example in examples]
+        sources = encode_sources(self.tokenizer, texts, self.source_limit, seq2seq=self.seq2seq)
+        candidates = [data_lib.answer_candidates(example) for example in examples]
+        flat = [candidate for options in candidates for candidate in options]
+        encoded = encode_targets(self.tokenizer, flat, self.target_limit, seq2seq=self.seq2seq) if flat else []
+        grouped: list[list[list[int]]] = []
+        first = 0
+        for options in candidates:
+            grouped.append(encoded[first : first + len(options)])
+            first += len(options)
+        return _TaskIds(sources=sources, candidates=grouped)
+
     # --- tasks ---
 
-    def score_task(self, task: str, examples: list[Example]) -> TaskMetrics:
+    def score_task(self, task: str, examples: list[Example], ids: _TaskIds) -> TaskMetrics:
         with_options = [i for i, example in enumerate(examples) if example.options is not None]
         if not with_options:
-            predictions = self._generate(examples)
+            predictions = self._generate(examples, range(len(examples)), ids)
             values = [rouge_l(p, _references(e), self.rouge) for p, e in zip(predictions, examples, strict=True)]
             return self._metrics(task, TaskType.generation, ROUGE_L, values, examples, predictions)
         # Examples that list options are rank-classified; any others of a classification task must
         # generate their label, which is then matched exactly.
         predictions = [""] * len(examples)
-        ranked = [examples[i] for i in with_options]
-        for i, prediction in zip(with_options, self._classify(ranked), strict=True):
+        for i, prediction in self._classify(examples, with_options, ids).items():
             predictions[i] = prediction
         unranked = [i for i in range(len(examples)) if examples[i].options is None]
         if unranked:
-            for i, prediction in zip(unranked, self._generate([examples[i] for i in unranked]), strict=True):
+            for i, prediction in zip(unranked, self._generate(examples, unranked, ids), strict=True):
                 predictions[i] = prediction
         values = [
             float(data_lib.normalize_answer(p) == data_lib.normalize_answer(e.output))
@@ -264,32 +324,26 @@ class _Scorer:
 
     # --- rank classification ---
 
-    def _classify(self, examples: Sequence[Example]) -> list[str]:
-        """The likeliest answer candidate of each example."""
+    def _classify(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> dict[int, str]:
+        """The likeliest answer candidate of each example at `positions`, by position."""
         import torch
 
-        predictions = [""] * len(examples)
-        with torch.no_grad():
-            for positions in self._batches(examples):
-                batch = [examples[i] for i in positions]
-                candidates = [data_lib.answer_candidates(example) for example in batch]
-                scores = self._option_scores(batch, candidates)
-                for i, example_candidates, example_scores in zip(positions, candidates, scores, strict=True):
-                    predictions[i] = example_candidates[best_option(example_scores)]
+        predictions: dict[int, str] = {}
+        with torch.inference_mode():
+            for batch in self._batches(examples, positions):
+                scores = self._option_scores([ids.sources[i] for i in batch], [ids.candidates[i] for i in batch])
+                for i, example_scores in zip(batch, scores, strict=True):
+                    predictions[i] = data_lib.answer_candidates(examples[i])[best_option(example_scores)]
                 self._between_batches(len(batch))
         return predictions
 
-    def _option_scores(self, batch: Sequence[Example], candidates: Sequence[Sequence[str]]) -> list[list[float]]:
+    def _option_scores(self, sources: list[list[int]], candidates: Sequence[list[list[int]]]) -> list[list[float]]:
+        """Log-likelihood of each candidate given its source. The encoder (seq2seq) runs once per source;
+        (source, candidate) pairs go through the decoder, or the causal LM, `batch_size` at a time."""
         import torch
 
-        sources = self._sources(batch)
         owners = [row for row, options in enumerate(candidates) for _ in options]
-        options = encode_targets(
-            self.tokenizer,
-            [option for opts in candidates for option in opts],
-            self.target_limit,
-            seq2seq=self.seq2seq,
-        )
+        options = [option for opts in candidates for option in opts]
         chunk = self.settings.batch_size
         flat_scores: list[torch.Tensor] = []
         if self.seq2seq:
@@ -326,21 +380,22 @@ class _Scorer:
                     ).logits
                 flat_scores.append(sequence_log_likelihoods(logits[:, :-1], labels[:, 1:]))
         flat = torch.cat(flat_scores).tolist()  # one host sync per batch of examples
-        scores: list[list[float]] = [[] for _ in batch]
+        scores: list[list[float]] = [[] for _ in sources]
         for row, score in zip(owners, flat, strict=True):
             scores[row].append(score)
         return scores
 
     # --- generation ---
 
-    def _generate(self, examples: Sequence[Example]) -> list[str]:
-        """Greedy continuation of each example's source, decoded without special tokens."""
+    def _generate(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> list[str]:
+        """Greedy continuation of the source of each example at `positions` (in that order), decoded without
+        special tokens."""
         import torch
 
-        predictions = [""] * len(examples)
-        with torch.no_grad():
-            for positions in self._batches(examples):
-                sources = self._sources([examples[i] for i in positions])
+        found: dict[int, str] = {}
+        with torch.inference_mode():
+            for batch in self._batches(examples, positions):
+                sources = [ids.sources[i] for i in batch]
                 # Causal LMs continue from the right end, so they are padded on the left.
                 left = not self.seq2seq
                 input_ids = pad_sequences(sources, self.pad_id, left=left).to(self.device)
@@ -358,7 +413,31 @@ class _Scorer:
                 if not self.seq2seq:
                     generated = generated[:, input_ids.size(1) :]
                 texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                for i, text in zip(positions, texts, strict=True):
-                    predictions[i] = text.strip()
-                self._between_batches(len(positions))
-        return predictions
+                for i, text in zip(batch, texts, strict=True):
+                    found[i] = text.strip()
+                self._between_batches(len(batch))
+        return [found[i] for i in positions]
+
+
+def _task_ids_to_lists(ids: _TaskIds) -> dict[str, list[list[int]]]:
+    return {
+        "sources": ids.sources,
+        "candidates": [candidate for options in ids.candidates for candidate in options],
+        "candidate_counts": [[len(options) for options in ids.candidates]],
+    }
+
+
+def _task_ids_from_lists(lists: dict[str, list[list[int]]], examples: int) -> _TaskIds | None:
+    """What `_task_ids_to_lists` made, or None if it does not describe `examples` examples."""
+    try:
+        sources, flat, [counts] = lists["sources"], lists["candidates"], lists["candidate_counts"]
+    except (KeyError, ValueError):
+        return None
+    if len(sources) != examples or len(counts) != examples or sum(counts) != len(flat):
+        return None
+    grouped: list[list[list[int]]] = []
+    first = 0
+    for count in counts:
+        grouped.append(flat[first : first + count])
+        first += count
+    return _TaskIds(sources=sources, candidates=grouped)

@@ -7,6 +7,8 @@ No torch/transformers import at module level: the CLI imports `check_model_name`
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import re
@@ -17,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from jobs.errors import ModelError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Callable, Iterable, Sequence
+    from contextlib import AbstractContextManager
 
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,6 +66,27 @@ def max_positions(model: PreTrainedModel) -> int | None:
     """The longest sequence the model's position embeddings allow (None: relative positions, no limit)."""
     limit = getattr(model.config, "max_position_embeddings", None)
     return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def bf16_autocast_supported(device: torch.device) -> bool:
+    """True on a CUDA device with native bf16 (Ampere and later); emulated bf16 (T4, V100) is slower than fp32."""
+    import torch
+
+    if device.type != "cuda":
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.3 has no including_emulation and never counted emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def autocast_for(device: torch.device) -> Callable[[], AbstractContextManager[Any]]:
+    """A factory of bf16 autocast contexts where the device computes bf16 natively, else of no-op contexts."""
+    import torch
+
+    if bf16_autocast_supported(device):
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def base_model_name(model: PreTrainedModel) -> str:
@@ -168,6 +192,8 @@ def _build_tiny(name: str, *, device: str, dtype: torch.dtype | None) -> tuple[P
         )
     config.stl_base_model = name
     factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    # Built on the CPU and then moved, so a seed gives the same weights on every device (CPU and CUDA
+    # generators differ); tiny models take milliseconds to copy.
     model = factory.from_config(config)
     model.config.name_or_path = name
     model.to(device=device, dtype=dtype)
@@ -182,6 +208,7 @@ def _load_pretrained(
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
         factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        # device_map: safetensors weights go straight to the device, with no full copy in host memory.
         model = factory.from_pretrained(
             name_or_path, config=config, dtype=dtype, device_map=device, trust_remote_code=False
         )
@@ -254,6 +281,38 @@ def existing_directory(target: Path) -> Path | None:
 # --- text to token ids ----------------------------------------------------------------------------
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything that decides how `tokenizer` maps text to ids, for keying cached token ids.
+
+    The path it was loaded from is left out on purpose: a parent stage's saved copy of a base model's
+    tokenizer encodes text exactly as the original, so its stages share cached ids.
+    """
+    import tokenizers
+    import transformers
+
+    digest = hashlib.sha256()
+    description = {
+        "class": f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}",
+        "special_tokens": {key: str(value) for key, value in tokenizer.special_tokens_map.items()},
+        "padding_side": tokenizer.padding_side,
+        "truncation_side": tokenizer.truncation_side,
+        "size": len(tokenizer),
+        # Library upgrades may change tokenization; they only cost one cache miss.
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+    }
+    digest.update(json.dumps(description, sort_keys=True).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: its JSON holds vocab, merges, normalizer and post-processor
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        sentencepiece = getattr(tokenizer, "sp_model", None)
+        if sentencepiece is not None and hasattr(sentencepiece, "serialized_model_proto"):
+            digest.update(sentencepiece.serialized_model_proto())
+    return digest.hexdigest()
+
+
 def _keep_head_and_tail(ids: list[int], max_length: int) -> list[int]:
     # InstructDial puts the instruction first and the question/options last; dropping the middle of the
     # dialogue context loses least when a source is too long.
@@ -292,11 +351,18 @@ def encode_targets(tokenizer: Any, texts: Sequence[str], max_length: int, *, seq
     return targets
 
 
-def pad_sequences(sequences: Iterable[Sequence[int]], pad_value: int, *, left: bool = False) -> torch.Tensor:
+def pad_sequences(
+    sequences: Iterable[Sequence[int]], pad_value: int, *, left: bool = False, width: int | None = None
+) -> torch.Tensor:
+    """Rows padded to the longest one, or to `width` (a fixed length bucket) when given."""
     import torch
 
     rows = [list(row) for row in sequences]
-    width = max(len(row) for row in rows)
+    longest = max(len(row) for row in rows)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"cannot pad rows of length {longest} to width {width}")
     padded = [
         ([pad_value] * (width - len(row)) + row) if left else (row + [pad_value] * (width - len(row))) for row in rows
     ]

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from jobs.errors import ModelError
 from jobs.evaluate import EvalRun, TaskMetrics, evaluate
 from jobs.models import STL_MODEL_FILE
+from jobs.settings import load_settings
 from jobs.specs import StageKind
 from jobs.train import DONE_FILE, MODEL_DIR, StepReport, TrainOutcome, TrainRun, train
 
@@ -35,6 +36,8 @@ class StageContext:
     should_stop: Callable[[], str | None]  # None, "cancel" or "preempt"; called often, so keep it cheap
     log: Callable[[str], None]
     oom_at_step: int | None = None  # test-only fault injection, see TrainRun.oom_at_step
+    # Compile caches, token ids and row indexes shared by stages; None: STL_HOME/cache from the settings.
+    cache_dir: Path | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
     """
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     parent_model = _parent_model_dir(ctx.parent_dir)
+    cache_dir = ctx.cache_dir or load_settings().cache_dir
     if spec.kind == StageKind.eval:
         done = ctx.workdir / DONE_FILE
         if done.is_file():
@@ -65,7 +69,14 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
             ctx.log(f"stage {spec.stage_id} already evaluated; reusing its metrics")
             return StageOutcome(metrics=[TaskMetrics.from_dict(m) for m in saved["metrics"]])
         metrics = evaluate(
-            EvalRun(spec=spec, model_dir=parent_model, device=ctx.device, should_stop=ctx.should_stop, log=ctx.log),
+            EvalRun(
+                spec=spec,
+                model_dir=parent_model,
+                device=ctx.device,
+                should_stop=ctx.should_stop,
+                log=ctx.log,
+                cache_dir=cache_dir,
+            ),
             on_step=ctx.on_step,
         )
         outcome = StageOutcome(metrics=metrics)
@@ -80,6 +91,7 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
         should_stop=ctx.should_stop,
         log=ctx.log,
         oom_at_step=ctx.oom_at_step,
+        cache_dir=cache_dir,
     )
     return StageOutcome(train=train(run, on_step=ctx.on_step))
 

@@ -10,11 +10,16 @@ Checkpoint layout (workdir/checkpoint, replaced atomically via workdir/.checkpoi
     state.json          step, micro-batch plan, data position, OOM history, python/numpy RNG states
 A finished stage has workdir/model (see jobs.models.save_model) and workdir/done.json; its checkpoint
 is deleted then.
+
+On CUDA the step runs under bf16 autocast (where the GPU has native bf16) with fused AdamW, and reads the
+loss back to the host only on report steps. With `train.compile` the model goes through torch.compile
+(CUDA only; skipped with a log line elsewhere), inductor's caches live under STL_HOME/cache/inductor so
+later stages and runs reuse compiled kernels, and sequences are padded to fixed length buckets so a new
+batch shape does not trigger a recompile (see `length_buckets`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import math
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from jobs import data as data_lib
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.models import (
+    autocast_for,
     encode_sources,
     encode_targets,
     existing_directory,
@@ -37,6 +43,7 @@ from jobs.models import (
     pad_sequences,
     replace_directory,
     save_model,
+    tokenizer_fingerprint,
 )
 from jobs.specs import StageKind, StageSpec, TrainConfig
 
@@ -57,6 +64,25 @@ MODEL_DIR = "model"
 DONE_FILE = "done.json"
 STATE_FORMAT = 1
 IGNORE_INDEX = -100
+BUCKET_MIN = 32  # shortest padded length when compiling
+INDUCTOR_CACHE_DIR = "inductor"  # under STL_HOME/cache
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s by a substring of torch.cuda.get_device_name(), case
+# ignored; fp16 for GPUs without bf16 (T4, V100). First match wins, so specific names precede general ones.
+# None: known to be ambiguous, so no MFU rather than a wrong one.
+PEAK_FLOPS: tuple[tuple[str, float | None], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("A10G", None),  # AWS's variant of the A10, with its own clocks
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("RTX 4090", 165e12),
+    ("T4", 65e12),
+    ("V100", 125e12),
+)
 
 
 @dataclass(frozen=True)
@@ -71,6 +97,9 @@ class StepReport:
     micro_batch: int
     grad_accum: int
     phase: str = "train"  # "train", or "eval" (step/total then count examples)
+    # Model FLOP utilisation since the previous report: 6 * trainable parameters * tokens (source + target,
+    # no padding) per second over the GPU's peak bf16 FLOP/s. None on CPU, on an unknown GPU, and in eval.
+    mfu: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -98,6 +127,8 @@ class TrainOutcome:
     oom_retries: list[OomRetry]
     resumed_from: int | None  # the checkpoint step this call started from, if any
     samples_per_s: float  # over the steps run by this call
+    tokens_per_s: float = 0.0  # source + target tokens (no padding) per second, over the steps run by this call
+    mfu: float | None = None  # model FLOP utilisation over the steps run by this call; see StepReport.mfu
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -106,7 +137,8 @@ class TrainOutcome:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainOutcome:
-        fields = {name: values[name] for name in cls.__dataclass_fields__}
+        # Fields added later (tokens_per_s, mfu) keep their defaults when reading an older done.json.
+        fields = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
         fields["oom_retries"] = [OomRetry(**retry) for retry in fields["oom_retries"]]
         return cls(**fields)
 
@@ -124,6 +156,9 @@ class TrainRun:
     # torch.OutOfMemoryError("injected"), as a real OOM would. Fires once per call, so a batch of more than
     # one example shows a halving and then completes, and a batch of one shows the clear failure.
     oom_at_step: int | None = None
+    # STL_HOME/cache: inductor's compile caches and cached token ids of few-shot sets and row indexes go
+    # here. None: nothing is cached on disk (library use, tests).
+    cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -172,6 +207,63 @@ class _Progress:
     since: float = field(default_factory=time.perf_counter)
 
 
+def model_flops_utilization(params: int, tokens: int, seconds: float, peak: float | None) -> float | None:
+    """Achieved training FLOP/s over `peak`, counting 6 FLOPs per parameter per token (forward 2, backward 4).
+
+    The usual decoder-only estimate; for an encoder-decoder each token runs through only one of the two
+    stacks, so the figure overstates such a model's utilisation (about 2x for equal stacks), and attention's
+    own FLOPs are left out. None without a peak or a positive duration.
+    """
+    if peak is None or peak <= 0 or seconds <= 0:
+        return None
+    return 6.0 * params * tokens / seconds / peak
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Peak dense bf16 FLOP/s of the GPU called `device_name` (see PEAK_FLOPS); None if unknown."""
+    name = device_name.lower()
+    for part, peak in PEAK_FLOPS:
+        if part.lower() in name:
+            return peak
+    return None
+
+
+def length_buckets(cap: int, smallest: int = BUCKET_MIN) -> tuple[int, ...]:
+    """The padded lengths allowed for sequences of at most `cap` tokens: powers of two from `smallest`,
+    then `cap` itself.
+
+    Powers of two keep the shapes to log2(cap / smallest) + 1 per dimension (a 512-token source and a
+    64-token target make 5 x 2 shapes to compile), at the price of padding on top of length grouping (less
+    than half of a padded row, about a quarter on average). Each new shape costs a compile of tens of
+    seconds, once per cache; without compile nothing is saved by fixed shapes, so eager training keeps
+    padding to the longest row of the batch, which is always the least work.
+    """
+    widths = []
+    width = smallest
+    while width < cap:
+        widths.append(width)
+        width *= 2
+    widths.append(cap)
+    return tuple(widths)
+
+
+def bucketed_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds `length` (`length` itself if none does, which truncation prevents)."""
+    return next((width for width in buckets if width >= length), length)
+
+
+def use_compile_caches(cache_dir: Path) -> Path:
+    """Point inductor's (and Triton's) on-disk caches under `cache_dir`, so compiled graphs and kernels
+    survive this work horse and are reused by later stages and runs. Inductor reads these variables
+    lazily, so setting them before the first compiled call is enough; the horse is one process per stage.
+    """
+    directory = cache_dir / INDUCTOR_CACHE_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
+    return directory
+
+
 def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutcome:
     """Train the stage to completion (resuming from its checkpoint if there is one).
 
@@ -209,7 +301,7 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
             _mark_done(cfg, outcome)
             return outcome
         del session  # drop the model, optimizer and activations before retrying
-        _release_accelerator_memory()
+        _release_accelerator_memory(compiled=settings.compile)
         checkpoint = _read_checkpoint_state(cfg)
         restart_step = 0 if checkpoint is None else int(checkpoint["step"])
         if plan.micro_batch == 1:
@@ -246,9 +338,15 @@ def _mark_done(cfg: TrainRun, outcome: TrainOutcome) -> None:
     cfg.log(f"stage {cfg.spec.stage_id} trained: {outcome.steps} steps, final loss {outcome.final_loss:.4f}")
 
 
-def _release_accelerator_memory() -> None:
+def _release_accelerator_memory(*, compiled: bool) -> None:
     import torch
 
+    if compiled and torch.cuda.is_available():
+        import torch._dynamo
+
+        # The dropped model's graphs would hold its memory and count against the recompile limit; the
+        # retry's shapes come back from inductor's on-disk cache where they were compiled before.
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -312,16 +410,19 @@ class _TrainingSession:
         start_id = getattr(self.model.config, "decoder_start_token_id", None)
         self.decoder_start_id = self.pad_id if start_id is None else int(start_id)
         self.forward: Callable[..., Any] = self.model
-        if settings.compile:
-            if on_cuda:
-                self.forward = torch.compile(self.model, dynamic=True)
-            else:
-                cfg.log("compile is ignored on CPU")
-        use_bf16 = on_cuda and torch.cuda.is_bf16_supported()
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        # Padded lengths: None pads to the longest row (eager); else (source, target) buckets for seq2seq,
+        # or (whole sequence,) for a causal LM.
+        self.buckets: tuple[tuple[int, ...], ...] | None = None
+        if settings.compile and on_cuda:
+            self._compile()
+        elif settings.compile:
+            cfg.log(f"compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device} (eager)")
+        self.autocast = autocast_for(self.device)
         self.pin = on_cuda
         decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
+        # Fused AdamW (one kernel for all parameters) exists on CUDA since torch 2.0; the CPU keeps the
+        # default implementation, so CPU runs stay bit-identical with checkpoints written before.
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": settings.weight_decay},
@@ -330,6 +431,10 @@ class _TrainingSession:
             lr=settings.learning_rate,
             fused=True if on_cuda else None,
         )
+        self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_cuda else None
+        if on_cuda and self.peak_flops is None:
+            cfg.log(f"no peak FLOP/s known for {torch.cuda.get_device_name(self.device)}; MFU is not reported")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _warmup_then_linear_decay(settings.max_steps, settings.warmup_ratio)
         )
@@ -337,8 +442,34 @@ class _TrainingSession:
         self.elapsed_before = 0.0
         self.resumed_step: int | None = None
         self.last_lr = settings.learning_rate
+        # Few-shot sets are encoded once, not every time an example comes round again; None: encode per batch.
+        self.encoded: dict[Example, tuple[list[int], list[int]]] | None = None
         self.stream_from, self.window_batches = self._training_stream()
         self._load_checkpoint()
+
+    def _compile(self) -> None:
+        import torch
+        import torch._dynamo
+
+        if self.seq2seq:
+            self.buckets = (length_buckets(self.source_limit), length_buckets(self.target_limit))
+        else:
+            self.buckets = (length_buckets(self.source_limit + self.target_limit),)
+        # Static shapes: one specialised graph per bucket combination, times two batch sizes (a batch that
+        # does not split evenly ends with a smaller micro-batch). Dynamo gives up compiling a function after
+        # `recompile_limit` shapes (8 by default) and runs the rest eager, so the limit must cover them all.
+        shapes = math.prod(len(widths) for widths in self.buckets) * 2
+        config = torch._dynamo.config
+        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit_name, max(int(getattr(config, limit_name)), shapes))
+        where = "inductor's default cache (no cache_dir)"
+        if self.cfg.cache_dir is not None:
+            where = str(use_compile_caches(self.cfg.cache_dir))
+        self.forward = torch.compile(self.model, dynamic=False)
+        self.cfg.log(
+            f"compiling with torch.compile: static shapes, padded lengths "
+            f"{' x '.join('/'.join(map(str, widths)) for widths in self.buckets)}; caches in {where}"
+        )
 
     # --- data ---
 
@@ -351,19 +482,77 @@ class _TrainingSession:
         spec, settings = self.spec, self.settings
         stream_from: Callable[[int], Iterator[Example]]
         if spec.kind == StageKind.mtl:
-            mixture = data_lib.Mixture(spec.data, spec.tasks, cap=settings.mixture_cap, seed=spec.seed)
+            mixture = data_lib.Mixture(
+                spec.data,
+                spec.tasks,
+                cap=settings.mixture_cap,
+                seed=spec.seed,
+                cache_dir=self.cfg.cache_dir,
+                log=self.cfg.log,
+            )
             distinct = sum(mixture.sizes.values())
             stream_from = mixture.stream
         else:
-            examples = data_lib.few_shot_examples(spec.data, spec.tasks, spec.shots, spec.seed)
+            examples = data_lib.few_shot_examples(
+                spec.data, spec.tasks, spec.shots, spec.seed, cache_dir=self.cfg.cache_dir, log=self.cfg.log
+            )
             if len(examples) < spec.shots * len(spec.tasks):
                 self.cfg.log(f"only {len(examples)} examples for {spec.shots} shots of {len(spec.tasks)} task(s)")
             distinct = len(examples)
+
+            self.encoded = self._few_shot_encodings(examples)
 
             def stream_from(start: int) -> Iterator[Example]:
                 return data_lib.cycle_shuffled(examples, spec.seed, start)
 
         return stream_from, max(1, min(WINDOW_BATCHES, distinct // settings.batch_size))
+
+    def _few_shot_encodings(self, examples: list[Example]) -> dict[Example, tuple[list[int], list[int]]]:
+        """Source and target ids of every few-shot example; with a cache_dir, read from (or written to) the
+        token cache, keyed by everything that decides them."""
+        spec = self.spec
+        path = None
+        fingerprint = None if self.cfg.cache_dir is None else data_lib.source_fingerprint(spec.data)
+        if self.cfg.cache_dir is not None and fingerprint is not None:
+            key = {
+                "kind": "few-shot",
+                "data": fingerprint,
+                "tasks": list(spec.tasks),
+                "shots": spec.shots,
+                "seed": spec.seed,
+                "instructions": spec.instructions,
+                "tokenizer": tokenizer_fingerprint(self.tokenizer),
+                "source_limit": self.source_limit,
+                "target_limit": self.target_limit,
+                "seq2seq": self.seq2seq,
+            }
+            path = data_lib.token_cache_path(self.cfg.cache_dir, key)
+            cached = data_lib.load_token_lists(path)
+            if cached is not None and len(cached["sources"]) == len(cached["targets"]) == len(examples):
+                self.cfg.log(f"token cache hit: {len(examples)} few-shot examples ({path})")
+                return dict(zip(examples, zip(cached["sources"], cached["targets"], strict=True), strict=True))
+        sources, targets = self._encode_texts(examples)
+        if path is not None:
+            try:
+                data_lib.save_token_lists(
+                    path, {"sources": sources, "targets": targets}, description=f"few-shot {spec.stage_id}"
+                )
+                self.cfg.log(f"token cache miss: {len(examples)} few-shot examples; wrote {path}")
+            except OSError as e:
+                self.cfg.log(f"token cache miss: could not write {path}: {e}")
+        return dict(zip(examples, zip(sources, targets, strict=True), strict=True))
+
+    def _encode_texts(self, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
+        sources = encode_sources(
+            self.tokenizer,
+            [data_lib.source_text(example, self.spec.instructions) for example in examples],
+            self.source_limit,
+            seq2seq=self.seq2seq,
+        )
+        targets = encode_targets(
+            self.tokenizer, [example.output for example in examples], self.target_limit, seq2seq=self.seq2seq
+        )
+        return sources, targets
 
     def _batches(self) -> Iterator[list[Example]]:
         spec = self.spec
@@ -381,40 +570,56 @@ class _TrainingSession:
         )
 
     def _encode(self, batch: Sequence[Example]) -> list[_Encoded]:
-        sources = encode_sources(
-            self.tokenizer,
-            [data_lib.source_text(example, self.spec.instructions) for example in batch],
-            self.source_limit,
-            seq2seq=self.seq2seq,
-        )
-        targets = encode_targets(
-            self.tokenizer, [example.output for example in batch], self.target_limit, seq2seq=self.seq2seq
-        )
+        if self.encoded is not None:
+            sources = [self.encoded[example][0] for example in batch]
+            targets = [self.encoded[example][1] for example in batch]
+        else:
+            sources, targets = self._encode_texts(batch)
         size = self.plan.micro_batch
         return [
             self._micro_batch(sources[first : first + size], targets[first : first + size])
             for first in range(0, len(batch), size)
         ]
 
+    def _padded_widths(self, sources: list[list[int]], targets: list[list[int]]) -> tuple[int | None, int | None]:
+        """(source, target) widths for seq2seq, (sequence, None) for a causal LM; None: the longest row."""
+        if self.buckets is None:
+            return None, None
+        if self.seq2seq:
+            source_buckets, target_buckets = self.buckets
+            return (
+                bucketed_length(max(map(len, sources)), source_buckets),
+                bucketed_length(max(map(len, targets)), target_buckets),
+            )
+        longest = max(len(s) + len(t) for s, t in zip(sources, targets, strict=True))
+        return bucketed_length(longest, self.buckets[0]), None
+
     def _micro_batch(self, sources: list[list[int]], targets: list[list[int]]) -> _Encoded:
         tensors: dict[str, torch.Tensor]
+        width, target_width = self._padded_widths(sources, targets)
         if self.seq2seq:
             tensors = {
-                "input_ids": pad_sequences(sources, self.pad_id),
-                "attention_mask": pad_sequences([[1] * len(s) for s in sources], 0),
+                "input_ids": pad_sequences(sources, self.pad_id, width=width),
+                "attention_mask": pad_sequences([[1] * len(s) for s in sources], 0, width=width),
                 # Teacher forcing: the decoder sees the target shifted right behind the start token.
-                "decoder_input_ids": pad_sequences([[self.decoder_start_id] + t[:-1] for t in targets], self.pad_id),
-                "labels": pad_sequences(targets, IGNORE_INDEX),
+                "decoder_input_ids": pad_sequences(
+                    [[self.decoder_start_id] + t[:-1] for t in targets], self.pad_id, width=target_width
+                ),
+                "labels": pad_sequences(targets, IGNORE_INDEX, width=target_width),
             }
         else:
             tensors = {
-                "input_ids": pad_sequences([s + t for s, t in zip(sources, targets, strict=True)], self.pad_id),
+                "input_ids": pad_sequences(
+                    [s + t for s, t in zip(sources, targets, strict=True)], self.pad_id, width=width
+                ),
                 "attention_mask": pad_sequences(
-                    [[1] * (len(s) + len(t)) for s, t in zip(sources, targets, strict=True)], 0
+                    [[1] * (len(s) + len(t)) for s, t in zip(sources, targets, strict=True)], 0, width=width
                 ),
                 # Loss only on the answer: the prompt's positions are ignored.
                 "labels": pad_sequences(
-                    [[IGNORE_INDEX] * len(s) + t for s, t in zip(sources, targets, strict=True)], IGNORE_INDEX
+                    [[IGNORE_INDEX] * len(s) + t for s, t in zip(sources, targets, strict=True)],
+                    IGNORE_INDEX,
+                    width=width,
                 ),
             }
         if self.pin:
@@ -474,7 +679,7 @@ class _TrainingSession:
         )
         batches = self._batches()
         started = time.perf_counter()
-        run_samples = 0
+        run_samples = run_tokens = 0
         progress = _Progress()
         loss_since_report = torch.zeros((), device=self.device)
         loss_value = math.nan
@@ -502,6 +707,7 @@ class _TrainingSession:
             progress.tokens += tokens
             progress.steps += 1
             run_samples += samples
+            run_tokens += tokens
             if self.step % REPORT_EVERY == 0 or self.step in (1, total):
                 loss_value = float((loss_since_report / progress.steps).item())  # the only host sync
                 now = time.perf_counter()
@@ -517,15 +723,16 @@ class _TrainingSession:
                         elapsed_s=self.elapsed_before + now - started,
                         micro_batch=self.plan.micro_batch,
                         grad_accum=self.plan.grad_accum,
+                        mfu=model_flops_utilization(self.trainable_params, progress.tokens, interval, self.peak_flops),
                     )
                 )
                 loss_since_report.zero_()
                 progress = _Progress()
             if self.step % self.settings.checkpoint_every == 0 and self.step < total:
                 self._save_checkpoint(started)
-        return self._finish(loss_value, run_samples / max(time.perf_counter() - started, 1e-9))
+        return self._finish(loss_value, run_samples, run_tokens, max(time.perf_counter() - started, 1e-9))
 
-    def _finish(self, final_loss: float, samples_per_s: float) -> TrainOutcome:
+    def _finish(self, final_loss: float, samples: int, tokens: int, seconds: float) -> TrainOutcome:
         save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR)
         return TrainOutcome(
             steps=self.step,
@@ -534,7 +741,10 @@ class _TrainingSession:
             grad_accum=self.plan.grad_accum,
             oom_retries=list(self.retries),
             resumed_from=self.resumed_step,
-            samples_per_s=samples_per_s,
+            samples_per_s=samples / seconds,
+            # Means over the whole call (compile time and the first steps included), as samples_per_s.
+            tokens_per_s=tokens / seconds,
+            mfu=model_flops_utilization(self.trainable_params, tokens, seconds, self.peak_flops),
         )
 
     # --- checkpoints ---

@@ -307,3 +307,40 @@ def test_instructdial_sample_parses() -> None:
     shots = few_shot_examples(str(path), ["intent_classification"], 4, seed=0)
     assert [e.task for e in shots] == ["intent_classification"] * 4
     assert data.k_shot(list(read_examples(str(path), ["intent_classification"])), 4, seed=0) == shots
+
+
+def test_row_index_cache_gives_the_same_samples_and_is_rebuilt_when_the_file_changes(
+    sized: Path, tmp_path: Path
+) -> None:
+    cache, lines = tmp_path / "cache", []
+    plain = list(islice(mixture(str(sized), ["mid", "small"], cap=50, seed=3), 200))
+    cached_first = data.Mixture(str(sized), ["mid", "small"], cap=50, seed=3, cache_dir=cache, log=lines.append)
+    cached_again = data.Mixture(str(sized), ["small", "big"], cap=50, seed=3, cache_dir=cache, log=lines.append)
+    assert ["miss" in lines[0], "hit" in lines[1]] == [True, True]  # one pass indexes every task
+    assert list(islice(cached_first.stream(), 200)) == plain
+    assert cached_again.sizes == {"small": 10, "big": 50}
+    shots = few_shot_examples(str(sized), ["big", "small"], 4, seed=2, cache_dir=cache, log=lines.append)
+    assert shots == few_shot_examples(str(sized), ["big", "small"], 4, seed=2) and "hit" in lines[-1]
+    files = list((cache / data.INDEX_CACHE_DIR).iterdir())
+    assert len(files) == 1 and files[0].suffix == ".safetensors"
+    # A rewritten file is a new key (size and mtime), so the index is built again.
+    with sized.open("a") as handle:
+        handle.write(json.dumps(row("small", "s extra", "small-extra")) + "\n")
+    grown = data.Mixture(str(sized), ["small"], cap=50, seed=3, cache_dir=cache, log=lines.append)
+    assert "miss" in lines[-1] and grown.sizes == {"small": 11}
+    with pytest.raises(DataError, match="nope"):
+        data.Mixture(str(sized), ["nope"], cap=5, seed=0, cache_dir=cache)
+
+
+def test_token_lists_round_trip_without_pickle(tmp_path: Path) -> None:
+    path = data.token_cache_path(tmp_path, {"kind": "test", "n": 1})
+    assert path != data.token_cache_path(tmp_path, {"kind": "test", "n": 2})
+    groups = {"sources": [[5, 6, 7], [], [2**31 - 1]], "none": [], "counts": [[3, 0, 1]]}
+    data.save_token_lists(path, groups, description="test")
+    assert data.load_token_lists(path) == groups
+    assert path.read_bytes()[:1] != b"\x80"  # not a pickle (protocol 2+ starts with 0x80)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
+    path.write_bytes(b"damaged")
+    assert data.load_token_lists(path) is None
+    assert data.load_token_lists(tmp_path / "missing.safetensors") is None
+    assert data.source_fingerprint("hf:some/dataset") is None

@@ -198,6 +198,7 @@ def test_stage_chain_mtl_then_finetune_then_eval(tmp_path: Path, demo: Path) -> 
             on_step=reports.append,
             should_stop=lambda: None,
             log=lines.append,
+            cache_dir=tmp_path / "cache",
         )
 
     first = execute_stage(mtl, context("mtl", None))

@@ -1,0 +1,272 @@
+"""Keeping the GPU busy: MFU figures, compile gating and its caches, length buckets, and cached token ids.
+
+All on the CPU: the CUDA-only paths are checked through the pure functions they are built from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from safetensors import torch as safetensors_torch
+
+from jobs.data import DEMO_EVAL_TASKS, write_demo_dataset
+from jobs.errors import StagePreempted
+from jobs.evaluate import EvalRun, evaluate
+from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+from jobs.train import (
+    IGNORE_INDEX,
+    StepReport,
+    TrainOutcome,
+    TrainRun,
+    _OomInjection,
+    _Plan,
+    _TrainingSession,
+    bucketed_length,
+    length_buckets,
+    model_flops_utilization,
+    peak_flops,
+    train,
+    use_compile_caches,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+def finetune_spec(demo: Path, *, model: str = "tiny:gpt2", **settings: Any) -> StageSpec:
+    defaults: dict[str, Any] = {
+        "max_steps": 4,
+        "batch_size": 4,
+        "grad_accum": 2,
+        "checkpoint_every": 2,
+        "max_source_length": 48,
+        "max_target_length": 12,
+        "learning_rate": 3e-3,
+    }
+    return StageSpec(
+        kind=StageKind.finetune,
+        model=model,
+        data=str(demo),
+        tasks=(DEMO_EVAL_TASKS[1],),
+        shots=6,
+        seed=5,
+        train=TrainConfig(**{**defaults, **settings}),
+    )
+
+
+def run(
+    spec: StageSpec,
+    workdir: Path,
+    *,
+    cache_dir: Path | None = None,
+    should_stop: Callable[[], str | None] = lambda: None,
+    reports: list[StepReport] | None = None,
+) -> tuple[TrainOutcome, list[str]]:
+    lines: list[str] = []
+    cfg = TrainRun(
+        spec=spec,
+        workdir=workdir,
+        init_from=None,
+        device="cpu",
+        should_stop=should_stop,
+        log=lines.append,
+        cache_dir=cache_dir,
+    )
+    outcome = train(cfg, on_step=(reports.append if reports is not None else lambda report: None))
+    return outcome, lines
+
+
+def weights(workdir: Path) -> dict[str, torch.Tensor]:
+    return safetensors_torch.load_file(str(workdir / "model" / "model.safetensors"))
+
+
+def assert_same_weights(left: Path, right: Path) -> None:
+    a, b = weights(left), weights(right)
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+# --- MFU ---
+
+
+def test_model_flops_utilization_is_six_n_tokens_over_time_and_peak() -> None:
+    assert model_flops_utilization(params=1_000_000, tokens=2_000, seconds=0.5, peak=1e12) == pytest.approx(
+        6 * 1_000_000 * 2_000 / 0.5 / 1e12
+    )
+    assert model_flops_utilization(124_000_000, 16 * 512, 0.1, 989e12) == pytest.approx(0.06164, rel=1e-3)
+    assert model_flops_utilization(10, 10, 1.0, None) is None
+    assert model_flops_utilization(10, 10, 0.0, 1e12) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA A10G", None),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA GeForce RTX 4090", 165e12),
+        ("Tesla T4", 65e12),
+        ("Tesla V100-SXM2-16GB", 125e12),
+        ("Some Future GPU", None),
+    ],
+)
+def test_peak_flops_by_device_name(name: str, peak: float | None) -> None:
+    assert peak_flops(name) == peak
+
+
+def test_cpu_training_reports_tokens_per_second_and_no_mfu(tmp_path: Path, demo: Path) -> None:
+    reports: list[StepReport] = []
+    outcome, _ = run(finetune_spec(demo, max_steps=2), tmp_path, reports=reports)
+    assert reports and all(r.mfu is None and r.tokens_per_s > 0 for r in reports)
+    assert outcome.mfu is None and outcome.tokens_per_s > 0
+    recorded = reports[-1].to_dict()
+    assert recorded["mfu"] is None and recorded["tokens_per_s"] > 0
+    done = json.loads((tmp_path / "done.json").read_text())["train"]
+    assert done["mfu"] is None and done["tokens_per_s"] == outcome.tokens_per_s
+    # A done.json written before these fields existed still reads.
+    older = {key: value for key, value in done.items() if key not in ("mfu", "tokens_per_s")}
+    assert TrainOutcome.from_dict(older) == TrainOutcome(**{**outcome.__dict__, "tokens_per_s": 0.0, "mfu": None})
+
+
+# --- compile ---
+
+
+def test_compile_is_skipped_on_cpu_with_a_log_line_and_changes_nothing(
+    tmp_path: Path, demo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    eager, _ = run(finetune_spec(demo, max_steps=3), tmp_path / "eager")
+    compiled, lines = run(finetune_spec(demo, max_steps=3, compile=True), tmp_path / "asked", cache_dir=tmp_path / "c")
+    assert any(line.startswith("compile skipped") and "cpu" in line for line in lines)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not (tmp_path / "c" / "inductor").exists()
+    assert compiled.final_loss == eager.final_loss
+    assert_same_weights(tmp_path / "eager", tmp_path / "asked")
+
+
+def test_compile_caches_go_under_the_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    directory = use_compile_caches(tmp_path / "cache")
+    assert directory == tmp_path / "cache" / "inductor" and directory.is_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(directory)
+    assert os.environ["TRITON_CACHE_DIR"] == str(directory / "triton")
+
+
+# --- length buckets ---
+
+
+def test_length_buckets_are_powers_of_two_capped() -> None:
+    assert length_buckets(512) == (32, 64, 128, 256, 512)
+    assert length_buckets(64) == (32, 64)
+    assert length_buckets(48) == (32, 48)
+    assert length_buckets(20) == (20,)
+    buckets = length_buckets(300)
+    assert buckets == (32, 64, 128, 256, 300)
+    assert [bucketed_length(n, buckets) for n in (1, 32, 33, 200, 257, 300)] == [32, 32, 64, 256, 300, 300]
+
+
+@pytest.mark.parametrize("model", ["tiny:t5", "tiny:gpt2"])
+def test_bucketed_micro_batches_have_bucket_shapes_and_the_same_loss(tmp_path: Path, demo: Path, model: str) -> None:
+    spec = finetune_spec(demo, model=model, max_source_length=100, max_target_length=40)
+    assert spec.train is not None
+    cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None, log=print)
+    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None))
+    batch = next(session._batches())
+    [dynamic] = session._encode(batch)
+    if session.seq2seq:
+        session.buckets = (length_buckets(session.source_limit), length_buckets(session.target_limit))
+        allowed = [session.buckets[0], session.buckets[0], session.buckets[1], session.buckets[1]]
+    else:
+        session.buckets = (length_buckets(session.source_limit + session.target_limit),)
+        allowed = [session.buckets[0]] * 3
+    [bucketed] = session._encode(batch)
+    shapes = [tensor.size(1) for tensor in bucketed.tensors.values()]
+    assert all(width in widths for width, widths in zip(shapes, allowed, strict=True)), shapes
+    assert shapes != [tensor.size(1) for tensor in dynamic.tensors.values()]  # the padding did change
+    assert (bucketed.tokens, bucketed.target_tokens) == (dynamic.tokens, dynamic.target_tokens)
+    labels = bucketed.tensors["labels"]
+    assert (labels[:, dynamic.tensors["labels"].size(1) :] == IGNORE_INDEX).all()
+    session.model.eval()  # no dropout: the two passes must see the same network
+    with torch.no_grad():
+        assert torch.allclose(session._loss_sum(bucketed.tensors), session._loss_sum(dynamic.tensors), rtol=1e-5)
+
+
+# --- cached token ids ---
+
+
+def cache_files(cache: Path) -> list[Path]:
+    return [path for path in cache.rglob("*") if path.is_file()]
+
+
+def assert_no_pickle(cache: Path) -> None:
+    files = cache_files(cache)
+    assert files and all(path.suffix == ".safetensors" for path in files), files
+    assert all(path.read_bytes()[:1] != b"\x80" for path in files)  # a pickle starts with 0x80
+
+
+def test_second_eval_hits_the_token_cache_with_identical_metrics(tmp_path: Path, demo: Path) -> None:
+    spec = StageSpec(
+        kind=StageKind.eval,
+        model="tiny:t5",
+        data=str(demo),
+        tasks=DEMO_EVAL_TASKS,
+        eval=EvalConfig(max_examples=5, batch_size=4, max_new_tokens=4, samples=1),
+    )
+    cache = tmp_path / "cache"
+
+    def metrics(cache_dir: Path | None) -> tuple[list[dict[str, Any]], list[str]]:
+        lines: list[str] = []
+        cfg = EvalRun(spec=spec, model_dir=None, device="cpu", should_stop=lambda: None, log=lines.append,
+                      cache_dir=cache_dir)  # fmt: skip
+        return [m.to_dict() for m in evaluate(cfg, on_step=lambda report: None)], lines
+
+    uncached, _ = metrics(None)
+    first, first_lines = metrics(cache)
+    second, second_lines = metrics(cache)
+    assert sum("token cache miss" in line for line in first_lines) == len(DEMO_EVAL_TASKS)
+    assert sum("token cache hit" in line for line in second_lines) == len(DEMO_EVAL_TASKS)
+    assert first == second == uncached
+    assert_no_pickle(cache)
+
+
+def test_cached_few_shot_ids_train_bit_identically_and_resume(tmp_path: Path, demo: Path) -> None:
+    spec = finetune_spec(demo)
+    cache = tmp_path / "cache"
+    run(spec, tmp_path / "uncached")
+    _, lines = run(spec, tmp_path / "first", cache_dir=cache)
+    assert any("token cache miss" in line for line in lines)
+    # Preempted and resumed, both halves reading the cache: still the uninterrupted run's weights.
+    calls = {"n": 0}
+
+    def preempt_after_two() -> str | None:
+        calls["n"] += 1
+        return "preempt" if calls["n"] > 2 else None
+
+    with pytest.raises(StagePreempted):
+        run(spec, tmp_path / "resumed", cache_dir=cache, should_stop=preempt_after_two)
+    outcome, lines = run(spec, tmp_path / "resumed", cache_dir=cache)
+    assert outcome.resumed_from == 2 and any("token cache hit" in line for line in lines)
+    assert any("row index cache hit" in line for line in lines)
+    assert_same_weights(tmp_path / "uncached", tmp_path / "first")
+    assert_same_weights(tmp_path / "uncached", tmp_path / "resumed")
+    assert_no_pickle(cache)
+    assert not math.isnan(outcome.final_loss)
