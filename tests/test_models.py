@@ -12,7 +12,9 @@ import torch
 from jobs.errors import ModelError
 from jobs.models import (
     TINY_ARCHS,
+    autocast_for,
     base_model_name,
+    bf16_autocast_supported,
     check_model_name,
     encode_sources,
     encode_targets,
@@ -20,6 +22,7 @@ from jobs.models import (
     load_model_and_tokenizer,
     pad_sequences,
     save_model,
+    tokenizer_fingerprint,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +83,8 @@ def test_save_and_load_round_trip(tmp_path: Path, arch: str) -> None:
     assert weights_equal(model, loaded)
     assert base_model_name(loaded) == f"tiny:{arch}"
     assert loaded_tokenizer("abc")["input_ids"] == tokenizer("abc")["input_ids"]
+    # A stage's saved copy of the tokenizer encodes like the original, so cached token ids are shared.
+    assert tokenizer_fingerprint(loaded_tokenizer) == tokenizer_fingerprint(tokenizer)
     assert not list(tmp_path.glob(".model*"))
 
 
@@ -117,3 +122,14 @@ def test_encoding_keeps_head_tail_and_eos() -> None:
     assert encode_targets(tokenizer, ["yes"], 6, seq2seq=False) == [short]
     padded = pad_sequences([[1, 2, 3], [4]], 0, left=True)
     assert padded.tolist() == [[1, 2, 3], [0, 0, 4]]
+
+
+def test_fixed_width_padding_and_cpu_precision() -> None:
+    assert pad_sequences([[1, 2, 3], [4]], 0, width=5).tolist() == [[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]]
+    assert pad_sequences([[1, 2], [4]], 9, left=True, width=3).tolist() == [[9, 1, 2], [9, 9, 4]]
+    with pytest.raises(ValueError, match="width 2"):
+        pad_sequences([[1, 2, 3]], 0, width=2)
+    cpu = torch.device("cpu")
+    assert not bf16_autocast_supported(cpu)
+    with autocast_for(cpu)():  # no autocast on the CPU: fp32 as before, so resumes stay bit-identical
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
