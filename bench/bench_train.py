@@ -1,0 +1,230 @@
+"""Training throughput: stl's loop (jobs/train.py `train`, an MTL stage) vs Hugging Face `Seq2SeqTrainer`.
+
+Same model (identical random weights, loaded from one directory), same data, batch size, lengths,
+learning rate and schedule (linear decay, no warm-up), gradient clipping 1.0, no weight decay, no
+checkpoints, same precision (fp32 on CPU; on a GPU stl's bf16 autocast vs Trainer's bf16=True).
+Throughput is samples/s over the steps after the warm-up steps, per wall-second and (on a CPU, the
+headline there) per CPU-second of the benchmark process, which other load on a shared machine barely
+moves. stl: from its check before the first measured step (`should_stop`, called before every step) to
+its report of the last step (made after a host sync); Trainer: a callback at the end of the last warm-up
+step and of the last step (synced).
+On CUDA the warm-up must be a multiple of 10 so that stl's start mark follows one of its synced reports.
+A and B are interleaved; the ratio of medians is the result. Final losses (mean over all steps) are
+compared as a sanity check.
+
+Each side keeps its own defaults where the comparison leaves them free: stl uses torch AdamW (fused
+on CUDA; torch's default single-tensor loop on CPU) and length-grouped batches from its streaming
+mixture; Trainer uses its default optimizer (adamw_torch_fused for torch >= 2.8) and a random sampler
+over a pre-tokenized list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Ratio, Report, header, interleave, median, print_absolute, set_torch_threads  # noqa: E402
+from ml import SIZES, Setup, check_device_dtype, hf_features, load_tokenizer, prepare, sync  # noqa: E402
+
+BENCH = "train"
+STL, HF = "stl train()", "HF Seq2SeqTrainer"
+REPORT_EVERY = 10  # jobs.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
+
+
+class Runner:
+    def __init__(self, setup: Setup, args: argparse.Namespace, workdir: Path) -> None:
+        self.setup, self.args, self.workdir = setup, args, workdir
+        self.total = args.warmup_steps + args.steps
+        self.losses: dict[str, list[float]] = {"stl": [], "hf": []}
+        self.counter = 0
+        self.cpu_rates: dict[str, list[float]] = {}
+        self.train_examples = self._examples()
+
+    def _examples(self) -> list[Any]:
+        from jobs.data import read_examples
+
+        return list(read_examples(str(self.setup.data), self.setup.train_tasks))
+
+    def warm_process(self) -> None:
+        """Untimed: a few forward/backward passes at the benchmark's shapes, so that one-off costs of the
+        first calls in this process (kernel set-up, allocator growth) fall on neither side."""
+        import torch
+        from transformers import AutoModelForSeq2SeqLM
+
+        args = self.args
+        model = AutoModelForSeq2SeqLM.from_pretrained(self.setup.model_dir).to(args.device)
+        model.train()
+        vocab = model.config.vocab_size
+        for _ in range(2):
+            source = torch.randint(3, vocab, (args.batch_size, args.source_len), device=args.device)
+            labels = torch.randint(3, vocab, (args.batch_size, args.target_len), device=args.device)
+            with torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                loss = model(input_ids=source, labels=labels).loss
+            loss.backward()
+        sync(args.device)
+        del model
+
+    def _rate(self, name: str, start: tuple[float, float], end: tuple[float, float]) -> float:
+        """Samples per wall second (returned) and per CPU second of this process (kept in cpu_rates)."""
+        samples = self.args.steps * self.args.batch_size
+        self.cpu_rates.setdefault(name, []).append(samples / (end[1] - start[1]))
+        return samples / (end[0] - start[0])
+
+    # --- stl ---
+
+    def stl(self) -> float:
+        from jobs.specs import StageKind, StageSpec, TrainConfig
+        from jobs.train import TrainRun, train
+
+        args = self.args
+        spec = StageSpec(
+            kind=StageKind.mtl, model="tiny:bart", seed=args.seed, instructions=True, data=str(self.setup.data),
+            tasks=self.setup.train_tasks,
+            train=TrainConfig(max_steps=self.total, batch_size=args.batch_size, learning_rate=args.lr,
+                              warmup_ratio=0.0, weight_decay=0.0, max_source_length=args.source_len,
+                              max_target_length=args.target_len, checkpoint_every=self.total + 1),
+        )
+        marks: dict[str, tuple[float, float]] = {}
+        reports: list[tuple[int, float]] = []
+        checks = [0]
+
+        def should_stop() -> None:
+            checks[0] += 1
+            if checks[0] == args.warmup_steps + 1:  # the warm-up steps are done
+                marks["start"] = (time.perf_counter(), time.process_time())
+
+        def on_step(report: Any) -> None:
+            if report.step == self.total:
+                # stl has read the loss (.item()): the device is synced
+                marks["end"] = (time.perf_counter(), time.process_time())
+            reports.append((report.step, report.loss))
+
+        self.counter += 1
+        run = TrainRun(spec=spec, workdir=self.workdir / f"stl-{self.counter}", init_from=self.setup.model_dir,
+                       device=args.device, should_stop=should_stop, log=lambda _line: None)
+        outcome = train(run, on_step=on_step)
+        assert outcome.steps == self.total
+        # Mean loss over all steps: each report averages the steps since the previous one.
+        previous, weighted = 0, 0.0
+        for step, loss in reports:
+            weighted += loss * (step - previous)
+            previous = step
+        self.losses["stl"].append(weighted / previous)
+        return self._rate(STL, marks["start"], marks["end"])
+
+    # --- Hugging Face Seq2SeqTrainer ---
+
+    def hf(self) -> float:
+        import torch
+        from transformers import (
+            AutoModelForSeq2SeqLM,
+            DataCollatorForSeq2Seq,
+            Seq2SeqTrainer,
+            Seq2SeqTrainingArguments,
+            TrainerCallback,
+        )
+        from transformers.trainer_callback import PrinterCallback
+
+        from jobs.data import source_text
+
+        args, device = self.args, self.args.device
+        tokenizer = load_tokenizer(self.setup.model_dir)
+        features = hf_features(tokenizer, [source_text(e, True) for e in self.train_examples],
+                               [e.output for e in self.train_examples], args.source_len, args.target_len)
+        torch.manual_seed(args.seed)
+        model = AutoModelForSeq2SeqLM.from_pretrained(self.setup.model_dir)
+        marks: dict[int, tuple[float, float]] = {}
+        measured = (args.warmup_steps, self.total)
+
+        class Marks(TrainerCallback):
+            def on_step_end(self, _args: Any, state: Any, _control: Any, **_kwargs: Any) -> None:
+                if state.global_step in measured:
+                    sync(device)
+                    marks[state.global_step] = (time.perf_counter(), time.process_time())
+
+        self.counter += 1
+        training_args = Seq2SeqTrainingArguments(
+            output_dir=str(self.workdir / f"hf-{self.counter}"), report_to=[], save_strategy="no",
+            logging_strategy="no", max_steps=self.total, per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+            dataloader_num_workers=0, disable_tqdm=True, seed=args.seed, use_cpu=device == "cpu",
+            bf16=args.dtype == "bf16",
+        )
+        trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=features,  # type: ignore[arg-type]
+                                 data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, padding=True),
+                                 callbacks=[Marks()])
+        trainer.remove_callback(PrinterCallback)  # no metrics dict printed at the end
+        output = trainer.train()
+        assert trainer.state.global_step == self.total
+        self.losses["hf"].append(float(output.training_loss))
+        return self._rate(HF, marks[args.warmup_steps], marks[self.total])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--size", default="small", choices=SIZES, help="model size (default small)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                        help="fp32 (CPU) or bf16 (GPU); default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
+    parser.add_argument("--batch-size", type=int, default=16, help="default 16")
+    parser.add_argument("--source-len", type=int, default=128, help="source tokens (default 128)")
+    parser.add_argument("--target-len", type=int, default=32, help="target tokens (default 32)")
+    parser.add_argument("--steps", type=int, default=15,
+                        help="measured steps (default 15, to finish in ~2 min on 2 CPU cores; 30+ on a GPU)")
+    parser.add_argument("--warmup-steps", type=int, default=5,
+                        help="unmeasured first steps (default 5; on CUDA a multiple of 10)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads; default 1 on CPU (steadier on a shared machine), "
+                             "torch's default on CUDA; 0 = torch's default")
+    args = parser.parse_args()
+    set_torch_threads(args.threads if args.threads is not None else (1 if args.device == "cpu" else 0))
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.steps <= 0 or args.warmup_steps <= 0:
+        parser.error("--steps and --warmup-steps must be positive")
+    if args.device.startswith("cuda") and args.warmup_steps % REPORT_EVERY:
+        parser.error(f"on CUDA --warmup-steps must be a multiple of {REPORT_EVERY} (stl syncs only at its reports)")
+    check_device_dtype(args.device, args.dtype)
+
+    header(f"bench_train: stl train loop vs Seq2SeqTrainer ({args.size}, {args.device}, {args.dtype})", args.device)
+    with tempfile.TemporaryDirectory(prefix="stl-bench-train-") as tmp:
+        workdir = Path(tmp)
+        rows = max(args.batch_size * 8, 64)
+        setup = prepare(workdir, size=args.size, data=args.data, source_len=args.source_len,
+                        target_len=args.target_len, rows_per_task=rows, seed=args.seed)
+        print(f"model: {args.size} ({setup.parameters / 1e6:.1f} M parameters, random weights); data {args.data}; "
+              f"batch {args.batch_size}, {args.source_len} -> {args.target_len} tokens, lr {args.lr}, "
+              f"{args.warmup_steps} warm-up + {args.steps} measured steps; {args.rounds} interleaved rounds")
+        runner = Runner(setup, args, workdir)
+        runner.warm_process()
+        results = interleave({STL: runner.stl, HF: runner.hf}, rounds=args.rounds)
+    stl_loss, hf_loss = median(runner.losses["stl"]), median(runner.losses["hf"])
+    notes = [f"mean training loss over all {runner.total} steps (median of rounds): stl {stl_loss:.4f}, "
+             f"Trainer {hf_loss:.4f} (ratio {stl_loss / hf_loss:.3f}; same curve within noise expected)",
+             f"per-round losses: stl {[round(x, 4) for x in runner.losses['stl']]}, "
+             f"Trainer {[round(x, 4) for x in runner.losses['hf']]}"]
+    tag = f"{BENCH}:{args.size}:{args.device}:{args.data}"
+    what = f"({args.size}, {args.device}, {args.dtype}, data {args.data})"
+    ratio = [Ratio(STL, HF, "stl samples/s / Trainer samples/s")]
+    if args.device == "cpu":
+        # Headline on a CPU: samples per CPU-second of the (single-threaded) process. Other people's jobs on a
+        # shared machine stretch wall time at random; they hardly change the CPU time the work itself needs.
+        Report(f"training throughput, samples per CPU-second {what} [headline on CPU]", runner.cpu_rates,
+               unit="samples/cpu-s", higher_is_better=True, bench=tag + ":cpu-time", ratios=ratio).print()
+    Report(f"training throughput, samples per wall-second {what}", results, unit="samples/s",
+           higher_is_better=True, bench=tag + ":wall", ratios=ratio, notes=notes).print()
+    print_absolute(tag, "stl train samples/s (wall)", median(results[STL]), "samples/s")
+    print_absolute(tag, "loss ratio stl/Trainer", stl_loss / hf_loss, "x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The GPU benchmarks: stl's training loop vs Seq2SeqTrainer (bf16) and stl's evaluation vs
+# Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
+# option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network).
+# Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
+# Budget: under 8 minutes on one GPU (each script has its own time limit, see LIMIT_S).
+# Writes every log and a summary (the RESULT lines) to $BENCH_OUT (default: $OUT if set, else bench/results).
+#
+# Check it on a CPU machine with the same scripts and small shapes (about 90 s on 2 cores):
+#   BENCH_DEVICE=cpu bench/gpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-}
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+DEVICE=${BENCH_DEVICE:-cuda}
+STAMP=$(date -u +%F)
+OUTDIR=${BENCH_OUT:-${OUT:-bench/results}}/gpu-$STAMP
+mkdir -p "$OUTDIR"
+SUMMARY=$OUTDIR/summary.txt
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+if [[ "$DEVICE" == cuda* ]]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')"
+  LIMIT_S=${LIMIT_S:-110}  # 4 scripts x 110 s < 8 min
+  DTYPE=bf16
+  TRAIN_BART=(--batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
+  TRAIN_T5=(--batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
+  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 3)
+else
+  # The same code paths with shapes a CPU finishes quickly: a correctness check, not figures to quote.
+  LIMIT_S=${LIMIT_S:-300}
+  DTYPE=fp32
+  TRAIN_BART=(--batch-size 2 --source-len 16 --target-len 4 --warmup-steps 1 --steps 2 --rounds 1)
+  TRAIN_T5=("${TRAIN_BART[@]}")
+  EVAL=(--examples 4 --batch-size 2 --source-len 16 --max-new-tokens 4 --rounds 1)
+fi
+
+{
+  echo "# stl GPU benchmarks, $STAMP (UTC), device $DEVICE, dtype $DTYPE"
+  "$PY" -c "import sys; sys.path.insert(0, 'bench'); from common import machine_description as m; print('# machine:', m('$DEVICE'))"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "# $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
+  fi
+} > "$SUMMARY"
+
+status=0
+run() {  # run NAME ARGS...: one benchmark script, its log in $OUTDIR/NAME.log, its RESULT lines in the summary
+  local name=$1; shift
+  echo "== $name: $*"
+  local started=$SECONDS
+  if timeout "$LIMIT_S" "$PY" "$@" > "$OUTDIR/$name.log" 2>&1; then
+    echo "   ok ($((SECONDS - started)) s)"
+  else
+    echo "   FAILED or timed out ($((SECONDS - started)) s); see $OUTDIR/$name.log"
+    tail -5 "$OUTDIR/$name.log" | sed 's/^/   | /'
+    echo "FAILED $name (see $name.log)" >> "$SUMMARY"
+    status=1
+  fi
+  grep -E '^ *(RATIO|ABS|note)' "$OUTDIR/$name.log" | sed "s/^ */$name: /" >> "$SUMMARY" || true
+  grep '^RESULT ' "$OUTDIR/$name.log" >> "$OUTDIR/results.jsonl" || true
+}
+
+: > "$OUTDIR/results.jsonl"
+COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
+run train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
+run train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
+run eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
+run eval-t5-small   bench/bench_eval.py  "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+
+echo
+cat "$SUMMARY"
+echo "(logs and results.jsonl in $OUTDIR)"
+exit $status
