@@ -15,9 +15,10 @@ from jobs.errors import GridError, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     import redis
+    from rich.console import Console, RenderableType
 
     from jobs.settings import Settings
 
@@ -130,46 +131,41 @@ def status(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
 ) -> None:
     """Show queued, running and finished runs per user and grid, running runs and workers, live."""
-    from jobs.records import grid_rows, list_runs, list_workers
+    from jobs.records import list_runs, list_workers, status_summary
 
     with handled():
         settings = _settings()
         conn = _connect(settings)
-
-        def snapshot() -> tuple[list, list, list]:
-            runs = list_runs(conn, user=user, grid=grid, detail=as_json)
-            return runs, list_workers(conn), grid_rows(runs)
-
         if as_json:
-            runs, workers, _ = snapshot()
-            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in workers]})
+            runs = list_runs(conn, user=user, grid=grid)
+            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)]})
             return
         from rich.console import Console
 
         from cli.render import build_status_view
 
+        def view() -> RenderableType:
+            return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn))
+
         console = Console()
         if once:
-            console.print(build_status_view(*snapshot()))
+            console.print(view())
             return
-        _live_status(console, snapshot, interval)
+        _live_status(console, view, interval)
 
 
-def _live_status(console: object, snapshot: object, interval: float) -> None:
+def _live_status(console: Console, view: Callable[[], RenderableType], interval: float) -> None:
+    """Redraw in place; while Redis is away, say so and keep trying rather than exit."""
     import redis
-    from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
-    from cli.render import build_status_view
-
-    assert isinstance(console, Console) and callable(snapshot)
     with Live(console=console, auto_refresh=False, screen=False, transient=False) as live:
         while True:
             try:
-                live.update(build_status_view(*snapshot()), refresh=True)
+                live.update(view(), refresh=True)
             except (redis.ConnectionError, redis.TimeoutError) as e:
-                live.update(Text(f"Redis is unreachable ({e}); retrying every {interval:.0f} s… "
+                live.update(Text(f"Redis is unreachable ({e}); retrying every {interval:g} s… "
                                  "Ctrl+C to quit", style="red"), refresh=True)
             time.sleep(interval)
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from jobs.grid import ExpandedGrid
     from jobs.queueing import SubmitReport
-    from jobs.records import GridRow, RunRow, WorkerRow
+    from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
 
 STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
@@ -38,25 +38,28 @@ def format_cell(cell: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed") + f" seed={cell.get('seed', '?')}"
 
 
-def summary_rows(runs: list[RunRow], key: str) -> list[list[str]]:
-    """Counts per status, grouped by `user` or `grid`."""
+def summary_rows(counts: dict[tuple[str, str, str], int], key: str) -> list[list[str]]:
+    """Counts per status, grouped by `user` or `grid`, from counts per (grid, user, status)."""
+    position = {"grid": 0, "user": 1}[key]
     groups: dict[str, dict[str, int]] = {}
-    for run in runs:
-        name = getattr(run, key)
-        counts = groups.setdefault(name, dict.fromkeys(STATUS_ORDER, 0))
-        counts[run.status] = counts.get(run.status, 0) + 1
-    return [[name, *(str(counts[s]) for s in STATUS_ORDER), str(sum(counts.values()))]
-            for name, counts in sorted(groups.items())]
+    for group_key, n in counts.items():
+        row = groups.setdefault(group_key[position], dict.fromkeys(STATUS_ORDER, 0))
+        row[group_key[2]] = row.get(group_key[2], 0) + n
+    return [[name, *(str(row[s]) for s in STATUS_ORDER), str(sum(row.values()))]
+            for name, row in sorted(groups.items())]
 
 
-def build_summary_table(runs: list[RunRow], key: str) -> Table:
+def build_summary_table(counts: dict[tuple[str, str, str], int], key: str) -> Table:
     table = Table(title=f"Runs per {key}", title_justify="left", expand=False)
-    table.add_column(key)
+    table.add_column(key, no_wrap=True)
     for status in STATUS_ORDER:
         table.add_column(status, justify="right", style=STATUS_STYLE[status])
     table.add_column("total", justify="right")
-    for row in summary_rows(runs, key):
+    rows = summary_rows(counts, key)
+    for row in rows:
         table.add_row(*row)
+    if not rows:
+        table.add_row("—", *([""] * len(STATUS_ORDER)), "0")
     return table
 
 
@@ -141,13 +144,13 @@ def build_finished_grids_table(grids: list[GridRow]) -> Table:
     return table
 
 
-def build_status_view(runs: list[RunRow], workers: list[WorkerRow], grids: list[GridRow]) -> RenderableType:
+def build_status_view(summary: StatusSummary, workers: list[WorkerRow]) -> RenderableType:
     parts: list[RenderableType] = [
-        build_summary_table(runs, "user"), build_summary_table(runs, "grid"),
-        build_running_table(runs), build_workers_table(workers),
+        build_summary_table(summary.counts, "user"), build_summary_table(summary.counts, "grid"),
+        build_running_table(summary.running), build_workers_table(workers),
     ]
-    if any(g.done for g in grids):
-        parts.append(build_finished_grids_table(grids))
+    if any(g.done for g in summary.grids):
+        parts.append(build_finished_grids_table(summary.grids))
     stamp = Text(f"updated {time.strftime('%H:%M:%S')} · Ctrl+C to quit", style="dim")
     return Group(*parts, stamp)
 

@@ -19,9 +19,28 @@ if TYPE_CHECKING:
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
 RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
               "started_at", "ended_at", "error", "current_stage")
-SUMMARY_FIELDS = ("id", "grid", "user", "status", "created_at", "ended_at")
 STAGE_PROGRESS_FIELDS = ("kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status")
 WORKER_STALE_S = 60
+
+# Read-only: counts per grid/user/status, each grid's first creation and last end, and the running
+# run ids, for the runs in the zset KEYS[1] (ARGV[1]: run key prefix; ARGV[2]: only this user, or "").
+_STATUS_COUNTS = """
+local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
+local counts, created, ended, running = {}, {}, {}, {}
+for _, id in ipairs(ids) do
+  local v = redis.call('HMGET', ARGV[1] .. id, 'grid', 'user', 'status', 'created_at', 'ended_at')
+  local grid, user, status = v[1] or '', v[2] or '', v[3] or ''
+  if ARGV[2] == '' or user == ARGV[2] then
+    local key = grid .. '\t' .. user .. '\t' .. status
+    counts[key] = (counts[key] or 0) + 1
+    local c, e = tonumber(v[4]), tonumber(v[5])
+    if c and (not created[grid] or c < created[grid]) then created[grid] = c end
+    if e and (not ended[grid] or e > ended[grid]) then ended[grid] = e end
+    if status == 'running' then running[#running + 1] = id end
+  end
+end
+return cjson.encode({counts = counts, created = created, ended = ended, running = running})
+"""
 
 # Read-only: the fields ARGV[2..] of every run hash named in the zset KEYS[1] (ARGV[1] is the key prefix).
 _BULK_HMGET = """
@@ -127,31 +146,22 @@ class GridRow:
         return self.total > 0 and sum(self.counts.get(s.value, 0) for s in RunStatus if s.is_done) == self.total
 
 
-def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = None,
-              detail: bool = True) -> list[RunRow]:
-    """Every run (optionally one user's or one grid's), oldest first, with live progress.
-
-    With detail=False only what the status summary needs is read, except for running runs.
-    """
+def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> list[RunRow]:
+    """Every run (optionally one user's or one grid's), oldest first, with live progress."""
     index = keys.grid_runs(grid) if grid else keys.RUNS
-    fields = RUN_FIELDS if detail else SUMMARY_FIELDS
-    # One server-side pass instead of one HMGET per run: status stays fast with 10,000 runs.
-    flat = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *fields)
-    width = len(fields)
-    empty = dict.fromkeys(RUN_FIELDS, "")
-    records = [{**empty, **dict(zip(fields, map(text, flat[i:i + width]), strict=True))}
-               for i in range(0, len(flat), width)]
+    # One server-side pass instead of one HMGET per run: this stays fast with 10,000 runs.
+    flat = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *RUN_FIELDS)
+    width = len(RUN_FIELDS)
+    records = [dict(zip(RUN_FIELDS, map(text, flat[i:i + width]), strict=True)) for i in range(0, len(flat), width)]
     if grid and not records:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
     if user:
         records = [r for r in records if r["user"] == user]
-    if not detail:
-        running = [i for i, r in enumerate(records) if r["status"] == RunStatus.running.value]
-        pipe = conn.pipeline(transaction=False)
-        for i in running:
-            pipe.hmget(keys.run(records[i]["id"]), *RUN_FIELDS)
-        for i, raw in zip(running, pipe.execute() if running else [], strict=True):
-            records[i] = dict(zip(RUN_FIELDS, map(text, raw), strict=True))
+    return _with_progress(conn, records)
+
+
+def _with_progress(conn: redis.Redis, records: list[dict[str, str]]) -> list[RunRow]:
+    """Run rows, with step, loss and ETA read from the stage each running run is in."""
     running_stages = sorted({r["current_stage"] for r in records
                              if r["status"] == RunStatus.running.value and r["current_stage"]})
     stage_info: dict[str, dict[str, str]] = {}
@@ -163,6 +173,40 @@ def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = 
             stage_info[sid] = dict(zip(STAGE_PROGRESS_FIELDS, map(text, raw), strict=True))
     now = time.time()
     return [_run_row(r, stage_info.get(r["current_stage"]), now) for r in records if r["id"]]
+
+
+@dataclass
+class StatusSummary:
+    """What the status view shows: counts per (grid, user, status), grids, and the running runs."""
+
+    counts: dict[tuple[str, str, str], int]
+    grids: list[GridRow]
+    running: list[RunRow]
+
+
+def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> StatusSummary:
+    """Counted inside Redis: only the counts and the running runs travel, whatever the queue holds."""
+    index = keys.grid_runs(grid) if grid else keys.RUNS
+    answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or ""))
+    if grid and not answer["counts"]:
+        raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
+    counts: dict[tuple[str, str, str], int] = {}
+    grids: dict[str, GridRow] = {}
+    for key, n in (answer["counts"] or {}).items():
+        grid_name, user_name, status = key.split("\t")
+        counts[(grid_name, user_name, status)] = int(n)
+        row = grids.setdefault(grid_name, GridRow(grid=grid_name, total=0))
+        row.total += int(n)
+        row.counts[status] = row.counts.get(status, 0) + int(n)
+    for grid_name, row in grids.items():
+        row.created_at = _f(str((answer["created"] or {}).get(grid_name, "")))
+        row.ended_at = _f(str((answer["ended"] or {}).get(grid_name, "")))
+    running_ids = list(answer["running"] or [])
+    pipe = conn.pipeline(transaction=False)
+    for run_id in running_ids:
+        pipe.hmget(keys.run(run_id), *RUN_FIELDS)
+    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True)) for raw in (pipe.execute() if running_ids else [])]
+    return StatusSummary(counts=counts, grids=list(grids.values()), running=_with_progress(conn, records))
 
 
 def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -> RunRow:
@@ -189,19 +233,6 @@ def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -
                 row.eta_s = row.elapsed_s * (total - step) / step
     row.progress = 1.0 if record["status"] == RunStatus.finished.value else min((done + fraction) / n_stages, 1.0)
     return row
-
-
-def grid_rows(runs: list[RunRow], grid_meta: dict[str, dict[str, str]] | None = None) -> list[GridRow]:
-    grids: dict[str, GridRow] = {}
-    for run in runs:
-        row = grids.setdefault(run.grid, GridRow(grid=run.grid, total=0))
-        row.total += 1
-        row.counts[run.status] = row.counts.get(run.status, 0) + 1
-        if run.created_at is not None:
-            row.created_at = min(row.created_at or run.created_at, run.created_at)
-        if run.ended_at is not None:
-            row.ended_at = max(row.ended_at or run.ended_at, run.ended_at)
-    return list(grids.values())
 
 
 def list_workers(conn: redis.Redis) -> list[WorkerRow]:

@@ -1,0 +1,76 @@
+"""The status and results tables, tested on the rows the pure builders produce (not on ANSI)."""
+
+from __future__ import annotations
+
+import time
+
+from cli.render import (
+    dry_run_rows,
+    finished_grid_rows,
+    format_duration,
+    running_rows,
+    summary_rows,
+    worker_rows,
+)
+from jobs.records import GridRow, RunRow, WorkerRow
+
+
+def run_row(**overrides: object) -> RunRow:
+    row = RunRow(id="0123456789abcdef", grid="g", user="alice", priority="normal", status="running",
+                 progress=0.375, cell={"model": "tiny:bart", "mtl": "none", "shots": 0, "seed": 1},
+                 created_at=1.0, started_at=2.0, ended_at=None, error="", stage="mtl", step=30, total=80,
+                 loss=2.34567, samples_per_s=10.0, elapsed_s=65.0, eta_s=3725.0)
+    for key, value in overrides.items():
+        setattr(row, key, value)
+    return row
+
+
+def test_summary_rows_count_each_status_per_user_and_grid() -> None:
+    counts = {("g1", "alice", "queued"): 3, ("g1", "alice", "running"): 1, ("g2", "bob", "finished"): 5,
+              ("g2", "alice", "failed"): 2}
+    assert summary_rows(counts, "user") == [["alice", "3", "1", "0", "2", "0", "6"],
+                                            ["bob", "0", "0", "5", "0", "0", "5"]]
+    assert summary_rows(counts, "grid") == [["g1", "3", "1", "0", "0", "0", "4"],
+                                            ["g2", "0", "0", "5", "2", "0", "7"]]
+
+
+def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
+    (row,) = running_rows([run_row(), run_row(status="queued")])
+    assert row["run"] == "0123456789"
+    assert row["cell"] == "model=tiny:bart mtl=none shots=0 seed=1"
+    assert (row["stage"], row["step"], row["loss"]) == ("mtl", "30/80", "2.3457")
+    assert (row["elapsed"], row["eta"]) == ("1m05s", "1h02m")
+    assert row["progress"] == 0.375
+
+
+def test_worker_rows_show_gpu_or_cpu() -> None:
+    now = time.time()
+    gpu = WorkerRow(name="box.gpu0.1", host="box", gpu="NVIDIA H100", gpu_util=87.0, gpu_mem_used_mb=40960.0,
+                    gpu_mem_total_mb=81920.0, state="busy", stage="abcdef0123456789", last_seen=now - 2)
+    cpu = WorkerRow(name="lap.cpu.2", host="lap", gpu="cpu", gpu_util=None, gpu_mem_used_mb=None,
+                    gpu_mem_total_mb=None, state="idle", stage="", last_seen=now)
+    rows = worker_rows([gpu, cpu])
+    assert rows[0][:5] == ["box.gpu0.1", "box", "NVIDIA H100 87% 40.0/80.0 GiB", "busy", "abcdef012345"]
+    assert rows[0][5].endswith("ago")
+    assert rows[1][2:5] == ["cpu", "idle", "—"]
+
+
+def test_finished_grids_show_time_to_completion() -> None:
+    done = GridRow(grid="g", total=3, counts={"finished": 2, "failed": 1}, created_at=100.0, ended_at=100.0 + 3725)
+    live = GridRow(grid="h", total=2, counts={"finished": 1, "running": 1}, created_at=1.0, ended_at=2.0)
+    (row,) = finished_grid_rows([done, live])
+    assert row[0:4] == ["g", "2", "1", "0"] and row[5] == "1h02m"
+
+
+def test_format_duration() -> None:
+    assert [format_duration(s) for s in (None, 0, 59, 61, 3600)] == ["—", "0s", "59s", "1m01s", "1h00m"]
+
+
+def test_dry_run_rows_list_each_run_with_its_stages(tmp_path, demo_data) -> None:  # type: ignore[no-untyped-def]
+    from jobs.grid import parse_grid
+    from tests.helpers import write_grid
+
+    rows = dry_run_rows(parse_grid(write_grid(tmp_path, demo_data)))
+    assert len(rows) == 4
+    assert {r[2] for r in rows} == {"eval", "mtl → eval", "finetune → eval → finetune → eval",
+                                   "mtl → finetune → eval → finetune → eval"}
