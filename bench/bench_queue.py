@@ -216,7 +216,7 @@ def timed(part, fn):
         finally:
             spent[part] += time.perf_counter() - started
     return wrapper
-for name in ("list_runs", "list_workers", "grid_rows"):
+for name in ("status_summary", "list_workers"):
     setattr(jobs.records, name, timed("query", getattr(jobs.records, name)))
 rich.console.Console.print = timed("render", rich.console.Console.print)
 sys.argv = ["stl", "status", "--once"]
