@@ -132,8 +132,11 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
     try:
         return _ping(url, patient=patient)
     except redis.AuthenticationError as e:
-        raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the password: {e}; "
-                               "check the password in STL_REDIS_URL") from e
+        if not urlparse(url).password:
+            raise RedisUnavailable(f"Redis at {_describe_url(url)} requires a password; put it in STL_REDIS_URL "
+                                   "as redis://:PASSWORD@host:port/db") from e
+        raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the password in STL_REDIS_URL ({e}); "
+                               "check it") from e
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         if settings.redis_url_explicit or not start_embedded:
             raise RedisUnavailable(f"cannot reach Redis at {_describe_url(url)} ({e}); "

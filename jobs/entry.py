@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -19,7 +20,7 @@ import redis
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import StageCanceled, StageLeaseLost, StagePreempted
+from jobs.errors import ForeignJob, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.settings import load_settings
@@ -60,6 +61,8 @@ end
 return 0
 """
 FAILURE_MESSAGE_MAX = 500
+# What StageSpec.stage_id makes: the id becomes a folder name under STL_HOME and part of Redis keys.
+STAGE_ID = re.compile(r"^[0-9a-f]{20}$")
 STEPS_KEPT = 20_000
 
 
@@ -203,6 +206,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     from jobs.connection import connect
     from jobs.stages import StageContext, execute_stage, pick_device
 
+    if not STAGE_ID.match(stage_id):
+        raise ForeignJob(f"{stage_id!r} is not a stage id; stl runs only jobs written by `stl enqueue`")
     settings = load_settings()
     job = get_current_job()
     conn: redis.Redis = job.connection if job is not None else connect(settings, start_embedded=False)
@@ -370,7 +375,9 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
         cancel_stage_jobs(conn, run_ids, reason=f"{spec.kind.value} stage {stage_id} {status.value}")
     if status == RunStatus.finished:
         for run_id in run_ids:
-            _write_results_file(settings, conn, run_id)
+            # A copy for people reading STL_HOME; Redis has the results, so a full disk does not undo them.
+            with contextlib.suppress(OSError):
+                _write_results_file(settings, conn, run_id)
     for grid in grids:
         _notify_if_grid_done(conn, settings, grid)
 

@@ -9,6 +9,7 @@ Two ways a stage is found orphaned:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -33,6 +34,25 @@ if TYPE_CHECKING:
 MAX_ORPHANINGS = 20
 REAP_LOCK_TTL_S = 30
 _LIVE = (RunStatus.queued.value, RunStatus.running.value)
+# Jobs in the failed registries ARGV[1] (a JSON list) whose stage is still live, or finished while RQ
+# does not know it. ARGV[2]: stage key prefix, ARGV[3]: RQ job key prefix, ARGV[4]: stl's job id prefix.
+_LIVE_FAILED_JOBS = """
+local out = {}
+local n = string.len(ARGV[4])
+for _, key in ipairs(cjson.decode(ARGV[1])) do
+  for _, jid in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+    if string.sub(jid, 1, n) == ARGV[4] then
+      local st = redis.call('HGET', ARGV[2] .. string.sub(jid, n + 1), 'status')
+      if st == 'queued' or st == 'running' then
+        out[#out + 1] = jid
+      elseif st == 'finished' and redis.call('HGET', ARGV[3] .. jid, 'status') ~= 'finished' then
+        out[#out + 1] = jid
+      end
+    end
+  end
+end
+return out
+"""
 # Release the reap lock only if it is still ours.
 _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -90,14 +110,15 @@ def find_lost_jobs(conn: redis.Redis) -> list[str]:
     A horse that dies before taking its stage's lease, or after finishing it but before RQ recorded that,
     leaves no trace in the running set; RQ's registries still know the job.
     """
+    queues = _stl_queues(conn)
+    if not queues:
+        return []
     now = time.time()
     started: list[tuple[str, float]] = []
-    failed: list[str] = []
-    for queue in _stl_queues(conn):
+    for queue in queues:
         entries = conn.zrange(queue.started_job_registry.key, 0, -1, withscores=True)
         started += [(text(entry[0]).split(":")[0], float(entry[1])) for entry in entries]
-        failed += [text(j) for j in conn.zrange(queue.failed_job_registry.key, 0, -1)]
-    candidates = set(failed)
+    candidates: set[str] = set()
     if started:
         pipe = conn.pipeline(transaction=False)
         for job_id, _ in started:
@@ -106,6 +127,10 @@ def find_lost_jobs(conn: redis.Redis) -> list[str]:
             # Expired: no worker renewed it for a minute. A dead local worker: no need to wait for that.
             if score < now or (worker_name and worker_is_dead(text(worker_name))):
                 candidates.add(job_id)
+    # Failed registries keep every failure for months: they are filtered inside Redis, in one call.
+    failed = conn.eval(_LIVE_FAILED_JOBS, 0, json.dumps([q.failed_job_registry.key for q in queues]),
+                       keys.stage(""), Job.redis_job_namespace_prefix, job_id_for(""))
+    candidates.update(text(j) for j in failed)
     ordered = sorted(candidates)
     if not ordered:
         return []
@@ -124,6 +149,40 @@ def find_lost_jobs(conn: redis.Redis) -> list[str]:
         if status in _LIVE or (status == RunStatus.finished.value and job_status != JobStatus.FINISHED.value):
             lost.append(stage_id_for(job_id))
     return lost
+
+
+def find_dropped_jobs(conn: redis.Redis, *, chunk: int = 2000) -> list[str]:
+    """Stages queued in stl and in RQ whose job is in no queue: a worker took it off (LPOP) and died before
+    RQ recorded it as started. A job being handed to a live worker looks the same for a few milliseconds,
+    so callers requeue only what a second look, seconds later, still finds.
+
+    Reads every live run, in pipelined chunks rather than one long script: Redis keeps serving others.
+    """
+    run_ids = [text(r) for r in conn.zrange(keys.RUNS, 0, -1)]
+    stage_ids: set[str] = set()
+    for first in range(0, len(run_ids), chunk):
+        pipe = conn.pipeline(transaction=False)
+        for run_id in run_ids[first:first + chunk]:
+            pipe.hmget(keys.run(run_id), "status", "stages")
+        for status, stages in pipe.execute():
+            if text(status) in _LIVE and stages:
+                stage_ids.update(json.loads(text(stages)))
+    ordered = sorted(stage_ids)
+    queued: list[tuple[str, str]] = []  # (job id, queue name)
+    for first in range(0, len(ordered), chunk):
+        pipe = conn.pipeline(transaction=False)
+        for sid in ordered[first:first + chunk]:
+            pipe.hget(keys.stage(sid), "status")
+            pipe.hmget(Job.key_for(job_id_for(sid)), "status", "origin")
+        answers = pipe.execute()
+        for index, sid in enumerate(ordered[first:first + chunk]):
+            stage_status, (job_status, origin) = text(answers[2 * index]), answers[2 * index + 1]
+            if stage_status == RunStatus.queued.value and text(job_status) == JobStatus.QUEUED.value and origin:
+                queued.append((job_id_for(sid), text(origin)))
+    members: dict[str, set[str]] = {}
+    for origin in sorted({origin for _, origin in queued}):
+        members[origin] = {text(m) for m in conn.lrange(Queue.redis_queue_namespace_prefix + origin, 0, -1)}
+    return [stage_id_for(job_id) for job_id, origin in queued if job_id not in members[origin]]
 
 
 def requeue_orphan(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: str,
@@ -168,6 +227,8 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
         # Someone put it back already (another reaper, or its own worker): only the bookkeeping is left.
         conn.srem(keys.RUNNING_STAGES, stage_id)
         return False
+    if job_status == JobStatus.STARTED and not running and not _started_by_a_dead_worker(conn, job):
+        return False  # put back and taken again meanwhile: a live worker has it now
     if status == RunStatus.finished.value:
         if job_status == JobStatus.FINISHED:
             conn.srem(keys.RUNNING_STAGES, stage_id)
@@ -193,6 +254,15 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
         except OSError:
             pass  # the line is in Redis
     return True
+
+
+def _started_by_a_dead_worker(conn: redis.Redis, job: Job) -> bool:
+    if job.worker_name and worker_is_dead(job.worker_name):
+        return True
+    queue = Queue(job.origin, connection=conn)
+    entries = [entry for entry in conn.zrange(queue.started_job_registry.key, 0, -1, withscores=True)
+               if text(entry[0]).split(":")[0] == job.id]
+    return all(float(entry[1]) < time.time() for entry in entries)
 
 
 def fail_stage(conn: redis.Redis, settings: Settings, stage_id: str, message: str) -> None:

@@ -20,10 +20,12 @@ from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from jobs import keys
+from jobs.codec import text
+from jobs.entry import STAGE_ID
 from jobs.errors import StageLeaseLost, StagePreempted
 from jobs.fairshare import queue_order
-from jobs.queueing import ENTRY_POINT, stage_id_for
-from jobs.recovery import fail_stage, reap_orphans, requeue_orphan
+from jobs.queueing import ENTRY_POINT, job_id_for, stage_id_for
+from jobs.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
 from worker.gpu import GpuProbe
 
 if TYPE_CHECKING:
@@ -36,13 +38,32 @@ if TYPE_CHECKING:
     from jobs.settings import Settings
 
 POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new users' queues
-REAP_EVERY_S = 5.0
+REAP_EVERY_S = 2.0  # a live worker finds a dead local horse within this; the check is a few reads
 WORKER_RECORD_TTL_S = 120
+# Looking for jobs taken off a queue by a worker that died reads every live run: not at every reap, but
+# when a worker starts, when it sees another die, and every ten minutes.
+DROPPED_SCAN_EVERY_S = 600.0
+DROPPED_CONFIRM_S = 10.0  # a job in the hands of a live worker is recorded as started long before this
 # Delete a lease only if the given (dead) horse holds it.
 _DROP_LEASE_OF = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+def _not_a_stage_job(job: Job) -> str | None:
+    """What is wrong with a job that names stl's entry point but was not written by `stl enqueue`."""
+    args, kwargs = job.args, job.kwargs
+    if kwargs or len(args) != 1 or not isinstance(args[0], str) or not STAGE_ID.match(args[0]):
+        return "its arguments are not one stage id"
+    if job.id != job_id_for(args[0]):
+        return "its id does not match its stage"
+    # RQ imports and calls these by name, in the worker and in the horse: a way round the entry point.
+    callbacks = [name for name in ("success", "failure", "stopped")
+                 if getattr(job, f"_{name}_callback_name", None)]
+    if callbacks:
+        return f"it names {'/'.join(callbacks)} callbacks"
+    return None
 
 
 class StlWorker(Worker):
@@ -54,6 +75,8 @@ class StlWorker(Worker):
         self.gpu_index = gpu_index
         self._probe = GpuProbe(gpu_index)
         self._last_reap = 0.0
+        self._last_dropped_scan = -DROPPED_SCAN_EVERY_S  # the first reap looks
+        self._dropped: dict[str, float] = {}  # stage id -> when first seen in no queue
         self._current_stage = ""
         self._pending_orphan = ""
         self._pending_timeout = ""
@@ -146,6 +169,11 @@ class StlWorker(Worker):
             self._refuse(job, queue, f"job {job.id} was refused: it names {func_name!r}, but this worker runs "
                          f"only {ENTRY_POINT}; enqueue work with `stl enqueue`")
             return
+        problem = _not_a_stage_job(job)
+        if problem:
+            self._refuse(job, queue, f"job {job.id} was refused: {problem}; stl runs only jobs written by "
+                         "`stl enqueue`")
+            return
         if self._stop_requested:
             # Told to stop between taking the job and starting it: it goes back where it was.
             queue._enqueue_job(job, at_front=True)  # noqa: SLF001
@@ -189,7 +217,8 @@ class StlWorker(Worker):
         super().handle_work_horse_killed(job, retpid, ret_val, rusage)
         stage_id = stage_id_for(job.id)
         # Only the dead horse's own lease: another horse may hold the stage (a false orphan alarm).
-        self.connection.eval(_DROP_LEASE_OF, 1, keys.stage_lease(stage_id), f"{self.host}:{retpid}")
+        with contextlib.suppress(redis.RedisError):  # the reaper finds a dead holder by itself
+            self.connection.eval(_DROP_LEASE_OF, 1, keys.stage_lease(stage_id), f"{self.host}:{retpid}")
         elapsed = (rq_now() - job.started_at).total_seconds() if job.started_at else 0.0
         if job.timeout and job.timeout > 0 and elapsed > job.timeout:
             self._pending_timeout = stage_id
@@ -277,9 +306,51 @@ class StlWorker(Worker):
         if now - self._last_reap < REAP_EVERY_S:
             return
         self._last_reap = now
+        try:
+            self._reap(now)
+        except (redis.ConnectionError, redis.TimeoutError):
+            raise  # the dequeue loop waits for Redis
+        except Exception:
+            # A record the reaper cannot read must not stop the worker: RQ would end its loop.
+            self.log.exception("Worker %s: looking for orphaned stages failed; trying again later", self.name)
+
+    def _reap(self, now: float) -> None:
         for stage_id in reap_orphans(self.connection, self.settings):
             self.log.warning("Worker %s: stage %s was orphaned; requeued at the head of its queue",
                              self.name, stage_id)
+        # Jobs are dropped only by a worker that dies: look when one has, when starting, and now and then.
+        if self._forget_dead_workers() or now - self._last_dropped_scan >= DROPPED_SCAN_EVERY_S or (
+                self._dropped and now - self._last_dropped_scan >= DROPPED_CONFIRM_S):
+            self._last_dropped_scan = now
+            self._requeue_dropped(now)
+
+    def _forget_dead_workers(self) -> bool:
+        """Take workers that died without a word (kill -9, lost machine) off the list; True if any."""
+        names = sorted(text(n) for n in self.connection.smembers(keys.WORKERS) if text(n) != self.name)
+        if not names:
+            return False
+        pipe = self.connection.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(keys.worker(name))
+        dead = [n for n, alive in zip(names, pipe.execute(), strict=True) if not alive or worker_is_dead(n)]
+        if dead:
+            self.connection.srem(keys.WORKERS, *dead)
+            self.log.warning("Worker %s: worker(s) %s died; looking for the jobs they held", self.name,
+                             ", ".join(dead))
+        return bool(dead)
+
+    def _requeue_dropped(self, now: float) -> None:
+        """Jobs a dead worker took off a queue before RQ recorded them: requeued when seen twice."""
+        found = set(find_dropped_jobs(self.connection))
+        self._dropped = {sid: self._dropped.get(sid, now) for sid in found}
+        for stage_id, since in list(self._dropped.items()):
+            if now - since < DROPPED_CONFIRM_S:
+                continue
+            del self._dropped[stage_id]
+            if requeue_orphan(self.connection, self.settings, stage_id, horse_dead=True,
+                              reason="its worker died after taking it off the queue"):
+                self.log.warning("Worker %s: stage %s was taken off its queue by a worker that died; requeued",
+                                 self.name, stage_id)
 
     def teardown(self) -> None:
         try:

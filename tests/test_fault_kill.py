@@ -1,0 +1,316 @@
+"""Workers and work horses that die: kill -9 at random points, and SIGTERM as `docker stop` sends it.
+
+The grid must still finish, each interrupted stage must resume from its last checkpoint, and the
+results must be identical to those of a grid nobody interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from rq import Queue
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from jobs import keys
+from jobs.codec import text
+from tests.test_faults import (
+    Workers,
+    child_env,
+    enqueue,
+    grid_done,
+    kill_horse,
+    parent_pid,
+    run_statuses,
+    small_grid,
+    stage_log,
+    stl,
+    wait_for,
+    worker_pool,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import redis
+
+    from tests.conftest import RedisServer
+
+SEED = 20_240_611
+KILLS = 12  # 11 of the worker and its horse together, 1 of the horse alone
+KILLS_OF_MTL = 6  # the rest go to the fine-tuning stage that starts from the MTL model
+ORPHAN_DEADLINE_S = 60
+RESUMED = re.compile(r"resumed from step (\d+)")
+ORPHANED = "orphaned:"
+# Two training stages (MTL, then fine-tuning from it), each with a checkpoint every second step.
+KILL_TRAIN = {"max_steps": 40, "checkpoint_every": 2}
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    yield from worker_pool(tmp_path)
+
+
+@dataclass
+class Kill:
+    stage: str
+    kind: str  # "worker+horse", "horse", or "worker+horse, remote lease"
+    checkpoint: int  # the checkpoint on disk when the horse was stopped
+    kind_of_stage: str = ""
+    requeued_after_s: float = 0.0
+
+
+def checkpoint_step(home: Path, stage_id: str) -> int:
+    for name in ("checkpoint", "checkpoint.old"):
+        try:
+            return int(json.loads((home / "stages" / stage_id / name / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError):
+            continue
+    return 0
+
+
+def resumed_steps(conn: redis.Redis, stage_id: str) -> list[int]:
+    return [int(m.group(1)) for line in stage_log(conn, stage_id) if (m := RESUMED.search(line))]
+
+
+def orphanings(conn: redis.Redis, stage_id: str) -> int:
+    return sum(ORPHANED in line for line in stage_log(conn, stage_id))
+
+
+def running_training_stage(conn: redis.Redis) -> tuple[str, int] | None:
+    """A training stage that a live horse is working on, and that horse's pid."""
+    for sid in sorted(text(s) for s in conn.smembers(keys.RUNNING_STAGES)):
+        kind, status = (text(v) for v in conn.hmget(keys.stage(sid), "kind", "status"))
+        holder = text(conn.get(keys.stage_lease(sid)))
+        if kind in ("mtl", "finetune") and status == "running" and holder:
+            pid = int(holder.rpartition(":")[2])
+            if Path(f"/proc/{pid}").exists():
+                return sid, pid
+    return None
+
+
+def horse_resumed_from(conn: redis.Redis, stage_id: str, horse: int) -> int | None:
+    """The step this horse resumed training from (0: from scratch); None while it is still starting."""
+    lines = stage_log(conn, stage_id)
+    starts = [i for i, line in enumerate(lines) if re.search(rf"started on \S+:{horse} ", line)]
+    if not starts:
+        return None
+    resumed = 0
+    for line in lines[starts[-1] + 1:]:
+        if m := RESUMED.search(line):
+            resumed = int(m.group(1))
+        if "training " in line:
+            return resumed
+    return None
+
+
+def results_and_models(home: Path, env: dict[str, str], grid: str) -> tuple[list[dict], dict[str, str]]:
+    result = stl("results", grid, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    rows = sorted(json.loads(result.stdout)["rows"], key=lambda r: (r["run"], r["task"]))
+    models = {path.parent.parent.name: hashlib.sha256(path.read_bytes()).hexdigest()
+              for path in (home / "stages").glob("*/model/model.safetensors")}
+    return rows, models
+
+
+def kill_plan(rng: random.Random) -> list[tuple[int, float, str]]:
+    """For each kill: checkpoints past the resumed one to wait for, delay after that, and what is killed."""
+    kinds = ["worker+horse"] * (KILLS - 1) + ["horse"]
+    rng.shuffle(kinds)
+    # One worker+horse kill leaves a lease that looks held by another machine: the lease-expiry path.
+    kinds[rng.choice([i for i, k in enumerate(kinds) if k == "worker+horse"])] = "worker+horse, remote lease"
+    return [(rng.choice([1, 1, 2]), rng.uniform(0.0, 0.05), kind) for kind in kinds]
+
+
+@pytest.mark.slow
+def test_kill_9_of_worker_and_horse_at_random_points_loses_nothing(
+        stl_env: Path, conn: redis.Redis, redis_server: RedisServer, tmp_path: Path, demo_data: Path) -> None:
+    rng = random.Random(SEED)
+    grid_path = small_grid(tmp_path, demo_data, "kill-grid", mtl=["in-domain"], shots=[0, 4], train=KILL_TRAIN)
+    every = KILL_TRAIN["checkpoint_every"]
+
+    # The reference, alongside: the same grid, nobody interrupting it, in another STL_HOME and db.
+    reference_home = tmp_path / "reference-home"
+    reference_env = child_env(STL_HOME=str(reference_home), STL_REDIS_URL=redis_server.url.replace("/0", "/1"))
+    reference_db = redis_server.client()
+    reference_db.execute_command("SELECT", 1)
+    reference_db.flushdb()
+    (tmp_path / "reference").mkdir()
+    reference = Workers(tmp_path / "reference")
+    pool = Workers(tmp_path)
+    kills: list[Kill] = []
+    try:
+        enqueue(grid_path, env=reference_env)
+        reference_worker = reference.start(burst=True, env=reference_env)
+        enqueue(grid_path)
+        pool.start()
+        pool.start()
+        for checkpoints, delay, kind in kill_plan(rng):
+            target = "mtl" if sum(k.kind_of_stage == "mtl" for k in kills) < KILLS_OF_MTL else "finetune"
+
+            def ready(target: str = target, checkpoints: int = checkpoints) -> tuple[str, int, int] | None:
+                found = running_training_stage(conn)
+                if found is None or text(conn.hget(keys.stage(found[0]), "kind")) != target:
+                    return None
+                sid, horse = found
+                step, resumed = checkpoint_step(stl_env, sid), horse_resumed_from(conn, sid, horse)
+                # Only once this horse has itself written a checkpoint past the one it resumed from.
+                if resumed is not None and step >= resumed + checkpoints * every:
+                    return sid, horse, step
+                return None
+
+            sid, horse, _ = wait_for(ready, timeout=120, interval=0.02, what=f"kill point {len(kills) + 1}",
+                                     diagnostics=pool.logs)
+            time.sleep(delay)  # somewhere inside the next step, or its checkpoint
+            os.kill(horse, signal.SIGSTOP)  # frozen where it is: what is on disk now is what the next horse sees
+            step = checkpoint_step(stl_env, sid)
+            before = orphanings(conn, sid)
+            worker_pid = parent_pid(horse)
+            killed_at = time.monotonic()
+            if kind == "horse":
+                kill_horse(horse)
+            else:
+                if kind.endswith("remote lease"):
+                    conn.set(keys.stage_lease(sid), "another-host:4242", ex=60)
+                next(w for w in pool.started if w.pid == worker_pid).kill()
+                kill_horse(horse)
+                pool.start()  # the replacement, as a supervisor would start it
+            kills.append(Kill(stage=sid, kind=kind, checkpoint=step, kind_of_stage=target))
+            if kind.endswith("remote lease"):
+                # A lease held elsewhere is not taken while it lasts (live workers reap every 2 s).
+                time.sleep(5)
+                assert orphanings(conn, sid) == before, "a stage held by another machine was taken over"
+                assert conn.sismember(keys.RUNNING_STAGES, sid)
+                conn.expire(keys.stage_lease(sid), 2)  # that machine stopped renewing 28 s ago
+                killed_at = time.monotonic()
+            def requeued(sid: str = sid, before: int = before) -> bool:
+                return orphanings(conn, sid) > before
+
+            wait_for(requeued, timeout=ORPHAN_DEADLINE_S, diagnostics=pool.logs,
+                     what=f"stage {sid} to be requeued after kill {len(kills)} ({kind})")
+            kills[-1].requeued_after_s = time.monotonic() - killed_at
+        wait_for(lambda: grid_done(conn, "kill-grid"), timeout=180, what="the grid to finish",
+                 diagnostics=pool.logs)
+        assert reference_worker.wait(timeout=180) == 0, reference.logs()
+    finally:
+        pool.stop_all()
+        reference.stop_all()
+
+    print("\nkills:", *(f"{k.kind} of {k.kind_of_stage} stage {k.stage} at checkpoint {k.checkpoint}, requeued in "
+                       f"{k.requeued_after_s:.1f} s" for k in kills), sep="\n  ")
+    assert set(run_statuses(conn, "kill-grid").values()) == {"finished"}, pool.logs()
+    assert set(run_statuses(reference_db, "kill-grid").values()) == {"finished"}, reference.logs()
+    assert sum("worker+horse" in k.kind for k in kills) >= 10
+    rows, models = results_and_models(stl_env, child_env(), "kill-grid")
+    reference_rows, reference_models = results_and_models(reference_home, reference_env, "kill-grid")
+    assert {k.stage for k in kills} == set(models), "both training stages were interrupted"
+    for sid in {k.stage for k in kills}:
+        on_stage = [k for k in kills if k.stage == sid]
+        steps = resumed_steps(conn, sid)
+        # Every kill is followed by one resumption, from the checkpoint the killed horse had written.
+        assert steps == [k.checkpoint for k in on_stage], (sid, steps, on_stage)
+        assert all(step > 0 for step in steps)
+        log = (stl_env / "stages" / sid / "log.txt").read_text()
+        assert RESUMED.findall(log) == [str(step) for step in steps]
+    assert all(k.requeued_after_s < ORPHAN_DEADLINE_S for k in kills)
+    run_id = next(iter(run_statuses(conn, "kill-grid")))
+    assert "resumed from step" in stl("logs", run_id).stdout
+
+    assert len(reference_rows) == 2 and len(reference_models) == 2
+    assert rows == reference_rows
+    assert models == reference_models, "resumed training must give bit-identical weights"
+    assert conn.scard(keys.RUNNING_STAGES) == 0
+    rq_queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
+    assert rq_queue.failed_job_registry.count == 0, "no stage job may end up failed"
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_requeues_at_the_head_and_the_next_worker_resumes(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
+    enqueue(small_grid(tmp_path, demo_data, "sigterm-grid", shots=[4],
+                       train={"max_steps": 100, "checkpoint_every": 10}))
+    # Queued behind it: it must not overtake the preempted stage.
+    enqueue(small_grid(tmp_path, demo_data, "queued-later", shots=[0], seeds=[7]))
+    first = workers.start()
+
+    def training() -> tuple[str, int] | None:
+        found = running_training_stage(conn)
+        return found if found and checkpoint_step(stl_env, found[0]) >= 10 else None
+
+    sid, horse = wait_for(training, timeout=90, interval=0.02, what="training to pass a checkpoint",
+                          diagnostics=workers.logs)
+    signalled = time.monotonic()
+    first.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]  # the worker only, as docker stop does
+    grace_s = 10  # docker stop's default
+    assert first.wait(timeout=grace_s) == 0, workers.logs()
+    print(f"\nthe worker exited {time.monotonic() - signalled:.1f} s after SIGTERM")
+    wait_for(lambda: not Path(f"/proc/{horse}").exists(), timeout=5, what="the horse to exit")
+    log = stage_log(conn, sid)
+    assert any("preempted: checkpoint saved" in line for line in log), log
+    assert text(conn.hget(keys.stage(sid), "status")) == "queued"
+    queue = f"rq:queue:{keys.queue_name('alice', 'normal')}"
+    assert text(conn.lindex(queue, 0)) == f"stl-{sid}", "the preempted stage is at the head of its queue"
+    assert set(run_statuses(conn, "sigterm-grid").values()) == {"queued"}
+    assert conn.scard(keys.RUNNING_STAGES) == 0 and not conn.exists(keys.stage_lease(sid))
+    rq_queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
+    job = Job.fetch(f"stl-{sid}", connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.QUEUED, "RQ must not count a preempted stage as failed"
+    assert rq_queue.failed_job_registry.count == 0 and rq_queue.started_job_registry.count == 0
+    saved = checkpoint_step(stl_env, sid)
+    assert 10 <= saved < 100
+
+    second = workers.start()
+    wait_for(lambda: grid_done(conn, "sigterm-grid") and grid_done(conn, "queued-later"), timeout=120,
+             what="both grids to finish", diagnostics=workers.logs)
+    assert set(run_statuses(conn, "sigterm-grid").values()) == {"finished"}
+    assert resumed_steps(conn, sid) == [saved]
+    run_id = next(iter(run_statuses(conn, "sigterm-grid")))
+    assert f"resumed from step {saved}" in stl("logs", run_id).stdout
+    assert second.alive()
+    # An idle worker stops at once.
+    second.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert second.wait(timeout=grace_s) == 0, workers.logs()
+
+
+@pytest.mark.slow
+def test_jobs_of_a_worker_that_died_before_its_horse_took_the_lease_are_requeued(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
+    """The states a worker leaves when it dies between taking a job and its horse taking the stage's lease:
+    the job taken off its queue but not yet recorded as started; recorded as started by a worker that is
+    gone; or, after RQ's own clean-up, failed, while the stage is still queued. No lease and no running set
+    point at them; the worker must still find them."""
+    import socket
+    import subprocess
+
+    enqueue(small_grid(tmp_path, demo_data, "lost-jobs", shots=[0], seeds=[0, 1, 2]))
+    queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
+    dropped_job, started_job, failed_job = (text(j) for j in conn.lrange(queue.key, 0, 2))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    pipe = conn.pipeline()
+    for job_id in (dropped_job, started_job, failed_job):
+        pipe.lrem(queue.key, 0, job_id)
+    pipe.hset(f"rq:job:{started_job}", mapping={"status": "started",
+                                                 "worker_name": f"{socket.gethostname()}.gpu.{dead.pid}"})
+    pipe.zadd(queue.started_job_registry.key, {f"{started_job}:0123abcd": time.time() + 600})
+    pipe.hset(f"rq:job:{failed_job}", mapping={"status": "failed"})
+    pipe.zadd(queue.failed_job_registry.key, {failed_job: time.time() + 600})
+    pipe.execute()
+    assert conn.llen(queue.key) == 0
+
+    workers.start()
+    wait_for(lambda: grid_done(conn, "lost-jobs"), timeout=90, what="the runs to finish", diagnostics=workers.logs)
+    assert set(run_statuses(conn, "lost-jobs").values()) == {"finished"}
+    for job_id, reason in ((dropped_job, "its worker died after taking it off the queue"),
+                           (started_job, "its worker died"), (failed_job, "its worker died")):
+        assert any(f"orphaned: {reason};" in line for line in stage_log(conn, job_id.removeprefix("stl-")))
