@@ -160,13 +160,20 @@ def _live_status(console: Console, view: Callable[[], RenderableType], interval:
     from rich.live import Live
     from rich.text import Text
 
+    def frame() -> RenderableType:
+        try:
+            return view()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            return Text(f"Redis is unreachable ({e}); retrying every {interval:g} s… Ctrl+C to quit", style="red")
+
+    if not console.is_terminal:  # piped (`stl status | tee log`): Live would show nothing until exit
+        while True:
+            console.print(frame())
+            console.print()
+            time.sleep(interval)
     with Live(console=console, auto_refresh=False, screen=False, transient=False) as live:
         while True:
-            try:
-                live.update(view(), refresh=True)
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                live.update(Text(f"Redis is unreachable ({e}); retrying every {interval:g} s… "
-                                 "Ctrl+C to quit", style="red"), refresh=True)
+            live.update(frame(), refresh=True)
             time.sleep(interval)
 
 

@@ -73,6 +73,8 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
             "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell(run.cell),
             "stage": run.stage or "—", "progress": run.progress, "step": step,
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
+            "speed": (f"{run.samples_per_s:.1f}/s" if run.samples_per_s else "—")
+            + (f" MFU {run.mfu:.0%}" if run.mfu is not None else ""),
             "elapsed": format_duration(run.elapsed_s), "eta": format_duration(run.eta_s),
         })
     return rows
@@ -83,16 +85,16 @@ def build_running_table(runs: list[RunRow]) -> Table:
     for name in ("run", "user", "grid", "cell", "stage"):
         table.add_column(name, overflow="fold")
     table.add_column("progress", min_width=24)
-    for name in ("step", "loss", "elapsed", "eta"):
+    for name in ("step", "loss", "speed", "elapsed", "eta"):
         table.add_column(name, justify="right")
     rows = running_rows(runs)
     for row in rows:
         bar = ProgressBar(total=1.0, completed=row["progress"], width=16)
         progress = Group(bar, Text(f"{row['progress'] * 100:5.1f}%"))
         table.add_row(row["run"], row["user"], row["grid"], row["cell"], row["stage"], progress,
-                      row["step"], row["loss"], row["elapsed"], row["eta"])
+                      row["step"], row["loss"], row["speed"], row["elapsed"], row["eta"])
     if not rows:
-        table.add_row("—", "", "", "nothing running", "", "", "", "", "", "")
+        table.add_row("—", "", "", "nothing running", "", "", "", "", "", "", "")
     return table
 
 

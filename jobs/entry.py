@@ -139,21 +139,28 @@ class StageReporter:
     def on_step(self, report: StepReport) -> None:
         now = time.monotonic()
         last = report.step >= report.total
-        step_record = json.dumps({"step": report.step, "loss": report.loss, "lr": report.learning_rate,
-                                  "samples_per_s": report.samples_per_s, "t": time.time()})
-        with contextlib.suppress(OSError), (self.log_file.parent / "steps.jsonl").open("a") as f:
-            f.write(step_record + "\n")
+        training = report.phase == "train"
+        has_loss = training and report.loss == report.loss  # evaluation reports progress with a NaN loss
         try:
             pipe = self.conn.pipeline(transaction=False)
-            pipe.rpush(keys.stage_steps(self.stage_id), step_record)
-            pipe.ltrim(keys.stage_steps(self.stage_id), -STEPS_KEPT, -1)
+            if training:
+                # The loss curve (`stl plot`) is made of training steps only.
+                step_record = json.dumps({
+                    "step": report.step, "loss": report.loss if has_loss else None, "lr": report.learning_rate,
+                    "samples_per_s": report.samples_per_s, "tokens_per_s": report.tokens_per_s,
+                    "mfu": report.mfu, "t": time.time()})
+                with contextlib.suppress(OSError), (self.log_file.parent / "steps.jsonl").open("a") as f:
+                    f.write(step_record + "\n")
+                pipe.rpush(keys.stage_steps(self.stage_id), step_record)
+                pipe.ltrim(keys.stage_steps(self.stage_id), -STEPS_KEPT, -1)
             if last or now - self._last_progress >= PROGRESS_EVERY_S:
                 self._last_progress = now
                 pipe.hset(keys.stage(self.stage_id), mapping={
-                    "step": report.step, "total": report.total, "loss": f"{report.loss:.4f}",
-                    "samples_per_s": f"{report.samples_per_s:.1f}", "elapsed_s": f"{report.elapsed_s:.1f}",
-                    "micro_batch": report.micro_batch, "grad_accum": report.grad_accum,
-                    "heartbeat": time.time(),
+                    "step": report.step, "total": report.total, "loss": f"{report.loss:.4f}" if has_loss else "",
+                    "samples_per_s": f"{report.samples_per_s:.1f}", "tokens_per_s": f"{report.tokens_per_s:.1f}",
+                    "mfu": "" if report.mfu is None else f"{report.mfu:.4f}",
+                    "elapsed_s": f"{report.elapsed_s:.1f}", "micro_batch": report.micro_batch,
+                    "grad_accum": report.grad_accum, "heartbeat": time.time(),
                 })
             pipe.execute()
         except redis.RedisError:
@@ -379,7 +386,10 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
             with contextlib.suppress(OSError):
                 _write_results_file(settings, conn, run_id)
     for grid in grids:
-        _notify_if_grid_done(conn, settings, grid)
+        try:
+            _notify_if_grid_done(conn, settings, grid)
+        except Exception as e:  # noqa: BLE001 - a failure to notify is logged and never fails a run
+            print(f"stl notify: could not notify for grid {grid}: {e}", flush=True)
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
 RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
               "started_at", "ended_at", "error", "current_stage")
-STAGE_PROGRESS_FIELDS = ("kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status")
+STAGE_PROGRESS_FIELDS = ("kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status", "mfu")
 WORKER_STALE_S = 60
 
 # Read-only: counts per grid/user/status, each grid's first creation and last end, and the running
@@ -110,6 +110,7 @@ class RunRow:
     total: int | None = None
     loss: float | None = None
     samples_per_s: float | None = None
+    mfu: float | None = None  # model FLOPs utilisation of the running stage, on a GPU with a known peak
     elapsed_s: float | None = None
     eta_s: float | None = None
 
@@ -225,6 +226,7 @@ def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -
         row.step, row.total = step, total or None
         row.loss = _f(stage["loss"])
         row.samples_per_s = _f(stage["samples_per_s"])
+        row.mfu = _f(stage["mfu"])
         started = _f(stage["started_at"])
         row.elapsed_s = now - started if started else None
         if total and step:

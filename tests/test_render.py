@@ -41,6 +41,9 @@ def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
     assert (row["stage"], row["step"], row["loss"]) == ("mtl", "30/80", "2.3457")
     assert (row["elapsed"], row["eta"]) == ("1m05s", "1h02m")
     assert row["progress"] == 0.375
+    assert row["speed"] == "10.0/s"
+    (with_mfu,) = running_rows([run_row(mfu=0.314)])
+    assert with_mfu["speed"] == "10.0/s MFU 31%"
 
 
 def test_worker_rows_show_gpu_or_cpu() -> None:

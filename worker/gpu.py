@@ -21,6 +21,10 @@ class GpuProbe:
         except Exception:  # noqa: BLE001 - no driver, no library, no device: all mean "cpu"
             self._handle = None
 
+    @property
+    def has_gpu(self) -> bool:
+        return self._handle is not None
+
     def read(self) -> dict[str, str]:
         if self._handle is None or self._nvml is None:
             return {"gpu": "cpu", "gpu_util": "", "gpu_mem_used_mb": "", "gpu_mem_total_mb": ""}

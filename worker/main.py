@@ -83,7 +83,7 @@ class StlWorker(Worker):
         self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
         host = socket.gethostname()
         self.host = host
-        device = f"gpu{gpu_index}" if gpu_index is not None else "gpu"
+        device = f"gpu{gpu_index}" if gpu_index is not None else ("gpu" if self._probe.has_gpu else "cpu")
         super().__init__(
             [Queue(keys.queue_name("_", "normal"), connection=connection, serializer=JSONSerializer)],
             name=name or f"{host}.{device}.{os.getpid()}",
