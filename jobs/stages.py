@@ -134,6 +134,17 @@ def preload_libraries() -> None:
         T5ForConditionalGeneration,
     )
 
+    quiet_library_progress_bars()
+
+
+def quiet_library_progress_bars() -> None:
+    """The worker's log is stl's own progress: per-file bars from loading and saving weights are noise."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
 
 def pick_device() -> str:
     """Return "cuda" when a GPU is usable, else "cpu". Call it in the process that will do the work."""
