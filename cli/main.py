@@ -234,6 +234,8 @@ def results(
             from rich.console import Console
 
             console = Console()
+            if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
+                console = Console(width=200)
             console.print(analysis.build_pivot_table(pivot))
             if report is not None:
                 console.print(analysis.build_effect_table(report))
