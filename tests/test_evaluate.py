@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
-from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, write_demo_dataset
+from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from jobs.errors import DataError, StageCanceled
 from jobs.evaluate import (
     EvalRun,
@@ -27,16 +26,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
 
 
 def eval_spec(data: Path, tasks: tuple[str, ...], *, model: str = "tiny:t5", **settings: Any) -> StageSpec:
@@ -97,12 +90,12 @@ def test_rouge_l_equals_rouge_score(prediction: str, references: list[str]) -> N
     assert rouge_l("flight booked", ["sure , i booked your flight", "flight booked"]) == 1.0
 
 
-def briefly_trained(demo: Path, workdir: Path, model: str) -> Path:
+def briefly_trained(demo_data: Path, workdir: Path, model: str) -> Path:
     """A model trained just enough to emit text (an untrained byte model emits invalid UTF-8, i.e. "")."""
     spec = StageSpec(
         kind=StageKind.mtl,
         model=model,
-        data=str(demo),
+        data=str(demo_data),
         tasks=(*DEMO_TRAIN_TASKS, *DEMO_EVAL_TASKS),
         train=TrainConfig(max_steps=30, batch_size=8, learning_rate=1e-2, max_source_length=96, checkpoint_every=100),
     )
@@ -112,11 +105,11 @@ def briefly_trained(demo: Path, workdir: Path, model: str) -> Path:
 
 
 @pytest.mark.parametrize("model", ["tiny:t5", "tiny:gpt2"])
-def test_batched_scoring_matches_one_example_at_a_time(tmp_path: Path, demo: Path, model: str) -> None:
+def test_batched_scoring_matches_one_example_at_a_time(tmp_path: Path, demo_data: Path, model: str) -> None:
     tasks = ("intent_classification", "summarization")
-    model_dir = briefly_trained(demo, tmp_path, model)
-    batched = run_eval(eval_spec(demo, tasks, model=model, batch_size=4), model_dir=model_dir)
-    single = run_eval(eval_spec(demo, tasks, model=model, batch_size=1), model_dir=model_dir)
+    model_dir = briefly_trained(demo_data, tmp_path, model)
+    batched = run_eval(eval_spec(demo_data, tasks, model=model, batch_size=4), model_dir=model_dir)
+    single = run_eval(eval_spec(demo_data, tasks, model=model, batch_size=1), model_dir=model_dir)
     assert [m.to_dict() for m in batched] == [m.to_dict() for m in single]
     classification, generation = batched
     assert (classification.task_type, classification.metric, classification.n) == ("classification", "accuracy", 6)
@@ -130,11 +123,11 @@ def test_batched_scoring_matches_one_example_at_a_time(tmp_path: Path, demo: Pat
     assert TaskMetrics.from_dict(classification.to_dict()) == classification
 
 
-def test_eval_errors_and_cancel(demo: Path) -> None:
+def test_eval_errors_and_cancel(demo_data: Path) -> None:
     with pytest.raises(DataError, match="no_such_task"):
-        run_eval(eval_spec(demo, ("no_such_task",)))
+        run_eval(eval_spec(demo_data, ("no_such_task",)))
     with pytest.raises(StageCanceled):
-        run_eval(eval_spec(demo, DEMO_EVAL_TASKS), should_stop=lambda: "cancel")
+        run_eval(eval_spec(demo_data, DEMO_EVAL_TASKS), should_stop=lambda: "cancel")
 
 
 def write_yes_no(path: Path, task: str, answer: str, n: int, offset: int = 0) -> None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import torch as safetensors_torch
 
-from jobs.data import DEMO_EVAL_TASKS, write_demo_dataset
+from jobs.data import DEMO_EVAL_TASKS
 from jobs.errors import StagePreempted
 from jobs.evaluate import EvalRun, evaluate
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
@@ -38,18 +38,12 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
 
 
-def finetune_spec(demo: Path, *, model: str = "tiny:gpt2", **settings: Any) -> StageSpec:
+def finetune_spec(demo_data: Path, *, model: str = "tiny:gpt2", **settings: Any) -> StageSpec:
     defaults: dict[str, Any] = {
         "max_steps": 4,
         "batch_size": 4,
@@ -62,7 +56,7 @@ def finetune_spec(demo: Path, *, model: str = "tiny:gpt2", **settings: Any) -> S
     return StageSpec(
         kind=StageKind.finetune,
         model=model,
-        data=str(demo),
+        data=str(demo_data),
         tasks=(DEMO_EVAL_TASKS[1],),
         shots=6,
         seed=5,
@@ -133,9 +127,9 @@ def test_peak_flops_by_device_name(name: str, peak: float | None) -> None:
     assert peak_flops(name) == peak
 
 
-def test_cpu_training_reports_tokens_per_second_and_no_mfu(tmp_path: Path, demo: Path) -> None:
+def test_cpu_training_reports_tokens_per_second_and_no_mfu(tmp_path: Path, demo_data: Path) -> None:
     reports: list[StepReport] = []
-    outcome, _ = run(finetune_spec(demo, max_steps=2), tmp_path, reports=reports)
+    outcome, _ = run(finetune_spec(demo_data, max_steps=2), tmp_path, reports=reports)
     assert reports and all(r.mfu is None and r.tokens_per_s > 0 for r in reports)
     assert outcome.mfu is None and outcome.tokens_per_s > 0
     recorded = reports[-1].to_dict()
@@ -151,11 +145,12 @@ def test_cpu_training_reports_tokens_per_second_and_no_mfu(tmp_path: Path, demo:
 
 
 def test_compile_is_skipped_on_cpu_with_a_log_line_and_changes_nothing(
-    tmp_path: Path, demo: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    eager, _ = run(finetune_spec(demo, max_steps=3), tmp_path / "eager")
-    compiled, lines = run(finetune_spec(demo, max_steps=3, compile=True), tmp_path / "asked", cache_dir=tmp_path / "c")
+    eager, _ = run(finetune_spec(demo_data, max_steps=3), tmp_path / "eager")
+    compiled, lines = run(finetune_spec(demo_data, max_steps=3, compile=True), tmp_path / "asked",
+                          cache_dir=tmp_path / "c")
     assert any(line.startswith("compile skipped") and "cpu" in line for line in lines)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not (tmp_path / "c" / "inductor").exists()
     assert compiled.final_loss == eager.final_loss
@@ -185,8 +180,9 @@ def test_length_buckets_are_powers_of_two_capped() -> None:
 
 
 @pytest.mark.parametrize("model", ["tiny:t5", "tiny:gpt2"])
-def test_bucketed_micro_batches_have_bucket_shapes_and_the_same_loss(tmp_path: Path, demo: Path, model: str) -> None:
-    spec = finetune_spec(demo, model=model, max_source_length=100, max_target_length=40)
+def test_bucketed_micro_batches_have_bucket_shapes_and_the_same_loss(
+        tmp_path: Path, demo_data: Path, model: str) -> None:
+    spec = finetune_spec(demo_data, model=model, max_source_length=100, max_target_length=40)
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None, log=print)
     session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None))
@@ -223,11 +219,11 @@ def assert_no_pickle(cache: Path) -> None:
     assert all(path.read_bytes()[:1] != b"\x80" for path in files)  # a pickle starts with 0x80
 
 
-def test_second_eval_hits_the_token_cache_with_identical_metrics(tmp_path: Path, demo: Path) -> None:
+def test_second_eval_hits_the_token_cache_with_identical_metrics(tmp_path: Path, demo_data: Path) -> None:
     spec = StageSpec(
         kind=StageKind.eval,
         model="tiny:t5",
-        data=str(demo),
+        data=str(demo_data),
         tasks=DEMO_EVAL_TASKS,
         eval=EvalConfig(max_examples=5, batch_size=4, max_new_tokens=4, samples=1),
     )
@@ -248,8 +244,8 @@ def test_second_eval_hits_the_token_cache_with_identical_metrics(tmp_path: Path,
     assert_no_pickle(cache)
 
 
-def test_cached_few_shot_ids_train_bit_identically_and_resume(tmp_path: Path, demo: Path) -> None:
-    spec = finetune_spec(demo)
+def test_cached_few_shot_ids_train_bit_identically_and_resume(tmp_path: Path, demo_data: Path) -> None:
+    spec = finetune_spec(demo_data)
     cache = tmp_path / "cache"
     run(spec, tmp_path / "uncached")
     _, lines = run(spec, tmp_path / "first", cache_dir=cache)

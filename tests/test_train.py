@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 from safetensors import torch as safetensors_torch
 
-from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, write_demo_dataset
+from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from jobs.errors import ModelError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
@@ -20,19 +19,13 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
 # Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
 
 
-def train_spec(demo: Path, *, model: str = "tiny:t5", kind: str = "mtl", **settings: Any) -> StageSpec:
+def train_spec(demo_data: Path, *, model: str = "tiny:t5", kind: str = "mtl", **settings: Any) -> StageSpec:
     defaults: dict[str, Any] = {
         "max_steps": 9,
         "batch_size": 4,
@@ -47,7 +40,7 @@ def train_spec(demo: Path, *, model: str = "tiny:t5", kind: str = "mtl", **setti
     return StageSpec(
         kind=StageKind(kind),
         model=model,
-        data=str(demo),
+        data=str(demo_data),
         tasks=tasks,
         shots=6 if kind == "finetune" else 0,
         seed=11,
@@ -104,9 +97,9 @@ def assert_bit_identical(left: dict[str, torch.Tensor], right: dict[str, torch.T
     [("tiny:t5", "mtl", 5), ("tiny:gpt2", "finetune", 3)],
 )
 def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
-    tmp_path: Path, demo: Path, model: str, kind: str, stop_at: int
+    tmp_path: Path, demo_data: Path, model: str, kind: str, stop_at: int
 ) -> None:
-    spec = train_spec(demo, model=model, kind=kind)
+    spec = train_spec(demo_data, model=model, kind=kind)
     straight, _ = run_training(spec, tmp_path / "straight")
 
     interrupted = tmp_path / "interrupted"
@@ -125,16 +118,16 @@ def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
     assert done["stage_id"] == spec.stage_id and done["train"]["steps"] == 9
 
 
-def test_cancel_raises_without_checkpoint(tmp_path: Path, demo: Path) -> None:
-    spec = train_spec(demo, checkpoint_every=100)
+def test_cancel_raises_without_checkpoint(tmp_path: Path, demo_data: Path) -> None:
+    spec = train_spec(demo_data, checkpoint_every=100)
     with pytest.raises(StageCanceled):
         run_training(spec, tmp_path, should_stop=stop_after(2, "cancel"))
     assert not (tmp_path / "checkpoint").exists()
     assert not (tmp_path / "done.json").exists()
 
 
-def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo: Path) -> None:
-    spec = train_spec(demo, batch_size=4, grad_accum=1, checkpoint_every=2, max_steps=6)
+def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo_data: Path) -> None:
+    spec = train_spec(demo_data, batch_size=4, grad_accum=1, checkpoint_every=2, max_steps=6)
     outcome, lines = run_training(spec, tmp_path, oom_at_step=3)
     assert outcome.steps == 6
     assert (outcome.micro_batch, outcome.grad_accum) == (2, 2)
@@ -148,14 +141,14 @@ def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo:
     assert recorded == [outcome.oom_retries[0].to_dict()]
 
 
-def test_out_of_memory_at_micro_batch_one_fails_clearly(tmp_path: Path, demo: Path) -> None:
-    spec = train_spec(demo, batch_size=1, grad_accum=1, max_steps=4)
+def test_out_of_memory_at_micro_batch_one_fails_clearly(tmp_path: Path, demo_data: Path) -> None:
+    spec = train_spec(demo_data, batch_size=1, grad_accum=1, max_steps=4)
     with pytest.raises(OutOfMemory, match="even at micro-batch 1.*lower max_source_length or use a smaller model"):
         run_training(spec, tmp_path, oom_at_step=2)
 
 
-def test_reports_schedule_and_reuse_of_a_finished_stage(tmp_path: Path, demo: Path) -> None:
-    spec = train_spec(demo, model="tiny:bart", max_steps=12, warmup_ratio=0.25, checkpoint_every=100)
+def test_reports_schedule_and_reuse_of_a_finished_stage(tmp_path: Path, demo_data: Path) -> None:
+    spec = train_spec(demo_data, model="tiny:bart", max_steps=12, warmup_ratio=0.25, checkpoint_every=100)
     reports: list[StepReport] = []
     outcome, _ = run_training(spec, tmp_path, reports=reports)
     assert [r.step for r in reports] == [1, 10, 12]
@@ -177,13 +170,13 @@ def test_learning_rate_warms_up_then_decays_linearly() -> None:
     assert values[-1] > 0
 
 
-def test_stage_chain_mtl_then_finetune_then_eval(tmp_path: Path, demo: Path) -> None:
-    mtl = train_spec(demo, model="tiny:bart", max_steps=4)
-    finetune = train_spec(demo, model="tiny:bart", kind="finetune", max_steps=3)
+def test_stage_chain_mtl_then_finetune_then_eval(tmp_path: Path, demo_data: Path) -> None:
+    mtl = train_spec(demo_data, model="tiny:bart", max_steps=4)
+    finetune = train_spec(demo_data, model="tiny:bart", kind="finetune", max_steps=3)
     evaluation = StageSpec(
         kind=StageKind.eval,
         model="tiny:bart",
-        data=str(demo),
+        data=str(demo_data),
         tasks=DEMO_EVAL_TASKS,
         eval=EvalConfig(max_examples=3, batch_size=4, max_new_tokens=6, samples=1),
     )
