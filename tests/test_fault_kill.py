@@ -227,9 +227,11 @@ def test_kill_9_of_worker_and_horse_at_random_points_loses_nothing(
     for sid in {k.stage for k in kills}:
         on_stage = [k for k in kills if k.stage == sid]
         steps = resumed_steps(conn, sid)
-        # Every kill is followed by one resumption, from the checkpoint the killed horse had written.
-        assert steps == [k.checkpoint for k in on_stage], (sid, steps, on_stage)
-        assert all(step > 0 for step in steps)
+        # Every kill is followed by one resumption, from the checkpoint the killed horse had written: never an
+        # older one, never step 0. (Rarely, on a quiet machine, the test reads the checkpoint just before the
+        # frozen horse's newer one shows; so "at least", and the identical weights below settle the rest.)
+        assert len(steps) == len(on_stage), (sid, steps, on_stage)
+        assert all(step >= k.checkpoint > 0 for step, k in zip(steps, on_stage, strict=True)), (sid, steps, on_stage)
         log = (stl_env / "stages" / sid / "log.txt").read_text()
         assert RESUMED.findall(log) == [str(step) for step in steps]
     assert all(k.requeued_after_s < ORPHAN_DEADLINE_S for k in kills)
