@@ -38,6 +38,23 @@ def format_cell(cell: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed") + f" seed={cell.get('seed', '?')}"
 
 
+def format_cell_short(cell: dict[str, Any]) -> str:
+    """A grid cell in few characters, for the live table: `tiny:bart mtl=in-domain no-instr 8-shot seed 1`."""
+    parts = []
+    for key, value in cell.items():
+        if key == "model":
+            parts.append(str(value))
+        elif key == "instructions":
+            parts.append("instr" if value else "no-instr")
+        elif key == "shots":
+            parts.append(f"{value}-shot")
+        elif key == "seed":
+            parts.append(f"seed {value}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
 def summary_rows(counts: dict[tuple[str, str, str], int], key: str) -> list[list[str]]:
     """Counts per status, grouped by `user` or `grid`, from counts per (grid, user, status)."""
     position = {"grid": 0, "user": 1}[key]
@@ -70,7 +87,7 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
             continue
         step = f"{run.step}/{run.total}" if run.total else "—"
         rows.append({
-            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell(run.cell),
+            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell_short(run.cell),
             "stage": run.stage or "—", "progress": run.progress, "step": step,
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
             "speed": (f"{run.samples_per_s:.1f}/s" if run.samples_per_s else "—")
@@ -84,13 +101,13 @@ def build_running_table(runs: list[RunRow]) -> Table:
     table = Table(title="Running", title_justify="left")
     for name in ("run", "user", "grid", "cell", "stage"):
         table.add_column(name, overflow="fold")
-    table.add_column("progress", min_width=24)
+    table.add_column("progress", min_width=12)
     for name in ("step", "loss", "speed", "elapsed", "eta"):
         table.add_column(name, justify="right")
     rows = running_rows(runs)
     for row in rows:
-        bar = ProgressBar(total=1.0, completed=row["progress"], width=16)
-        progress = Group(bar, Text(f"{row['progress'] * 100:5.1f}%"))
+        bar = ProgressBar(total=1.0, completed=row["progress"], width=8)
+        progress = Group(bar, Text(f"{row['progress'] * 100:3.0f}%"))
         table.add_row(row["run"], row["user"], row["grid"], row["cell"], row["stage"], progress,
                       row["step"], row["loss"], row["speed"], row["elapsed"], row["eta"])
     if not rows:

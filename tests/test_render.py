@@ -37,7 +37,7 @@ def test_summary_rows_count_each_status_per_user_and_grid() -> None:
 def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
     (row,) = running_rows([run_row(), run_row(status="queued")])
     assert row["run"] == "0123456789"
-    assert row["cell"] == "model=tiny:bart mtl=none shots=0 seed=1"
+    assert row["cell"] == "tiny:bart mtl=none 0-shot seed 1"
     assert (row["stage"], row["step"], row["loss"]) == ("mtl", "30/80", "2.3457")
     assert (row["elapsed"], row["eta"]) == ("1m05s", "1h02m")
     assert row["progress"] == 0.375
