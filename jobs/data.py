@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, count, islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jobs.errors import DataError
 from jobs.specs import TaskType
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+
+_Cached = TypeVar("_Cached")
 
 HF_PREFIX = "hf:"
 # On-disk caches under STL_HOME/cache (safetensors files, never pickle). Bump a format to drop old entries.
@@ -310,26 +312,19 @@ def _save_row_index(path: Path, keys: Mapping[str, array[int]], *, description: 
 
 def _load_row_index(path: Path, tasks: Sequence[str]) -> dict[str, array[int]] | None:
     """The cached offsets of `tasks` (tasks absent from the file are left out); None if not cached."""
-    if not path.is_file():
-        return None
     import numpy as np
-    from safetensors import SafetensorError, safe_open
 
-    try:
-        with safe_open(str(path), framework="numpy") as cached:
-            metadata = cached.metadata() or {}
-            if metadata.get("format") != str(CACHE_FORMAT):
-                return None
-            position = {name: i for i, name in enumerate(json.loads(metadata["tasks"]))}
-            found: dict[str, array[int]] = {}
-            for task in tasks:
-                if task in position:
-                    offsets = array("q")
-                    offsets.frombytes(np.ascontiguousarray(cached.get_tensor(f"t{position[task]}"), np.int64).tobytes())
-                    found[task] = offsets
-            return found
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # damaged: a miss, then rewritten
-        return None
+    def read(cached: Any, metadata: dict[str, str]) -> dict[str, array[int]]:
+        position = {name: i for i, name in enumerate(json.loads(metadata["tasks"]))}
+        found: dict[str, array[int]] = {}
+        for task in tasks:
+            if task in position:
+                offsets = array("q")
+                offsets.frombytes(np.ascontiguousarray(cached.get_tensor(f"t{position[task]}"), np.int64).tobytes())
+                found[task] = offsets
+        return found
+
+    return _read_cache_file(path, read)
 
 
 # --- on-disk caches ---------------------------------------------------------------------------------
@@ -371,9 +366,27 @@ def save_token_lists(path: Path, groups: Mapping[str, Sequence[Sequence[int]]], 
 
 def load_token_lists(path: Path) -> dict[str, list[list[int]]] | None:
     """What `save_token_lists` wrote; None when the file is missing, of another format, or damaged."""
+    import numpy as np
+
+    def read(cached: Any, metadata: dict[str, str]) -> dict[str, list[list[int]]] | None:
+        groups: dict[str, list[list[int]]] = {}
+        for name in json.loads(metadata["groups"]):
+            ids = cached.get_tensor(f"{name}.ids").tolist()
+            lengths = cached.get_tensor(f"{name}.lengths")
+            if int(lengths.sum()) != len(ids):
+                return None
+            ends = np.cumsum(lengths).tolist()
+            groups[name] = [ids[end - length : end] for end, length in zip(ends, lengths.tolist(), strict=True)]
+        return groups
+
+    return _read_cache_file(path, read)
+
+
+def _read_cache_file(path: Path, read: Callable[[Any, dict[str, str]], _Cached | None]) -> _Cached | None:
+    """Open a file `_write_cache_file` wrote and hand it to `read`; None when missing, of another
+    format, or damaged (a miss: the caller recomputes and rewrites it)."""
     if not path.is_file():
         return None
-    import numpy as np
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -381,16 +394,8 @@ def load_token_lists(path: Path) -> dict[str, list[list[int]]] | None:
             metadata = cached.metadata() or {}
             if metadata.get("format") != str(CACHE_FORMAT):
                 return None
-            groups: dict[str, list[list[int]]] = {}
-            for name in json.loads(metadata["groups"]):
-                ids = cached.get_tensor(f"{name}.ids").tolist()
-                lengths = cached.get_tensor(f"{name}.lengths")
-                if int(lengths.sum()) != len(ids):
-                    return None
-                ends = np.cumsum(lengths).tolist()
-                groups[name] = [ids[end - length : end] for end, length in zip(ends, lengths.tolist(), strict=True)]
-            return groups
-    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # damaged: a miss, then rewritten
+            return read(cached, metadata)
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
         return None
 
 
