@@ -28,7 +28,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Ratio, Report, header, interleave, median, print_absolute, set_torch_threads  # noqa: E402
-from ml import SIZES, Setup, check_device_dtype, hf_features, load_tokenizer, prepare, quiet_transformers, sync  # noqa: E402
+from ml import (  # noqa: E402
+    Setup,
+    add_model_arguments,
+    check_device_dtype,
+    hf_features,
+    load_tokenizer,
+    prepare,
+    quiet_transformers,
+    sync,
+)
 
 BENCH = "eval"
 
@@ -190,11 +199,7 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--size", default="small", choices=SIZES, help="model size (default small)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
-                        help="fp32 (CPU) or bf16 (GPU); default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
+    add_model_arguments(parser)
     parser.add_argument("--examples", type=int, default=64, help="examples per task (default 64; demo has 48)")
     parser.add_argument("--batch-size", type=int, default=32, help="default 32")
     parser.add_argument("--source-len", type=int, default=128, help="source tokens (default 128)")

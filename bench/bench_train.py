@@ -30,7 +30,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Ratio, Report, header, interleave, median, print_absolute, set_torch_threads  # noqa: E402
-from ml import SIZES, Setup, check_device_dtype, hf_features, load_tokenizer, prepare, sync  # noqa: E402
+from ml import Setup, add_model_arguments, check_device_dtype, hf_features, load_tokenizer, prepare, sync  # noqa: E402
 
 BENCH = "train"
 STL, HF = "stl train()", "HF Seq2SeqTrainer"
@@ -168,11 +168,7 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--size", default="small", choices=SIZES, help="model size (default small)")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
-                        help="fp32 (CPU) or bf16 (GPU); default: fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
+    add_model_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=16, help="default 16")
     parser.add_argument("--source-len", type=int, default=128, help="source tokens (default 128)")
     parser.add_argument("--target-len", type=int, default=32, help="target tokens (default 32)")

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from common import DEMO_DATA
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
     from pathlib import Path
 
@@ -49,6 +50,15 @@ class Setup:
     size: str
     data_kind: str
     parameters: int
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every model benchmark shares: where it runs, how big, in what precision, on what data."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--size", default="small", choices=SIZES, help="model size (default small)")
+    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16"],
+                        help="fp32 (CPU) or bf16 (GPU); default: fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
 
 
 def quiet_transformers() -> None:
