@@ -228,6 +228,12 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
+def compile_pays_on(device: torch.device) -> bool:
+    """Whether torch.compile is worth its compile time on `device`: on CUDA, not on a CPU, where stages are
+    smoke tests of a few steps and inductor's C++ build would take longer than the training."""
+    return device.type == "cuda"
+
+
 def length_buckets(cap: int, smallest: int = BUCKET_MIN) -> tuple[int, ...]:
     """The padded lengths allowed for sequences of at most `cap` tokens: powers of two from `smallest`,
     then `cap` itself.
@@ -413,7 +419,7 @@ class _TrainingSession:
         # Padded lengths: None pads to the longest row (eager); else (source, target) buckets for seq2seq,
         # or (whole sequence,) for a causal LM.
         self.buckets: tuple[tuple[int, ...], ...] | None = None
-        if settings.compile and on_cuda:
+        if settings.compile and compile_pays_on(self.device):
             self._compile()
         elif settings.compile:
             cfg.log(f"compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device} (eager)")
