@@ -12,6 +12,12 @@ On CUDA the warm-up must be a multiple of 10 so that stl's start mark follows on
 A and B are interleaved; the ratio of medians is the result. Final losses (mean over all steps) are
 compared as a sanity check.
 
+With --compile on (or both), stl's arm is (also) run with `train.compile: true`: torch.compile on CUDA with
+length buckets and inductor's caches under a cache dir the rounds share, so round 1 compiles cold and later
+rounds hit the cache (each round builds a new model, as each stage does). The warm-up steps hold the compile;
+the time to the first step is printed per round. On a CPU stl skips compile (it logs why), so there the
+compiled arm runs eager: a plumbing check only.
+
 Each side keeps its own defaults where the comparison leaves them free: stl uses torch AdamW (fused
 on CUDA; torch's default single-tensor loop on CPU) and length-grouped batches from its streaming
 mixture; Trainer uses its default optimizer (adamw_torch_fused for torch >= 2.8) and a random sampler
@@ -33,7 +39,7 @@ from common import Ratio, Report, header, interleave, median, print_absolute, se
 from ml import Setup, add_model_arguments, check_device_dtype, hf_features, load_tokenizer, prepare, sync  # noqa: E402
 
 BENCH = "train"
-STL, HF = "stl train()", "HF Seq2SeqTrainer"
+STL, STL_COMPILED, HF = "stl train()", "stl train(), compiled", "HF Seq2SeqTrainer"
 REPORT_EVERY = 10  # jobs.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
 
 
@@ -41,7 +47,9 @@ class Runner:
     def __init__(self, setup: Setup, args: argparse.Namespace, workdir: Path) -> None:
         self.setup, self.args, self.workdir = setup, args, workdir
         self.total = args.warmup_steps + args.steps
-        self.losses: dict[str, list[float]] = {"stl": [], "hf": []}
+        self.losses: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "hf": []}
+        self.first_step_s: dict[str, list[float]] = {"stl": [], "stl-compiled": []}
+        self.mfu: dict[str, list[float]] = {"stl": [], "stl-compiled": []}
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
         self.train_examples = self._examples()
@@ -79,16 +87,24 @@ class Runner:
     # --- stl ---
 
     def stl(self) -> float:
+        return self._stl(compiled=False)
+
+    def stl_compiled(self) -> float:
+        return self._stl(compiled=True)
+
+    def _stl(self, *, compiled: bool) -> float:
         from jobs.specs import StageKind, StageSpec, TrainConfig
         from jobs.train import TrainRun, train
 
         args = self.args
+        arm = "stl-compiled" if compiled else "stl"
         spec = StageSpec(
             kind=StageKind.mtl, model="tiny:bart", seed=args.seed, instructions=True, data=str(self.setup.data),
             tasks=self.setup.train_tasks,
             train=TrainConfig(max_steps=self.total, batch_size=args.batch_size, learning_rate=args.lr,
                               warmup_ratio=0.0, weight_decay=0.0, max_source_length=args.source_len,
-                              max_target_length=args.target_len, checkpoint_every=self.total + 1),
+                              max_target_length=args.target_len, checkpoint_every=self.total + 1,
+                              compile=compiled),
         )
         marks: dict[str, tuple[float, float]] = {}
         reports: list[tuple[int, float]] = []
@@ -100,14 +116,20 @@ class Runner:
                 marks["start"] = (time.perf_counter(), time.process_time())
 
         def on_step(report: Any) -> None:
+            if report.step == 1:  # the first step holds one-off costs: compiling, when compiled
+                self.first_step_s[arm].append(report.elapsed_s)
             if report.step == self.total:
                 # stl has read the loss (.item()): the device is synced
                 marks["end"] = (time.perf_counter(), time.process_time())
+                if report.mfu is not None:  # over the last report interval (10 steps), as in the run record
+                    self.mfu[arm].append(report.mfu)
             reports.append((report.step, report.loss))
 
         self.counter += 1
+        # The compile caches live as long as the benchmark, like STL_HOME/cache across a worker's stages.
         run = TrainRun(spec=spec, workdir=self.workdir / f"stl-{self.counter}", init_from=self.setup.model_dir,
-                       device=args.device, should_stop=should_stop, log=lambda _line: None)
+                       device=args.device, should_stop=should_stop, log=self._log(arm),
+                       cache_dir=self.workdir / "cache")
         outcome = train(run, on_step=on_step)
         assert outcome.steps == self.total
         # Mean loss over all steps: each report averages the steps since the previous one.
@@ -115,8 +137,15 @@ class Runner:
         for step, loss in reports:
             weighted += loss * (step - previous)
             previous = step
-        self.losses["stl"].append(weighted / previous)
-        return self._rate(STL, marks["start"], marks["end"])
+        self.losses[arm].append(weighted / previous)
+        return self._rate(STL_COMPILED if compiled else STL, marks["start"], marks["end"])
+
+    def _log(self, arm: str) -> Any:
+        def log(line: str) -> None:  # stl's stage log: only what bears on the comparison
+            if line.startswith(("compiling", "compile skipped", "no peak FLOP/s")):
+                print(f"     [{arm}] {line}", flush=True)
+
+        return log
 
     # --- Hugging Face Seq2SeqTrainer ---
 
@@ -179,6 +208,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="stl's arm with train.compile off (default), on, or both arms side by side")
+    parser.add_argument("--compile-on-cpu", action="store_true",
+                        help="let stl compile on a CPU too (it never does in use): checks the compiled arm's "
+                             "plumbing before GPU time is spent on it; slow (inductor builds C++)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads; default 1 on CPU (steadier on a shared machine), "
                              "torch's default on CUDA; 0 = torch's default")
@@ -190,6 +224,10 @@ def main() -> None:
     if args.device.startswith("cuda") and args.warmup_steps % REPORT_EVERY:
         parser.error(f"on CUDA --warmup-steps must be a multiple of {REPORT_EVERY} (stl syncs only at its reports)")
     check_device_dtype(args.device, args.dtype)
+    if args.compile_on_cpu:
+        import jobs.train
+
+        jobs.train.compile_pays_on = lambda device: True  # stl's own gate; see --help
 
     header(f"bench_train: stl train loop vs Seq2SeqTrainer ({args.size}, {args.device}, {args.dtype})", args.device)
     with tempfile.TemporaryDirectory(prefix="stl-bench-train-") as tmp:
@@ -202,15 +240,34 @@ def main() -> None:
               f"{args.warmup_steps} warm-up + {args.steps} measured steps; {args.rounds} interleaved rounds")
         runner = Runner(setup, args, workdir)
         runner.warm_process()
-        results = interleave({STL: runner.stl, HF: runner.hf}, rounds=args.rounds)
-    stl_loss, hf_loss = median(runner.losses["stl"]), median(runner.losses["hf"])
-    notes = [f"mean training loss over all {runner.total} steps (median of rounds): stl {stl_loss:.4f}, "
-             f"Trainer {hf_loss:.4f} (ratio {stl_loss / hf_loss:.3f}; same curve within noise expected)",
-             f"per-round losses: stl {[round(x, 4) for x in runner.losses['stl']]}, "
-             f"Trainer {[round(x, 4) for x in runner.losses['hf']]}"]
+        arms = {}
+        if args.compile in ("off", "both"):
+            arms[STL] = runner.stl
+        if args.compile in ("on", "both"):
+            arms[STL_COMPILED] = runner.stl_compiled
+        arms[HF] = runner.hf
+        results = interleave(arms, rounds=args.rounds)
+    hf_loss = median(runner.losses["hf"])
+    notes = []
+    for arm, name in (("stl", STL), ("stl-compiled", STL_COMPILED)):
+        if not runner.losses[arm]:
+            continue
+        loss = median(runner.losses[arm])
+        notes.append(f"mean training loss over all {runner.total} steps (median of rounds): {name} {loss:.4f}, "
+                     f"Trainer {hf_loss:.4f} (ratio {loss / hf_loss:.3f}; same curve within noise expected)")
+        notes.append(f"per-round losses: {name} {[round(x, 4) for x in runner.losses[arm]]}, "
+                     f"Trainer {[round(x, 4) for x in runner.losses['hf']]}")
+        compiles = " (compile included)" if arm == "stl-compiled" else ""
+        notes.append(f"seconds of {name}'s first step{compiles}, per round: "
+                     f"{[round(x, 1) for x in runner.first_step_s[arm]]}")
+        if runner.mfu[arm]:
+            notes.append(f"{name} MFU (6*N*tokens / the GPU's bf16 peak), per round: "
+                         f"{[round(x, 3) for x in runner.mfu[arm]]}")
     tag = f"{BENCH}:{args.size}:{args.device}:{args.data}"
     what = f"({args.size}, {args.device}, {args.dtype}, data {args.data})"
-    ratio = [Ratio(STL, HF, "stl samples/s / Trainer samples/s")]
+    ratio = [Ratio(name, HF, f"{name} samples/s / Trainer samples/s") for name in arms if name != HF]
+    if STL in arms and STL_COMPILED in arms:
+        ratio.append(Ratio(STL_COMPILED, STL, "compiled / eager stl samples/s"))
     if args.device == "cpu":
         # Headline on a CPU: samples per CPU-second of the (single-threaded) process. Other people's jobs on a
         # shared machine stretch wall time at random; they hardly change the CPU time the work itself needs.
@@ -218,8 +275,14 @@ def main() -> None:
                unit="samples/cpu-s", higher_is_better=True, bench=tag + ":cpu-time", ratios=ratio).print()
     Report(f"training throughput, samples per wall-second {what}", results, unit="samples/s",
            higher_is_better=True, bench=tag + ":wall", ratios=ratio, notes=notes).print()
-    print_absolute(tag, "stl train samples/s (wall)", median(results[STL]), "samples/s")
-    print_absolute(tag, "loss ratio stl/Trainer", stl_loss / hf_loss, "x")
+    for arm, name in (("stl", STL), ("stl-compiled", STL_COMPILED)):
+        if name not in results:
+            continue
+        print_absolute(tag, f"{name} samples/s (wall)", median(results[name]), "samples/s")
+        print_absolute(tag, f"loss ratio {name} / Trainer", median(runner.losses[arm]) / hf_loss, "x")
+        if runner.mfu[arm]:
+            print_absolute(tag, f"{name} MFU", median(runner.mfu[arm]), "of bf16 peak")
+    print_absolute(tag, f"{HF} samples/s (wall)", median(results[HF]), "samples/s")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU benchmarks: stl's training loop vs Seq2SeqTrainer (bf16) and stl's evaluation vs
 # Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
-# option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network).
+# option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network);
+# then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
-# Budget: under 8 minutes on one GPU (each script has its own time limit, see LIMIT_S).
+# Budget: about 5 minutes on one GPU, 9 at most (each script has its own time limit, LIMIT_S and
+# COMPILE_LIMIT_S); the core figures come first, so a cut-off run still leaves them.
 # Writes every log and a summary (the RESULT lines) to $BENCH_OUT (default: $OUT if set, else bench/results).
 #
 # Check it on a CPU machine with the same scripts and small shapes (about 90 s on 2 cores):
@@ -24,11 +26,15 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 
 if [[ "$DEVICE" == cuda* ]]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')"
-  LIMIT_S=${LIMIT_S:-110}  # 4 scripts x 110 s < 8 min
+  LIMIT_S=${LIMIT_S:-110}
+  COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-150}  # a cold compile is about 50 s (T5-small, H200)
   DTYPE=bf16
   TRAIN_BART=(--batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
   TRAIN_T5=(--batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
   EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 3)
+  # argparse keeps the last of a repeated option: these rounds override the arrays' own.
+  COMPILE_BART=(--size bart-base "${TRAIN_BART[@]}" --rounds 2 --compile both)
+  COMPILE_T5=(--size t5-small "${TRAIN_T5[@]}" --rounds 2 --compile both)
 else
   # The same code paths with shapes a CPU finishes quickly: a correctness check, not figures to quote.
   LIMIT_S=${LIMIT_S:-300}
@@ -36,6 +42,10 @@ else
   TRAIN_BART=(--batch-size 2 --source-len 16 --target-len 4 --warmup-steps 1 --steps 2 --rounds 1)
   TRAIN_T5=("${TRAIN_BART[@]}")
   EVAL=(--examples 4 --batch-size 2 --source-len 16 --max-new-tokens 4 --rounds 1)
+  # stl never compiles on a CPU; --compile-on-cpu makes it, at the tiny size, to check the plumbing.
+  COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-300}
+  COMPILE_BART=(--size tiny "${TRAIN_BART[@]}" --rounds 2 --compile both --compile-on-cpu)
+  COMPILE_T5=()  # one tiny run checks the plumbing; the tests compile tiny:t5
 fi
 
 {
@@ -47,11 +57,11 @@ fi
 } > "$SUMMARY"
 
 status=0
-run() {  # run NAME ARGS...: one benchmark script, its log in $OUTDIR/NAME.log, its RESULT lines in the summary
-  local name=$1; shift
+run() {  # run LIMIT NAME ARGS...: one benchmark script, its log in $OUTDIR/NAME.log, its figures in the summary
+  local limit=$1 name=$2; shift 2
   echo "== $name: $*"
   local started=$SECONDS
-  if timeout "$LIMIT_S" "$PY" "$@" > "$OUTDIR/$name.log" 2>&1; then
+  if PYTHONUNBUFFERED=1 timeout "$limit" "$PY" "$@" > "$OUTDIR/$name.log" 2>&1; then
     echo "   ok ($((SECONDS - started)) s)"
   else
     echo "   FAILED or timed out ($((SECONDS - started)) s); see $OUTDIR/$name.log"
@@ -59,16 +69,28 @@ run() {  # run NAME ARGS...: one benchmark script, its log in $OUTDIR/NAME.log, 
     echo "FAILED $name (see $name.log)" >> "$SUMMARY"
     status=1
   fi
-  grep -E '^ *(RATIO|ABS|note)' "$OUTDIR/$name.log" | sed "s/^ */$name: /" >> "$SUMMARY" || true
-  grep '^RESULT ' "$OUTDIR/$name.log" >> "$OUTDIR/results.jsonl" || true
+  # One line per figure, from the machine-readable RESULT lines (they name wall vs CPU-time), then the notes.
+  grep '^RESULT ' "$OUTDIR/$name.log" | sed 's/^RESULT //' | tee -a "$OUTDIR/results.jsonl" | "$PY" -c "
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    figure = f'{r[\"ratio\"]:.3f} x' if 'ratio' in r else f'{r[\"value\"]:.4g} {r[\"unit\"]}'
+    print(f'{r[\"bench\"]}: {r[\"label\"]} = {figure}')" >> "$SUMMARY" || true
+  grep -E '^ *note:' "$OUTDIR/$name.log" | sed "s/^ */$name: /" >> "$SUMMARY" || true
 }
 
 : > "$OUTDIR/results.jsonl"
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
-run train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
-run train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
-run eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
-run eval-t5-small   bench/bench_eval.py  "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+run "$LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
+run "$LIMIT_S" train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
+run "$LIMIT_S" eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
+run "$LIMIT_S" eval-t5-small   bench/bench_eval.py  "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+if [[ "${GPU_COMPILE:-1}" != 0 ]]; then
+  if (( ${#COMPILE_T5[@]} )); then
+    run "$COMPILE_LIMIT_S" compile-t5-small bench/bench_train.py "${COMMON[@]}" "${COMPILE_T5[@]}"
+  fi
+  run "$COMPILE_LIMIT_S" compile-bart-base bench/bench_train.py "${COMMON[@]}" "${COMPILE_BART[@]}"
+fi
 
 echo
 cat "$SUMMARY"
