@@ -190,7 +190,7 @@ class Report:
         width = max([len(n) for n in meds] + [10])
         print()
         print(f"== {self.title}")
-        print(f"   {'':<{width}}  {'median':>11} {'min':>11} {'max':>11}   n  ({unit}; indicative on this CPU)")
+        print(f"   {'':<{width}}  {'median':>11} {'min':>11} {'max':>11}   n  ({unit})")
         for name, values in self.results.items():
             if not values:
                 continue
@@ -216,9 +216,9 @@ class Report:
 
 
 def print_absolute(bench: str, label: str, value: float, unit: str, target: str = "") -> None:
-    """An absolute figure (indicative on CPU) in the same machine-readable form."""
+    """An absolute figure in the same machine-readable form (indicative only on a CPU: see `header`)."""
     suffix = f"  [target {target}]" if target else ""
-    print(f"   ABS {label} = {value:.3f} {unit} (indicative){suffix}")
+    print(f"   ABS {label} = {value:.3f} {unit}{suffix}")
     print("RESULT " + json.dumps({"bench": bench, "label": label, "value": value, "unit": unit,
                                   "absolute": True}), flush=True)
 
