@@ -144,10 +144,11 @@ def status(
 
         from cli.render import build_status_view
 
-        def view() -> RenderableType:
-            return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn))
-
         console = Console()
+
+        def view() -> RenderableType:  # the width is read each time: a resized terminal gets a fitting table
+            return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn), console.width)
+
         if once:
             console.print(view())
             return

@@ -97,21 +97,35 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
     return rows
 
 
-def build_running_table(runs: list[RunRow]) -> Table:
+RUNNING_COLUMNS = ("run", "user", "grid", "cell", "stage", "progress", "step", "loss", "speed", "elapsed", "eta")
+# Narrow terminals lose these first (an 80-column one keeps run, cell, stage, progress and eta).
+RUNNING_COLUMNS_DROPPED_FIRST = ("grid", "user", "elapsed", "loss", "speed", "step")
+RIGHT_ALIGNED = frozenset({"step", "loss", "speed", "elapsed", "eta"})
+
+
+def running_columns(width: int | None) -> tuple[str, ...]:
+    """The live table's columns for a terminal `width` columns wide (None: all of them)."""
+    if width is None or width >= 120:
+        return RUNNING_COLUMNS
+    dropped = RUNNING_COLUMNS_DROPPED_FIRST[:3] if width >= 100 else RUNNING_COLUMNS_DROPPED_FIRST
+    return tuple(name for name in RUNNING_COLUMNS if name not in dropped)
+
+
+def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
     table = Table(title="Running", title_justify="left")
-    for name in ("run", "user", "grid", "cell", "stage"):
-        table.add_column(name, overflow="fold")
-    table.add_column("progress", min_width=12)
-    for name in ("step", "loss", "speed", "elapsed", "eta"):
-        table.add_column(name, justify="right")
+    columns = running_columns(width)
+    for name in columns:
+        if name == "progress":
+            table.add_column(name, min_width=12)
+        else:
+            table.add_column(name, justify="right" if name in RIGHT_ALIGNED else "left", overflow="fold")
     rows = running_rows(runs)
     for row in rows:
         bar = ProgressBar(total=1.0, completed=row["progress"], width=8)
-        progress = Group(bar, Text(f"{row['progress'] * 100:3.0f}%"))
-        table.add_row(row["run"], row["user"], row["grid"], row["cell"], row["stage"], progress,
-                      row["step"], row["loss"], row["speed"], row["elapsed"], row["eta"])
+        cells = {**row, "progress": Group(bar, Text(f"{row['progress'] * 100:3.0f}%"))}
+        table.add_row(*(cells[name] for name in columns))
     if not rows:
-        table.add_row("—", "", "", "nothing running", "", "", "", "", "", "", "")
+        table.add_row(*("nothing running" if name == "cell" else "—" if name == "run" else "" for name in columns))
     return table
 
 
@@ -163,10 +177,11 @@ def build_finished_grids_table(grids: list[GridRow]) -> Table:
     return table
 
 
-def build_status_view(summary: StatusSummary, workers: list[WorkerRow]) -> RenderableType:
+def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: int | None = None) -> RenderableType:
+    """The whole `stl status` screen; `width` (the terminal's columns) picks the running table's columns."""
     parts: list[RenderableType] = [
         build_summary_table(summary.counts, "user"), build_summary_table(summary.counts, "grid"),
-        build_running_table(summary.running), build_workers_table(workers),
+        build_running_table(summary.running, width), build_workers_table(workers),
     ]
     if any(g.done for g in summary.grids):
         parts.append(build_finished_grids_table(summary.grids))

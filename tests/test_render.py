@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 
 from cli.render import (
+    RUNNING_COLUMNS,
+    build_running_table,
     dry_run_rows,
     finished_grid_rows,
     format_duration,
+    running_columns,
     running_rows,
     summary_rows,
     worker_rows,
@@ -44,6 +47,15 @@ def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
     assert row["speed"] == "10.0/s"
     (with_mfu,) = running_rows([run_row(mfu=0.314)])
     assert with_mfu["speed"] == "10.0/s MFU 31%"
+
+
+def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
+    assert running_columns(None) == running_columns(160) == RUNNING_COLUMNS
+    assert running_columns(100) == ("run", "cell", "stage", "progress", "step", "loss", "speed", "eta")
+    assert running_columns(80) == ("run", "cell", "stage", "progress", "eta")
+    assert [column.header for column in build_running_table([run_row()], 80).columns] == list(running_columns(80))
+    table = build_running_table([], 80)
+    assert [list(column.cells) for column in table.columns] == [["—"], ["nothing running"], [""], [""], [""]]
 
 
 def test_worker_rows_show_gpu_or_cpu() -> None:
