@@ -102,7 +102,11 @@ def _parent_model_dir(parent_dir: Path | None) -> Path | None:
     for candidate in (parent_dir / MODEL_DIR, parent_dir):
         if (candidate / STL_MODEL_FILE).is_file():
             return candidate
-    raise ModelError(f"parent stage in {parent_dir} has no finished model; run the parent stage first")
+    # The queue runs a stage only after its parent finished, so the model is missing from *this* STL_HOME.
+    raise ModelError(
+        f"the parent stage's model is not in {parent_dir}: the parent finished, but not in this STL_HOME "
+        "(or its directory was deleted). Workers on several machines need one shared STL_HOME (NFS, say)"
+    )
 
 
 def _write_json(path: Path, value: Any) -> None:
