@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
-# The GPU benchmarks: stl's training loop vs Seq2SeqTrainer (bf16) and stl's evaluation vs
+# First a check of stl's own stage code on the GPU (bench/gpu_check.py: compile, resume, eval, NVML);
+# then the GPU benchmarks: stl's training loop vs Seq2SeqTrainer (bf16) and stl's evaluation vs
 # Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
 # option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network);
 # then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
 # Budget: about 5 minutes on one GPU, 9 at most (each script has its own time limit, LIMIT_S and
 # COMPILE_LIMIT_S); the core figures come first, so a cut-off run still leaves them.
-# Writes every log and a summary (the RESULT lines) to $BENCH_OUT (default: $OUT if set, else bench/results).
+# Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
+# line per figure, and the notes), results.jsonl (the RESULT records) and all.log (every script's output).
 #
-# Check it on a CPU machine with the same scripts and small shapes (about 90 s on 2 cores):
+# Check it on a CPU machine with the same scripts and small shapes (about 3 minutes on 2 cores):
 #   BENCH_DEVICE=cpu bench/gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,30 +59,34 @@ fi
 } > "$SUMMARY"
 
 status=0
-run() {  # run LIMIT NAME ARGS...: one benchmark script, its log in $OUTDIR/NAME.log, its figures in the summary
+run() {  # run LIMIT NAME ARGS...: one script; its output appended to all.log, its figures to the summary
   local limit=$1 name=$2; shift 2
   echo "== $name: $*"
   local started=$SECONDS
-  if PYTHONUNBUFFERED=1 timeout "$limit" "$PY" "$@" > "$OUTDIR/$name.log" 2>&1; then
+  local log=$OUTDIR/$name.log  # moved into all.log afterwards: the device tool returns at most 8 files
+  if PYTHONUNBUFFERED=1 timeout "$limit" "$PY" "$@" > "$log" 2>&1; then
     echo "   ok ($((SECONDS - started)) s)"
   else
-    echo "   FAILED or timed out ($((SECONDS - started)) s); see $OUTDIR/$name.log"
-    tail -5 "$OUTDIR/$name.log" | sed 's/^/   | /'
-    echo "FAILED $name (see $name.log)" >> "$SUMMARY"
+    echo "   FAILED or timed out ($((SECONDS - started)) s); its output is in $OUTDIR/all.log"
+    tail -5 "$log" | sed 's/^/   | /'
+    echo "FAILED $name (its output is in all.log)" >> "$SUMMARY"
     status=1
   fi
   # One line per figure, from the machine-readable RESULT lines (they name wall vs CPU-time), then the notes.
-  grep '^RESULT ' "$OUTDIR/$name.log" | sed 's/^RESULT //' | tee -a "$OUTDIR/results.jsonl" | "$PY" -c "
+  grep '^RESULT ' "$log" | sed 's/^RESULT //' | tee -a "$OUTDIR/results.jsonl" | "$PY" -c "
 import json, sys
 for line in sys.stdin:
     r = json.loads(line)
     figure = f'{r[\"ratio\"]:.3f} x' if 'ratio' in r else f'{r[\"value\"]:.4g} {r[\"unit\"]}'
     print(f'{r[\"bench\"]}: {r[\"label\"]} = {figure}')" >> "$SUMMARY" || true
-  grep -E '^ *note:' "$OUTDIR/$name.log" | sed "s/^ */$name: /" >> "$SUMMARY" || true
+  grep -E '^ *note:' "$log" | sed "s/^ */$name: /" >> "$SUMMARY" || true
+  { echo "===== $name: $*"; cat "$log"; echo; } >> "$OUTDIR/all.log"
+  rm -f "$log"
 }
 
-: > "$OUTDIR/results.jsonl"
+: > "$OUTDIR/results.jsonl"; : > "$OUTDIR/all.log"
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
+run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, compile included
 run "$LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
 run "$LIMIT_S" train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
 run "$LIMIT_S" eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
@@ -94,5 +100,5 @@ fi
 
 echo
 cat "$SUMMARY"
-echo "(logs and results.jsonl in $OUTDIR)"
+echo "(summary.txt, results.jsonl and all.log in $OUTDIR)"
 exit $status

@@ -1,0 +1,126 @@
+"""stl's own stage code on a GPU, end to end (bench/gpu.sh runs it first; a minute on one GPU).
+
+The benchmarks time `train()` and `evaluate()`; this checks the paths around them that only CUDA takes,
+through `jobs.stages.execute_stage`, the function the worker's horse calls:
+  1. an MTL stage of tiny:t5 with `train.compile: true` (inductor, length buckets, caches under a
+     temporary STL_HOME/cache), preempted half-way as SIGTERM would, then resumed: the resumed stage must
+     log `resumed from step N` (model, optimizer, scheduler and CUDA RNG states from the checkpoint);
+  2. a few-shot stage from that model, eager;
+  3. an eval stage from the few-shot model (rank classification and greedy generation on the GPU);
+  4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA).
+It prints what to look at (first-step seconds, which hold the compile; MFU; metrics) and exits 1 on a
+failure. On a CPU it runs the same stages eager (stl skips compile there), as a check of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DEMO_DATA, header  # noqa: E402
+from ml import quiet_transformers  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    parser.add_argument("--steps", type=int, default=60, help="MTL steps (default 60; preempted at half)")
+    args = parser.parse_args()
+
+    from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+    from jobs.errors import StagePreempted
+    from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+    from jobs.stages import StageContext, execute_stage
+    from worker.gpu import GpuProbe
+
+    header(f"gpu_check: stl's stages on {args.device} (tiny:t5, demo data)", args.device)
+    quiet_transformers()
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="stl-gpu-check-") as tmp:
+        home = Path(tmp)
+        reports: list[Any] = []
+        lines: list[str] = []
+        stop_at = [0]  # the should_stop call that asks for a preemption; 0: never
+        calls = [0]
+
+        def should_stop() -> str | None:
+            calls[0] += 1
+            return "preempt" if calls[0] == stop_at[0] else None
+
+        def context(name: str, parent: str | None) -> StageContext:
+            return StageContext(workdir=home / "stages" / name, parent_dir=None if parent is None else
+                                home / "stages" / parent, device=args.device, on_step=reports.append,
+                                should_stop=should_stop, log=lines.append, cache_dir=home / "cache")
+
+        def step_report(name: str, started: float) -> None:
+            trained = [r for r in reports if r.phase == "train"]
+            if not trained:
+                failures.append(f"{name}: no progress reports")
+                return
+            first, last = trained[0], trained[-1]
+            mfu = "n/a" if last.mfu is None else f"{last.mfu:.1%}"
+            print(f"   note: {name}: {time.perf_counter() - started:.1f} s; first report (step {first.step}) after "
+                  f"{first.elapsed_s:.1f} s of training; last (step {last.step}): {last.samples_per_s:.0f} "
+                  f"samples/s, MFU {mfu}", flush=True)
+            reports.clear()
+
+        mtl = StageSpec(kind=StageKind.mtl, model="tiny:t5", data=str(DEMO_DATA), tasks=DEMO_TRAIN_TASKS,
+                        train=TrainConfig(max_steps=args.steps, batch_size=16, max_source_length=128,
+                                          max_target_length=32, checkpoint_every=10, compile=True))
+        started = time.perf_counter()
+        stop_at[0] = args.steps // 2 + 1  # before step steps/2 + 1: checkpoint at steps/2, then stop
+        try:
+            execute_stage(mtl, context("mtl", None))
+            failures.append("the MTL stage was not preempted")
+        except StagePreempted as e:
+            print(f"   preempted: {e}")
+        step_report("mtl, until preempted", started)
+        started, stop_at[0], calls[0] = time.perf_counter(), 0, 0
+        outcome = execute_stage(mtl, context("mtl", None))
+        step_report("mtl, resumed", started)
+        resumed = [line for line in lines if line.startswith("resumed from step")]
+        print(f"   note: {resumed or 'no resume line'}; final loss "
+              f"{outcome.train.final_loss if outcome.train else '?'}")
+        if resumed != [f"resumed from step {args.steps // 2}"]:
+            failures.append(f"expected one 'resumed from step {args.steps // 2}', got {resumed}")
+        compile_lines = [line for line in lines if line.startswith(("compiling", "compile skipped"))]
+        print(f"   note: {compile_lines[-1] if compile_lines else 'no compile line'}")
+
+        finetune = StageSpec(kind=StageKind.finetune, model="tiny:t5", parent=mtl.stage_id, data=str(DEMO_DATA),
+                             tasks=(DEMO_EVAL_TASKS[0],), shots=8,
+                             train=TrainConfig(max_steps=20, batch_size=8, max_source_length=128,
+                                               max_target_length=32))
+        started = time.perf_counter()
+        execute_stage(finetune, context("finetune", "mtl"))
+        step_report("finetune", started)
+
+        evaluation = StageSpec(kind=StageKind.eval, model="tiny:t5", parent=finetune.stage_id, data=str(DEMO_DATA),
+                               tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=48, batch_size=16,
+                                                                       max_new_tokens=16))
+        started = time.perf_counter()
+        metrics = execute_stage(evaluation, context("eval", "finetune")).metrics
+        print(f"   note: eval: {time.perf_counter() - started:.1f} s; "
+              + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in metrics))
+        if [m.task for m in metrics] != list(DEMO_EVAL_TASKS) or any(m.n != 48 for m in metrics):
+            failures.append(f"eval metrics incomplete: {[(m.task, m.n) for m in metrics]}")
+
+    probe = GpuProbe(0).read()
+    print(f"   note: NVML: {probe}")
+    if args.device.startswith("cuda") and probe["gpu"] in ("cpu", "unknown"):
+        failures.append("NVML read no GPU: `stl status` would show this worker as cpu")
+    for failure in failures:
+        print(f"   note: FAILED: {failure}")
+    print("RESULT " + json.dumps({"bench": f"gpu_check:{args.device}", "label": "stage-path failures",
+                                  "value": len(failures), "unit": "(0 = all passed)", "absolute": True}))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
