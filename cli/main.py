@@ -369,6 +369,32 @@ def plot_curves(
         typer.echo(f"wrote {plot_loss_curves(curves, out)}")
 
 
+@app.command()
+def disk(
+    clear_caches: Annotated[bool, typer.Option(
+        "--clear-caches", help="Delete STL_HOME/cache (compiled kernels, token ids, row indexes); stages "
+        "rebuild what they need. Refused while stages run.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --clear-caches: even while stages run.")] = False,
+) -> None:
+    """Show what STL_HOME holds on disk (caches, stage models, run results), or clear its caches."""
+    from rich.console import Console
+
+    from cli.render import build_disk_table, format_bytes
+    from jobs import disk as disk_lib
+    from jobs import keys
+
+    with handled():
+        settings = _settings()
+        if not clear_caches:
+            Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings)))
+            return
+        running = int(_connect(settings).scard(keys.RUNNING_STAGES))
+        removed = disk_lib.clear_caches(settings, running_stages=running, force=force)
+        freed = sum(usage.bytes for usage in removed)
+        typer.echo(f"cleared {settings.cache_dir}: {format_bytes(freed)} in "
+                   f"{sum(usage.files for usage in removed)} file(s)")
+
+
 @data_app.command("demo")
 def data_demo(
     directory: Annotated[Path, typer.Argument(help="Folder to write the demo dataset into.", show_default=False,

@@ -11,8 +11,11 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from rich.console import RenderableType
 
+    from jobs.disk import DiskUsage
     from jobs.grid import ExpandedGrid
     from jobs.queueing import SubmitReport
     from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
@@ -229,3 +232,31 @@ def enqueue_message(report: SubmitReport, user: str) -> str:
         lines.append(f"{report.stages_created} new stage job(s); {report.stages_reused} reused from earlier runs")
     lines.append(f"watch them with: stl status --grid {report.grid}")
     return "\n".join(lines)
+
+
+def format_bytes(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:
+    rows = [[u.name, format_bytes(u.bytes), str(u.files), u.what, "yes" if u.clearable else "no"] for u in usage]
+    total = sum(u.bytes for u in usage)
+    return [*rows, ["total", format_bytes(total), str(sum(u.files for u in usage)), "", ""]]
+
+
+def build_disk_table(home: Path, usage: list[DiskUsage]) -> Table:
+    table = Table(title=f"STL_HOME = {home}", title_justify="left",
+                  caption="`stl disk --clear-caches` deletes the caches; stage models and runs stay")
+    table.add_column("part", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("files", justify="right")
+    table.add_column("holds")
+    table.add_column("clearable", justify="center")
+    for row in disk_rows(usage):
+        table.add_row(*row)
+    return table
