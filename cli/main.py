@@ -388,7 +388,7 @@ def disk(
         if not clear_caches:
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings)))
             return
-        running = int(_connect(settings).scard(keys.RUNNING_STAGES))
+        running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)
         freed = sum(usage.bytes for usage in removed)
         typer.echo(f"cleared {settings.cache_dir}: {format_bytes(freed)} in "

@@ -13,7 +13,7 @@ import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from jobs.errors import StlError
+from jobs.errors import StagesRunning, StlError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -26,10 +26,6 @@ CACHES = {
     "tokens": "token ids of few-shot and eval sets",
     "index": "row offsets of data files (MTL mixtures)",
 }
-
-
-class StagesRunning(StlError):
-    """Caches are not cleared under a running stage unless the user insists."""
 
 
 @dataclass(frozen=True)
@@ -81,4 +77,7 @@ def clear_caches(settings: Settings, *, running_stages: int, force: bool = False
     removed = [usage for usage in disk_usage(settings) if usage.clearable]
     for usage in removed:
         shutil.rmtree(usage.path, ignore_errors=True)
+    left = [str(usage.path) for usage in removed if usage.path.exists()]
+    if left:
+        raise StlError(f"could not delete all of {', '.join(left)}; check its permissions and try again")
     return removed

@@ -63,3 +63,7 @@ class OutOfMemory(StlError):
 
 class ForeignJob(StlError):
     """A job in Redis names a function other than stl's registered entry point."""
+
+
+class StagesRunning(StlError):
+    """An action that would disturb running stages (clearing the caches) was asked for while some run."""

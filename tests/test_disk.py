@@ -61,6 +61,10 @@ def test_force_clears_under_running_stages(stl_env: Path) -> None:
     removed = clear_caches(load_settings(), running_stages=2, force=True)
     assert sum(u.files for u in removed) == 3
     assert not (stl_env / "cache" / "inductor").exists()
+    populate(stl_env)  # --force needs no Redis: it does not ask which stages run
+    result = runner.invoke(app, ["disk", "--clear-caches", "--force"], env={"STL_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.exit_code == 0, result.stderr
+    assert not (stl_env / "cache" / "tokens").exists()
 
 
 def test_the_table_needs_no_redis(stl_env: Path) -> None:
