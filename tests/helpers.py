@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
+
+    import torch
+
+    from jobs.specs import StageSpec
+    from jobs.train import StepReport, TrainOutcome
 
 
 def grid_dict(data: Path, **overrides: Any) -> dict[str, Any]:
@@ -31,3 +37,38 @@ def write_grid(directory: Path, data: Path, filename: str = "grid.yaml", **overr
     path = directory / filename
     path.write_text(yaml.safe_dump(grid_dict(data, **overrides), sort_keys=False))
     return path
+
+
+def run_training(
+    spec: StageSpec,
+    workdir: Path,
+    *,
+    should_stop: Callable[[], str | None] = lambda: None,
+    init_from: Path | None = None,
+    oom_at_step: int | None = None,
+    cache_dir: Path | None = None,
+    reports: list[StepReport] | None = None,
+) -> tuple[TrainOutcome, list[str]]:
+    """`jobs.train.train` on the CPU; returns the outcome and the stage's log lines."""
+    from jobs.train import TrainRun, train
+
+    lines: list[str] = []
+    run = TrainRun(spec=spec, workdir=workdir, init_from=init_from, device="cpu", should_stop=should_stop,
+                   log=lines.append, oom_at_step=oom_at_step, cache_dir=cache_dir)
+    outcome = train(run, on_step=(reports.append if reports is not None else lambda report: None))
+    return outcome, lines
+
+
+def saved_weights(workdir: Path) -> dict[str, torch.Tensor]:
+    """The final model a training stage saved in `workdir`."""
+    from safetensors import torch as safetensors_torch
+
+    return safetensors_torch.load_file(str(workdir / "model" / "model.safetensors"))
+
+
+def assert_bit_identical(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
+    import torch
+
+    assert left.keys() == right.keys()
+    for name in left:
+        assert torch.equal(left[name], right[name]), name

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from safetensors import torch as safetensors_torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from jobs.data import DEMO_EVAL_TASKS
@@ -32,12 +31,11 @@ from jobs.train import (
     length_buckets,
     model_flops_utilization,
     peak_flops,
-    train,
     use_compile_caches,
 )
+from tests.helpers import assert_bit_identical, run_training, saved_weights
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
     from pathlib import Path
 
 torch.set_num_threads(1)
@@ -66,35 +64,8 @@ def finetune_spec(demo_data: Path, *, model: str = "tiny:gpt2", **settings: Any)
     )
 
 
-def run(
-    spec: StageSpec,
-    workdir: Path,
-    *,
-    cache_dir: Path | None = None,
-    should_stop: Callable[[], str | None] = lambda: None,
-    reports: list[StepReport] | None = None,
-) -> tuple[TrainOutcome, list[str]]:
-    lines: list[str] = []
-    cfg = TrainRun(
-        spec=spec,
-        workdir=workdir,
-        init_from=None,
-        device="cpu",
-        should_stop=should_stop,
-        log=lines.append,
-        cache_dir=cache_dir,
-    )
-    outcome = train(cfg, on_step=(reports.append if reports is not None else lambda report: None))
-    return outcome, lines
-
-
-def weights(workdir: Path) -> dict[str, torch.Tensor]:
-    return safetensors_torch.load_file(str(workdir / "model" / "model.safetensors"))
-
-
 def assert_same_weights(left: Path, right: Path) -> None:
-    a, b = weights(left), weights(right)
-    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    assert_bit_identical(saved_weights(left), saved_weights(right))
 
 
 # --- MFU ---
@@ -131,7 +102,7 @@ def test_peak_flops_by_device_name(name: str, peak: float | None) -> None:
 
 def test_cpu_training_reports_tokens_per_second_and_no_mfu(tmp_path: Path, demo_data: Path) -> None:
     reports: list[StepReport] = []
-    outcome, _ = run(finetune_spec(demo_data, max_steps=2), tmp_path, reports=reports)
+    outcome, _ = run_training(finetune_spec(demo_data, max_steps=2), tmp_path, reports=reports)
     assert reports and all(r.mfu is None and r.tokens_per_s > 0 for r in reports)
     assert outcome.mfu is None and outcome.tokens_per_s > 0
     recorded = reports[-1].to_dict()
@@ -150,8 +121,8 @@ def test_compile_is_skipped_on_cpu_with_a_log_line_and_changes_nothing(
     tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    eager, _ = run(finetune_spec(demo_data, max_steps=3), tmp_path / "eager")
-    compiled, lines = run(finetune_spec(demo_data, max_steps=3, compile=True), tmp_path / "asked",
+    eager, _ = run_training(finetune_spec(demo_data, max_steps=3), tmp_path / "eager")
+    compiled, lines = run_training(finetune_spec(demo_data, max_steps=3, compile=True), tmp_path / "asked",
                           cache_dir=tmp_path / "c")
     assert any(line.startswith("compile skipped") and "cpu" in line for line in lines)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ and not (tmp_path / "c" / "inductor").exists()
@@ -330,8 +301,8 @@ def test_second_eval_hits_the_token_cache_with_identical_metrics(tmp_path: Path,
 def test_cached_few_shot_ids_train_bit_identically_and_resume(tmp_path: Path, demo_data: Path) -> None:
     spec = finetune_spec(demo_data)
     cache = tmp_path / "cache"
-    run(spec, tmp_path / "uncached")
-    _, lines = run(spec, tmp_path / "first", cache_dir=cache)
+    run_training(spec, tmp_path / "uncached")
+    _, lines = run_training(spec, tmp_path / "first", cache_dir=cache)
     assert any("token cache miss" in line for line in lines)
     # Preempted and resumed, both halves reading the cache: still the uninterrupted run's weights.
     calls = {"n": 0}
@@ -341,8 +312,8 @@ def test_cached_few_shot_ids_train_bit_identically_and_resume(tmp_path: Path, de
         return "preempt" if calls["n"] > 2 else None
 
     with pytest.raises(StagePreempted):
-        run(spec, tmp_path / "resumed", cache_dir=cache, should_stop=preempt_after_two)
-    outcome, lines = run(spec, tmp_path / "resumed", cache_dir=cache)
+        run_training(spec, tmp_path / "resumed", cache_dir=cache, should_stop=preempt_after_two)
+    outcome, lines = run_training(spec, tmp_path / "resumed", cache_dir=cache)
     assert outcome.resumed_from == 2 and any("token cache hit" in line for line in lines)
     assert any("row index cache hit" in line for line in lines)
     assert_same_weights(tmp_path / "uncached", tmp_path / "first")

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
-from safetensors import torch as safetensors_torch
 
 from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from jobs.errors import ModelError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
-from jobs.train import OomRetry, StepReport, TrainRun, _warmup_then_linear_decay, train
+from jobs.train import OomRetry, StepReport, _warmup_then_linear_decay
+from tests.helpers import assert_bit_identical, run_training, saved_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -57,39 +57,6 @@ def stop_after(steps: int, request: str) -> Callable[[], str | None]:
         return request if calls["n"] > steps else None
 
     return should_stop
-
-
-def run_training(
-    spec: StageSpec,
-    workdir: Path,
-    *,
-    should_stop: Callable[[], str | None] = lambda: None,
-    init_from: Path | None = None,
-    oom_at_step: int | None = None,
-    reports: list[StepReport] | None = None,
-) -> tuple[Any, list[str]]:
-    lines: list[str] = []
-    run = TrainRun(
-        spec=spec,
-        workdir=workdir,
-        init_from=init_from,
-        device="cpu",
-        should_stop=should_stop,
-        log=lines.append,
-        oom_at_step=oom_at_step,
-    )
-    outcome = train(run, on_step=(reports.append if reports is not None else lambda report: None))
-    return outcome, lines
-
-
-def saved_weights(workdir: Path) -> dict[str, torch.Tensor]:
-    return safetensors_torch.load_file(str(workdir / "model" / "model.safetensors"))
-
-
-def assert_bit_identical(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> None:
-    assert left.keys() == right.keys()
-    for name in left:
-        assert torch.equal(left[name], right[name]), name
 
 
 @pytest.mark.parametrize(
