@@ -13,6 +13,7 @@ import typer
 
 from jobs.errors import GridError, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
+from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -374,17 +375,36 @@ def disk(
     clear_caches: Annotated[bool, typer.Option(
         "--clear-caches", help="Delete STL_HOME/cache (compiled kernels, token ids, row indexes); stages "
         "rebuild what they need. Refused while stages run.")] = False,
+    prune: Annotated[PruneTarget | None, typer.Option(
+        "--prune", help="Delete the models of finished finetune stages, mtl stages, or all, that no queued "
+        "or running run needs. A run that needs one later trains it again.", show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="With --prune: list what would go; delete nothing.")] = False,
     force: Annotated[bool, typer.Option("--force", help="With --clear-caches: even while stages run.")] = False,
 ) -> None:
-    """Show what STL_HOME holds on disk (caches, stage models, run results), or clear its caches."""
+    """Show what STL_HOME holds on disk (caches, stage models, run results); clear caches or prune models.
+
+    Stage models add up: every few-shot stage keeps a whole model (about 0.5 GB at BART-base), so a
+    paper-sized grid fills a disk. `stl disk --prune finetune` frees them once their runs are done.
+    """
     from rich.console import Console
 
-    from cli.render import build_disk_table, format_bytes
+    from cli.render import build_disk_table, format_bytes, prune_lines
     from jobs import disk as disk_lib
     from jobs import keys
 
     with handled():
         settings = _settings()
+        if clear_caches and prune is not None:
+            raise UsageError("--clear-caches and --prune are separate steps; run one, then the other")
+        if dry_run and prune is None:
+            raise UsageError("--dry-run goes with --prune")
+        if prune is not None:
+            report = disk_lib.prune_stage_models(_connect(settings), settings, prune, user=_user(settings, None),
+                                                 dry_run=dry_run)
+            for line in prune_lines(report, prune.value, dry_run=dry_run):
+                typer.echo(line)
+            return
         if not clear_caches:
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings)))
             return

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from rich.console import RenderableType
 
-    from jobs.disk import DiskUsage
+    from jobs.disk import DiskUsage, PruneReport
     from jobs.grid import ExpandedGrid
     from jobs.queueing import SubmitReport
     from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
@@ -244,19 +244,37 @@ def format_bytes(size: int) -> str:
 
 
 def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:
-    rows = [[u.name, format_bytes(u.bytes), str(u.files), u.what, "yes" if u.clearable else "no"] for u in usage]
+    rows = [[u.name, format_bytes(u.bytes), str(u.files), u.what, u.freed_by] for u in usage]
     total = sum(u.bytes for u in usage)
     return [*rows, ["total", format_bytes(total), str(sum(u.files for u in usage)), "", ""]]
 
 
 def build_disk_table(home: Path, usage: list[DiskUsage]) -> Table:
     table = Table(title=f"STL_HOME = {home}", title_justify="left",
-                  caption="`stl disk --clear-caches` deletes the caches; stage models and runs stay")
+                  caption="--clear-caches loses only time; --prune deletes models no queued or running run needs "
+                          "(a later run that needs one trains it again); runs and redis stay")
     table.add_column("part", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("files", justify="right")
     table.add_column("holds")
-    table.add_column("clearable", justify="center")
+    table.add_column("freed by `stl disk`", no_wrap=True)
     for row in disk_rows(usage):
         table.add_row(*row)
     return table
+
+
+def prune_lines(report: PruneReport, target: str, *, dry_run: bool) -> list[str]:
+    """What `stl disk --prune` did (or, with --dry-run, would do), one model per line, then totals."""
+    verb = "would prune" if dry_run else "pruned"
+    label = "stage" if target == "all" else target
+    lines = [f"  {m.stage_id}  {format_bytes(m.bytes):>10}  {m.kind:<8}  {m.about}" for m in report.pruned]
+    lines.append(f"{verb} {len(report.pruned)} {label} model(s), {format_bytes(report.freed_bytes)}"
+                 + ("" if dry_run or not report.pruned else "; a run that needs one again trains it first"))
+    if report.needed:
+        size = format_bytes(sum(m.bytes for m in report.needed))
+        lines.append(f"kept {len(report.needed)} ({size}): a queued or running run needs them")
+    if report.unknown:
+        size = format_bytes(sum(m.bytes for m in report.unknown))
+        lines.append(f"left {len(report.unknown)} ({size}) alone: this Redis has no record of their stages "
+                     "(is STL_REDIS_URL the Redis they were queued on?)")
+    return lines

@@ -1,24 +1,33 @@
-"""What STL_HOME holds on disk, and clearing its caches.
+"""What STL_HOME holds on disk, clearing its caches, and pruning stage models no live run needs.
 
 The caches (STL_HOME/cache) hold derived data only — compiled kernels, token ids, row indexes — that
 stages rebuild when it is missing, so clearing them loses nothing but time. Stage directories hold the
-trained models later runs reuse, runs/ holds results and redis/ the embedded redis-server's data: those
-are listed, never cleared here.
+trained models later runs reuse: pruning deletes the models of finished training stages that no queued
+or running run needs, and marks their records so a later run that needs one trains it again. runs/
+holds results and redis/ the embedded redis-server's data: those are listed, never deleted here.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from jobs import keys
+from jobs.codec import text
 from jobs.errors import StagesRunning, StlError
+from jobs.layout import DONE_FILE, MODEL_DIR, PRUNED_FILE, SPEC_FILE
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import redis
+
     from jobs.settings import Settings
+    from jobs.states import PruneTarget
 
 # STL_HOME/cache/<name>: what each cache holds.
 CACHES = {
@@ -26,16 +35,38 @@ CACHES = {
     "tokens": "token ids of few-shot and eval sets",
     "index": "row offsets of data files (MTL mixtures)",
 }
+PRUNE_LEASE_MS = 600_000  # held while deleting, so no work horse starts the stage meanwhile
 
 
 @dataclass(frozen=True)
 class DiskUsage:
-    name: str  # "stages", "runs" or "cache/<name>"
+    name: str  # "cache/<name>", "models/<kind>", "stages", "runs" or "redis"
     path: Path
     what: str
     files: int
     bytes: int
-    clearable: bool
+    freed_by: str = ""  # the `stl disk` option that deletes this part; "" if none does
+
+
+@dataclass(frozen=True)
+class StageModel:
+    stage_id: str
+    kind: str  # "mtl", "finetune", or "" where the stage directory has no readable spec
+    about: str  # model, tasks, shots and seed, from the stage's spec, for people choosing what to prune
+    path: Path  # the model directory
+    files: int
+    bytes: int
+
+
+@dataclass
+class PruneReport:
+    pruned: list[StageModel] = field(default_factory=list)
+    needed: list[StageModel] = field(default_factory=list)  # a queued or running run needs them, or one runs
+    unknown: list[StageModel] = field(default_factory=list)  # no record in this Redis: left alone
+
+    @property
+    def freed_bytes(self) -> int:
+        return sum(model.bytes for model in self.pruned)
 
 
 def tree_size(path: Path) -> tuple[int, int]:
@@ -51,19 +82,64 @@ def tree_size(path: Path) -> tuple[int, int]:
     return files, size
 
 
+def stage_models(settings: Settings) -> list[StageModel]:
+    """The model directory of every stage under STL_HOME/stages that has one, with its size and kind."""
+    found: list[StageModel] = []
+    try:
+        stage_dirs = sorted(settings.stages_dir.iterdir())
+    except OSError:
+        return []
+    for stage_dir in stage_dirs:
+        model_dir = stage_dir / MODEL_DIR
+        if not model_dir.is_dir():
+            continue
+        files, size = tree_size(model_dir)
+        kind, about = _describe_stage(stage_dir)
+        found.append(StageModel(stage_id=stage_dir.name, kind=kind, about=about, path=model_dir, files=files,
+                                bytes=size))
+    return found
+
+
+def _describe_stage(stage_dir: Path) -> tuple[str, str]:
+    """(kind, a short description) from the stage's spec.json; ("", "") where it cannot be read."""
+    try:
+        spec = json.loads((stage_dir / SPEC_FILE).read_text())
+        kind = str(spec["kind"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", ""
+    tasks = spec.get("tasks") or []
+    about = [str(spec.get("model", "")), tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks"]
+    if spec.get("shots"):
+        about.append(f"{spec['shots']}-shot")
+    if spec.get("instructions") is False:
+        about.append("no instructions")
+    about.append(f"seed {spec.get('seed', '?')}")
+    return kind, " ".join(about)
+
+
 def disk_usage(settings: Settings) -> list[DiskUsage]:
-    """Every part of STL_HOME stl writes, with its size; caches first (the part that may be cleared)."""
-    parts = [(f"cache/{name}", settings.cache_dir / name, what, True) for name, what in CACHES.items()]
+    """Every part of STL_HOME stl writes, with its size: caches first, then stage models by kind."""
+    parts = [
+        DiskUsage(f"cache/{name}", settings.cache_dir / name, what, *tree_size(settings.cache_dir / name),
+                  freed_by="--clear-caches")
+        for name, what in CACHES.items()
+    ]
+    models = stage_models(settings)
+    for kind, what in (("mtl", "MTL"), ("finetune", "few-shot")):
+        mine = [model for model in models if model.kind == kind]
+        parts.append(DiskUsage(f"models/{kind}", settings.stages_dir,
+                               f"{len(mine)} {what} stage model(s), kept for later runs and grids",
+                               sum(m.files for m in mine), sum(m.bytes for m in mine), freed_by=f"--prune {kind}"))
+    stage_files, stage_bytes = tree_size(settings.stages_dir)
+    known = [model for model in models if model.kind in ("mtl", "finetune")]
+    parts.append(DiskUsage("stages", settings.stages_dir, "stage logs, metrics and checkpoints of unfinished stages",
+                           stage_files - sum(m.files for m in known), stage_bytes - sum(m.bytes for m in known)))
     parts += [
-        ("stages", settings.stages_dir, "stage models, kept for reuse by later runs and grids", False),
-        ("runs", settings.runs_dir, "per-run results and sample predictions", False),
-        ("redis", settings.home / "redis", "the data of the redis-server stl starts when none runs", False),
+        DiskUsage("runs", settings.runs_dir, "per-run results and sample predictions", *tree_size(settings.runs_dir)),
+        DiskUsage("redis", settings.home / "redis", "the data of the redis-server stl starts when none runs",
+                  *tree_size(settings.home / "redis")),
     ]
-    return [
-        DiskUsage(name=name, path=path, what=what, files=files, bytes=size, clearable=clearable)
-        for name, path, what, clearable in parts
-        for files, size in [tree_size(path)]
-    ]
+    return parts
 
 
 def clear_caches(settings: Settings, *, running_stages: int, force: bool = False) -> list[DiskUsage]:
@@ -74,10 +150,92 @@ def clear_caches(settings: Settings, *, running_stages: int, force: bool = False
             f"{running_stages} stage(s) are running and may be using the caches; clear them when the "
             "workers are idle, or pass --force"
         )
-    removed = [usage for usage in disk_usage(settings) if usage.clearable]
+    removed = [usage for usage in disk_usage(settings) if usage.freed_by == "--clear-caches"]
     for usage in removed:
         shutil.rmtree(usage.path, ignore_errors=True)
     left = [str(usage.path) for usage in removed if usage.path.exists()]
     if left:
         raise StlError(f"could not delete all of {', '.join(left)}; check its permissions and try again")
     return removed
+
+
+# Decides, inside Redis and so atomically with any enqueue, which stage models may go: the stage
+# finished, no work horse holds it, and none of the runs that use it is queued or running. Marks
+# those `pruned` (so an enqueue that needs one again trains it again) and takes their lease while
+# the files are deleted. ARGV[1]: {stages: [{id, stage, runs, lease}], run, now, holder, ttl, dry}.
+_PRUNE = """
+local p = cjson.decode(ARGV[1])
+local live = {queued = true, running = true}
+local pruned, needed, unknown = {}, {}, {}
+for _, s in ipairs(p.stages) do
+  local status = redis.call('HGET', s.stage, 'status')
+  if not status then
+    unknown[#unknown + 1] = s.id
+  else
+    local free = status == 'finished' and redis.call('EXISTS', s.lease) == 0
+    if free then
+      for _, run in ipairs(redis.call('SMEMBERS', s.runs)) do
+        if live[redis.call('HGET', p.run .. run, 'status') or ''] then free = false; break end
+      end
+    end
+    if free then
+      pruned[#pruned + 1] = s.id
+      if not p.dry then
+        redis.call('HSET', s.stage, 'pruned', p.now)
+        redis.call('SET', s.lease, p.holder, 'PX', p.ttl)
+      end
+    else
+      needed[#needed + 1] = s.id
+    end
+  end
+end
+return cjson.encode({pruned = pruned, needed = needed, unknown = unknown})
+"""
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def prune_stage_models(conn: redis.Redis, settings: Settings, target: PruneTarget, *, user: str,
+                       dry_run: bool = False) -> PruneReport:
+    """Delete the models of finished `target` stages that no queued or running run needs. Their records
+    are marked pruned: an enqueue that needs one trains it again. With `dry_run`, only report."""
+    candidates = {model.stage_id: model for model in stage_models(settings) if model.kind in target.kinds}
+    report = PruneReport()
+    if not candidates:
+        return report
+    import socket
+
+    holder = f"prune:{socket.gethostname()}:{os.getpid()}"
+    payload = {
+        "stages": [{"id": sid, "stage": keys.stage(sid), "runs": keys.stage_runs(sid), "lease": keys.stage_lease(sid)}
+                   for sid in candidates],
+        "run": keys.run(""), "now": f"{time.time():.6f}", "holder": holder, "ttl": PRUNE_LEASE_MS, "dry": dry_run,
+    }
+    answer = json.loads(text(conn.eval(_PRUNE, 0, json.dumps(payload))))
+    report.pruned = [candidates[sid] for sid in answer["pruned"] or []]
+    report.needed = [candidates[sid] for sid in answer["needed"] or []]
+    report.unknown = [candidates[sid] for sid in answer["unknown"] or []]
+    if dry_run:
+        return report
+    failed: list[str] = []
+    for model in report.pruned:
+        try:
+            _delete_model(model, user=user)
+        except OSError as e:
+            failed.append(f"{model.path} ({e.strerror or e})")
+        finally:
+            conn.eval(_RELEASE, 1, keys.stage_lease(model.stage_id), holder)
+    if failed:
+        raise StlError(f"could not delete {', '.join(failed)}; its stage will train again when a run needs it; "
+                       "check the permissions and run `stl disk --prune` again")
+    return report
+
+
+def _delete_model(model: StageModel, *, user: str) -> None:
+    stage_dir = model.path.parent
+    marker = {"pruned_at": time.time(), "by": user, "bytes": model.bytes}
+    (stage_dir / PRUNED_FILE).write_text(json.dumps(marker) + "\n")
+    (stage_dir / DONE_FILE).unlink(missing_ok=True)  # the stage is no longer done: its model is gone
+    doomed = stage_dir / f".{MODEL_DIR}.pruning"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(model.path, doomed)  # one rename: no reader ever sees half a model
+    shutil.rmtree(doomed)

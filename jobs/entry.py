@@ -23,6 +23,7 @@ from jobs.codec import text
 from jobs.errors import ForeignJob, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
+from jobs.layout import LOG_FILE, SPEC_FILE
 from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
 
@@ -116,7 +117,7 @@ class StageReporter:
         self.conn = conn
         self.stage_id = stage_id
         self.lease = lease
-        self.log_file = workdir / "log.txt"
+        self.log_file = workdir / LOG_FILE
         self._last_progress = 0.0
         self._last_flags = 0.0
         self._flag: str | None = None
@@ -248,7 +249,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     try:
         faults.before_stage(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        (workdir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
         live = _live_runs(conn, stage_id)
         pipe = conn.pipeline(transaction=False)
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.

@@ -74,9 +74,31 @@ end
 local status_cache = {}
 local function status_of(sid)
   if status_cache[sid] == nil then
-    status_cache[sid] = redis.call('HGET', K.stage .. sid, 'status') or ''
+    local rec = redis.call('HMGET', K.stage .. sid, 'status', 'pruned')
+    local st = rec[1] or ''
+    if st == 'finished' and rec[2] and rec[2] ~= '' then st = 'pruned' end
+    status_cache[sid] = st
   end
   return status_cache[sid]
+end
+local function reusable(st) return st == 'finished' or st == 'queued' or st == 'running' or st == 'pruned' end
+-- A pruned stage (finished; `stl disk --prune` deleted its model) counts as finished unless a stage
+-- created here starts from it: then it trains again. Parents precede children in every run, so the
+-- stages in reverse order of first appearance come children first.
+local order, first_seen, needed, retrain = {}, {}, {}, {}
+for _, run in ipairs(to_write) do
+  for _, sid in ipairs(run.stages) do
+    if not first_seen[sid] then first_seen[sid] = true; order[#order + 1] = sid end
+  end
+end
+for i = #order, 1, -1 do
+  local sid = order[i]
+  local st = status_of(sid)
+  if st == 'pruned' and needed[sid] then retrain[sid] = true end
+  if (not reusable(st)) or retrain[sid] then
+    local parent = p.stages[sid].parent
+    if present(parent) then needed[parent] = true end
+  end
 end
 local created, seen = {}, {}
 local n_created, n_reused = 0, 0
@@ -85,7 +107,7 @@ for _, run in ipairs(to_write) do
     if not seen[sid] then
       seen[sid] = true
       local st = status_of(sid)
-      if st == 'finished' or st == 'queued' or st == 'running' then
+      if reusable(st) and not retrain[sid] then
         n_reused = n_reused + 1
       else
         local spec = p.stages[sid]
@@ -101,7 +123,8 @@ for _, run in ipairs(to_write) do
         fields[#fields + 1] = 'data'; fields[#fields + 1] = p.data_prefix .. sid .. p.data_suffix
         fields[#fields + 1] = 'description'; fields[#fields + 1] = spec.description
         local parent = spec.parent
-        if present(parent) and (created[parent] or status_of(parent) ~= 'finished') then
+        local parent_st = present(parent) and status_of(parent) or ''
+        if present(parent) and (created[parent] or not (parent_st == 'finished' or parent_st == 'pruned')) then
           local pjid = K.job_id_prefix .. parent
           fields[#fields + 1] = 'status'; fields[#fields + 1] = 'deferred'
           fields[#fields + 1] = 'dependency_id'; fields[#fields + 1] = pjid
@@ -118,7 +141,7 @@ for _, run in ipairs(to_write) do
         end
         if st ~= '' then
           redis.call('HDEL', K.stage .. sid, 'started_at', 'ended_at', 'error', 'loss', 'cancel', 'preempt',
-            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome')
+            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned')
         end
         redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
           'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,
@@ -134,7 +157,10 @@ for _, run in ipairs(to_write) do
   local finished = {}
   local n_finished = 0
   for _, sid in ipairs(run.stages) do
-    if not created[sid] and status_of(sid) == 'finished' then finished[sid] = true; n_finished = n_finished + 1 end
+    local st = status_of(sid)
+    if not created[sid] and (st == 'finished' or st == 'pruned') then
+      finished[sid] = true; n_finished = n_finished + 1
+    end
   end
   local done = n_finished == #run.stages
   local rkey = K.run .. run.id
@@ -207,7 +233,8 @@ def submit_runs(
 
     A run whose identical twin is queued, running or finished is skipped, unless its id is in
     `requeue` (used by retry). Stages already finished are reused; stages queued or running are
-    shared; failed or canceled ones are queued again.
+    shared; failed or canceled ones are queued again, and so are pruned ones (finished, model deleted)
+    that a stage queued here starts from.
     """
     if not runs:
         return SubmitReport(grid="")

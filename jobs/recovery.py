@@ -22,6 +22,7 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.codec import text
+from jobs.layout import LOG_FILE
 from jobs.queueing import job_id_for, stage_id_for
 from jobs.specs import RunStatus
 
@@ -249,7 +250,7 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
     workdir = settings.stages_dir / stage_id
     if workdir.is_dir():
         try:
-            with (workdir / "log.txt").open("a") as f:
+            with (workdir / LOG_FILE).open("a") as f:
                 f.write(line + "\n")
         except OSError:
             pass  # the line is in Redis

@@ -13,18 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 from jobs.errors import ModelError
 from jobs.evaluate import EvalRun, TaskMetrics, evaluate
+from jobs.layout import DONE_FILE, METRICS_FILE, MODEL_DIR, PRUNED_FILE
 from jobs.models import STL_MODEL_FILE
 from jobs.settings import load_settings
 from jobs.specs import StageKind
-from jobs.train import DONE_FILE, MODEL_DIR, StepReport, TrainOutcome, TrainRun, train
+from jobs.train import StepReport, TrainOutcome, TrainRun, train
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
     from jobs.specs import StageSpec
-
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -93,7 +92,9 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
         oom_at_step=ctx.oom_at_step,
         cache_dir=cache_dir,
     )
-    return StageOutcome(train=train(run, on_step=ctx.on_step))
+    outcome = StageOutcome(train=train(run, on_step=ctx.on_step))
+    (ctx.workdir / PRUNED_FILE).unlink(missing_ok=True)  # trained again after `stl disk --prune`
+    return outcome
 
 
 def _parent_model_dir(parent_dir: Path | None) -> Path | None:
@@ -102,6 +103,12 @@ def _parent_model_dir(parent_dir: Path | None) -> Path | None:
     for candidate in (parent_dir / MODEL_DIR, parent_dir):
         if (candidate / STL_MODEL_FILE).is_file():
             return candidate
+    if (parent_dir / PRUNED_FILE).is_file():
+        # Enqueueing trains a pruned parent again first; this stage was queued before it was pruned.
+        raise ModelError(
+            f"the parent stage's model in {parent_dir} was pruned (`stl disk --prune`) while this stage "
+            "waited; `stl retry` this run: its parent trains again first"
+        )
     # The queue runs a stage only after its parent finished, so the model is missing from *this* STL_HOME.
     raise ModelError(
         f"the parent stage's model is not in {parent_dir}: the parent finished, but not in this STL_HOME "

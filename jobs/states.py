@@ -32,3 +32,17 @@ class Priority(str, Enum):
     high = "high"
     normal = "normal"
     low = "low"
+
+
+class PruneTarget(str, Enum):
+    """Which stage models `stl disk --prune` deletes."""
+
+    finetune = "finetune"
+    mtl = "mtl"
+    all = "all"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        if self is PruneTarget.all:
+            return (StageKind.mtl.value, StageKind.finetune.value)
+        return (self.value,)

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobs import data as data_lib
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
+from jobs.layout import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR
 from jobs.models import (
     autocast_for,
     encode_sources,
@@ -59,9 +60,6 @@ if TYPE_CHECKING:
 REPORT_EVERY = 10  # read the loss (a host sync) only this often
 WINDOW_BATCHES = 50  # length-grouping window, in batches (fewer when the data is small)
 GRAD_CLIP = 1.0
-CHECKPOINT_DIR = "checkpoint"
-MODEL_DIR = "model"
-DONE_FILE = "done.json"
 STATE_FORMAT = 1
 IGNORE_INDEX = -100
 BUCKET_MIN = 32  # shortest padded length when compiling

@@ -137,3 +137,38 @@ def test_running_run_is_canceled_within_seconds(stl_env: Path, conn: redis.Redis
     assert conn.hget(keys.run(run.run_id), "status") == b"canceled"
     # the eval stage that depended on it never runs
     assert conn.hget(keys.stage(run.stages[1]), "status") == b"canceled"
+
+
+def test_pruned_models_train_again_when_a_new_stage_needs_them(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                               demo_data: Path) -> None:
+    grid = grid_dict(demo_data, name="few-shot")
+    grid["grid"] = {**grid["grid"], "mtl": "in-domain", "shots": 4}
+    path = tmp_path / "few-shot.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    cli("enqueue", str(path))
+    run_worker()
+    first = parse_grid(path)
+    [mtl] = [sid for sid, spec in first.stages.items() if spec.kind == StageKind.mtl]
+    finetunes = sorted(sid for sid, spec in first.stages.items() if spec.kind == StageKind.finetune)
+    before = {row["task"]: row["value"] for row in json.loads(cli("results", "few-shot", "--json"))["rows"]}
+
+    out = cli("disk", "--prune", "finetune")
+    assert "pruned 2 finetune model(s)" in out
+    assert not any((stl_env / "stages" / sid / "model").exists() for sid in finetunes)
+    assert (stl_env / "stages" / mtl / "model").is_dir()
+
+    # Evaluating on one more example makes new eval stages: their few-shot parents train again from
+    # the MTL model (kept), deterministically, and the new evals run from them.
+    grid["name"] = "few-shot-more"
+    grid["eval"] = {**grid["eval"], "max_examples": 7}
+    path.write_text(yaml.safe_dump(grid))
+    assert "4 new stage job(s)" in cli("enqueue", str(path))
+    run_worker()
+    rows = json.loads(cli("results", "few-shot-more", "--json"))["rows"]
+    assert len(rows) == 2 and {row["task"] for row in rows} == set(before)
+    for sid in finetunes:
+        stage_dir = stl_env / "stages" / sid
+        assert (stage_dir / "model").is_dir() and not (stage_dir / "pruned.json").exists()
+        assert (stage_dir / "log.txt").read_text().count(" started on ") == 2
+        assert not conn.hget(keys.stage(sid), "pruned")
+    assert (stl_env / "stages" / mtl / "log.txt").read_text().count(" started on ") == 1
