@@ -20,8 +20,10 @@ from jobs import keys
 from jobs.codec import text
 from jobs.errors import StagesRunning, StlError
 from jobs.layout import DONE_FILE, MODEL_DIR, PRUNED_FILE, SPEC_FILE
+from jobs.states import StageKind
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
     import redis
@@ -82,11 +84,13 @@ def tree_size(path: Path) -> tuple[int, int]:
     return files, size
 
 
-def stage_models(settings: Settings) -> list[StageModel]:
-    """The model directory of every stage under STL_HOME/stages that has one, with its size and kind."""
+def stage_models(settings: Settings, *, only: Iterable[str] | None = None) -> list[StageModel]:
+    """The model directory of every stage under STL_HOME/stages (or of the stages `only` names) that has
+    one, with its size and kind."""
     found: list[StageModel] = []
     try:
-        stage_dirs = sorted(settings.stages_dir.iterdir())
+        stage_dirs = sorted(settings.stages_dir.iterdir() if only is None else
+                            (settings.stages_dir / sid for sid in only))
     except OSError:
         return []
     for stage_dir in stage_dirs:
@@ -199,6 +203,22 @@ def prune_stage_models(conn: redis.Redis, settings: Settings, target: PruneTarge
     """Delete the models of finished `target` stages that no queued or running run needs. Their records
     are marked pruned: an enqueue that needs one trains it again. With `dry_run`, only report."""
     candidates = {model.stage_id: model for model in stage_models(settings) if model.kind in target.kinds}
+    return _prune(conn, candidates, user=user, dry_run=dry_run)
+
+
+def prune_finished_runs_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[str], *,
+                                        user: str) -> PruneReport:
+    """STL_PRUNE_FINETUNE: once runs finish, delete their few-shot models that no live run needs."""
+    pipe = conn.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hget(keys.run(run_id), "stages")
+    stage_ids = {sid for raw in pipe.execute() for sid in json.loads(text(raw) or "[]")}
+    candidates = {model.stage_id: model for model in stage_models(settings, only=stage_ids)
+                  if model.kind == StageKind.finetune.value}
+    return _prune(conn, candidates, user=user, dry_run=False)
+
+
+def _prune(conn: redis.Redis, candidates: dict[str, StageModel], *, user: str, dry_run: bool) -> PruneReport:
     report = PruneReport()
     if not candidates:
         return report

@@ -326,7 +326,8 @@ def _failure_message(error: BaseException, spec: StageSpec) -> str:
     if name == "JobTimeoutException":
         return f"the {spec.kind.value} stage ran past its time limit ({error}); raise stage_timeout in the grid"
     if isinstance(error, OSError) and error.errno == 28:
-        return "no space left on the disk under STL_HOME; free some space, then `stl retry`"
+        return ("no space left on the disk under STL_HOME; `stl disk` shows what takes it and "
+                "`stl disk --prune finetune` frees finished runs' few-shot models; then `stl retry`")
     # One line, of bounded length: it becomes the run's error in `stl status`.
     detail = " ".join(str(error).split())
     if len(detail) > FAILURE_MESSAGE_MAX:
@@ -357,6 +358,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
         pipe.hmget(keys.run(run_id), "status", "n_stages", "grid", "eval_stages")
     answers = pipe.execute()[2:]
     grids: set[str] = set()
+    finished_runs: list[str] = []
     pipe = conn.pipeline(transaction=False)
     for run_id, (run_status, n_stages, grid, eval_stages) in zip(run_ids, answers, strict=True):
         run_status = text(run_status)
@@ -371,6 +373,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
             if done >= int(text(n_stages) or 0):
                 pipe.hset(keys.run(run_id), mapping={"status": RunStatus.finished.value, "ended_at": now,
                                                      "current_stage": ""})
+                finished_runs.append(run_id)
             else:
                 pipe.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
         else:
@@ -386,11 +389,26 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
             # A copy for people reading STL_HOME; Redis has the results, so a full disk does not undo them.
             with contextlib.suppress(OSError):
                 _write_results_file(settings, conn, run_id)
+    if finished_runs and settings.prune_finetune:
+        _prune_finetune_models(conn, settings, finished_runs, user=user)
     for grid in grids:
         try:
             _notify_if_grid_done(conn, settings, grid)
         except Exception as e:  # noqa: BLE001 - a failure to notify is logged and never fails a run
             print(f"stl notify: could not notify for grid {grid}: {e}", flush=True)
+
+
+def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[str], *, user: str) -> None:
+    from jobs.disk import prune_finished_runs_finetune_models
+
+    try:
+        report = prune_finished_runs_finetune_models(conn, settings, run_ids, user=f"STL_PRUNE_FINETUNE ({user})")
+    except Exception as e:  # noqa: BLE001 - a model left on disk never fails a run
+        print(f"stl prune: could not prune the few-shot models of {len(run_ids)} finished run(s): {e}", flush=True)
+        return
+    if report.pruned:
+        print(f"stl prune: deleted {len(report.pruned)} few-shot model(s) of finished runs "
+              f"({report.freed_bytes / 2**20:.1f} MiB; STL_PRUNE_FINETUNE)", flush=True)
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:

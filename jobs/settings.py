@@ -24,6 +24,8 @@ class Settings:
     notify_url: str | None
     # Test-only fault injection, e.g. "oom_at_step=3" (see jobs/faults.py). Empty in normal use.
     fault_inject: str
+    # Work horses delete a run's few-shot models once it finishes and no live run needs them.
+    prune_finetune: bool = False
 
     @property
     def runs_dir(self) -> Path:
@@ -59,4 +61,10 @@ def load_settings() -> Settings:
         notify_cmd=env.get("STL_NOTIFY_CMD") or None,
         notify_url=env.get("STL_NOTIFY_URL") or None,
         fault_inject=env.get("STL_FAULT_INJECT", ""),
+        prune_finetune=_flag(env.get("STL_PRUNE_FINETUNE", "")),
     )
+
+
+def _flag(value: str) -> bool:
+    """An on/off setting: 1, true, yes or on (any case) turn it on; anything else leaves it off."""
+    return value.strip().lower() in ("1", "true", "yes", "on")

@@ -21,6 +21,7 @@ from tests.helpers import grid_dict, write_grid
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import pytest
     import redis
 
 runner = CliRunner()
@@ -198,3 +199,9 @@ def test_a_pruned_stage_trains_again_only_when_a_new_stage_starts_from_it(
             assert job[b"status"] == b"deferred" and job[b"dependency_id"] == job_id_for(mtl).encode()
         else:
             assert job[b"status"] == b"queued"
+
+
+def test_the_prune_setting_is_an_on_off_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, expected in [("1", True), (" Yes", True), ("on", True), ("0", False), ("", False), ("no", False)]:
+        monkeypatch.setenv("STL_PRUNE_FINETUNE", value)
+        assert load_settings().prune_finetune is expected, value

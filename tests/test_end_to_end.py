@@ -172,3 +172,22 @@ def test_pruned_models_train_again_when_a_new_stage_needs_them(stl_env: Path, co
         assert (stage_dir / "log.txt").read_text().count(" started on ") == 2
         assert not conn.hget(keys.stage(sid), "pruned")
     assert (stl_env / "stages" / mtl / "log.txt").read_text().count(" started on ") == 1
+
+
+def test_workers_can_prune_few_shot_models_as_runs_finish(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                          demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STL_PRUNE_FINETUNE", "yes")
+    grid = grid_dict(demo_data, name="pruned-as-they-go")
+    grid["grid"] = {**grid["grid"], "mtl": "none", "shots": 4, "seed": [0, 1]}
+    path = tmp_path / "pruned.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    cli("enqueue", str(path))
+    out = run_worker().stdout
+    expanded = parse_grid(path)
+    finetunes = [sid for sid, spec in expanded.stages.items() if spec.kind == StageKind.finetune]
+    assert len(finetunes) == 4 and out.count("stl prune: deleted 2 few-shot model(s)") == 2, out[-3000:]
+    for sid in finetunes:
+        assert not (stl_env / "stages" / sid / "model").exists()
+        assert "STL_PRUNE_FINETUNE" in (stl_env / "stages" / sid / "pruned.json").read_text()
+    rows = json.loads(cli("results", "pruned-as-they-go", "--json"))["rows"]
+    assert len(rows) == 2 * 2 and all(0.0 <= row["value"] <= 1.0 for row in rows)

@@ -288,6 +288,7 @@ def test_a_full_disk_fails_each_run_clearly_and_the_worker_goes_on(
     for run in runs:
         assert run["status"] == "failed"
         assert "no space left on the disk under STL_HOME" in run["error"] and "\n" not in run["error"]
+        assert "stl disk --prune finetune" in run["error"]
     # Nothing was left holding a lease or marked running.
     assert conn.scard(keys.RUNNING_STAGES) == 0
     assert not list(conn.scan_iter(match=keys.stage_lease("*")))
