@@ -74,9 +74,8 @@ end
 local status_cache = {}
 local function status_of(sid)
   if status_cache[sid] == nil then
-    local rec = redis.call('HMGET', K.stage .. sid, 'status', 'pruned')
-    local st = rec[1] or ''
-    if st == 'finished' and rec[2] and rec[2] ~= '' then st = 'pruned' end
+    local st = redis.call('HGET', K.stage .. sid, 'status') or ''
+    if st == 'finished' and redis.call('HEXISTS', K.stage .. sid, 'pruned') == 1 then st = 'pruned' end
     status_cache[sid] = st
   end
   return status_cache[sid]
@@ -86,18 +85,24 @@ local function reusable(st) return st == 'finished' or st == 'queued' or st == '
 -- created here starts from it: then it trains again. Parents precede children in every run, so the
 -- stages in reverse order of first appearance come children first.
 local order, first_seen, needed, retrain = {}, {}, {}, {}
+local any_pruned = false
 for _, run in ipairs(to_write) do
   for _, sid in ipairs(run.stages) do
-    if not first_seen[sid] then first_seen[sid] = true; order[#order + 1] = sid end
+    if not first_seen[sid] then
+      first_seen[sid] = true; order[#order + 1] = sid
+      if status_of(sid) == 'pruned' then any_pruned = true end
+    end
   end
 end
-for i = #order, 1, -1 do
-  local sid = order[i]
-  local st = status_of(sid)
-  if st == 'pruned' and needed[sid] then retrain[sid] = true end
-  if (not reusable(st)) or retrain[sid] then
-    local parent = p.stages[sid].parent
-    if present(parent) then needed[parent] = true end
+if any_pruned then
+  for i = #order, 1, -1 do
+    local sid = order[i]
+    local st = status_of(sid)
+    if st == 'pruned' and needed[sid] then retrain[sid] = true end
+    if (not reusable(st)) or retrain[sid] then
+      local parent = p.stages[sid].parent
+      if present(parent) then needed[parent] = true end
+    end
   end
 end
 local created, seen = {}, {}
