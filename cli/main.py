@@ -236,9 +236,10 @@ def results(
             from rich.console import Console
 
             console = Console()
+            width: int | None = console.width
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
-                console = Console(width=200)
-            console.print(analysis.build_pivot_table(pivot))
+                console, width = Console(width=200), None
+            console.print(analysis.build_pivot_table(pivot, width=width))
             if report is not None:
                 console.print(analysis.build_effect_table(report))
 

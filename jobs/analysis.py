@@ -472,12 +472,15 @@ def effect_sizes(rows: Iterable[Mapping[str, Any]], *, axis: str, a: str, b: str
 # Formatting
 
 
-def format_stat(stat: CellStat | None, *, digits: int = 3) -> str:
-    """`0.523 ± 0.012 (n=3)`, or `(n=2/3)` while some runs of the row have no result yet."""
+def format_stat(stat: CellStat | None, *, digits: int = 3, count: bool = True) -> str:
+    """`0.523 ± 0.012 (n=3)`, or `(n=2/3)` while some runs of the row have no result yet. Without
+    `count`, a complete cell leaves its n out (the caption says it)."""
     if stat is None:
         return EMPTY_CELL
-    count = f"n={stat.n}" if stat.complete else f"n={stat.n}/{stat.expected}"
-    return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f} ({count})"
+    if not stat.complete:
+        return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f} (n={stat.n}/{stat.expected})"
+    text = f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
+    return f"{text} (n={stat.n})" if count else text
 
 
 def format_percent(fraction: float | None) -> str:
@@ -497,27 +500,68 @@ def pivot_headers(pivot: Pivot) -> list[str]:
     return [*pivot.row_axes, *(column.header.replace("\n", " ") for column in pivot.columns)]
 
 
-def pivot_table_rows(pivot: Pivot) -> list[list[str]]:
+def pivot_table_rows(pivot: Pivot, *, count: bool = True) -> list[list[str]]:
     """The pivot as rows of display strings: axis values, then one formatted stat per column."""
     return [
         [
             *(render_value(value) for value in row.key),
-            *(format_stat(row.cells[c.name]) for c in pivot.columns),
+            *(format_stat(row.cells[c.name], count=count) for c in pivot.columns),
         ]
         for row in pivot.rows
     ]
 
 
-def build_pivot_table(pivot: Pivot, *, title: str | None = None) -> Table:
-    """Rich table; the best mean of each column is bold, rows still waiting for runs are yellow."""
+def without_constant_axes(pivot: Pivot) -> tuple[Pivot, list[tuple[str, AxisValue]]]:
+    """The pivot without the row axes that hold one value in every row, and those (axis, value) pairs:
+    a terminal table says them once, in its title. A one-row pivot keeps its axes."""
+    if len(pivot.rows) < 2:
+        return pivot, []
+    constant = [i for i in range(len(pivot.row_axes)) if len({row.key[i] for row in pivot.rows}) == 1]
+    if not constant:
+        return pivot, []
+    kept = [i for i in range(len(pivot.row_axes)) if i not in constant]
+    rows = tuple(replace(row, key=tuple(row.key[i] for i in kept)) for row in pivot.rows)
+    fixed = [(pivot.row_axes[i], pivot.rows[0].key[i]) for i in constant]
+    return replace(pivot, row_axes=tuple(pivot.row_axes[i] for i in kept), rows=rows), fixed
+
+
+def uniform_count(pivot: Pivot) -> int | None:
+    """The n every cell of the pivot shares when all are complete; None when they differ or some wait."""
+    stats = [stat for row in pivot.rows for stat in row.cells.values() if stat is not None]
+    counts = {stat.n for stat in stats}
+    if not stats or len(counts) != 1 or not all(stat.complete for stat in stats):
+        return None
+    return counts.pop()
+
+
+def build_pivot_table(pivot: Pivot, *, title: str | None = None, width: int | None = None) -> Table:
+    """Rich table; the best mean of each column is bold, rows still waiting for runs are yellow.
+
+    Axes with one value in every row go into the title. Given the terminal's `width`, a table that
+    would not fit drops its per-task columns (the per-type means stay) rather than wrap every cell.
+    """
+    shown, fixed = without_constant_axes(pivot)
+    if fixed:
+        constant = ", ".join(f"{axis} = {render_value(value)}" for axis, value in fixed)
+        title = f"{title}: {constant}" if title else constant
+    table = _pivot_table(shown, title=title, hidden_tasks=False)
+    if width is not None and len(shown.type_columns()) < len(shown.columns) and _table_width(table) > width:
+        table = _pivot_table(type_columns_only(shown), title=title, hidden_tasks=True)
+    return table
+
+
+def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(
-        title=title,
-        caption="mean ± sample std over seeds; n=k/m: only k of the row's m runs have this result yet",
-        show_lines=False,
-    )
+    n = uniform_count(pivot)
+    caption = [f"mean ± sample std over each row's {n} run(s) (seeds)" if n is not None
+               else "mean ± sample std over each row's runs (seeds), n of them"]
+    if any(stat is not None and not stat.complete for row in pivot.rows for stat in row.cells.values()):
+        caption.append("n=k/m: only k of the row's m runs have this result yet")
+    if hidden_tasks:
+        caption.append("per-task columns hidden at this width: widen the terminal, or use --markdown or --csv")
+    table = Table(title=title, caption="; ".join(caption), show_lines=False)
     for axis in pivot.row_axes:
         table.add_column(axis, no_wrap=True)
     for column in pivot.columns:
@@ -528,7 +572,7 @@ def build_pivot_table(pivot: Pivot, *, title: str | None = None) -> Table:
         )
         for column in pivot.columns
     }
-    for row, strings in zip(pivot.rows, pivot_table_rows(pivot), strict=True):
+    for row, strings in zip(pivot.rows, pivot_table_rows(pivot, count=n is None), strict=True):
         cells = [Text(text) for text in strings[: len(pivot.row_axes)]]
         for column, text in zip(pivot.columns, strings[len(pivot.row_axes) :], strict=True):
             stat = row.cells[column.name]
@@ -538,6 +582,15 @@ def build_pivot_table(pivot: Pivot, *, title: str | None = None) -> Table:
             cells.append(Text(text, style=style.strip()))
         table.add_row(*cells)
     return table
+
+
+def _table_width(table: Table) -> int:
+    """Columns the table needs to print without wrapping a cell."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=100_000)
+    return Measurement.get(console, console.options, table).maximum
 
 
 def effect_summary(report: EffectReport) -> list[tuple[str, str]]:
@@ -573,6 +626,10 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
     from rich.text import Text
 
     combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
+    # Axes with one value in every comparison are said once, in the title, as in the pivot.
+    constant = [i for i in range(len(combo_axes)) if len(report.comparisons) > 1
+                and len({comparison.combo[i][1] for comparison in report.comparisons}) == 1]
+    fixed = ", ".join(f"{combo_axes[i]} = {render_value(report.comparisons[0].combo[i][1])}" for i in constant)
     skipped = []
     if report.skipped_zero_baseline:
         skipped.append(f"{report.skipped_zero_baseline} with A = 0")
@@ -581,12 +638,11 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
     caption = f"(B − A) / A, A and B = mean over seeds of the task type's score; {report.n_compared} compared"
     if skipped:
         caption += f"; skipped {', '.join(skipped)}"
-    table = Table(
-        title=title or f"Effect of {report.axis}: {report.b} vs {report.a}",
-        caption=caption,
-    )
-    for axis in combo_axes:
-        table.add_column(axis, no_wrap=True)
+    title = title or f"Effect of {report.axis}: {report.b} vs {report.a}"
+    table = Table(title=f"{title}\n{fixed}" if fixed else title, caption=caption)
+    shown = [i for i in range(len(combo_axes)) if i not in constant]
+    for i in shown:
+        table.add_column(combo_axes[i], no_wrap=True)
     table.add_column("task type")
     table.add_column(f"A: {report.axis}={report.a}", justify="right")
     table.add_column(f"B: {report.axis}={report.b}", justify="right")
@@ -595,9 +651,10 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
     for index, (comparison, strings) in enumerate(zip(report.comparisons, rows, strict=True)):
         style = "dim" if comparison.skipped else "green" if (comparison.relative or 0) > 0 else "red"
         last = index == len(rows) - 1
-        table.add_row(*strings[:-1], Text(strings[-1], style=style), end_section=last)
+        combo = [strings[i] for i in shown]
+        table.add_row(*combo, *strings[len(combo_axes):-1], Text(strings[-1], style=style), end_section=last)
     for label, value in effect_summary(report):
-        padding = [""] * len(combo_axes)
+        padding = [""] * len(shown)
         table.add_row(*padding, Text(label, style="bold"), "", "", Text(value, style="bold"))
     return table
 

@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -32,6 +32,9 @@ from jobs.analysis import (
     type_columns_only,
 )
 from jobs.errors import UsageError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 METRIC = {"classification": "accuracy", "generation": "rougeL"}
@@ -292,19 +295,41 @@ def small_pivot() -> Pivot:
 def test_rich_table_cells() -> None:
     table = build_pivot_table(small_pivot(), title="g")
     headers = [str(column.header) for column in table.columns]
-    assert headers == [
+    assert headers == [  # instructions is true in every row: the title says so once
         "model",
-        "instructions",
         "classification\n(mean accuracy)",
         "generation\n(mean ROUGE-L)",
         "intent\n(accuracy)",
         "resp\n(ROUGE-L)",
     ]
+    assert table.title == "g: instructions = true"
     cells = [[str(cell) for cell in column._cells] for column in table.columns]
     assert cells[0] == ["tiny:bart", "small|t5"]
-    assert cells[1] == ["true", "true"]
-    assert cells[2] == ["0.600 ± 0.141 (n=2)", "0.250 ± 0.000 (n=1/2)"]
-    assert cells[3] == ["0.200 ± 0.000 (n=2)", "—"]
+    assert cells[1] == ["0.600 ± 0.141 (n=2)", "0.250 ± 0.000 (n=1/2)"]
+    assert cells[2] == ["0.200 ± 0.000 (n=2)", "—"]
+    assert "n=k/m: only k" in str(table.caption)
+
+
+def test_rich_table_fits_the_terminal() -> None:
+    rows = [result(make_cell(model=m, seed=s), task, 0.5 + s / 10, task_type=kind)
+            for m in ("tiny:bart", "tiny:t5") for s in range(3)
+            for task, kind in (("intent_present_classification", "classification"),
+                               ("knowledge_grounded_generation", "generation"))]
+    runs = [summary(make_cell(model=m, seed=s)) for m in ("tiny:bart", "tiny:t5") for s in range(3)]
+    pivot = build_pivot(rows, runs, by=["model"])
+    wide = build_pivot_table(pivot, width=200)
+    assert len(wide.columns) == 5 and table_cells(wide)[1] == ["0.600 ± 0.100"] * 2  # every n is 3
+    assert str(wide.caption).startswith("mean ± sample std over each row's 3 run(s)")
+    narrow = build_pivot_table(pivot, width=80)
+    assert [str(c.header) for c in narrow.columns] == ["model", "classification\n(mean accuracy)",
+                                                       "generation\n(mean ROUGE-L)"]
+    assert "per-task columns hidden at this width" in str(narrow.caption)
+    one_row = build_pivot_table(build_pivot(rows[:2], runs[:1], by=["model", "instructions"]), width=80)
+    assert [str(c.header) for c in one_row.columns][:2] == ["model", "instructions"] and one_row.title is None
+
+
+def table_cells(table: Table) -> list[list[str]]:
+    return [[str(cell) for cell in column._cells] for column in table.columns]
 
 
 def test_markdown_table() -> None:
@@ -432,6 +457,8 @@ def test_effect_skips_zero_baselines_and_missing_sides() -> None:
     assert table_rows[4][-3:] == ["0.300 (n=1)", "—", "skipped: no mtl=in-domain results"]
     table = build_effect_table(report)
     assert "skipped 1 with A = 0, 1 missing A or B" in str(table.caption)
+    assert [str(c.header) for c in table.columns][:2] == ["model", "task type"]  # the others hold one value
+    assert str(table.title).endswith("\ninstructions = true, shots = 16")
     last_column = [str(cell) for cell in table.columns[-1]._cells]
     assert last_column[-3:] == ["skipped: no mtl=in-domain results", "+50.0 %", "+50.0 %"]
     assert [str(cell) for cell in table.columns[-4]._cells][-2:] == ["mean classification", "mean overall"]
