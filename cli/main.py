@@ -407,7 +407,8 @@ def disk(
                 typer.echo(line)
             return
         if not clear_caches:
-            Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings)))
+            Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
+                                             disk_lib.free_space(settings.home)))
             return
         running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)

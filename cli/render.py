@@ -143,19 +143,23 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
                    if w.gpu_mem_total_mb else "?")
             gpu = f"{w.gpu} {util} {mem}"
         seen = format_duration(time.time() - w.last_seen) + " ago" if w.last_seen else "—"
-        rows.append([w.name, w.host, gpu, w.state, w.stage[:12] or "—", seen])
+        disk = "?" if w.disk_free_bytes is None else format_bytes(int(w.disk_free_bytes)) + " free"
+        rows.append([w.name, w.host, gpu, w.state, w.stage[:12] or "—", seen, disk])
     return rows
 
 
 def build_workers_table(workers: list[WorkerRow]) -> Table:
-    table = Table(title="Workers", title_justify="left")
-    for name in ("worker", "host", "gpu", "state", "stage", "seen"):
+    low = sorted({w.host for w in workers if w.disk_low})
+    caption = (f"STL_HOME is running out of space on {', '.join(low)}: `stl disk` shows what takes it; "
+               "`stl disk --prune finetune` frees few-shot models of finished runs") if low else None
+    table = Table(title="Workers", title_justify="left", caption=caption, caption_style="bold red")
+    for name in ("worker", "host", "gpu", "state", "stage", "seen", "STL_HOME disk"):
         table.add_column(name)
     rows = worker_rows(workers)
-    for row in rows:
-        table.add_row(*row)
+    for worker, row in zip(workers, rows, strict=True):
+        table.add_row(*row[:-1], Text(row[-1], style="bold red" if worker.disk_low else ""))
     if not rows:
-        table.add_row("—", "", "", "no worker running: start one with `stl worker`", "", "")
+        table.add_row("—", "", "", "no worker running: start one with `stl worker`", "", "", "")
     return table
 
 
@@ -249,8 +253,12 @@ def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:
     return [*rows, ["total", format_bytes(total), str(sum(u.files for u in usage)), "", ""]]
 
 
-def build_disk_table(home: Path, usage: list[DiskUsage]) -> Table:
-    table = Table(title=f"STL_HOME = {home}", title_justify="left",
+def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] | None = None) -> Table:
+    """`space`: (free, total) bytes of the file system holding STL_HOME."""
+    title = f"STL_HOME = {home}"
+    if space is not None:
+        title += f" ({format_bytes(space[0])} free of {format_bytes(space[1])})"
+    table = Table(title=title, title_justify="left",
                   caption="--clear-caches loses only time; --prune deletes models no queued or running run needs "
                           "(a later run that needs one trains it again); runs and redis stay")
     table.add_column("part", no_wrap=True)

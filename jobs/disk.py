@@ -38,6 +38,10 @@ CACHES = {
     "index": "row offsets of data files (MTL mixtures)",
 }
 PRUNE_LEASE_MS = 600_000  # held while deleting, so no work horse starts the stage meanwhile
+# `stl status` warns when the disk holding STL_HOME has less free than either: a BART-large stage
+# writes a 1.6 GB model plus a checkpoint about three times that.
+LOW_DISK_BYTES = 10 * 2**30
+LOW_DISK_FRACTION = 0.05
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,23 @@ class PruneReport:
     @property
     def freed_bytes(self) -> int:
         return sum(model.bytes for model in self.pruned)
+
+
+def free_space(path: Path) -> tuple[int, int] | None:
+    """(free, total) bytes of the file system that holds `path` (or would, once created); None if unknown."""
+    for candidate in (path, *path.parents):
+        try:
+            usage = shutil.disk_usage(candidate)
+        except OSError:
+            continue
+        return usage.free, usage.total
+    return None
+
+
+def disk_is_low(free: float | None, total: float | None) -> bool:
+    if free is None or not total:
+        return False
+    return free < LOW_DISK_BYTES or free / total < LOW_DISK_FRACTION
 
 
 def tree_size(path: Path) -> tuple[int, int]:

@@ -129,9 +129,17 @@ class WorkerRow:
     state: str
     stage: str
     last_seen: float | None
+    disk_free_bytes: float | None = None  # of the file system holding the worker's STL_HOME
+    disk_total_bytes: float | None = None
+
+    @property
+    def disk_low(self) -> bool:
+        from jobs.disk import disk_is_low
+
+        return disk_is_low(self.disk_free_bytes, self.disk_total_bytes)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "disk_low": self.disk_low}
 
 
 @dataclass
@@ -257,6 +265,8 @@ def list_workers(conn: redis.Redis) -> list[WorkerRow]:
             gpu_util=_f(record.get("gpu_util", "")), gpu_mem_used_mb=_f(record.get("gpu_mem_used_mb", "")),
             gpu_mem_total_mb=_f(record.get("gpu_mem_total_mb", "")), state=state,
             stage=record.get("stage", ""), last_seen=last_seen,
+            disk_free_bytes=_f(record.get("home_free_bytes", "")),
+            disk_total_bytes=_f(record.get("home_total_bytes", "")),
         ))
     return rows
 

@@ -82,6 +82,7 @@ def test_the_table_needs_no_redis(stl_env: Path) -> None:
     result = runner.invoke(app, ["disk"], env={"STL_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert result.exit_code == 0, result.stderr
     assert "cache/tokens" in result.stdout and "stages" in result.stdout
+    assert " free of " in " ".join(result.stdout.split())  # the title, wrapped at 80 columns
 
 
 # --- pruning stage models ----------------------------------------------------------------------

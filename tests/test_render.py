@@ -7,6 +7,7 @@ import time
 from cli.render import (
     RUNNING_COLUMNS,
     build_running_table,
+    build_workers_table,
     dry_run_rows,
     finished_grid_rows,
     format_duration,
@@ -66,8 +67,23 @@ def test_worker_rows_show_gpu_or_cpu() -> None:
                     gpu_mem_total_mb=None, state="idle", stage="", last_seen=now)
     rows = worker_rows([gpu, cpu])
     assert rows[0][:5] == ["box.gpu0.1", "box", "NVIDIA H100 87% 40.0/80.0 GiB", "busy", "abcdef012345"]
-    assert rows[0][5].endswith("ago")
+    assert rows[0][5].endswith("ago") and rows[0][6] == "?"  # a worker of an older stl: no disk reading
     assert rows[1][2:5] == ["cpu", "idle", "—"]
+    assert build_workers_table([gpu, cpu]).caption is None
+
+
+def test_workers_table_warns_when_stl_home_runs_out_of_space() -> None:
+    def worker(host: str, free_gib: float, total_gib: float) -> WorkerRow:
+        return WorkerRow(name=f"{host}.cpu.1", host=host, gpu="cpu", gpu_util=None, gpu_mem_used_mb=None,
+                         gpu_mem_total_mb=None, state="busy", stage="", last_seen=time.time(),
+                         disk_free_bytes=free_gib * 2**30, disk_total_bytes=total_gib * 2**30)
+
+    roomy, nearly_full, small_disk = worker("a", 400, 1000), worker("b", 30, 1000), worker("c", 8, 50)
+    assert [w.disk_low for w in (roomy, nearly_full, small_disk)] == [False, True, True]
+    assert worker_rows([roomy])[0][6] == "400.0 GiB free"
+    table = build_workers_table([roomy, nearly_full, small_disk])
+    assert "running out of space on b, c" in str(table.caption)
+    assert [cell.style for cell in table.columns[6].cells] == ["", "bold red", "bold red"]
 
 
 def test_finished_grids_show_time_to_completion() -> None:

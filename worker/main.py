@@ -21,6 +21,7 @@ from rq.utils import now as rq_now
 
 from jobs import keys
 from jobs.codec import text
+from jobs.disk import free_space
 from jobs.entry import STAGE_ID
 from jobs.errors import StageLeaseLost, StagePreempted
 from jobs.fairshare import queue_order
@@ -289,6 +290,9 @@ class StlWorker(Worker):
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
                                             "stage": self._current_stage}
         record.update(self._probe.read())
+        space = free_space(self.settings.home)
+        if space is not None:
+            record["home_free_bytes"], record["home_total_bytes"] = space
         if state is not None:
             record["state"] = state
         try:
