@@ -171,17 +171,27 @@ def read_examples(source: str, tasks: Iterable[str] | None = None) -> Iterator[E
 
 def task_catalog(source: str) -> dict[str, TaskType]:
     """Task name -> type for a JSONL source; {} for hf: sources ("unknown": no network at enqueue time)."""
+    return {task: task_type for task, task_type, _rows in _catalog(source)}
+
+
+def task_sizes(source: str) -> dict[str, int]:
+    """Task name -> number of rows for a JSONL source; {} for hf: sources."""
+    return {task: rows for task, _task_type, rows in _catalog(source)}
+
+
+def _catalog(source: str) -> tuple[tuple[str, TaskType, int], ...]:
     if is_hf_source(source):
-        return {}
+        return ()
     path = _jsonl_path(source)
     stat = path.stat()
-    return dict(_cached_catalog(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
+    return _cached_catalog(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 @lru_cache(maxsize=8)
-def _cached_catalog(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, TaskType], ...]:
+def _cached_catalog(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, TaskType, int], ...]:
     del mtime_ns, size  # only part of the cache key: a rewritten file is read again
     types: dict[str, TaskType] = {}
+    rows: dict[str, int] = {}
     with Path(path).open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -194,7 +204,8 @@ def _cached_catalog(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, Tas
                 types[task] = TaskType.classification
             else:
                 types.setdefault(task, TaskType.generation)
-    return tuple(sorted(types.items()))
+            rows[task] = rows.get(task, 0) + 1
+    return tuple((task, task_type, rows[task]) for task, task_type in sorted(types.items()))
 
 
 # --- sampling -------------------------------------------------------------------------------------
@@ -445,22 +456,33 @@ def few_shot_examples(
     k: int,
     seed: int,
     *,
+    holdout: int = 0,
     cache_dir: Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[Example]:
-    """k_shot() of each task's examples, read by index so a large task is never held in memory.
+    """k_shot() of each task's examples after its first `holdout` (the ones eval stages score), read by
+    index so a large task is never held in memory.
 
-    Gives the same examples as `k_shot(list(read_examples(source, [task])), k, seed)` per task.
+    Gives the same examples as `k_shot(list(read_examples(source, [task]))[holdout:], k, seed)` per task.
     With `cache_dir`, a JSONL file's row index is cached there (see `_RowStore.index`).
     """
     if k <= 0:
         raise DataError(f"few-shot fine-tuning needs shots > 0, got {k}")
     store = _RowStore(source, cache_dir=cache_dir, log=log)
     chosen: list[Example] = []
-    for keys in _indexed_tasks(store, tasks).values():
-        picked = [keys[i] for i in _chosen_indices(len(keys), k, seed)]
-        chosen.extend(store.rows(picked))
+    for task, keys in _indexed_tasks(store, tasks).items():
+        pool = keys[holdout:]
+        if len(pool) < k:
+            raise DataError(few_shot_shortfall(task, rows=len(keys), holdout=holdout, shots=k))
+        chosen.extend(store.rows([pool[i] for i in _chosen_indices(len(pool), k, seed)]))
     return chosen
+
+
+def few_shot_shortfall(task: str, *, rows: int, holdout: int, shots: int) -> str:
+    """Why `shots` examples of `task` cannot be drawn apart from its eval examples, and what to change."""
+    left = max(0, rows - holdout)
+    return (f'task "{task}" has {rows} rows; its first {min(rows, holdout)} are eval examples '
+            f"(eval.max_examples), which leaves {left} for {shots} shots: lower shots or eval.max_examples")
 
 
 def _reservoir(keys: array[int], cap: int, rng: random.Random) -> array[int]:

@@ -526,7 +526,7 @@ def _resolve_source(source: str, base: Path) -> str:
 def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     """Read, validate and expand a grid file. Raises GridError listing every problem."""
     # Imported here: these modules are light, but keep the grid schema importable on its own.
-    from jobs.data import task_catalog
+    from jobs.data import few_shot_shortfall, task_catalog, task_sizes
     from jobs.models import check_model_name
 
     where = str(path)
@@ -588,6 +588,16 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         if overlap:
             report((*prefix, "eval"), f"held-out tasks also appear in train: {', '.join(overlap)}; "
                    "a target task must not be a source")
+    # Few-shot examples come from the rows after each target task's eval examples: enough must be left.
+    sizes = task_sizes(main_source) if catalogs.get(main_source) else {}
+    eval_tasks = sorted({task for split in splits.values() for task in split.eval if task in sizes})
+    for index, shots in enumerate(grid.grid.shots):
+        short = [task for task in eval_tasks if shots and sizes[task] - grid.eval.max_examples < shots]
+        if short:
+            task = short[0]
+            others = f" (and {len(short) - 1} more task(s))" if len(short) > 1 else ""
+            report(("grid", "shots", index), few_shot_shortfall(
+                task, rows=sizes[task], holdout=grid.eval.max_examples, shots=shots) + others)
     for name, mixture in grid.mixtures.items():
         check_tasks(_resolve_source(mixture.data, base), mixture.tasks, ("mixtures", name, "tasks"))
     for index, model in enumerate(grid.grid.model):
@@ -673,7 +683,7 @@ def _expand(grid: GridFile, base: Path) -> tuple[list[RunSpec], dict[str, StageS
             for task in split.eval:
                 ft_id = add(StageSpec(kind=StageKind.finetune, model=model, parent=parent, seed=seed,
                                       instructions=instructions, data=data, tasks=(task,),
-                                      shots=cell["shots"], train=finetune_cfg))
+                                      shots=cell["shots"], holdout=grid.eval.max_examples, train=finetune_cfg))
                 eval_id = add(StageSpec(kind=StageKind.eval, model=model, parent=ft_id, seed=seed,
                                         instructions=instructions, data=data, tasks=(task,),
                                         shots=cell["shots"], eval=grid.eval))

@@ -54,12 +54,17 @@ class StageSpec(Frozen):
     data: str  # absolute path to an InstructDial JSONL, or hf:<dataset>[:<config>]
     tasks: tuple[str, ...]
     shots: int = 0  # finetune: k examples of each task; 0 otherwise
+    # finetune: the first `holdout` rows of each task are its eval examples, so shots come from the rest
+    holdout: int = 0
     train: TrainConfig | None = None
     eval: EvalConfig | None = None
 
     @property
     def stage_id(self) -> str:
-        return content_hash(self.model_dump(mode="json"))[:20]
+        spec = self.model_dump(mode="json")
+        if not spec["holdout"]:
+            del spec["holdout"]  # stages without one keep the ids they had before the field existed
+        return content_hash(spec)[:20]
 
 
 class RunSpec(Frozen):

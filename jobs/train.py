@@ -499,10 +499,9 @@ class _TrainingSession:
             stream_from = mixture.stream
         else:
             examples = data_lib.few_shot_examples(
-                spec.data, spec.tasks, spec.shots, spec.seed, cache_dir=self.cfg.cache_dir, log=self.cfg.log
+                spec.data, spec.tasks, spec.shots, spec.seed, holdout=spec.holdout, cache_dir=self.cfg.cache_dir,
+                log=self.cfg.log,
             )
-            if len(examples) < spec.shots * len(spec.tasks):
-                self.cfg.log(f"only {len(examples)} examples for {spec.shots} shots of {len(spec.tasks)} task(s)")
             distinct = len(examples)
 
             self.encoded = self._few_shot_encodings(examples)
@@ -524,6 +523,7 @@ class _TrainingSession:
                 "data": fingerprint,
                 "tasks": list(spec.tasks),
                 "shots": spec.shots,
+                "holdout": spec.holdout,
                 "seed": spec.seed,
                 "instructions": spec.instructions,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),

@@ -344,3 +344,15 @@ def test_token_lists_round_trip_without_pickle(tmp_path: Path) -> None:
     assert data.load_token_lists(path) is None
     assert data.load_token_lists(tmp_path / "missing.safetensors") is None
     assert data.source_fingerprint("hf:some/dataset") is None
+
+
+def test_few_shot_examples_never_include_the_eval_examples(demo: Path) -> None:
+    examples = list(read_examples(str(demo), ["summarization"]))
+    scored = examples[:40]  # what an eval stage with max_examples 40 scores
+    for seed in range(20):
+        drawn = few_shot_examples(str(demo), ["summarization"], 8, seed=seed, holdout=40)
+        assert len(drawn) == 8 and not set(drawn) & set(scored)
+        assert drawn == k_shot(examples[40:], 8, seed=seed)
+    assert set(few_shot_examples(str(demo), ["summarization"], 8, seed=0, holdout=40)) == set(examples[40:])
+    with pytest.raises(DataError, match="leaves 7 for 8 shots: lower shots or eval.max_examples"):
+        few_shot_examples(str(demo), ["summarization"], 8, seed=0, holdout=41)

@@ -118,3 +118,17 @@ def test_split_axis_comes_from_task_splits(tmp_path: Path, demo_data: Path) -> N
     expanded = parse_grid(path)
     assert {r.cell["split"] for r in expanded.runs} == {"s1", "s2"}
     assert len(expanded.runs) == 4
+
+
+def test_few_shot_examples_must_fit_beside_the_eval_examples(tmp_path: Path, demo_data: Path) -> None:
+    # The demo tasks have 48 rows each; the first eval.max_examples of a task are scored, so shots are
+    # drawn from the rest, and a finetune stage records how many rows it leaves out.
+    fits = parse_grid(write_grid(tmp_path, demo_data, grid={**grid_dict(demo_data)["grid"], "shots": [4]},
+                                 eval={"max_examples": 44}))
+    assert {spec.holdout for spec in fits.stages.values() if spec.kind == StageKind.finetune} == {44}
+    assert {spec.holdout for spec in fits.stages.values() if spec.kind != StageKind.finetune} == {0}
+    path = write_grid(tmp_path, demo_data, grid={**grid_dict(demo_data)["grid"], "shots": [0, 4, 8]},
+                      eval={"max_examples": 44})
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:") and "grid.shots.2: " in problem
+    assert 'has 48 rows; its first 44 are eval examples (eval.max_examples), which leaves 4 for 8 shots' in problem
