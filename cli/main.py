@@ -94,14 +94,18 @@ def enqueue(
     priority: Annotated[str, typer.Option(help="Order within your own queue: high, normal or low.")] = "normal",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded runs; write nothing.")] = False,
     max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = DEFAULT_MAX_RUNS,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="The grid was edited: cancel and drop its runs whose settings changed.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --replace: also other users' runs.")] = False,
 ) -> None:
     """Validate a grid file, expand it into runs and queue them, all or nothing.
 
     Identical runs already queued or finished are skipped; so are stages (MTL, fine-tuning,
-    evaluation) that an earlier run already computed.
+    evaluation) that an earlier run already computed. A grid edited after it was enqueued (other
+    train or eval settings for the same cells) is refused unless --replace: its results would mix.
     """
     from jobs.grid import parse_grid
-    from jobs.queueing import check_priority, submit_runs
+    from jobs.queueing import changed_runs, check_grid_unchanged, check_priority, drop_runs, submit_runs
 
     with handled():
         settings = _settings()
@@ -118,6 +122,12 @@ def enqueue(
         from cli.render import enqueue_message
 
         conn = _connect(settings)
+        if replace:
+            dropped = drop_runs(conn, changed_runs(conn, expanded.runs), user=who, force=force)
+            if dropped:
+                typer.echo(f"dropped {dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+        else:
+            check_grid_unchanged(conn, expanded.runs)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout)
         typer.echo(enqueue_message(report, who))

@@ -25,6 +25,10 @@ class UsageError(StlError):
     exit_code = 2
 
 
+class GridChanged(UsageError):
+    """A grid enqueued again under its name with other settings for cells it already has."""
+
+
 class RedisUnavailable(StlError):
     """Redis cannot be reached."""
 

@@ -19,7 +19,7 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import NotFound, PermissionDenied, RedisUnavailable, UsageError
+from jobs.errors import GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
 from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
 
 if TYPE_CHECKING:
@@ -276,6 +276,60 @@ def submit_runs(
                                "nothing was written; try again") from e
     return SubmitReport(grid=grid, queued=list(answer["queued"] or []), skipped=list(answer["skipped"] or []),
                         stages_created=int(answer["created"]), stages_reused=int(answer["reused"]))
+
+
+# --- a grid enqueued again with other settings ------------------------------------------------
+
+
+def changed_runs(conn: redis.Redis, runs: list[RunSpec]) -> list[str]:
+    """Runs already in the grid for the same cells as `runs`, but with other settings (other stages, so
+    other ids): left there, they would be averaged with the new runs in `stl results`."""
+    if not runs:
+        return []
+    grid = runs[0].grid
+    existing = [text(r) for r in conn.zrange(keys.grid_runs(grid), 0, -1)]
+    if not existing:
+        return []
+    new_ids = {run.run_id for run in runs}
+    new_cells = {json.dumps(run.cell, sort_keys=True) for run in runs}
+    pipe = conn.pipeline(transaction=False)
+    for run_id in existing:
+        pipe.hget(keys.run(run_id), "cell")
+    return [run_id for run_id, cell in zip(existing, pipe.execute(), strict=True)
+            if run_id not in new_ids and cell and json.dumps(json.loads(text(cell)), sort_keys=True) in new_cells]
+
+
+def check_grid_unchanged(conn: redis.Redis, runs: list[RunSpec]) -> None:
+    """Refuse to put runs next to older runs of the same cells with other settings (see changed_runs)."""
+    changed = changed_runs(conn, runs)
+    if changed:
+        grid = runs[0].grid
+        example = json.loads(text(conn.hget(keys.run(changed[0]), "cell")))
+        cell = " ".join(f"{k}={v}" for k, v in example.items())
+        raise GridChanged(
+            f'grid "{grid}" already has {len(changed)} run(s) of these cells with other settings (e.g. run '
+            f"{changed[0][:12]}, {cell}), and `stl results {grid}` would average the two; give the edited grid "
+            "a new name, or pass --replace to cancel those runs and drop them from the grid"
+        )
+
+
+def drop_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool) -> int:
+    """Cancel the live ones among `run_ids`, then remove them all from their grid and from stl's indexes
+    (their stages stay, and later runs reuse what they computed). Returns how many were dropped."""
+    if not run_ids:
+        return 0
+    cancel_runs(conn, run_ids, user=user, force=force)  # checks ownership first
+    records = _load_runs(conn, run_ids)
+    pipe = conn.pipeline(transaction=True)
+    for record in records:
+        run_id = record["id"]
+        pipe.zrem(keys.grid_runs(record["grid"]), run_id)
+        pipe.zrem(keys.RUNS, run_id)
+        for sid in json.loads(record["stages"]):
+            pipe.srem(keys.stage_runs(sid), run_id)
+        pipe.delete(keys.run(run_id), keys.run_results(run_id))
+    pipe.execute()
+    return len(records)
 
 
 # --- cancel and retry -------------------------------------------------------------------------

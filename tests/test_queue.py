@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from jobs import keys
+from jobs.codec import text
 from jobs.fairshare import charge_usage, queue_order
 from jobs.grid import parse_grid
 from jobs.queueing import job_id_for, submit_runs
@@ -90,6 +91,34 @@ def test_identical_runs_are_skipped(stl_env: Path, conn: redis.Redis, tmp_path: 
     path.write_text(yaml.safe_dump(grid))
     code, out, _ = enqueue(path)
     assert "queued 4 run(s)" in out and "skipped 4" in out
+
+
+def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    path = write_grid(tmp_path, demo_data)
+    assert enqueue(path)[0] == 0
+    old_runs = set(conn.zrange(keys.grid_runs("test-grid"), 0, -1))
+    written = conn.dbsize()
+    # Scoring more examples changes every run's stages, so every cell has a run with other settings.
+    edited = write_grid(tmp_path, demo_data, filename="edited.yaml",
+                        eval={**grid_dict(demo_data)["eval"], "max_examples": 8})
+    code, out, err = enqueue(edited)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
+    assert 'grid "test-grid" already has 4 run(s) of these cells with other settings' in err
+    assert "give the edited grid a new name, or pass --replace" in err
+    assert conn.dbsize() == written and set(conn.zrange(keys.grid_runs("test-grid"), 0, -1)) == old_runs
+
+    code, out, err = enqueue(edited, "--replace")
+    assert code == 0, err
+    assert "dropped 4 run(s) of grid test-grid whose settings changed" in out and "queued 4 run(s)" in out
+    new_runs = set(conn.zrange(keys.grid_runs("test-grid"), 0, -1))
+    assert len(new_runs) == 4 and not new_runs & old_runs
+    assert not any(conn.exists(keys.run(r.decode())) for r in old_runs)
+    assert all(conn.zscore(keys.RUNS, r) is None for r in old_runs)
+    assert {text(conn.hget(keys.run(r.decode()), "status")) for r in new_runs} == {"queued"}
+    # the dropped runs were queued: they were canceled first, so stages only they needed will not run
+    only_old = set(parse_grid(path).stages) - set(parse_grid(edited).stages)
+    assert only_old and {text(conn.hget(keys.stage(sid), "status")) for sid in only_old} == {"canceled"}
 
 
 def test_dry_run_writes_nothing(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
