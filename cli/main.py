@@ -139,7 +139,7 @@ def status(
     grid: Annotated[str | None, typer.Option(help="Only this grid's runs.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print {runs, workers} as JSON and exit.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2)] = 1.0,
 ) -> None:
     """Show queued, running and finished runs per user and grid, running runs and workers, live."""
     from jobs.records import list_runs, list_workers, status_summary
@@ -158,7 +158,8 @@ def status(
         console = Console()
 
         def view() -> RenderableType:  # the width is read each time: a resized terminal gets a fitting table
-            return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn), console.width)
+            return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn), console.width,
+                                     live=not once)
 
         if once:
             console.print(view())

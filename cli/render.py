@@ -93,7 +93,7 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
             "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell_short(run.cell),
             "stage": run.stage or "—", "progress": run.progress, "step": step,
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
-            "speed": (f"{run.samples_per_s:.1f}/s" if run.samples_per_s else "—")
+            "speed": (f"{run.samples_per_s:.1f} ex/s" if run.samples_per_s else "—")
             + (f" MFU {run.mfu:.0%}" if run.mfu is not None else ""),
             "elapsed": format_duration(run.elapsed_s), "eta": format_duration(run.eta_s),
         })
@@ -104,6 +104,9 @@ RUNNING_COLUMNS = ("run", "user", "grid", "cell", "stage", "progress", "step", "
 # Narrow terminals lose these first (an 80-column one keeps run, cell, stage, progress and eta).
 RUNNING_COLUMNS_DROPPED_FIRST = ("grid", "user", "elapsed", "loss", "speed", "step")
 RIGHT_ALIGNED = frozenset({"step", "loss", "speed", "elapsed", "eta"})
+# Progress is the run's (all its stages); step, loss, speed and eta are its current stage's.
+RUNNING_HEADERS = {"progress": "run progress", "step": "stage step", "loss": "stage loss",
+                   "eta": "stage eta"}
 
 
 def running_columns(width: int | None) -> tuple[str, ...]:
@@ -115,13 +118,16 @@ def running_columns(width: int | None) -> tuple[str, ...]:
 
 
 def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
-    table = Table(title="Running", title_justify="left")
     columns = running_columns(width)
+    hidden = [name for name in RUNNING_COLUMNS if name not in columns]
+    caption = f"{', '.join(hidden)} hidden at this width; widen the terminal to see them" if hidden and runs else None
+    table = Table(title="Running", title_justify="left", caption=caption, caption_justify="left")
     for name in columns:
+        header = RUNNING_HEADERS.get(name, name)
         if name == "progress":
-            table.add_column(name, min_width=12)
+            table.add_column(header, min_width=12)
         else:
-            table.add_column(name, justify="right" if name in RIGHT_ALIGNED else "left", overflow="fold")
+            table.add_column(header, justify="right" if name in RIGHT_ALIGNED else "left", overflow="fold")
     rows = running_rows(runs)
     for row in rows:
         bar = ProgressBar(total=1.0, completed=row["progress"], width=8)
@@ -165,7 +171,7 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
 
 def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
     rows = []
-    for g in grids:
+    for g in sorted(grids, key=lambda g: g.ended_at or 0.0, reverse=True):  # the latest first
         if not g.done:
             continue
         took = (g.ended_at - g.created_at) if g.ended_at and g.created_at else None
@@ -184,15 +190,18 @@ def build_finished_grids_table(grids: list[GridRow]) -> Table:
     return table
 
 
-def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: int | None = None) -> RenderableType:
-    """The whole `stl status` screen; `width` (the terminal's columns) picks the running table's columns."""
+def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: int | None = None, *,
+                      live: bool = True) -> RenderableType:
+    """The whole `stl status` screen; `width` (the terminal's columns) picks the running table's columns.
+    `live`: the screen refreshes (it says how to quit); otherwise it is one frame (`--once`)."""
     parts: list[RenderableType] = [
         build_summary_table(summary.counts, "user"), build_summary_table(summary.counts, "grid"),
         build_running_table(summary.running, width), build_workers_table(workers),
     ]
     if any(g.done for g in summary.grids):
         parts.append(build_finished_grids_table(summary.grids))
-    stamp = Text(f"updated {time.strftime('%H:%M:%S')} · Ctrl+C to quit", style="dim")
+    stamp = Text(f"updated {time.strftime('%H:%M:%S')} · Ctrl+C to quit" if live
+                 else f"as of {time.strftime('%H:%M:%S')}", style="dim")
     return Group(*parts, stamp)
 
 

@@ -16,7 +16,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from jobs.errors import RedisUnavailable
+from jobs.errors import RedisUnavailable, UsageError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -131,12 +131,18 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
     url = settings.redis_url
     try:
         return _ping(url, patient=patient)
+    except ValueError as e:  # redis-py's parse of the URL: scheme, port, db
+        raise UsageError(f"STL_REDIS_URL is not a usable Redis URL ({e}); "
+                         "write it as redis://[:PASSWORD@]HOST:PORT/DB, e.g. redis://localhost:6379/0") from e
     except redis.AuthenticationError as e:
         if not urlparse(url).password:
             raise RedisUnavailable(f"Redis at {_describe_url(url)} requires a password; put it in STL_REDIS_URL "
                                    "as redis://:PASSWORD@host:port/db") from e
         raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the password in STL_REDIS_URL ({e}); "
                                "check it") from e
+    except redis.ResponseError as e:  # e.g. "DB index is out of range"
+        raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the connection: {e}; "
+                               "check the database number in STL_REDIS_URL") from e
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         if settings.redis_url_explicit or not start_embedded:
             raise RedisUnavailable(f"cannot reach Redis at {_describe_url(url)} ({e}); "

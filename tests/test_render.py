@@ -7,6 +7,7 @@ import time
 from cli.render import (
     RUNNING_COLUMNS,
     build_running_table,
+    build_status_view,
     build_workers_table,
     dry_run_rows,
     finished_grid_rows,
@@ -45,16 +46,21 @@ def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
     assert (row["stage"], row["step"], row["loss"]) == ("mtl", "30/80", "2.3457")
     assert (row["elapsed"], row["eta"]) == ("1m05s", "1h02m")
     assert row["progress"] == 0.375
-    assert row["speed"] == "10.0/s"
+    assert row["speed"] == "10.0 ex/s"
     (with_mfu,) = running_rows([run_row(mfu=0.314)])
-    assert with_mfu["speed"] == "10.0/s MFU 31%"
+    assert with_mfu["speed"] == "10.0 ex/s MFU 31%"
 
 
 def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
     assert running_columns(None) == running_columns(160) == RUNNING_COLUMNS
     assert running_columns(100) == ("run", "cell", "stage", "progress", "step", "loss", "speed", "eta")
     assert running_columns(80) == ("run", "cell", "stage", "progress", "eta")
-    assert [column.header for column in build_running_table([run_row()], 80).columns] == list(running_columns(80))
+    narrow = build_running_table([run_row()], 80)
+    # progress is the whole run's; the step and eta are its current stage's, and the headers say so
+    assert [column.header for column in narrow.columns] == ["run", "cell", "stage", "run progress", "stage eta"]
+    assert narrow.caption == ("user, grid, step, loss, speed, elapsed hidden at this width; "
+                              "widen the terminal to see them")
+    assert build_running_table([run_row()], 120).caption is None
     table = build_running_table([], 80)
     assert [list(column.cells) for column in table.columns] == [["—"], ["nothing running"], [""], [""], [""]]
 
@@ -91,6 +97,8 @@ def test_finished_grids_show_time_to_completion() -> None:
     live = GridRow(grid="h", total=2, counts={"finished": 1, "running": 1}, created_at=1.0, ended_at=2.0)
     (row,) = finished_grid_rows([done, live])
     assert row[0:4] == ["g", "2", "1", "0"] and row[5] == "1h02m"
+    later = GridRow(grid="k", total=1, counts={"finished": 1}, created_at=100.0, ended_at=9000.0)
+    assert [r[0] for r in finished_grid_rows([done, later])] == ["k", "g"]  # the latest first
 
 
 def test_format_duration() -> None:
@@ -105,3 +113,13 @@ def test_dry_run_rows_list_each_run_with_its_stages(tmp_path, demo_data) -> None
     assert len(rows) == 4
     assert {r[2] for r in rows} == {"eval", "mtl → eval", "finetune → eval → finetune → eval",
                                    "mtl → finetune → eval → finetune → eval"}
+
+
+def test_one_frame_does_not_say_how_to_quit() -> None:
+    from jobs.records import StatusSummary
+
+    summary = StatusSummary(counts={}, grids=[], running=[])
+    live = build_status_view(summary, [], 120)
+    once = build_status_view(summary, [], 120, live=False)
+    assert live.renderables[-1].plain.endswith("Ctrl+C to quit")
+    assert once.renderables[-1].plain.startswith("as of ") and "Ctrl+C" not in once.renderables[-1].plain
