@@ -212,10 +212,15 @@ def results(
         conn = _connect(settings)
         all_rows: list[dict] = []
         run_summaries: list[dict] = []
+        grid_runs = []
         for grid in grids:
             all_rows += result_rows(conn, grid)
-            run_summaries += [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status}
-                              for r in list_runs(conn, grid=grid)]
+            grid_runs += list_runs(conn, grid=grid)
+        run_summaries = [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status} for r in grid_runs]
+        from cli.render import results_notes
+
+        for note in results_notes(grid_runs):  # on stderr: --json and --csv output stays clean
+            typer.echo(f"stl: {note}", err=True)
         if rows and not as_json:
             _print_rows(grids, all_rows, as_csv=as_csv)
             return
@@ -321,8 +326,10 @@ def cancel(
 @app.command()
 def retry(
     runs: Annotated[list[str] | None, RUN_IDS] = None,
-    grid: Annotated[str | None, typer.Option(help="Retry runs of this grid (with --failed).")] = None,
-    failed: Annotated[bool, typer.Option("--failed", help="With --grid: only failed and canceled runs.")] = False,
+    grid: Annotated[str | None, typer.Option(help="Retry every failed or canceled run of this grid.")] = None,
+    failed: Annotated[bool, typer.Option(
+        "--failed", hidden=True, help="Accepted for old scripts: retry only ever re-queues failed and canceled runs.")
+    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
 ) -> None:
     """Queue failed or canceled runs again; stages that already finished are not redone."""
@@ -330,10 +337,9 @@ def retry(
     from jobs.records import resolve_run_ids
 
     with handled():
+        del failed  # the only kind of run retry takes
         if bool(runs) == bool(grid):
-            raise UsageError("give run ids or --grid G --failed, not both and not neither")
-        if grid and not failed:
-            raise UsageError("`stl retry --grid G` needs --failed: it re-queues the failed and canceled runs")
+            raise UsageError("give run ids or --grid G, not both and not neither")
         settings = _settings()
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
@@ -411,6 +417,8 @@ def disk(
             raise UsageError("--clear-caches and --prune are separate steps; run one, then the other")
         if dry_run and prune is None:
             raise UsageError("--dry-run goes with --prune")
+        if force and not clear_caches:
+            raise UsageError("--force goes with --clear-caches")
         if prune is not None:
             report = disk_lib.prune_stage_models(_connect(settings), settings, prune, user=_user(settings, None),
                                                  dry_run=dry_run)

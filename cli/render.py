@@ -205,6 +205,23 @@ def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: i
     return Group(*parts, stamp)
 
 
+def results_notes(runs: list[RunRow]) -> list[str]:
+    """What `stl results` says besides the table: runs with no results, and where to find out why."""
+    notes = []
+    for status, why in (("failed", "`stl logs RUN` says why"), ("canceled", "`stl retry RUN` queues them again")):
+        ended = [run for run in runs if run.status == status]
+        if not ended:
+            continue
+        example = ended[0]
+        detail = f": {example.error}" if example.error else ""
+        notes.append(f"{len(ended)} of {len(runs)} run(s) {status} and have no results; {why} "
+                     f"(e.g. run {example.id[:10]}{detail})")
+    live = sum(run.status in ("queued", "running") for run in runs)
+    if live:
+        notes.append(f"{live} of {len(runs)} run(s) are still queued or running; their cells show n=k/m")
+    return notes
+
+
 def result_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[r["run"][:10], format_cell(r["cell"]), r["task"], r["task_type"], r["metric"], f"{r['value']:.4f}"]
             for r in rows]

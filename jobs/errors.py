@@ -34,7 +34,9 @@ class RedisUnavailable(StlError):
 
 
 class NotFound(StlError):
-    """A run, grid or stage does not exist."""
+    """A run, grid or stage does not exist: bad input, like a malformed id."""
+
+    exit_code = 2
 
 
 class PermissionDenied(StlError):

@@ -159,7 +159,7 @@ def test_models_unknown_to_this_redis_are_left_alone(stl_env: Path, conn: redis.
 
 
 def test_prune_options_are_checked(stl_env: Path) -> None:
-    for args in (["--dry-run"], ["--prune", "all", "--clear-caches"], ["--prune", "eval"]):
+    for args in (["--dry-run"], ["--prune", "all", "--clear-caches"], ["--prune", "eval"], ["--force"]):
         result = runner.invoke(app, ["disk", *args])
         assert result.exit_code == 2, (args, result.stdout)
         assert "Traceback" not in result.stdout + result.stderr
@@ -182,8 +182,8 @@ def test_a_pruned_stage_trains_again_only_when_a_new_stage_starts_from_it(
     assert {conn.hget(keys.run(r), "status") for r in report.queued} == {b"finished"}
 
     # New eval settings: new eval stages, so their pruned parents (and theirs) train again, in order.
-    changed = grid_dict(demo_data, name="more-examples")
-    changed["eval"] = {**changed["eval"], "max_examples": 7}
+    changed = grid_dict(demo_data, name="longer-answers")
+    changed["eval"] = {**changed["eval"], "max_new_tokens": 9}  # new eval stages, same few-shot ones
     changed_path = tmp_path / "changed.yaml"
     changed_path.write_text(yaml.safe_dump(changed))
     new = parse_grid(changed_path)

@@ -157,14 +157,14 @@ def test_pruned_models_train_again_when_a_new_stage_needs_them(stl_env: Path, co
     assert not any((stl_env / "stages" / sid / "model").exists() for sid in finetunes)
     assert (stl_env / "stages" / mtl / "model").is_dir()
 
-    # Evaluating on one more example makes new eval stages: their few-shot parents train again from
+    # Generating longer answers makes new eval stages: their few-shot parents train again from
     # the MTL model (kept), deterministically, and the new evals run from them.
-    grid["name"] = "few-shot-more"
-    grid["eval"] = {**grid["eval"], "max_examples": 7}
+    grid["name"] = "few-shot-longer"
+    grid["eval"] = {**grid["eval"], "max_new_tokens": 9}
     path.write_text(yaml.safe_dump(grid))
     assert "4 new stage job(s)" in cli("enqueue", str(path))
     run_worker()
-    rows = json.loads(cli("results", "few-shot-more", "--json"))["rows"]
+    rows = json.loads(cli("results", "few-shot-longer", "--json"))["rows"]
     assert len(rows) == 2 and {row["task"] for row in rows} == set(before)
     for sid in finetunes:
         stage_dir = stl_env / "stages" / sid

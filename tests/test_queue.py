@@ -193,7 +193,7 @@ def test_cancel_queued_runs_and_retry(stl_env: Path, conn: redis.Redis, tmp_path
     assert conn.hget(keys.stage(mtl_runs[0].stages[0]), "status") == b"queued"
     assert job_id_for(mtl_runs[0].stages[0]) in queued_job_ids(conn, "alice")
 
-    result = runner.invoke(app, ["retry", "--grid", "test-grid", "--failed"])
+    result = runner.invoke(app, ["retry", "--grid", "test-grid"])
     assert result.exit_code == 0, result.stderr
     assert "re-queued 2 run(s)" in result.stdout
     assert conn.hget(keys.run(zero_shot_plain.run_id), "status") == b"queued"
@@ -223,7 +223,7 @@ def test_cli_rejects_bad_run_ids_before_they_become_paths(stl_env: Path, conn: r
         assert result.exit_code == 2, bad
         assert "is not a run id" in result.stderr
     result = runner.invoke(app, ["logs", "0123456789abcdef"])
-    assert result.exit_code == 1 and "no run with id" in result.stderr
+    assert result.exit_code == 2 and "no run with id" in result.stderr
 
 
 def _run_worker_burst(stl_env: Path) -> subprocess.CompletedProcess[str]:

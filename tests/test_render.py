@@ -12,6 +12,7 @@ from cli.render import (
     dry_run_rows,
     finished_grid_rows,
     format_duration,
+    results_notes,
     running_columns,
     running_rows,
     summary_rows,
@@ -123,3 +124,15 @@ def test_one_frame_does_not_say_how_to_quit() -> None:
     once = build_status_view(summary, [], 120, live=False)
     assert live.renderables[-1].plain.endswith("Ctrl+C to quit")
     assert once.renderables[-1].plain.startswith("as of ") and "Ctrl+C" not in once.renderables[-1].plain
+
+
+def test_results_say_which_runs_have_no_results_and_why() -> None:
+    runs = [run_row(id=f"{i:016x}", status=status, error=error) for i, (status, error) in enumerate(
+        [("finished", ""), ("failed", "finetune stage abc: out of memory"), ("failed", ""), ("canceled", "by bob"),
+         ("queued", "")])]
+    notes = results_notes(runs)
+    assert notes[0] == ("2 of 5 run(s) failed and have no results; `stl logs RUN` says why "
+                        "(e.g. run 0000000000: finetune stage abc: out of memory)")
+    assert notes[1].startswith("1 of 5 run(s) canceled and have no results; `stl retry RUN`")
+    assert notes[2] == "1 of 5 run(s) are still queued or running; their cells show n=k/m"
+    assert results_notes(runs[:1]) == []

@@ -202,7 +202,7 @@ def test_every_command_checks_run_ids_before_they_become_paths(stl_env: Path, co
     assert not out.exists()
     for args in (["cancel", "0123456789abcdef"], ["retry", "0123456789abcdef"], ["plot", "0123456789abcdef"]):
         result = runner.invoke(app, args)
-        assert result.exit_code == 1 and "no run with id" in result.stderr, (args, result.stderr)
+        assert result.exit_code == 2 and "no run with id" in result.stderr, (args, result.stderr)
 
 
 def test_a_job_record_is_never_trusted_for_a_stage_folder(stl_env: Path, conn: redis.Redis) -> None:
