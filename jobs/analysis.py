@@ -81,6 +81,7 @@ class Pivot:
     row_axes: tuple[str, ...]
     columns: tuple[Column, ...]
     rows: tuple[PivotRow, ...]
+    folded: tuple[str, ...] = ("seed",)  # the axes a row's runs differ in (its samples)
 
     def type_columns(self) -> tuple[Column, ...]:
         return tuple(column for column in self.columns if column.kind == "type")
@@ -329,7 +330,10 @@ def build_pivot(
             ]
             cells[column.name] = _stat(samples, expected)
         pivot_rows.append(PivotRow(key=key, cells=cells, expected=expected))
-    return Pivot(row_axes=row_axes, columns=columns, rows=tuple(pivot_rows))
+    records = [*runs, *rows]
+    folded = tuple(axis for axis in valid_axes if axis not in row_axes and axis != GRID_AXIS and len(
+        {_axis_value(str(r["grid"]), r.get("cell", {}), axis) for r in records}) > 1)
+    return Pivot(row_axes=row_axes, columns=columns, rows=tuple(pivot_rows), folded=folded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -555,8 +559,10 @@ def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Tabl
     from rich.text import Text
 
     n = uniform_count(pivot)
-    caption = [f"mean ± sample std over each row's {n} run(s) (seeds)" if n is not None
-               else "mean ± sample std over each row's runs (seeds), n of them"]
+    over = f"one per {pivot.folded[0]}" if len(pivot.folded) == 1 else f"differing in {', '.join(pivot.folded)}"
+    caption = [f"mean ± sample std over each row's {n} run(s) ({over})" if n is not None
+               else f"mean ± sample std over each row's n runs ({over})" if pivot.folded
+               else "mean ± sample std over each row's n runs"]
     if any(stat is not None and not stat.complete for row in pivot.rows for stat in row.cells.values()):
         caption.append("n=k/m: only k of the row's m runs have this result yet")
     if hidden_tasks:

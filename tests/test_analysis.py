@@ -319,7 +319,9 @@ def test_rich_table_fits_the_terminal() -> None:
     pivot = build_pivot(rows, runs, by=["model"])
     wide = build_pivot_table(pivot, width=200)
     assert len(wide.columns) == 5 and table_cells(wide)[1] == ["0.600 ± 0.100"] * 2  # every n is 3
-    assert str(wide.caption).startswith("mean ± sample std over each row's 3 run(s)")
+    assert str(wide.caption).startswith("mean ± sample std over each row's 3 run(s) (one per seed)")
+    by_seed = build_pivot_table(build_pivot(rows, runs, by=["seed"]), width=200)
+    assert str(by_seed.caption).startswith("mean ± sample std over each row's 2 run(s) (one per model)")
     narrow = build_pivot_table(pivot, width=80)
     assert [str(c.header) for c in narrow.columns] == ["model", "classification\n(mean accuracy)",
                                                        "generation\n(mean ROUGE-L)"]
