@@ -259,7 +259,10 @@ def enqueue_message(report: SubmitReport, user: str) -> str:
     lines = [f"queued {len(report.queued)} run(s) of grid {report.grid} for {user}; "
              f"skipped {len(report.skipped)} identical run(s) already queued or finished"]
     if report.stages_created or report.stages_reused:
-        lines.append(f"{report.stages_created} new stage job(s); {report.stages_reused} reused from earlier runs")
+        retrained = (f" ({report.stages_retrained} of them train again a model `stl disk --prune` deleted)"
+                     if report.stages_retrained else "")
+        lines.append(f"{report.stages_created} new stage job(s){retrained}; "
+                     f"{report.stages_reused} reused from earlier runs")
     lines.append(f"watch them with: stl status --grid {report.grid}")
     return "\n".join(lines)
 

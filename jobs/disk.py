@@ -136,6 +136,8 @@ def _describe_stage(stage_dir: Path) -> tuple[str, str]:
     about = [str(spec.get("model", "")), tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks"]
     if spec.get("shots"):
         about.append(f"{spec['shots']}-shot")
+    if kind == "finetune":
+        about.append(f"from MTL stage {spec['parent'][:8]}" if spec.get("parent") else "from the base model")
     if spec.get("instructions") is False:
         about.append("no instructions")
     about.append(f"seed {spec.get('seed', '?')}")

@@ -52,6 +52,7 @@ class SubmitReport:
     skipped: list[str] = field(default_factory=list)
     stages_created: int = 0
     stages_reused: int = 0
+    stages_retrained: int = 0  # of those created: finished stages whose model was pruned, trained again
 
 
 
@@ -106,7 +107,7 @@ if any_pruned then
   end
 end
 local created, seen = {}, {}
-local n_created, n_reused = 0, 0
+local n_created, n_reused, n_retrained = 0, 0, 0
 for _, run in ipairs(to_write) do
   for _, sid in ipairs(run.stages) do
     if not seen[sid] then
@@ -153,6 +154,7 @@ for _, run in ipairs(to_write) do
           'total', spec.total)
         created[sid] = true
         n_created = n_created + 1
+        if retrain[sid] then n_retrained = n_retrained + 1 end
       end
     end
   end
@@ -206,7 +208,8 @@ if #to_write > 0 then
   redis.call('SADD', K.users, p.user)
   if n_created > 0 then redis.call('SADD', K.queues, K.queue) end
 end
-return cjson.encode({queued = queued, skipped = skipped, created = n_created, reused = n_reused})
+return cjson.encode({queued = queued, skipped = skipped, created = n_created, reused = n_reused,
+  retrained = n_retrained})
 """
 
 
@@ -275,7 +278,8 @@ def submit_runs(
         raise RedisUnavailable(f"lost the connection to Redis while enqueueing ({e}); "
                                "nothing was written; try again") from e
     return SubmitReport(grid=grid, queued=list(answer["queued"] or []), skipped=list(answer["skipped"] or []),
-                        stages_created=int(answer["created"]), stages_reused=int(answer["reused"]))
+                        stages_created=int(answer["created"]), stages_reused=int(answer["reused"]),
+                        stages_retrained=int(answer["retrained"]))
 
 
 # --- a grid enqueued again with other settings ------------------------------------------------

@@ -6,8 +6,10 @@ Imports stay light (no torch at module level) so the worker can import this befo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +84,12 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
         _write_json(ctx.workdir / METRICS_FILE, outcome.to_dict()["metrics"])
         _write_json(done, {"stage_id": spec.stage_id, "metrics": outcome.to_dict()["metrics"]})
         return outcome
+    pruned = ctx.workdir / PRUNED_FILE
+    if pruned.is_file():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(json.loads(pruned.read_text())["pruned_at"]))
+            ctx.log(f"training again: `stl disk --prune` deleted this stage's model on {when}, and a new stage "
+                    "starts from it")
     run = TrainRun(
         spec=spec,
         workdir=ctx.workdir,

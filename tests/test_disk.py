@@ -132,6 +132,10 @@ def test_pruning_deletes_models_no_live_run_needs_and_marks_their_stages(
     assert needed == {sid for sid in finetunes if sid in live_run.stages} | {finetunes[1]}
     assert set(pruned) == set(finetunes) - needed and pruned
     assert report.freed_bytes == 1000 * len(pruned)
+    # two few-shot stages per task and seed, told apart by where they start
+    abouts = {m.about for m in preview.pruned + preview.needed}
+    assert f"tiny:bart summarization 4-shot from MTL stage {mtls[0][:8]} seed 0" in abouts
+    assert "tiny:bart summarization 4-shot from the base model seed 0" in abouts
     for sid in pruned:
         stage_dir = stl_env / "stages" / sid
         assert not (stage_dir / "model").exists() and not (stage_dir / "done.json").exists()
@@ -191,7 +195,7 @@ def test_a_pruned_stage_trains_again_only_when_a_new_stage_starts_from_it(
     new_finetunes = stage_ids(new, StageKind.finetune)
     assert stage_ids(new, StageKind.mtl) == [mtl] and set(new_finetunes) == set(stage_ids(expanded, StageKind.finetune))
     # 1 MTL + 4 finetune retrained, and 2 + 4 new eval stages
-    assert report.stages_created == 11
+    assert report.stages_created == 11 and report.stages_retrained == 5
     assert conn.hget(keys.stage(mtl), "status") == b"queued" and not conn.hget(keys.stage(mtl), "pruned")
     for sid in new_finetunes:
         spec = new.stages[sid]
