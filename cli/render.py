@@ -38,7 +38,10 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_cell(cell: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in cell.items() if k != "seed") + f" seed={cell.get('seed', '?')}"
+    def value(v: Any) -> str:  # YAML's spelling of booleans, as in the grid file and `stl results`
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(f"{k}={value(v)}" for k, v in cell.items() if k != "seed") + f" seed={cell.get('seed', '?')}"
 
 
 def format_cell_short(cell: dict[str, Any]) -> str:

@@ -66,9 +66,18 @@ TaskName = Annotated[str, Field(pattern=TASK_PATTERN.pattern)]
 Source = Annotated[str, Field(min_length=1)]
 
 
+def _each_once(tasks: list[str]) -> list[str]:
+    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
+    if repeated:
+        raise ValueError(f"a task is listed more than once: {', '.join(repeated)}; name each task once")
+    return tasks
+
+
 class TaskSplit(Strict):
     train: list[TaskName] = Field(default_factory=list)
     eval: Annotated[list[TaskName], Field(min_length=1)]
+
+    _tasks_once = field_validator("train", "eval")(_each_once)
 
 
 SINGLE_TAG, SPLITS_TAG = "single-split", "named-splits"
@@ -92,6 +101,8 @@ Tasks = Annotated[
 class Mixture(Strict):
     data: Source
     tasks: Annotated[list[TaskName], Field(min_length=1)]
+
+    _tasks_once = field_validator("tasks")(_each_once)
 
 
 class Axes(Strict):

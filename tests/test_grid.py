@@ -132,3 +132,11 @@ def test_few_shot_examples_must_fit_beside_the_eval_examples(tmp_path: Path, dem
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:") and "grid.shots.2: " in problem
     assert 'has 48 rows; its first 44 are eval examples (eval.max_examples), which leaves 4 for 8 shots' in problem
+
+
+def test_a_task_listed_twice_is_refused(tmp_path: Path, demo_data: Path) -> None:
+    tasks = {"train": ["sentiment_classification"],
+             "eval": ["summarization", "emotion_classification", "summarization"]}
+    path = write_grid(tmp_path, demo_data, tasks=tasks)
+    [problem] = problems_of(path)
+    assert problem.startswith(f"{path}:") and "tasks.eval: a task is listed more than once: summarization" in problem

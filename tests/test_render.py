@@ -11,6 +11,7 @@ from cli.render import (
     build_workers_table,
     dry_run_rows,
     finished_grid_rows,
+    format_cell,
     format_duration,
     results_notes,
     running_columns,
@@ -136,3 +137,8 @@ def test_results_say_which_runs_have_no_results_and_why() -> None:
     assert notes[1].startswith("1 of 5 run(s) canceled and have no results; `stl retry RUN`")
     assert notes[2] == "1 of 5 run(s) are still queued or running; their cells show n=k/m"
     assert results_notes(runs[:1]) == []
+
+
+def test_cells_spell_booleans_as_the_grid_file_does() -> None:
+    cell = {"model": "tiny:bart", "instructions": True, "seed": 2}
+    assert format_cell(cell) == "model=tiny:bart instructions=true seed=2"
