@@ -34,6 +34,25 @@ data_app = typer.Typer(help="Datasets: write the demo dataset.", no_args_is_help
 app.add_typer(data_app, name="data")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"stl {version('stl')}")
+        except PackageNotFoundError:
+            typer.echo("stl (not installed as a package; run `make venv`)")
+        raise typer.Exit
+
+
+@app.callback()
+def main(
+    show_version: Annotated[bool, typer.Option(
+        "--version", help="Print stl's version and exit.", callback=_print_version, is_eager=True)] = False,
+) -> None:
+    """stl: share one GPU workstation for transfer-learning experiments on small language models."""
+
+
 @contextmanager
 def handled() -> Iterator[None]:
     """Domain errors become one clear line on stderr and an exit code; never a traceback."""

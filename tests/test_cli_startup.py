@@ -72,3 +72,12 @@ def test_explicit_url_that_is_down_is_an_error_not_an_embedded_server(
     with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
         connection.connect(settings.load_settings())
     assert not (tmp_path / "home" / "redis").exists()
+
+
+def test_version() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.startswith("stl 0.")
