@@ -350,6 +350,8 @@ def parse_effect(text: str, rows: Iterable[Mapping[str, Any]] | None = None) -> 
     axis = axis.strip()
     if not equals or not axis:
         raise UsageError(f"malformed --effect {text!r}: {usage}")
+    if "=" in values:
+        raise UsageError(f"--effect {text!r} names more than one axis: one effect at a time; {usage}")
     splits = [
         (values[:index].strip(), values[index + 1 :].strip())
         for index, char in enumerate(values)
@@ -371,8 +373,11 @@ def parse_effect(text: str, rows: Iterable[Mapping[str, Any]] | None = None) -> 
     if len(matching) > 1:
         options = " or ".join(f"{a} vs {b}" for a, b in matching)
         raise UsageError(f"--effect {text!r} is ambiguous: {options}")
-    a, b = splits[0] if len(splits) == 1 else ("", "")
-    missing = [value for value in (a, b) if value and value not in known] or [values]
+    if len(splits) > 1:
+        raise UsageError(f"--effect {text!r}: {values!r} does not split into two values of {axis} at any ':'; "
+                         f"values in these results: {', '.join(sorted(known)) or 'none'}")
+    a, b = splits[0]
+    missing = [value for value in (a, b) if value not in known]
     raise UsageError(
         f"--effect {text!r}: {axis} has no value {', '.join(map(repr, missing))}; "
         f"values in these results: {', '.join(sorted(known)) or 'none'}"

@@ -500,6 +500,10 @@ def test_parse_effect_checks_axis_and_values_against_results() -> None:
         parse_effect("mtl=none:none")
     with pytest.raises(UsageError, match="no value 'general'"):
         effect_sizes(rows, axis="mtl", a="none", b="general")
+    with pytest.raises(UsageError, match=r"'none:in-domain:x' does not split into two values of mtl at any ':'"):
+        parse_effect("mtl=none:in-domain:x", rows)
+    with pytest.raises(UsageError, match="names more than one axis: one effect at a time"):
+        parse_effect("shots=0:4,mtl=none:in-domain", rows)
 
 
 def test_parse_effect_splits_values_that_contain_colons() -> None:
