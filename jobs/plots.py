@@ -270,8 +270,10 @@ def _save(figure: Figure, path: Path) -> Path:
     suffix = path.suffix.lower().lstrip(".")
     supported = canvas.get_supported_filetypes()
     if suffix not in supported:
+        others = ", ".join(sorted(set(supported) - {"png", "svg", "pdf"}))
         raise UsageError(
-            f"cannot write {path}: unknown image format {suffix or '(none)'!r}; use .png, .svg or .pdf"
+            f"cannot write {path}: unknown image format {suffix or '(none)'!r}; use .png, .svg or .pdf "
+            f"(matplotlib also writes {others})"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=DPI)

@@ -120,7 +120,7 @@ def test_group_label_names_only_non_string_values() -> None:
 def test_nothing_to_plot_and_bad_format_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="nothing to plot"):
         plot_pivot(Pivot(row_axes=("model",), columns=(), rows=()), tmp_path / "empty.png")
-    with pytest.raises(UsageError, match="unknown image format 'bmpx'"):
+    with pytest.raises(UsageError, match=r"unknown image format 'bmpx'; use .png, .svg or .pdf \(matplotlib also"):
         plot_pivot(study_grid(), tmp_path / "pivot.bmpx")
     with pytest.raises(UsageError, match="no training-loss steps"):
         plot_loss_curves({"run": []}, tmp_path / "loss.png")
