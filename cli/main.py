@@ -368,14 +368,18 @@ def retry(
 
 @app.command()
 def worker(
-    gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).")] = None,
+    gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).", min=0)] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queues are empty.")] = False,
 ) -> None:
     """Run the GPU worker: one stage at a time, the next from whoever used the GPU least recently."""
     with handled():
         from jobs.connection import connect
+        from worker.gpu import missing_gpu
         from worker.main import run_worker
 
+        problem = None if gpu is None else missing_gpu(gpu)
+        if problem:
+            raise UsageError(problem)
         settings = _settings()
         conn = connect(settings, patient=True)
 

@@ -81,3 +81,16 @@ def test_version() -> None:
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("stl 0.")
+
+
+def test_worker_refuses_a_gpu_the_machine_does_not_have() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from worker.gpu import missing_gpu
+
+    problem = missing_gpu(64)  # more GPUs than any machine we run on has
+    assert problem is not None and problem.startswith("--gpu 64: this machine has ")
+    result = CliRunner().invoke(app, ["worker", "--gpu", "64"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"stl: {problem}"
+    assert CliRunner().invoke(app, ["worker", "--gpu", "-1"]).exit_code == 2

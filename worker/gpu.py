@@ -41,3 +41,18 @@ class GpuProbe:
             "gpu_mem_used_mb": f"{memory.used / 2**20:.0f}",
             "gpu_mem_total_mb": f"{memory.total / 2**20:.0f}",
         }
+
+
+def missing_gpu(index: int) -> str | None:
+    """Why GPU `index` cannot be used, or None if it can; asks NVML, which creates no CUDA context."""
+    try:
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+        count = int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # noqa: BLE001 - no library, no driver: no NVIDIA GPU to pick
+        return f"--gpu {index}: this machine has no NVIDIA GPU that NVML can see; leave out --gpu to work on the CPU"
+    if index >= count:
+        return (f"--gpu {index}: this machine has {count} NVIDIA GPU(s), numbered 0 to {count - 1}"
+                if count else f"--gpu {index}: this machine has no NVIDIA GPU; leave out --gpu to work on the CPU")
+    return None
