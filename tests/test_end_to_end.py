@@ -131,10 +131,12 @@ def test_running_run_is_canceled_within_seconds(stl_env: Path, conn: redis.Redis
         while conn.hget(keys.stage(run.stages[0]), "status") != b"canceled":
             assert time.monotonic() - asked < 20, "the running stage did not stop"
             time.sleep(0.2)
-        worker.wait(timeout=60)
+        output, _ = worker.communicate(timeout=60)
     finally:
         worker.kill()
     assert conn.hget(keys.run(run.run_id), "status") == b"canceled"
+    # a cancel is an expected end: one line in the worker's log, not a traceback
+    assert "ended: StageCanceled: " in output and "Traceback" not in output, output[-3000:]
     # the eval stage that depended on it never runs
     assert conn.hget(keys.stage(run.stages[1]), "status") == b"canceled"
 

@@ -23,7 +23,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.disk import free_space
 from jobs.entry import STAGE_ID
-from jobs.errors import StageLeaseLost, StagePreempted
+from jobs.errors import StageLeaseLost, StagePreempted, StlError
 from jobs.fairshare import queue_order
 from jobs.queueing import ENTRY_POINT, job_id_for, stage_id_for
 from jobs.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
@@ -194,6 +194,16 @@ class StlWorker(Worker):
             job.set_status(JobStatus.FAILED, pipeline=pipe)
             job._handle_failure(message, pipeline=pipe, worker_name=self.name)  # noqa: SLF001
             pipe.execute()
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        """A stage that ends an expected way (canceled, preempted, out of memory, bad data or model) gets one
+        line here; its own log (`stl logs`) has the rest. Anything else is a bug and keeps RQ's traceback."""
+        error = exc_info[1] if len(exc_info) > 1 else None
+        if isinstance(error, StlError) and not self._exc_handlers:  # no handler of ours to call
+            self.log.warning("Worker %s: stage %s ended: %s: %s", self.name, stage_id_for(job.id),
+                             type(error).__name__, " ".join(str(error).split()))
+            return
+        super().handle_exception(job, *exc_info)
 
     def _finalize_failure(self, job: Job, queue: Queue, execution: Execution,
                           exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
