@@ -203,11 +203,22 @@ def _palette(count: int) -> list[Colour]:
 # Loss curves
 
 
+def _segments(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
+    """Runs of finite points, split where the loss is NaN (between two stages), each sorted by step."""
+    segments: list[list[tuple[int, float]]] = [[]]
+    for step, loss in points:
+        if math.isfinite(loss):
+            segments[-1].append((step, loss))
+        elif segments[-1]:
+            segments.append([])
+    return [sorted(segment) for segment in segments if segment]
+
+
 def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str | None = None) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
-    drawable = {label: sorted(points) for label, points in curves.items() if points}
+    drawable = {label: points for label, points in curves.items() if any(math.isfinite(loss) for _, loss in points)}
     if not drawable:
         raise UsageError("no training-loss steps to plot yet: the runs have not logged a training step")
     many = len(curves) > 8
@@ -220,16 +231,18 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
         if not points:
             panel.plot([], [], color=colour, label=f"{label} (no steps yet)")
             continue
-        steps = [step for step, _ in points]
-        losses = [loss for _, loss in points]
-        if len(points) >= SMOOTH_FROM_POINTS:
-            smoothed = True
-            if not many:  # raw noise of a dozen runs hides the curves
-                panel.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
-            window = max(3, len(points) // 30)
-            panel.plot(steps, _centred_mean(losses, window=window), color=colour, linewidth=1.8, label=label)
-        else:
-            panel.plot(steps, losses, color=colour, linewidth=1.6, marker="o", markersize=3, label=label)
+        for index, segment in enumerate(_segments(points)):  # one per stage: stages are not joined
+            steps = [step for step, _ in segment]
+            losses = [loss for _, loss in segment]
+            name = label if index == 0 else None
+            if len(segment) >= SMOOTH_FROM_POINTS:
+                smoothed = True
+                if not many:  # raw noise of a dozen runs hides the curves
+                    panel.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
+                window = max(3, len(segment) // 30)
+                panel.plot(steps, _centred_mean(losses, window=window), color=colour, linewidth=1.8, label=name)
+            else:
+                panel.plot(steps, losses, color=colour, linewidth=1.6, marker="o", markersize=3, label=name)
     finite = [loss for points in drawable.values() for _, loss in points if math.isfinite(loss) and loss > 0]
     if finite and max(finite) / min(finite) > 30:
         panel.set_yscale("log")  # early spikes would flatten the part of the curve that matters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -329,7 +330,8 @@ def run_cell(conn: redis.Redis, run_id: str) -> dict[str, Any]:
 
 
 def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
-    """The training-loss curve of a run: its training stages' steps, one after the other."""
+    """The training-loss curve of a run: its training stages' steps, one after the other, with a NaN
+    loss between two stages (where a line must not join them)."""
     raw_stages = conn.hget(keys.run(run_id), "stages")
     if raw_stages is None:
         raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
@@ -341,6 +343,8 @@ def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
         steps = [s for s in records if isinstance(s.get("loss"), int | float) and s["loss"] == s["loss"]]
         if not steps:
             continue
+        if points:  # a new stage (another task, or fine-tuning after MTL): the plot breaks the line here
+            points.append((offset, math.nan))
         for step in steps:
             points.append((offset + int(step["step"]), float(step["loss"])))
         offset += max(int(s["step"]) for s in steps)

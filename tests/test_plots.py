@@ -153,3 +153,11 @@ def test_loss_curves_switch_to_log_scale_for_wide_ranges() -> None:
     assert figure.axes[0].get_yscale() == "log"
     assert len(figure.legends) == 1  # many runs: the legend moves outside the axes
     assert len(figure.axes[0].get_lines()) == 12  # smoothed lines only; raw noise would hide them
+
+
+def test_loss_curves_break_between_stages() -> None:
+    nan = float("nan")
+    figure = build_loss_figure({"run": [(1, 2.0), (2, 1.5), (2, nan), (3, 3.0), (4, 2.5)]})
+    lines = figure.axes[0].lines
+    assert [list(line.get_xdata()) for line in lines] == [[1, 2], [3, 4]]  # the stage switch is not a line
+    assert [line.get_label() for line in lines][0] == "run" and lines[1].get_label().startswith("_")
