@@ -62,6 +62,12 @@ class _Outage:
     """Whether this process is riding out a Redis outage: said once when it starts and once when it ends."""
 
     since: float | None = None
+    last_failure: float = 0.0
+
+
+# A call that succeeds at its first try while other calls still fail may not have reached Redis at
+# all (a pub/sub poll, say): it proves Redis is back only this long after the last failure.
+QUIET_AFTER_OUTAGE_S = 5.0
 
 
 def _say(message: str) -> None:
@@ -74,15 +80,21 @@ class PatientRetry(Retry):
     """Retries a command through a Redis restart, and says so on stderr instead of staying silent."""
 
     def call_with_retry(self, do: Callable[[], T], fail: Callable[..., Any], *args: Any, **kwargs: Any) -> T:
+        failures = 0
+
         def failed(error: Exception, *rest: Any) -> Any:
+            nonlocal failures
+            failures += 1
+            _Outage.last_failure = time.monotonic()
             if _Outage.since is None:
-                _Outage.since = time.monotonic()
+                _Outage.since = _Outage.last_failure
                 _say(f"Redis is unreachable ({error}); retrying for up to {PATIENT_WINDOW_S:.0f} s")
             return fail(error, *rest)
 
         result = super().call_with_retry(do, failed, *args, **kwargs)
-        if _Outage.since is not None:
-            _say(f"Redis is reachable again after {time.monotonic() - _Outage.since:.1f} s")
+        now = time.monotonic()
+        if _Outage.since is not None and (failures or now - _Outage.last_failure > QUIET_AFTER_OUTAGE_S):
+            _say(f"Redis is reachable again after {now - _Outage.since:.1f} s")
             _Outage.since = None
         return result
 

@@ -151,3 +151,31 @@ def test_the_lease_heartbeat_takes_a_lost_lease_back_and_yields_to_another_holde
     finally:
         lease.release()
     assert text(conn.get(lease.key)) == "there:2", "release leaves another holder's lease alone"
+
+
+def test_the_outage_ends_only_when_a_call_gets_through(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import redis as redis_lib
+    from redis.backoff import NoBackoff
+
+    from jobs import connection
+
+    monkeypatch.setattr(connection._Outage, "since", None)  # noqa: SLF001 - the process-wide outage state
+    retry = connection.PatientRetry(NoBackoff(), retries=5)
+    attempts = iter([redis_lib.ConnectionError("refused"), redis_lib.ConnectionError("refused"), "PONG"])
+
+    def flaky() -> str:
+        outcome = next(attempts)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    def fails() -> str:
+        raise redis_lib.ConnectionError("refused")
+
+    with pytest.raises(redis_lib.ConnectionError):
+        retry.call_with_retry(fails, lambda error: None)
+    assert retry.call_with_retry(lambda: "not a Redis round trip", lambda error: None)
+    assert capsys.readouterr().err.count("Redis is unreachable") == 1  # and no false "reachable again"
+    assert retry.call_with_retry(flaky, lambda error: None) == "PONG"  # failed, then got through
+    assert "Redis is reachable again after" in capsys.readouterr().err
