@@ -294,7 +294,10 @@ def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool) -> None:
 
         from cli.render import build_results_table
 
-        Console().print(build_results_table(", ".join(grids), rows))
+        console = Console()
+        if not console.is_terminal:  # piped: one line per row, as with the pivot
+            console = Console(width=200)
+        console.print(build_results_table(", ".join(grids), rows))
 
 
 @app.command()

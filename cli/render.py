@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
     from pathlib import Path
 
     from rich.console import RenderableType
@@ -37,11 +38,13 @@ def format_duration(seconds: float | None) -> str:
     return f"{secs}s"
 
 
-def format_cell(cell: dict[str, Any]) -> str:
-    def value(v: Any) -> str:  # YAML's spelling of booleans, as in the grid file and `stl results`
-        return str(v).lower() if isinstance(v, bool) else str(v)
+def format_axes(values: dict[str, Any]) -> str:
+    """`model=tiny:bart instructions=true`: booleans spelled as YAML spells them, as in the grid file."""
+    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
 
-    return " ".join(f"{k}={value(v)}" for k, v in cell.items() if k != "seed") + f" seed={cell.get('seed', '?')}"
+
+def format_cell(cell: dict[str, Any]) -> str:
+    return format_axes({k: v for k, v in cell.items() if k != "seed"}) + f" seed={cell.get('seed', '?')}"
 
 
 def format_cell_short(cell: dict[str, Any]) -> str:
@@ -225,17 +228,36 @@ def results_notes(runs: list[RunRow]) -> list[str]:
     return notes
 
 
-def result_table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    return [[r["run"][:10], format_cell(r["cell"]), r["task"], r["task_type"], r["metric"], f"{r['value']:.4f}"]
-            for r in rows]
+def constant_axes(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """The cell axes that hold one value in every cell (none when there are fewer than two cells)."""
+    if len(cells) < 2:
+        return {}
+    first = cells[0]
+    return {axis: value for axis, value in first.items() if all(cell.get(axis) == value for cell in cells)}
+
+
+def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> list[list[str]]:
+    """One row per run and task; the cell without the axes in `hide` (said once, in the title)."""
+    hidden = set(hide)
+
+    def cell(r: dict[str, Any]) -> str:
+        shown = {axis: value for axis, value in r["cell"].items() if axis not in hidden or axis == "seed"}
+        return format_cell(shown)
+
+    return [[r["run"][:10], cell(r), r["task"], r["task_type"], r["metric"], f"{r['value']:.4f}"] for r in rows]
 
 
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
-    table = Table(title=f"Results of {grid}", title_justify="left")
+    constant = constant_axes([r["cell"] for r in rows])
+    constant.pop("seed", None)
+    title = f"Results of {grid}"
+    if constant:
+        title += ": " + format_axes(constant)
+    table = Table(title=title, title_justify="left")
     for name in ("run", "cell", "task", "type", "metric"):
         table.add_column(name, overflow="fold")
     table.add_column("value", justify="right")
-    for row in result_table_rows(rows):
+    for row in result_table_rows(rows, hide=constant):
         table.add_row(*row)
     return table
 

@@ -6,6 +6,7 @@ import time
 
 from cli.render import (
     RUNNING_COLUMNS,
+    build_results_table,
     build_running_table,
     build_status_view,
     build_workers_table,
@@ -142,3 +143,13 @@ def test_results_say_which_runs_have_no_results_and_why() -> None:
 def test_cells_spell_booleans_as_the_grid_file_does() -> None:
     cell = {"model": "tiny:bart", "instructions": True, "seed": 2}
     assert format_cell(cell) == "model=tiny:bart instructions=true seed=2"
+
+
+def test_result_rows_say_constant_axes_once_in_the_title() -> None:
+    rows = [{"run": f"{seed}abcdef0123456", "cell": {"model": "tiny:bart", "instructions": True, "shots": shots,
+                                                    "seed": seed},
+             "task": "t", "task_type": "generation", "metric": "rougeL", "value": 0.5}
+            for shots in (0, 4) for seed in (0, 1)]
+    table = build_results_table("g", rows)
+    assert table.title == "Results of g: model=tiny:bart instructions=true"
+    assert list(table.columns[1].cells) == ["shots=0 seed=0", "shots=0 seed=1", "shots=4 seed=0", "shots=4 seed=1"]
