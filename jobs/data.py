@@ -482,7 +482,7 @@ def few_shot_shortfall(task: str, *, rows: int, holdout: int, shots: int) -> str
     """Why `shots` examples of `task` cannot be drawn apart from its eval examples, and what to change."""
     left = max(0, rows - holdout)
     return (f'task "{task}" has {rows} rows; its first {min(rows, holdout)} are eval examples '
-            f"(eval.max_examples), which leaves {left} for {shots} shots: lower shots or eval.max_examples")
+            f"(eval.max_examples), which leaves {left} to draw shots: {shots} from; lower shots or eval.max_examples")
 
 
 def _reservoir(keys: array[int], cap: int, rng: random.Random) -> array[int]:

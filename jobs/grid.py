@@ -602,13 +602,15 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     # Few-shot examples come from the rows after each target task's eval examples: enough must be left.
     sizes = task_sizes(main_source) if catalogs.get(main_source) else {}
     eval_tasks = sorted({task for split in splits.values() for task in split.eval if task in sizes})
-    for index, shots in enumerate(grid.grid.shots):
-        short = [task for task in eval_tasks if shots and sizes[task] - grid.eval.max_examples < shots]
-        if short:
-            task = short[0]
-            others = f" (and {len(short) - 1} more task(s))" if len(short) > 1 else ""
-            report(("grid", "shots", index), few_shot_shortfall(
-                task, rows=sizes[task], holdout=grid.eval.max_examples, shots=shots) + others)
+    # One line for the whole axis: the smallest shots value that does not fit, on its smallest task.
+    too_many = [(shots, index) for index, shots in enumerate(grid.grid.shots)
+                if shots and any(sizes[task] - grid.eval.max_examples < shots for task in eval_tasks)]
+    if too_many:
+        shots, index = min(too_many)
+        task = min(eval_tasks, key=lambda t: (sizes[t], t))
+        more = f" ({len(too_many)} shots values do not fit)" if len(too_many) > 1 else ""
+        report(("grid", "shots", index), few_shot_shortfall(
+            task, rows=sizes[task], holdout=grid.eval.max_examples, shots=shots) + more)
     for name, mixture in grid.mixtures.items():
         check_tasks(_resolve_source(mixture.data, base), mixture.tasks, ("mixtures", name, "tasks"))
     for index, model in enumerate(grid.grid.model):
