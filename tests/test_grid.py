@@ -131,7 +131,8 @@ def test_few_shot_examples_must_fit_beside_the_eval_examples(tmp_path: Path, dem
                       eval={"max_examples": 44})
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:") and "grid.shots.2: " in problem
-    assert 'has 48 rows; its first 44 are eval examples (eval.max_examples), which leaves 4 to draw shots: 8 from' in problem
+    assert ("has 48 rows; its first 44 are eval examples (eval.max_examples), which leaves 4 to draw shots: 8 "
+            "from") in problem
 
 
 def test_a_task_listed_twice_is_refused(tmp_path: Path, demo_data: Path) -> None:
