@@ -175,6 +175,32 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
     return table
 
 
+def failed_rows(runs: list[RunRow]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
+        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, run.error or "—"])
+    return rows
+
+
+FAILED_COLUMNS = ("run", "grid", "cell", "ended", "error")
+
+
+def build_failed_table(runs: list[RunRow], width: int | None = None) -> Table:
+    """The latest failed runs; a terminal under 120 columns gets run, cell and error only."""
+    columns = FAILED_COLUMNS if width is None or width >= 120 else ("run", "cell", "error")
+    table = Table(title="Recent failures", title_justify="left",
+                  caption="`stl logs RUN` shows the whole story; `stl retry RUN` (or --grid G) queues them again",
+                  caption_justify="left")
+    for name in columns:
+        table.add_column(name, no_wrap=name in ("run", "ended"), overflow="fold",
+                         style="red" if name == "error" else None)
+    for row in failed_rows(runs):
+        cells = dict(zip(FAILED_COLUMNS, row, strict=True))
+        table.add_row(*(cells[name] for name in columns))
+    return table
+
+
 def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
     rows = []
     for g in sorted(grids, key=lambda g: g.ended_at or 0.0, reverse=True):  # the latest first
@@ -204,6 +230,8 @@ def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: i
         build_summary_table(summary.counts, "user"), build_summary_table(summary.counts, "grid"),
         build_running_table(summary.running, width), build_workers_table(workers),
     ]
+    if summary.failed:
+        parts.append(build_failed_table(summary.failed, width))
     if any(g.done for g in summary.grids):
         parts.append(build_finished_grids_table(summary.grids))
     stamp = Text(f"updated {time.strftime('%H:%M:%S')} · Ctrl+C to quit" if live

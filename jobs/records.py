@@ -25,9 +25,10 @@ WORKER_STALE_S = 60
 
 # Read-only: counts per grid/user/status, each grid's first creation and last end, and the running
 # run ids, for the runs in the zset KEYS[1] (ARGV[1]: run key prefix; ARGV[2]: only this user, or "").
+RECENT_FAILURES = 5  # failed runs `stl status` lists, with their errors
 _STATUS_COUNTS = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-local counts, created, ended, running = {}, {}, {}, {}
+local counts, created, ended, running, failed = {}, {}, {}, {}, {}
 for _, id in ipairs(ids) do
   local v = redis.call('HMGET', ARGV[1] .. id, 'grid', 'user', 'status', 'created_at', 'ended_at')
   local grid, user, status = v[1] or '', v[2] or '', v[3] or ''
@@ -38,9 +39,13 @@ for _, id in ipairs(ids) do
     if c and (not created[grid] or c < created[grid]) then created[grid] = c end
     if e and (not ended[grid] or e > ended[grid]) then ended[grid] = e end
     if status == 'running' then running[#running + 1] = id end
+    if status == 'failed' then failed[#failed + 1] = {e or 0, id} end
   end
 end
-return cjson.encode({counts = counts, created = created, ended = ended, running = running})
+table.sort(failed, function(a, b) return a[1] > b[1] end)
+local recent = {}
+for i = 1, math.min(#failed, tonumber(ARGV[3])) do recent[i] = failed[i][2] end
+return cjson.encode({counts = counts, created = created, ended = ended, running = running, failed = recent})
 """
 
 # Read-only: the fields ARGV[2..] of every run hash named in the zset KEYS[1] (ARGV[1] is the key prefix).
@@ -192,12 +197,13 @@ class StatusSummary:
     counts: dict[tuple[str, str, str], int]
     grids: list[GridRow]
     running: list[RunRow]
+    failed: list[RunRow] = field(default_factory=list)  # the latest RECENT_FAILURES failed runs, latest first
 
 
 def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> StatusSummary:
     """Counted inside Redis: only the counts and the running runs travel, whatever the queue holds."""
     index = keys.grid_runs(grid) if grid else keys.RUNS
-    answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or ""))
+    answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or "", RECENT_FAILURES))
     if grid and not answer["counts"]:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
     counts: dict[tuple[str, str, str], int] = {}
@@ -212,11 +218,15 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
         row.created_at = _f(str((answer["created"] or {}).get(grid_name, "")))
         row.ended_at = _f(str((answer["ended"] or {}).get(grid_name, "")))
     running_ids = list(answer["running"] or [])
+    failed_ids = list(answer["failed"] or [])
     pipe = conn.pipeline(transaction=False)
-    for run_id in running_ids:
+    for run_id in running_ids + failed_ids:
         pipe.hmget(keys.run(run_id), *RUN_FIELDS)
-    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True)) for raw in (pipe.execute() if running_ids else [])]
-    return StatusSummary(counts=counts, grids=list(grids.values()), running=_with_progress(conn, records))
+    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True))
+               for raw in (pipe.execute() if running_ids or failed_ids else [])]
+    return StatusSummary(counts=counts, grids=list(grids.values()),
+                         running=_with_progress(conn, records[:len(running_ids)]),
+                         failed=_with_progress(conn, records[len(running_ids):]))
 
 
 def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -> RunRow:

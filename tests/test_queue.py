@@ -275,3 +275,26 @@ def test_status_json_shape(stl_env: Path, conn: redis.Redis, tmp_path: Path, dem
         assert set(run["cell"]) == {"model", "mtl", "instructions", "shots", "seed"}
     result = runner.invoke(app, ["status", "--json", "--user", "bob"])
     assert json.loads(result.stdout)["runs"] == []
+
+
+def test_status_lists_the_latest_failures_with_their_errors(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                            demo_data: Path) -> None:
+    import yaml
+
+    from jobs.records import RECENT_FAILURES, status_summary
+
+    grid = grid_dict(demo_data)
+    grid["grid"]["seed"] = list(range(2))
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    enqueue(path)
+    run_ids = [text(r) for r in conn.zrange(keys.grid_runs("test-grid"), 0, -1)]
+    assert len(run_ids) == 8 > RECENT_FAILURES
+    for minute, run_id in enumerate(run_ids[:7]):
+        conn.hset(keys.run(run_id), mapping={"status": "failed", "ended_at": 1000.0 + 60 * minute,
+                                             "error": f"eval stage x: failure {minute}"})
+    summary = status_summary(conn)
+    assert [run.id for run in summary.failed] == run_ids[6:1:-1]  # the latest five, latest first
+    assert summary.failed[0].error == "eval stage x: failure 6"
+    assert [run.id for run in summary.running] == []
+    assert status_summary(conn, user="bob").failed == []

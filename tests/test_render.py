@@ -6,11 +6,13 @@ import time
 
 from cli.render import (
     RUNNING_COLUMNS,
+    build_failed_table,
     build_results_table,
     build_running_table,
     build_status_view,
     build_workers_table,
     dry_run_rows,
+    failed_rows,
     finished_grid_rows,
     format_cell,
     format_duration,
@@ -153,3 +155,18 @@ def test_result_rows_say_constant_axes_once_in_the_title() -> None:
     table = build_results_table("g", rows)
     assert table.title == "Results of g: model=tiny:bart instructions=true"
     assert list(table.columns[1].cells) == ["shots=0 seed=0", "shots=0 seed=1", "shots=4 seed=0", "shots=4 seed=1"]
+
+
+def test_failures_show_run_grid_cell_and_error() -> None:
+    failed = run_row(status="failed", ended_at=time.time(), error="finetune stage ab12: out of memory")
+    [row] = failed_rows([failed])
+    assert row[:3] == ["0123456789", "g", "tiny:bart mtl=none 0-shot seed 1"]
+    assert row[4] == "finetune stage ab12: out of memory"
+    from jobs.records import StatusSummary
+
+    view = build_status_view(StatusSummary(counts={}, grids=[], running=[], failed=[failed]), [], 120)
+    assert any(getattr(part, "title", None) == "Recent failures" for part in view.renderables)
+    assert [c.header for c in build_failed_table([failed], 80).columns] == ["run", "cell", "error"]
+    assert [c.header for c in build_failed_table([failed], 120).columns] == ["run", "grid", "cell", "ended", "error"]
+    quiet = build_status_view(StatusSummary(counts={}, grids=[], running=[]), [], 120)
+    assert not any(getattr(part, "title", None) == "Recent failures" for part in quiet.renderables)
