@@ -206,6 +206,9 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
     answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or "", RECENT_FAILURES))
     if grid and not answer["counts"]:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
+    if user and not answer["counts"] and not conn.sismember(keys.USERS, user):
+        known = sorted(text(u) for u in conn.smembers(keys.USERS))
+        raise NotFound(f'no runs by user "{user}"; users with runs: {", ".join(known) or "none yet"}')
     counts: dict[tuple[str, str, str], int] = {}
     grids: dict[str, GridRow] = {}
     for key, n in (answer["counts"] or {}).items():

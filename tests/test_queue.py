@@ -9,6 +9,7 @@ import sys
 import zlib
 from typing import TYPE_CHECKING
 
+import pytest
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from jobs import keys
 from jobs.codec import text
+from jobs.errors import NotFound
 from jobs.fairshare import charge_usage, queue_order
 from jobs.grid import parse_grid
 from jobs.queueing import job_id_for, submit_runs
@@ -26,7 +28,6 @@ from tests.helpers import grid_dict, write_grid
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import pytest
     import redis
 
 runner = CliRunner()
@@ -297,4 +298,6 @@ def test_status_lists_the_latest_failures_with_their_errors(stl_env: Path, conn:
     assert [run.id for run in summary.failed] == run_ids[6:1:-1]  # the latest five, latest first
     assert summary.failed[0].error == "eval stage x: failure 6"
     assert [run.id for run in summary.running] == []
-    assert status_summary(conn, user="bob").failed == []
+    assert status_summary(conn, user="alice").failed == summary.failed
+    with pytest.raises(NotFound, match='no runs by user "bob"; users with runs: alice'):
+        status_summary(conn, user="bob")
