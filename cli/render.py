@@ -347,7 +347,7 @@ def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] 
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("files", justify="right")
     table.add_column("holds")
-    table.add_column("freed by `stl disk`", no_wrap=True)
+    table.add_column("freed by", no_wrap=True)
     for row in disk_rows(usage):
         table.add_row(*row)
     return table

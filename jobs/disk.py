@@ -33,9 +33,9 @@ if TYPE_CHECKING:
 
 # STL_HOME/cache/<name>: what each cache holds.
 CACHES = {
-    "inductor": "torch.compile's compiled kernels (train.compile)",
+    "inductor": "compiled kernels (train.compile)",
     "tokens": "token ids of few-shot and eval sets",
-    "index": "row offsets of data files (MTL mixtures)",
+    "index": "row offsets of MTL data files",
 }
 PRUNE_LEASE_MS = 600_000  # held while deleting, so no work horse starts the stage meanwhile
 # `stl status` warns when the disk holding STL_HOME has less free than either: a BART-large stage
@@ -155,15 +155,15 @@ def disk_usage(settings: Settings) -> list[DiskUsage]:
     for kind, what in (("mtl", "MTL"), ("finetune", "few-shot")):
         mine = [model for model in models if model.kind == kind]
         parts.append(DiskUsage(f"models/{kind}", settings.stages_dir,
-                               f"{len(mine)} {what} stage model(s), kept for later runs and grids",
+                               f"{len(mine)} {what} model(s), reused by later runs",
                                sum(m.files for m in mine), sum(m.bytes for m in mine), freed_by=f"--prune {kind}"))
     stage_files, stage_bytes = tree_size(settings.stages_dir)
     known = [model for model in models if model.kind in ("mtl", "finetune")]
-    parts.append(DiskUsage("stages", settings.stages_dir, "stage logs, metrics and checkpoints of unfinished stages",
+    parts.append(DiskUsage("stages", settings.stages_dir, "logs, metrics; checkpoints of unfinished stages",
                            stage_files - sum(m.files for m in known), stage_bytes - sum(m.bytes for m in known)))
     parts += [
         DiskUsage("runs", settings.runs_dir, "per-run results and sample predictions", *tree_size(settings.runs_dir)),
-        DiskUsage("redis", settings.home / "redis", "the data of the redis-server stl starts when none runs",
+        DiskUsage("redis", settings.home / "redis", "data of the redis-server stl started itself",
                   *tree_size(settings.home / "redis")),
     ]
     return parts
