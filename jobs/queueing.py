@@ -312,8 +312,9 @@ def check_grid_unchanged(conn: redis.Redis, runs: list[RunSpec]) -> None:
         cell = " ".join(f"{k}={v}" for k, v in example.items())
         raise GridChanged(
             f'grid "{grid}" already has {len(changed)} run(s) of these cells with other settings (e.g. run '
-            f"{changed[0][:12]}, {cell}), and `stl results {grid}` would average the two; give the edited grid "
-            "a new name, or pass --replace to cancel those runs and drop them from the grid"
+            f"{changed[0][:12]}, {cell}: the grid file was edited, or an older stl queued them), and `stl "
+            f"results {grid}` would average the two; give the grid a new name, or pass --replace to cancel "
+            "those runs and drop them from the grid"
         )
 
 

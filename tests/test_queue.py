@@ -106,7 +106,7 @@ def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
     code, out, err = enqueue(edited)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
     assert 'grid "test-grid" already has 4 run(s) of these cells with other settings' in err
-    assert "give the edited grid a new name, or pass --replace" in err
+    assert "give the grid a new name, or pass --replace" in err
     assert conn.dbsize() == written and set(conn.zrange(keys.grid_runs("test-grid"), 0, -1)) == old_runs
 
     code, out, err = enqueue(edited, "--replace")
