@@ -115,7 +115,8 @@ def enqueue(
     max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = DEFAULT_MAX_RUNS,
     replace: Annotated[bool, typer.Option(
         "--replace", help="The grid was edited: cancel and drop its runs whose settings changed.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="With --replace: also other users' runs.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Add runs to another user's grid; with --replace, also drop theirs.")] = False,
 ) -> None:
     """Validate a grid file, expand it into runs and queue them, all or nothing.
 
@@ -124,7 +125,14 @@ def enqueue(
     train or eval settings for the same cells) is refused unless --replace: its results would mix.
     """
     from jobs.grid import parse_grid
-    from jobs.queueing import changed_runs, check_grid_unchanged, check_priority, drop_runs, submit_runs
+    from jobs.queueing import (
+        changed_runs,
+        check_grid_owner,
+        check_grid_unchanged,
+        check_priority,
+        drop_runs,
+        submit_runs,
+    )
 
     with handled():
         settings = _settings()
@@ -141,6 +149,8 @@ def enqueue(
         from cli.render import enqueue_message
 
         conn = _connect(settings)
+        if not force:
+            check_grid_owner(conn, expanded.grid.name, who)
         if replace:
             dropped = drop_runs(conn, changed_runs(conn, expanded.runs), user=who, force=force)
             if dropped:
@@ -341,8 +351,10 @@ def cancel(
         settings = _settings()
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        canceled, already = cancel_runs(conn, ids, user=settings.user, force=force)
-        typer.echo(f"canceled {len(canceled)} run(s); {len(already)} had already ended")
+        canceled, already, foreign = cancel_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        typer.echo(f"canceled {len(canceled)} run(s); {len(already)} had already ended"
+                   + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
+                      if foreign else ""))
 
 
 @app.command()
@@ -365,8 +377,9 @@ def retry(
         settings = _settings()
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        requeued, skipped = retry_runs(conn, ids, user=settings.user, force=force)
-        typer.echo(f"re-queued {len(requeued)} run(s); {len(skipped)} were not failed or canceled")
+        requeued, skipped, foreign = retry_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        typer.echo(f"re-queued {len(requeued)} run(s); {len(skipped)} were not failed or canceled"
+                   + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
 
 @app.command()

@@ -204,6 +204,7 @@ end
 if #to_write > 0 then
   redis.call('ZADD', K.grids, 'NX', p.now, p.grid)
   redis.call('HSETNX', K.grid, 'created_at', p.now)
+  redis.call('HSETNX', K.grid, 'user', p.user)
   redis.call('HDEL', K.grid, 'notified_at', 'ended_at')
   redis.call('SADD', K.users, p.user)
   if n_created > 0 then redis.call('SADD', K.queues, K.queue) end
@@ -303,6 +304,26 @@ def changed_runs(conn: redis.Redis, runs: list[RunSpec]) -> list[str]:
             if run_id not in new_ids and cell and json.dumps(json.loads(text(cell)), sort_keys=True) in new_cells]
 
 
+def grid_owner(conn: redis.Redis, grid: str) -> str | None:
+    """Who first queued runs under this grid name (None: nobody yet)."""
+    owner = text(conn.hget(keys.grid(grid), "user"))
+    if owner:
+        return owner
+    first = conn.zrange(keys.grid_runs(grid), 0, 0)  # grids queued before the owner was recorded
+    if not first:
+        return None
+    return text(conn.hget(keys.run(text(first[0])), "user")) or None
+
+
+def check_grid_owner(conn: redis.Redis, grid: str, user: str) -> None:
+    """A grid name is its first user's: others' runs in it would mix into their results and their
+    `cancel --grid`."""
+    owner = grid_owner(conn, grid)
+    if owner and owner != user:
+        raise GridChanged(f'grid "{grid}" belongs to {owner}; give yours another name (the `name:` in the grid '
+                          "file), or pass --force to add your runs to it")
+
+
 def check_grid_unchanged(conn: redis.Redis, runs: list[RunSpec]) -> None:
     """Refuse to put runs next to older runs of the same cells with other settings (see changed_runs)."""
     changed = changed_runs(conn, runs)
@@ -323,7 +344,7 @@ def drop_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool) 
     (their stages stay, and later runs reuse what they computed). Returns how many were dropped."""
     if not run_ids:
         return 0
-    cancel_runs(conn, run_ids, user=user, force=force)  # checks ownership first
+    cancel_runs(conn, run_ids, user=user, force=force)  # refuses other users' live runs without force
     records = _load_runs(conn, run_ids)
     pipe = conn.pipeline(transaction=True)
     for record in records:
@@ -367,23 +388,35 @@ def _check_owner(records: list[dict[str, str]], user: str, force: bool, verb: st
                                f"(e.g. {foreign[0]}); only the owner may, unless you pass --force")
 
 
-def cancel_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool) -> tuple[list[str], list[str]]:
-    """Cancel runs. Returns (canceled, already done). Stages other live runs still need keep going."""
+def _others(records: list[dict[str, str]], user: str, force: bool, *, skip_foreign: bool,
+            verb: str) -> tuple[list[dict[str, str]], list[str]]:
+    """(the records `user` may act on, the ids of other users' runs left alone). Other users' runs need
+    --force: named one by one they are refused; picked by --grid (`skip_foreign`) they are skipped."""
+    if force:
+        return records, []
+    foreign = [r["id"] for r in records if r["user"] != user]
+    if foreign and not skip_foreign:
+        _check_owner(records, user, force, verb)
+    return [r for r in records if r["user"] == user], foreign
+
+
+def cancel_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool,
+                skip_foreign: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """Cancel the live runs among `run_ids`. Returns (canceled, already ended, other users' runs left
+    alone). Stages other live runs still need keep going."""
     records = _load_runs(conn, run_ids)
-    _check_owner(records, user, force, "cancel")
+    already = [r["id"] for r in records if r["status"] not in LIVE]
+    mine, foreign = _others([r for r in records if r["status"] in LIVE], user, force,
+                            skip_foreign=skip_foreign, verb="cancel")
     canceled: list[str] = []
-    already: list[str] = []
     now = time.time()
-    for record in records:
-        if record["status"] not in LIVE:
-            already.append(record["id"])
-            continue
+    for record in mine:
         conn.hset(keys.run(record["id"]), mapping={
             "status": RunStatus.canceled.value, "ended_at": now, "error": f"canceled by {user}"})
         canceled.append(record["id"])
         for sid in json.loads(record["stages"]):
             _cancel_stage_if_unneeded(conn, sid, user=user)
-    return canceled, already
+    return canceled, already, foreign
 
 
 def _cancel_stage_if_unneeded(conn: redis.Redis, stage_id: str, *, user: str) -> None:
@@ -434,15 +467,17 @@ def load_run_specs(conn: redis.Redis, records: list[dict[str, str]]) -> tuple[li
     return runs, stages
 
 
-def retry_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool,
-               priority: str | None = None) -> tuple[list[str], list[str]]:
-    """Queue failed or canceled runs again. Returns (requeued, not retryable)."""
+def retry_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool, priority: str | None = None,
+               skip_foreign: bool = False) -> tuple[list[str], list[str], list[str]]:
+    """Queue failed or canceled runs again. Returns (requeued, not retryable, other users' runs left
+    alone)."""
     records = _load_runs(conn, run_ids)
-    _check_owner(records, user, force, "retry")
-    retryable = [r for r in records if r["status"] in (RunStatus.failed.value, RunStatus.canceled.value)]
-    skipped = [r["id"] for r in records if r not in retryable]
+    ended = (RunStatus.failed.value, RunStatus.canceled.value)
+    skipped = [r["id"] for r in records if r["status"] not in ended]
+    retryable, foreign = _others([r for r in records if r["status"] in ended], user, force,
+                                 skip_foreign=skip_foreign, verb="retry")
     if not retryable:
-        return [], skipped
+        return [], skipped, foreign
     by_owner: dict[tuple[str, str, str], list[dict[str, str]]] = {}
     for record in retryable:
         key = (record["user"], priority or record.get("priority") or "normal", record["grid"])
@@ -454,7 +489,7 @@ def retry_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool,
         report = submit_runs(conn, runs, stages, user=owner, priority=prio, stage_timeout=timeout,
                              requeue=[r.run_id for r in runs])
         requeued += report.queued
-    return requeued, skipped
+    return requeued, skipped, foreign
 
 
 def _stage_timeout_of(conn: redis.Redis, runs: list[RunSpec]) -> int:

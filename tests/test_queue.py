@@ -211,11 +211,41 @@ def test_only_the_owner_may_cancel_without_force(stl_env: Path, conn: redis.Redi
     assert result.exit_code != 0
     assert "owned by alice" in result.stderr and "--force" in result.stderr
     assert conn.hget(keys.run(run_id), "status") == b"queued"
-    result = runner.invoke(app, ["retry", run_id])
-    assert result.exit_code != 0 and "owned by alice" in result.stderr
     result = runner.invoke(app, ["cancel", run_id, "--force"])
     assert result.exit_code == 0
     assert conn.hget(keys.run(run_id), "status") == b"canceled"
+    result = runner.invoke(app, ["retry", run_id])
+    assert result.exit_code != 0 and "owned by alice" in result.stderr
+
+
+def test_a_grid_name_is_its_first_users_and_grid_commands_leave_other_users_runs_alone(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    enqueue(write_grid(tmp_path, demo_data))  # alice's test-grid, 4 runs
+    more = grid_dict(demo_data)
+    more["grid"]["seed"] = [0, 1]
+    path = tmp_path / "more.yaml"
+    path.write_text(yaml.safe_dump(more))
+    monkeypatch.setenv("STL_USER", "bob")
+    code, out, err = enqueue(path)
+    assert code == 2 and 'grid "test-grid" belongs to alice; give yours another name' in err
+    code, out, err = enqueue(path, "--force")
+    assert code == 0 and "queued 4 run(s)" in out, err
+    bobs = {r for r in map(text, conn.zrange(keys.grid_runs("test-grid"), 0, -1))
+            if text(conn.hget(keys.run(r), "user")) == "bob"}
+    assert len(bobs) == 4
+
+    # alice's --grid commands act on her runs and say what they left; a finished run blocks nothing
+    monkeypatch.setenv("STL_USER", "alice")
+    alices = [r for r in map(text, conn.zrange(keys.grid_runs("test-grid"), 0, -1)) if r not in bobs]
+    conn.hset(keys.run(alices[0]), "status", "finished")
+    result = runner.invoke(app, ["cancel", "--grid", "test-grid"])
+    assert result.exit_code == 0, result.stderr
+    assert "canceled 3 run(s); 1 had already ended; left 4 live run(s) of other users" in result.stdout
+    assert {text(conn.hget(keys.run(r), "status")) for r in bobs} == {"queued"}
+    result = runner.invoke(app, ["retry", "--grid", "test-grid"])
+    assert result.exit_code == 0 and "re-queued 3 run(s)" in result.stdout, result.stderr
 
 
 def test_cli_rejects_bad_run_ids_before_they_become_paths(stl_env: Path, conn: redis.Redis) -> None:
