@@ -203,8 +203,19 @@ def _write_run_dirs(settings: Settings, conn: redis.Redis, run_ids: list[str], s
         if not link.exists():
             with contextlib.suppress(FileExistsError):
                 link.symlink_to(settings.stages_dir / stage_id, target_is_directory=True)
-        record = {text(k): text(v) for k, v in conn.hgetall(keys.run(run_id)).items()}
-        (run_dir / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    write_run_records(settings, conn, run_ids)
+
+
+def write_run_records(settings: Settings, conn: redis.Redis, run_ids: list[str]) -> None:
+    """STL_HOME/runs/<id>/run.json: the run as `stl status --json` shows it, as of now (a stage began or
+    ended). Only for runs that have a folder, i.e. ones a stage has started."""
+    from jobs.records import run_rows
+
+    for row in run_rows(conn, [r for r in run_ids if (settings.runs_dir / r).is_dir()]):
+        path = settings.runs_dir / row.id / "run.json"
+        temporary = path.with_name(".run.json.tmp")
+        temporary.write_text(json.dumps(row.to_json(), indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, path)
 
 
 def run_stage(stage_id: str) -> dict[str, Any]:
@@ -389,6 +400,8 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
             # A copy for people reading STL_HOME; Redis has the results, so a full disk does not undo them.
             with contextlib.suppress(OSError):
                 _write_results_file(settings, conn, run_id)
+    with contextlib.suppress(OSError):
+        write_run_records(settings, conn, run_ids)
     if finished_runs and settings.prune_finetune:
         _prune_finetune_models(conn, settings, finished_runs, user=user)
     for grid in grids:

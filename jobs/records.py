@@ -331,6 +331,15 @@ def run_log(conn: redis.Redis, run_id: str, *, start: dict[str, int] | None = No
     return lines, positions
 
 
+def run_rows(conn: redis.Redis, run_ids: list[str]) -> list[RunRow]:
+    """These runs as `stl status --json` shows them (typed, with progress); unknown ids are left out."""
+    pipe = conn.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hmget(keys.run(run_id), *RUN_FIELDS)
+    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True)) for raw in (pipe.execute() if run_ids else [])]
+    return _with_progress(conn, records)
+
+
 def run_status(conn: redis.Redis, run_id: str) -> str:
     return text(conn.hget(keys.run(run_id), "status"))
 

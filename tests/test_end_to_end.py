@@ -74,6 +74,8 @@ def test_grid_runs_to_results(stl_env: Path, conn: redis.Redis, tmp_path: Path, 
                     "summarization": ("generation", "rougeL")}[row["task"]]
         assert (row["task_type"], row["metric"]) == expected
     assert (stl_env / "runs" / rows[0]["run"] / "metrics.json").is_file()
+    record = json.loads((stl_env / "runs" / rows[0]["run"] / "run.json").read_text())
+    assert record["status"] == "finished" and record["progress"] == 1.0 and isinstance(record["cell"], dict)
 
     markdown = cli("results", "test-grid", "--markdown")
     assert markdown.startswith("| model | mtl | instructions | shots |")
