@@ -124,7 +124,30 @@ def running_columns(width: int | None) -> tuple[str, ...]:
 
 
 def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
+    """The running runs; for a terminal `width` columns wide, the columns that fit (see running_columns),
+    fewer still when long cells (grid names, cells) would not fit."""
     columns = running_columns(width)
+    table = _running_table(runs, columns)
+    while width is not None and runs and _fits(table) > width:
+        fewer = next((tuple(c for c in columns if c != drop) for drop in RUNNING_COLUMNS_DROPPED_FIRST
+                      if drop in columns), None)
+        if fewer is None:
+            break
+        columns = fewer
+        table = _running_table(runs, columns)
+    return table
+
+
+def _fits(table: Table) -> int:
+    """Columns `table` needs to print without squeezing a cell."""
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    console = Console(width=100_000)
+    return Measurement.get(console, console.options, table).maximum
+
+
+def _running_table(runs: list[RunRow], columns: tuple[str, ...]) -> Table:
     hidden = [name for name in RUNNING_COLUMNS if name not in columns]
     caption = f"{', '.join(hidden)} hidden at this width; widen the terminal to see them" if hidden and runs else None
     table = Table(title="Running", title_justify="left", caption=caption, caption_justify="left")
@@ -133,7 +156,8 @@ def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
         if name == "progress":
             table.add_column(header, min_width=12)
         else:
-            table.add_column(header, justify="right" if name in RIGHT_ALIGNED else "left", overflow="fold")
+            table.add_column(header, justify="right" if name in RIGHT_ALIGNED else "left", overflow="fold",
+                             no_wrap=name in ("run", "step", "eta", "elapsed"))
     rows = running_rows(runs)
     for row in rows:
         bar = ProgressBar(total=1.0, completed=row["progress"], width=8)

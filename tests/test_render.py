@@ -6,6 +6,7 @@ import time
 
 from cli.render import (
     RUNNING_COLUMNS,
+    _fits,
     build_failed_table,
     build_results_table,
     build_running_table,
@@ -65,7 +66,14 @@ def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
     assert [column.header for column in narrow.columns] == ["run", "cell", "stage", "run progress", "stage eta"]
     assert narrow.caption == ("user, grid, step, loss, speed, elapsed hidden at this width; "
                               "widen the terminal to see them")
-    assert build_running_table([run_row()], 120).caption is None
+    assert build_running_table([run_row()], 200).caption is None
+    long_grid = [run_row(grid="a-rather-long-grid-name-for-a-study")]
+    for width in (100, 120, 160):  # columns give way until what stays fits, cells unsqueezed
+        table = build_running_table(long_grid, width)
+        assert _fits(table) <= width, (width, [c.header for c in table.columns])
+    assert len(build_running_table(long_grid, 160).columns) > len(build_running_table(long_grid, 100).columns)
+    # at 80 the five that say where a run is stay, and the cell wraps
+    assert len(build_running_table(long_grid, 80).columns) == len(running_columns(80))
     table = build_running_table([], 80)
     assert [list(column.cells) for column in table.columns] == [["—"], ["nothing running"], [""], [""], [""]]
 
