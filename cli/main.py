@@ -284,6 +284,9 @@ def results(
             width: int | None = console.width
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
                 console, width = Console(width=200), None
+            if not pivot.columns:  # no run has a result: a table of axes alone says nothing
+                typer.echo(f"stl: no results yet for {', '.join(grids)}", err=True)
+                return
             console.print(analysis.build_pivot_table(pivot, width=width))
             if report is not None:
                 console.print(analysis.build_effect_table(report))

@@ -486,9 +486,10 @@ def format_stat(stat: CellStat | None, *, digits: int = 3, count: bool = True) -
     `count`, a complete cell leaves its n out (the caption says it)."""
     if stat is None:
         return EMPTY_CELL
+    # One run has no spread to report: "± 0.000" would read as zero variance.
+    text = f"{stat.mean:.{digits}f}" if stat.n < 2 else f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
     if not stat.complete:
-        return f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f} (n={stat.n}/{stat.expected})"
-    text = f"{stat.mean:.{digits}f} ± {stat.std:.{digits}f}"
+        return f"{text} (n={stat.n}/{stat.expected})"
     return f"{text} (n={stat.n})" if count else text
 
 
@@ -564,12 +565,14 @@ def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Tabl
     from rich.text import Text
 
     n = uniform_count(pivot)
-    over = f"one per {pivot.folded[0]}" if len(pivot.folded) == 1 else f"differing in {', '.join(pivot.folded)}"
-    caption = [f"mean ± sample std over each row's {n} run(s) ({over})" if n is not None
-               else f"mean ± sample std over each row's n runs ({over})" if pivot.folded
-               else "mean ± sample std over each row's n runs"]
+    over = ("" if not pivot.folded else f" (one per {pivot.folded[0]})" if len(pivot.folded) == 1
+            else f" (differing in {', '.join(pivot.folded)})")
+    caption = ["one run per row: no spread to report" if n == 1
+               else f"mean ± sample std over each row's {n} runs{over}" if n is not None
+               else f"mean ± sample std over each row's n runs{over}"]
     if any(stat is not None and not stat.complete for row in pivot.rows for stat in row.cells.values()):
-        caption.append("n=k/m: only k of the row's m runs have this result yet")
+        caption.append("n=k/m: k of the row's m runs have this result (the others are queued, running, failed "
+                       "or canceled)")
     if hidden_tasks:
         caption.append("per-task columns hidden at this width: widen the terminal, or use --markdown or --csv")
     table = Table(title=title, caption="; ".join(caption), show_lines=False)

@@ -143,7 +143,7 @@ def test_single_seed_has_zero_std() -> None:
     pivot = build_pivot([result(make_cell(), "intent", 0.4)], [summary(make_cell())])
     stat = pivot.rows[0].cells["intent"]
     assert stat == CellStat(mean=0.4, std=0.0, n=1, expected=1)
-    assert format_stat(stat) == "0.400 ± 0.000 (n=1)"
+    assert format_stat(stat) == "0.400 (n=1)"
 
 
 def test_running_grid_reports_expected_runs_per_row() -> None:
@@ -305,9 +305,9 @@ def test_rich_table_cells() -> None:
     assert table.title == "g: instructions = true"
     cells = [[str(cell) for cell in column._cells] for column in table.columns]
     assert cells[0] == ["tiny:bart", "small|t5"]
-    assert cells[1] == ["0.600 ± 0.141 (n=2)", "0.250 ± 0.000 (n=1/2)"]
+    assert cells[1] == ["0.600 ± 0.141 (n=2)", "0.250 (n=1/2)"]
     assert cells[2] == ["0.200 ± 0.000 (n=2)", "—"]
-    assert "n=k/m: only k" in str(table.caption)
+    assert "n=k/m: k of the row's m runs have this result" in str(table.caption)
 
 
 def test_rich_table_fits_the_terminal() -> None:
@@ -319,15 +319,22 @@ def test_rich_table_fits_the_terminal() -> None:
     pivot = build_pivot(rows, runs, by=["model"])
     wide = build_pivot_table(pivot, width=200)
     assert len(wide.columns) == 5 and table_cells(wide)[1] == ["0.600 ± 0.100"] * 2  # every n is 3
-    assert str(wide.caption).startswith("mean ± sample std over each row's 3 run(s) (one per seed)")
+    assert str(wide.caption).startswith("mean ± sample std over each row's 3 runs (one per seed)")
     by_seed = build_pivot_table(build_pivot(rows, runs, by=["seed"]), width=200)
-    assert str(by_seed.caption).startswith("mean ± sample std over each row's 2 run(s) (one per model)")
+    assert str(by_seed.caption).startswith("mean ± sample std over each row's 2 runs (one per model)")
     narrow = build_pivot_table(pivot, width=80)
     assert [str(c.header) for c in narrow.columns] == ["model", "classification\n(mean accuracy)",
                                                        "generation\n(mean ROUGE-L)"]
     assert "per-task columns hidden at this width" in str(narrow.caption)
     one_row = build_pivot_table(build_pivot(rows[:2], runs[:1], by=["model", "instructions"]), width=80)
     assert [str(c.header) for c in one_row.columns][:2] == ["model", "instructions"] and one_row.title is None
+
+
+def test_one_run_per_row_shows_no_spread() -> None:
+    rows = [result(make_cell(model=m), "intent", 0.5) for m in ("tiny:bart", "tiny:t5")]
+    table = build_pivot_table(build_pivot(rows, [summary(make_cell(model=m)) for m in ("tiny:bart", "tiny:t5")]))
+    assert table.caption == "one run per row: no spread to report"
+    assert table_cells(table)[1] == ["0.500", "0.500"]
 
 
 def table_cells(table: Table) -> list[list[str]]:
@@ -341,7 +348,7 @@ def test_markdown_table() -> None:
         "| --- | --- | ---: | ---: | ---: | ---: |\n"
         "| tiny:bart | true | 0.600 ± 0.141 (n=2) | 0.200 ± 0.000 (n=2) | 0.600 ± 0.141 (n=2) "
         "| 0.200 ± 0.000 (n=2) |\n"
-        "| small\\|t5 | true | 0.250 ± 0.000 (n=1/2) | — | 0.250 ± 0.000 (n=1/2) | — |\n"
+        "| small\\|t5 | true | 0.250 (n=1/2) | — | 0.250 (n=1/2) | — |\n"
     )
 
 

@@ -331,3 +331,12 @@ def test_status_lists_the_latest_failures_with_their_errors(stl_env: Path, conn:
     assert status_summary(conn, user="alice").failed == summary.failed
     with pytest.raises(NotFound, match='no runs by user "bob"; users with runs: alice'):
         status_summary(conn, user="bob")
+
+
+def test_results_of_a_grid_with_no_results_yet_say_so(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                      demo_data: Path) -> None:
+    enqueue(write_grid(tmp_path, demo_data))
+    result = runner.invoke(app, ["results", "test-grid"])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "stl: 4 of 4 run(s) are still queued or running" in result.stderr
+    assert "stl: no results yet for test-grid" in result.stderr
