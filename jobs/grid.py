@@ -607,10 +607,13 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
                 if shots and any(sizes[task] - grid.eval.max_examples < shots for task in eval_tasks)]
     if too_many:
         shots, index = min(too_many)
-        task = min(eval_tasks, key=lambda t: (sizes[t], t))
-        more = f" ({len(too_many)} shots values do not fit)" if len(too_many) > 1 else ""
+        short = sorted((t for t in eval_tasks if sizes[t] - grid.eval.max_examples < shots),
+                       key=lambda t: (sizes[t], t))
+        task = short[0]
+        more = f"; {len(too_many) - 1} larger shots value(s) do not fit either" if len(too_many) > 1 else ""
+        others = f" (also too small: {', '.join(short[1:])})" if len(short) > 1 else ""
         report(("grid", "shots", index), few_shot_shortfall(
-            task, rows=sizes[task], holdout=grid.eval.max_examples, shots=shots) + more)
+            task, rows=sizes[task], holdout=grid.eval.max_examples, shots=shots) + others + more)
     for name, mixture in grid.mixtures.items():
         check_tasks(_resolve_source(mixture.data, base), mixture.tasks, ("mixtures", name, "tasks"))
     for index, model in enumerate(grid.grid.model):

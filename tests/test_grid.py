@@ -127,12 +127,13 @@ def test_few_shot_examples_must_fit_beside_the_eval_examples(tmp_path: Path, dem
                                  eval={"max_examples": 44}))
     assert {spec.holdout for spec in fits.stages.values() if spec.kind == StageKind.finetune} == {44}
     assert {spec.holdout for spec in fits.stages.values() if spec.kind != StageKind.finetune} == {0}
-    path = write_grid(tmp_path, demo_data, grid={**grid_dict(demo_data)["grid"], "shots": [0, 4, 8]},
+    path = write_grid(tmp_path, demo_data, grid={**grid_dict(demo_data)["grid"], "shots": [0, 4, 8, 9]},
                       eval={"max_examples": 44})
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:") and "grid.shots.2: " in problem
     assert ("has 48 rows; its first 44 are eval examples (eval.max_examples), which leaves 4 to draw shots: 8 "
-            "from") in problem
+            "from; lower shots or eval.max_examples (also too small: summarization); 1 larger shots value(s) do "
+            "not fit either") in problem
 
 
 def test_a_task_listed_twice_is_refused(tmp_path: Path, demo_data: Path) -> None:
