@@ -298,7 +298,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
             reporter.log("another work horse took this stage over; stopping this copy")
             lease.release()
             raise StageLeaseLost(f"stage {stage_id} is being run elsewhere") from e
-        reporter.log(f"canceled: {e}")
+        who = text(conn.hget(stage_key, "cancel"))  # `stl cancel` leaves its user's name here
+        reporter.log(f"canceled{f' by {who}' if who and who != 'cancel' else ''}: {e}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.canceled, error=str(e) or "canceled",
                       started=started, user=user)
         lease.release()

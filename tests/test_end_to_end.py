@@ -139,6 +139,7 @@ def test_running_run_is_canceled_within_seconds(stl_env: Path, conn: redis.Redis
     assert conn.hget(keys.run(run.run_id), "status") == b"canceled"
     # a cancel is an expected end: one line in the worker's log, not a traceback
     assert "ended: StageCanceled: " in output and "Traceback" not in output, output[-3000:]
+    assert "canceled by alice: " in cli("logs", run.run_id)  # whoever canceled it, in the run's log
     # the eval stage that depended on it never runs
     assert conn.hget(keys.stage(run.stages[1]), "status") == b"canceled"
 
