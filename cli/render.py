@@ -199,11 +199,15 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
     return table
 
 
+ERROR_CHARS = 120  # of a failed run's error in `stl status`; `stl logs RUN` has all of it
+
+
 def failed_rows(runs: list[RunRow]) -> list[list[str]]:
     rows = []
     for run in runs:
         ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
-        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, run.error or "—"])
+        error = run.error if len(run.error) <= ERROR_CHARS else run.error[:ERROR_CHARS - 1] + "…"
+        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, error or "—"])
     return rows
 
 

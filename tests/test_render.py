@@ -170,6 +170,8 @@ def test_failures_show_run_grid_cell_and_error() -> None:
     [row] = failed_rows([failed])
     assert row[:3] == ["0123456789", "g", "tiny:bart mtl=none 0-shot seed 1"]
     assert row[4] == "finetune stage ab12: out of memory"
+    [long] = failed_rows([run_row(status="failed", error="x" * 500)])
+    assert len(long[4]) == 120 and long[4].endswith("…")
     from jobs.records import StatusSummary
 
     view = build_status_view(StatusSummary(counts={}, grids=[], running=[], failed=[failed]), [], 120)
