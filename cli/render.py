@@ -140,11 +140,9 @@ def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
 
 def _fits(table: Table) -> int:
     """Columns `table` needs to print without squeezing a cell."""
-    from rich.console import Console
-    from rich.measure import Measurement
+    from jobs.analysis import table_width  # only when runs are running: status starts without it
 
-    console = Console(width=100_000)
-    return Measurement.get(console, console.options, table).maximum
+    return table_width(table)
 
 
 def _running_table(runs: list[RunRow], columns: tuple[str, ...]) -> Table:
@@ -284,14 +282,6 @@ def results_notes(runs: list[RunRow]) -> list[str]:
     return notes
 
 
-def constant_axes(cells: list[dict[str, Any]]) -> dict[str, Any]:
-    """The cell axes that hold one value in every cell (none when there are fewer than two cells)."""
-    if len(cells) < 2:
-        return {}
-    first = cells[0]
-    return {axis: value for axis, value in first.items() if all(cell.get(axis) == value for cell in cells)}
-
-
 def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> list[list[str]]:
     """One row per run and task; the cell without the axes in `hide` (said once, in the title)."""
     hidden = set(hide)
@@ -304,6 +294,8 @@ def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> l
 
 
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
+    from jobs.analysis import constant_axes
+
     constant = constant_axes([r["cell"] for r in rows])
     constant.pop("seed", None)
     title = f"Results of {grid}"

@@ -521,18 +521,24 @@ def pivot_table_rows(pivot: Pivot, *, count: bool = True) -> list[list[str]]:
     ]
 
 
+def constant_axes(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The axes that hold one value in every record (none when there are fewer than two records): a
+    terminal table says them once, in its title."""
+    if len(records) < 2:
+        return {}
+    first = records[0]
+    return {axis: value for axis, value in first.items() if all(r.get(axis) == value for r in records)}
+
+
 def without_constant_axes(pivot: Pivot) -> tuple[Pivot, list[tuple[str, AxisValue]]]:
-    """The pivot without the row axes that hold one value in every row, and those (axis, value) pairs:
-    a terminal table says them once, in its title. A one-row pivot keeps its axes."""
-    if len(pivot.rows) < 2:
-        return pivot, []
-    constant = [i for i in range(len(pivot.row_axes)) if len({row.key[i] for row in pivot.rows}) == 1]
+    """The pivot without the row axes that hold one value in every row, and those (axis, value) pairs.
+    A one-row pivot keeps its axes."""
+    constant = constant_axes([dict(zip(pivot.row_axes, row.key, strict=True)) for row in pivot.rows])
     if not constant:
         return pivot, []
-    kept = [i for i in range(len(pivot.row_axes)) if i not in constant]
+    kept = [i for i, axis in enumerate(pivot.row_axes) if axis not in constant]
     rows = tuple(replace(row, key=tuple(row.key[i] for i in kept)) for row in pivot.rows)
-    fixed = [(pivot.row_axes[i], pivot.rows[0].key[i]) for i in constant]
-    return replace(pivot, row_axes=tuple(pivot.row_axes[i] for i in kept), rows=rows), fixed
+    return replace(pivot, row_axes=tuple(pivot.row_axes[i] for i in kept), rows=rows), list(constant.items())
 
 
 def uniform_count(pivot: Pivot) -> int | None:
@@ -555,7 +561,7 @@ def build_pivot_table(pivot: Pivot, *, title: str | None = None, width: int | No
         constant = ", ".join(f"{axis} = {render_value(value)}" for axis, value in fixed)
         title = f"{title}: {constant}" if title else constant
     table = _pivot_table(shown, title=title, hidden_tasks=False)
-    if width is not None and len(shown.type_columns()) < len(shown.columns) and _table_width(table) > width:
+    if width is not None and len(shown.type_columns()) < len(shown.columns) and table_width(table) > width:
         table = _pivot_table(type_columns_only(shown), title=title, hidden_tasks=True)
     return table
 
@@ -598,7 +604,7 @@ def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Tabl
     return table
 
 
-def _table_width(table: Table) -> int:
+def table_width(table: Table) -> int:
     """Columns the table needs to print without wrapping a cell."""
     from rich.console import Console
     from rich.measure import Measurement
@@ -641,9 +647,8 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
 
     combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
     # Axes with one value in every comparison are said once, in the title, as in the pivot.
-    constant = [i for i in range(len(combo_axes)) if len(report.comparisons) > 1
-                and len({comparison.combo[i][1] for comparison in report.comparisons}) == 1]
-    fixed = ", ".join(f"{combo_axes[i]} = {render_value(report.comparisons[0].combo[i][1])}" for i in constant)
+    constant = constant_axes([dict(comparison.combo) for comparison in report.comparisons])
+    fixed = ", ".join(f"{axis} = {render_value(value)}" for axis, value in constant.items())
     skipped = []
     if report.skipped_zero_baseline:
         skipped.append(f"{report.skipped_zero_baseline} with A = 0")
@@ -654,7 +659,7 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
         caption += f"; skipped {', '.join(skipped)}"
     title = title or f"Effect of {report.axis}: {report.b} vs {report.a}"
     table = Table(title=f"{title}\n{fixed}" if fixed else title, caption=caption)
-    shown = [i for i in range(len(combo_axes)) if i not in constant]
+    shown = [i for i, axis in enumerate(combo_axes) if axis not in constant]
     for i in shown:
         table.add_column(combo_axes[i], no_wrap=True)
     table.add_column("task type")

@@ -602,18 +602,18 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     # Few-shot examples come from the rows after each target task's eval examples: enough must be left.
     sizes = task_sizes(main_source) if catalogs.get(main_source) else {}
     eval_tasks = sorted({task for split in splits.values() for task in split.eval if task in sizes})
-    # One line for the whole axis: the smallest shots value that does not fit, on its smallest task.
-    too_many = [(shots, index) for index, shots in enumerate(grid.grid.shots)
-                if shots and any(sizes[task] - grid.eval.max_examples < shots for task in eval_tasks)]
-    if too_many:
-        shots, index = min(too_many)
-        short = sorted((t for t in eval_tasks if sizes[t] - grid.eval.max_examples < shots),
-                       key=lambda t: (sizes[t], t))
-        task = short[0]
-        more = f"; {len(too_many) - 1} larger shots value(s) do not fit either" if len(too_many) > 1 else ""
-        others = f" (also too small: {', '.join(short[1:])})" if len(short) > 1 else ""
+    # One line for the whole axis: the smallest shots value that does not fit, its tasks smallest first.
+    holdout = grid.eval.max_examples
+    too_small = {index: sorted((t for t in eval_tasks if sizes[t] - holdout < shots), key=lambda t: (sizes[t], t))
+                 for index, shots in enumerate(grid.grid.shots) if shots}
+    failing = [index for index, tasks in too_small.items() if tasks]
+    if failing:
+        index = min(failing, key=lambda i: grid.grid.shots[i])
+        task, *others = too_small[index]
+        also = f" (also too small: {', '.join(others)})" if others else ""
+        more = f"; {len(failing) - 1} larger shots value(s) do not fit either" if len(failing) > 1 else ""
         report(("grid", "shots", index), few_shot_shortfall(
-            task, rows=sizes[task], holdout=grid.eval.max_examples, shots=shots) + others + more)
+            task, rows=sizes[task], holdout=holdout, shots=grid.grid.shots[index]) + also + more)
     for name, mixture in grid.mixtures.items():
         check_tasks(_resolve_source(mixture.data, base), mixture.tasks, ("mixtures", name, "tasks"))
     for index, model in enumerate(grid.grid.model):

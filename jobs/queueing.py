@@ -329,8 +329,10 @@ def check_grid_unchanged(conn: redis.Redis, runs: list[RunSpec]) -> None:
     changed = changed_runs(conn, runs)
     if changed:
         grid = runs[0].grid
+        from jobs.analysis import render_value
+
         example = json.loads(text(conn.hget(keys.run(changed[0]), "cell")))
-        cell = " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in example.items())
+        cell = " ".join(f"{k}={render_value(v)}" for k, v in example.items())
         raise GridChanged(
             f'grid "{grid}" already has {len(changed)} run(s) of these cells with other settings (e.g. run '
             f"{changed[0][:12]}, {cell}: the grid file was edited, or an older stl queued them), and `stl "

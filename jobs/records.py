@@ -220,16 +220,9 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
     for grid_name, row in grids.items():
         row.created_at = _f(str((answer["created"] or {}).get(grid_name, "")))
         row.ended_at = _f(str((answer["ended"] or {}).get(grid_name, "")))
-    running_ids = list(answer["running"] or [])
-    failed_ids = list(answer["failed"] or [])
-    pipe = conn.pipeline(transaction=False)
-    for run_id in running_ids + failed_ids:
-        pipe.hmget(keys.run(run_id), *RUN_FIELDS)
-    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True))
-               for raw in (pipe.execute() if running_ids or failed_ids else [])]
     return StatusSummary(counts=counts, grids=list(grids.values()),
-                         running=_with_progress(conn, records[:len(running_ids)]),
-                         failed=_with_progress(conn, records[len(running_ids):]))
+                         running=run_rows(conn, list(answer["running"] or [])),
+                         failed=run_rows(conn, list(answer["failed"] or [])))
 
 
 def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -> RunRow:
