@@ -13,7 +13,8 @@ is loaded, and its per-task result line; HF: tokenizing, the predict call, decod
 generation config sets min_new_tokens = max_new_tokens, so both sides decode every token (equal work).
 One warm-up round is run and discarded. Predictions are compared as a correctness check (they should
 agree: same model, greedy decoding).
-Precision: fp32 on CPU; on CUDA stl's bf16 autocast vs Trainer's bf16_full_eval=True.
+Precision: fp32 on CPU; on CUDA stl's bf16 weights (jobs/evaluate.py casts them, on GPUs with native bf16)
+vs Trainer's bf16_full_eval=True, which does the same.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 # then the GPU benchmarks: stl's training loop vs Seq2SeqTrainer (bf16) and stl's evaluation vs
 # Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
 # option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network);
-# then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part).
+# then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part); then, on CUDA,
+# three ways of calling HF generate (bench_generate_variants.py; GPU_VARIANTS=0 skips them).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
 # Budget: about 5 minutes on one GPU, 9 at most (each script has its own time limit, LIMIT_S and
 # COMPILE_LIMIT_S); the core figures come first, so a cut-off run still leaves them.
@@ -96,6 +97,14 @@ if [[ "${GPU_COMPILE:-1}" != 0 ]]; then
     run "$COMPILE_LIMIT_S" compile-t5-small bench/bench_train.py "${COMMON[@]}" "${COMPILE_T5[@]}"
   fi
   run "$COMPILE_LIMIT_S" compile-bart-base bench/bench_train.py "${COMMON[@]}" "${COMPILE_BART[@]}"
+fi
+# Last, as it informs rather than measures stl: HF generate with autocast vs bf16 weights vs a static,
+# compiled KV cache (GPU_VARIANTS=0 skips it; on a CPU: bench_generate_variants.py --device cpu --size tiny).
+if [[ "$DEVICE" == cuda* && "${GPU_VARIANTS:-1}" != 0 ]]; then
+  for size in bart-base t5-small; do
+    run "$LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" --size "$size" \
+      --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2
+  done
 fi
 
 echo

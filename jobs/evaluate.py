@@ -12,6 +12,7 @@ kept there, keyed by the data file, task, limits and tokenizer, so evaluating ag
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from jobs import data as data_lib
 from jobs.errors import DataError, StageCanceled, StagePreempted
 from jobs.models import (
     autocast_for,
+    bf16_autocast_supported,
     encode_sources,
     encode_targets,
     is_seq2seq,
@@ -128,7 +130,8 @@ def evaluate(cfg: EvalRun, *, on_step: Callable[[StepReport], None]) -> list[Tas
     examples = _first_examples(spec.data, spec.tasks, spec.eval.max_examples)
     scorer = _Scorer(cfg, spec.eval, on_step, total=sum(len(task_examples) for task_examples in examples.values()))
     model = f"{spec.model} from {cfg.model_dir}" if cfg.model_dir else spec.model
-    cfg.log(f"evaluating {model} on {len(spec.tasks)} task(s), {scorer.total} examples, on {cfg.device}")
+    precision = "bf16 weights" if scorer.bf16_weights else "fp32"
+    cfg.log(f"evaluating {model} on {len(spec.tasks)} task(s), {scorer.total} examples, on {cfg.device} ({precision})")
     results = []
     for task in dict.fromkeys(spec.tasks):
         metrics = scorer.score_task(task, examples[task], scorer.encode_task(task, examples[task]))
@@ -169,6 +172,12 @@ class _Scorer:
             self.spec.model, device=cfg.device, seed=self.spec.seed, init_from=cfg.model_dir
         )
         self.model.eval()
+        # Evaluation never steps an optimizer, so on a GPU with native bf16 the weights themselves go to
+        # bf16 (as Trainer's bf16_full_eval does): autocast would cast every weight again at each decoding
+        # step, and greedy decoding runs one small step per token. Log-likelihoods are summed in fp32.
+        self.bf16_weights = bf16_autocast_supported(self.device)
+        if self.bf16_weights:
+            cast("Any", self.model).to(dtype=torch.bfloat16)
         self.seq2seq = is_seq2seq(self.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
         start_id = getattr(self.model.config, "decoder_start_token_id", None)
@@ -178,7 +187,7 @@ class _Scorer:
         self.source_limit = settings.max_source_length
         if limit is not None:
             self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
-        self.autocast = autocast_for(self.device)
+        self.autocast = contextlib.nullcontext if self.bf16_weights else autocast_for(self.device)
         self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
         self.rouge = make_rouge_scorer()
         self.done = 0

@@ -123,6 +123,36 @@ def test_batched_scoring_matches_one_example_at_a_time(tmp_path: Path, demo_data
     assert TaskMetrics.from_dict(classification.to_dict()) == classification
 
 
+def test_a_bf16_gpu_evaluates_with_bf16_weights(
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the device computes bf16 natively the eval model's weights go to bf16 (no per-step autocast
+    casts); the scores stay within bf16's rounding of the fp32 ones. The CPU stands in for such a GPU."""
+    import jobs.evaluate as evaluate_module
+
+    tasks = ("intent_classification", "summarization")
+    model_dir = briefly_trained(demo_data, tmp_path, "tiny:t5")
+    fp32 = run_eval(eval_spec(demo_data, tasks), model_dir=model_dir)
+    monkeypatch.setattr(evaluate_module, "bf16_autocast_supported", lambda device: True)
+    dtypes: list[torch.dtype] = []
+    real_scores = evaluate_module._Scorer._option_scores
+
+    def scores_and_dtype(self: Any, *args: Any) -> list[list[float]]:
+        dtypes.append(next(self.model.parameters()).dtype)
+        return real_scores(self, *args)
+
+    monkeypatch.setattr(evaluate_module._Scorer, "_option_scores", scores_and_dtype)
+    lines: list[str] = []
+    run = EvalRun(spec=eval_spec(demo_data, tasks), model_dir=model_dir, device="cpu",
+                  should_stop=lambda: None, log=lines.append)
+    bf16 = evaluate(run, on_step=lambda report: None)
+    assert dtypes and set(dtypes) == {torch.bfloat16}
+    assert "(bf16 weights)" in lines[0]
+    assert [(m.task, m.metric, m.n) for m in bf16] == [(m.task, m.metric, m.n) for m in fp32]
+    for low, full in zip(bf16, fp32, strict=True):
+        assert abs(low.value - full.value) <= 0.5  # 6 examples: bf16 may flip a near-tie or a word
+
+
 def test_eval_errors_and_cancel(demo_data: Path) -> None:
     with pytest.raises(DataError, match="no_such_task"):
         run_eval(eval_spec(demo_data, ("no_such_task",)))

@@ -1,0 +1,125 @@
+"""Greedy generation, three ways of calling Hugging Face `generate` on one model: which is fastest here?
+
+This measures options for stl's eval stage (jobs/evaluate.py), not stl itself:
+  autocast   fp32 weights under bf16 autocast, dynamic KV cache (stl's eval before it cast weights to bf16)
+  bf16       bf16 weights, dynamic KV cache (stl's eval now, and Trainer's bf16_full_eval)
+  static     bf16 weights, `cache_implementation="static"`: a fixed-size KV cache, which lets transformers
+             compile the decoding step (CUDA graphs); the first call compiles, in the warm-up round
+Same random weights, same random source ids (every row `--source-len` tokens), batch size and
+max_new_tokens (min_new_tokens equal to it, so every variant decodes every token). Examples/s per variant,
+interleaved rounds after one discarded warm-up, ratios against `bf16`, and the share of generated tokens
+that equal bf16's (a check that the variants decode the same thing; autocast may differ by rounding).
+On a CPU (fp32, no autocast or bf16 there) it only checks the plumbing: `--device cpu --size tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Ratio, Report, header, interleave  # noqa: E402
+from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, sync  # noqa: E402
+
+BENCH = "generate-variants"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (plumbing check)")
+    parser.add_argument("--size", default="bart-base", choices=SIZES)
+    parser.add_argument("--examples", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--source-len", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--variants", default="autocast,bf16,static", help="comma-separated subset")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    quiet_transformers()
+    header(f"{BENCH}: HF generate variants ({args.size}, {args.device})", args.device)
+    cuda = args.device.startswith("cuda")
+    torch.manual_seed(0)
+    vocab = VOCAB[args.size]
+    base = AutoModelForSeq2SeqLM.from_config(model_config(args.size, vocab)).eval()
+    sources = torch.randint(3, vocab, (args.examples, args.source_len))
+    mask = torch.ones_like(sources)
+
+    def variant(name: str) -> tuple[Any, Any, dict[str, Any]]:
+        """(model, context factory, extra generate kwargs) of one variant."""
+        model = AutoModelForSeq2SeqLM.from_config(model_config(args.size, vocab))
+        model.load_state_dict(base.state_dict())
+        model.eval().to(args.device)
+        generation = model.generation_config
+        generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
+        generation.min_new_tokens = args.max_new_tokens
+        context: Any = contextlib.nullcontext
+        if cuda and name == "autocast":
+            context = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
+        elif cuda:
+            model.to(dtype=torch.bfloat16)
+        extra = {"cache_implementation": "static"} if name == "static" else {}
+        return model, context, extra
+
+    names = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = set(names) - {"autocast", "bf16", "static"}
+    if unknown:
+        raise SystemExit(f"unknown variants {sorted(unknown)}; use autocast, bf16, static")
+    outputs: dict[str, Any] = {}
+
+    def runner(name: str) -> Any:
+        model, context, extra = variant(name)
+
+        def run() -> float:
+            pieces = []
+            sync(args.device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                for first in range(0, args.examples, args.batch_size):
+                    batch = slice(first, first + args.batch_size)
+                    with context():
+                        generated = model.generate(input_ids=sources[batch].to(args.device),
+                                                   attention_mask=mask[batch].to(args.device),
+                                                   max_new_tokens=args.max_new_tokens, do_sample=False,
+                                                   num_beams=1, use_cache=True, **extra)
+                    pieces.append(generated.cpu())  # a host copy per batch, as decoding text needs
+            sync(args.device)
+            outputs[name] = torch.cat(pieces)
+            return args.examples / (time.perf_counter() - started)
+
+        return run
+
+    fns = {}
+    for name in names:  # the warm-up round, by hand: a variant this transformers or model lacks is dropped
+        try:
+            fn = runner(name)
+            started = time.perf_counter()
+            fn()
+            print(f"   note: {args.size}: {name} warm-up (compile included) {time.perf_counter() - started:.1f} s")
+            fns[name] = fn
+        except Exception as e:
+            print(f"   note: {args.size}: variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
+    results = interleave(fns, rounds=args.rounds)
+    ratios = [Ratio(name, "bf16", f"{name} / bf16") for name in results if name != "bf16" and "bf16" in results]
+    Report(f"{BENCH}: {args.size}, batch {args.batch_size}, {args.source_len}->{args.max_new_tokens} tokens",
+           results, unit="examples/s", higher_is_better=True, ratios=ratios, bench=f"{BENCH}:{args.size}").print()
+    if "bf16" in outputs:
+        reference = outputs["bf16"]
+        for name, tokens in outputs.items():
+            if name != "bf16" and tokens.shape == reference.shape:
+                same = (tokens == reference).float().mean().item()
+                print(f"   note: {args.size}: {name} generated the same token as bf16 at {same:.1%} of positions")
+    if len(fns) < len(names):
+        raise SystemExit(f"variants that failed: {sorted(set(names) - set(fns))}")
+
+
+if __name__ == "__main__":
+    main()
