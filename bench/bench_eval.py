@@ -52,7 +52,8 @@ class Runner:
         for task in (setup.generation_task, setup.classification_task):
             found = [e for e in read_examples(str(setup.data), [task])][: args.examples]
             self.examples[task] = found
-        self.predictions: dict[str, list[list[str]]] = {"stl-gen": [], "hf-gen": [], "stl-rank": [], "hf-rank": []}
+        self.predictions: dict[str, list[list[str]]] = {
+            "stl-gen": [], "stl-gen-compiled": [], "hf-gen": [], "stl-rank": [], "hf-rank": []}
         self.values: dict[str, list[float]] = {name: [] for name in self.predictions}
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
@@ -62,7 +63,7 @@ class Runner:
 
     # --- stl ---
 
-    def _stl(self, task: str, key: str) -> float:
+    def _stl(self, task: str, key: str, *, compile: bool = False) -> float:
         from jobs.evaluate import EvalRun, evaluate
         from jobs.specs import EvalConfig, StageKind, StageSpec
 
@@ -71,7 +72,7 @@ class Runner:
                          data=str(self.setup.data), tasks=(task,),
                          eval=EvalConfig(max_examples=args.examples, batch_size=args.batch_size,
                                          max_new_tokens=args.max_new_tokens, max_source_length=args.source_len,
-                                         samples=min(args.examples, 100)))
+                                         samples=min(args.examples, 100), compile=compile))
         marks: list[tuple[float, float]] = []
 
         def log(line: str) -> None:
@@ -79,8 +80,12 @@ class Runner:
                 sync(args.device)
                 marks.append((time.perf_counter(), time.process_time()))
 
+        # The compiled arm's rounds share inductor's cache, as a worker's stages do under STL_HOME/cache:
+        # the warm-up round compiles cold, later rounds pay what a later eval stage pays.
+        cache_dir = self.workdir / "stl-cache" if compile else None
         metrics = evaluate(EvalRun(spec=spec, model_dir=self.setup.model_dir, device=args.device,
-                                   should_stop=lambda: None, log=log), on_step=lambda _report: None)
+                                   should_stop=lambda: None, log=log, cache_dir=cache_dir),
+                           on_step=lambda _report: None)
         (result,) = metrics
         assert result.n == len(self.examples[task]), (result.n, len(self.examples[task]))
         self.predictions[key].append([sample["prediction"] for sample in result.samples])
@@ -94,6 +99,9 @@ class Runner:
 
     def stl_generation(self) -> float:
         return self._stl(self.setup.generation_task, "stl-gen")
+
+    def stl_generation_compiled(self) -> float:
+        return self._stl(self.setup.generation_task, "stl-gen-compiled", compile=True)
 
     def stl_rank(self) -> float:
         return self._stl(self.setup.classification_task, "stl-rank")
@@ -207,6 +215,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="generated tokens (default 32)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
     parser.add_argument("--only", choices=["generation", "rank"], help="run only one of the two comparisons")
+    parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                        help="stl's generation arm with eval.compile off (default), on (a static KV cache "
+                             "compiled into CUDA graphs; CUDA only, a CPU runs it eager), or both")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads; default 1 on CPU (steadier on a shared machine), "
@@ -231,7 +242,10 @@ def main() -> None:
               f"source {args.source_len} tokens, {args.max_new_tokens} new tokens; {args.rounds} interleaved rounds")
         fns: dict[str, Any] = {}
         if args.only in (None, "generation"):
-            fns["stl generation"] = runner.stl_generation
+            if args.compile in ("off", "both"):
+                fns["stl generation"] = runner.stl_generation
+            if args.compile in ("on", "both"):
+                fns["stl generation, compiled"] = runner.stl_generation_compiled
             fns["HF predict_with_generate"] = runner.hf_generation
         if args.only in (None, "rank"):
             fns["stl rank classification"] = runner.stl_rank
@@ -240,7 +254,8 @@ def main() -> None:
         results = interleave(fns, rounds=args.rounds, warmup=1)
     tag = f"{BENCH}:{args.size}:{args.device}:{args.data}"
     what = f"({args.size}, {args.device}, {args.dtype}, data {args.data})"
-    keys = {"stl generation": "stl-gen", "HF predict_with_generate": "hf-gen",
+    keys = {"stl generation": "stl-gen", "stl generation, compiled": "stl-gen-compiled",
+            "HF predict_with_generate": "hf-gen",
             "stl rank classification": "stl-rank", "HF predict, option pairs": "hf-rank"}
     # The last `rounds` values: the discarded warm-up round's come first.
     cpu = {name: runner.cpu_rates[key][-args.rounds:] for name, key in keys.items() if key in runner.cpu_rates}
@@ -249,6 +264,10 @@ def main() -> None:
          "stl generation examples/s / Trainer.predict_with_generate examples/s",
          f"ROUGE-L: stl {runner.value('stl-gen'):.4f}, HF {runner.value('hf-gen'):.4f}; "
          f"identical predictions on {runner.agreement('stl-gen', 'hf-gen'):.0%} of the compared examples"),
+        ("generation-compiled", "stl generation, compiled", "HF predict_with_generate",
+         "stl generation (eval.compile) examples/s / Trainer.predict_with_generate examples/s",
+         f"ROUGE-L: stl compiled {runner.value('stl-gen-compiled'):.4f}, HF {runner.value('hf-gen'):.4f}; "
+         f"identical predictions on {runner.agreement('stl-gen-compiled', 'hf-gen'):.0%} of the compared examples"),
         ("rank", "stl rank classification", "HF predict, option pairs",
          "stl rank classification examples/s / Trainer.predict over option pairs examples/s",
          f"accuracy: stl {runner.value('stl-rank'):.4f}, HF {runner.value('hf-rank'):.4f}; "

@@ -32,7 +32,14 @@ from jobs.models import (
     tokenizer_fingerprint,
 )
 from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
-from jobs.train import IGNORE_INDEX, StepReport
+from jobs.train import (
+    IGNORE_INDEX,
+    StepReport,
+    bucketed_length,
+    compile_pays_on,
+    length_buckets,
+    use_compile_caches,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -188,10 +195,36 @@ class _Scorer:
         if limit is not None:
             self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
         self.autocast = contextlib.nullcontext if self.bf16_weights else autocast_for(self.device)
+        self.source_buckets = self._static_decoding_buckets() if settings.compile else None
         self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
         self.rouge = make_rouge_scorer()
         self.done = 0
         self.started = time.perf_counter()
+
+    def _static_decoding_buckets(self) -> tuple[int, ...] | None:
+        """Set up `eval.compile`: the padded source lengths of static decoding, or None where it is skipped.
+
+        With a static KV cache, transformers' `generate` compiles the decoding step (CUDA graphs), so
+        its shapes must repeat: sources are padded to length buckets and every batch to `batch_size`
+        rows, and each bucket compiles once (tens of seconds, then from the cache under STL_HOME/cache).
+        """
+        import torch._dynamo
+
+        if not compile_pays_on(self.device):
+            self.cfg.log(f"compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device}")
+            return None
+        buckets = length_buckets(self.source_limit)
+        config = torch._dynamo.config
+        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, limit_name, max(int(getattr(config, limit_name)), 2 * len(buckets)))
+        where = "inductor's default cache (no cache_dir)"
+        if self.cfg.cache_dir is not None:
+            where = str(use_compile_caches(self.cfg.cache_dir))
+        self.cfg.log(
+            f"decoding with a static KV cache compiled by torch.compile: sources padded to "
+            f"{'/'.join(map(str, buckets))} tokens, batches to {self.settings.batch_size} rows; caches in {where}"
+        )
+        return buckets
 
     # --- bookkeeping ---
 
@@ -405,10 +438,17 @@ class _Scorer:
         with torch.inference_mode():
             for batch in self._batches(examples, positions):
                 sources = [ids.sources[i] for i in batch]
+                width, static = None, {}
+                if self.source_buckets is not None:
+                    # Fixed shapes for the compiled step: a bucket's width, and a full batch (copies of
+                    # the last source fill it; their outputs are dropped below).
+                    width = bucketed_length(max(len(s) for s in sources), self.source_buckets)
+                    sources = sources + [sources[-1]] * (self.settings.batch_size - len(sources))
+                    static = {"cache_implementation": "static"}
                 # Causal LMs continue from the right end, so they are padded on the left.
                 left = not self.seq2seq
-                input_ids = pad_sequences(sources, self.pad_id, left=left).to(self.device)
-                mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left).to(self.device)
+                input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
+                mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
                 with self.autocast():
                     generated = cast("Any", self.model).generate(
                         input_ids=input_ids,
@@ -418,7 +458,9 @@ class _Scorer:
                         num_beams=1,
                         use_cache=True,
                         pad_token_id=self.pad_id,
+                        **static,
                     )
+                generated = generated[: len(batch)]
                 if not self.seq2seq:
                     generated = generated[:, input_ids.size(1) :]
                 texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)

@@ -41,6 +41,8 @@ class EvalConfig(Frozen):
     max_new_tokens: Annotated[int, Field(gt=0, le=2048)] = 64
     max_source_length: Annotated[int, Field(gt=0, le=8192)] = 512
     samples: Annotated[int, Field(ge=0, le=100)] = 5
+    # Greedy decoding with a static KV cache that torch.compile turns into CUDA graphs (CUDA only).
+    compile: bool = False
 
 
 class StageSpec(Frozen):
@@ -62,8 +64,11 @@ class StageSpec(Frozen):
     @property
     def stage_id(self) -> str:
         spec = self.model_dump(mode="json")
+        # Stages without these keep the ids they had before the fields existed.
         if not spec["holdout"]:
-            del spec["holdout"]  # stages without one keep the ids they had before the field existed
+            del spec["holdout"]
+        if spec["eval"] is not None and not spec["eval"]["compile"]:
+            del spec["eval"]["compile"]
         return content_hash(spec)[:20]
 
 

@@ -19,7 +19,7 @@ from jobs.evaluate import (
     rouge_l,
     sequence_log_likelihoods,
 )
-from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig, content_hash
 from jobs.train import TrainRun, train
 
 if TYPE_CHECKING:
@@ -151,6 +151,47 @@ def test_a_bf16_gpu_evaluates_with_bf16_weights(
     assert [(m.task, m.metric, m.n) for m in bf16] == [(m.task, m.metric, m.n) for m in fp32]
     for low, full in zip(bf16, fp32, strict=True):
         assert abs(low.value - full.value) <= 0.5  # 6 examples: bf16 may flip a near-tie or a word
+
+
+@pytest.mark.parametrize("model", ["tiny:t5", "tiny:gpt2"])
+def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    """`eval.compile` on a GPU decodes with a static KV cache at fixed shapes (transformers compiles the
+    step only on CUDA). The CPU stands in for the GPU here: the same shapes and cache, run eager."""
+    import jobs.evaluate as evaluate_module
+
+    tasks = ("summarization",)
+    model_dir = briefly_trained(demo_data, tmp_path, model)
+    # 7 examples in batches of 4: the second batch has 3 real rows and one filler.
+    settings = {"max_examples": 7, "batch_size": 4, "max_source_length": 200}
+    dynamic = run_eval(eval_spec(demo_data, tasks, model=model, **settings), model_dir=model_dir)
+    monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+    shapes: list[tuple[int, ...]] = []
+    real_pad = evaluate_module.pad_sequences
+
+    def pad_and_record(*args: Any, **kwargs: Any) -> torch.Tensor:
+        padded = real_pad(*args, **kwargs)
+        shapes.append(tuple(padded.shape))
+        return padded
+
+    monkeypatch.setattr(evaluate_module, "pad_sequences", pad_and_record)
+    lines: list[str] = []
+    run = EvalRun(spec=eval_spec(demo_data, tasks, model=model, compile=True, **settings), model_dir=model_dir,
+                  device="cpu", should_stop=lambda: None, log=lines.append, cache_dir=tmp_path / "cache")
+    static = evaluate(run, on_step=lambda report: None)
+    assert any("static KV cache" in line and "32/64/128/200 tokens" in line for line in lines), lines
+    assert shapes and {rows for rows, _ in shapes} == {4} and {width for _, width in shapes} <= {32, 64, 128, 200}
+    assert [m.to_dict() for m in static] == [m.to_dict() for m in dynamic]
+    assert static[0].n == 7
+
+
+def test_eval_compile_changes_a_stage_id_only_when_on(demo_data: Path) -> None:
+    spec = eval_spec(demo_data, ("summarization",))
+    before_the_field = spec.model_dump(mode="json")
+    del before_the_field["holdout"], before_the_field["eval"]["compile"]
+    assert spec.stage_id == content_hash(before_the_field)[:20]
+    assert eval_spec(demo_data, ("summarization",), compile=True).stage_id != spec.stage_id
 
 
 def test_eval_errors_and_cancel(demo_data: Path) -> None:
