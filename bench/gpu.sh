@@ -4,10 +4,11 @@
 # Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
 # option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network);
 # then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part); then, on CUDA,
-# three ways of calling HF generate (bench_generate_variants.py; GPU_VARIANTS=0 skips them).
+# three ways of calling HF generate (bench_generate_variants.py; only with GPU_VARIANTS=1).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
-# Budget: about 5 minutes on one GPU, 9 at most (each script has its own time limit, LIMIT_S and
-# COMPILE_LIMIT_S); the core figures come first, so a cut-off run still leaves them.
+# Budget: about 7.5 minutes on one H200 (the 2026-11-26 run's per-script times), 15 at most (each script
+# has its own time limit, LIMIT_S and COMPILE_LIMIT_S); the core figures come first, so a cut-off run
+# still leaves them.
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
 # line per figure, and the notes), results.jsonl (the RESULT records) and all.log (every script's output).
 #
@@ -34,7 +35,8 @@ if [[ "$DEVICE" == cuda* ]]; then
   DTYPE=bf16
   TRAIN_BART=(--batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
   TRAIN_T5=(--batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
-  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 3)
+  # stl's generation eager and with eval.compile (a static KV cache in CUDA graphs), each against Trainer.
+  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 --compile both)
   # argparse keeps the last of a repeated option: these rounds override the arrays' own.
   COMPILE_BART=(--size bart-base "${TRAIN_BART[@]}" --rounds 2 --compile both)
   COMPILE_T5=(--size t5-small "${TRAIN_T5[@]}" --rounds 2 --compile both)
@@ -98,9 +100,9 @@ if [[ "${GPU_COMPILE:-1}" != 0 ]]; then
   fi
   run "$COMPILE_LIMIT_S" compile-bart-base bench/bench_train.py "${COMMON[@]}" "${COMPILE_BART[@]}"
 fi
-# Last, as it informs rather than measures stl: HF generate with autocast vs bf16 weights vs a static,
-# compiled KV cache (GPU_VARIANTS=0 skips it; on a CPU: bench_generate_variants.py --device cpu --size tiny).
-if [[ "$DEVICE" == cuda* && "${GPU_VARIANTS:-1}" != 0 ]]; then
+# Only with GPU_VARIANTS=1 (about 2 minutes more), as it informs rather than measures stl: HF generate with
+# autocast vs bf16 weights vs a static, compiled KV cache (on a CPU: bench_generate_variants.py --device cpu --size tiny).
+if [[ "$DEVICE" == cuda* && "${GPU_VARIANTS:-0}" != 0 ]]; then
   for size in bart-base t5-small; do
     run "$LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" --size "$size" \
       --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2
