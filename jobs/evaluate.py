@@ -208,11 +208,18 @@ class _Scorer:
         its shapes must repeat: sources are padded to length buckets and every batch to `batch_size`
         rows, and each bucket compiles once (tens of seconds, then from the cache under STL_HOME/cache).
         """
-        import torch._dynamo
-
         if not compile_pays_on(self.device):
             self.cfg.log(f"compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device}")
             return None
+        if not getattr(self.model, "_can_compile_fullgraph", False):
+            # transformers marks the architectures whose decoding step compiles; others may fail mid-stage.
+            self.cfg.log(
+                f"compile skipped: transformers does not mark {type(self.model).__name__} as compilable; "
+                "decoding with the dynamic KV cache"
+            )
+            return None
+        import torch._dynamo
+
         buckets = length_buckets(self.source_limit)
         config = torch._dynamo.config
         limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"

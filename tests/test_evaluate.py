@@ -186,6 +186,24 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     assert static[0].n == 7
 
 
+def test_static_decoding_is_skipped_for_an_architecture_transformers_does_not_mark_compilable(
+    demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    import jobs.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+    monkeypatch.setattr(transformers.T5ForConditionalGeneration, "_can_compile_fullgraph", False)
+    lines: list[str] = []
+    run = EvalRun(spec=eval_spec(demo_data, ("summarization",), compile=True), model_dir=None, device="cpu",
+                  should_stop=lambda: None, log=lines.append)
+    [metrics] = evaluate(run, on_step=lambda report: None)
+    assert metrics.n == 6
+    assert any("does not mark T5ForConditionalGeneration as compilable" in line for line in lines), lines
+    assert not any("static KV cache" in line for line in lines)
+
+
 def test_eval_compile_changes_a_stage_id_only_when_on(demo_data: Path) -> None:
     spec = eval_spec(demo_data, ("summarization",))
     before_the_field = spec.model_dump(mode="json")
