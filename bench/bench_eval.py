@@ -2,7 +2,10 @@
 
 generation  stl: batched greedy decoding + ROUGE-L of a generation task, vs
             `Seq2SeqTrainer.predict(predict_with_generate=True)` on the same token ids, followed by the same
-            decoding and ROUGE-L (jobs.evaluate.rouge_l), so both sides do the same work.
+            decoding and ROUGE-L (jobs.evaluate.rouge_l), so both sides do the same work. With
+            --compile on (or both) stl's arm is (also) run with `eval.compile: true`: a static KV cache
+            that transformers compiles into CUDA graphs (on a CPU stl skips it and decodes as usual);
+            its rounds share one inductor cache, so the warm-up round compiles cold.
 rank        stl: rank classification of a task with options (the encoder runs once per example; its
             options go through the decoder in batches), vs the usual Hugging Face way: `Trainer.predict`
             over (source, option) pairs with `preprocess_logits_for_metrics` summing each pair's token
@@ -198,6 +201,10 @@ class Runner:
     def value(self, key: str) -> float:
         return median(self.values[key]) if self.values[key] else float("nan")
 
+    def distinct(self, key: str) -> int:
+        """Distinct predictions in the last round: agreement means little when every answer is the same."""
+        return len(set(self.predictions[key][-1])) if self.predictions[key] else 0
+
     def agreement(self, a: str, b: str) -> float:
         if not self.predictions[a] or not self.predictions[b]:
             return float("nan")
@@ -263,11 +270,13 @@ def main() -> None:
         ("generation", "stl generation", "HF predict_with_generate",
          "stl generation examples/s / Trainer.predict_with_generate examples/s",
          f"ROUGE-L: stl {runner.value('stl-gen'):.4f}, HF {runner.value('hf-gen'):.4f}; "
-         f"identical predictions on {runner.agreement('stl-gen', 'hf-gen'):.0%} of the compared examples"),
+         f"identical predictions on {runner.agreement('stl-gen', 'hf-gen'):.0%} of the compared examples "
+         f"({runner.distinct('stl-gen')} distinct)"),
         ("generation-compiled", "stl generation, compiled", "HF predict_with_generate",
          "stl generation (eval.compile) examples/s / Trainer.predict_with_generate examples/s",
          f"ROUGE-L: stl compiled {runner.value('stl-gen-compiled'):.4f}, HF {runner.value('hf-gen'):.4f}; "
-         f"identical predictions on {runner.agreement('stl-gen-compiled', 'hf-gen'):.0%} of the compared examples"),
+         f"identical predictions on {runner.agreement('stl-gen-compiled', 'hf-gen'):.0%} of the compared "
+         f"examples ({runner.distinct('stl-gen-compiled')} distinct)"),
         ("rank", "stl rank classification", "HF predict, option pairs",
          "stl rank classification examples/s / Trainer.predict over option pairs examples/s",
          f"accuracy: stl {runner.value('stl-rank'):.4f}, HF {runner.value('hf-rank'):.4f}; "

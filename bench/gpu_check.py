@@ -7,7 +7,7 @@ through `jobs.stages.execute_stage`, the function the worker's horse calls:
      log `resumed from step N` (model, optimizer, scheduler and CUDA RNG states from the checkpoint);
   2. a few-shot stage from that model, eager;
   3. an eval stage from the few-shot model (rank classification and greedy generation on the GPU),
-     then the same with `eval.compile: true` (static KV cache, compiled; scores compared);
+     then the same with `eval.compile: true` (static KV cache, compiled; filler rows in the last batch);
   4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA).
 It prints what to look at (first-step seconds, which hold the compile; MFU; metrics) and exits 1 on a
 failure. On a CPU it runs the same stages eager (stl skips compile there), as a check of this script.
@@ -115,19 +115,23 @@ def main() -> int:
             failures.append(f"eval metrics incomplete: {[(m.task, m.n) for m in metrics]}")
 
         # The same eval with eval.compile: a static KV cache that transformers compiles into CUDA graphs.
+        # 45 examples in batches of 16: the last batch needs filler rows.
         compiled = StageSpec(kind=StageKind.eval, model="tiny:t5", parent=finetune.stage_id, data=str(DEMO_DATA),
-                             tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=48, batch_size=16,
+                             tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=45, batch_size=16,
                                                                      max_new_tokens=16, compile=True))
         started = time.perf_counter()
+        lines.clear()
         compiled_metrics = execute_stage(compiled, context("eval-compiled", "finetune")).metrics
-        static_lines = [line for line in lines if line.startswith(("decoding with a static", "compile skipped"))]
+        static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
+                                                                   "compile skipped"))]
         print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
               + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in compiled_metrics)
               + f"; {static_lines[-1] if static_lines else 'no static-decoding line'}")
-        if [(m.task, m.n) for m in compiled_metrics] != [(m.task, m.n) for m in metrics]:
+        if [(m.task, m.n) for m in compiled_metrics] != [(m.task, 45) for m in metrics]:
             failures.append(f"compiled eval metrics incomplete: {[(m.task, m.n) for m in compiled_metrics]}")
-        elif [m.value for m in compiled_metrics] != [m.value for m in metrics]:
-            print("   note: compiled and eager eval scores differ (rounding in compiled kernels can flip a token)")
+        if args.device.startswith("cuda") and not any(line.startswith("generation decodes with a static")
+                                                      for line in static_lines):
+            failures.append(f"eval.compile did not decode with a static KV cache on CUDA: {static_lines}")
 
     probe = GpuProbe(0).read()
     print(f"   note: NVML: {probe}")

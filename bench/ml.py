@@ -199,7 +199,8 @@ def sync(device: str) -> None:
 
 
 def check_device_dtype(device: str, dtype: str) -> None:
-    """stl picks its precision itself: fp32 on CPU, bf16 autocast on a CUDA GPU that supports it."""
+    """stl picks its precision itself: fp32 on CPU; on a CUDA GPU with native bf16, bf16 autocast for training
+    and bf16 weights for evaluation."""
     if device == "cpu" and dtype != "fp32":
         raise SystemExit("on CPU stl trains and evaluates in fp32 (no autocast); use --dtype fp32")
     if device.startswith("cuda"):
@@ -208,4 +209,5 @@ def check_device_dtype(device: str, dtype: str) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda but torch sees no GPU")
         if dtype != "bf16" and torch.cuda.is_bf16_supported():
-            raise SystemExit("on this GPU stl always uses bf16 autocast; use --dtype bf16 for a like-for-like run")
+            raise SystemExit("on this GPU stl always trains and evaluates in bf16; "
+                             "use --dtype bf16 for a like-for-like run")

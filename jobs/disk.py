@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 # STL_HOME/cache/<name>: what each cache holds.
 CACHES = {
-    "inductor": "compiled kernels (train.compile)",
+    "inductor": "compiled kernels (train.compile, eval.compile)",
     "tokens": "token ids of few-shot and eval sets",
     "index": "row offsets of MTL data files",
 }

@@ -228,7 +228,7 @@ class _Scorer:
         if self.cfg.cache_dir is not None:
             where = str(use_compile_caches(self.cfg.cache_dir))
         self.cfg.log(
-            f"decoding with a static KV cache compiled by torch.compile: sources padded to "
+            f"generation decodes with a static KV cache compiled by torch.compile: sources padded to "
             f"{'/'.join(map(str, buckets))} tokens, batches to {self.settings.batch_size} rows; caches in {where}"
         )
         return buckets
