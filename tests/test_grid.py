@@ -145,22 +145,12 @@ def test_a_task_listed_twice_is_refused(tmp_path: Path, demo_data: Path) -> None
 
 
 def test_eval_compile_is_a_boolean_carried_into_eval_stages_only(tmp_path: Path, demo_data: Path) -> None:
-    path = tmp_path / "grid.yaml"
-    body = f"""name: g
-data: {demo_data}
-tasks:
-  train: [sentiment_classification]
-  eval: [emotion_classification]
-grid:
-  model: [tiny:bart]
-eval:
-  max_examples: 8
-  compile: {{value}}
-"""
-    path.write_text(body.replace("{value}", "true"))
+    settings = grid_dict(demo_data)["eval"]
+    path = write_grid(tmp_path, demo_data, eval={**settings, "compile": True})
     stages = parse_grid(path).stages.values()
     assert {spec.eval.compile for spec in stages if spec.eval is not None} == {True}
     assert all(spec.eval is None for spec in stages if spec.kind != StageKind.eval)
-    path.write_text(body.replace("{value}", "3"))
+    path = write_grid(tmp_path, demo_data, eval={**settings, "compile": 3})
+    line = path.read_text().splitlines().index("  compile: 3") + 1
     [problem] = problems_of(path)
-    assert problem.startswith(f"{path}:10: eval.compile: "), problem
+    assert problem.startswith(f"{path}:{line}: eval.compile: "), problem
