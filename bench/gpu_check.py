@@ -123,7 +123,7 @@ def main() -> int:
         lines.clear()
         compiled_metrics = execute_stage(compiled, context("eval-compiled", "finetune")).metrics
         static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
-                                                                   "compile skipped"))]
+                                                                   "eval.compile skipped"))]
         print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
               + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in compiled_metrics)
               + f"; {static_lines[-1] if static_lines else 'no static-decoding line'}")

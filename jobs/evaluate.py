@@ -209,12 +209,12 @@ class _Scorer:
         rows, and each bucket compiles once (tens of seconds, then from the cache under STL_HOME/cache).
         """
         if not compile_pays_on(self.device):
-            self.cfg.log(f"compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device}")
+            self.cfg.log(f"eval.compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device}")
             return None
         if not getattr(self.model, "_can_compile_fullgraph", False):
             # transformers marks the architectures whose decoding step compiles; others may fail mid-stage.
             self.cfg.log(
-                f"compile skipped: transformers does not mark {type(self.model).__name__} as compilable; "
+                f"eval.compile skipped: transformers does not mark {type(self.model).__name__} as compilable; "
                 "decoding with the dynamic KV cache"
             )
             return None
