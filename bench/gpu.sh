@@ -4,9 +4,10 @@
 # Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
 # option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network);
 # then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part); then, on CUDA,
-# three ways of calling HF generate (bench_generate_variants.py; only with GPU_VARIANTS=1).
+# three ways of calling HF generate and of running a training step (bench_generate_variants.py,
+# bench_train_variants.py; only with GPU_VARIANTS=1, or alone with GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
-# Budget: about 7.5 minutes on one H200 (the 2026-11-26 run's per-script times), 15 at most, 19 with
+# Budget: about 7.5 minutes on one H200 (the 2026-11-26 run's per-script times), 15 at most, 24 with
 # GPU_VARIANTS=1 (each script has its own time limit, LIMIT_S and COMPILE_LIMIT_S); the core figures come
 # first, so a cut-off run still leaves them.
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
@@ -89,24 +90,34 @@ for line in sys.stdin:
 
 : > "$OUTDIR/results.jsonl"; : > "$OUTDIR/all.log"
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
-run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, compile included
-run "$LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
-run "$LIMIT_S" train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
-run "$LIMIT_S" eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
-run "$LIMIT_S" eval-t5-small   bench/bench_eval.py  "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
-if [[ "${GPU_COMPILE:-1}" != 0 ]]; then
-  if (( ${#COMPILE_T5[@]} )); then
-    run "$COMPILE_LIMIT_S" compile-t5-small bench/bench_train.py "${COMMON[@]}" "${COMPILE_T5[@]}"
+VARIANTS=${GPU_VARIANTS:-0}
+if [[ "$VARIANTS" != only ]]; then
+  run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, compile included
+  run "$LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
+  run "$LIMIT_S" train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
+  run "$LIMIT_S" eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
+  run "$LIMIT_S" eval-t5-small   bench/bench_eval.py  "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+  if [[ "${GPU_COMPILE:-1}" != 0 ]]; then
+    if (( ${#COMPILE_T5[@]} )); then
+      run "$COMPILE_LIMIT_S" compile-t5-small bench/bench_train.py "${COMMON[@]}" "${COMPILE_T5[@]}"
+    fi
+    run "$COMPILE_LIMIT_S" compile-bart-base bench/bench_train.py "${COMMON[@]}" "${COMPILE_BART[@]}"
   fi
-  run "$COMPILE_LIMIT_S" compile-bart-base bench/bench_train.py "${COMMON[@]}" "${COMPILE_BART[@]}"
 fi
-# Only with GPU_VARIANTS=1 (about 2 minutes more), as it informs rather than measures stl: HF generate with
-# autocast vs bf16 weights vs a static, compiled KV cache (on a CPU: bench_generate_variants.py --device cpu --size tiny).
-if [[ "$DEVICE" == cuda* && "${GPU_VARIANTS:-0}" != 0 ]]; then
+# Only with GPU_VARIANTS=1 (about 6 minutes more) or GPU_VARIANTS=only (these alone, as a call of their own),
+# as they inform rather than measure stl: HF generate with autocast vs bf16 weights vs a static, compiled KV
+# cache, and a training step eager vs compiled vs CUDA graphs (on a CPU, check them with
+# bench_generate_variants.py / bench_train_variants.py --device cpu --size tiny).
+if [[ "$DEVICE" == cuda* && "$VARIANTS" != 0 ]]; then
   for size in bart-base t5-small; do
     run "$LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" --size "$size" \
       --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2
   done
+  # Training steps eager vs compiled vs CUDA graphs (reduce-overhead), the shapes of G1 and G2.
+  run "$COMPILE_LIMIT_S" train-variants-bart-base bench/bench_train_variants.py --device "$DEVICE" --size bart-base \
+    --batch-size 32 --source-len 256 --target-len 32 --rounds 2
+  run "$COMPILE_LIMIT_S" train-variants-t5-small bench/bench_train_variants.py --device "$DEVICE" --size t5-small \
+    --batch-size 64 --source-len 256 --target-len 32 --rounds 2
 fi
 
 echo
