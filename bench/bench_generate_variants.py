@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Ratio, Report, header, interleave  # noqa: E402
+from common import Ratio, Report, header, interleave, warmed_up_variants  # noqa: E402
 from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, sync  # noqa: E402
 
 BENCH = "generate-variants"
@@ -97,16 +97,7 @@ def main() -> None:
 
         return run
 
-    fns = {}
-    for name in names:  # the warm-up round, by hand: a variant this transformers or model lacks is dropped
-        try:
-            fn = runner(name)
-            started = time.perf_counter()
-            fn()
-            print(f"   note: {args.size}: {name} warm-up (compile included) {time.perf_counter() - started:.1f} s")
-            fns[name] = fn
-        except Exception as e:
-            print(f"   note: {args.size}: variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
+    fns = warmed_up_variants(names, runner, args.size)
     results = interleave(fns, rounds=args.rounds)
     ratios = [Ratio(name, "bf16", f"{name} / bf16") for name in results if name != "bf16" and "bf16" in results]
     Report(f"{BENCH}: {args.size}, batch {args.batch_size}, {args.source_len}->{args.max_new_tokens} tokens",

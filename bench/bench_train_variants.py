@@ -26,7 +26,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Ratio, Report, header, interleave  # noqa: E402
+from common import Ratio, Report, header, interleave, warmed_up_variants  # noqa: E402
 from ml import PAD, SIZES, VOCAB, model_config, quiet_transformers, sync  # noqa: E402
 
 BENCH = "train-variants"
@@ -108,17 +108,7 @@ def main() -> None:
 
         return run
 
-    fns = {}
-    for name in names:  # the warm-up round, by hand: a variant this torch or GPU cannot run is dropped
-        try:
-            fn = runner(name)
-            started = time.perf_counter()
-            fn()
-            seconds = time.perf_counter() - started
-            print(f"   note: {args.size}: {name} warm-up round (compile included) {seconds:.1f} s")
-            fns[name] = fn
-        except Exception as e:
-            print(f"   note: {args.size}: variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
+    fns = warmed_up_variants(names, runner, args.size)
     results = interleave(fns, rounds=args.rounds)
     ratios = [Ratio(name, "eager", f"{name} / eager") for name in results if name != "eager" and "eager" in results]
     Report(f"{BENCH}: {args.size}, batch {args.batch_size}, {args.source_len}->{args.target_len} tokens",

@@ -157,6 +157,25 @@ def interleave(
     return results
 
 
+def warmed_up_variants(
+    names: Sequence[str], make_runner: Callable[[str], Callable[[], float]], label: str
+) -> dict[str, Callable[[], float]]:
+    """The warm-up round of a variants benchmark, by hand: each variant's runner is built and run once
+    (untimed; compiles happen here), and a variant that raises (unsupported by this library, model or
+    device) is reported in a note and dropped instead of ending the benchmark."""
+    runners: dict[str, Callable[[], float]] = {}
+    for name in names:
+        try:
+            run = make_runner(name)
+            started = time.perf_counter()
+            run()
+            print(f"   note: {label}: {name} warm-up round (compile included) {time.perf_counter() - started:.1f} s")
+            runners[name] = run
+        except Exception as e:
+            print(f"   note: {label}: variant {name} failed: {type(e).__name__}: {str(e)[:300]}")
+    return runners
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
