@@ -12,7 +12,6 @@ kept there, keyed by the data file, task, limits and tokenizer, so evaluating ag
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING, Any, cast
 from jobs import data as data_lib
 from jobs.errors import DataError, StageCanceled, StagePreempted
 from jobs.models import (
-    autocast_for,
     bf16_autocast_supported,
     encode_sources,
     encode_targets,
@@ -180,8 +178,9 @@ class _Scorer:
         )
         self.model.eval()
         # Evaluation never steps an optimizer, so on a GPU with native bf16 the weights themselves go to
-        # bf16 (as Trainer's bf16_full_eval does): autocast would cast every weight again at each decoding
-        # step, and greedy decoding runs one small step per token. Log-likelihoods are summed in fp32.
+        # bf16 (as Trainer's bf16_full_eval does) and no autocast is needed: it would cast every weight
+        # again at each decoding step, and greedy decoding runs one small step per token. Log-likelihoods
+        # are summed in fp32. Elsewhere evaluation runs in fp32.
         self.bf16_weights = bf16_autocast_supported(self.device)
         if self.bf16_weights:
             cast("Any", self.model).to(dtype=torch.bfloat16)
@@ -194,7 +193,6 @@ class _Scorer:
         self.source_limit = settings.max_source_length
         if limit is not None:
             self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
-        self.autocast = contextlib.nullcontext if self.bf16_weights else autocast_for(self.device)
         self.source_buckets = self._static_decoding_buckets() if settings.compile else None
         self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
         self.rouge = make_rouge_scorer()
@@ -398,20 +396,18 @@ class _Scorer:
         if self.seq2seq:
             encoder_ids = pad_sequences(sources, self.pad_id).to(self.device)
             encoder_mask = pad_sequences([[1] * len(s) for s in sources], 0).to(self.device)
-            with self.autocast():
-                encoded = self.model.get_encoder()(input_ids=encoder_ids, attention_mask=encoder_mask)
+            encoded = self.model.get_encoder()(input_ids=encoder_ids, attention_mask=encoder_mask)
             for first in range(0, len(options), chunk):
                 rows = torch.tensor(owners[first : first + chunk], device=self.device)
                 targets = options[first : first + chunk]
                 labels = pad_sequences(targets, IGNORE_INDEX).to(self.device)
                 decoder_ids = pad_sequences([[self.decoder_start_id] + t[:-1] for t in targets], self.pad_id)
-                with self.autocast():
-                    logits = self.model(
-                        encoder_outputs=(encoded.last_hidden_state.index_select(0, rows),),
-                        attention_mask=encoder_mask.index_select(0, rows),
-                        decoder_input_ids=decoder_ids.to(self.device),
-                        use_cache=False,
-                    ).logits
+                logits = self.model(
+                    encoder_outputs=(encoded.last_hidden_state.index_select(0, rows),),
+                    attention_mask=encoder_mask.index_select(0, rows),
+                    decoder_input_ids=decoder_ids.to(self.device),
+                    use_cache=False,
+                ).logits
                 flat_scores.append(sequence_log_likelihoods(logits, labels))
         else:
             for first in range(0, len(options), chunk):
@@ -421,12 +417,11 @@ class _Scorer:
                 labels = pad_sequences(
                     [[IGNORE_INDEX] * len(sources[row]) + option for row, option in pairs], IGNORE_INDEX
                 ).to(self.device)
-                with self.autocast():
-                    logits = self.model(
-                        input_ids=input_ids.to(self.device),
-                        attention_mask=mask.to(self.device),
-                        use_cache=False,
-                    ).logits
+                logits = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    use_cache=False,
+                ).logits
                 flat_scores.append(sequence_log_likelihoods(logits[:, :-1], labels[:, 1:]))
         flat = torch.cat(flat_scores).tolist()  # one host sync per batch of examples
         scores: list[list[float]] = [[] for _ in sources]
@@ -456,17 +451,16 @@ class _Scorer:
                 left = not self.seq2seq
                 input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
                 mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
-                with self.autocast():
-                    generated = cast("Any", self.model).generate(
-                        input_ids=input_ids,
-                        attention_mask=mask,
-                        max_new_tokens=self.target_limit,
-                        do_sample=False,
-                        num_beams=1,
-                        use_cache=True,
-                        pad_token_id=self.pad_id,
-                        **static,
-                    )
+                generated = cast("Any", self.model).generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=self.target_limit,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    pad_token_id=self.pad_id,
+                    **static,
+                )
                 generated = generated[: len(batch)]
                 if not self.seq2seq:
                     generated = generated[:, input_ids.size(1) :]
