@@ -36,7 +36,7 @@ from jobs.train import (
     bucketed_length,
     compile_pays_on,
     length_buckets,
-    use_compile_caches,
+    prepare_compile,
 )
 
 if TYPE_CHECKING:
@@ -216,15 +216,8 @@ class _Scorer:
                 "decoding with the dynamic KV cache"
             )
             return None
-        import torch._dynamo
-
         buckets = length_buckets(self.source_limit)
-        config = torch._dynamo.config
-        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit_name, max(int(getattr(config, limit_name)), 2 * len(buckets)))
-        where = "inductor's default cache (no cache_dir)"
-        if self.cfg.cache_dir is not None:
-            where = str(use_compile_caches(self.cfg.cache_dir))
+        where = prepare_compile(self.cfg.cache_dir, shapes=2 * len(buckets))  # room for dynamic recompiles
         self.cfg.log(
             f"generation decodes with a static KV cache compiled by torch.compile: sources padded to "
             f"{'/'.join(map(str, buckets))} tokens, batches to {self.settings.batch_size} rows; caches in {where}"

@@ -268,6 +268,20 @@ def use_compile_caches(cache_dir: Path) -> Path:
     return directory
 
 
+def prepare_compile(cache_dir: Path | None, *, shapes: int) -> str:
+    """Ready torch.compile for `shapes` static shapes: dynamo gives up compiling a function after
+    `recompile_limit` shapes (8 by default) and runs the rest eager, so the limit is raised to cover
+    them; inductor's caches go under `cache_dir`. Returns where the caches are, for the stage's log."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit_name, max(int(getattr(config, limit_name)), shapes))
+    if cache_dir is None:
+        return "inductor's default cache (no cache_dir)"
+    return str(use_compile_caches(cache_dir))
+
+
 def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutcome:
     """Train the stage to completion (resuming from its checkpoint if there is one).
 
@@ -454,22 +468,14 @@ class _TrainingSession:
 
     def _compile(self) -> None:
         import torch
-        import torch._dynamo
 
         if self.seq2seq:
             self.buckets = (length_buckets(self.source_limit), length_buckets(self.target_limit))
         else:
             self.buckets = (length_buckets(self.source_limit + self.target_limit),)
         # Static shapes: one specialised graph per bucket combination, times two batch sizes (a batch that
-        # does not split evenly ends with a smaller micro-batch). Dynamo gives up compiling a function after
-        # `recompile_limit` shapes (8 by default) and runs the rest eager, so the limit must cover them all.
-        shapes = math.prod(len(widths) for widths in self.buckets) * 2
-        config = torch._dynamo.config
-        limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, limit_name, max(int(getattr(config, limit_name)), shapes))
-        where = "inductor's default cache (no cache_dir)"
-        if self.cfg.cache_dir is not None:
-            where = str(use_compile_caches(self.cfg.cache_dir))
+        # does not split evenly ends with a smaller micro-batch).
+        where = prepare_compile(self.cfg.cache_dir, shapes=math.prod(len(widths) for widths in self.buckets) * 2)
         self.forward = torch.compile(self.model, dynamic=False)
         self.cfg.log(
             f"compiling with torch.compile: static shapes, padded lengths "
