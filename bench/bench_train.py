@@ -18,6 +18,10 @@ rounds hit the cache (each round builds a new model, as each stage does). The wa
 the time to the first step is printed per round. On a CPU stl skips compile (it logs why), so there the
 compiled arm runs eager: a plumbing check only.
 
+With --prefetch both, a third arm runs stl with its batches made in the step's own thread (no prefetch
+thread): the ratio of the two shows how much of the data work (drawing, tokenizing, padding) the background
+thread hides. Read it per wall-second: the thread's CPU time is the process's either way.
+
 Each side keeps its own defaults where the comparison leaves them free: stl uses torch AdamW (fused
 on CUDA; torch's default single-tensor loop on CPU) and length-grouped batches from its streaming
 mixture; Trainer uses its default optimizer (adamw_torch_fused for torch >= 2.8) and a random sampler
@@ -40,6 +44,7 @@ from ml import Setup, add_model_arguments, check_device_dtype, hf_features, load
 
 BENCH = "train"
 STL, STL_COMPILED, HF = "stl train()", "stl train(), compiled", "HF Seq2SeqTrainer"
+STL_INLINE = "stl train(), no prefetch"  # batches made in the step's thread (TrainRun.prefetch_batches = 0)
 REPORT_EVERY = 10  # jobs.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
 
 
@@ -47,9 +52,9 @@ class Runner:
     def __init__(self, setup: Setup, args: argparse.Namespace, workdir: Path) -> None:
         self.setup, self.args, self.workdir = setup, args, workdir
         self.total = args.warmup_steps + args.steps
-        self.losses: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "hf": []}
-        self.first_step_s: dict[str, list[float]] = {"stl": [], "stl-compiled": []}
-        self.mfu: dict[str, list[float]] = {"stl": [], "stl-compiled": []}
+        self.losses: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "stl-inline": [], "hf": []}
+        self.first_step_s: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "stl-inline": []}
+        self.mfu: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "stl-inline": []}
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
         self.train_examples = self._examples()
@@ -92,12 +97,15 @@ class Runner:
     def stl_compiled(self) -> float:
         return self._stl(compiled=True)
 
-    def _stl(self, *, compiled: bool) -> float:
+    def stl_inline(self) -> float:
+        return self._stl(compiled=False, prefetch=False)
+
+    def _stl(self, *, compiled: bool, prefetch: bool = True) -> float:
         from jobs.specs import StageKind, StageSpec, TrainConfig
         from jobs.train import TrainRun, train
 
         args = self.args
-        arm = "stl-compiled" if compiled else "stl"
+        arm = "stl-compiled" if compiled else "stl" if prefetch else "stl-inline"
         spec = StageSpec(
             kind=StageKind.mtl, model="tiny:bart", seed=args.seed, instructions=True, data=str(self.setup.data),
             tasks=self.setup.train_tasks,
@@ -129,7 +137,7 @@ class Runner:
         # The compile caches live as long as the benchmark, like STL_HOME/cache across a worker's stages.
         run = TrainRun(spec=spec, workdir=self.workdir / f"stl-{self.counter}", init_from=self.setup.model_dir,
                        device=args.device, should_stop=should_stop, log=self._log(arm),
-                       cache_dir=self.workdir / "cache")
+                       cache_dir=self.workdir / "cache", prefetch_batches=2 if prefetch else 0)
         outcome = train(run, on_step=on_step)
         assert outcome.steps == self.total
         # Mean loss over all steps: each report averages the steps since the previous one.
@@ -138,7 +146,7 @@ class Runner:
             weighted += loss * (step - previous)
             previous = step
         self.losses[arm].append(weighted / previous)
-        return self._rate(STL_COMPILED if compiled else STL, marks["start"], marks["end"])
+        return self._rate(STL_COMPILED if compiled else STL if prefetch else STL_INLINE, marks["start"], marks["end"])
 
     def _log(self, arm: str) -> Any:
         def log(line: str) -> None:  # stl's stage log: only what bears on the comparison
@@ -210,6 +218,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
                         help="stl's arm with train.compile off (default), on, or both arms side by side")
+    parser.add_argument("--prefetch", choices=["on", "both"], default="on",
+                        help="stl makes the next batches in a background thread (on, default); both adds an "
+                             "eager arm that makes them in the step's thread, to measure what that hides")
     parser.add_argument("--compile-on-cpu", action="store_true",
                         help="let stl compile on a CPU too (it never does in use): checks the compiled arm's "
                              "plumbing before GPU time is spent on it; slow (inductor builds C++)")
@@ -243,13 +254,15 @@ def main() -> None:
         arms = {}
         if args.compile in ("off", "both"):
             arms[STL] = runner.stl
+        if args.prefetch == "both":
+            arms[STL_INLINE] = runner.stl_inline
         if args.compile in ("on", "both"):
             arms[STL_COMPILED] = runner.stl_compiled
         arms[HF] = runner.hf
         results = interleave(arms, rounds=args.rounds)
     hf_loss = median(runner.losses["hf"])
     notes = []
-    for arm, name in (("stl", STL), ("stl-compiled", STL_COMPILED)):
+    for arm, name in (("stl", STL), ("stl-inline", STL_INLINE), ("stl-compiled", STL_COMPILED)):
         if not runner.losses[arm]:
             continue
         loss = median(runner.losses[arm])
@@ -268,6 +281,8 @@ def main() -> None:
     ratio = [Ratio(name, HF, f"{name} samples/s / Trainer samples/s") for name in arms if name != HF]
     if STL in arms and STL_COMPILED in arms:
         ratio.append(Ratio(STL_COMPILED, STL, "compiled / eager stl samples/s"))
+    if STL in arms and STL_INLINE in arms:
+        ratio.append(Ratio(STL, STL_INLINE, "prefetched / inline batches, stl samples/s"))
     if args.device == "cpu":
         # Headline on a CPU: samples per CPU-second of the (single-threaded) process. Other people's jobs on a
         # shared machine stretch wall time at random; they hardly change the CPU time the work itself needs.
@@ -275,7 +290,7 @@ def main() -> None:
                unit="samples/cpu-s", higher_is_better=True, bench=tag + ":cpu-time", ratios=ratio).print()
     Report(f"training throughput, samples per wall-second {what}", results, unit="samples/s",
            higher_is_better=True, bench=tag + ":wall", ratios=ratio, notes=notes).print()
-    for arm, name in (("stl", STL), ("stl-compiled", STL_COMPILED)):
+    for arm, name in (("stl", STL), ("stl-inline", STL_INLINE), ("stl-compiled", STL_COMPILED)):
         if name not in results:
             continue
         print_absolute(tag, f"{name} samples/s (wall)", median(results[name]), "samples/s")

@@ -46,6 +46,7 @@ from jobs.models import (
     save_model,
     tokenizer_fingerprint,
 )
+from jobs.prefetch import Prefetcher
 from jobs.specs import StageKind, StageSpec, TrainConfig
 
 if TYPE_CHECKING:
@@ -157,6 +158,9 @@ class TrainRun:
     # STL_HOME/cache: inductor's compile caches and cached token ids of few-shot sets and row indexes go
     # here. None: nothing is cached on disk (library use, tests).
     cache_dir: Path | None = None
+    # Batches drawn, tokenized and padded ahead of the step, in a background thread; 0: in the step's own
+    # thread. The batches are the same either way (a benchmark and a test compare the two).
+    prefetch_batches: int = 2
 
 
 @dataclass(frozen=True)
@@ -565,6 +569,11 @@ class _TrainingSession:
         )
         return sources, targets
 
+    def _prepared_batches(self) -> Iterator[list[_Encoded]]:
+        """Every batch from the current step on, as host tensors ready to copy (pinned on CUDA)."""
+        for batch in self._batches():
+            yield self._encode(batch)
+
     def _batches(self) -> Iterator[list[Example]]:
         spec = self.spec
 
@@ -660,12 +669,11 @@ class _TrainingSession:
             reduction="sum",
         )
 
-    def _optimizer_step(self, batch: Sequence[Example]) -> tuple[torch.Tensor, int, int]:
+    def _optimizer_step(self, micro_batches: Sequence[_Encoded]) -> tuple[torch.Tensor, int, int]:
         import torch
 
         if self.injection.fires_at(self.step + 1):
             raise torch.OutOfMemoryError("injected")
-        micro_batches = self._encode(batch)
         target_tokens = sum(micro.target_tokens for micro in micro_batches)
         step_loss = torch.zeros((), device=self.device)
         for micro in micro_batches:
@@ -680,16 +688,28 @@ class _TrainingSession:
         return step_loss, sum(m.samples for m in micro_batches), sum(m.tokens for m in micro_batches)
 
     def run(self, on_step: Callable[[StepReport], None]) -> TrainOutcome | _OutOfMemoryAt:
-        import torch
-
         total = self.settings.max_steps
         self.cfg.log(
             f"training {self.spec.kind.value} stage {self.spec.stage_id}: {self.spec.model}, "
             f"{sum(p.numel() for p in self.model.parameters()):,} parameters, {total} steps, batch "
             f"{self.settings.batch_size} = {self.plan.grad_accum} x {self.plan.micro_batch} on {self.device}"
         )
-        batches = self._batches()
         started = time.perf_counter()
+        # Closed before _finish: the producer thread uses the tokenizer, which saving the model also reads.
+        with Prefetcher(self._prepared_batches(), depth=self.cfg.prefetch_batches, name="stl-batches") as batches:
+            outcome = self._steps(batches, on_step, started)
+        if isinstance(outcome, _OutOfMemoryAt):
+            return outcome
+        loss_value, run_samples, run_tokens = outcome
+        return self._finish(loss_value, run_samples, run_tokens, max(time.perf_counter() - started, 1e-9))
+
+    def _steps(
+        self, batches: Iterator[list[_Encoded]], on_step: Callable[[StepReport], None], started: float
+    ) -> tuple[float, int, int] | _OutOfMemoryAt:
+        """Train to the last step: (last reported loss, samples, tokens), or where memory ran out."""
+        import torch
+
+        total = self.settings.max_steps
         run_samples = run_tokens = 0
         progress = _Progress()
         loss_since_report = torch.zeros((), device=self.device)
@@ -703,10 +723,10 @@ class _TrainingSession:
                 raise StagePreempted(
                     f"stage {self.spec.stage_id} checkpointed at step {self.step} and will resume there"
                 )
-            batch = next(batches)
+            micro_batches = next(batches)
             out_of_memory = False
             try:
-                step_loss, samples, tokens = self._optimizer_step(batch)
+                step_loss, samples, tokens = self._optimizer_step(micro_batches)
             except torch.OutOfMemoryError:
                 out_of_memory = True  # handled outside `except` so the failed step's tensors can be freed
             if out_of_memory:
@@ -741,7 +761,7 @@ class _TrainingSession:
                 progress = _Progress()
             if self.step % self.settings.checkpoint_every == 0 and self.step < total:
                 self._save_checkpoint(started)
-        return self._finish(loss_value, run_samples, run_tokens, max(time.perf_counter() - started, 1e-9))
+        return loss_value, run_samples, run_tokens
 
     def _finish(self, final_loss: float, samples: int, tokens: int, seconds: float) -> TrainOutcome:
         save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR)

@@ -48,13 +48,14 @@ def run_training(
     oom_at_step: int | None = None,
     cache_dir: Path | None = None,
     reports: list[StepReport] | None = None,
+    prefetch_batches: int = 2,
 ) -> tuple[TrainOutcome, list[str]]:
     """`jobs.train.train` on the CPU; returns the outcome and the stage's log lines."""
     from jobs.train import TrainRun, train
 
     lines: list[str] = []
     run = TrainRun(spec=spec, workdir=workdir, init_from=init_from, device="cpu", should_stop=should_stop,
-                   log=lines.append, oom_at_step=oom_at_step, cache_dir=cache_dir)
+                   log=lines.append, oom_at_step=oom_at_step, cache_dir=cache_dir, prefetch_batches=prefetch_batches)
     outcome = train(run, on_step=(reports.append if reports is not None else lambda report: None))
     return outcome, lines
 

@@ -212,7 +212,7 @@ def steady_state_session(tmp_path: Path, demo_data: Path, model: str, **settings
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
                    log=lambda _line: None, cache_dir=tmp_path / "cache")
     session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None))
-    batches = session._batches()
+    batches = session._prepared_batches()
     session._optimizer_step(next(batches))  # the first step creates the optimizer state (and compiles)
     return session
 
@@ -224,7 +224,7 @@ def test_an_eager_training_step_makes_no_host_sync_of_stls_own(tmp_path: Path, d
     session = steady_state_session(tmp_path, demo_data, model)
     spy = HostSyncSpy()
     with spy:
-        session._optimizer_step(next(session._batches()))
+        session._optimizer_step(next(session._prepared_batches()))
     callers = sync_callers(spy)
     assert callers, "the spy must see transformers' mask checks, or it is not watching"
     assert all(f"transformers{os.sep}" in caller for caller in callers), callers
@@ -246,9 +246,9 @@ def test_compiled_training_is_one_graph_per_shape_with_no_graph_break(
     session = steady_state_session(tmp_path, demo_data, "tiny:t5", max_source_length=32, max_target_length=16,
                                    compile=True)
     assert session.buckets == ((32,), (16,))
-    batches = session._batches()
+    batches = session._prepared_batches()
     batch = next(batches)
-    [encoded] = session._encode(batch)
+    [encoded] = batch
     assert [t.size(1) for t in encoded.tensors.values()] == [32, 32, 16, 16]
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1

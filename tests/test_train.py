@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
-from jobs.errors import ModelError, OutOfMemory, StageCanceled, StagePreempted
+from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
 from jobs.train import OomRetry, StepReport, _warmup_then_linear_decay
@@ -126,6 +127,52 @@ def test_reports_schedule_and_reuse_of_a_finished_stage(tmp_path: Path, demo_dat
     assert outcome.final_loss == reports[-1].loss and outcome.resumed_from is None
     again, lines = run_training(spec, tmp_path)
     assert again == outcome and any("already trained" in line for line in lines)
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == "stl-batches"]
+
+
+def test_prefetched_batches_train_bit_identically_to_inline_ones(tmp_path: Path, demo_data: Path) -> None:
+    """The background thread changes when batches are made, not which: same reports, same weights."""
+    spec = train_spec(demo_data, model="tiny:bart", max_steps=12)
+    inline_reports: list[StepReport] = []
+    prefetched_reports: list[StepReport] = []
+    inline, _ = run_training(spec, tmp_path / "inline", prefetch_batches=0, reports=inline_reports)
+    prefetched, _ = run_training(spec, tmp_path / "prefetched", prefetch_batches=3, reports=prefetched_reports)
+    assert [(r.step, r.loss) for r in prefetched_reports] == [(r.step, r.loss) for r in inline_reports]
+    assert prefetched.final_loss == inline.final_loss
+    assert_bit_identical(saved_weights(tmp_path / "inline"), saved_weights(tmp_path / "prefetched"))
+    assert prefetch_threads() == []
+
+
+def test_a_data_error_in_the_prefetch_thread_fails_the_stage_and_stops_the_thread(
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobs.train import _TrainingSession
+
+    encode = _TrainingSession._encode
+    made = {"n": 0}
+
+    def encode_then_fail(self: _TrainingSession, batch: Any) -> Any:
+        made["n"] += 1
+        if made["n"] == 4:
+            assert threading.current_thread().name == "stl-batches"  # the batch is made off the step's thread
+            raise DataError("row 17 of demo.jsonl has no output")
+        return encode(self, batch)
+
+    monkeypatch.setattr(_TrainingSession, "_encode", encode_then_fail)
+    reports: list[StepReport] = []
+    with pytest.raises(DataError, match="row 17"):
+        run_training(train_spec(demo_data, checkpoint_every=100), tmp_path, reports=reports)
+    assert [r.step for r in reports] == [1]  # the three batches made before the error were trained on
+    assert prefetch_threads() == []
+
+
+def test_cancel_stops_the_prefetch_thread(tmp_path: Path, demo_data: Path) -> None:
+    with pytest.raises(StageCanceled):
+        run_training(train_spec(demo_data, checkpoint_every=100), tmp_path, should_stop=stop_after(2, "cancel"))
+    assert prefetch_threads() == []
 
 
 def test_learning_rate_warms_up_then_decays_linearly() -> None:

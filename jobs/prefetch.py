@@ -1,0 +1,91 @@
+"""Run an iterator ahead in a background thread, so the consumer does not wait for the items.
+
+The training loop uses it to draw, tokenize, pad and pin the next batches while the current step runs: on a
+GPU the step's host side is busy launching kernels, and tokenizing there would add to every step. The items
+and their order are exactly the iterator's, so prefetching changes nothing in what is trained. Tokenizers and
+torch release the GIL while they work, so the two threads do overlap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+T = TypeVar("T")
+
+_POLL_S = 0.1  # how often a producer blocked on a full queue looks whether it was closed
+
+
+class Prefetcher(Generic[T]):
+    """Iterates `items` in a daemon thread, keeping up to `depth` items ready.
+
+    An exception raised by `items` is raised again by `next()` in the consumer, after the items before it.
+    `close()` stops the thread (also usable as a context manager); with `depth` 0 no thread is started and
+    `items` is iterated in the caller's thread.
+    """
+
+    def __init__(self, items: Iterator[T], *, depth: int, name: str = "stl-prefetch") -> None:
+        self._items = items
+        self._inline = depth <= 0
+        self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=max(depth, 1))
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self._inline:
+            self._thread = threading.Thread(target=self._fill, name=name, daemon=True)
+            self._thread.start()
+
+    def __iter__(self) -> Prefetcher[T]:
+        return self
+
+    def __next__(self) -> T:
+        if self._inline:
+            return next(self._items)
+        if self._closed.is_set():
+            raise StopIteration
+        kind, value = self._queue.get()
+        if kind == "item":
+            return value  # type: ignore[return-value]
+        self._closed.set()  # the producer has stopped: later calls end the iteration instead of waiting
+        if isinstance(value, BaseException):
+            raise value
+        raise StopIteration
+
+    def close(self) -> None:
+        """Stop the producer and wait for it (it finishes the item it is making, at most)."""
+        self._closed.set()
+        if self._thread is None:
+            return
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # make room: a producer blocked on a full queue sees the flag
+                self._queue.get_nowait()
+            self._thread.join(timeout=_POLL_S)
+
+    def __enter__(self) -> Prefetcher[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _fill(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put("item", item):
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it where it would have been raised
+            self._put("error", e)
+            return
+        self._put("end", None)
+
+    def _put(self, kind: str, value: object) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put((kind, value), timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
