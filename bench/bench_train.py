@@ -18,6 +18,9 @@ rounds hit the cache (each round builds a new model, as each stage does). The wa
 the time to the first step is printed per round. On a CPU stl skips compile (it logs why), so there the
 compiled arm runs eager: a plumbing check only.
 
+With --cuda-graphs, another arm runs stl with `train.compile: reduce-overhead`: torch.compile replaying each
+micro-batch's forward and backward as CUDA graphs (the stage log's line on whether they ran is printed).
+
 With --prefetch both, a third arm runs stl with its batches made in the step's own thread (no prefetch
 thread): the ratio of the two shows how much of the data work (drawing, tokenizing, padding) the background
 thread hides. Read it per wall-second: the thread's CPU time is the process's either way.
@@ -34,17 +37,38 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Ratio, Report, header, interleave, median, print_absolute, set_torch_threads  # noqa: E402
 from ml import Setup, add_model_arguments, check_device_dtype, hf_features, load_tokenizer, prepare, sync  # noqa: E402
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 BENCH = "train"
 STL, STL_COMPILED, HF = "stl train()", "stl train(), compiled", "HF Seq2SeqTrainer"
 STL_INLINE = "stl train(), no prefetch"  # batches made in the step's thread (TrainRun.prefetch_batches = 0)
+STL_GRAPHS = "stl train(), CUDA graphs"  # train.compile: reduce-overhead
+
+
+@dataclass(frozen=True)
+class StlArm:
+    key: str  # in Runner's per-arm records
+    name: str  # in the report
+    compile: bool | str  # train.compile
+    prefetch: bool = True
+
+
+STL_ARMS = {arm.name: arm for arm in (
+    StlArm("stl", STL, False),
+    StlArm("stl-inline", STL_INLINE, False, prefetch=False),
+    StlArm("stl-compiled", STL_COMPILED, True),
+    StlArm("stl-graphs", STL_GRAPHS, "reduce-overhead"),
+)}
 REPORT_EVERY = 10  # jobs.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
 
 
@@ -52,10 +76,11 @@ class Runner:
     def __init__(self, setup: Setup, args: argparse.Namespace, workdir: Path) -> None:
         self.setup, self.args, self.workdir = setup, args, workdir
         self.total = args.warmup_steps + args.steps
-        self.losses: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "stl-inline": [], "hf": []}
-        self.first_step_s: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "stl-inline": []}
-        self.mfu: dict[str, list[float]] = {"stl": [], "stl-compiled": [], "stl-inline": []}
+        self.losses: dict[str, list[float]] = {arm.key: [] for arm in STL_ARMS.values()} | {"hf": []}
+        self.first_step_s: dict[str, list[float]] = {arm.key: [] for arm in STL_ARMS.values()}
+        self.mfu: dict[str, list[float]] = {arm.key: [] for arm in STL_ARMS.values()}
         self.counter = 0
+        self.failed: list[str] = []  # arms left out after a failed probe
         self.cpu_rates: dict[str, list[float]] = {}
         self.train_examples = self._examples()
 
@@ -91,28 +116,39 @@ class Runner:
 
     # --- stl ---
 
-    def stl(self) -> float:
-        return self._stl(compiled=False)
+    def probe(self, arm: StlArm) -> bool:
+        """Run `arm` once, untimed (its compile is cached for the rounds); False, with a note, if it fails."""
+        started = time.perf_counter()
+        try:
+            self._stl(arm)
+        except Exception as e:
+            print(f"   note: {arm.name} failed, so it is left out: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            self.failed.append(arm.name)
+            return False
+        finally:  # the probe's figures are not a round's
+            self.cpu_rates.pop(arm.name, None)
+            for records in (self.losses, self.first_step_s, self.mfu):
+                records[arm.key].clear()
+        print(f"   note: {arm.name}: an untimed first run (cold compile) took {time.perf_counter() - started:.1f} s",
+              flush=True)
+        return True
 
-    def stl_compiled(self) -> float:
-        return self._stl(compiled=True)
+    def stl_arm(self, arm: StlArm) -> Callable[[], float]:
+        return lambda: self._stl(arm)
 
-    def stl_inline(self) -> float:
-        return self._stl(compiled=False, prefetch=False)
-
-    def _stl(self, *, compiled: bool, prefetch: bool = True) -> float:
+    def _stl(self, stl_arm: StlArm) -> float:
         from jobs.specs import StageKind, StageSpec, TrainConfig
         from jobs.train import TrainRun, train
 
         args = self.args
-        arm = "stl-compiled" if compiled else "stl" if prefetch else "stl-inline"
+        arm = stl_arm.key
         spec = StageSpec(
             kind=StageKind.mtl, model="tiny:bart", seed=args.seed, instructions=True, data=str(self.setup.data),
             tasks=self.setup.train_tasks,
             train=TrainConfig(max_steps=self.total, batch_size=args.batch_size, learning_rate=args.lr,
                               warmup_ratio=0.0, weight_decay=0.0, max_source_length=args.source_len,
                               max_target_length=args.target_len, checkpoint_every=self.total + 1,
-                              compile=compiled),
+                              compile=stl_arm.compile),
         )
         marks: dict[str, tuple[float, float]] = {}
         reports: list[tuple[int, float]] = []
@@ -137,7 +173,7 @@ class Runner:
         # The compile caches live as long as the benchmark, like STL_HOME/cache across a worker's stages.
         run = TrainRun(spec=spec, workdir=self.workdir / f"stl-{self.counter}", init_from=self.setup.model_dir,
                        device=args.device, should_stop=should_stop, log=self._log(arm),
-                       cache_dir=self.workdir / "cache", prefetch_batches=2 if prefetch else 0)
+                       cache_dir=self.workdir / "cache", prefetch_batches=2 if stl_arm.prefetch else 0)
         outcome = train(run, on_step=on_step)
         assert outcome.steps == self.total
         # Mean loss over all steps: each report averages the steps since the previous one.
@@ -146,11 +182,13 @@ class Runner:
             weighted += loss * (step - previous)
             previous = step
         self.losses[arm].append(weighted / previous)
-        return self._rate(STL_COMPILED if compiled else STL if prefetch else STL_INLINE, marks["start"], marks["end"])
+        return self._rate(stl_arm.name, marks["start"], marks["end"])
 
     def _log(self, arm: str) -> Any:
         def log(line: str) -> None:  # stl's stage log: only what bears on the comparison
-            if line.startswith(("compiling", "compile skipped", "no peak FLOP/s")):
+            if line.startswith(("compiling", "compile skipped", "no peak FLOP/s", "CUDA graphs")) or (
+                "without CUDA graphs" in line
+            ):
                 print(f"     [{arm}] {line}", flush=True)
 
         return log
@@ -218,6 +256,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
                         help="stl's arm with train.compile off (default), on, or both arms side by side")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="add an arm with train.compile: reduce-overhead (torch.compile replaying CUDA graphs)")
     parser.add_argument("--prefetch", choices=["on", "both"], default="on",
                         help="stl makes the next batches in a background thread (on, default); both adds an "
                              "eager arm that makes them in the step's thread, to measure what that hides")
@@ -251,18 +291,16 @@ def main() -> None:
               f"{args.warmup_steps} warm-up + {args.steps} measured steps; {args.rounds} interleaved rounds")
         runner = Runner(setup, args, workdir)
         runner.warm_process()
-        arms = {}
-        if args.compile in ("off", "both"):
-            arms[STL] = runner.stl
-        if args.prefetch == "both":
-            arms[STL_INLINE] = runner.stl_inline
-        if args.compile in ("on", "both"):
-            arms[STL_COMPILED] = runner.stl_compiled
+        names = ([STL] if args.compile in ("off", "both") else []) + ([STL_INLINE] if args.prefetch == "both" else [])
+        names += ([STL_COMPILED] if args.compile in ("on", "both") else []) + ([STL_GRAPHS] if args.cuda_graphs else [])
+        if STL_GRAPHS in names and not runner.probe(STL_ARMS[STL_GRAPHS]):
+            names.remove(STL_GRAPHS)  # so that the other arms' figures still come out
+        arms = {name: runner.stl_arm(STL_ARMS[name]) for name in names}
         arms[HF] = runner.hf
         results = interleave(arms, rounds=args.rounds)
     hf_loss = median(runner.losses["hf"])
     notes = []
-    for arm, name in (("stl", STL), ("stl-inline", STL_INLINE), ("stl-compiled", STL_COMPILED)):
+    for arm, name in ((arm.key, arm.name) for arm in STL_ARMS.values()):
         if not runner.losses[arm]:
             continue
         loss = median(runner.losses[arm])
@@ -270,7 +308,7 @@ def main() -> None:
                      f"Trainer {hf_loss:.4f} (ratio {loss / hf_loss:.3f}; same curve within noise expected)")
         notes.append(f"per-round losses: {name} {[round(x, 4) for x in runner.losses[arm]]}, "
                      f"Trainer {[round(x, 4) for x in runner.losses['hf']]}")
-        compiles = " (compile included)" if arm == "stl-compiled" else ""
+        compiles = " (compile included)" if STL_ARMS[name].compile else ""
         notes.append(f"seconds of {name}'s first step{compiles}, per round: "
                      f"{[round(x, 1) for x in runner.first_step_s[arm]]}")
         if runner.mfu[arm]:
@@ -281,6 +319,9 @@ def main() -> None:
     ratio = [Ratio(name, HF, f"{name} samples/s / Trainer samples/s") for name in arms if name != HF]
     if STL in arms and STL_COMPILED in arms:
         ratio.append(Ratio(STL_COMPILED, STL, "compiled / eager stl samples/s"))
+    if STL_GRAPHS in arms:
+        ratio += [Ratio(STL_GRAPHS, other, f"CUDA graphs / {label} stl samples/s")
+                  for other, label in ((STL, "eager"), (STL_COMPILED, "compiled")) if other in arms]
     if STL in arms and STL_INLINE in arms:
         ratio.append(Ratio(STL, STL_INLINE, "prefetched / inline batches, stl samples/s"))
     if args.device == "cpu":
@@ -290,7 +331,7 @@ def main() -> None:
                unit="samples/cpu-s", higher_is_better=True, bench=tag + ":cpu-time", ratios=ratio).print()
     Report(f"training throughput, samples per wall-second {what}", results, unit="samples/s",
            higher_is_better=True, bench=tag + ":wall", ratios=ratio, notes=notes).print()
-    for arm, name in (("stl", STL), ("stl-inline", STL_INLINE), ("stl-compiled", STL_COMPILED)):
+    for arm, name in ((arm.key, arm.name) for arm in STL_ARMS.values()):
         if name not in results:
             continue
         print_absolute(tag, f"{name} samples/s (wall)", median(results[name]), "samples/s")
@@ -298,6 +339,8 @@ def main() -> None:
         if runner.mfu[arm]:
             print_absolute(tag, f"{name} MFU", median(runner.mfu[arm]), "of bf16 peak")
     print_absolute(tag, f"{HF} samples/s (wall)", median(results[HF]), "samples/s")
+    if runner.failed:
+        raise SystemExit(f"arms that failed: {runner.failed}")
 
 
 if __name__ == "__main__":

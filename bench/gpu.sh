@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# First a check of stl's own stage code on the GPU (bench/gpu_check.py: compile, resume, eval, NVML);
-# then the GPU benchmarks: stl's training loop vs Seq2SeqTrainer (bf16) and stl's evaluation vs
-# Seq2SeqTrainer.predict(predict_with_generate=True) and rank classification vs Trainer.predict over
-# option pairs, at bart-base and t5-small sizes (random weights from config, synthetic tokens, no network);
-# then stl's loop with train.compile on vs off vs Trainer (GPU_COMPILE=0 skips that part); then, on CUDA,
-# three ways of calling HF generate and of running a training step (bench_generate_variants.py,
-# bench_train_variants.py; only with GPU_VARIANTS=1, or alone with GPU_VARIANTS=only).
+# First a check of stl's own stage code on the GPU (bench/gpu_check.py: CUDA graphs, resume, eval, NVML);
+# then the GPU benchmarks, most wanted first, so that a cut-off run still leaves them:
+#   stl's training loop vs Seq2SeqTrainer (bf16) at t5-small and bart-base sizes (random weights from config,
+#   synthetic tokens, no network), stl's arms eager, `train.compile: true` and `train.compile:
+#   reduce-overhead` (CUDA graphs), and at bart-base also eager without the batch-prefetch thread
+#   (GPU_COMPILE=0 leaves only the eager arms);
+#   stl's evaluation vs Seq2SeqTrainer.predict(predict_with_generate=True), eager and with eval.compile, and
+#   rank classification vs Trainer.predict over option pairs (GPU_EVAL=0 skips them);
+#   then, on CUDA, three ways of calling HF generate and of running a training step outside stl
+#   (bench_generate_variants.py, bench_train_variants.py; only with GPU_VARIANTS=1, or alone with
+#   GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
-# Budget: about 7.5 minutes on one H200 (the 2026-11-26 run's per-script times), 15 at most, 24 with
-# GPU_VARIANTS=1 (each script has its own time limit, LIMIT_S and COMPILE_LIMIT_S); the core figures come
-# first, so a cut-off run still leaves them.
+# Budget: about 9 minutes on one H200 (estimated from the 2026-11-26 run's per-script times: the CUDA-graph
+# arms have not run on a GPU yet), 6 with GPU_EVAL=0; each script has its own time limit (LIMIT_S,
+# COMPILE_LIMIT_S).
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
 # line per figure, and the notes), results.jsonl (the RESULT records) and all.log (every script's output).
 #
@@ -33,25 +37,27 @@ if [[ "$DEVICE" == cuda* ]]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')"
   LIMIT_S=${LIMIT_S:-110}
   COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-150}  # a cold compile is about 50 s (T5-small, H200)
+  TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}  # two cold compiles (compile, then CUDA graphs) and 2 rounds of 4 arms
   DTYPE=bf16
-  TRAIN_BART=(--batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
-  TRAIN_T5=(--batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30 --rounds 3)
+  TRAIN_BART=(--size bart-base --batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
+  TRAIN_T5=(--size t5-small --batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
   # stl's generation eager and with eval.compile (a static KV cache in CUDA graphs), each against Trainer.
   EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 --compile both)
-  # argparse keeps the last of a repeated option: these rounds override the arrays' own.
-  COMPILE_BART=(--size bart-base "${TRAIN_BART[@]}" --rounds 2 --compile both)
-  COMPILE_T5=(--size t5-small "${TRAIN_T5[@]}" --rounds 2 --compile both)
+  BART_ARMS=(--compile both --cuda-graphs --prefetch both)
+  T5_ARMS=(--compile both --cuda-graphs)
 else
   # The same code paths with shapes a CPU finishes quickly: a correctness check, not figures to quote.
   LIMIT_S=${LIMIT_S:-300}
   DTYPE=fp32
-  TRAIN_BART=(--batch-size 2 --source-len 16 --target-len 4 --warmup-steps 1 --steps 2 --rounds 1)
+  # stl never compiles on a CPU; --compile-on-cpu makes it, at the tiny size, to check the plumbing (the
+  # CUDA-graph arm then runs inductor without graphs, and says so).
+  COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-300}
+  TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-400}
+  TRAIN_BART=(--size tiny --batch-size 2 --source-len 16 --target-len 4 --warmup-steps 1 --steps 2)
   TRAIN_T5=("${TRAIN_BART[@]}")
   EVAL=(--examples 4 --batch-size 2 --source-len 16 --max-new-tokens 4 --rounds 1 --compile both)
-  # stl never compiles on a CPU; --compile-on-cpu makes it, at the tiny size, to check the plumbing.
-  COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-300}
-  COMPILE_BART=(--size tiny "${TRAIN_BART[@]}" --rounds 2 --compile both --compile-on-cpu)
-  COMPILE_T5=()  # one tiny run checks the plumbing; the tests compile tiny:t5
+  BART_ARMS=(--compile both --cuda-graphs --prefetch both --compile-on-cpu)
+  T5_ARMS=(--compile off)  # one compiled run checks the plumbing; the tests compile tiny:t5
 fi
 
 {
@@ -91,17 +97,16 @@ for line in sys.stdin:
 : > "$OUTDIR/results.jsonl"; : > "$OUTDIR/all.log"
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
 VARIANTS=${GPU_VARIANTS:-0}
+if [[ "${GPU_COMPILE:-1}" == 0 ]]; then BART_ARMS=(--compile off --prefetch both); T5_ARMS=(--compile off); fi
 if [[ "$VARIANTS" != only ]]; then
-  run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, compile included
-  run "$LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" --size bart-base "${TRAIN_BART[@]}"
-  run "$LIMIT_S" train-t5-small  bench/bench_train.py "${COMMON[@]}" --size t5-small  "${TRAIN_T5[@]}"
-  run "$LIMIT_S" eval-bart-base  bench/bench_eval.py  "${COMMON[@]}" --size bart-base "${EVAL[@]}"
-  run "$LIMIT_S" eval-t5-small   bench/bench_eval.py  "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
-  if [[ "${GPU_COMPILE:-1}" != 0 ]]; then
-    if (( ${#COMPILE_T5[@]} )); then
-      run "$COMPILE_LIMIT_S" compile-t5-small bench/bench_train.py "${COMMON[@]}" "${COMPILE_T5[@]}"
-    fi
-    run "$COMPILE_LIMIT_S" compile-bart-base bench/bench_train.py "${COMMON[@]}" "${COMPILE_BART[@]}"
+  run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, CUDA graphs included
+  # Each stl arm against Trainer, 2 interleaved rounds; the CUDA-graph arm's cold compile runs untimed first.
+  run "$TRAIN_LIMIT_S" train-t5-small bench/bench_train.py "${COMMON[@]}" "${TRAIN_T5[@]}" --rounds 2 "${T5_ARMS[@]}"
+  run "$TRAIN_LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" "${TRAIN_BART[@]}" --rounds 2 \
+    "${BART_ARMS[@]}"
+  if [[ "${GPU_EVAL:-1}" != 0 ]]; then
+    run "$LIMIT_S" eval-bart-base bench/bench_eval.py "${COMMON[@]}" --size bart-base "${EVAL[@]}"
+    run "$LIMIT_S" eval-t5-small  bench/bench_eval.py "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
   fi
 fi
 # Only with GPU_VARIANTS=1 (about 6 minutes more) or GPU_VARIANTS=only (these alone, as a call of their own),

@@ -2,13 +2,17 @@
 
 The benchmarks time `train()` and `evaluate()`; this checks the paths around them that only CUDA takes,
 through `jobs.stages.execute_stage`, the function the worker's horse calls:
-  1. an MTL stage of tiny:t5 with `train.compile: true` (inductor, length buckets, caches under a
-     temporary STL_HOME/cache), preempted half-way as SIGTERM would, then resumed: the resumed stage must
-     log `resumed from step N` (model, optimizer, scheduler and CUDA RNG states from the checkpoint);
+  1. an MTL stage of tiny:t5 with `train.compile: reduce-overhead` (inductor, CUDA graphs, length buckets,
+     two micro-batches per step, caches under a temporary STL_HOME/cache), preempted half-way as SIGTERM
+     would, then resumed: the resumed stage must log `resumed from step N` (model, optimizer, scheduler and
+     CUDA RNG states from the checkpoint), and on CUDA that CUDA graphs are in use;
   2. a few-shot stage from that model, eager;
   3. an eval stage from the few-shot model (rank classification and greedy generation on the GPU),
      then the same with `eval.compile: true` (static KV cache, compiled; filler rows in the last batch);
-  4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA).
+  4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA);
+  5. one optimizer step's gradients, accumulated over two micro-batches replayed as CUDA graphs, against
+     eager ones from the same weights and batch (same direction and size: the graphs' memory is reused
+     between replays, and a gradient left there would be overwritten).
 It prints what to look at (first-step seconds, which hold the compile; MFU; metrics) and exits 1 on a
 failure. On a CPU it runs the same stages eager (stl skips compile there), as a check of this script.
 """
@@ -21,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -75,8 +79,8 @@ def main() -> int:
         mtl = StageSpec(kind=StageKind.mtl, model="tiny:t5", data=str(DEMO_DATA), tasks=DEMO_TRAIN_TASKS,
                         # 64 source tokens (byte-level: most prompts are longer) keep the compile to
                         # one or two bucket shapes, so the check stays near a minute.
-                        train=TrainConfig(max_steps=args.steps, batch_size=16, max_source_length=64,
-                                          max_target_length=32, checkpoint_every=10, compile=True))
+                        train=TrainConfig(max_steps=args.steps, batch_size=16, grad_accum=2, max_source_length=64,
+                                          max_target_length=32, checkpoint_every=10, compile="reduce-overhead"))
         started = time.perf_counter()
         stop_at[0] = args.steps // 2 + 1  # before step steps/2 + 1: checkpoint at steps/2, then stop
         try:
@@ -93,8 +97,11 @@ def main() -> int:
               f"{outcome.train.final_loss if outcome.train else '?'}")
         if resumed != [f"resumed from step {args.steps // 2}"]:
             failures.append(f"expected one 'resumed from step {args.steps // 2}', got {resumed}")
-        compile_lines = [line for line in lines if line.startswith(("compiling", "compile skipped"))]
-        print(f"   note: {compile_lines[-1] if compile_lines else 'no compile line'}")
+        compile_lines = [line for line in lines if line.startswith(("compiling", "compile skipped", "CUDA graphs"))
+                         or "without CUDA graphs" in line]
+        print(f"   note: {' | '.join(compile_lines[-3:]) if compile_lines else 'no compile line'}")
+        if args.device.startswith("cuda") and not any(line.startswith("CUDA graphs in use") for line in lines):
+            failures.append(f"train.compile: reduce-overhead did not run CUDA graphs: {compile_lines}")
 
         finetune = StageSpec(kind=StageKind.finetune, model="tiny:t5", parent=mtl.stage_id, data=str(DEMO_DATA),
                              tasks=(DEMO_EVAL_TASKS[0],), shots=8,
@@ -133,6 +140,10 @@ def main() -> int:
                                                       for line in static_lines):
             failures.append(f"eval.compile did not decode with a static KV cache on CUDA: {static_lines}")
 
+        failure = check_accumulated_gradients(args.device, home / "gradients")
+        if failure:
+            failures.append(failure)
+
     probe = GpuProbe(0).read()
     print(f"   note: NVML: {probe}")
     if args.device.startswith("cuda") and probe["gpu"] in ("cpu", "unknown"):
@@ -142,6 +153,46 @@ def main() -> int:
     print("RESULT " + json.dumps({"bench": f"gpu_check:{args.device}", "label": "stage-path failures",
                                   "value": len(failures), "unit": "(0 = all passed)", "absolute": True}))
     return 1 if failures else 0
+
+
+def check_accumulated_gradients(device: str, workdir: Path) -> str | None:
+    """Item 5: gradients of one step over two micro-batches, CUDA graphs vs eager; a failure, or None."""
+    import torch
+
+    from jobs.data import DEMO_TRAIN_TASKS
+    from jobs.specs import StageKind, StageSpec, TrainConfig
+    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession
+
+    def gradients(compile_mode: bool | Literal["reduce-overhead"]) -> tuple[torch.Tensor, list[str]]:
+        settings = TrainConfig(max_steps=10, batch_size=16, grad_accum=2, max_source_length=64, max_target_length=32,
+                               compile=compile_mode)
+        spec = StageSpec(kind=StageKind.mtl, model="tiny:t5", data=str(DEMO_DATA), tasks=DEMO_TRAIN_TASKS,
+                         train=settings)
+        lines: list[str] = []
+        cfg = TrainRun(spec=spec, workdir=workdir / str(compile_mode), init_from=None, device=device,
+                       should_stop=lambda: None, log=lines.append, cache_dir=workdir / "cache")
+        session = _TrainingSession(cfg, settings, _Plan.for_micro_batch(16, 8), [], _OomInjection(None))
+        session.model.eval()  # no dropout: both sides compute the same function
+        micro_batches = next(session._prepared_batches())
+        for _ in range(3):  # CUDA graph trees warm up, then record, then replay: the third call replays
+            session.model.zero_grad(set_to_none=True)
+            session._accumulate_gradients(micro_batches)
+        grads = torch.cat([p.grad.float().flatten() for p in session.model.parameters() if p.grad is not None])
+        return grads, lines
+
+    started = time.perf_counter()
+    eager, _ = gradients(False)
+    graphs, lines = gradients("reduce-overhead")
+    cosine = float(torch.nn.functional.cosine_similarity(eager, graphs, dim=0))
+    size = float(graphs.norm() / eager.norm())
+    in_use = any(line.startswith("CUDA graphs in use") for line in lines)
+    print(f"   note: gradients over 2 micro-batches, CUDA graphs vs eager: cosine {cosine:.5f}, norm ratio "
+          f"{size:.4f}; CUDA graphs in use: {in_use} ({time.perf_counter() - started:.1f} s)")
+    if cosine < 0.99 or not 0.97 < size < 1.03:
+        return f"accumulated gradients with CUDA graphs differ from eager: cosine {cosine:.4f}, norm ratio {size:.4f}"
+    if device.startswith("cuda") and not in_use:
+        return f"the gradient check ran without CUDA graphs: {lines}"
+    return None
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jobs.states import Priority, RunStatus, StageKind, TaskType
 
@@ -32,7 +32,19 @@ class TrainConfig(Frozen):
     checkpoint_every: Annotated[int, Field(gt=0)] = 200
     # Examples-proportional mixing cap (T5/T0): no task contributes more than this many examples.
     mixture_cap: Annotated[int, Field(gt=0)] = 500_000
-    compile: bool = False
+    # true: torch.compile with inductor's default mode; "reduce-overhead": also replay each step's kernels as
+    # CUDA graphs (torch's mode of that name). CUDA only; a CPU stage trains eager.
+    compile: bool | Literal["reduce-overhead"] = False
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _one_compile_message(cls, value: object) -> object:
+        # One message for the union, not one per member type.
+        if isinstance(value, bool) or value == "reduce-overhead":
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            raise ValueError("expected true, false or reduce-overhead; write true or false without quotes")
+        raise ValueError("expected true, false or reduce-overhead")
 
 
 class EvalConfig(Frozen):

@@ -15,7 +15,9 @@ On CUDA the step runs under bf16 autocast (where the GPU has native bf16) with f
 loss back to the host only on report steps. With `train.compile` the model goes through torch.compile
 (CUDA only; skipped with a log line elsewhere), inductor's caches live under STL_HOME/cache/inductor so
 later stages and runs reuse compiled kernels, and sequences are padded to fixed length buckets so a new
-batch shape does not trigger a recompile (see `length_buckets`).
+batch shape does not trigger a recompile (see `length_buckets`); `train.compile: reduce-overhead` also
+replays each micro-batch's forward and backward as CUDA graphs. A background thread (jobs/prefetch.py) makes
+the next batches while the step runs.
 """
 
 from __future__ import annotations
@@ -323,7 +325,7 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
             _mark_done(cfg, outcome)
             return outcome
         del session  # drop the model, optimizer and activations before retrying
-        _release_accelerator_memory(compiled=settings.compile)
+        _release_accelerator_memory(compiled=bool(settings.compile))
         checkpoint = _read_checkpoint_state(cfg)
         restart_step = 0 if checkpoint is None else int(checkpoint["step"])
         if plan.micro_batch == 1:
@@ -358,6 +360,13 @@ def _mark_done(cfg: TrainRun, outcome: TrainOutcome) -> None:
     for leftover in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
         shutil.rmtree(cfg.workdir / leftover, ignore_errors=True)
     cfg.log(f"stage {cfg.spec.stage_id} trained: {outcome.steps} steps, final loss {outcome.final_loss:.4f}")
+
+
+def _cuda_graph_skips() -> int:
+    """How many times inductor has declined to use CUDA graphs in this process (its own counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _release_accelerator_memory(*, compiled: bool) -> None:
@@ -432,6 +441,11 @@ class _TrainingSession:
         start_id = getattr(self.model.config, "decoder_start_token_id", None)
         self.decoder_start_id = self.pad_id if start_id is None else int(start_id)
         self.forward: Callable[..., Any] = self.model
+        # CUDA graphs (train.compile: reduce-overhead): each micro-batch's forward and backward are replayed
+        # graphs, whose outputs live in memory the next replay overwrites (see _accumulate_gradients).
+        self.cuda_graphs = False
+        self.graph_skips_seen: int | None = None  # inductor's count of skipped CUDA graphs, as last logged
+        self.graphs_confirmed = False  # "CUDA graphs in use" logged
         # Padded lengths: None pads to the longest row (eager); else (source, target) buckets for seq2seq,
         # or (whole sequence,) for a causal LM.
         self.buckets: tuple[tuple[int, ...], ...] | None = None
@@ -480,9 +494,13 @@ class _TrainingSession:
         # Static shapes: one specialised graph per bucket combination, times two batch sizes (a batch that
         # does not split evenly ends with a smaller micro-batch).
         where = prepare_compile(self.cfg.cache_dir, shapes=math.prod(len(widths) for widths in self.buckets) * 2)
-        self.forward = torch.compile(self.model, dynamic=False)
+        self.cuda_graphs = self.settings.compile == "reduce-overhead"
+        mode = "reduce-overhead" if self.cuda_graphs else None
+        self.forward = torch.compile(self.model, dynamic=False, mode=mode)
+        self.graph_skips_seen = _cuda_graph_skips() if self.cuda_graphs else None
         self.cfg.log(
-            f"compiling with torch.compile: static shapes, padded lengths "
+            f"compiling with torch.compile{' (mode reduce-overhead: CUDA graphs)' if self.cuda_graphs else ''}: "
+            f"static shapes, padded lengths "
             f"{' x '.join('/'.join(map(str, widths)) for widths in self.buckets)}; caches in {where}"
         )
 
@@ -674,18 +692,60 @@ class _TrainingSession:
 
         if self.injection.fires_at(self.step + 1):
             raise torch.OutOfMemoryError("injected")
-        target_tokens = sum(micro.target_tokens for micro in micro_batches)
-        step_loss = torch.zeros((), device=self.device)
-        for micro in micro_batches:
-            loss = self._loss_sum(micro.tensors) / target_tokens
-            loss.backward()
-            step_loss += loss.detach()
+        step_loss = self._accumulate_gradients(micro_batches)
+        if self.graph_skips_seen is not None:
+            self._log_cuda_graph_skips()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, sum(m.samples for m in micro_batches), sum(m.tokens for m in micro_batches)
+
+    def _accumulate_gradients(self, micro_batches: Sequence[_Encoded]) -> torch.Tensor:
+        """Forward and backward over every micro-batch, summing into the parameters' .grad; the batch's loss."""
+        import torch
+
+        target_tokens = sum(micro.target_tokens for micro in micro_batches)
+        step_loss = torch.zeros((), device=self.device)
+        for index, micro in enumerate(micro_batches):
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # a new replay: the previous one's outputs are done
+            loss = self._loss_sum(micro.tensors) / target_tokens
+            loss.backward()
+            step_loss += loss.detach()
+            if self.cuda_graphs and index == 0 and len(micro_batches) > 1:
+                self._own_gradients()
+        return step_loss
+
+    def _own_gradients(self) -> None:
+        """Copy .grad out of the CUDA graphs' memory. Autograd keeps a replayed backward's output as a
+        parameter's .grad when .grad is empty; the next micro-batch's replay overwrites that memory, and would
+        then add its gradient to itself, losing this one (pytorch/pytorch#169545, fixed in later torch)."""
+        import torch
+
+        params, grads = [], []
+        for param in self.model.parameters():
+            if param.grad is not None:
+                params.append(param)
+                grads.append(param.grad)
+        copies = torch._foreach_mul(grads, 1.0)  # one multi-tensor copy, not a kernel per gradient
+        for param, copy in zip(params, copies, strict=True):
+            param.grad = copy
+
+    def _log_cuda_graph_skips(self) -> None:
+        """Say after the first step whether inductor replays CUDA graphs, and later when a new shape's graph
+        falls back to plain compiled kernels (inductor's own log says why)."""
+        assert self.graph_skips_seen is not None
+        skips = _cuda_graph_skips()
+        if skips > self.graph_skips_seen:
+            self.cfg.log(
+                f"step {self.step + 1}: torch.compile ran {skips - self.graph_skips_seen} graph(s) without CUDA "
+                "graphs (compiled kernels only); set TORCH_LOGS=cudagraphs to see why"
+            )
+        elif not self.graphs_confirmed:
+            self.cfg.log("CUDA graphs in use: each micro-batch's forward and backward replay as recorded graphs")
+        self.graph_skips_seen, self.graphs_confirmed = skips, True
 
     def run(self, on_step: Callable[[StepReport], None]) -> TrainOutcome | _OutOfMemoryAt:
         total = self.settings.max_steps

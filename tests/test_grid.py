@@ -144,6 +144,18 @@ def test_a_task_listed_twice_is_refused(tmp_path: Path, demo_data: Path) -> None
     assert problem.startswith(f"{path}:") and "tasks.eval: a task is listed more than once: summarization" in problem
 
 
+def test_train_compile_takes_a_boolean_or_reduce_overhead_and_refuses_the_rest_in_one_line(
+    tmp_path: Path, demo_data: Path
+) -> None:
+    settings = grid_dict(demo_data)["train"]
+    path = write_grid(tmp_path, demo_data, train={**settings, "compile": "reduce-overhead"})
+    stages = parse_grid(path).stages.values()
+    assert {spec.train.compile for spec in stages if spec.kind == StageKind.mtl and spec.train} == {"reduce-overhead"}
+    path = write_grid(tmp_path, demo_data, train={**settings, "compile": "fast"})
+    line = path.read_text().splitlines().index("  compile: fast") + 1
+    assert problems_of(path) == [f"{path}:{line}: train.compile: expected true, false or reduce-overhead, got \"fast\""]
+
+
 def test_eval_compile_is_a_boolean_carried_into_eval_stages_only(tmp_path: Path, demo_data: Path) -> None:
     settings = grid_dict(demo_data)["eval"]
     path = write_grid(tmp_path, demo_data, eval={**settings, "compile": True})

@@ -230,6 +230,57 @@ def test_an_eager_training_step_makes_no_host_sync_of_stls_own(tmp_path: Path, d
     assert all(f"transformers{os.sep}" in caller for caller in callers), callers
 
 
+# --- CUDA graphs (train.compile: reduce-overhead) ---
+
+
+def deliver_gradients_like_cuda_graphs(model: torch.nn.Module) -> list[Any]:
+    """Emulate replayed CUDA graphs on a CPU: each parameter's gradient arrives in one buffer that every
+    backward overwrites, handed over as a fresh tensor that autograd may keep as .grad (as a graph's output)."""
+    handles = []
+    for param in model.parameters():
+        buffer = torch.zeros_like(param)
+
+        def deliver(grad: torch.Tensor, buffer: torch.Tensor = buffer) -> torch.Tensor:
+            buffer.copy_(grad)
+            return torch.empty(0, dtype=buffer.dtype).set_(buffer.untyped_storage(), 0, buffer.shape, buffer.stride())
+
+        handles.append(param.register_hook(deliver))
+    return handles
+
+
+def accumulated_gradients(tmp_path: Path, demo_data: Path, *, graph_memory: bool, cuda_graphs: bool) -> list[Any]:
+    spec = finetune_spec(demo_data, model="tiny:t5")
+    assert spec.train is not None
+    cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
+                   log=lambda _line: None)
+    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 2), [], _OomInjection(None))
+    session.model.eval()  # no dropout: every session computes the same gradients
+    if graph_memory:
+        deliver_gradients_like_cuda_graphs(session.model)
+    session.cuda_graphs = cuda_graphs  # what the reduce-overhead mode sets, without compiling on a CPU
+    micro_batches = next(session._prepared_batches())
+    assert len(micro_batches) == 2
+    session._accumulate_gradients(micro_batches)
+    return [param.grad.clone() for param in session.model.parameters()]
+
+
+def test_accumulated_gradients_survive_gradients_delivered_in_graph_memory(tmp_path: Path, demo_data: Path) -> None:
+    """With CUDA graphs, a micro-batch's gradients live in memory the next replay overwrites; stl copies them
+    out after the first micro-batch, so accumulating over two gives what eager training gives, bit for bit."""
+    expected = accumulated_gradients(tmp_path / "a", demo_data, graph_memory=False, cuda_graphs=False)
+    naive = accumulated_gradients(tmp_path / "b", demo_data, graph_memory=True, cuda_graphs=False)
+    assert any(not torch.equal(a, b) for a, b in zip(naive, expected, strict=True)), "the emulation must bite"
+    owned = accumulated_gradients(tmp_path / "c", demo_data, graph_memory=True, cuda_graphs=True)
+    assert all(torch.equal(a, b) for a, b in zip(owned, expected, strict=True))
+
+
+def test_reduce_overhead_is_a_compile_setting_of_its_own_stage_id(demo_data: Path) -> None:
+    ids = {str(mode): finetune_spec(demo_data, compile=mode).stage_id for mode in (False, True, "reduce-overhead")}
+    assert len(set(ids.values())) == 3
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        finetune_spec(demo_data, compile="max-autotune")
+
+
 @pytest.mark.slow
 def test_compiled_training_is_one_graph_per_shape_with_no_graph_break(
     tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
@@ -258,6 +309,24 @@ def test_compiled_training_is_one_graph_per_shape_with_no_graph_break(
     assert dict(counters["graph_break"]) == {}
     assert math.isfinite(float(loss))
     assert (tmp_path / "cache" / "inductor").is_dir()
+
+
+@pytest.mark.slow
+def test_reduce_overhead_compiles_and_says_whether_cuda_graphs_run(
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reduce-overhead path, run on the CPU: it compiles with torch's mode of that name, accumulates over
+    two micro-batches, and the stage log says that inductor ran the graphs without CUDA graphs (on a CPU it
+    must: they are CUDA's)."""
+    monkeypatch.setattr("jobs.train.compile_pays_on", lambda device: True)
+    spec = finetune_spec(demo_data, model="tiny:t5", max_source_length=32, max_target_length=16, max_steps=2,
+                         checkpoint_every=100, compile="reduce-overhead")
+    outcome, lines = run_training(spec, tmp_path / "stage", cache_dir=tmp_path / "cache")
+    assert outcome.steps == 2 and outcome.grad_accum == 2 and math.isfinite(outcome.final_loss)
+    assert any(line.startswith("compiling with torch.compile (mode reduce-overhead: CUDA graphs)") for line in lines)
+    fallbacks = [line for line in lines if "without CUDA graphs" in line]
+    assert fallbacks and fallbacks[0].startswith("step 1: "), lines
+    assert not any(line.startswith("CUDA graphs in use") for line in lines)
 
 
 # --- cached token ids ---
