@@ -721,7 +721,7 @@ class _TrainingSession:
     def _own_gradients(self) -> None:
         """Copy .grad out of the CUDA graphs' memory. Autograd keeps a replayed backward's output as a
         parameter's .grad when .grad is empty; the next micro-batch's replay overwrites that memory, and would
-        then add its gradient to itself, losing this one (pytorch/pytorch#169545, fixed in later torch)."""
+        then add its gradient to itself, losing this one (pytorch/pytorch#169545, #146569)."""
         import torch
 
         params, grads = [], []
