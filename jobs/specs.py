@@ -42,7 +42,7 @@ class TrainConfig(Frozen):
         # One message for the union, not one per member type.
         if isinstance(value, bool) or value == "reduce-overhead":
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off"):
             raise ValueError("expected true, false or reduce-overhead; write true or false without quotes")
         raise ValueError("expected true, false or reduce-overhead")
 
