@@ -34,6 +34,7 @@ over a pre-tokenized list.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -122,8 +123,7 @@ class Runner:
         try:
             self._stl(arm)
         except Exception as e:
-            print(f"   note: {arm.name} failed, so it is left out: {type(e).__name__}: {str(e)[:300]}", flush=True)
-            self.failed.append(arm.name)
+            self._left_out(arm, e)
             return False
         finally:  # the probe's figures are not a round's
             self.cpu_rates.pop(arm.name, None)
@@ -134,7 +134,27 @@ class Runner:
         return True
 
     def stl_arm(self, arm: StlArm) -> Callable[[], float]:
-        return lambda: self._stl(arm)
+        def run() -> float:
+            if arm.name in self.failed:
+                return math.nan
+            try:
+                return self._stl(arm)
+            except Exception as e:
+                if not arm.compile:
+                    raise  # the eager arm failing is the benchmark failing
+                self._left_out(arm, e)
+                return math.nan
+
+        return run
+
+    def _left_out(self, arm: StlArm, error: Exception) -> None:
+        """A compiled arm failed: say so, leave it out of the figures, and drop what torch.compile holds
+        (compiled code, CUDA graph trees) so that the other arms run as they would alone."""
+        import torch._dynamo
+
+        print(f"   note: {arm.name} failed, so it is left out: {type(error).__name__}: {str(error)[:300]}", flush=True)
+        self.failed.append(arm.name)
+        torch._dynamo.reset()
 
     def _stl(self, stl_arm: StlArm) -> float:
         from jobs.specs import StageKind, StageSpec, TrainConfig
@@ -298,6 +318,10 @@ def main() -> None:
         arms = {name: runner.stl_arm(STL_ARMS[name]) for name in names}
         arms[HF] = runner.hf
         results = interleave(arms, rounds=args.rounds)
+        for name in runner.failed:  # left out after a failure: no figures, no ratios
+            results.pop(name, None)
+            runner.cpu_rates.pop(name, None)
+            arms.pop(name, None)
     hf_loss = median(runner.losses["hf"])
     notes = []
     for arm, name in ((arm.key, arm.name) for arm in STL_ARMS.values()):

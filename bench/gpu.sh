@@ -12,8 +12,9 @@
 #   GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
 # Budget: about 9 minutes on one H200 (estimated from the 2026-11-26 run's per-script times: the CUDA-graph
-# arms have not run on a GPU yet), 6 with GPU_EVAL=0; each script has its own time limit (LIMIT_S,
-# COMPILE_LIMIT_S).
+# arms have not run on a GPU yet), 6 with GPU_EVAL=0; each script has its own time limit (COMPILE_LIMIT_S,
+# TRAIN_LIMIT_S, LIMIT_S), and results.jsonl grows script by script, so a run cut off from outside keeps
+# what finished.
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
 # line per figure, and the notes), results.jsonl (the RESULT records) and all.log (every script's output).
 #
@@ -36,8 +37,10 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 if [[ "$DEVICE" == cuda* ]]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')"
   LIMIT_S=${LIMIT_S:-110}
-  COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-150}  # a cold compile is about 50 s (T5-small, H200)
-  TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}  # two cold compiles (compile, then CUDA graphs) and 2 rounds of 4 arms
+  # gpu_check: cold compiles of a CUDA-graph stage (tiny:t5), its gradient check, and eval.compile's buckets;
+  # a cold compile took 35-50 s on the H200 (tiny:t5 stage, T5-small).
+  COMPILE_LIMIT_S=${COMPILE_LIMIT_S:-240}
+  TRAIN_LIMIT_S=${TRAIN_LIMIT_S:-240}  # two cold compiles (compile, CUDA graphs) and 2 rounds of 4-5 arms
   DTYPE=bf16
   TRAIN_BART=(--size bart-base --batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
   TRAIN_T5=(--size t5-small --batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)

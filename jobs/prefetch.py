@@ -8,7 +8,6 @@ torch release the GIL while they work, so the two threads do overlap.
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -19,6 +18,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _POLL_S = 0.1  # how often a producer blocked on a full queue looks whether it was closed
+_CLOSE_WAIT_S = 60.0
 
 
 class Prefetcher(Generic[T]):
@@ -56,14 +56,12 @@ class Prefetcher(Generic[T]):
         raise StopIteration
 
     def close(self) -> None:
-        """Stop the producer and wait for it (it finishes the item it is making, at most)."""
+        """Stop the producer and wait for it: it finishes the item it is making, at most (a producer blocked on
+        a full queue sees the flag within _POLL_S). Queued items are not drained, which would let it make one
+        more. A producer stuck for longer than _CLOSE_WAIT_S is left behind (a daemon thread)."""
         self._closed.set()
-        if self._thread is None:
-            return
-        while self._thread.is_alive():
-            with contextlib.suppress(queue.Empty):  # make room: a producer blocked on a full queue sees the flag
-                self._queue.get_nowait()
-            self._thread.join(timeout=_POLL_S)
+        if self._thread is not None:
+            self._thread.join(timeout=_CLOSE_WAIT_S)
 
     def __enter__(self) -> Prefetcher[T]:
         return self

@@ -52,7 +52,7 @@ from jobs.prefetch import Prefetcher
 from jobs.specs import StageKind, StageSpec, TrainConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
     from pathlib import Path
 
     import torch
@@ -360,6 +360,28 @@ def _mark_done(cfg: TrainRun, outcome: TrainOutcome) -> None:
     for leftover in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
         shutil.rmtree(cfg.workdir / leftover, ignore_errors=True)
     cfg.log(f"stage {cfg.spec.stage_id} trained: {outcome.steps} steps, final loss {outcome.final_loss:.4f}")
+
+
+def own_gradients(params: Iterable[torch.nn.Parameter], owned: set[int]) -> None:
+    """Copy out of CUDA graph memory every .grad not copied yet (`owned`: ids of the copies, updated).
+
+    Autograd keeps a replayed backward's output as a parameter's .grad when .grad is empty; the next replay
+    overwrites that memory, and would then add its gradient to itself, losing this one (pytorch/pytorch#169545,
+    #146569). Once a .grad is a copy, later micro-batches add into it in place. Checked after every
+    micro-batch but the last, for a parameter may first get a gradient in a later one (layer drop)."""
+    import torch
+
+    targets, grads = [], []
+    for param in params:
+        if param.grad is not None and id(param.grad) not in owned:
+            targets.append(param)
+            grads.append(param.grad)
+    if not targets:
+        return
+    copies = torch._foreach_mul(grads, 1.0)  # one multi-tensor copy, not a kernel per gradient
+    for param, copy in zip(targets, copies, strict=True):
+        param.grad = copy
+        owned.add(id(copy))
 
 
 def _cuda_graph_skips() -> int:
@@ -708,34 +730,22 @@ class _TrainingSession:
 
         target_tokens = sum(micro.target_tokens for micro in micro_batches)
         step_loss = torch.zeros((), device=self.device)
+        owned: set[int] = set()  # ids of the .grad tensors copied out of graph memory in this step
         for index, micro in enumerate(micro_batches):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new replay: the previous one's outputs are done
             loss = self._loss_sum(micro.tensors) / target_tokens
             loss.backward()
             step_loss += loss.detach()
-            if self.cuda_graphs and index == 0 and len(micro_batches) > 1:
-                self._own_gradients()
+            if self.cuda_graphs and index < len(micro_batches) - 1:
+                own_gradients(self.model.parameters(), owned)
         return step_loss
-
-    def _own_gradients(self) -> None:
-        """Copy .grad out of the CUDA graphs' memory. Autograd keeps a replayed backward's output as a
-        parameter's .grad when .grad is empty; the next micro-batch's replay overwrites that memory, and would
-        then add its gradient to itself, losing this one (pytorch/pytorch#169545, #146569)."""
-        import torch
-
-        params, grads = [], []
-        for param in self.model.parameters():
-            if param.grad is not None:
-                params.append(param)
-                grads.append(param.grad)
-        copies = torch._foreach_mul(grads, 1.0)  # one multi-tensor copy, not a kernel per gradient
-        for param, copy in zip(params, copies, strict=True):
-            param.grad = copy
 
     def _log_cuda_graph_skips(self) -> None:
         """Say after the first step whether inductor replays CUDA graphs, and later when a new shape's graph
-        falls back to plain compiled kernels (inductor's own log says why)."""
+        falls back to plain compiled kernels (inductor's own log says why). Inductor counts a fallback when it
+        compiles: a stage reusing graphs compiled earlier in the same process sees none (in the worker each
+        stage has a fresh work horse, so it compiles, from the on-disk cache at best)."""
         assert self.graph_skips_seen is not None
         skips = _cuda_graph_skips()
         if skips > self.graph_skips_seen:

@@ -30,6 +30,7 @@ from jobs.train import (
     bucketed_length,
     length_buckets,
     model_flops_utilization,
+    own_gradients,
     peak_flops,
     use_compile_caches,
 )
@@ -253,25 +254,53 @@ def accumulated_gradients(tmp_path: Path, demo_data: Path, *, graph_memory: bool
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
                    log=lambda _line: None)
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 2), [], _OomInjection(None))
+    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 1), [], _OomInjection(None))
     session.model.eval()  # no dropout: every session computes the same gradients
     if graph_memory:
         deliver_gradients_like_cuda_graphs(session.model)
     session.cuda_graphs = cuda_graphs  # what the reduce-overhead mode sets, without compiling on a CPU
     micro_batches = next(session._prepared_batches())
-    assert len(micro_batches) == 2
+    assert len(micro_batches) == 4
     session._accumulate_gradients(micro_batches)
     return [param.grad.clone() for param in session.model.parameters()]
 
 
 def test_accumulated_gradients_survive_gradients_delivered_in_graph_memory(tmp_path: Path, demo_data: Path) -> None:
     """With CUDA graphs, a micro-batch's gradients live in memory the next replay overwrites; stl copies them
-    out after the first micro-batch, so accumulating over two gives what eager training gives, bit for bit."""
+    out, so accumulating over four micro-batches gives what eager training gives, bit for bit."""
     expected = accumulated_gradients(tmp_path / "a", demo_data, graph_memory=False, cuda_graphs=False)
     naive = accumulated_gradients(tmp_path / "b", demo_data, graph_memory=True, cuda_graphs=False)
     assert any(not torch.equal(a, b) for a, b in zip(naive, expected, strict=True)), "the emulation must bite"
     owned = accumulated_gradients(tmp_path / "c", demo_data, graph_memory=True, cuda_graphs=True)
     assert all(torch.equal(a, b) for a, b in zip(owned, expected, strict=True))
+
+
+def test_a_parameter_whose_first_gradient_comes_in_a_later_micro_batch_is_copied_out_too() -> None:
+    """Layer drop and other conditional computation: `late` gets no gradient from the first micro-batch."""
+    torch.manual_seed(0)
+    early, late = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    params = [*early.parameters(), *late.parameters()]
+    inputs = [torch.randn(2, 4) for _ in range(3)]
+
+    def accumulate(copy_out: bool) -> list[torch.Tensor]:
+        for param in params:
+            param.grad = None
+        owned: set[int] = set()
+        for index, x in enumerate(inputs):
+            out = early(x) if index == 0 else late(early(x))
+            out.square().sum().backward()
+            if copy_out and index < len(inputs) - 1:
+                own_gradients(params, owned)
+        return [param.grad.clone() for param in params if param.grad is not None]
+
+    expected = accumulate(copy_out=False)
+    handles = deliver_gradients_like_cuda_graphs(early) + deliver_gradients_like_cuda_graphs(late)
+    naive = accumulate(copy_out=False)
+    assert any(not torch.equal(a, b) for a, b in zip(naive, expected, strict=True)), "the emulation must bite"
+    owned_grads = accumulate(copy_out=True)
+    assert all(torch.equal(a, b) for a, b in zip(owned_grads, expected, strict=True))
+    for handle in handles:
+        handle.remove()
 
 
 def test_reduce_overhead_is_a_compile_setting_of_its_own_stage_id(demo_data: Path) -> None:

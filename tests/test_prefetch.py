@@ -55,12 +55,23 @@ def test_the_producer_runs_ahead_by_depth_items_in_its_own_thread() -> None:
         assert {name for _number, name in made} == {"test-prefetch"}
 
 
-def test_close_stops_a_producer_blocked_on_a_full_queue() -> None:
-    prefetcher = Prefetcher(itertools.count(), depth=1, name="test-blocked")
+def test_close_stops_a_producer_blocked_on_a_full_queue_without_making_more() -> None:
+    made: list[int] = []
+
+    def items() -> Iterator[int]:
+        for number in itertools.count():
+            made.append(number)
+            yield number
+
+    prefetcher = Prefetcher(items(), depth=1, name="test-blocked")
     assert next(prefetcher) == 0
+    deadline = time.monotonic() + 5
+    while len(made) < 3 and time.monotonic() < deadline:  # 1 taken, 1 queued, 1 blocked on the full queue
+        time.sleep(0.01)
     started = time.monotonic()
     prefetcher.close()
     assert time.monotonic() - started < 2
+    assert made == [0, 1, 2]  # closing does not make room for one more (a window read, in training)
     assert not any(thread.name == "test-blocked" for thread in threading.enumerate())
     with pytest.raises(StopIteration):
         next(prefetcher)

@@ -77,6 +77,7 @@ def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
     assert state["step"] == stop_at and state["data"]["next_batch"] == stop_at
     assert not (interrupted / "model").exists()
 
+    assert prefetch_threads() == []
     resumed, lines = run_training(spec, interrupted)
     assert f"resumed from step {stop_at}" in lines
     assert resumed.resumed_from == stop_at and resumed.steps == straight.steps == 9
@@ -104,6 +105,7 @@ def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo_
     ]
     assert any("out of GPU memory at step 3" in line for line in lines)
     assert "resumed from step 2" in lines
+    assert prefetch_threads() == []  # the failed attempt's thread stopped too
     assert (tmp_path / "model" / "model.safetensors").is_file()
     recorded = json.loads((tmp_path / "done.json").read_text())["train"]["oom_retries"]
     assert recorded == [outcome.oom_retries[0].to_dict()]
