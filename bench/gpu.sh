@@ -6,7 +6,8 @@
 #   reduce-overhead` (CUDA graphs), and at bart-base also eager without the batch-prefetch thread
 #   (GPU_COMPILE=0 leaves only the eager arms);
 #   stl's evaluation vs Seq2SeqTrainer.predict(predict_with_generate=True), eager and with eval.compile, and
-#   rank classification vs Trainer.predict over option pairs (GPU_EVAL=0 skips them);
+#   rank classification vs Trainer.predict over option pairs, and a whole eval stage per fresh process
+#   eager vs eval.compile (bench_eval_stage.py) (GPU_EVAL=0 skips these);
 #   then, on CUDA, three ways of calling HF generate and of running a training step outside stl
 #   (bench_generate_variants.py, bench_train_variants.py; only with GPU_VARIANTS=1, or alone with
 #   GPU_VARIANTS=only).
@@ -46,6 +47,7 @@ if [[ "$DEVICE" == cuda* ]]; then
   TRAIN_T5=(--size t5-small --batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
   # stl's generation eager and with eval.compile (a static KV cache in CUDA graphs), each against Trainer.
   EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 --compile both)
+  EVAL_STAGE=(--size t5-small --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2)
   BART_ARMS=(--compile both --cuda-graphs --prefetch both)
   T5_ARMS=(--compile both --cuda-graphs)
 else
@@ -59,6 +61,7 @@ else
   TRAIN_BART=(--size tiny --batch-size 2 --source-len 16 --target-len 4 --warmup-steps 1 --steps 2)
   TRAIN_T5=("${TRAIN_BART[@]}")
   EVAL=(--examples 4 --batch-size 2 --source-len 16 --max-new-tokens 4 --rounds 1 --compile both)
+  EVAL_STAGE=(--size tiny --examples 4 --batch-size 2 --source-len 16 --max-new-tokens 4 --rounds 1)
   BART_ARMS=(--compile both --cuda-graphs --prefetch both --compile-on-cpu)
   T5_ARMS=(--compile off)  # one compiled run checks the plumbing; the tests compile tiny:t5
 fi
@@ -110,6 +113,8 @@ if [[ "$VARIANTS" != only ]]; then
   if [[ "${GPU_EVAL:-1}" != 0 ]]; then
     run "$LIMIT_S" eval-bart-base bench/bench_eval.py "${COMMON[@]}" --size bart-base "${EVAL[@]}"
     run "$LIMIT_S" eval-t5-small  bench/bench_eval.py "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+    # A whole eval stage per fresh process (as the worker's work horse), eager vs eval.compile on a warm cache.
+    run "$LIMIT_S" eval-stage-t5-small bench/bench_eval_stage.py "${COMMON[@]}" "${EVAL_STAGE[@]}"
   fi
 fi
 # Only with GPU_VARIANTS=1 (about 6 minutes more) or GPU_VARIANTS=only (these alone, as a call of their own),
