@@ -114,7 +114,7 @@ if [[ "$VARIANTS" != only ]]; then
     run "$LIMIT_S" eval-bart-base bench/bench_eval.py "${COMMON[@]}" --size bart-base "${EVAL[@]}"
     run "$LIMIT_S" eval-t5-small  bench/bench_eval.py "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
     # A whole eval stage per fresh process (as the worker's work horse), eager vs eval.compile on a warm cache.
-    run "$LIMIT_S" eval-stage-t5-small bench/bench_eval_stage.py "${COMMON[@]}" "${EVAL_STAGE[@]}"
+    run "$COMPILE_LIMIT_S" eval-stage-t5-small bench/bench_eval_stage.py "${COMMON[@]}" "${EVAL_STAGE[@]}"
   fi
 fi
 # Only with GPU_VARIANTS=1 (about 6 minutes more) or GPU_VARIANTS=only (these alone, as a call of their own),
