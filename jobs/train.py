@@ -160,8 +160,9 @@ class TrainRun:
     # STL_HOME/cache: inductor's compile caches and cached token ids of few-shot sets and row indexes go
     # here. None: nothing is cached on disk (library use, tests).
     cache_dir: Path | None = None
-    # Batches drawn, tokenized and padded ahead of the step, in a background thread; 0: in the step's own
-    # thread. The batches are the same either way (a benchmark and a test compare the two).
+    # Batches drawn, tokenized and padded ahead of the step, in a background thread, where a stage tokenizes
+    # per batch (MTL); 0: always in the step's own thread. The batches are the same either way (a benchmark
+    # and a test compare the two).
     prefetch_batches: int = 2
 
 
@@ -766,7 +767,10 @@ class _TrainingSession:
         )
         started = time.perf_counter()
         # Closed before _finish: the producer thread uses the tokenizer, which saving the model also reads.
-        with Prefetcher(self._prepared_batches(), depth=self.cfg.prefetch_batches, name="stl-batches") as batches:
+        # A few-shot stage's examples are tokenized once, up front: its batches only need padding, which costs
+        # less than handing them over between threads (the two contend for the GIL).
+        depth = self.cfg.prefetch_batches if self.encoded is None else 0
+        with Prefetcher(self._prepared_batches(), depth=depth, name="stl-batches") as batches:
             outcome = self._steps(batches, on_step, started)
         if isinstance(outcome, _OutOfMemoryAt):
             return outcome

@@ -171,6 +171,26 @@ def test_a_data_error_in_the_prefetch_thread_fails_the_stage_and_stops_the_threa
     assert prefetch_threads() == []
 
 
+def test_only_stages_that_tokenize_per_batch_make_batches_on_the_prefetch_thread(
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MTL stages tokenize every batch: that goes to the thread. A few-shot stage's examples are tokenized once,
+    up front, so its batches (padding only) are made on the step's own thread."""
+    from jobs.train import _TrainingSession
+
+    encode = _TrainingSession._encode
+    threads: dict[str, set[str]] = {}
+
+    def encode_and_record(self: _TrainingSession, batch: Any) -> Any:
+        threads.setdefault(self.spec.kind.value, set()).add(threading.current_thread().name)
+        return encode(self, batch)
+
+    monkeypatch.setattr(_TrainingSession, "_encode", encode_and_record)
+    run_training(train_spec(demo_data, max_steps=3), tmp_path / "mtl")
+    run_training(train_spec(demo_data, kind="finetune", max_steps=3), tmp_path / "finetune")
+    assert threads == {"mtl": {"stl-batches"}, "finetune": {threading.current_thread().name}}
+
+
 def test_cancel_stops_the_prefetch_thread(tmp_path: Path, demo_data: Path) -> None:
     with pytest.raises(StageCanceled):
         run_training(train_spec(demo_data, checkpoint_every=100), tmp_path, should_stop=stop_after(2, "cancel"))
