@@ -37,6 +37,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 
 if [[ "$DEVICE" == cuda* ]]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')"
+  # As in a worker's work horse, where it is unset (= parallel): stl's MTL stages tokenize every batch, with
+  # the tokenizer's own threads on a GPU host's cores (Trainer's data is tokenized before its timer starts).
+  export TOKENIZERS_PARALLELISM=true
   LIMIT_S=${LIMIT_S:-110}
   # gpu_check: cold compiles of a CUDA-graph stage (tiny:t5), its gradient check, and eval.compile's buckets;
   # a cold compile took 35-50 s on the H200 (tiny:t5 stage, T5-small).
