@@ -119,6 +119,9 @@ class StageReporter:
         self.lease = lease
         self.log_file = workdir / LOG_FILE
         self._last_progress = 0.0
+        # (step, time, phase) of this horse's first report in the current phase: the pace for the ETA is
+        # measured from there, leaving out loading the model and compiling, which precede the first report.
+        self._pace_from: tuple[int, float, str] | None = None
         self._last_flags = 0.0
         self._flag: str | None = None
 
@@ -137,8 +140,21 @@ class StageReporter:
         except redis.RedisError:
             pass  # the file keeps it
 
+    def _eta_s(self, report: StepReport) -> float | None:
+        """Seconds left in this phase at the pace since this horse's first report in it; None until then."""
+        now = time.time()
+        start = self._pace_from
+        if start is None or start[2] != report.phase or report.step < start[0]:
+            self._pace_from = (report.step, now, report.phase)
+            return None
+        step, at, _phase = start
+        if report.step == step:
+            return None
+        return (now - at) / (report.step - step) * max(report.total - report.step, 0)
+
     def on_step(self, report: StepReport) -> None:
         now = time.monotonic()
+        eta = self._eta_s(report)
         last = report.step >= report.total
         training = report.phase == "train"
         has_loss = training and report.loss == report.loss  # evaluation reports progress with a NaN loss
@@ -162,6 +178,7 @@ class StageReporter:
                     "mfu": "" if report.mfu is None else f"{report.mfu:.4f}",
                     "elapsed_s": f"{report.elapsed_s:.1f}", "micro_batch": report.micro_batch,
                     "grad_accum": report.grad_accum, "heartbeat": time.time(),
+                    "eta_s": "" if eta is None else f"{eta:.1f}", "eta_at": "" if eta is None else time.time(),
                 })
             pipe.execute()
         except redis.RedisError:
@@ -265,7 +282,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         pipe = conn.pipeline(transaction=False)
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
         pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
-                                      "heartbeat": started, "worker": holder, "error": ""})
+                                      "heartbeat": started, "worker": holder, "error": "", "eta_s": "",
+                                      "eta_at": ""})
         pipe.sadd(keys.RUNNING_STAGES, stage_id)
         for run_id in live:
             pipe.hset(keys.run(run_id), "status", RunStatus.running.value)

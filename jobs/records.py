@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
 RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
               "started_at", "ended_at", "error", "current_stage")
-STAGE_PROGRESS_FIELDS = ("kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status", "mfu")
+STAGE_PROGRESS_FIELDS = (
+    "kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status", "mfu", "eta_s", "eta_at",
+)
 WORKER_STALE_S = 60
 
 # Read-only: counts per grid/user/status, each grid's first creation and last end, and the running
@@ -246,8 +248,13 @@ def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -
         row.elapsed_s = now - started if started else None
         if total and step:
             fraction = min(step / total, 1.0)
-            if row.elapsed_s:
-                row.eta_s = row.elapsed_s * (total - step) / step
+        eta, eta_at = _f(stage.get("eta_s", "")), _f(stage.get("eta_at", ""))
+        if eta is not None and eta_at is not None:
+            # The work horse's estimate from its pace since its first report (load and compile left out),
+            # counted down since it was written.
+            row.eta_s = max(eta - (now - eta_at), 0.0)
+        elif total and step and row.elapsed_s:
+            row.eta_s = row.elapsed_s * (total - step) / step
     row.progress = 1.0 if record["status"] == RunStatus.finished.value else min((done + fraction) / n_stages, 1.0)
     return row
 

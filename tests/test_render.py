@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
+
+import pytest
 
 from cli.render import (
     RUNNING_COLUMNS,
@@ -23,7 +26,12 @@ from cli.render import (
     summary_rows,
     worker_rows,
 )
-from jobs.records import GridRow, RunRow, WorkerRow
+from jobs.entry import StageReporter
+from jobs.records import GridRow, RunRow, WorkerRow, _run_row
+from jobs.train import StepReport
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def run_row(**overrides: object) -> RunRow:
@@ -55,6 +63,35 @@ def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
     assert row["speed"] == "10.0 ex/s"
     (with_mfu,) = running_rows([run_row(mfu=0.314)])
     assert with_mfu["speed"] == "10.0 ex/s MFU 31%"
+
+
+def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_not_inflate_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Step 1 reports after 60 s of loading and compiling, then each step takes 1 s: at step 11 of 100 the
+    ETA is 89 s (the pace since step 1), not 60 x (100 - 11) / 11 from the elapsed time."""
+    reporter = StageReporter(None, "s", tmp_path, None)  # type: ignore[arg-type]  (_eta_s needs neither)
+    clock = {"now": 1000.0}
+    monkeypatch.setattr(time, "time", lambda: clock["now"])
+
+    def eta_at(step: int, now: float, *, total: int = 100, phase: str = "train") -> float | None:
+        clock["now"] = now
+        report = StepReport(step=step, total=total, loss=1.0, learning_rate=0.1, samples_per_s=1.0,
+                            tokens_per_s=1.0, elapsed_s=0.0, micro_batch=1, grad_accum=1, phase=phase)
+        return reporter._eta_s(report)
+
+    assert eta_at(1, 1060.0) is None  # the first report: no pace yet
+    assert eta_at(11, 1070.0) == pytest.approx(89.0)
+    assert eta_at(1, 2000.0, total=50, phase="eval") is None  # a new phase starts its own pace
+    assert eta_at(26, 2050.0, total=50, phase="eval") == pytest.approx(48.0)
+
+    record = {"id": "r", "grid": "g", "user": "u", "priority": "normal", "status": "running", "cell": "",
+              "created_at": "", "started_at": "", "ended_at": "", "error": "", "n_stages": "2", "stages_done": "0"}
+    stage = {"kind": "mtl", "step": "11", "total": "100", "loss": "1.0", "samples_per_s": "1", "mfu": "",
+             "started_at": "940", "elapsed_s": "", "status": "running", "eta_s": "89.0", "eta_at": "1070"}
+    assert _run_row(record, stage, now=1080.0).eta_s == pytest.approx(79.0)  # counted down since written
+    assert _run_row(record, {**stage, "eta_s": "", "eta_at": ""}, now=1080.0).eta_s == pytest.approx(
+        140.0 * 89 / 11)  # before a pace exists: elapsed x steps left / steps done
 
 
 def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
