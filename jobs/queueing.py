@@ -133,6 +133,9 @@ for _, run in ipairs(to_write) do
         if present(parent) and (created[parent] or not (parent_st == 'finished' or parent_st == 'pruned')) then
           local pjid = K.job_id_prefix .. parent
           fields[#fields + 1] = 'status'; fields[#fields + 1] = 'deferred'
+          -- RQ puts it at the head of its queue when the parent finishes: a run's stages follow each other,
+          -- so its results come early (and a broken eval shows after one MTL stage, not after all of them).
+          fields[#fields + 1] = 'enqueue_at_front'; fields[#fields + 1] = '1'
           fields[#fields + 1] = 'dependency_id'; fields[#fields + 1] = pjid
           fields[#fields + 1] = 'dependency_ids'; fields[#fields + 1] = cjson.encode({pjid})
           redis.call('HSET', jkey, unpack(fields))

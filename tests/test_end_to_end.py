@@ -109,6 +109,23 @@ def test_grid_runs_to_results(stl_env: Path, conn: redis.Redis, tmp_path: Path, 
     assert status["workers"] == [] or all(w["state"] for w in status["workers"])
 
 
+def test_a_stage_runs_right_after_its_parent_so_runs_finish_one_by_one(
+    stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path
+) -> None:
+    """Two runs, each an MTL stage then an eval stage, on one worker: each eval follows its own MTL stage
+    (depth first), rather than both MTL stages first and both evals at the end."""
+    path = write_grid(tmp_path, demo_data, grid={"model": ["tiny:bart"], "mtl": ["in-domain"], "instructions": [True],
+                                                  "shots": [0], "seed": [0, 1]})
+    expanded = parse_grid(path)
+    assert len(expanded.stages) == 4
+    cli("enqueue", str(path))
+    run_worker()
+    started = sorted((float(conn.hget(keys.stage(sid), "started_at") or 0), sid) for sid in expanded.stages)
+    order = [expanded.stages[sid] for _at, sid in started]
+    assert [spec.kind for spec in order] == [StageKind.mtl, StageKind.eval] * 2
+    assert order[1].parent == started[0][1] and order[3].parent == started[2][1]
+
+
 def test_running_run_is_canceled_within_seconds(stl_env: Path, conn: redis.Redis, tmp_path: Path,
                                                 demo_data: Path) -> None:
     grid = grid_dict(demo_data)
