@@ -119,9 +119,13 @@ class StageReporter:
         self.lease = lease
         self.log_file = workdir / LOG_FILE
         self._last_progress = 0.0
-        # (step, time, phase) of this horse's first report in the current phase: the pace for the ETA is
-        # measured from there, leaving out loading the model and compiling, which precede the first report.
-        self._pace_from: tuple[int, float, str] | None = None
+        # (step, monotonic time) of the first report of the current attempt: the pace for the ETA is measured
+        # from there, leaving out loading the model and compiling, which precede that report. An attempt is
+        # a phase (train or eval) with one micro-batch plan; an OOM retry (a smaller micro-batch) or a step
+        # that goes back starts a new one, since the retry reloads, recompiles and repeats steps.
+        self._pace_from: tuple[int, float] | None = None
+        self._attempt: tuple[str, int, int] | None = None
+        self._last_step = -1
         self._last_flags = 0.0
         self._flag: str | None = None
 
@@ -141,15 +145,15 @@ class StageReporter:
             pass  # the file keeps it
 
     def _eta_s(self, report: StepReport) -> float | None:
-        """Seconds left in this phase at the pace since this horse's first report in it; None until then."""
-        now = time.time()
-        start = self._pace_from
-        if start is None or start[2] != report.phase or report.step < start[0]:
-            self._pace_from = (report.step, now, report.phase)
+        """Seconds left in this phase at the pace since the first report of this attempt; None until then."""
+        now = time.monotonic()
+        attempt = (report.phase, report.micro_batch, report.grad_accum)
+        new_attempt = attempt != self._attempt or report.step <= self._last_step
+        self._attempt, self._last_step = attempt, report.step
+        if new_attempt or self._pace_from is None:
+            self._pace_from = (report.step, now)
             return None
-        step, at, _phase = start
-        if report.step == step:
-            return None
+        step, at = self._pace_from
         return (now - at) / (report.step - step) * max(report.total - report.step, 0)
 
     def on_step(self, report: StepReport) -> None:

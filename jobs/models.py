@@ -365,11 +365,14 @@ def pad_sequences(
     elif width < longest:
         raise ValueError(f"cannot pad rows of length {longest} to width {width}")
     # Filled row by row in numpy: about 3x faster than torch.tensor over nested lists, and this runs for
-    # every training batch (on the prefetch thread, holding the GIL the step's thread also wants).
+    # every training batch (on an MTL stage's prefetch thread, holding the GIL the step's thread also wants).
     padded = np.full((len(rows), width), pad_value, dtype=np.int64)
     for index, row in enumerate(rows):
         if left:
             padded[index, width - len(row) :] = row
         else:
             padded[index, : len(row)] = row
-    return torch.from_numpy(padded)
+    try:
+        return torch.from_numpy(padded)
+    except RuntimeError:  # torch < 2.3 built against NumPy 1 has no bridge to NumPy 2 ("Numpy is not available")
+        return torch.tensor(padded.tolist(), dtype=torch.long)

@@ -124,6 +124,17 @@ def test_encoding_keeps_head_tail_and_eos() -> None:
     assert padded.tolist() == [[1, 2, 3], [0, 0, 4]]
 
 
+def test_padding_works_without_torchs_numpy_bridge(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch < 2.3 built against NumPy 1 cannot convert NumPy 2 arrays; padding then builds the tensor itself."""
+
+    def no_bridge(_array: object) -> torch.Tensor:
+        raise RuntimeError("Numpy is not available")
+
+    monkeypatch.setattr(torch, "from_numpy", no_bridge)
+    padded = pad_sequences([[1, 2], [3]], 0, left=True, width=3)
+    assert padded.dtype == torch.long and padded.tolist() == [[0, 1, 2], [0, 0, 3]]
+
+
 def test_fixed_width_padding_and_cpu_precision() -> None:
     assert pad_sequences([[1, 2, 3], [4]], 0, width=5).tolist() == [[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]]
     assert pad_sequences([[1, 2], [4]], 9, left=True, width=3).tolist() == [[9, 1, 2], [9, 9, 4]]

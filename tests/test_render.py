@@ -26,12 +26,15 @@ from cli.render import (
     summary_rows,
     worker_rows,
 )
+from jobs import keys
 from jobs.entry import StageReporter
-from jobs.records import GridRow, RunRow, WorkerRow, _run_row
+from jobs.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
 from jobs.train import StepReport
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import redis
 
 
 def run_row(**overrides: object) -> RunRow:
@@ -65,25 +68,47 @@ def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
     assert with_mfu["speed"] == "10.0 ex/s MFU 31%"
 
 
+class FakeClock:
+    """Stands in for the `time` module of jobs.entry: one settable clock for monotonic() and time()."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.strftime = time.strftime
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+
+def report_at(reporter: StageReporter, clock: FakeClock, step: int, now: float, *, total: int = 100,
+              phase: str = "train", micro_batch: int = 4) -> float | None:
+    clock.now = now
+    report = StepReport(step=step, total=total, loss=1.0, learning_rate=0.1, samples_per_s=1.0, tokens_per_s=1.0,
+                        elapsed_s=0.0, micro_batch=micro_batch, grad_accum=1, phase=phase)
+    return reporter._eta_s(report)
+
+
 def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_not_inflate_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Step 1 reports after 60 s of loading and compiling, then each step takes 1 s: at step 11 of 100 the
-    ETA is 89 s (the pace since step 1), not 60 x (100 - 11) / 11 from the elapsed time."""
+    ETA is 89 s (the pace since step 1), not 70 x (100 - 11) / 11 from the elapsed time."""
+    clock = FakeClock()
+    monkeypatch.setattr("jobs.entry.time", clock)
     reporter = StageReporter(None, "s", tmp_path, None)  # type: ignore[arg-type]  (_eta_s needs neither)
-    clock = {"now": 1000.0}
-    monkeypatch.setattr(time, "time", lambda: clock["now"])
-
-    def eta_at(step: int, now: float, *, total: int = 100, phase: str = "train") -> float | None:
-        clock["now"] = now
-        report = StepReport(step=step, total=total, loss=1.0, learning_rate=0.1, samples_per_s=1.0,
-                            tokens_per_s=1.0, elapsed_s=0.0, micro_batch=1, grad_accum=1, phase=phase)
-        return reporter._eta_s(report)
-
-    assert eta_at(1, 1060.0) is None  # the first report: no pace yet
-    assert eta_at(11, 1070.0) == pytest.approx(89.0)
-    assert eta_at(1, 2000.0, total=50, phase="eval") is None  # a new phase starts its own pace
-    assert eta_at(26, 2050.0, total=50, phase="eval") == pytest.approx(48.0)
+    assert report_at(reporter, clock, 1, 1060.0) is None  # the first report: no pace yet
+    assert report_at(reporter, clock, 11, 1070.0) == pytest.approx(89.0)
+    # Out of memory at step 12: the retry halves the micro-batch, reloads, recompiles and starts again from
+    # step 1 (no checkpoint yet). The pace starts over, or the ETA would carry the lost minutes.
+    assert report_at(reporter, clock, 1, 1200.0, micro_batch=2) is None
+    assert report_at(reporter, clock, 11, 1215.0, micro_batch=2) == pytest.approx(1.5 * 89)
+    # A step that goes back (a retry from a checkpoint, same plan) starts over too.
+    assert report_at(reporter, clock, 10, 1300.0, micro_batch=2) is None
+    # An eval phase has its own pace.
+    assert report_at(reporter, clock, 1, 2000.0, total=50, phase="eval") is None
+    assert report_at(reporter, clock, 26, 2050.0, total=50, phase="eval") == pytest.approx(48.0)
 
     record = {"id": "r", "grid": "g", "user": "u", "priority": "normal", "status": "running", "cell": "",
               "created_at": "", "started_at": "", "ended_at": "", "error": "", "n_stages": "2", "stages_done": "0"}
@@ -92,6 +117,27 @@ def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_
     assert _run_row(record, stage, now=1080.0).eta_s == pytest.approx(79.0)  # counted down since written
     assert _run_row(record, {**stage, "eta_s": "", "eta_at": ""}, now=1080.0).eta_s == pytest.approx(
         140.0 * 89 / 11)  # before a pace exists: elapsed x steps left / steps done
+
+
+def test_the_eta_goes_through_redis_to_the_status_rows(
+    conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("jobs.entry.time", clock)
+    monkeypatch.setattr("jobs.records.time", clock)
+    conn.hset(keys.run("r1"), mapping={"id": "r1", "grid": "g", "user": "u", "priority": "normal",
+                                       "status": "running", "cell": "{}", "n_stages": "1", "stages_done": "0",
+                                       "current_stage": "s1"})
+    conn.hset(keys.stage("s1"), mapping={"kind": "mtl", "started_at": "940", "status": "running"})
+    reporter = StageReporter(conn, "s1", tmp_path, None)  # type: ignore[arg-type]  (on_step needs no lease)
+    for step, now in ((1, 1060.0), (11, 1070.0)):
+        clock.now = now
+        reporter._last_progress = 0.0  # no throttling between these two reports
+        reporter.on_step(StepReport(step=step, total=100, loss=1.0, learning_rate=0.1, samples_per_s=1.0,
+                                    tokens_per_s=1.0, elapsed_s=0.0, micro_batch=4, grad_accum=1))
+    clock.now = 1080.0
+    (row,) = run_rows(conn, ["r1"])
+    assert row.eta_s == pytest.approx(79.0)
 
 
 def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
