@@ -31,11 +31,10 @@ class Prefetcher(Generic[T]):
 
     def __init__(self, items: Iterator[T], *, depth: int, name: str = "stl-prefetch") -> None:
         self._items = items
-        self._inline = depth <= 0
         self._queue: queue.Queue[tuple[str, object]] = queue.Queue(maxsize=max(depth, 1))
         self._closed = threading.Event()
-        self._thread: threading.Thread | None = None
-        if not self._inline:
+        self._thread: threading.Thread | None = None  # None: inline, in the caller's thread
+        if depth > 0:
             self._thread = threading.Thread(target=self._fill, name=name, daemon=True)
             self._thread.start()
 
@@ -43,7 +42,7 @@ class Prefetcher(Generic[T]):
         return self
 
     def __next__(self) -> T:
-        if self._inline:
+        if self._thread is None:
             return next(self._items)
         if self._closed.is_set():
             raise StopIteration
