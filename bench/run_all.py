@@ -22,6 +22,7 @@ from common import REPO, machine_description  # noqa: E402
 # name -> (script, default arguments, --quick arguments)
 BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "queue": ("bench_queue.py", [], ["--seeds", "1000", "--rounds", "3", "--status-rounds", "5", "--help-rounds", "5"]),
+    "queue-busy": ("bench_queue_busy.py", [], ["--seeds", "1000", "--rounds", "2", "--status-rounds", "3"]),
     "train": ("bench_train.py", [], ["--size", "tiny", "--steps", "10", "--rounds", "2"]),
     "eval": ("bench_eval.py", [], ["--size", "tiny", "--rounds", "2"]),
     "gap": ("bench_gap.py", [], ["--stages", "3", "--rounds", "1"]),
