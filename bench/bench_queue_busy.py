@@ -131,9 +131,12 @@ class TrainingWorker:
         os.kill(self.horse, signal.SIGSTOP)
 
     def stop(self) -> None:
+        horses = {*children_of(self.process.pid), self.horse} - {0}
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGCONT)
             os.killpg(self.process.pid, signal.SIGKILL)
+        for pid in horses:  # RQ puts each work horse in a session of its own: killpg does not reach it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         self.process.wait()
         self.conn.close()
 
