@@ -114,7 +114,7 @@ def enqueue(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded runs; write nothing.")] = False,
     max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = DEFAULT_MAX_RUNS,
     replace: Annotated[bool, typer.Option(
-        "--replace", help="The grid was edited: cancel and drop its runs whose settings changed.")] = False,
+        "--replace", help="The grid was edited: cancel and drop its runs made with other settings.")] = False,
     force: Annotated[bool, typer.Option(
         "--force", help="Add runs to another user's grid; with --replace, also drop theirs.")] = False,
 ) -> None:
@@ -122,7 +122,8 @@ def enqueue(
 
     Identical runs already queued or finished are skipped; so are stages (MTL, fine-tuning,
     evaluation) that an earlier run already computed. A grid edited after it was enqueued (other
-    train or eval settings for the same cells) is refused unless --replace: its results would mix.
+    train or eval settings, so its existing runs would now be made differently) is refused unless
+    --replace, which cancels those runs and drops them: otherwise its results would mix.
     """
     from jobs.grid import parse_grid
     from jobs.queueing import (
@@ -152,11 +153,11 @@ def enqueue(
         if not force:
             check_grid_owner(conn, expanded.grid.name, who)
         if replace:
-            dropped = drop_runs(conn, changed_runs(conn, expanded.runs), user=who, force=force)
+            dropped = drop_runs(conn, changed_runs(conn, expanded), user=who, force=force)
             if dropped:
                 typer.echo(f"dropped {dropped} run(s) of grid {expanded.grid.name} whose settings changed")
         else:
-            check_grid_unchanged(conn, expanded.runs)
+            check_grid_unchanged(conn, expanded)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout)
         typer.echo(enqueue_message(report, who))

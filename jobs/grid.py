@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import json
 import re
 import stat
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.specs import EvalConfig, RunSpec, StageKind, StageSpec, TrainConfig
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
 MAX_GRID_FILE_BYTES = 1_000_000
 MAX_YAML_NODES = 100_000
@@ -164,6 +165,39 @@ class ExpandedGrid:
     path: Path
     runs: list[RunSpec]
     stages: dict[str, StageSpec]
+
+    def run_ids_for(self, cells: list[dict[str, Any]]) -> list[str | None]:
+        """The id each cell's run has under this file's settings; None for a cell the file cannot
+        express (its mixture or split is gone, or it has other axes). Cells this file queues cost a
+        lookup; others (a seed dropped from the axis, say) are expanded again."""
+        own = {_cell_key(run.cell): run.run_id for run in self.runs}
+        missing = [cell for cell in cells if _cell_key(cell) not in own and _expressible(self.grid, cell)]
+        if missing:
+            runs, _ = _expand(self.grid, self.path.resolve().parent, missing)
+            own.update({_cell_key(run.cell): run.run_id for run in runs})
+        return [own.get(_cell_key(cell)) for cell in cells]
+
+
+def _cell_key(cell: dict[str, Any]) -> str:
+    return json.dumps(cell, sort_keys=True)
+
+
+def _expressible(grid: GridFile, cell: dict[str, Any]) -> bool:
+    """Whether `cell` is one this grid file could have produced, whatever values its axes list now."""
+    split_mapped = isinstance(grid.tasks, dict)
+    if set(cell) != {"model", "mtl", "instructions", "shots", "seed", *(["split"] if split_mapped else [])}:
+        return False
+    if split_mapped and cell["split"] not in grid.tasks:  # type: ignore[operator]
+        return False
+    types_ok = (isinstance(cell["model"], str) and isinstance(cell["mtl"], str)
+                and isinstance(cell["instructions"], bool) and type(cell["shots"]) is int
+                and type(cell["seed"]) is int)
+    if not types_ok or cell["shots"] < 0:
+        return False
+    if cell["mtl"] == "in-domain":
+        split = grid.tasks[cell["split"]] if split_mapped else grid.tasks  # type: ignore[index]
+        return bool(split.train)  # type: ignore[union-attr]
+    return cell["mtl"] == "none" or cell["mtl"] in grid.mixtures
 
 
 def _refuse(problems: list[str], not_formatted: int = 0) -> GridError:
@@ -661,7 +695,8 @@ def _cells(grid: GridFile) -> Iterator[dict[str, Any]]:
         yield cell
 
 
-def _expand(grid: GridFile, base: Path) -> tuple[list[RunSpec], dict[str, StageSpec]]:
+def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None = None
+            ) -> tuple[list[RunSpec], dict[str, StageSpec]]:
     stages: dict[str, StageSpec] = {}
     runs: list[RunSpec] = []
     data = _resolve_source(grid.data, base)
@@ -672,7 +707,7 @@ def _expand(grid: GridFile, base: Path) -> tuple[list[RunSpec], dict[str, StageS
         stages.setdefault(stage_id, spec)
         return stage_id
 
-    for cell in _cells(grid):
+    for cell in _cells(grid) if cells is None else cells:
         split = grid.tasks[cell["split"]] if isinstance(grid.tasks, dict) else grid.tasks
         model, seed, instructions = cell["model"], cell["seed"], cell["instructions"]
         order: list[str] = []

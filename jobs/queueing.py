@@ -25,6 +25,8 @@ from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
+    from jobs.grid import ExpandedGrid
+
 ENTRY_POINT = "jobs.entry.run_stage"
 # RQ's defaults would kill a job after 180 s and drop its record after 500 s.
 RESULT_TTL_S = 90 * 86400
@@ -289,22 +291,21 @@ def submit_runs(
 # --- a grid enqueued again with other settings ------------------------------------------------
 
 
-def changed_runs(conn: redis.Redis, runs: list[RunSpec]) -> list[str]:
-    """Runs already in the grid for the same cells as `runs`, but with other settings (other stages, so
-    other ids): left there, they would be averaged with the new runs in `stl results`."""
-    if not runs:
-        return []
-    grid = runs[0].grid
+def changed_runs(conn: redis.Redis, expanded: ExpandedGrid) -> list[str]:
+    """Runs already in the grid whose settings differ from what this grid file gives their cells (other
+    stages, so other ids): left there, they would be averaged with the new runs in `stl results`. Cells
+    the file no longer lists count too (a seed dropped from the axis keeps its old settings otherwise);
+    cells the file cannot express (their mixture or split is gone) are left alone."""
+    grid = expanded.grid.name
     existing = [text(r) for r in conn.zrange(keys.grid_runs(grid), 0, -1)]
     if not existing:
         return []
-    new_ids = {run.run_id for run in runs}
-    new_cells = {json.dumps(run.cell, sort_keys=True) for run in runs}
     pipe = conn.pipeline(transaction=False)
     for run_id in existing:
         pipe.hget(keys.run(run_id), "cell")
-    return [run_id for run_id, cell in zip(existing, pipe.execute(), strict=True)
-            if run_id not in new_ids and cell and json.dumps(json.loads(text(cell)), sort_keys=True) in new_cells]
+    cells = {run_id: json.loads(text(cell)) for run_id, cell in zip(existing, pipe.execute(), strict=True) if cell}
+    ids_now = expanded.run_ids_for(list(cells.values()))
+    return [run_id for run_id, id_now in zip(cells, ids_now, strict=True) if id_now is not None and id_now != run_id]
 
 
 def grid_owner(conn: redis.Redis, grid: str) -> str | None:
@@ -327,20 +328,20 @@ def check_grid_owner(conn: redis.Redis, grid: str, user: str) -> None:
                           "file), or pass --force to add your runs to it")
 
 
-def check_grid_unchanged(conn: redis.Redis, runs: list[RunSpec]) -> None:
-    """Refuse to put runs next to older runs of the same cells with other settings (see changed_runs)."""
-    changed = changed_runs(conn, runs)
+def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid) -> None:
+    """Refuse to put runs next to older runs of the grid made with other settings (see changed_runs)."""
+    changed = changed_runs(conn, expanded)
     if changed:
-        grid = runs[0].grid
+        grid = expanded.grid.name
         from jobs.analysis import render_value
 
         example = json.loads(text(conn.hget(keys.run(changed[0]), "cell")))
         cell = " ".join(f"{k}={render_value(v)}" for k, v in example.items())
         raise GridChanged(
-            f'grid "{grid}" already has {len(changed)} run(s) of these cells with other settings (e.g. run '
+            f'grid "{grid}" already has {len(changed)} run(s) made with other settings (e.g. run '
             f"{changed[0][:12]}, {cell}: the grid file was edited, or an older stl queued them), and `stl "
-            f"results {grid}` would average the two; give the grid a new name, or pass --replace to cancel "
-            "those runs and drop them from the grid"
+            f"results {grid}` would average them with these; give the grid a new name, or pass --replace to "
+            "cancel those runs and drop them from the grid"
         )
 
 

@@ -105,7 +105,7 @@ def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
                         eval={**grid_dict(demo_data)["eval"], "max_examples": 8})
     code, out, err = enqueue(edited)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
-    assert 'grid "test-grid" already has 4 run(s) of these cells with other settings' in err
+    assert 'grid "test-grid" already has 4 run(s) made with other settings' in err
     assert "give the grid a new name, or pass --replace" in err
     assert conn.dbsize() == written and set(conn.zrange(keys.grid_runs("test-grid"), 0, -1)) == old_runs
 
@@ -120,6 +120,60 @@ def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
     # the dropped runs were queued: they were canceled first, so stages only they needed will not run
     only_old = set(parse_grid(path).stages) - set(parse_grid(edited).stages)
     assert only_old and {text(conn.hget(keys.stage(sid), "status")) for sid in only_old} == {"canceled"}
+
+
+def test_runs_of_cells_the_edited_file_no_longer_lists_count_as_changed(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    import yaml
+
+    def grid_file(seeds: list[int], max_examples: int) -> Path:  # every run scores the eval examples
+        grid = grid_dict(demo_data)
+        grid["grid"]["seed"] = seeds
+        grid["eval"]["max_examples"] = max_examples
+        path = tmp_path / f"grid-{'-'.join(map(str, seeds))}-{max_examples}.yaml"
+        path.write_text(yaml.safe_dump(grid, sort_keys=False))
+        return path
+
+    assert enqueue(grid_file([0, 1], 6))[0] == 0
+    old_runs = set(conn.zrange(keys.grid_runs("test-grid"), 0, -1))
+    assert len(old_runs) == 8
+    # Dropping a seed with the same settings changes nothing: the seed-1 runs stay, and are still valid.
+    code, out, err = enqueue(grid_file([0], 6))
+    assert code == 0 and "queued 0 run(s)" in out, (out, err)
+    # A new seed with other settings would sit next to runs made with the old ones.
+    written = conn.dbsize()
+    code, out, err = enqueue(grid_file([2], 5))
+    assert code == 2 and 'already has 8 run(s) made with other settings' in err, (out, err)
+    assert conn.dbsize() == written
+    # --replace drops every run the edited file would make differently, seed 1's too, not only its own cells'.
+    code, out, err = enqueue(grid_file([0], 5), "--replace")
+    assert code == 0, err
+    assert "dropped 8 run(s)" in out and "queued 4 run(s)" in out
+    now = set(conn.zrange(keys.grid_runs("test-grid"), 0, -1))
+    assert len(now) == 4 and not now & old_runs
+    assert {json.loads(text(conn.hget(keys.run(r.decode()), "cell")))["seed"] for r in now} == {0}
+
+
+def test_a_cell_the_edited_file_cannot_express_is_left_alone(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    mixtures = {"general": {"data": str(demo_data), "tasks": ["act_classification"]}}
+    grid = grid_dict(demo_data, mixtures=mixtures)
+    grid["grid"]["mtl"] = ["none", "general"]
+    path = tmp_path / "b.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    assert enqueue(path)[0] == 0
+    # The same settings without the mixture: the general-MTL runs cannot be compared, so they stay.
+    expanded = parse_grid(write_grid(tmp_path, demo_data, filename="c.yaml"))
+    cells = [json.loads(text(conn.hget(keys.run(r.decode()), "cell")))
+             for r in conn.zrange(keys.grid_runs("test-grid"), 0, -1)]
+    ids = expanded.run_ids_for(cells)
+    assert [i is None for i in ids].count(True) == 2 and all(
+        (i is None) == (c["mtl"] == "general") for i, c in zip(ids, cells, strict=True))
+    code, out, err = enqueue(tmp_path / "c.yaml")
+    assert code == 0 and "queued 2 run(s)" in out, (out, err)  # the in-domain cells are new
+    assert conn.zcard(keys.grid_runs("test-grid")) == 6
 
 
 def test_dry_run_writes_nothing(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
