@@ -72,6 +72,10 @@ def handled() -> Iterator[None]:
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except OSError as e:  # a file or folder the command was pointed at; the sites that know which say so first
+        where = f" {e.filename}" if e.filename else ""
+        typer.echo(f"stl: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
+        raise typer.Exit(2) from None
 
 
 RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")

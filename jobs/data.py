@@ -22,7 +22,7 @@ from itertools import accumulate, count, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from jobs.errors import DataError
+from jobs.errors import DataError, path_error
 from jobs.specs import TaskType
 
 if TYPE_CHECKING:
@@ -827,12 +827,15 @@ Held-out tasks for zero-shot / few-shot evaluation: {held_out}
 
 def write_demo_dataset(directory: Path) -> Path:
     """Write the demo JSONL (byte-identical every time) and its README; return the JSONL path."""
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / DEMO_FILE
     lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in _demo_rows()]
-    _write_atomically(path, "".join(line + "\n" for line in lines))
     readme = _DEMO_README.format(train=", ".join(DEMO_TRAIN_TASKS), held_out=", ".join(DEMO_EVAL_TASKS))
-    _write_atomically(directory / "README.md", readme)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomically(path, "".join(line + "\n" for line in lines))
+        _write_atomically(directory / "README.md", readme)
+    except OSError as e:
+        raise path_error("write the demo dataset into", directory, e) from e
     return path
 
 

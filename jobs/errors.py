@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+
 
 class StlError(Exception):
     """Base class; the CLI prints the message on stderr and exits with `exit_code`."""
@@ -26,7 +29,7 @@ class UsageError(StlError):
 
 
 class GridChanged(UsageError):
-    """A grid enqueued again under its name with other settings for cells it already has."""
+    """A grid enqueued again under its name with settings other than those of runs it already has."""
 
 
 class RedisUnavailable(StlError):
@@ -73,3 +76,14 @@ class ForeignJob(StlError):
 
 class StagesRunning(StlError):
     """An action that would disturb running stages (clearing the caches) was asked for while some run."""
+
+
+def path_error(action: str, path: Path, e: OSError) -> UsageError:
+    """A path the user gave cannot be used: one line that says which part of it is wrong."""
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):
+        for part in (path, *path.parents):
+            if part.exists() and not part.is_dir():
+                return UsageError(f"cannot {action} {path}: {part} is a file, not a folder; choose another path")
+    reason = e.strerror or str(e)
+    where = f" ({e.filename})" if e.filename and Path(str(e.filename)) != path else ""
+    return UsageError(f"cannot {action} {path}: {reason}{where}; choose a path in a folder you can write to")

@@ -11,7 +11,7 @@ import textwrap
 from typing import TYPE_CHECKING
 
 from jobs.analysis import METRIC_LABELS, render_value
-from jobs.errors import UsageError
+from jobs.errors import UsageError, path_error
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -288,6 +288,9 @@ def _save(figure: Figure, path: Path) -> Path:
             f"cannot write {path}: unknown image format {suffix or '(none)'!r}; use .png, .svg or .pdf "
             f"(matplotlib also writes {others})"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(path, dpi=DPI)
+    except OSError as e:
+        raise path_error("write the plot", path, e) from e
     return path

@@ -209,3 +209,17 @@ grid:
     lines = assert_refused(enqueue(path)[0], path, conn)
     assert len(lines) == 51
     assert lines[-1].endswith("950 more problems not shown; fix the ones above first")
+
+
+def test_a_path_no_command_checked_is_still_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import typer
+
+    from cli.main import handled
+
+    with pytest.raises(typer.Exit) as exit_info, handled():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp/out.csv")
+    assert exit_info.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert err == "stl: cannot use /tmp/out.csv: Is a directory; check the path and its permissions\n"

@@ -356,3 +356,20 @@ def test_few_shot_examples_never_include_the_eval_examples(demo: Path) -> None:
     assert set(few_shot_examples(str(demo), ["summarization"], 8, seed=0, holdout=40)) == set(examples[40:])
     with pytest.raises(DataError, match="leaves 7 to draw shots: 8 from; lower shots or eval.max_examples"):
         few_shot_examples(str(demo), ["summarization"], 8, seed=0, holdout=41)
+
+
+def test_demo_into_a_file_or_an_unwritable_folder_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    a_file = tmp_path / "demo_text2text.jsonl"
+    a_file.write_text("already here\n")
+    for target, says in ((a_file, f"{a_file} is a file, not a folder"),
+                         (a_file / "sub", f"{a_file} is a file, not a folder"),
+                         (Path("/proc/stl-demo"), "No such file or directory")):
+        result = CliRunner().invoke(app, ["data", "demo", str(target)])
+        assert result.exit_code == 2, result.output
+        assert result.stdout == "" and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert a_file.read_text() == "already here\n"

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import math
+import os
 import struct
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,9 +18,6 @@ from jobs.plots import (
     plot_loss_curves,
     plot_pivot,
 )
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 MODELS = ("tiny:bart", "small:t5", "base:t5")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -124,6 +123,20 @@ def test_nothing_to_plot_and_bad_format_are_usage_errors(tmp_path: Path) -> None
         plot_pivot(study_grid(), tmp_path / "pivot.bmpx")
     with pytest.raises(UsageError, match="no training-loss steps"):
         plot_loss_curves({"run": []}, tmp_path / "loss.png")
+
+
+def test_an_unwritable_plot_path_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "res.png").write_bytes(b"not a folder")
+    with pytest.raises(UsageError, match=f"cannot write the plot {tmp_path}/res.png/x.png: {tmp_path}/res.png is a "
+                                         "file, not a folder"):
+        plot_pivot(study_grid(), tmp_path / "res.png" / "x.png")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(locked, os.W_OK):  # root writes anywhere
+        with pytest.raises(UsageError, match="cannot write the plot .*Permission denied"):
+            plot_loss_curves({"run": [(1, 2.0), (2, 1.5)]}, locked / "loss.png")
+    with pytest.raises(UsageError, match="cannot write the plot /proc/x.png: "):
+        plot_pivot(study_grid(), Path("/proc/x.png"))
 
 
 def test_loss_curves_one_line_per_label(tmp_path: Path) -> None:
