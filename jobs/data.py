@@ -480,9 +480,13 @@ def few_shot_examples(
 
 def few_shot_shortfall(task: str, *, rows: int, holdout: int, shots: int) -> str:
     """Why `shots` examples of `task` cannot be drawn apart from its eval examples, and what to change."""
-    left = max(0, rows - holdout)
-    return (f'task "{task}" has {rows} rows; its first {min(rows, holdout)} are eval examples '
-            f"(eval.max_examples), which leaves {left} to draw shots: {shots} from; lower shots or eval.max_examples")
+    held = min(rows, holdout)
+    if rows - shots >= 1:
+        fix = f"lower eval.max_examples to {rows - shots} or less, or lower shots"
+    else:  # even one eval example leaves too few
+        fix = f"lower shots below {rows}, or leave the task out of few-shot runs"
+    return (f'task "{task}" has {rows} rows; the first {held} are its eval examples (eval.max_examples: {holdout}), '
+            f"which leaves {rows - held} to draw shots: {shots} from; {fix}")
 
 
 def _reservoir(keys: array[int], cap: int, rng: random.Random) -> array[int]:

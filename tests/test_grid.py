@@ -131,9 +131,9 @@ def test_few_shot_examples_must_fit_beside_the_eval_examples(tmp_path: Path, dem
                       eval={"max_examples": 44})
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:") and "grid.shots.2: " in problem
-    assert ("has 48 rows; its first 44 are eval examples (eval.max_examples), which leaves 4 to draw shots: 8 "
-            "from; lower shots or eval.max_examples (also too small: summarization); 1 larger shots value(s) do "
-            "not fit either") in problem
+    assert ("has 48 rows; the first 44 are its eval examples (eval.max_examples: 44), which leaves 4 to draw "
+            "shots: 8 from; lower eval.max_examples to 40 or less, or lower shots (also too small: summarization); "
+            "1 larger shots value(s) do not fit either") in problem
 
 
 def test_a_task_listed_twice_is_refused(tmp_path: Path, demo_data: Path) -> None:
@@ -166,3 +166,18 @@ def test_eval_compile_is_a_boolean_carried_into_eval_stages_only(tmp_path: Path,
     line = path.read_text().splitlines().index("  compile: 3") + 1
     [problem] = problems_of(path)
     assert problem.startswith(f"{path}:{line}: eval.compile: "), problem
+
+
+def test_the_readme_grid_is_valid_as_it_stands(tmp_path: Path) -> None:
+    from tests.conftest import REPO, instructdial_sample
+
+    sample = instructdial_sample()
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## The grid file\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    relative = "../shared/data/instructdial/sample_text2text.jsonl"
+    assert f"data: {relative}" in block  # relative to the repository's top, where the README says to save it
+    path = tmp_path / "readme.yaml"
+    path.write_text(block.replace(relative, str(sample)))
+    expanded = parse_grid(path)
+    assert len(expanded.runs) == 3 * 2 * 2 * 2 * 3
+    assert {spec.kind for spec in expanded.stages.values()} == set(StageKind)
