@@ -566,6 +566,15 @@ def build_pivot_table(pivot: Pivot, *, title: str | None = None, width: int | No
     return table
 
 
+def spread_of(pivot: Pivot) -> str:
+    """What a row's spread is over, for a plot's axis label: "seeds", or the axes its runs differ in."""
+    if pivot.folded == ("seed",):
+        return "seeds"
+    if pivot.folded:
+        return f"runs differing in {', '.join(pivot.folded)}"
+    return "runs"
+
+
 def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Table:
     from rich.table import Table
     from rich.text import Text

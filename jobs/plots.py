@@ -10,7 +10,7 @@ import math
 import textwrap
 from typing import TYPE_CHECKING
 
-from jobs.analysis import METRIC_LABELS, render_value
+from jobs.analysis import METRIC_LABELS, render_value, spread_of
 from jobs.errors import UsageError, path_error
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
         metric = METRIC_LABELS.get(column.metric, column.metric)
         panel.set_title(f"{column.task_type.capitalize()}: mean {metric}", fontsize=11)
         panel.set_xlabel(
-            f"mean {metric} over {column.task_type} tasks (error bar: ± std over seeds)", fontsize=9
+            f"mean {metric} over {column.task_type} tasks (error bar: ± std over {spread_of(pivot)})", fontsize=9
         )
         panel.grid(axis="x", alpha=0.3)
         panel.set_axisbelow(True)
@@ -188,6 +188,8 @@ def _draw_bars(
         note = f"{stat.mean:.3f}" + (f"  (n={stat.n}/{stat.expected})" if incomplete else "")
         panel.text(stat.mean + stat.std + reach * 0.015, y, note, va="center", fontsize=7, color="0.2")
     panel.set_xlim(0, reach * 1.28)  # room for the value labels right of the error bars
+    # Every metric is a fraction: no tick past 1, even where the labels need the room.
+    panel.set_xticks([tick for tick in panel.get_xticks() if 0 <= tick <= 1 + 1e-9])
 
 
 def _palette(count: int) -> list[Colour]:

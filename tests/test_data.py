@@ -354,7 +354,8 @@ def test_few_shot_examples_never_include_the_eval_examples(demo: Path) -> None:
         assert len(drawn) == 8 and not set(drawn) & set(scored)
         assert drawn == k_shot(examples[40:], 8, seed=seed)
     assert set(few_shot_examples(str(demo), ["summarization"], 8, seed=0, holdout=40)) == set(examples[40:])
-    with pytest.raises(DataError, match="leaves 7 to draw shots: 8 from; lower eval.max_examples to 40 or less, or lower shots"):
+    with pytest.raises(DataError, match="leaves 7 to draw shots: 8 from; lower eval.max_examples to 40 or less, "
+                                        "or lower shots"):
         few_shot_examples(str(demo), ["summarization"], 8, seed=0, holdout=41)
 
 

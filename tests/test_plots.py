@@ -23,7 +23,8 @@ MODELS = ("tiny:bart", "small:t5", "base:t5")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def study_grid(*, task_types: tuple[str, ...] = ("classification", "generation")) -> Pivot:
+def study_grid(*, task_types: tuple[str, ...] = ("classification", "generation"),
+               by: list[str] | None = None) -> Pivot:
     """3 models × 2 mtl × 2 instructions × 2 shots, 3 seeds; base:t5's third seed still running."""
     rows: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
@@ -57,7 +58,7 @@ def study_grid(*, task_types: tuple[str, ...] = ("classification", "generation")
                         "value": base * scale,
                     }
                 )
-    return build_pivot(rows, runs)
+    return build_pivot(rows, runs, by=by)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -81,12 +82,25 @@ def test_plot_pivot_writes_one_panel_per_task_type(tmp_path: Path) -> None:
     assert len(figure.axes[0].patches) == 24  # one bar per pivot row
     legend_texts = [text.get_text() for text in figure.legends[0].get_texts()]
     assert legend_texts == ["none", "in-domain", "incomplete (n < runs)"]
+    assert figure.axes[0].get_xlabel() == "mean accuracy over classification tasks (error bar: ± std over seeds)"
+    folded = build_pivot_figure(study_grid(by=["model", "mtl"]))
+    assert folded.axes[1].get_xlabel() == ("mean ROUGE-L over generation tasks (error bar: ± std over runs "
+                                           "differing in instructions, shots, seed)")
 
     path = plot_pivot(pivot, tmp_path / "nested" / "pivot.png", title="g")
     assert path == tmp_path / "nested" / "pivot.png"
     width, height = png_size(path)
     assert width > 800 and height > 800
     assert path.stat().st_size > 20_000
+
+
+def test_no_tick_past_1_where_the_value_labels_need_the_room() -> None:
+    cell = {"model": "tiny:bart", "seed": 0}
+    rows = [{"grid": "g", "run": "r", "cell": cell, "task": "a", "task_type": "classification",
+             "metric": "accuracy", "value": 0.95}]
+    runs = [{"grid": "g", "run": "r", "cell": cell, "status": "finished"}]
+    panel = build_pivot_figure(build_pivot(rows, runs)).axes[0]
+    assert panel.get_xlim()[1] > 1.2 and max(panel.get_xticks()) == 1.0
 
 
 def test_plot_pivot_with_one_task_type_and_chosen_hue(tmp_path: Path) -> None:
