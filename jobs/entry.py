@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 HEARTBEAT_EVERY_S = 3.0
 LEASE_TTL_S = 30
 PROGRESS_EVERY_S = 2.0
+LOG_PROGRESS_EVERY_S = 30.0  # a progress line in the stage log (`stl logs -f`), beside the status table's
 FLAGS_EVERY_S = 0.2  # a cancel or SIGTERM is seen within a fifth of a second (one HMGET)
 LOG_LINES_KEPT = 5000
 # Taking the lease and joining the running set is one step: a horse killed in between would leave a
@@ -119,6 +120,7 @@ class StageReporter:
         self.lease = lease
         self.log_file = workdir / LOG_FILE
         self._last_progress = 0.0
+        self._last_progress_line: float | None = None
         # (step, monotonic time) of the first report of the current attempt: the pace for the ETA is measured
         # from there, leaving out loading the model and compiling, which precede that report. An attempt is
         # a phase (train or eval) with one micro-batch plan; an OOM retry (a smaller micro-batch) or a step
@@ -187,6 +189,10 @@ class StageReporter:
             pipe.execute()
         except redis.RedisError:
             pass
+        if (self._last_progress_line is None or last
+                or now - self._last_progress_line >= LOG_PROGRESS_EVERY_S):
+            self._last_progress_line = now
+            self.log(progress_line(report, eta))
 
     def should_stop(self) -> str | None:
         if self.lease.lost:
@@ -203,6 +209,25 @@ class StageReporter:
             elif text(preempt):
                 self._flag = "preempt"
         return self._flag
+
+
+def progress_line(report: StepReport, eta_s: float | None) -> str:
+    """`step 120/2000 (6%), loss 2.3412, 97.7 samples/s, MFU 12.3%, about 5 min 12 s left`: one log line."""
+    from jobs.notify import format_duration
+
+    percent = f" ({report.step / report.total:.0%})" if report.total else ""
+    if report.phase == "train":
+        parts = [f"step {report.step}/{report.total}{percent}"]
+        if report.loss == report.loss:  # NaN: no loss since the previous report
+            parts.append(f"loss {report.loss:.4f}")
+        parts.append(f"{report.samples_per_s:.1f} samples/s")
+        if report.mfu is not None:
+            parts.append(f"MFU {report.mfu:.1%}")
+    else:
+        parts = [f"scored {report.step}/{report.total} examples{percent}", f"{report.samples_per_s:.1f} examples/s"]
+    if eta_s is not None and report.step < report.total:
+        parts.append(f"about {format_duration(eta_s)} left")
+    return ", ".join(parts)
 
 
 def _live_runs(conn: redis.Redis, stage_id: str) -> list[str]:
@@ -307,8 +332,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
                            should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
         outcome = execute_stage(spec, ctx)
-    except StagePreempted:
-        reporter.log("preempted: checkpoint saved; back to the head of the queue")
+    except StagePreempted as e:
+        reporter.log(f"preempted: {e}; back to the head of the queue")
         conn.hset(stage_key, mapping={"status": RunStatus.queued.value, "preempt": "", "worker": ""})
         conn.srem(keys.RUNNING_STAGES, stage_id)
         for run_id in _live_runs(conn, stage_id):

@@ -268,7 +268,8 @@ def test_sigterm_checkpoints_requeues_at_the_head_and_the_next_worker_resumes(
     print(f"\nthe worker exited {time.monotonic() - signalled:.1f} s after SIGTERM")
     wait_for(lambda: not Path(f"/proc/{horse}").exists(), timeout=5, what="the horse to exit")
     log = stage_log(conn, sid)
-    assert any("preempted: checkpoint saved" in line for line in log), log
+    assert any(re.search(r"preempted: stage \w+ checkpointed at step \d+ and will resume there; back to the head",
+                         line) for line in log), log
     assert text(conn.hget(keys.stage(sid), "status")) == "queued"
     queue = f"rq:queue:{keys.queue_name('alice', 'normal')}"
     assert text(conn.lindex(queue, 0)) == f"stl-{sid}", "the preempted stage is at the head of its queue"

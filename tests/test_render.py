@@ -27,7 +27,7 @@ from cli.render import (
     worker_rows,
 )
 from jobs import keys
-from jobs.entry import StageReporter
+from jobs.entry import StageReporter, progress_line
 from jobs.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
 from jobs.train import StepReport
 
@@ -138,6 +138,28 @@ def test_the_eta_goes_through_redis_to_the_status_rows(
     clock.now = 1080.0
     (row,) = run_rows(conn, ["r1"])
     assert row.eta_s == pytest.approx(79.0)
+
+
+def test_the_stage_log_gets_a_progress_line_at_the_start_every_30_s_and_at_the_end(
+    conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("jobs.entry.time", clock)
+    reporter = StageReporter(conn, "s1", tmp_path, None)  # type: ignore[arg-type]  (on_step needs no lease)
+    for step, now in ((1, 1060.0), (2, 1061.0), (20, 1080.0), (31, 1091.0), (40, 1100.0)):
+        clock.now = now
+        reporter.on_step(StepReport(step=step, total=40, loss=2.5, learning_rate=0.1, samples_per_s=12.34,
+                                    tokens_per_s=1.0, elapsed_s=0.0, micro_batch=4, grad_accum=1, mfu=0.123))
+    logged = [line.decode().split(" ", 2)[2] for line in conn.lrange(keys.stage_log("s1"), 0, -1)]
+    assert logged == [
+        "step 1/40 (2%), loss 2.5000, 12.3 samples/s, MFU 12.3%",
+        "step 31/40 (78%), loss 2.5000, 12.3 samples/s, MFU 12.3%, about 9 s left",  # 30 steps in 31 s
+        "step 40/40 (100%), loss 2.5000, 12.3 samples/s, MFU 12.3%",
+    ]
+    assert (tmp_path / "log.txt").read_text().splitlines()[1].endswith("about 9 s left")
+    evaluation = StepReport(step=8, total=24, loss=float("nan"), learning_rate=0.0, samples_per_s=4.0,
+                            tokens_per_s=0.0, elapsed_s=2.0, micro_batch=8, grad_accum=1, phase="eval")
+    assert progress_line(evaluation, 4.0) == "scored 8/24 examples (33%), 4.0 examples/s, about 4 s left"
 
 
 def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
