@@ -170,14 +170,13 @@ def _cell_axes(records: Iterable[Mapping[str, Any]]) -> list[str]:
 
 
 def _value_order(values: Sequence[AxisValue]) -> dict[AxisValue, int]:
-    """Numbers sort numerically, bools false first; anything else keeps grid (first-seen) order."""
+    """Numbers sort numerically; anything else (model names, true/false) keeps first-seen order, which is
+    the grid file's: runs are listed in the order the grid expands them."""
     distinct: list[AxisValue] = list(dict.fromkeys(values))
     numbers: list[int | float] = [
         value for value in distinct if isinstance(value, int | float) and not isinstance(value, bool)
     ]
-    if distinct and all(isinstance(value, bool) for value in distinct):
-        distinct.sort()
-    elif numbers and len(numbers) == len(distinct):
+    if numbers and len(numbers) == len(distinct):
         distinct = [*sorted(numbers)]
     return {value: index for index, value in enumerate(distinct)}
 

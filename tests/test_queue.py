@@ -394,3 +394,26 @@ def test_results_of_a_grid_with_no_results_yet_say_so(stl_env: Path, conn: redis
     assert result.exit_code == 0 and result.stdout == ""
     assert "stl: 4 of 4 run(s) are still queued or running" in result.stderr
     assert "stl: no results yet for test-grid" in result.stderr
+
+
+def test_runs_list_in_the_grid_files_order_so_results_rows_do_too(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    from jobs.analysis import build_pivot
+    from jobs.records import list_runs
+
+    grid = grid_dict(demo_data)
+    grid["grid"].update(model=["tiny:t5", "tiny:bart"], instructions=[True, False], mtl=["none"], shots=[4, 0],
+                        seed=[1, 0])
+    import yaml
+
+    path = tmp_path / "ordered.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    assert enqueue(path)[0] == 0
+    listed = [run.cell for run in list_runs(conn, grid="test-grid")]
+    assert listed == [run.cell for run in parse_grid(path).runs]  # not the order of the run ids
+    assert len({tuple(c.values()) for c in listed}) == 16
+    pivot = build_pivot([], [{"grid": "test-grid", "run": str(i), "cell": cell, "status": "queued"}
+                             for i, cell in enumerate(listed)])
+    # strings and booleans as the file lists them; numbers ascending
+    assert [row.key for row in pivot.rows] == [(m, "none", i, s) for m in ("tiny:t5", "tiny:bart")
+                                               for i in (True, False) for s in (0, 4)]
