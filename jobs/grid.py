@@ -620,7 +620,9 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
             if task not in catalog:
                 close = difflib.get_close_matches(task, list(catalog), n=3) or sorted(
                     t for t in catalog if t.split("_")[0] == task.split("_")[0])[:3]
-                hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {len(catalog)} tasks"
+                names = sorted(catalog)
+                listed = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+                hint = f"; did you mean {', '.join(close)}?" if close else f"; its tasks are {listed}"
                 report((*loc, index), f'unknown task "{task}" in {Path(source).name}{hint}')
 
     main_source = _resolve_source(grid.data, base)

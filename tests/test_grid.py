@@ -82,6 +82,9 @@ def test_unknown_task_missing_file_and_bad_arch_are_reported_together(tmp_path: 
     problems = problems_of(path)
     text = "\n".join(problems)
     assert 'unknown task "no_such_task"' in text
+    # no close match: the line lists the data's tasks
+    assert ("its tasks are act_classification, answer_generation, emotion_classification, intent_classification, "
+            "question_generation, response_generation, sentiment_classification, summarization") in text
     assert "data file not found" in text and "missing.jsonl" in text
     assert "tiny:lstm" in text
     assert all(line.startswith(f"{path}:") for line in problems)
