@@ -352,22 +352,32 @@ def run_cell(conn: redis.Redis, run_id: str) -> dict[str, Any]:
 
 
 def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
-    """The training-loss curve of a run: its training stages' steps, one after the other, with a NaN
-    loss between two stages (where a line must not join them)."""
+    """The training-loss curve of a run: each training stage's steps counted on from where the stage it
+    starts from ended (a few-shot stage after MTL step 1000 starts at 1001; two few-shot stages of the same
+    MTL model both do, as branches), with a NaN loss between two stages (where a line must not join them)."""
     raw_stages = conn.hget(keys.run(run_id), "stages")
     if raw_stages is None:
         raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
+    stage_ids = json.loads(text(raw_stages))
+    pipe = conn.pipeline(transaction=False)
+    for sid in stage_ids:
+        pipe.hget(keys.stage(sid), "spec")
+        pipe.lrange(keys.stage_steps(sid), 0, -1)
+    answers = pipe.execute()
     points: list[tuple[int, float]] = []
-    offset = 0
-    for sid in json.loads(text(raw_stages)):
-        records = [json.loads(text(x)) for x in conn.lrange(keys.stage_steps(sid), 0, -1)]
+    ends: dict[str, int] = {}  # the x where each stage's model was left: its children start there
+    for index, sid in enumerate(stage_ids):
+        spec, raw_steps = answers[2 * index], answers[2 * index + 1]
+        parent = json.loads(text(spec)).get("parent") if spec else None
+        offset = ends.get(parent, 0) if parent else 0
+        records = [json.loads(text(x)) for x in raw_steps]
         # Evaluation reports progress without a loss (None or NaN): only training steps make the curve.
         steps = [s for s in records if isinstance(s.get("loss"), int | float) and s["loss"] == s["loss"]]
+        ends[sid] = offset + max((int(s["step"]) for s in steps), default=0)
         if not steps:
             continue
         if points:  # a new stage (another task, or fine-tuning after MTL): the plot breaks the line here
             points.append((offset, math.nan))
         for step in steps:
             points.append((offset + int(step["step"]), float(step["loss"])))
-        offset += max(int(s["step"]) for s in steps)
     return points

@@ -285,3 +285,25 @@ def test_failures_show_run_grid_cell_and_error() -> None:
     assert [c.header for c in build_failed_table([failed], 120).columns] == ["run", "grid", "cell", "ended", "error"]
     quiet = build_status_view(StatusSummary(counts={}, grids=[], running=[]), [], 120)
     assert not any(getattr(part, "title", None) == "Recent failures" for part in quiet.renderables)
+
+
+def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(conn: redis.Redis) -> None:
+    import json
+    import math
+
+    from jobs.records import loss_curve
+
+    def stage(sid: str, parent: str | None, losses: list[float]) -> None:
+        conn.hset(keys.stage(sid), "spec", json.dumps({"parent": parent}))
+        for step, loss in enumerate(losses, start=1):
+            conn.rpush(keys.stage_steps(sid), json.dumps({"step": step, "loss": loss}))
+
+    stage("mtl", None, [3.0, 2.0, 1.0])
+    stage("ft-a", "mtl", [0.9, 0.8])
+    stage("eval-a", "ft-a", [])  # evaluation logs no training steps
+    stage("ft-b", "mtl", [0.7, 0.6])
+    conn.hset(keys.run("r"), "stages", json.dumps(["mtl", "ft-a", "eval-a", "ft-b"]))
+    points = loss_curve(conn, "r")
+    assert [step for step, _ in points] == [1, 2, 3, 3, 4, 5, 3, 4, 5]  # both few-shot stages branch at step 3
+    assert [loss for _, loss in points if not math.isnan(loss)] == [3.0, 2.0, 1.0, 0.9, 0.8, 0.7, 0.6]
+    assert [i for i, (_, loss) in enumerate(points) if math.isnan(loss)] == [3, 6]
