@@ -301,12 +301,9 @@ def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool) -> None:
     if as_csv:
         import csv
 
-        axes = sorted({k for r in rows for k in r["cell"]})
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["grid", "run", *axes, "task", "task_type", "metric", "value"])
-        for r in rows:
-            writer.writerow([r["grid"], r["run"], *(r["cell"].get(a, "") for a in axes), r["task"],
-                             r["task_type"], r["metric"], r["value"]])
+        from cli.render import result_csv_rows
+
+        csv.writer(sys.stdout).writerows(result_csv_rows(rows))
     else:
         from rich.console import Console
 

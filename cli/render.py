@@ -293,6 +293,22 @@ def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> l
     return [[r["run"][:10], cell(r), r["task"], r["task_type"], r["metric"], f"{r['value']:.4f}"] for r in rows]
 
 
+def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """`--rows --csv`: a header, then one row per run and task; axes in the grid's order, true/false as
+    the grid file and the pivot's CSV spell them."""
+    from jobs.analysis import render_value
+
+    axes = list(dict.fromkeys(axis for r in rows for axis in r["cell"]))
+
+    def value(v: Any) -> str:
+        return "" if v is None else render_value(v)
+
+    out = [["grid", "run", *axes, "task", "task_type", "metric", "value"]]
+    out += [[r["grid"], r["run"], *(value(r["cell"].get(a)) for a in axes), r["task"], r["task_type"],
+             r["metric"], repr(float(r["value"]))] for r in rows]
+    return out
+
+
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
     from jobs.analysis import constant_axes
 
@@ -336,7 +352,8 @@ def enqueue_message(report: SubmitReport, user: str) -> str:
                      if report.stages_retrained else "")
         lines.append(f"{report.stages_created} new stage job(s){retrained}; "
                      f"{report.stages_reused} reused from earlier runs")
-    lines.append(f"watch them with: stl status --grid {report.grid}")
+    if report.queued:
+        lines.append(f"watch them with: stl status --grid {report.grid}")
     return "\n".join(lines)
 
 

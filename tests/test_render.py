@@ -16,10 +16,12 @@ from cli.render import (
     build_status_view,
     build_workers_table,
     dry_run_rows,
+    enqueue_message,
     failed_rows,
     finished_grid_rows,
     format_cell,
     format_duration,
+    result_csv_rows,
     results_notes,
     running_columns,
     running_rows,
@@ -307,3 +309,26 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
     assert [step for step, _ in points] == [1, 2, 3, 3, 4, 5, 3, 4, 5]  # both few-shot stages branch at step 3
     assert [loss for _, loss in points if not math.isnan(loss)] == [3.0, 2.0, 1.0, 0.9, 0.8, 0.7, 0.6]
     assert [i for i, (_, loss) in enumerate(points) if math.isnan(loss)] == [3, 6]
+
+
+def test_result_csv_rows_keep_the_grid_order_of_axes_and_spell_booleans_as_the_grid_does() -> None:
+    cell = {"model": "tiny:bart", "mtl": "none", "instructions": False, "shots": 0, "seed": 1}
+    rows = [{"grid": "g", "run": "r1", "cell": cell, "task": "t", "task_type": "classification",
+             "metric": "accuracy", "value": 0.5},
+            {"grid": "g", "run": "r2", "cell": {"split": "s1", **cell, "instructions": True}, "task": "t",
+             "task_type": "classification", "metric": "accuracy", "value": 1}]
+    assert result_csv_rows(rows) == [
+        ["grid", "run", "model", "mtl", "instructions", "shots", "seed", "split", "task", "task_type", "metric",
+         "value"],
+        ["g", "r1", "tiny:bart", "none", "false", "0", "1", "", "t", "classification", "accuracy", "0.5"],
+        ["g", "r2", "tiny:bart", "none", "true", "0", "1", "s1", "t", "classification", "accuracy", "1.0"],
+    ]
+
+
+def test_enqueue_message_says_how_to_watch_only_when_something_was_queued() -> None:
+    from jobs.queueing import SubmitReport
+
+    nothing = enqueue_message(SubmitReport(grid="g", skipped=["a", "b"]), "alice")
+    assert nothing == "queued 0 run(s) of grid g for alice; skipped 2 identical run(s) already queued or finished"
+    queued = enqueue_message(SubmitReport(grid="g", queued=["a"], stages_created=2), "alice")
+    assert queued.splitlines()[-1] == "watch them with: stl status --grid g"
