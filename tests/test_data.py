@@ -100,6 +100,10 @@ def test_instructions_switch_picks_prompt_or_input() -> None:
 def test_demo_dataset_is_deterministic_and_parses(tmp_path: Path, demo: Path) -> None:
     again = write_demo_dataset(tmp_path / "again")
     assert again.read_bytes() == demo.read_bytes()
+    committed = Path(__file__).resolve().parents[1] / "grids" / "demo-data"  # the copy grids/example.yaml reads
+    for name in (again.name, "README.md"):
+        assert (committed / name).read_bytes() == (again.parent / name).read_bytes(), (
+            f"grids/demo-data/{name} is stale: run `stl data demo grids/demo-data`")
     readme = (demo.parent / "README.md").read_text()
     assert "synthetic" in readme.lower() and "not instructdial" in readme.lower()
     examples = list(read_examples(str(demo)))
