@@ -392,7 +392,8 @@ def worker(
     gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).", min=0)] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queues are empty.")] = False,
 ) -> None:
-    """Run the GPU worker: one stage at a time, the next from whoever used the GPU least recently."""
+    """Run the GPU worker: one stage at a time, the next from whoever has used the least GPU time lately
+    (decayed, half-life one hour), so one person's big grid does not block someone else's run."""
     with handled():
         from jobs.connection import connect
         from worker.gpu import missing_gpu

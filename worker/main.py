@@ -70,6 +70,8 @@ def _not_a_stage_job(job: Job) -> str | None:
 class StlWorker(Worker):
     """RQ's forking worker with fair-share queue order, a safe entry point and preemption."""
 
+    log_result_lifespan = False  # "result is kept for 7776000 seconds" after every stage says nothing useful
+
     def __init__(self, *, connection: redis.Redis, settings: Settings, gpu_index: int | None,
                  name: str | None = None) -> None:
         self.settings = settings
@@ -93,6 +95,12 @@ class StlWorker(Worker):
             job_monitoring_interval=5,
         )
         self._refresh_queues()
+
+    def bootstrap(self, *args: Any, **kwargs: Any) -> None:
+        super().bootstrap(*args, **kwargs)
+        # RQ has just listed the queues there are now; new users' queues join as they appear.
+        self.log.info("Worker %s: takes each stage from whichever user's queue (stl.<user>.<priority>) has used "
+                      "the least GPU time lately, new users included", self.name)
 
     # --- which queue next ---------------------------------------------------------------------
 
