@@ -357,7 +357,7 @@ def cancel(
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
         canceled, already, foreign = cancel_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
-        typer.echo(f"canceled {len(canceled)} run(s); {len(already)} had already ended"
+        typer.echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
                    + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
                       if foreign else ""))
 
@@ -383,7 +383,7 @@ def retry(
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
         requeued, skipped, foreign = retry_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
-        typer.echo(f"re-queued {len(requeued)} run(s); {len(skipped)} were not failed or canceled"
+        typer.echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
                    + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
 

@@ -250,7 +250,7 @@ def test_cancel_queued_runs_and_retry(stl_env: Path, conn: redis.Redis, tmp_path
 
     result = runner.invoke(app, ["retry", "--grid", "test-grid"])
     assert result.exit_code == 0, result.stderr
-    assert "re-queued 2 run(s)" in result.stdout
+    assert "re-queued 2 of 4 run(s)" in result.stdout
     assert conn.hget(keys.run(zero_shot_plain.run_id), "status") == b"queued"
     assert job_id_for(eval_stage) in queued_job_ids(conn, "alice")
 
@@ -296,10 +296,10 @@ def test_a_grid_name_is_its_first_users_and_grid_commands_leave_other_users_runs
     conn.hset(keys.run(alices[0]), "status", "finished")
     result = runner.invoke(app, ["cancel", "--grid", "test-grid"])
     assert result.exit_code == 0, result.stderr
-    assert "canceled 3 run(s); 1 had already ended; left 4 live run(s) of other users" in result.stdout
+    assert "canceled 3 of 8 run(s); 1 had already ended; left 4 live run(s) of other users" in result.stdout
     assert {text(conn.hget(keys.run(r), "status")) for r in bobs} == {"queued"}
     result = runner.invoke(app, ["retry", "--grid", "test-grid"])
-    assert result.exit_code == 0 and "re-queued 3 run(s)" in result.stdout, result.stderr
+    assert result.exit_code == 0 and "re-queued 3 of 8 run(s)" in result.stdout, result.stderr
 
 
 def test_cli_rejects_bad_run_ids_before_they_become_paths(stl_env: Path, conn: redis.Redis) -> None:
