@@ -240,8 +240,9 @@ def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
 
 
 def build_finished_grids_table(grids: list[GridRow]) -> Table:
-    table = Table(title="Finished grids", title_justify="left")
-    for name in ("grid", "finished", "failed", "canceled", "ended", "time to completion"):
+    # "Ended": a grid whose runs were canceled is done too, and its row says how each run ended.
+    table = Table(title="Ended grids", title_justify="left")
+    for name in ("grid", "finished", "failed", "canceled", "ended", "took"):
         table.add_column(name)
     for row in finished_grid_rows(grids):
         table.add_row(*row)
