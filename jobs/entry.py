@@ -428,6 +428,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
             if stage_id in json.loads(text(eval_stages) or "[]"):
                 for metric in metrics:
                     pipe.hset(keys.run_results(run_id), metric["task"], json.dumps({**metric, "stage": stage_id}))
+            pipe.hincrby(keys.run(run_id), "work_done", spec.work)
             done = conn.hincrby(keys.run(run_id), "stages_done", 1)
             if done >= int(text(n_stages) or 0):
                 pipe.hset(keys.run(run_id), mapping={"status": RunStatus.finished.value, "ended_at": now,

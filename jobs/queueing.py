@@ -156,7 +156,7 @@ for _, run in ipairs(to_write) do
         end
         redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
           'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,
-          'total', spec.total)
+          'total', spec.total, 'work', spec.work)
         created[sid] = true
         n_created = n_created + 1
         if retrain[sid] then n_retrained = n_retrained + 1 end
@@ -167,11 +167,13 @@ end
 local queued, scores = {}, {}
 for _, run in ipairs(to_write) do
   local finished = {}
-  local n_finished = 0
+  local n_finished, work_done, work_total = 0, 0, 0
   for _, sid in ipairs(run.stages) do
     local st = status_of(sid)
+    work_total = work_total + p.stages[sid].work
     if not created[sid] and (st == 'finished' or st == 'pruned') then
       finished[sid] = true; n_finished = n_finished + 1
+      work_done = work_done + p.stages[sid].work
     end
   end
   local done = n_finished == #run.stages
@@ -183,7 +185,7 @@ for _, run in ipairs(to_write) do
   redis.call('HSET', rkey, 'id', run.id, 'grid', p.grid, 'user', p.user, 'priority', p.priority,
     'status', done and 'finished' or 'queued', 'cell', run.cell, 'stages', run.stages_json,
     'eval_stages', run.eval_stages_json, 'n_stages', #run.stages, 'stages_done', n_finished,
-    'created_at', p.now)
+    'work_total', work_total, 'work_done', work_done, 'created_at', p.now)
   if done then redis.call('HSET', rkey, 'started_at', p.now, 'ended_at', p.now) end
   for _, sid in ipairs(run.stages) do redis.call('SADD', K.stage .. sid .. ':runs', run.id) end
   for _, sid in ipairs(run.eval_stages) do
@@ -274,7 +276,7 @@ def submit_runs(
                   "stages_json": json.dumps(list(run.stages)), "eval_stages_json": json.dumps(list(run.eval_stages)),
                   "cell": json.dumps(run.cell)} for run in runs],
         "stages": {sid: {"parent": spec.parent, "kind": spec.kind.value, "model": spec.model, "arg": index + 2,
-                         "total": spec.train.max_steps if spec.train else 0,
+                         "total": spec.train.max_steps if spec.train else 0, "work": spec.work,
                          "description": f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"}
                    for index, (sid, spec) in enumerate(stages.items())},
     }

@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
 RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
-              "started_at", "ended_at", "error", "current_stage")
+              "started_at", "ended_at", "error", "current_stage", "work_total", "work_done")
 STAGE_PROGRESS_FIELDS = (
     "kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status", "mfu", "eta_s", "eta_at",
+    "work",
 )
 WORKER_STALE_S = 60
 
@@ -255,7 +256,15 @@ def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -
             row.eta_s = max(eta - (now - eta_at), 0.0)
         elif total and step and row.elapsed_s:
             row.eta_s = row.elapsed_s * (total - step) / step
-    row.progress = 1.0 if record["status"] == RunStatus.finished.value else min((done + fraction) / n_stages, 1.0)
+    work_total, work_done = _f(record.get("work_total", "")), _f(record.get("work_done", ""))
+    work = _f(stage.get("work", "")) if stage else None
+    if record["status"] == RunStatus.finished.value:
+        row.progress = 1.0
+    elif work_total and work_done is not None and (work is not None or not fraction):
+        # Each stage weighs the examples it puts through the model: a long MTL stage outweighs an evaluation.
+        row.progress = min((work_done + fraction * (work or 0.0)) / work_total, 1.0)
+    else:  # runs queued by an stl that did not record work: every stage counts the same
+        row.progress = min((done + fraction) / n_stages, 1.0)
     return row
 
 

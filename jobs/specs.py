@@ -83,6 +83,16 @@ class StageSpec(Frozen):
             del spec["eval"]["compile"]
         return content_hash(spec)[:20]
 
+    @property
+    def work(self) -> int:
+        """How much work the stage is, in examples through the model (training: steps x batch; evaluation:
+        examples scored), so that a run's progress weighs a 2000-step MTL stage above a 12-step few-shot one."""
+        if self.train is not None:
+            return self.train.max_steps * self.train.batch_size * self.train.grad_accum
+        if self.eval is not None:
+            return self.eval.max_examples * max(len(self.tasks), 1)
+        return 1
+
 
 class RunSpec(Frozen):
     """One cell of a grid, resolved. Its id is the hash of everything that affects its results."""

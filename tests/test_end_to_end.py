@@ -62,6 +62,9 @@ def test_grid_runs_to_results(stl_env: Path, conn: redis.Redis, tmp_path: Path, 
         assert log.count(" started on ") == 1, (spec.kind, log)
     mtl_ids = [s for s, spec in expanded.stages.items() if spec.kind == StageKind.mtl]
     assert len(mtl_ids) == 1 and conn.scard(keys.stage_runs(mtl_ids[0])) == 2
+    for run in expanded.runs:  # every stage's work was counted once, by whichever run's stage it was
+        total, done = conn.hmget(keys.run(run.run_id), "work_total", "work_done")
+        assert int(total) == int(done) == sum(expanded.stages[sid].work for sid in run.stages)
 
     results = json.loads(cli("results", "test-grid", "--json"))
     assert results["grid"] == "test-grid"

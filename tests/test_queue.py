@@ -417,3 +417,19 @@ def test_runs_list_in_the_grid_files_order_so_results_rows_do_too(
     # strings and booleans as the file lists them; numbers ascending
     assert [row.key for row in pivot.rows] == [(m, "none", i, s) for m in ("tiny:t5", "tiny:bart")
                                                for i in (True, False) for s in (0, 4)]
+
+
+def test_runs_record_the_work_of_their_stages_and_of_those_already_done(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    path = write_grid(tmp_path, demo_data)
+    expanded = parse_grid(path)
+    mtl_stage = next(sid for sid, spec in expanded.stages.items() if spec.kind.value == "mtl")
+    conn.hset(keys.stage(mtl_stage), "status", "finished")  # as if an earlier grid had trained it
+    assert enqueue(path)[0] == 0
+    for run in expanded.runs:
+        work = [expanded.stages[sid].work for sid in run.stages]
+        total, done = conn.hmget(keys.run(run.run_id), "work_total", "work_done")
+        assert int(total) == sum(work) and int(done) == (work[0] if mtl_stage in run.stages else 0)
+    assert expanded.stages[mtl_stage].work == 6 * 4  # max_steps x batch_size
+    eval_stage = next(sid for sid, spec in expanded.stages.items() if spec.kind.value == "eval")
+    assert int(conn.hget(keys.stage(eval_stage), "work")) == expanded.stages[eval_stage].work

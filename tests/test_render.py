@@ -332,3 +332,20 @@ def test_enqueue_message_says_how_to_watch_only_when_something_was_queued() -> N
     assert nothing == "queued 0 run(s) of grid g for alice; skipped 2 identical run(s) already queued or finished"
     queued = enqueue_message(SubmitReport(grid="g", queued=["a"], stages_created=2), "alice")
     assert queued.splitlines()[-1] == "watch them with: stl status --grid g"
+
+
+def test_run_progress_weighs_each_stage_by_the_examples_it_puts_through_the_model() -> None:
+    record = {"id": "r", "grid": "g", "user": "u", "priority": "normal", "status": "running", "cell": "",
+              "created_at": "", "started_at": "", "ended_at": "", "error": "", "n_stages": "5", "stages_done": "0",
+              "work_total": "32240", "work_done": "0"}
+    mtl = {"kind": "mtl", "step": "430", "total": "2000", "loss": "1.0", "samples_per_s": "1", "mfu": "",
+           "started_at": "", "elapsed_s": "", "status": "running", "eta_s": "", "eta_at": "", "work": "32000"}
+    # an MTL stage of 2000 steps x 16, two few-shot stages of 12 x 8 and two evaluations of 24 examples
+    assert _run_row(record, mtl, now=0.0).progress == pytest.approx(430 / 2000 * 32000 / 32240)
+    # between stages: the finished ones' work
+    queued = {**record, "status": "queued", "stages_done": "1", "work_done": "32000"}
+    assert _run_row(queued, None, now=0.0).progress == pytest.approx(32000 / 32240)
+    # a run an older stl queued has no work recorded: each stage counts the same
+    old = {**record, "work_total": "", "work_done": ""}
+    assert _run_row(old, {**mtl, "work": ""}, now=0.0).progress == pytest.approx(430 / 2000 / 5)
+    assert _run_row({**record, "status": "finished"}, None, now=0.0).progress == 1.0
