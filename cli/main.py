@@ -430,7 +430,7 @@ def plot_curves(
             curves[f"{run_id[:8]} {format_cell(run_cell(conn, run_id))}"] = points
         if not curves:
             raise UsageError("none of these runs has a training-loss curve")
-        typer.echo(f"wrote {plot_loss_curves(curves, out)}")
+        typer.echo(f"stl: wrote {plot_loss_curves(curves, out)}", err=True)
 
 
 @app.command()
@@ -471,6 +471,10 @@ def disk(
                 typer.echo(line)
             return
         if not clear_caches:
+            if not settings.home.is_dir():  # a typo in STL_HOME would otherwise read as an empty home
+                typer.echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
+                           "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
+                return
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
                                              disk_lib.free_space(settings.home)))
             return

@@ -85,6 +85,14 @@ def test_the_table_needs_no_redis(stl_env: Path) -> None:
     assert " free of " in " ".join(result.stdout.split())  # the title, wrapped at 80 columns
 
 
+def test_a_home_that_does_not_exist_is_said_not_shown_as_empty(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    result = runner.invoke(app, ["disk"], env={"STL_REDIS_URL": "redis://127.0.0.1:1/0", "STL_HOME": str(missing)})
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr.startswith(f"stl: STL_HOME {missing} does not exist: nothing has run with it yet")
+    assert not missing.exists()
+
+
 # --- pruning stage models ----------------------------------------------------------------------
 
 
