@@ -145,11 +145,19 @@ def enqueue(
         check_priority(priority)
         expanded = parse_grid(grid_file, max_runs=max_runs)
         if dry_run:
+            import redis
             from rich.console import Console
 
             from cli.render import build_dry_run_table
+            from jobs.connection import connect
+            from jobs.queueing import run_statuses
 
-            Console().print(build_dry_run_table(expanded))
+            try:  # what is queued already, where Redis answers; a dry run never starts a server
+                statuses: dict[str, str] | None = run_statuses(connect(settings, start_embedded=False),
+                                                               [run.run_id for run in expanded.runs])
+            except (StlError, OSError, redis.RedisError):
+                statuses = None
+            Console().print(build_dry_run_table(expanded, statuses))
             return
         from cli.render import enqueue_message
 

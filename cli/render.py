@@ -327,20 +327,36 @@ def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-def dry_run_rows(expanded: ExpandedGrid) -> list[list[str]]:
+def dry_run_rows(expanded: ExpandedGrid, statuses: dict[str, str] | None = None) -> list[list[str]]:
+    """One row per run: id, cell, stages; with `statuses` (the queue's, by run id), what enqueue would do."""
+    from jobs.queueing import SKIPPED_ON_ENQUEUE
+
     rows = []
     for run in expanded.runs:
         kinds = [expanded.stages[s].kind.value for s in run.stages]
-        rows.append([run.run_id, format_cell(run.cell), " → ".join(kinds)])
+        row = [run.run_id, format_cell(run.cell), " → ".join(kinds)]
+        if statuses is not None:
+            status = statuses.get(run.run_id, "")
+            row.append(f"skip ({status})" if status in SKIPPED_ON_ENQUEUE else
+                       f"queue again ({status})" if status else "queue")
+        rows.append(row)
     return rows
 
 
-def build_dry_run_table(expanded: ExpandedGrid) -> Table:
-    table = Table(title=f"{expanded.grid.name}: {len(expanded.runs)} runs, {len(expanded.stages)} distinct stages",
-                  title_justify="left")
-    for name in ("run", "cell", "stages"):
+def build_dry_run_table(expanded: ExpandedGrid, statuses: dict[str, str] | None = None) -> Table:
+    title = f"{expanded.grid.name}: {len(expanded.runs)} runs, {len(expanded.stages)} distinct stages"
+    from jobs.queueing import SKIPPED_ON_ENQUEUE
+
+    caption = None
+    if statuses is not None:
+        skipped = sum(statuses.get(run.run_id, "") in SKIPPED_ON_ENQUEUE for run in expanded.runs)
+        title += f"; enqueue would queue {len(expanded.runs) - skipped} and skip {skipped} already queued or finished"
+    else:
+        caption = "Redis not reachable: which runs are already queued or finished is not shown"
+    table = Table(title=title, title_justify="left", caption=caption)
+    for name in ("run", "cell", "stages", *(["enqueue"] if statuses is not None else [])):
         table.add_column(name, overflow="fold")
-    for row in dry_run_rows(expanded):
+    for row in dry_run_rows(expanded, statuses):
         table.add_row(*row)
     return table
 

@@ -32,6 +32,7 @@ ENTRY_POINT = "jobs.entry.run_stage"
 RESULT_TTL_S = 90 * 86400
 FAILURE_TTL_S = 90 * 86400
 LIVE = (RunStatus.queued.value, RunStatus.running.value)
+SKIPPED_ON_ENQUEUE = (*LIVE, RunStatus.finished.value)  # a twin run in these states is not queued again
 ENQUEUE_LOCK_TTL_MS = 60_000
 
 
@@ -67,7 +68,7 @@ local K = p.keys
 local function present(v) return v ~= nil and v ~= cjson.null end
 local requeue = {}
 for _, id in ipairs(p.requeue) do requeue[id] = true end
-local keep = {queued = true, running = true, finished = true}
+local keep = {queued = true, running = true, finished = true}  -- SKIPPED_ON_ENQUEUE
 local to_write, skipped = {}, {}
 for _, run in ipairs(p.runs) do
   local st = redis.call('HGET', K.run .. run.id, 'status')
@@ -310,6 +311,14 @@ def changed_runs(conn: redis.Redis, expanded: ExpandedGrid) -> list[str]:
     cells = {run_id: json.loads(text(cell)) for run_id, cell in zip(existing, pipe.execute(), strict=True) if cell}
     ids_now = expanded.run_ids_for(list(cells.values()))
     return [run_id for run_id, id_now in zip(cells, ids_now, strict=True) if id_now is not None and id_now != run_id]
+
+
+def run_statuses(conn: redis.Redis, run_ids: list[str]) -> dict[str, str]:
+    """The status of each of these runs that Redis has (a dry run's preview of what enqueue would skip)."""
+    pipe = conn.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hget(keys.run(run_id), "status")
+    return {run_id: text(status) for run_id, status in zip(run_ids, pipe.execute(), strict=True) if status}
 
 
 def grid_owner(conn: redis.Redis, grid: str) -> str | None:

@@ -177,9 +177,32 @@ def test_a_cell_the_edited_file_cannot_express_is_left_alone(
 
 
 def test_dry_run_writes_nothing(stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    code, out, _ = enqueue(write_grid(tmp_path, demo_data), "--dry-run")
+    path = write_grid(tmp_path, demo_data)
+    code, out, _ = enqueue(path, "--dry-run")
     assert code == 0 and "4 runs" in out
+    assert "enqueue would queue 4 and skip 0" in " ".join(out.split())
     assert conn.dbsize() == 0
+    # with runs queued, it says which an enqueue would skip
+    assert enqueue(path)[0] == 0
+    grid = grid_dict(demo_data)
+    grid["grid"]["seed"] = [0, 1]
+    import yaml
+
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    written = conn.dbsize()
+    code, out, _ = enqueue(path, "--dry-run")
+    assert code == 0 and "enqueue would queue 4 and skip 4 already queued or finished" in " ".join(out.split())
+    assert out.count("skip (queued)") == 4 and conn.dbsize() == written
+
+
+def test_dry_run_without_redis_still_lists_the_runs(tmp_path: Path, demo_data: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STL_REDIS_URL", "redis://127.0.0.1:1/0")
+    monkeypatch.setenv("STL_HOME", str(tmp_path / "home"))
+    code, out, err = enqueue(write_grid(tmp_path, demo_data), "--dry-run")
+    assert code == 0 and "4 runs" in out, err
+    assert "Redis not reachable" in " ".join(out.split())
+    assert not (tmp_path / "home").exists()
 
 
 def test_fair_share_prefers_the_user_with_least_recent_gpu_time(
