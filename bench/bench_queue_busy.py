@@ -210,7 +210,20 @@ def main() -> None:
                     worker.pause()
                     time.sleep(PAUSE_S)
 
-            records: list[dict[str, Any]] = []
+            def paired(part: str, fn: Any, rounds: int, before_each: Any, title: str, what: str, *, scale: float,
+                       unit: str, target: str) -> None:
+                """A B A B ...: A with the horse training, B with it paused; the ratio, then A against the target."""
+                clear_busy()
+                results = interleave({"while training": arm("while training", fn),
+                                      "work horse paused": arm("work horse paused", fn)},
+                                     rounds=rounds, warmup=1, before=before_each)
+                Report(title, results, bench=f"{BENCH}:{part}", notes=[busy_note()], ratios=[
+                    Ratio("while training", "work horse paused",
+                          f"{part} while training / {part} with the horse paused")]).print()
+                check_busy()
+                print_absolute(f"{BENCH}:{part}", f"{what} while training", median(results["while training"]) * scale,
+                               unit, target)
+
             if "status" in parts:
                 env = stl_env(server.url, home)
                 outputs: list[str] = []
@@ -220,24 +233,14 @@ def main() -> None:
 
                 print(f"\nstl status --once with {n_runs:,} runs queued and one training: "
                       f"{args.status_rounds} interleaved rounds")
-                results = interleave({"while training": arm("while training", status),
-                                      "work horse paused": arm("work horse paused", status)},
-                                     rounds=args.status_rounds, warmup=1, before=before)
+                paired("status", status, args.status_rounds, before, f"stl status --once, {n_runs:,} runs, a stage "
+                       "training", "stl status --once", scale=1000, unit="ms", target="<= 150 ms")
                 assert f"{n_runs:,}" in outputs[-1] or str(n_runs) in outputs[-1], outputs[-1][-500:]
-                records += Report(f"stl status --once, {n_runs:,} runs, a stage training", results,
-                                  bench=BENCH + ":status",
-                                  ratios=[Ratio("while training", "work horse paused",
-                                                "status while training / status with the horse paused")],
-                                  notes=[busy_note()]).print()
-                check_busy()
-                print_absolute(BENCH + ":status", "stl status --once while training",
-                               median(results["while training"]) * 1000, "ms", "<= 150 ms")
             if "enqueue" in parts:
                 second = server.url.rsplit("/", 1)[0] + "/1"
                 import redis
 
                 other = redis.Redis.from_url(second)
-                clear_busy()
 
                 def enqueue() -> None:
                     expanded = parse_grid(grid_path, max_runs=10_000)
@@ -251,19 +254,10 @@ def main() -> None:
 
                 print(f"\nstl enqueue of {n_runs:,} runs (in-process, a second database) while a stage trains: "
                       f"{args.rounds} interleaved rounds")
-                results = interleave({"while training": arm("while training", enqueue),
-                                      "work horse paused": arm("work horse paused", enqueue)},
-                                     rounds=args.rounds, warmup=1, before=before_enqueue)
+                paired("enqueue", enqueue, args.rounds, before_enqueue, f"stl enqueue of {n_runs:,} runs, a stage "
+                       "training", f"stl enqueue in-process, {n_runs:,} runs", scale=1, unit="s", target="<= 1 s")
                 other.flushdb()
                 other.close()
-                records += Report(f"stl enqueue of {n_runs:,} runs, a stage training", results,
-                                  bench=BENCH + ":enqueue",
-                                  ratios=[Ratio("while training", "work horse paused",
-                                                "enqueue while training / enqueue with the horse paused")],
-                                  notes=[busy_note()]).print()
-                check_busy()
-                print_absolute(BENCH + ":enqueue", f"stl enqueue in-process while training, {n_runs:,} runs",
-                               median(results["while training"]), "s", "<= 1 s")
             worker.resume()
             if worker.process.poll() is not None:
                 raise SystemExit(f"stl worker exited during the benchmark:\n{worker.log.read_text()[-3000:]}")
