@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import StagesRunning, StlError
+from jobs.errors import StagesRunning, StlError, UsageError
 from jobs.layout import DONE_FILE, MODEL_DIR, PRUNED_FILE, SPEC_FILE
 from jobs.states import StageKind
 
@@ -73,6 +73,22 @@ class PruneReport:
     @property
     def freed_bytes(self) -> int:
         return sum(model.bytes for model in self.pruned)
+
+
+def check_home_writable(settings: Settings) -> None:
+    """A worker that cannot write STL_HOME would fail every stage it takes: refuse to start instead."""
+    probe = settings.stages_dir / f".write-check.{os.getpid()}"
+    try:
+        for folder in (settings.home, settings.stages_dir, settings.runs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(
+            f"STL_HOME {settings.home} cannot be written ({e.strerror or e}"
+            f"{f': {e.filename}' if e.filename else ''}); the worker keeps checkpoints, models and results there: "
+            "point STL_HOME at a folder it can write (a shared one, when workers are on several machines)"
+        ) from e
 
 
 def free_space(path: Path) -> tuple[int, int] | None:

@@ -456,3 +456,19 @@ def test_runs_record_the_work_of_their_stages_and_of_those_already_done(
     assert expanded.stages[mtl_stage].work == 6 * 4  # max_steps x batch_size
     eval_stage = next(sid for sid, spec in expanded.stages.items() if spec.kind.value == "eval")
     assert int(conn.hget(keys.stage(eval_stage), "work")) == expanded.stages[eval_stage].work
+
+
+def test_a_worker_that_cannot_write_stl_home_takes_no_job(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert enqueue(write_grid(tmp_path, demo_data))[0] == 0
+    before = queued_job_ids(conn, "alice")
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    monkeypatch.setenv("STL_HOME", str(a_file / "home"))
+    result = runner.invoke(app, ["worker", "--burst"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"stl: STL_HOME {a_file / 'home'} cannot be written (Not a directory")
+    assert result.stderr.count("\n") == 1
+    # nothing was taken, so nothing failed on it
+    assert queued_job_ids(conn, "alice") == before
+    assert {text(conn.hget(keys.run(r.decode()), "status")) for r in conn.zrange(keys.RUNS, 0, -1)} == {"queued"}

@@ -390,6 +390,9 @@ class StlWorker(Worker):
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
                preload: bool = True) -> bool:
     """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking."""
+    from jobs.disk import check_home_writable
+
+    check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:
