@@ -115,7 +115,8 @@ def enqueue(
     grid_file: Annotated[Path, typer.Argument(help="The grid YAML file.", show_default=False, metavar="GRID.yaml")],
     user: Annotated[str | None, typer.Option(help="Queue as this user (default: STL_USER or your login).")] = None,
     priority: Annotated[str, typer.Option(help="Order within your own queue: high, normal or low.")] = "normal",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the expanded runs; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Print the expanded runs and which are already queued; write nothing.")] = False,
     max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = DEFAULT_MAX_RUNS,
     replace: Annotated[bool, typer.Option(
         "--replace", help="The grid was edited: cancel and drop its runs made with other settings.")] = False,
