@@ -77,10 +77,9 @@ class PruneReport:
 
 def check_home_writable(settings: Settings) -> None:
     """A worker that cannot write STL_HOME would fail every stage it takes: refuse to start instead."""
-    probe = settings.stages_dir / f".write-check.{os.getpid()}"
+    probe = settings.home / f".write-check.{os.getpid()}"  # in the home itself: stages make their folders
     try:
-        for folder in (settings.home, settings.stages_dir, settings.runs_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        settings.home.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
