@@ -109,15 +109,14 @@ BRIEF_RETRY = Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2)
 
 
 def _ping(url: str, timeout: float = 1.0, *, patient: bool = False) -> redis.Redis:
-    conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
-                                health_check_interval=30, retry=BRIEF_RETRY,
+    # The PING gets a short read timeout: a listener that never answers (not Redis, or TLS against a plain
+    # server) must not hang the CLI. Real commands get a long one (a 10,000-run enqueue script).
+    with redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=2 * timeout,
+                              retry=BRIEF_RETRY, retry_on_error=[redis.ConnectionError, redis.TimeoutError]) as probe:
+        probe.ping()
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
+                                health_check_interval=30, retry=PATIENT_RETRY if patient else BRIEF_RETRY,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    conn.ping()
-    if patient:
-        conn = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
-                                    health_check_interval=30, retry=PATIENT_RETRY,
-                                    retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    return conn
 
 
 def start_embedded_redis(home: Path) -> None:
@@ -150,6 +149,10 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
     `patient` connections (the worker's) retry every command through a Redis restart.
     """
     url = settings.redis_url
+    database = urlparse(url).path.strip("/")
+    if database and not database.isdigit():  # redis-py would quietly use database 0
+        raise UsageError(f"STL_REDIS_URL names database {database!r}; the database is a number: "
+                         "redis://[:PASSWORD@]HOST:PORT/DB, e.g. redis://localhost:6379/0")
     try:
         return _ping(url, patient=patient)
     except ValueError as e:  # redis-py's parse of the URL: scheme, port, db
@@ -169,6 +172,9 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
             raise RedisUnavailable(f"cannot reach Redis at {_describe_url(url)} ({e}); "
                                    "start it, or fix STL_REDIS_URL") from e
         first_error = e
+    except redis.RedisError as e:  # something answered, but not as Redis does (another server on that port)
+        raise RedisUnavailable(f"what answers at {_describe_url(url)} does not speak Redis ({e}); "
+                               "check the host and port in STL_REDIS_URL") from e
     start_embedded_redis(settings.home)
     deadline = time.monotonic() + 10
     while True:

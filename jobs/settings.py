@@ -50,13 +50,21 @@ def _default_user() -> str:
 
 
 def load_settings() -> Settings:
+    from jobs.errors import UsageError
+
     env = os.environ
     url = env.get("STL_REDIS_URL", "").strip()
-    home = Path(env.get("STL_HOME") or Path.home() / ".local" / "share" / "stl").expanduser()
+    if "STL_REDIS_URL" in env and not url:  # blank, not unset: never fall back to whatever runs on 6379
+        raise UsageError("STL_REDIS_URL is set but blank; give it a Redis URL (redis://HOST:PORT/DB), "
+                         "or unset it to use localhost:6379")
+    try:
+        home = Path(env.get("STL_HOME") or Path.home() / ".local" / "share" / "stl").expanduser().resolve()
+    except (RuntimeError, OSError) as e:  # ~nosuchuser, a symlink loop
+        raise UsageError(f"STL_HOME {env.get('STL_HOME', '')!r} cannot be used ({e}); set it to a folder's path") from e
     return Settings(
         redis_url=url or DEFAULT_REDIS_URL,
         redis_url_explicit=bool(url),
-        home=home.resolve(),
+        home=home,
         user=(env.get("STL_USER") or _default_user()).strip(),
         notify_cmd=env.get("STL_NOTIFY_CMD") or None,
         notify_url=env.get("STL_NOTIFY_URL") or None,

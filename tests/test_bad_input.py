@@ -223,3 +223,42 @@ def test_a_path_no_command_checked_is_still_one_line(capsys: pytest.CaptureFixtu
     assert exit_info.value.exit_code == 2
     err = capsys.readouterr().err
     assert err == "stl: cannot use /tmp/out.csv: Is a directory; check the path and its permissions\n"
+
+
+def test_bad_settings_are_one_line_and_never_reach_another_redis(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    # Something that is not Redis on a port: it answers every connection with an HTTP error.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    port = listener.getsockname()[1]
+    cases = {
+        "STL_REDIS_URL=' '": ({"STL_REDIS_URL": " "}, "STL_REDIS_URL is set but blank", 2),
+        "a database that is not a number": ({"STL_REDIS_URL": f"redis://127.0.0.1:{port}/abc"},
+                                             "STL_REDIS_URL names database 'abc'", 2),
+        "not Redis on the port": ({"STL_REDIS_URL": f"redis://127.0.0.1:{port}/0"}, "does not speak Redis", 1),
+        "an STL_HOME that cannot be expanded": ({"STL_REDIS_URL": "redis://127.0.0.1:1/0",
+                                                 "STL_HOME": "~no-such-user-here/stl"}, "STL_HOME", 2),
+    }
+    try:
+        for what, (env, says, code) in cases.items():
+            result = CliRunner().invoke(app, ["status", "--once"], env={"STL_HOME": str(tmp_path), **env})
+            assert result.exit_code == code, (what, result.output)
+            assert result.stderr.count("\n") == 1 and says in result.stderr, (what, result.stderr)
+            assert "Traceback" not in result.output
+    finally:
+        listener.close()
