@@ -65,6 +65,8 @@ def _as_list(value: Any) -> Any:
 Name = Annotated[str, Field(pattern=NAME_PATTERN.pattern)]
 TaskName = Annotated[str, Field(pattern=TASK_PATTERN.pattern)]
 Source = Annotated[str, Field(min_length=1)]
+RESERVED_MTL = ("none", "in-domain")  # values of the mtl axis that are not mixtures
+HF_SOURCE = re.compile(r"^hf:[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.-]+)?$")
 
 
 def _each_once(tasks: list[str]) -> list[str]:
@@ -590,13 +592,24 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     def report(loc: Loc, message: str) -> None:
         problems.append(f"{where}:{positions.line_of(loc)}: {_field_name(loc)}: {message}")
 
-    sources: dict[str, Loc] = {_resolve_source(grid.data, base): ("data",)}
-    for name, mixture in grid.mixtures.items():
-        sources.setdefault(_resolve_source(mixture.data, base), ("mixtures", name, "data"))
+    sources: dict[str, Loc] = {}
+    for raw, raw_loc in [(grid.data, ("data",)),
+                         *((mixture.data, ("mixtures", name, "data")) for name, mixture in grid.mixtures.items())]:
+        try:
+            sources.setdefault(_resolve_source(raw, base), raw_loc)
+        except (RuntimeError, OSError) as e:  # ~nosuchuser, a symlink loop, a name too long
+            report(raw_loc, f"cannot use the path {raw!r}: {e}; paths are relative to the grid file")
+    if problems:  # every later check needs the sources
+        raise _refuse(problems)
+    for name in grid.mixtures:
+        if name in RESERVED_MTL:
+            report(("mixtures", name), f'"{name}" is a value of the mtl axis already; give the mixture another name')
     catalogs: dict[str, dict[str, Any]] = {}
     for source, loc in sources.items():
         if source.startswith("hf:"):
-            catalogs[source] = {}
+            if not HF_SOURCE.match(source) or ".." in source:
+                report(loc, f"{source!r} is not a Hugging Face dataset; write hf:<dataset>[:<config>], "
+                       "e.g. hf:bigscience/P3 or hf:glue:sst2")
             continue
         if Path(source).is_dir():
             report(loc, f"{source} is a directory; point it at the JSONL data file")
@@ -608,9 +621,14 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
             report(loc, f"{source} is not a regular file; point it at the JSONL data file")
             continue
         try:
-            catalogs[source] = task_catalog(source)
+            catalog = task_catalog(source)
         except Exception as e:  # noqa: BLE001 - any unreadable data file is a grid problem
             report(loc, f"cannot read data file: {e}")
+            continue
+        if not catalog:
+            report(loc, f"{source} holds no rows (it is empty or blank); point it at an InstructDial JSONL file")
+            continue
+        catalogs[source] = catalog
 
     def check_tasks(source: str, tasks: list[str], loc: Loc) -> None:
         catalog = catalogs.get(source)
@@ -650,8 +668,14 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         more = f"; {len(failing) - 1} larger shots value(s) do not fit either" if len(failing) > 1 else ""
         report(("grid", "shots", index), few_shot_shortfall(
             task, rows=sizes[task], holdout=holdout, shots=grid.grid.shots[index]) + also + more)
+    held_out = {task for split in splits.values() for task in split.eval}
     for name, mixture in grid.mixtures.items():
-        check_tasks(_resolve_source(mixture.data, base), mixture.tasks, ("mixtures", name, "tasks"))
+        mixture_source = _resolve_source(mixture.data, base)
+        check_tasks(mixture_source, mixture.tasks, ("mixtures", name, "tasks"))
+        leaked = sorted(set(mixture.tasks) & held_out) if mixture_source == main_source else []
+        if leaked:
+            report(("mixtures", name, "tasks"), f"held-out tasks also appear in this mixture: {', '.join(leaked)}; "
+                   "a target task must not be a source")
     for index, model in enumerate(grid.grid.model):
         problem = check_model_name(model)
         if problem:

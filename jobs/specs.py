@@ -29,9 +29,9 @@ class TrainConfig(Frozen):
     weight_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
     max_source_length: Annotated[int, Field(gt=0, le=8192)] = 512
     max_target_length: Annotated[int, Field(gt=0, le=2048)] = 64
-    checkpoint_every: Annotated[int, Field(gt=0)] = 200
+    checkpoint_every: Annotated[int, Field(gt=0, le=10_000_000)] = 200
     # Examples-proportional mixing cap (T5/T0): no task contributes more than this many examples.
-    mixture_cap: Annotated[int, Field(gt=0)] = 500_000
+    mixture_cap: Annotated[int, Field(gt=0, le=1_000_000_000)] = 500_000
     # true: torch.compile with inductor's default mode; "reduce-overhead": also replay each step's kernels as
     # CUDA graphs (torch's mode of that name). CUDA only; a CPU stage trains eager.
     compile: bool | Literal["reduce-overhead"] = False

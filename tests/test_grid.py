@@ -184,3 +184,39 @@ def test_the_readme_grid_is_valid_as_it_stands(tmp_path: Path) -> None:
     expanded = parse_grid(path)
     assert len(expanded.runs) == 3 * 2 * 2 * 2 * 3
     assert {spec.kind for spec in expanded.stages.values()} == set(StageKind)
+
+
+def test_sources_and_mixtures_that_cannot_work_are_refused_at_enqueue(tmp_path: Path, demo_data: Path) -> None:
+    import yaml
+
+    def problems(**overrides: object) -> list[str]:
+        path = tmp_path / "grid.yaml"
+        path.write_text(yaml.safe_dump({**grid_dict(demo_data), **overrides}, sort_keys=False))
+        return problems_of(path)
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n  \n")
+    for empty in ("empty.jsonl", "blank.jsonl"):
+        [line] = problems(data=str(tmp_path / empty))
+        assert f"data: {tmp_path / empty} holds no rows" in line
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    for source, says in ((str(tmp_path / "loop-a"), "cannot use the path"),
+                         ("~no-such-user-here/x.jsonl", "cannot use the path"),
+                         ("hf:", "is not a Hugging Face dataset"), ("hf:a:b:c", "is not a Hugging Face dataset"),
+                         ("hf:foo bar", "is not a Hugging Face dataset"), ("hf:../../etc", "is not a Hugging Face")):
+        mixtures = {"general": {"data": source, "tasks": ["act_classification"]}}
+        [line] = problems(mixtures=mixtures)
+        assert ":" in line.split(" ", 1)[0] and "mixtures.general.data: " in line and says in line, line
+    # a held-out task may not be trained on through a mixture of the same data, nor a mixture shadow an mtl value
+    leaking = {"general": {"data": str(demo_data), "tasks": ["act_classification", "summarization"]},
+               "none": {"data": str(demo_data), "tasks": ["act_classification"]}}
+    lines = problems(mixtures=leaking)
+    assert any("mixtures.general.tasks: held-out tasks also appear in this mixture: summarization" in line
+               for line in lines), lines
+    assert any('mixtures.none: "none" is a value of the mtl axis already' in line for line in lines), lines
+    # the same task name in another dataset's mixture is another task
+    assert parse_grid(write_grid(tmp_path, demo_data, filename="hf.yaml", mixtures={
+        "general": {"data": "hf:bigscience/P3:default", "tasks": ["summarization"]}})).runs
+    [line] = problems(train={**grid_dict(demo_data)["train"], "checkpoint_every": 10**20})
+    assert "train.checkpoint_every" in line
