@@ -98,7 +98,7 @@ def resolve_run_ids(conn: redis.Redis, given: list[str]) -> list[str]:
         if len(matches) > 1:
             raise UsageError(f'"{run_id}" matches {len(matches)} runs; give more digits')
         resolved.append(matches[0])
-    return resolved
+    return list(dict.fromkeys(resolved))  # a run named twice (an id and its prefix) is one run
 
 
 @dataclass
@@ -166,12 +166,12 @@ class GridRow:
 
 def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> list[RunRow]:
     """Every run (optionally one user's or one grid's), oldest first, with live progress."""
-    index = keys.grid_runs(grid) if grid else keys.RUNS
+    index = keys.grid_runs(grid) if grid is not None else keys.RUNS  # "": no grid, not every grid
     # One server-side pass instead of one HMGET per run: this stays fast with 10,000 runs.
     flat = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *RUN_FIELDS)
     width = len(RUN_FIELDS)
     records = [dict(zip(RUN_FIELDS, map(text, flat[i:i + width]), strict=True)) for i in range(0, len(flat), width)]
-    if grid and not records:
+    if grid is not None and not records:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
     if user:
         records = [r for r in records if r["user"] == user]
@@ -205,9 +205,9 @@ class StatusSummary:
 
 def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | None = None) -> StatusSummary:
     """Counted inside Redis: only the counts and the running runs travel, whatever the queue holds."""
-    index = keys.grid_runs(grid) if grid else keys.RUNS
+    index = keys.grid_runs(grid) if grid is not None else keys.RUNS  # "": no grid, not every grid
     answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or "", RECENT_FAILURES))
-    if grid and not answer["counts"]:
+    if grid is not None and not answer["counts"]:
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
     if user and not answer["counts"] and not conn.sismember(keys.USERS, user):
         known = sorted(text(u) for u in conn.smembers(keys.USERS))

@@ -472,3 +472,14 @@ def test_a_worker_that_cannot_write_stl_home_takes_no_job(
     # nothing was taken, so nothing failed on it
     assert queued_job_ids(conn, "alice") == before
     assert {text(conn.hget(keys.run(r.decode()), "status")) for r in conn.zrange(keys.RUNS, 0, -1)} == {"queued"}
+
+
+def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    assert enqueue(write_grid(tmp_path, demo_data))[0] == 0
+    for args in (["results", ""], ["status", "--grid", "", "--once"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and result.stderr == 'stl: no grid named ""; `stl status` lists the grids\n'
+    run_id = text(conn.zrange(keys.RUNS, 0, 0)[0])
+    result = runner.invoke(app, ["cancel", run_id, run_id[:8]])
+    assert result.exit_code == 0 and result.stdout.startswith("canceled 1 of 1 run(s)"), result.output
