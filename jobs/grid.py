@@ -611,14 +611,18 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
                 report(loc, f"{source!r} is not a Hugging Face dataset; write hf:<dataset>[:<config>], "
                        "e.g. hf:bigscience/P3 or hf:glue:sst2")
             continue
-        if Path(source).is_dir():
-            report(loc, f"{source} is a directory; point it at the JSONL data file")
-            continue
-        if not Path(source).exists():
-            report(loc, f"data file not found: {source}; paths are relative to the grid file")
-            continue
-        if not Path(source).is_file():
-            report(loc, f"{source} is not a regular file; point it at the JSONL data file")
+        try:
+            if Path(source).is_dir():
+                report(loc, f"{source} is a directory; point it at the JSONL data file")
+                continue
+            if not Path(source).exists():
+                report(loc, f"data file not found: {source}; paths are relative to the grid file")
+                continue
+            if not Path(source).is_file():
+                report(loc, f"{source} is not a regular file; point it at the JSONL data file")
+                continue
+        except OSError as e:  # a folder on the way that cannot be read, a name too long
+            report(loc, f"cannot use {source}: {e.strerror or e}; check the path and its permissions")
             continue
         try:
             catalog = task_catalog(source)

@@ -38,6 +38,13 @@ TINY_HEADS = 4
 TINY_MAX_POSITIONS = 2048
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, RuntimeError):  # a name too long for a path, a folder that cannot be read, ~nosuchuser
+        return False
+
+
 def check_model_name(name: str) -> str | None:
     """An error message if `name` cannot name a model, else None. Never touches the network."""
     if not name or not name.strip():
@@ -51,7 +58,7 @@ def check_model_name(name: str) -> str | None:
         if arch not in TINY_ARCHS:
             return f"unknown tiny model {name!r}; use one of " + ", ".join(TINY_PREFIX + a for a in TINY_ARCHS)
         return None
-    if name.startswith(("/", "./", "../", "~")) or Path(name).expanduser().exists():
+    if name.startswith(("/", "./", "../", "~")) or _exists(name):
         return None
     if HUB_ID_PATTERN.match(name) and ".." not in name:
         return None

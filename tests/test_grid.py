@@ -220,3 +220,5 @@ def test_sources_and_mixtures_that_cannot_work_are_refused_at_enqueue(tmp_path: 
         "general": {"data": "hf:bigscience/P3:default", "tasks": ["summarization"]}})).runs
     [line] = problems(train={**grid_dict(demo_data)["train"], "checkpoint_every": 10**20})
     assert "train.checkpoint_every" in line
+    [line] = problems(data="d" * 300 + ".jsonl")  # stat() itself fails: File name too long
+    assert "data: cannot use " in line and "File name too long" in line
