@@ -570,6 +570,15 @@ def _resolve_source(source: str, base: Path) -> str:
     return str((path if path.is_absolute() else base / path).resolve())
 
 
+def _resolve_model(model: str, base: Path) -> str:
+    """A local model path, absolute (relative ones are the grid file's, like data paths): the worker runs
+    elsewhere, and two grids' `./model` are two models. Hub ids and tiny: names stay as they are."""
+    if not model.startswith(("/", "./", "../", "~")):
+        return model
+    path = Path(model).expanduser()
+    return str((path if path.is_absolute() else base / path).resolve())
+
+
 def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     """Read, validate and expand a grid file. Raises GridError listing every problem."""
     # Imported here: these modules are light, but keep the grid schema importable on its own.
@@ -684,6 +693,12 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         problem = check_model_name(model)
         if problem:
             report(("grid", "model", index), problem)
+            continue
+        # A local folder is looked at by the worker, as a hub id is: it may be on the worker's machine only.
+        try:
+            _resolve_model(model, base)
+        except (RuntimeError, OSError) as e:
+            report(("grid", "model", index), f"cannot use the model path {model!r}: {e}")
     for index, mtl in enumerate(grid.grid.mtl):
         if mtl not in ("none", "in-domain") and mtl not in grid.mixtures:
             known = ", ".join(["none", "in-domain", *grid.mixtures])
@@ -739,7 +754,8 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
 
     for cell in _cells(grid) if cells is None else cells:
         split = grid.tasks[cell["split"]] if isinstance(grid.tasks, dict) else grid.tasks
-        model, seed, instructions = cell["model"], cell["seed"], cell["instructions"]
+        seed, instructions = cell["seed"], cell["instructions"]
+        model = _resolve_model(cell["model"], base)  # the cell keeps the name as written
         order: list[str] = []
         parent: str | None = None
         if cell["mtl"] != "none":

@@ -222,3 +222,22 @@ def test_sources_and_mixtures_that_cannot_work_are_refused_at_enqueue(tmp_path: 
     assert "train.checkpoint_every" in line
     [line] = problems(data="d" * 300 + ".jsonl")  # stat() itself fails: File name too long
     assert "data: cannot use " in line and "File name too long" in line
+
+
+def test_a_relative_model_path_is_the_grid_files_so_two_grids_folders_are_two_models(
+        tmp_path: Path, demo_data: Path) -> None:
+    import yaml
+
+    specs = {}
+    for folder in ("study-a", "study-b"):
+        (tmp_path / folder).mkdir()
+        grid = grid_dict(demo_data)
+        grid["grid"].update(model=["./my-model"], mtl=["none"], shots=[0])
+        path = tmp_path / folder / "grid.yaml"
+        path.write_text(yaml.safe_dump(grid, sort_keys=False))
+        expanded = parse_grid(path)
+        [run] = expanded.runs
+        assert run.cell["model"] == "./my-model"  # as written, in results
+        specs[folder] = expanded.stages[run.stages[0]]
+    assert specs["study-a"].model == str(tmp_path / "study-a" / "my-model")
+    assert specs["study-a"].stage_id != specs["study-b"].stage_id
