@@ -62,10 +62,10 @@ def handled() -> Iterator[None]:
         yield
     except GridError as e:
         for line in e.problems:
-            typer.echo(line, err=True)
+            typer.echo(_one_line(line), err=True)
         raise typer.Exit(e.exit_code) from None
     except StlError as e:
-        typer.echo(f"stl: {e}", err=True)
+        typer.echo(f"stl: {_one_line(str(e))}", err=True)
         raise typer.Exit(e.exit_code) from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         typer.echo(f"stl: lost the connection to Redis ({e}); check that it is running and try again", err=True)
@@ -76,6 +76,11 @@ def handled() -> Iterator[None]:
         where = f" {e.filename}" if e.filename else ""
         typer.echo(f"stl: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
         raise typer.Exit(2) from None
+
+
+def _one_line(message: str) -> str:
+    """A message quoting user input (a path, a user name) that holds a line break is still one line."""
+    return " ".join(message.splitlines())
 
 
 RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")

@@ -262,3 +262,12 @@ def test_bad_settings_are_one_line_and_never_reach_another_redis(tmp_path: Path)
             assert "Traceback" not in result.output
     finally:
         listener.close()
+
+
+def test_a_line_break_in_what_the_user_gave_does_not_split_the_message(tmp_path: Path) -> None:
+    env = {"STL_REDIS_URL": "redis://127.0.0.1:1/0", "STL_HOME": str(tmp_path)}
+    result = CliRunner().invoke(app, ["enqueue", str(tmp_path / "a\nb.yaml")], env=env)
+    assert result.exit_code == 2
+    assert result.stderr == f"{tmp_path}/a b.yaml:1: file: no such grid file; check the path\n"
+    result = CliRunner().invoke(app, ["status", "--once"], env={**env, "STL_USER": "a\nb"})
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and 'STL_USER "a b"' in result.stderr
