@@ -344,19 +344,18 @@ def dry_run_rows(expanded: ExpandedGrid, statuses: dict[str, str] | None = None)
 
 
 def build_dry_run_table(expanded: ExpandedGrid, statuses: dict[str, str] | None = None) -> Table:
+    rows = dry_run_rows(expanded, statuses)
     title = f"{expanded.grid.name}: {len(expanded.runs)} runs, {len(expanded.stages)} distinct stages"
-    from jobs.queueing import SKIPPED_ON_ENQUEUE
-
     caption = None
     if statuses is not None:
-        skipped = sum(statuses.get(run.run_id, "") in SKIPPED_ON_ENQUEUE for run in expanded.runs)
-        title += f"; enqueue would queue {len(expanded.runs) - skipped} and skip {skipped} already queued or finished"
+        skipped = sum(row[-1].startswith("skip") for row in rows)
+        title += f"; enqueue would queue {len(rows) - skipped} and skip {skipped} already queued or finished"
     else:
         caption = "Redis not reachable: which runs are already queued or finished is not shown"
     table = Table(title=title, title_justify="left", caption=caption)
     for name in ("run", "cell", "stages", *(["enqueue"] if statuses is not None else [])):
         table.add_column(name, overflow="fold")
-    for row in dry_run_rows(expanded, statuses):
+    for row in rows:
         table.add_row(*row)
     return table
 

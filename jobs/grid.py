@@ -199,7 +199,7 @@ def _expressible(grid: GridFile, cell: dict[str, Any]) -> bool:
     if cell["mtl"] == "in-domain":
         split = grid.tasks[cell["split"]] if split_mapped else grid.tasks  # type: ignore[index]
         return bool(split.train)  # type: ignore[union-attr]
-    return cell["mtl"] == "none" or cell["mtl"] in grid.mixtures
+    return cell["mtl"] in RESERVED_MTL or cell["mtl"] in grid.mixtures
 
 
 def _refuse(problems: list[str], not_formatted: int = 0) -> GridError:
@@ -563,20 +563,20 @@ def _format_errors(error: ValidationError, where: str, positions: _Positions) ->
 # --- semantic checks and expansion ----------------------------------------------------------
 
 
-def _resolve_source(source: str, base: Path) -> str:
-    if source.startswith("hf:"):
-        return source
-    path = Path(source).expanduser()
+def _local_path(raw: str, base: Path) -> str:
+    """A path from the grid file, absolute: relative ones are the grid file's."""
+    path = Path(raw).expanduser()
     return str((path if path.is_absolute() else base / path).resolve())
+
+
+def _resolve_source(source: str, base: Path) -> str:
+    return source if source.startswith("hf:") else _local_path(source, base)
 
 
 def _resolve_model(model: str, base: Path) -> str:
     """A local model path, absolute (relative ones are the grid file's, like data paths): the worker runs
     elsewhere, and two grids' `./model` are two models. Hub ids and tiny: names stay as they are."""
-    if not model.startswith(("/", "./", "../", "~")):
-        return model
-    path = Path(model).expanduser()
-    return str((path if path.is_absolute() else base / path).resolve())
+    return _local_path(model, base) if model.startswith(("/", "./", "../", "~")) else model
 
 
 def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
@@ -700,7 +700,7 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         except (RuntimeError, OSError) as e:
             report(("grid", "model", index), f"cannot use the model path {model!r}: {e}")
     for index, mtl in enumerate(grid.grid.mtl):
-        if mtl not in ("none", "in-domain") and mtl not in grid.mixtures:
+        if mtl not in RESERVED_MTL and mtl not in grid.mixtures:
             known = ", ".join(["none", "in-domain", *grid.mixtures])
             report(("grid", "mtl", index), f'unknown mixture "{mtl}"; use one of: {known}, '
                    "or define it under mixtures:")

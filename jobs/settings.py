@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs.errors import UsageError
+
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 # A grid expanding to more runs than this is refused unless `stl enqueue --max-runs` raises it.
 DEFAULT_MAX_RUNS = 10_000
@@ -50,8 +52,6 @@ def _default_user() -> str:
 
 
 def load_settings() -> Settings:
-    from jobs.errors import UsageError
-
     env = os.environ
     url = env.get("STL_REDIS_URL", "").strip()
     if "STL_REDIS_URL" in env and not url:  # blank, not unset: never fall back to whatever runs on 6379
