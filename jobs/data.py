@@ -22,7 +22,7 @@ from itertools import accumulate, count, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from jobs.errors import DataError, path_error
+from jobs.errors import DataError, missing_on_worker, path_error
 from jobs.specs import TaskType
 
 if TYPE_CHECKING:
@@ -122,8 +122,10 @@ def _hf_name(source: str) -> tuple[str, str | None]:
 
 def _jsonl_path(source: str) -> Path:
     path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(missing_on_worker("data file", path))
     if not path.is_file():
-        raise DataError(f"data file {path} does not exist or is not a file; check the data path")
+        raise DataError(f"data file {path} is not a file; point the grid's data at an InstructDial JSONL file")
     return path
 
 

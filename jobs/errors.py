@@ -87,3 +87,11 @@ def path_error(action: str, path: Path, e: OSError) -> UsageError:
     reason = e.strerror or str(e)
     where = f" ({e.filename})" if e.filename and Path(str(e.filename)) != path else ""
     return UsageError(f"cannot {action} {path}: {reason}{where}; choose a path in a folder you can write to")
+
+
+def missing_on_worker(what: str, path: Path) -> str:
+    """A path a queued run names is absent where the worker runs: say where, and the usual reason."""
+    import socket
+
+    return (f"{what} {path} does not exist on the worker's machine ({socket.gethostname()}); check the path in "
+            "the grid file; a worker in docker-compose sees only the host folder STL_DATA_ROOT mounts (.env)")

@@ -576,14 +576,16 @@ def _resolve_source(source: str, base: Path) -> str:
 def _resolve_model(model: str, base: Path) -> str:
     """A local model path, absolute (relative ones are the grid file's, like data paths): the worker runs
     elsewhere, and two grids' `./model` are two models. Hub ids and tiny: names stay as they are."""
-    return _local_path(model, base) if model.startswith(("/", "./", "../", "~")) else model
+    from jobs.models import is_local_path
+
+    return _local_path(model, base) if is_local_path(model) else model
 
 
 def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     """Read, validate and expand a grid file. Raises GridError listing every problem."""
     # Imported here: these modules are light, but keep the grid schema importable on its own.
     from jobs.data import few_shot_shortfall, task_catalog, task_sizes
-    from jobs.models import check_model_name
+    from jobs.models import check_model_name, is_local_path, local_model_problem
 
     where = str(path)
     data, positions = load_yaml(path)
@@ -694,11 +696,15 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         if problem:
             report(("grid", "model", index), problem)
             continue
-        # A local folder is looked at by the worker, as a hub id is: it may be on the worker's machine only.
+        if not is_local_path(model):
+            continue  # a hub id: looked up by the worker, which may be offline from here or hold a cache
+        # A local folder must be here, as data files must: the worker reads both at the same path.
         try:
-            _resolve_model(model, base)
+            problem = local_model_problem(Path(_resolve_model(model, base)))
         except (RuntimeError, OSError) as e:
-            report(("grid", "model", index), f"cannot use the model path {model!r}: {e}")
+            problem = f"cannot use the model path {model!r}: {e}"
+        if problem:
+            report(("grid", "model", index), problem)
     for index, mtl in enumerate(grid.grid.mtl):
         if mtl not in RESERVED_MTL and mtl not in grid.mixtures:
             known = ", ".join(["none", "in-domain", *grid.mixtures])

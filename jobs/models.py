@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jobs.errors import ModelError
+from jobs.errors import ModelError, missing_on_worker
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +29,7 @@ TINY_PREFIX = "tiny:"
 TINY_ARCHS = ("bart", "t5", "gpt2")
 STL_MODEL_FILE = "stl_model.json"
 MAX_NAME_LENGTH = 300
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")  # how a grid writes a model that is a local folder
 # A hub id ("facebook/bart-base", "gpt2"); local paths are recognised separately.
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 # The tiny models' width: big enough to learn keyword rules, small enough for CPU tests.
@@ -36,6 +37,22 @@ TINY_WIDTH = 64
 TINY_LAYERS = 2
 TINY_HEADS = 4
 TINY_MAX_POSITIONS = 2048
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model name is written as a path (a bare name that exists locally counts as one elsewhere)."""
+    return name.startswith(LOCAL_PATH_PREFIXES)
+
+
+def local_model_problem(path: Path) -> str | None:
+    """Why the folder at `path` cannot be a model, or None. Looked at before a run is queued."""
+    if not path.exists():
+        return f"model folder not found: {path}; paths are relative to the grid file"
+    if not path.is_dir():
+        return f"{path} is a file; point it at a model folder (one written by save_pretrained, with config.json)"
+    if not (path / "config.json").is_file():
+        return f"{path} holds no config.json; point it at a model folder written by save_pretrained"
+    return None
 
 
 def _exists(path: str) -> bool:
@@ -58,7 +75,7 @@ def check_model_name(name: str) -> str | None:
         if arch not in TINY_ARCHS:
             return f"unknown tiny model {name!r}; use one of " + ", ".join(TINY_PREFIX + a for a in TINY_ARCHS)
         return None
-    if name.startswith(("/", "./", "../", "~")) or _exists(name):
+    if is_local_path(name) or _exists(name):
         return None
     if HUB_ID_PATTERN.match(name) and ".." not in name:
         return None
@@ -212,6 +229,8 @@ def _load_pretrained(
 ) -> tuple[PreTrainedModel, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
+    if isinstance(name_or_path, str) and is_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise ModelError(missing_on_worker("model folder", Path(name_or_path)))
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
         factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM

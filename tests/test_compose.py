@@ -50,6 +50,10 @@ def test_compose_config_is_valid_and_complete(tmp_path: Path) -> None:
     assert worker["environment"]["STL_REDIS_URL"].startswith("redis://:s3cret-test@redis:6379")
     assert worker["environment"]["STL_HOME"] == "/stl"
     assert ("stl-home", "/stl") in mounts(worker)
+    # grids name data and local models by host paths: the worker sees them at the same path, read-only
+    assert ("/home", "/home") in mounts(worker)
+    assert any(v == "/home:/home:ro" or (isinstance(v, dict) and v.get("source") == "/home" and v.get("read_only"))
+               for v in worker["volumes"])
     grace = worker["stop_grace_period"]
     assert grace in ("5m", "5m0s", 300) or str(grace).startswith("5m")
     assert "rq-dashboard" in services["dashboard"]["command"]
@@ -71,3 +75,4 @@ def test_compose_file_structure_without_the_tool() -> None:
     raw = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     assert raw["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert "stop_grace_period" in raw["services"]["worker"]
+    assert "${STL_DATA_ROOT:-/home}:${STL_DATA_ROOT:-/home}:ro" in raw["services"]["worker"]["volumes"]

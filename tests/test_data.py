@@ -378,3 +378,13 @@ def test_demo_into_a_file_or_an_unwritable_folder_is_one_line_and_exit_2(tmp_pat
         assert result.stdout == "" and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert a_file.read_text() == "already here\n"
+
+
+def test_a_data_file_missing_where_the_worker_runs_says_so_and_names_the_docker_mount(tmp_path: Path) -> None:
+    import socket
+
+    with pytest.raises(DataError) as caught:
+        list(data.read_examples(str(tmp_path / "gone.jsonl")))
+    message = str(caught.value)
+    assert f"{tmp_path / 'gone.jsonl'} does not exist on the worker's machine ({socket.gethostname()})" in message
+    assert "STL_DATA_ROOT" in message and "\n" not in message

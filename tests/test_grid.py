@@ -230,7 +230,8 @@ def test_a_relative_model_path_is_the_grid_files_so_two_grids_folders_are_two_mo
 
     specs = {}
     for folder in ("study-a", "study-b"):
-        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "my-model").mkdir(parents=True)
+        (tmp_path / folder / "my-model" / "config.json").write_text("{}")
         grid = grid_dict(demo_data)
         grid["grid"].update(model=["./my-model"], mtl=["none"], shots=[0])
         path = tmp_path / folder / "grid.yaml"
@@ -241,3 +242,19 @@ def test_a_relative_model_path_is_the_grid_files_so_two_grids_folders_are_two_mo
         specs[folder] = expanded.stages[run.stages[0]]
     assert specs["study-a"].model == str(tmp_path / "study-a" / "my-model")
     assert specs["study-a"].stage_id != specs["study-b"].stage_id
+
+
+def test_a_local_model_folder_is_looked_at_before_anything_is_queued(tmp_path: Path, demo_data: Path) -> None:
+    (tmp_path / "weights.bin").write_text("")
+    (tmp_path / "empty-folder").mkdir()
+    grid = grid_dict(demo_data)
+    grid["grid"]["model"] = ["./no-such-model", "./weights.bin", "./empty-folder", "tiny:bart"]
+    path = write_grid(tmp_path, demo_data, grid=grid["grid"])
+    with pytest.raises(GridError) as caught:
+        parse_grid(path)
+    lines = caught.value.problems
+    assert len(lines) == 3, lines
+    assert "grid.model.0: model folder not found: " in lines[0] and str(tmp_path / "no-such-model") in lines[0]
+    assert "grid.model.1: " in lines[1] and "is a file; point it at a model folder" in lines[1]
+    assert "grid.model.2: " in lines[2] and "holds no config.json" in lines[2]
+    assert all(line.startswith(f"{path}:") for line in lines)

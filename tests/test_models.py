@@ -144,3 +144,8 @@ def test_fixed_width_padding_and_cpu_precision() -> None:
     assert not bf16_autocast_supported(cpu)
     with autocast_for(cpu)():  # no autocast on the CPU: fp32 as before, so resumes stay bit-identical
         assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_a_local_model_folder_missing_where_the_worker_runs_says_so(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"model folder .*gone does not exist on the worker's machine .*STL_DATA_ROOT"):
+        load_model_and_tokenizer(str(tmp_path / "gone"), device="cpu", seed=0)
