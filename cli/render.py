@@ -186,12 +186,19 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
     low = sorted({w.host for w in workers if w.disk_low})
     caption = (f"STL_HOME is running out of space on {', '.join(low)}: `stl disk` shows what takes it; "
                "`stl disk --prune finetune` frees few-shot models of finished runs") if low else None
+    from jobs.health import HEALTH_CHECK_EVERY_S
+
+    paused = [f"{w.name} takes no work: {w.paused}; it tries the machine every "
+              f"{HEALTH_CHECK_EVERY_S:.0f} s and goes on by itself"
+              for w in workers if w.paused]
+    caption = "\n".join([*paused, *([caption] if caption else [])]) or None
     table = Table(title="Workers", title_justify="left", caption=caption, caption_style="bold red")
     for name in ("worker", "host", "gpu", "state", "stage", "seen", "STL_HOME disk"):
         table.add_column(name)
     rows = worker_rows(workers)
     for worker, row in zip(workers, rows, strict=True):
-        table.add_row(*row[:-1], Text(row[-1], style="bold red" if worker.disk_low else ""))
+        state = Text(row[3], style="bold red" if worker.paused else "")
+        table.add_row(*row[:3], state, *row[4:-1], Text(row[-1], style="bold red" if worker.disk_low else ""))
     if not rows:
         table.add_row("—", "", "", "no worker running: start one with `stl worker`", "", "", "")
     return table

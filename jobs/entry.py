@@ -20,9 +20,10 @@ import redis
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import ForeignJob, StageCanceled, StageLeaseLost, StagePreempted
+from jobs.errors import ForeignJob, MachineFault, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
+from jobs.health import MAX_MACHINE_FAULTS, machine_fault
 from jobs.layout import LOG_FILE, SPEC_FILE
 from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
@@ -312,7 +313,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
         pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
                                       "heartbeat": started, "worker": holder, "error": "", "eta_s": "",
-                                      "eta_at": ""})
+                                      "eta_at": "", "machine_fault": ""})
         pipe.sadd(keys.RUNNING_STAGES, stage_id)
         for run_id in live:
             pipe.hset(keys.run(run_id), "status", RunStatus.running.value)
@@ -334,10 +335,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         outcome = execute_stage(spec, ctx)
     except StagePreempted as e:
         reporter.log(f"preempted: {e}; back to the head of the queue")
-        conn.hset(stage_key, mapping={"status": RunStatus.queued.value, "preempt": "", "worker": ""})
-        conn.srem(keys.RUNNING_STAGES, stage_id)
-        for run_id in _live_runs(conn, stage_id):
-            conn.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
+        _back_to_queue(conn, stage_id)
         lease.release()
         raise
     except StageCanceled as e:
@@ -353,6 +351,17 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         raise
     except BaseException as e:
         message = _failure_message(e, spec)
+        fault = machine_fault(e)
+        if fault is not None:
+            attempt = conn.hincrby(stage_key, "machine_faults", 1)
+            if attempt < MAX_MACHINE_FAULTS:
+                reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
+                             f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
+                             "until the machine is healthy again")
+                _back_to_queue(conn, stage_id, machine_fault=fault)
+                lease.release()
+                raise MachineFault(f"stage {stage_id}: {fault}") from e
+            message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
         reporter.log(f"failed: {message}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
                       started=started, user=user)
@@ -366,6 +375,17 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                   user=user, result=result)
     lease.release()
     return {"stage": stage_id, "status": "finished"}
+
+
+def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "") -> None:
+    """The stage did not end: it and its runs are queued again (the worker puts its job back at the head)."""
+    pipe = conn.pipeline(transaction=False)
+    pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
+                                             "machine_fault": machine_fault})
+    pipe.srem(keys.RUNNING_STAGES, stage_id)
+    for run_id in _live_runs(conn, stage_id):
+        pipe.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
+    pipe.execute()
 
 
 def _record_oom_retries(conn: redis.Redis, reporter: StageReporter, stage_id: str, train: TrainOutcome) -> None:

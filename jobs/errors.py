@@ -62,6 +62,11 @@ class StagePreempted(StlError):
     """The worker is shutting down; the stage checkpointed and will resume elsewhere."""
 
 
+class MachineFault(StlError):
+    """The machine failed the stage (a full disk, a broken GPU): it goes back to the head of its queue and the
+    worker takes no work until the machine is healthy again."""
+
+
 class StageLeaseLost(StlError):
     """Another work horse took the stage over (its lease expired here); this one stops quietly."""
 

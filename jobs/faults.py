@@ -1,25 +1,29 @@
 """Fault injection for the reliability tests, read from STL_FAULT_INJECT (empty in normal use).
 
-Format: comma-separated `name=value`, e.g. `oom_at_step=3` or `disk_full=1`.
+Format: comma-separated `name=value`, e.g. `oom_at_step=3`, `disk_full=1` (every stage meets a full disk, as if
+it filled the disk itself), or `disk_full_while=/tmp/flag` (the disk is full while that file exists: the worker's
+health check sees it too).
 """
 
 from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from pathlib import Path
+from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Faults:
     oom_at_step: int | None = None
     disk_full: bool = False
+    disk_full_while: str = ""
+
+    def disk_full_now(self) -> bool:
+        """The whole disk reads as full (the health check sees it too); `disk_full` is each stage's alone."""
+        return bool(self.disk_full_while and Path(self.disk_full_while).exists())
 
     def before_stage(self, workdir: Path) -> None:
-        if self.disk_full:
+        if self.disk_full or self.disk_full_now():
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(workdir))
 
 
@@ -30,4 +34,5 @@ def parse_faults(text: str) -> Faults:
         if name:
             values[name] = value
     oom = values.get("oom_at_step")
-    return Faults(oom_at_step=int(oom) if oom else None, disk_full=values.get("disk_full") == "1")
+    return Faults(oom_at_step=int(oom) if oom else None, disk_full=values.get("disk_full") == "1",
+                  disk_full_while=values.get("disk_full_while", ""))

@@ -153,7 +153,7 @@ for _, run in ipairs(to_write) do
         end
         if st ~= '' then
           redis.call('HDEL', K.stage .. sid, 'started_at', 'ended_at', 'error', 'loss', 'cancel', 'preempt',
-            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned')
+            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned', 'machine_fault', 'machine_faults')
         end
         redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
           'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,

@@ -140,6 +140,7 @@ class WorkerRow:
     last_seen: float | None
     disk_free_bytes: float | None = None  # of the file system holding the worker's STL_HOME
     disk_total_bytes: float | None = None
+    paused: str = ""  # why it takes no work: a fault of its machine (jobs.health)
 
     @property
     def disk_low(self) -> bool:
@@ -290,6 +291,7 @@ def list_workers(conn: redis.Redis) -> list[WorkerRow]:
             stage=record.get("stage", ""), last_seen=last_seen,
             disk_free_bytes=_f(record.get("home_free_bytes", "")),
             disk_total_bytes=_f(record.get("home_total_bytes", "")),
+            paused=record.get("paused", "") if state == "paused" else "",
         ))
     return rows
 

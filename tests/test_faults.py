@@ -251,8 +251,12 @@ def test_time_limit_and_missing_models_fail_clearly_and_the_worker_goes_on(
     missing = small_grid(tmp_path, demo_data, "missing-models", shots=[0],
                          models=["no-such-org/no-such-model", str(missing_dir)])
     fine = small_grid(tmp_path, demo_data, "after-failures", shots=[0])
+    missing_dir.mkdir(parents=True)
+    (missing_dir / "config.json").write_text("{}")  # there at enqueue time, gone when the worker looks
     for path in (slow, missing, fine):
         enqueue(path)
+    (missing_dir / "config.json").unlink()
+    missing_dir.rmdir()
     worker = workers.start(env=child_env(HF_HUB_OFFLINE="1"))
     wait_for(lambda: all(grid_done(conn, g) for g in ("too-slow", "missing-models", "after-failures")),
              timeout=150, what="the three grids to end", diagnostics=workers.logs)
@@ -263,11 +267,13 @@ def test_time_limit_and_missing_models_fail_clearly_and_the_worker_goes_on(
     assert timed_out["status"] == "failed"
     assert "ran past its time limit" in timed_out["error"] and "raise stage_timeout" in timed_out["error"]
     by_model = runs_by_model(payload, "missing-models")
-    for model in ("no-such-org/no-such-model", str(missing_dir)):
-        run = by_model[model]
-        assert run["status"] == "failed", run
-        assert f"model {model} could not be loaded" in run["error"], run["error"]
-        assert "check the id or path" in run["error"]
+    run = by_model["no-such-org/no-such-model"]
+    assert run["status"] == "failed", run
+    assert "model no-such-org/no-such-model could not be loaded" in run["error"], run["error"]
+    assert "check the id or path" in run["error"]
+    run = by_model[str(missing_dir)]
+    assert run["status"] == "failed", run
+    assert f"model folder {missing_dir} does not exist on the worker's machine" in run["error"], run["error"]
     (after,) = [r for r in payload["runs"] if r["grid"] == "after-failures"]
     assert after["status"] == "finished", after
     for run in payload["runs"]:
@@ -277,11 +283,15 @@ def test_time_limit_and_missing_models_fail_clearly_and_the_worker_goes_on(
 
 
 @pytest.mark.slow
-def test_a_full_disk_fails_each_run_clearly_and_the_worker_goes_on(
+def test_a_stage_that_keeps_meeting_a_full_disk_fails_clearly_and_the_worker_goes_on(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
+    # disk_full=1: every stage meets a full disk, while the worker's health check finds the disk fine (as if
+    # each stage filled the disk itself): each is tried MAX_MACHINE_FAULTS times, then fails its runs.
+    from jobs.health import MAX_MACHINE_FAULTS
+
     enqueue(small_grid(tmp_path, demo_data, "disk-full", shots=[0, 4]))
     worker = workers.start(env=child_env(STL_FAULT_INJECT="disk_full=1"))
-    wait_for(lambda: grid_done(conn, "disk-full"), timeout=90, what="the grid to end", diagnostics=workers.logs)
+    wait_for(lambda: grid_done(conn, "disk-full"), timeout=120, what="the grid to end", diagnostics=workers.logs)
     assert worker.alive(), workers.logs()
     runs = [r for r in status_json()["runs"] if r["grid"] == "disk-full"]
     assert len(runs) == 2
@@ -289,7 +299,66 @@ def test_a_full_disk_fails_each_run_clearly_and_the_worker_goes_on(
         assert run["status"] == "failed"
         assert "no space left on the disk under STL_HOME" in run["error"] and "\n" not in run["error"]
         assert "stl disk --prune finetune" in run["error"]
+        assert f"the machine failed this stage {MAX_MACHINE_FAULTS} times" in run["error"]
     # Nothing was left holding a lease or marked running.
     assert conn.scard(keys.RUNNING_STAGES) == 0
     assert not list(conn.scan_iter(match=keys.stage_lease("*")))
+    assert workers.logs().count("was stopped by a fault of this machine") == 2 * (MAX_MACHINE_FAULTS - 1)
     worker.kill()
+
+
+@pytest.mark.slow
+def test_a_full_disk_pauses_the_worker_with_every_run_kept_queued_until_it_has_room(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
+    flag = tmp_path / "disk-is-full"
+    flag.write_text("")
+    enqueue(small_grid(tmp_path, demo_data, "full-then-freed", shots=[0, 4]))
+    worker = workers.start(env=child_env(STL_FAULT_INJECT=f"disk_full_while={flag}"))
+
+    def paused_worker() -> dict[str, Any] | None:
+        return next((w for w in status_json()["workers"] if w["state"] == "paused"), None)
+
+    row = wait_for(paused_worker, timeout=60, interval=0.5, what="the worker to pause", diagnostics=workers.logs)
+    assert "no space left on the disk under STL_HOME" in row["paused"]
+    time.sleep(3)  # long enough for a worker that ignored the pause to take the next stage
+    assert set(run_statuses(conn, "full-then-freed").values()) == {"queued"}, workers.logs()
+    assert conn.scard(keys.RUNNING_STAGES) == 0
+    assert not list(conn.scan_iter(match=keys.stage_lease("*")))
+    stages = {sid for run_id in run_statuses(conn, "full-then-freed")
+              for sid in json.loads(text(conn.hget(keys.run(run_id), "stages")))}
+    tried = [sid for sid in stages if conn.hget(keys.stage(sid), "machine_faults")]
+    assert len(tried) == 1, "one stage met the fault, and no other was taken"
+    assert "stopped by a fault of this machine" in "\n".join(
+        text(line) for line in conn.lrange(keys.stage_log(tried[0]), 0, -1))
+    status = stl("status", "--once", env=child_env(COLUMNS="250"))
+    assert "takes no work: no space left on the disk" in status.stdout, status.stdout
+    flag.unlink()  # room again: the worker's next health check (every 30 s) lets it go on
+    wait_for(lambda: grid_done(conn, "full-then-freed"), timeout=150, what="the grid to end", diagnostics=workers.logs)
+    assert set(run_statuses(conn, "full-then-freed").values()) == {"finished"}, workers.logs()
+    assert "the machine passed its health check; taking work again" in workers.logs()
+    assert worker.alive()
+
+
+def test_machine_faults_are_told_from_a_stages_own_errors() -> None:
+    import errno
+
+    from jobs.errors import ModelError
+    from jobs.health import machine_fault
+
+    assert machine_fault(OSError(errno.ENOSPC, "No space left on device", "/stl/x")) == \
+        "No space left on device (/stl/x)"
+    assert machine_fault(OSError(errno.EROFS, "Read-only file system"))
+    driver = RuntimeError("Found no NVIDIA driver on your system. CUDA driver initialization failed")
+    assert machine_fault(driver) and machine_fault(driver).startswith("RuntimeError: ")  # type: ignore[union-attr]
+    try:  # a loader wraps what the driver said
+        try:
+            raise RuntimeError("CUDA error: unknown error")
+        except RuntimeError as e:
+            raise ModelError("model x could not be loaded") from e
+    except ModelError as wrapped:
+        assert machine_fault(wrapped) == "RuntimeError: CUDA error: unknown error"
+    for own in (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                RuntimeError("CUDA error: device-side assert triggered"),
+                OSError(errno.ENOENT, "No such file or directory"), ValueError("bad shape"),
+                KeyError("CUDA")):
+        assert machine_fault(own) is None, own

@@ -212,6 +212,18 @@ def test_workers_table_warns_when_stl_home_runs_out_of_space() -> None:
     assert [cell.style for cell in table.columns[6].cells] == ["", "bold red", "bold red"]
 
 
+def test_a_paused_worker_says_why_in_red() -> None:
+    paused = WorkerRow(name="box.gpu0.1", host="box", gpu="cpu", gpu_util=None, gpu_mem_used_mb=None,
+                       gpu_mem_total_mb=None, state="paused", stage="", last_seen=time.time(),
+                       paused="RuntimeError: CUDA error: unknown error")
+    idle = WorkerRow(name="box.gpu1.2", host="box", gpu="cpu", gpu_util=None, gpu_mem_used_mb=None,
+                     gpu_mem_total_mb=None, state="idle", stage="", last_seen=time.time())
+    table = build_workers_table([paused, idle])
+    assert str(table.caption).startswith("box.gpu0.1 takes no work: RuntimeError: CUDA error: unknown error; ")
+    assert [cell.style for cell in table.columns[3].cells] == ["bold red", ""]
+    assert build_workers_table([idle]).caption is None
+
+
 def test_finished_grids_show_time_to_completion() -> None:
     done = GridRow(grid="g", total=3, counts={"finished": 2, "failed": 1}, created_at=100.0, ended_at=100.0 + 3725)
     live = GridRow(grid="h", total=2, counts={"finished": 1, "running": 1}, created_at=1.0, ended_at=2.0)

@@ -158,9 +158,12 @@ def test_a_redis_password_in_the_url_works_and_a_wrong_one_is_refused_clearly(
     monkeypatch.setenv("STL_HOME", str(tmp_path / "stl-home"))
     monkeypatch.setenv("STL_USER", "alice")
     conn = locked_redis.client()
-    # A path-like model name is accepted, then fails as a path: nothing in it is run.
+    # A path-like model name is a folder (there, with a config.json that names no model), which fails to load as
+    # one: nothing in its name is run.
     marker = tmp_path / "pwned"
     evil = f"./$(touch${{IFS}}{marker})/__import__('os').system('touch${{IFS}}{marker}')"
+    (tmp_path / evil).mkdir(parents=True)
+    (tmp_path / evil / "config.json").write_text("{}")
     grid = small_grid(tmp_path, demo_data, "locked", models=["tiny:bart", evil], shots=[0])
     result = stl("enqueue", str(grid))
     assert result.returncode == 0, result.stderr

@@ -23,8 +23,10 @@ from jobs import keys
 from jobs.codec import text
 from jobs.disk import free_space
 from jobs.entry import STAGE_ID
-from jobs.errors import StageLeaseLost, StagePreempted, StlError
+from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StlError
 from jobs.fairshare import queue_order
+from jobs.faults import parse_faults
+from jobs.health import HEALTH_CHECK_EVERY_S, machine_problem
 from jobs.queueing import ENTRY_POINT, job_id_for, stage_id_for
 from jobs.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
 from worker.gpu import GpuProbe
@@ -84,6 +86,8 @@ class StlWorker(Worker):
         self._pending_orphan = ""
         self._pending_timeout = ""
         self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
+        self._paused = ""  # why the machine cannot run stages now (a full disk, a broken GPU); "" when it can
+        self._next_health_check = 0.0
         host = socket.gethostname()
         self.host = host
         device = f"gpu{gpu_index}" if gpu_index is not None else ("gpu" if self._probe.has_gpu else "cpu")
@@ -118,7 +122,7 @@ class StlWorker(Worker):
         from rq.worker import WorkerStatus
 
         self.set_state(WorkerStatus.IDLE)
-        self._write_record("idle")
+        self._write_record("paused" if self._paused else "idle")
         idle_since = time.monotonic()
         while True:
             try:
@@ -131,6 +135,13 @@ class StlWorker(Worker):
                 continue
             if self._stop_requested:
                 return None
+            if self._paused and not self._healthy_again():
+                if timeout is None:  # --burst: nothing more can run here now
+                    self.log.error("Worker %s: stopping, the machine cannot run stages (%s); queued stages stay "
+                                   "queued", self.name, self._paused)
+                    return None
+                time.sleep(POLL_S)
+                continue
             try:
                 if not self._ordered_queues:
                     if timeout is None:
@@ -192,9 +203,44 @@ class StlWorker(Worker):
         self._write_record("busy")
         try:
             super().execute_job(job, queue)
+            self._pause_if_the_machine_failed(self._current_stage)
         finally:
             self._current_stage = ""
-            self._write_record("idle")
+            self._write_record("paused" if self._paused else "idle")
+
+    # --- a machine that cannot run stages ---------------------------------------------------------
+
+    def _pause_if_the_machine_failed(self, stage_id: str) -> None:
+        """A stage its horse sent back for a fault of the machine (jobs.health): take no work until it is fixed."""
+        try:
+            status, fault = (text(v) for v in self.connection.hmget(keys.stage(stage_id), "status", "machine_fault"))
+        except redis.RedisError:
+            return  # the next stage meets the fault again, if there is one
+        if fault and status == "queued":
+            self._paused = fault
+            self._next_health_check = 0.0
+            self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); it is back at the head "
+                           "of its queue, and this worker takes no work until the machine is healthy again",
+                           self.name, stage_id, fault)
+
+    def _healthy_again(self) -> bool:
+        """While paused: try the machine now and then; True once nothing is wrong with it."""
+        if time.monotonic() < self._next_health_check:
+            return False
+        problem = machine_problem(self.settings, gpu=self._probe.has_gpu,
+                                  faults=parse_faults(self.settings.fault_inject))
+        self._next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
+        if problem:
+            if problem != self._paused:
+                self.log.error("Worker %s: still taking no work: %s; trying again every %.0f s", self.name,
+                               problem, HEALTH_CHECK_EVERY_S)
+            self._paused = problem
+            self._write_record("paused")
+            return False
+        self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
+        self._paused = ""
+        self._write_record("idle")
+        return True
 
     def _refuse(self, job: Job, queue: Queue, message: str) -> None:
         self.log.error("Worker %s: %s", self.name, message)
@@ -216,12 +262,13 @@ class StlWorker(Worker):
     def _finalize_failure(self, job: Job, queue: Queue, execution: Execution,
                           exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
                           ) -> None:
-        """In the horse: a preempted stage goes back to the head of its queue, not to 'failed'."""
-        if isinstance(exc_info[1], StagePreempted | StageLeaseLost):
+        """In the horse: a preempted stage, or one the machine failed, goes back to the head of its queue, not
+        to 'failed'."""
+        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault):
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
-                if isinstance(exc_info[1], StagePreempted):
+                if isinstance(exc_info[1], StagePreempted | MachineFault):
                     job.set_status(JobStatus.QUEUED, pipeline=pipe)
                     queue._enqueue_job(job, pipeline=pipe, at_front=True)  # noqa: SLF001
                 pipe.execute()
@@ -306,7 +353,7 @@ class StlWorker(Worker):
 
     def _write_record(self, state: str | None) -> None:
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
-                                            "stage": self._current_stage}
+                                            "stage": self._current_stage, "paused": self._paused}
         record.update(self._probe.read())
         space = free_space(self.settings.home)
         if space is not None:

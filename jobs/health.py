@@ -1,0 +1,77 @@
+"""Faults of the machine rather than of a stage: a full disk, a GPU that stopped working.
+
+A stage that fails on one goes back to the head of its queue instead of failing its runs, and the
+worker takes no more work until `machine_problem` finds nothing wrong: without this, one broken
+driver or full disk would fail every queued run of every user in minutes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+from jobs.disk import check_home_writable, free_space
+from jobs.errors import StlError
+
+if TYPE_CHECKING:
+    from jobs.faults import Faults
+    from jobs.settings import Settings
+
+# A stage that meets a machine fault this many times fails after all: the fault may be its own doing
+# (a model too big for the disk, a kernel that crashes this GPU), and the queue must move on.
+MAX_MACHINE_FAULTS = 3
+MIN_FREE_BYTES = 1 << 30  # below this on STL_HOME's disk a stage would only fill it again
+HEALTH_CHECK_EVERY_S = 30.0  # while a worker is paused by a machine fault
+GPU_CHECK_TIMEOUT_S = 180  # a new process importing torch and creating a CUDA context
+_MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
+# What torch and the driver say when the GPU or its driver is broken, as opposed to a stage's own error.
+_DEVICE_FAULT = re.compile(
+    r"CUDA driver|CUDA error|cudaError|CUDA-capable device|CUDA initiali[sz]ation|NVML|CUBLAS_STATUS_NOT_INITIALIZED"
+    r"|CUDNN_STATUS_NOT_INITIALIZED|no kernel image is available", re.IGNORECASE)
+# Errors a stage causes itself (out of memory has its own retry; a device-side assert is a bad index).
+_STAGE_FAULT = re.compile(r"out of memory|device-side assert", re.IGNORECASE)
+_GPU_CHECK = "import torch; torch.cuda.init(); print(float(torch.ones(64, device='cuda').sum()))"
+
+
+def machine_fault(error: BaseException) -> str | None:
+    """One line saying how `error` is the machine's fault, or None if it is the stage's own."""
+    seen: BaseException | None = error
+    for _ in range(6):  # the error and what it was raised from: a loader wraps what the driver said
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _MACHINE_ERRNOS:
+            return f"{os.strerror(seen.errno)}" + (f" ({seen.filename})" if seen.filename else "")
+        detail = " ".join(str(seen).split())
+        if _DEVICE_FAULT.search(detail) and not _STAGE_FAULT.search(detail):
+            return f"{type(seen).__name__}: {detail[:300]}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def machine_problem(settings: Settings, *, gpu: bool, faults: Faults) -> str | None:
+    """What stops this machine from running a stage now, or None. Run by the worker's parent, which never
+    touches CUDA itself: the GPU is tried in a new process."""
+    if faults.disk_full_now():
+        return "no space left on the disk under STL_HOME (injected)"
+    space = free_space(settings.home)
+    if space is not None and space[0] < MIN_FREE_BYTES:
+        return (f"only {space[0] / (1 << 20):.0f} MiB free on the disk under STL_HOME ({settings.home}); "
+                "`stl disk --prune finetune` frees finished runs' few-shot models")
+    try:
+        check_home_writable(settings)
+    except StlError as e:
+        return str(e)
+    if gpu:
+        try:
+            result = subprocess.run([sys.executable, "-c", _GPU_CHECK], capture_output=True, text=True,
+                                    timeout=GPU_CHECK_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            return f"the GPU did not answer a new process within {GPU_CHECK_TIMEOUT_S} s"
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            return f"the GPU does not work in a new process: {last[:300]}"
+    return None
