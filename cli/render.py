@@ -317,6 +317,14 @@ def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return out
 
 
+def result_markdown(rows: list[dict[str, Any]]) -> str:
+    """`--rows --markdown`: the `--rows --csv` table as a pipe table, values to 4 places, for a draft."""
+    from jobs.analysis import markdown_table
+
+    header, *body = result_csv_rows(rows)
+    return markdown_table(header, [[*row[:-1], f"{float(row[-1]):.4f}"] for row in body], len(header) - 1)
+
+
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
     from jobs.analysis import constant_axes
 

@@ -686,7 +686,7 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
     return table
 
 
-def _markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], n_left: int) -> str:
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], n_left: int) -> str:
     def line(cells: Iterable[str]) -> str:
         return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
 
@@ -696,14 +696,14 @@ def _markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], n_lef
 
 def pivot_to_markdown(pivot: Pivot) -> str:
     """GitHub pipe table, for pasting into a draft."""
-    return _markdown_table(pivot_headers(pivot), pivot_table_rows(pivot), len(pivot.row_axes))
+    return markdown_table(pivot_headers(pivot), pivot_table_rows(pivot), len(pivot.row_axes))
 
 
 def effect_to_markdown(report: EffectReport) -> str:
     """Every comparison as a pipe table, then the mean relative improvements."""
     combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
     headers = [*combo_axes, "task type", f"A = {report.a}", f"B = {report.b}", "(B − A) / A"]
-    table = _markdown_table(headers, effect_table_rows(report), len(combo_axes) + 1)
+    table = markdown_table(headers, effect_table_rows(report), len(combo_axes) + 1)
     means = "\n".join(f"- {label}: **{value}**" for label, value in effect_summary(report))
     return f"Effect of {report.axis}: {report.b} vs {report.a}\n\n{table}\n{means}\n"
 

@@ -13,7 +13,20 @@ from jobs.errors import UsageError
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 # A grid expanding to more runs than this is refused unless `stl enqueue --max-runs` raises it.
 DEFAULT_MAX_RUNS = 10_000
-USER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+MAX_USER_LENGTH = 32
+USER_PATTERN = re.compile(rf"^[a-z0-9][a-z0-9_.-]{{0,{MAX_USER_LENGTH - 1}}}$")
+
+
+def check_user_name(name: str, *, what: str) -> str:
+    """`name` if it can name a user on the queue (it goes into queue and key names); else a UsageError."""
+    if USER_PATTERN.match(name):
+        return name
+    if len(name) > MAX_USER_LENGTH:
+        reason = f"is {len(name)} characters long; at most {MAX_USER_LENGTH}"
+    else:
+        reason = ("is not a valid user name (lower-case letters, digits, '_', '.' and '-', starting with a "
+                  "letter or digit)")
+    raise UsageError(f'{what} "{name}" {reason}')
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ def _default_user() -> str:
     except (KeyError, OSError):
         name = "user"
     name = re.sub(r"[^a-z0-9_.-]", "-", name.lower()) or "user"
-    return name[:32]
+    return name[:MAX_USER_LENGTH]
 
 
 def load_settings() -> Settings:

@@ -271,3 +271,14 @@ def test_a_line_break_in_what_the_user_gave_does_not_split_the_message(tmp_path:
     assert result.stderr == f"{tmp_path}/a b.yaml:1: file: no such grid file; check the path\n"
     result = CliRunner().invoke(app, ["status", "--once"], env={**env, "STL_USER": "a\nb"})
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and 'STL_USER "a b"' in result.stderr
+    result = CliRunner().invoke(app, ["status", "--once"], env={**env, "STL_USER": "a" * 40})
+    assert result.exit_code == 2 and "is 40 characters long; at most 32" in result.stderr, result.stderr
+
+
+def test_a_blank_demo_folder_is_refused_rather_than_read_as_this_one(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["data", "demo", " "])
+    assert result.exit_code == 2 and result.stderr == (
+        "stl: DIR is blank; name the folder to write the demo dataset into (. for this one)\n")
+    assert list(tmp_path.iterdir()) == []

@@ -22,6 +22,7 @@ from cli.render import (
     format_cell,
     format_duration,
     result_csv_rows,
+    result_markdown,
     results_notes,
     running_columns,
     running_rows,
@@ -335,6 +336,11 @@ def test_result_csv_rows_keep_the_grid_order_of_axes_and_spell_booleans_as_the_g
         ["g", "r1", "tiny:bart", "none", "false", "0", "1", "", "t", "classification", "accuracy", "0.5"],
         ["g", "r2", "tiny:bart", "none", "true", "0", "1", "s1", "t", "classification", "accuracy", "1.0"],
     ]
+    rows[0]["value"] = 2 / 3
+    lines = result_markdown(rows).splitlines()
+    assert lines[0].startswith("| grid | run | model |") and lines[1].endswith("| ---: |")
+    assert lines[2] == "| g | r1 | tiny:bart | none | false | 0 | 1 |  | t | classification | accuracy | 0.6667 |"
+    assert len(lines) == 4
 
 
 def test_enqueue_message_says_how_to_watch_only_when_something_was_queued() -> None:
