@@ -12,7 +12,7 @@ import difflib
 import json
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -250,9 +250,17 @@ def _key_path(loc: tuple[Any, ...]) -> tuple[str, ...]:
 @dataclass
 class _Positions:
     lines: dict[tuple[str, ...], int]
+    # A key YAML reads as true, null or a number reaches pydantic as True, None, 1...: (parent, that) -> as written.
+    aliases: dict[tuple[str, ...], str] = field(default_factory=dict)
+
+    def as_written(self, loc: tuple[Any, ...]) -> tuple[str, ...]:
+        written: tuple[str, ...] = ()
+        for part in _key_path(loc):
+            written = (*written, self.aliases.get((*written, part), part))
+        return written
 
     def line_of(self, loc: tuple[Any, ...]) -> int:
-        path = _key_path(loc)
+        path = self.as_written(loc)
         while path:
             if path in self.lines:
                 return self.lines[path]
@@ -268,6 +276,7 @@ class _Walk:
     lines: dict[tuple[str, ...], int]
     problems: list[str]
     nodes_left: int = MAX_YAML_NODES
+    aliases: dict[tuple[str, ...], str] = field(default_factory=dict)
 
     def visit(self, node: yaml.Node, loc: tuple[str, ...], ancestors: set[int]) -> None:
         self.nodes_left -= 1
@@ -325,7 +334,20 @@ class _Walk:
                                      f"(first at line {seen[key]}); keep one")
             seen[key] = line
             self.lines[(*loc, key)] = line
+            for spelling in _constructed_spellings(key_node):
+                self.aliases.setdefault((*loc, spelling), key)
             self.visit(value_node, (*loc, key), ancestors)
+
+
+def _constructed_spellings(key_node: yaml.ScalarNode) -> list[str]:
+    """How pydantic may spell a key that YAML reads as something other than a string (`true:` -> True or 1)."""
+    if key_node.tag == "tag:yaml.org,2002:str":
+        return []
+    try:
+        value = yaml.safe_load(key_node.value)
+    except yaml.YAMLError:
+        return []
+    return [str(value), *([str(int(value))] if isinstance(value, bool) else [])]
 
 
 def _open_grid_file(path: Path, where: str) -> bytes:
@@ -436,7 +458,7 @@ def load_yaml(path: Path) -> tuple[Any, _Positions]:
         data = _Loader(text).construct_document(root)
     except yaml.YAMLError as e:
         raise GridError([_yaml_problem(e, where, text)]) from e
-    return data, _Positions(walk.lines)
+    return data, _Positions(walk.lines, walk.aliases)
 
 
 # --- schema errors as file:line: field: message ----------------------------------------------
@@ -549,10 +571,10 @@ def _format_errors(error: ValidationError, where: str, positions: _Positions) ->
         loc = _loc_for_report(tuple(item["loc"]))
         if loc and loc[-1] == "[key]":  # a bad name used as a key: report it at that key
             line = positions.line_of(loc[:-1])
-            field = _field_name(loc[:-2]) or "grid"
+            field = _field_name(positions.as_written(loc[:-2])) or "grid"
         else:
             line = positions.line_of(loc)
-            field = _field_name(loc) or "grid"
+            field = _field_name(positions.as_written(loc)) or "grid"
         message = f"{where}:{line}: {field}: {_describe(dict(item), loc)}"
         if message not in seen:
             seen.add(message)
