@@ -154,11 +154,19 @@ def enqueue(
             from jobs.queueing import run_statuses
 
             try:  # what is queued already, where Redis answers; a dry run never starts a server
-                statuses: dict[str, str] | None = run_statuses(connect(settings, start_embedded=False),
-                                                               [run.run_id for run in expanded.runs])
+                conn = connect(settings, start_embedded=False)
+                statuses: dict[str, str] | None = run_statuses(conn, [run.run_id for run in expanded.runs])
             except (StlError, OSError, redis.RedisError):
                 statuses = None
+            if statuses is not None:  # what the enqueue itself would refuse, it refuses here too
+                if not force:
+                    check_grid_owner(conn, expanded.grid.name, who)
+                if not replace:
+                    check_grid_unchanged(conn, expanded)
             Console().print(build_dry_run_table(expanded, statuses))
+            if statuses is not None and replace:
+                typer.echo(f"--replace would cancel and drop {len(changed_runs(conn, expanded))} run(s) of grid "
+                           f"{expanded.grid.name} made with other settings")
             return
         from cli.render import enqueue_message
 

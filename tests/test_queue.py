@@ -108,6 +108,12 @@ def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
     assert 'grid "test-grid" already has 4 run(s) made with other settings' in err
     assert "give the grid a new name, or pass --replace" in err
     assert conn.dbsize() == written and set(conn.zrange(keys.grid_runs("test-grid"), 0, -1)) == old_runs
+    # a dry run says the same, and what --replace would drop, writing nothing either way
+    code, out, err = enqueue(edited, "--dry-run")
+    assert code == 2 and out == "" and 'grid "test-grid" already has 4 run(s)' in err, (out, err)
+    code, out, err = enqueue(edited, "--dry-run", "--replace")
+    assert code == 0 and "--replace would cancel and drop 4 run(s) of grid test-grid" in out, (out, err)
+    assert conn.dbsize() == written
 
     code, out, err = enqueue(edited, "--replace")
     assert code == 0, err
