@@ -442,16 +442,17 @@ def plot_curves(
     with handled():
         settings = _settings()
         conn = _connect(settings)
-        curves = {}
+        curves, stage_names = {}, {}
         for run_id in resolve_run_ids(conn, runs):
-            points = loss_curve(conn, run_id)
+            points, names = loss_curve(conn, run_id)
             if not points:
                 typer.echo(f"stl: run {run_id} has no training steps yet (zero-shot runs have none)", err=True)
                 continue
-            curves[f"{run_id[:8]} {format_cell(run_cell(conn, run_id))}"] = points
+            label = f"{run_id[:8]} {format_cell(run_cell(conn, run_id))}"
+            curves[label], stage_names[label] = points, names
         if not curves:
             raise UsageError("none of these runs has a training-loss curve")
-        typer.echo(f"stl: wrote {plot_loss_curves(curves, out)}", err=True)
+        typer.echo(f"stl: wrote {plot_loss_curves(curves, out, stage_names=stage_names)}", err=True)
 
 
 @app.command()

@@ -38,10 +38,12 @@ def plot_pivot(pivot: Pivot, path: Path, *, hue: str | None = None, title: str |
 
 
 def plot_loss_curves(
-    curves: dict[str, list[tuple[int, float]]], path: Path, *, title: str | None = None
+    curves: dict[str, list[tuple[int, float]]], path: Path, *, title: str | None = None,
+    stage_names: dict[str, list[str]] | None = None,
 ) -> Path:
-    """Training loss against step, one line per label; writes `path`."""
-    return _save(build_loss_figure(curves, title=title), path)
+    """Training loss against step, one line per label; writes `path`. `stage_names` names each curve's
+    stages (segments) where a name helps: the task of each few-shot branch."""
+    return _save(build_loss_figure(curves, title=title, stage_names=stage_names), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +218,8 @@ def _segments(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
     return [sorted(segment) for segment in segments if segment]
 
 
-def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str | None = None) -> Figure:
+def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str | None = None,
+                      stage_names: dict[str, list[str]] | None = None) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
@@ -233,6 +236,7 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
         if not points:
             panel.plot([], [], color=colour, label=f"{label} (no steps yet)")
             continue
+        names = (stage_names or {}).get(label, [])
         for index, segment in enumerate(_segments(points)):  # one per stage: stages are not joined
             steps = [step for step, _ in segment]
             losses = [loss for _, loss in segment]
@@ -242,9 +246,14 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
                 if not many:  # raw noise of a dozen runs hides the curves
                     panel.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
                 window = max(3, len(segment) // 30)
-                panel.plot(steps, _centred_mean(losses, window=window), color=colour, linewidth=1.8, label=name)
+                losses = _centred_mean(losses, window=window)
+                panel.plot(steps, losses, color=colour, linewidth=1.8, label=name)
             else:
                 panel.plot(steps, losses, color=colour, linewidth=1.6, marker="o", markersize=3, label=name)
+            stage_name = names[index] if index < len(names) else ""
+            if stage_name and not many:  # which task each few-shot branch trains on, at its end
+                panel.annotate(stage_name, (steps[-1], losses[-1]), xytext=(4, 0), textcoords="offset points",
+                               fontsize=8, color=colour, va="center", annotation_clip=False)
     finite = [loss for points in drawable.values() for _, loss in points if math.isfinite(loss) and loss > 0]
     if finite and max(finite) / min(finite) > 30:
         panel.set_yscale("log")  # early spikes would flatten the part of the curve that matters

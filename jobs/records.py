@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from jobs import keys
 from jobs.codec import text
 from jobs.errors import NotFound, UsageError
-from jobs.states import RunStatus
+from jobs.states import RunStatus, StageKind
 
 if TYPE_CHECKING:
     import redis
@@ -362,10 +362,11 @@ def run_cell(conn: redis.Redis, run_id: str) -> dict[str, Any]:
     return dict(json.loads(text(raw)))
 
 
-def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
+def loss_curve(conn: redis.Redis, run_id: str) -> tuple[list[tuple[int, float]], list[str]]:
     """The training-loss curve of a run: each training stage's steps counted on from where the stage it
     starts from ended (a few-shot stage after MTL step 1000 starts at 1001; two few-shot stages of the same
-    MTL model both do, as branches), with a NaN loss between two stages (where a line must not join them)."""
+    MTL model both do, as branches), with a NaN loss between two stages (where a line must not join them).
+    Also a name for each stage drawn, in order: its task for a few-shot stage (branches look alike), "" for MTL."""
     raw_stages = conn.hget(keys.run(run_id), "stages")
     if raw_stages is None:
         raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
@@ -376,10 +377,12 @@ def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
         pipe.lrange(keys.stage_steps(sid), 0, -1)
     answers = pipe.execute()
     points: list[tuple[int, float]] = []
+    names: list[str] = []
     ends: dict[str, int] = {}  # the x where each stage's model was left: its children start there
     for index, sid in enumerate(stage_ids):
         spec, raw_steps = answers[2 * index], answers[2 * index + 1]
-        parent = json.loads(text(spec)).get("parent") if spec else None
+        fields = json.loads(text(spec)) if spec else {}
+        parent = fields.get("parent")
         offset = ends.get(parent, 0) if parent else 0
         records = [json.loads(text(x)) for x in raw_steps]
         # Evaluation reports progress without a loss (None or NaN): only training steps make the curve.
@@ -389,6 +392,7 @@ def loss_curve(conn: redis.Redis, run_id: str) -> list[tuple[int, float]]:
             continue
         if points:  # a new stage (another task, or fine-tuning after MTL): the plot breaks the line here
             points.append((offset, math.nan))
+        names.append(", ".join(fields.get("tasks") or ()) if fields.get("kind") == StageKind.finetune.value else "")
         for step in steps:
             points.append((offset + int(step["step"]), float(step["loss"])))
-    return points
+    return points, names

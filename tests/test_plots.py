@@ -188,3 +188,12 @@ def test_loss_curves_break_between_stages() -> None:
     lines = figure.axes[0].lines
     assert [list(line.get_xdata()) for line in lines] == [[1, 2], [3, 4]]  # the stage switch is not a line
     assert [line.get_label() for line in lines][0] == "run" and lines[1].get_label().startswith("_")
+
+
+def test_few_shot_branches_are_named_by_their_task_at_their_end() -> None:
+    nan = float("nan")
+    points = [(1, 3.0), (2, 2.0), (2, nan), (3, 1.9), (4, 1.8), (4, nan), (3, 1.7), (4, 1.5)]
+    figure = build_loss_figure({"run": points}, stage_names={"run": ["", "emotion", "summary"]})
+    texts = {text.get_text(): text.xy for text in figure.axes[0].texts}
+    assert texts == {"emotion": (4, 1.8), "summary": (4, 1.5)}
+    assert not build_loss_figure({"run": points}).axes[0].texts

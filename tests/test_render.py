@@ -309,7 +309,9 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
     from jobs.records import loss_curve
 
     def stage(sid: str, parent: str | None, losses: list[float]) -> None:
-        conn.hset(keys.stage(sid), "spec", json.dumps({"parent": parent}))
+        kind = sid.split("-")[0].replace("ft", "finetune")
+        spec = {"parent": parent, "kind": kind, "tasks": [sid.split("-")[-1]] if parent else ["x", "y"]}
+        conn.hset(keys.stage(sid), "spec", json.dumps(spec))
         for step, loss in enumerate(losses, start=1):
             conn.rpush(keys.stage_steps(sid), json.dumps({"step": step, "loss": loss}))
 
@@ -318,7 +320,8 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
     stage("eval-a", "ft-a", [])  # evaluation logs no training steps
     stage("ft-b", "mtl", [0.7, 0.6])
     conn.hset(keys.run("r"), "stages", json.dumps(["mtl", "ft-a", "eval-a", "ft-b"]))
-    points = loss_curve(conn, "r")
+    points, names = loss_curve(conn, "r")
+    assert names == ["", "a", "b"]  # the few-shot branches by their task; MTL needs no name
     assert [step for step, _ in points] == [1, 2, 3, 3, 4, 5, 3, 4, 5]  # both few-shot stages branch at step 3
     assert [loss for _, loss in points if not math.isnan(loss)] == [3.0, 2.0, 1.0, 0.9, 0.8, 0.7, 0.6]
     assert [i for i, (_, loss) in enumerate(points) if math.isnan(loss)] == [3, 6]
