@@ -196,8 +196,12 @@ def _cached_catalog(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, Tas
     rows: dict[str, int] = {}
     with Path(path).open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
+            stripped = line.strip()
+            if not stripped:
                 continue
+            if not (stripped.startswith(b"{") and stripped.endswith(b"}")):  # the task alone may still be there
+                raise DataError(f"{path}:{line_number}: not a whole JSON object (it does not end with '}}'); "
+                                "the file may be cut short: copy or download it again")
             task = _task_of_line(line)
             if task is None:
                 raise DataError(f"{path}:{line_number}: not a JSON object with a text field task")

@@ -388,3 +388,11 @@ def test_a_data_file_missing_where_the_worker_runs_says_so_and_names_the_docker_
     message = str(caught.value)
     assert f"{tmp_path / 'gone.jsonl'} does not exist on the worker's machine ({socket.gethostname()})" in message
     assert "STL_DATA_ROOT" in message and "\n" not in message
+
+
+def test_a_row_cut_short_after_its_task_is_found_before_anything_is_queued(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jsonl"
+    row = {"task": "t", "input": "a long input", "output": "x", "all_outputs": ["x"]}
+    path.write_text(json.dumps(row) + "\n" + json.dumps(row)[:-12] + "\n")  # "task" survives the cut
+    with pytest.raises(DataError, match=r"cut\.jsonl:2: not a whole JSON object .*cut short"):
+        data.task_catalog(str(path))
