@@ -7,24 +7,68 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from jobs.errors import GridError, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Sequence
 
     import redis
     from rich.console import Console, RenderableType
 
     from jobs.settings import Settings
 
+def _click_exceptions(name: str) -> tuple[type[Exception], ...]:
+    """Click's exception class `name`, and the copy of it inside the click that newer typers ship."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(found)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """A mistyped option or a missing argument is one line naming the command, like every other error of stl's,
+    instead of click's usage block."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, windows_expand_args: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except _click_exceptions("NoArgsIsHelpError") as e:  # `stl` alone: the help is the answer
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(2)
+        except _click_exceptions("UsageError") as e:
+            context = getattr(e, "ctx", None)
+            command = context.command_path if context is not None else "stl"
+            # Newer typers check values with pydantic, whose wording leaks through: "Value error, 'x' is not ..."
+            message = _one_line(e.format_message()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
+            typer.echo(f"{command}: {message} (see `{command} --help`)", err=True)
+            sys.exit(2)
+        except _click_exceptions("ClickException") as e:  # a file click itself could not open, say
+            typer.echo(f"stl: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
+            sys.exit(1)
+        except _click_exceptions("Abort"):  # Ctrl+C or Ctrl+D at a prompt
+            typer.echo("stl: aborted", err=True)
+            sys.exit(130)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     help="stl: share one GPU workstation for transfer-learning experiments on small language models.",
+    cls=_OneLineUsageErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -8,7 +8,10 @@ The corpus lives in tests/bad_grids/; each file's header says what is wrong with
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -282,3 +285,20 @@ def test_a_blank_demo_folder_is_refused_rather_than_read_as_this_one(tmp_path: P
     assert result.exit_code == 2 and result.stderr == (
         "stl: DIR is blank; name the folder to write the demo dataset into (. for this one)\n")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["enqueue"], "stl enqueue: Missing argument 'GRID.yaml' (see `stl enqueue --help`)"),
+    (["status", "--interval", "x"], "stl status: Invalid value for '--interval': Input should be a valid number"),
+    (["disk", "--prune", "bogus"], "stl disk: Invalid value for '--prune': 'bogus' is not one of 'finetune'"),
+    (["results", "g", "--no-such-flag"], "stl results: No such option: --no-such-flag"),
+    (["bogus"], "stl: No such command 'bogus'"),
+])
+def test_a_mistyped_command_line_is_one_line_naming_the_command(args: list[str], expected: str) -> None:
+    # Through the installed entry point's code path (standalone mode), where click would print a usage block.
+    entry_point = "from cli.main import app; app(prog_name='stl')"  # what the `stl` script runs
+    result = subprocess.run([sys.executable, "-c", entry_point, *args], capture_output=True, text=True, timeout=60,
+                            check=False, env={**os.environ, "STL_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout == ""
