@@ -25,13 +25,12 @@ from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import MAX_MACHINE_FAULTS, machine_fault
 from jobs.layout import LOG_FILE, SPEC_FILE
+from jobs.runstate import LIVE, finish_stage_records, update_runs_if
 from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    from redis.typing import EncodableT, FieldT
 
     from jobs.settings import Settings
     from jobs.train import StepReport, TrainOutcome
@@ -231,13 +230,8 @@ def progress_line(report: StepReport, eta_s: float | None) -> str:
     return ", ".join(parts)
 
 
-def _live_runs(conn: redis.Redis, stage_id: str) -> list[str]:
-    run_ids = [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
-    pipe = conn.pipeline(transaction=False)
-    for run_id in run_ids:
-        pipe.hget(keys.run(run_id), "status")
-    return [r for r, s in zip(run_ids, pipe.execute(), strict=True)
-            if text(s) in (RunStatus.queued.value, RunStatus.running.value)]
+def _stage_run_ids(conn: redis.Redis, stage_id: str) -> list[str]:
+    return [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
 
 
 def _write_run_dirs(settings: Settings, conn: redis.Redis, run_ids: list[str], stage_id: str,
@@ -308,21 +302,16 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         faults.before_stage(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        live = _live_runs(conn, stage_id)
         pipe = conn.pipeline(transaction=False)
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
         pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
                                       "heartbeat": started, "worker": holder, "error": "", "eta_s": "",
                                       "eta_at": "", "machine_fault": ""})
         pipe.sadd(keys.RUNNING_STAGES, stage_id)
-        for run_id in live:
-            pipe.hset(keys.run(run_id), "status", RunStatus.running.value)
-            pipe.hsetnx(keys.run(run_id), "started_at", started)
-            pipe.hset(keys.run(run_id), "current_stage", stage_id)
         pipe.execute()
-        for run_id in live:  # hsetnx above cannot overwrite an empty string
-            if not text(conn.hget(keys.run(run_id), "started_at")):
-                conn.hset(keys.run(run_id), "started_at", started)
+        live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
+                              fields={"status": RunStatus.running.value, "current_stage": stage_id},
+                              fields_if_unset={"started_at": started})
         _write_run_dirs(settings, conn, live, stage_id, spec)
         lease.start_heartbeat()
 
@@ -383,9 +372,9 @@ def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "")
     pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
                                              "machine_fault": machine_fault})
     pipe.srem(keys.RUNNING_STAGES, stage_id)
-    for run_id in _live_runs(conn, stage_id):
-        pipe.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
     pipe.execute()
+    update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
+                   fields={"status": RunStatus.queued.value, "current_stage": ""})
 
 
 def _record_oom_retries(conn: redis.Redis, reporter: StageReporter, stage_id: str, train: TrainOutcome) -> None:
@@ -422,45 +411,17 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
 
     now = time.time()
     metrics = (result or {}).get("metrics") or []
-    stage_fields: dict[FieldT, EncodableT] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
+    stage_fields: dict[str, Any] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
     if result is not None:
         stage_fields["outcome"] = json.dumps(result)
         if spec.kind == StageKind.eval:
             stage_fields["metrics"] = json.dumps(metrics)
     with contextlib.suppress(redis.RedisError):
         charge_usage(conn, user, now - started)
-    run_ids = [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
-    pipe = conn.pipeline(transaction=False)
-    pipe.hset(keys.stage(stage_id), mapping=stage_fields)
-    pipe.srem(keys.RUNNING_STAGES, stage_id)
-    for run_id in run_ids:
-        pipe.hmget(keys.run(run_id), "status", "n_stages", "grid", "eval_stages")
-    answers = pipe.execute()[2:]
-    grids: set[str] = set()
-    finished_runs: list[str] = []
-    pipe = conn.pipeline(transaction=False)
-    for run_id, (run_status, n_stages, grid, eval_stages) in zip(run_ids, answers, strict=True):
-        run_status = text(run_status)
-        if run_status not in (RunStatus.queued.value, RunStatus.running.value):
-            continue
-        grids.add(text(grid))
-        if status == RunStatus.finished:
-            if stage_id in json.loads(text(eval_stages) or "[]"):
-                for metric in metrics:
-                    pipe.hset(keys.run_results(run_id), metric["task"], json.dumps({**metric, "stage": stage_id}))
-            pipe.hincrby(keys.run(run_id), "work_done", spec.work)
-            done = conn.hincrby(keys.run(run_id), "stages_done", 1)
-            if done >= int(text(n_stages) or 0):
-                pipe.hset(keys.run(run_id), mapping={"status": RunStatus.finished.value, "ended_at": now,
-                                                     "current_stage": ""})
-                finished_runs.append(run_id)
-            else:
-                pipe.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
-        else:
-            pipe.hset(keys.run(run_id), mapping={
-                "status": status.value, "ended_at": now, "current_stage": "",
-                "error": f"{spec.kind.value} stage {stage_id}: {error}"})
-    pipe.execute()
+    run_ids, grids, finished_runs = finish_stage_records(
+        conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work,
+        metrics=metrics if status == RunStatus.finished else [], now=now,
+        run_error=f"{spec.kind.value} stage {stage_id}: {error}")
     if status != RunStatus.finished:
         # Stages that only the now-failed runs needed will never be able to run.
         cancel_stage_jobs(conn, run_ids, reason=f"{spec.kind.value} stage {stage_id} {status.value}")

@@ -20,6 +20,7 @@ from rq.serializers import JSONSerializer
 from jobs import keys
 from jobs.codec import text
 from jobs.errors import GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
+from jobs.runstate import LIVE, update_runs_if
 from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
 
 if TYPE_CHECKING:
@@ -31,7 +32,6 @@ ENTRY_POINT = "jobs.entry.run_stage"
 # RQ's defaults would kill a job after 180 s and drop its record after 500 s.
 RESULT_TTL_S = 90 * 86400
 FAILURE_TTL_S = 90 * 86400
-LIVE = (RunStatus.queued.value, RunStatus.running.value)
 SKIPPED_ON_ENQUEUE = (*LIVE, RunStatus.finished.value)  # a twin run in these states is not queued again
 ENQUEUE_LOCK_TTL_MS = 60_000
 
@@ -427,14 +427,14 @@ def cancel_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool
     already = [r["id"] for r in records if r["status"] not in LIVE]
     mine, foreign = _others([r for r in records if r["status"] in LIVE], user, force,
                             skip_foreign=skip_foreign, verb="cancel")
-    canceled: list[str] = []
-    now = time.time()
+    # Only runs still live when the write happens: the worker may have just finished one.
+    canceled = update_runs_if(conn, [r["id"] for r in mine], allowed=LIVE, fields={
+        "status": RunStatus.canceled.value, "ended_at": time.time(), "error": f"canceled by {user}"})
+    already += [r["id"] for r in mine if r["id"] not in canceled]
     for record in mine:
-        conn.hset(keys.run(record["id"]), mapping={
-            "status": RunStatus.canceled.value, "ended_at": now, "error": f"canceled by {user}"})
-        canceled.append(record["id"])
-        for sid in json.loads(record["stages"]):
-            _cancel_stage_if_unneeded(conn, sid, user=user)
+        if record["id"] in canceled:
+            for sid in json.loads(record["stages"]):
+                _cancel_stage_if_unneeded(conn, sid, user=user)
     return canceled, already, foreign
 
 

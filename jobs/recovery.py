@@ -24,6 +24,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.layout import LOG_FILE
 from jobs.queueing import job_id_for, stage_id_for
+from jobs.runstate import LIVE, update_runs_if
 from jobs.specs import RunStatus
 
 if TYPE_CHECKING:
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
 # A stage whose horse died this many times is failed rather than retried forever.
 MAX_ORPHANINGS = 20
 REAP_LOCK_TTL_S = 30
-_LIVE = (RunStatus.queued.value, RunStatus.running.value)
 # Jobs in the failed registries ARGV[1] (a JSON list) whose stage is still live, or finished while RQ
 # does not know it. ARGV[2]: stage key prefix, ARGV[3]: RQ job key prefix, ARGV[4]: stl's job id prefix.
 _LIVE_FAILED_JOBS = """
@@ -147,7 +147,7 @@ def find_lost_jobs(conn: redis.Redis) -> list[str]:
         status, holder, job_status = (text(a) for a in answers[3 * index:3 * index + 3])
         if holder and not holder_is_dead(holder):
             continue  # a live horse has it
-        if status in _LIVE or (status == RunStatus.finished.value and job_status != JobStatus.FINISHED.value):
+        if status in LIVE or (status == RunStatus.finished.value and job_status != JobStatus.FINISHED.value):
             lost.append(stage_id_for(job_id))
     return lost
 
@@ -166,7 +166,7 @@ def find_dropped_jobs(conn: redis.Redis, *, chunk: int = 2000) -> list[str]:
         for run_id in run_ids[first:first + chunk]:
             pipe.hmget(keys.run(run_id), "status", "stages")
         for status, stages in pipe.execute():
-            if text(status) in _LIVE and stages:
+            if text(status) in LIVE and stages:
                 stage_ids.update(json.loads(text(stages)))
     ordered = sorted(stage_ids)
     queued: list[tuple[str, str]] = []  # (job id, queue name)
@@ -214,7 +214,7 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
     if not running and not horse_dead:
         return False
     status = text(conn.hget(stage_key, "status"))
-    if status not in (*_LIVE, RunStatus.finished.value):
+    if status not in (*LIVE, RunStatus.finished.value):
         # Its failure or cancellation is on record already; only the bookkeeping is left.
         conn.srem(keys.RUNNING_STAGES, stage_id)
         conn.delete(keys.stage_lease(stage_id))
@@ -244,9 +244,8 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
         fail_stage(conn, settings, stage_id, f"its work horse died {orphanings} times ({reason}); see `stl logs`")
         return True
     _enqueue_at_front(conn, job, stage_id, line=line)
-    for run_id in (text(r) for r in conn.smembers(keys.stage_runs(stage_id))):
-        if text(conn.hget(keys.run(run_id), "status")) == RunStatus.running.value:
-            conn.hset(keys.run(run_id), mapping={"status": RunStatus.queued.value, "current_stage": ""})
+    update_runs_if(conn, [text(r) for r in conn.smembers(keys.stage_runs(stage_id))],
+                   allowed=[RunStatus.running.value], fields={"status": RunStatus.queued.value, "current_stage": ""})
     workdir = settings.stages_dir / stage_id
     if workdir.is_dir():
         try:
