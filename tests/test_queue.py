@@ -489,3 +489,36 @@ def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(
     run_id = text(conn.zrange(keys.RUNS, 0, 0)[0])
     result = runner.invoke(app, ["cancel", run_id, run_id[:8]])
     assert result.exit_code == 0 and result.stdout.startswith("canceled 1 of 1 run(s)"), result.output
+
+
+def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_other(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import queueing
+    from jobs.entry import finish_stage
+    from jobs.states import RunStatus
+
+    grid = grid_dict(demo_data)
+    grid["grid"].update(model=["tiny:bart"], mtl=["none"], shots=[0], seed=[0, 1])
+    expanded = parse_grid(write_grid(tmp_path, demo_data, grid=grid["grid"]))
+    submit_runs(conn, expanded.runs, expanded.stages, user="alice", priority="normal", stage_timeout=60)
+    first, second = expanded.runs
+    # The worker finishes the first run's only stage after the cancel read the run as live...
+    stale = queueing._load_runs(conn, [first.run_id])  # noqa: SLF001
+    [stage_id] = first.stages
+    finish_stage(conn, load_settings(), stage_id, expanded.stages[stage_id], status=RunStatus.finished, error="",
+                 started=0.0, user="alice", result={"metrics": [{"task": "t", "value": 0.5}]})
+    assert text(conn.hget(keys.run(first.run_id), "status")) == "finished"
+    monkeypatch.setattr(queueing, "_load_runs", lambda *_args: stale)
+    canceled, already, _ = queueing.cancel_runs(conn, [first.run_id], user="alice", force=False)
+    monkeypatch.undo()
+    # ...and the finished run stays finished, reported as already ended.
+    assert (canceled, already) == ([], [first.run_id])
+    assert text(conn.hget(keys.run(first.run_id), "status")) == "finished"
+
+    # The other way round: a run canceled while its stage ran is not put back in the queue by that stage's end.
+    [other_stage] = second.stages
+    queueing.cancel_runs(conn, [second.run_id], user="alice", force=False)
+    finish_stage(conn, load_settings(), other_stage, expanded.stages[other_stage], status=RunStatus.finished,
+                 error="", started=0.0, user="alice", result={"metrics": [{"task": "t", "value": 0.5}]})
+    assert text(conn.hget(keys.run(second.run_id), "status")) == "canceled"
+    assert not conn.exists(keys.run_results(second.run_id))
