@@ -476,12 +476,12 @@ def worker(
 @app.command("plot")
 def plot_curves(
     runs: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")],
-    out: Annotated[Path, typer.Option(help="The PNG to write.")] = Path("curves.png"),
+    out: Annotated[Path, typer.Option(help="The image to write: .png, .svg or .pdf.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
     from cli.render import format_cell
     from jobs.plots import plot_loss_curves
-    from jobs.records import loss_curve, resolve_run_ids, run_cell
+    from jobs.records import loss_curve, resolve_run_ids, run_cell, run_status
 
     with handled():
         settings = _settings()
@@ -489,10 +489,14 @@ def plot_curves(
         curves, stage_names = {}, {}
         for run_id in resolve_run_ids(conn, runs):
             points, names = loss_curve(conn, run_id)
+            cell = run_cell(conn, run_id)
             if not points:
-                typer.echo(f"stl: run {run_id} has no training steps yet (zero-shot runs have none)", err=True)
+                trains = cell.get("mtl", "none") != "none" or cell.get("shots", 0)
+                why = (f"none of its training stages has logged a step yet (it is {run_status(conn, run_id)})"
+                       if trains else "it trains nothing: zero-shot with no MTL")
+                typer.echo(f"stl: run {run_id} has no training-loss curve: {why}", err=True)
                 continue
-            label = f"{run_id[:8]} {format_cell(run_cell(conn, run_id))}"
+            label = f"{run_id[:8]} {format_cell(cell)}"
             curves[label], stage_names[label] = points, names
         if not curves:
             raise UsageError("none of these runs has a training-loss curve")

@@ -22,7 +22,7 @@ from itertools import accumulate, count, islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from jobs.errors import DataError, missing_on_worker, path_error
+from jobs.errors import DataError, UsageError, missing_on_worker, path_error
 from jobs.specs import TaskType
 
 if TYPE_CHECKING:
@@ -840,6 +840,15 @@ def write_demo_dataset(directory: Path) -> Path:
     path = directory / DEMO_FILE
     lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in _demo_rows()]
     readme = _DEMO_README.format(train=", ".join(DEMO_TRAIN_TASKS), held_out=", ".join(DEMO_EVAL_TASKS))
+    # Never over someone's own files (`stl data demo .` in a project): only over an earlier demo set.
+    for target, mark in ((path, b'"dataset": "stl-demo"'), (directory / "README.md", _DEMO_README[:30].encode())):
+        try:
+            head = target.read_bytes()[:4096] if target.is_file() else None
+        except OSError:
+            head = b""
+        if head is not None and mark not in head:
+            raise UsageError(f"{target} exists and is not stl's demo data; write the demo dataset into another "
+                             "folder (e.g. a new one: stl data demo demo-data)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         _write_atomically(path, "".join(line + "\n" for line in lines))
@@ -850,6 +859,11 @@ def write_demo_dataset(directory: Path) -> Path:
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file: a full disk leaves the old file, not a torn one."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_text(text, encoding="utf-8", newline="\n")
+        os.replace(temporary, path)
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        raise

@@ -89,6 +89,9 @@ def path_error(action: str, path: Path, e: OSError) -> UsageError:
         for part in (path, *path.parents):
             if part.exists() and not part.is_dir():
                 return UsageError(f"cannot {action} {path}: {part} is a file, not a folder; choose another path")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return UsageError(f"cannot {action} {path}: the disk is full; free some space there or choose a path on "
+                          "another disk")
     reason = e.strerror or str(e)
     where = f" ({e.filename})" if e.filename and Path(str(e.filename)) != path else ""
     return UsageError(f"cannot {action} {path}: {reason}{where}; choose a path in a folder you can write to")

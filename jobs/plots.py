@@ -6,7 +6,9 @@ the Agg canvas, so nothing here touches pyplot's global state or needs a display
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import textwrap
 from typing import TYPE_CHECKING
 
@@ -290,6 +292,8 @@ def _centred_mean(values: list[float], *, window: int) -> list[float]:
 def _save(figure: Figure, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    if path.is_dir():
+        raise UsageError(f"cannot write the plot {path}: it is a folder; name the file, e.g. {path / 'plot.png'}")
     canvas = FigureCanvasAgg(figure)
     suffix = path.suffix.lower().lstrip(".")
     supported = canvas.get_supported_filetypes()
@@ -299,9 +303,14 @@ def _save(figure: Figure, path: Path) -> Path:
             f"cannot write {path}: unknown image format {suffix or '(none)'!r}; use .png, .svg or .pdf "
             f"(matplotlib also writes {others})"
         )
+    # Through a temporary file: a full disk must not leave a torn image where the last good plot was.
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=DPI)
+        figure.savefig(temporary, dpi=DPI, format=suffix)
+        os.replace(temporary, path)
     except OSError as e:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise path_error("write the plot", path, e) from e
     return path

@@ -396,3 +396,16 @@ def test_a_row_cut_short_after_its_task_is_found_before_anything_is_queued(tmp_p
     path.write_text(json.dumps(row) + "\n" + json.dumps(row)[:-12] + "\n")  # "task" survives the cut
     with pytest.raises(DataError, match=r"cut\.jsonl:2: not a whole JSON object .*cut short"):
         data.task_catalog(str(path))
+
+
+def test_the_demo_dataset_is_never_written_over_someone_elses_files(tmp_path: Path) -> None:
+    from jobs.errors import UsageError
+
+    (tmp_path / "README.md").write_text("# my project\n")
+    with pytest.raises(UsageError, match=r"README.md exists and is not stl's demo data"):
+        data.write_demo_dataset(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my project\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
+    again = tmp_path / "demo"
+    data.write_demo_dataset(again)
+    data.write_demo_dataset(again)  # over its own earlier copy: fine

@@ -197,3 +197,25 @@ def test_few_shot_branches_are_named_by_their_task_at_their_end() -> None:
     texts = {text.get_text(): text.xy for text in figure.axes[0].texts}
     assert texts == {"emotion": (4, 1.8), "summary": (4, 1.5)}
     assert not build_loss_figure({"run": points}).axes[0].texts
+
+
+def test_a_plot_that_cannot_be_written_leaves_the_last_one_whole(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from matplotlib.figure import Figure
+
+    path = plot_loss_curves({"run": [(1, 2.0), (2, 1.5)]}, tmp_path / "loss.png")
+    good = path.read_bytes()
+
+    def disk_fills_up(self: Figure, fname: Path, **kwargs: object) -> None:
+        Path(fname).write_bytes(b"\x89PNG torn")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", disk_fills_up)
+    with pytest.raises(UsageError, match="cannot write the plot .*loss.png: the disk is full"):
+        plot_loss_curves({"run": [(1, 3.0), (2, 1.0)]}, path)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]  # no temporary file left behind
+    with pytest.raises(UsageError, match="it is a folder; name the file"):
+        plot_loss_curves({"run": [(1, 3.0), (2, 1.0)]}, tmp_path)
