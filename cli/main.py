@@ -127,6 +127,7 @@ def _one_line(message: str) -> str:
     return " ".join(message.splitlines())
 
 
+LIVE_READ_TIMEOUT_S = 5.0  # `stl status` (live): how long one Redis command may take before the view says so
 RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")
 
 
@@ -234,14 +235,16 @@ def status(
     grid: Annotated[str | None, typer.Option(help="Only this grid's runs.")] = None,
     once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print {runs, workers} as JSON and exit.")] = False,
-    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2)] = 1.0,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2, max=3600)] = 1.0,
 ) -> None:
     """Show queued, running and finished runs per user and grid, running runs and workers, live."""
+    from jobs.connection import connect
     from jobs.records import list_runs, list_workers, status_summary
 
     with handled():
         settings = _settings()
-        conn = _connect(settings)
+        # A live view must say within seconds that Redis hangs, not freeze on its last frame for a minute.
+        conn = connect(settings, read_timeout=60.0 if once or as_json else LIVE_READ_TIMEOUT_S)
         if as_json:
             runs = list_runs(conn, user=user, grid=grid)
             _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)]})

@@ -54,6 +54,8 @@ def redis_server_binary() -> str | None:
 def _describe_url(url: str) -> str:
     """The URL without its password, for messages."""
     parsed = urlparse(url)
+    if parsed.scheme == "unix":
+        return f"unix://{parsed.path}"
     host = parsed.hostname or "localhost"
     return f"{parsed.scheme}://{host}:{parsed.port or 6379}{parsed.path or ''}"
 
@@ -108,13 +110,13 @@ PATIENT_RETRY = PatientRetry(PATIENT_BACKOFF, retries=PATIENT_RETRIES)
 BRIEF_RETRY = Retry(ExponentialBackoff(cap=0.5, base=0.1), retries=2)
 
 
-def _ping(url: str, timeout: float = 1.0, *, patient: bool = False) -> redis.Redis:
+def _ping(url: str, timeout: float = 1.0, *, patient: bool = False, read_timeout: float = 60.0) -> redis.Redis:
     # The PING gets a short read timeout: a listener that never answers (not Redis, or TLS against a plain
     # server) must not hang the CLI. Real commands get a long one (a 10,000-run enqueue script).
     with redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=2 * timeout,
                               retry=BRIEF_RETRY, retry_on_error=[redis.ConnectionError, redis.TimeoutError]) as probe:
         probe.ping()
-    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=60,
+    return redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=read_timeout,
                                 health_check_interval=30, retry=PATIENT_RETRY if patient else BRIEF_RETRY,
                                 retry_on_error=[redis.ConnectionError, redis.TimeoutError])
 
@@ -143,18 +145,24 @@ def start_embedded_redis(home: Path) -> None:
           f"(data in {data_dir}; set STL_REDIS_URL to use another)", file=sys.stderr)
 
 
-def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = False) -> redis.Redis:
+def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = False,
+            read_timeout: float = 60.0) -> redis.Redis:
     """A connection that answers PING, or RedisUnavailable saying what to do.
 
-    `patient` connections (the worker's) retry every command through a Redis restart.
+    `patient` connections (the worker's) retry every command through a Redis restart. `read_timeout` bounds
+    how long one command may wait for an answer (a live view wants to say soon that Redis hangs).
     """
     url = settings.redis_url
-    database = urlparse(url).path.strip("/")
+    parsed = urlparse(url)
+    if "://" not in url:
+        raise UsageError(f"STL_REDIS_URL {url!r} has no scheme; write it as redis://[:PASSWORD@]HOST:PORT/DB, "
+                         "e.g. redis://localhost:6379/0 (or unix:///path/to/redis.sock)")
+    database = parsed.path.strip("/") if parsed.scheme in ("redis", "rediss") else ""  # unix://: a socket's path
     if database and not database.isdigit():  # redis-py would quietly use database 0
         raise UsageError(f"STL_REDIS_URL names database {database!r}; the database is a number: "
                          "redis://[:PASSWORD@]HOST:PORT/DB, e.g. redis://localhost:6379/0")
     try:
-        return _ping(url, patient=patient)
+        return _ping(url, patient=patient, read_timeout=read_timeout)
     except ValueError as e:  # redis-py's parse of the URL: scheme, port, db
         raise UsageError(f"STL_REDIS_URL is not a usable Redis URL ({e}); "
                          "write it as redis://[:PASSWORD@]HOST:PORT/DB, e.g. redis://localhost:6379/0") from e
@@ -179,7 +187,7 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
     deadline = time.monotonic() + 10
     while True:
         try:
-            return _ping(url, patient=patient)
+            return _ping(url, patient=patient, read_timeout=read_timeout)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             if time.monotonic() > deadline:
                 raise RedisUnavailable(f"the embedded redis-server did not answer on {_describe_url(url)}: "

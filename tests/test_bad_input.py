@@ -254,6 +254,9 @@ def test_bad_settings_are_one_line_and_never_reach_another_redis(tmp_path: Path)
         "a database that is not a number": ({"STL_REDIS_URL": f"redis://127.0.0.1:{port}/abc"},
                                              "STL_REDIS_URL names database 'abc'", 2),
         "not Redis on the port": ({"STL_REDIS_URL": f"redis://127.0.0.1:{port}/0"}, "does not speak Redis", 1),
+        "no scheme": ({"STL_REDIS_URL": f"127.0.0.1:{port}"}, f"STL_REDIS_URL '127.0.0.1:{port}' has no scheme", 2),
+        "a unix socket's path is not a database": ({"STL_REDIS_URL": f"unix://{tmp_path}/no.sock"},
+                                                   f"cannot reach Redis at unix://{tmp_path}/no.sock", 1),
         "an STL_HOME that cannot be expanded": ({"STL_REDIS_URL": "redis://127.0.0.1:1/0",
                                                  "STL_HOME": "~no-such-user-here/stl"}, "STL_HOME", 2),
     }
