@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import shlex
+import shutil
 import subprocess
 import urllib.error
 import urllib.parse
@@ -20,6 +21,27 @@ if TYPE_CHECKING:
 
 COMMAND_TIMEOUT_S = 30.0
 WEBHOOK_TIMEOUT_S = 10.0
+
+
+def notify_setting_problems(command: str | None, url: str | None) -> list[str]:
+    """What is wrong with STL_NOTIFY_CMD and STL_NOTIFY_URL, found when the worker starts rather than when the
+    first grid ends, hours later."""
+    problems = []
+    if command:
+        try:
+            argv = shlex.split(command)
+        except ValueError as e:
+            argv = []
+            problems.append(f"STL_NOTIFY_CMD is not a valid command line ({e}); fix its quoting")
+        if argv and shutil.which(argv[0]) is None:
+            problems.append(f"STL_NOTIFY_CMD names {argv[0]!r}, which is not a program on PATH (it runs without "
+                            "a shell: for pipes or redirections, point it at a script)")
+    if url:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            problems.append(f"STL_NOTIFY_URL must be an http:// or https:// URL with a host, got scheme "
+                            f"{parsed.scheme!r}")
+    return problems
 
 
 def notify_grid_done(
@@ -45,7 +67,7 @@ def notify_grid_done(
         if url:
             ok = post_webhook(url, summary_line(grid, summary), log=log, timeout_s=webhook_timeout_s) and ok
     except Exception as e:  # a notification must never fail the worker that finished the grid
-        log(f"notify: unexpected error while notifying about grid {grid}: {e!r}")
+        log(f"unexpected error while notifying about grid {grid}: {e!r}")
         return False
     return ok
 
@@ -95,15 +117,15 @@ def run_notify_command(
     try:
         argv = [*shlex.split(command), grid]
     except ValueError as e:
-        log(f"notify: STL_NOTIFY_CMD is not a valid command line ({e}); fix its quoting")
+        log(f"STL_NOTIFY_CMD is not a valid command line ({e}); fix its quoting")
         return False
     if len(argv) < 2:
-        log("notify: STL_NOTIFY_CMD is empty; set it to a program, e.g. STL_NOTIFY_CMD='notify-send stl'")
+        log("STL_NOTIFY_CMD is empty; set it to a program, e.g. STL_NOTIFY_CMD='notify-send stl'")
         return False
     try:
         payload = json.dumps({"grid": grid, **summary}, default=str)
     except ValueError as e:  # a circular summary is a caller bug, not a reason to fail the worker
-        log(f"notify: the summary of grid {grid} cannot be written as JSON ({e}); command not run")
+        log(f"the summary of grid {grid} cannot be written as JSON ({e}); command not run")
         return False
     try:
         result = subprocess.run(
@@ -115,14 +137,14 @@ def run_notify_command(
             check=False,
         )
     except subprocess.TimeoutExpired:
-        log(f"notify: {argv[0]} did not finish within {timeout_s:g} s; it was stopped")
+        log(f"{argv[0]} did not finish within {timeout_s:g} s; it was stopped")
         return False
     except OSError as e:  # not found, not executable, ...
-        log(f"notify: cannot run STL_NOTIFY_CMD {argv[0]!r}: {e}")
+        log(f"cannot run STL_NOTIFY_CMD {argv[0]!r}: {e}")
         return False
     if result.returncode != 0:
         detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
-        log(f"notify: {argv[0]} exited with status {result.returncode}: {detail[0][:300]}")
+        log(f"{argv[0]} exited with status {result.returncode}: {detail[0][:300]}")
         return False
     return True
 
@@ -139,7 +161,7 @@ def post_webhook(
     # Webhook URLs embed their secret in the path, so logs name only the host.
     where = parsed.hostname or "(no host)"
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        log(f"notify: STL_NOTIFY_URL must be an http:// or https:// URL, got scheme {parsed.scheme!r}")
+        log(f"STL_NOTIFY_URL must be an http:// or https:// URL, got scheme {parsed.scheme!r}")
         return False
     request = urllib.request.Request(
         url,
@@ -151,13 +173,13 @@ def post_webhook(
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             status = response.status
     except urllib.error.HTTPError as e:
-        log(f"notify: webhook at {where} answered HTTP {e.code} {e.reason}")
+        log(f"webhook at {where} answered HTTP {e.code} {e.reason}")
         return False
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        log(f"notify: cannot reach the webhook at {where}: {reason}")
+        log(f"cannot reach the webhook at {where}: {reason}")
         return False
     if not 200 <= status < 300:
-        log(f"notify: webhook at {where} answered HTTP {status}")
+        log(f"webhook at {where} answered HTTP {status}")
         return False
     return True

@@ -82,10 +82,15 @@ def load_settings() -> Settings:
         notify_cmd=env.get("STL_NOTIFY_CMD") or None,
         notify_url=env.get("STL_NOTIFY_URL") or None,
         fault_inject=env.get("STL_FAULT_INJECT", ""),
-        prune_finetune=_flag(env.get("STL_PRUNE_FINETUNE", "")),
+        prune_finetune=_flag("STL_PRUNE_FINETUNE", env.get("STL_PRUNE_FINETUNE", "")),
     )
 
 
-def _flag(value: str) -> bool:
-    """An on/off setting: 1, true, yes or on (any case) turn it on; anything else leaves it off."""
-    return value.strip().lower() in ("1", "true", "yes", "on")
+def _flag(name: str, value: str) -> bool:
+    """An on/off setting: 1, true, yes or on (any case) turn it on; 0, false, no, off or nothing leave it off."""
+    word = value.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("", "0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{name}={value.strip()!r} is neither on nor off; set it to 1 (on) or 0 (off)")

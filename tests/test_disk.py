@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -12,6 +13,7 @@ from cli.main import app
 from cli.render import disk_rows, format_bytes, prune_lines
 from jobs import keys
 from jobs.disk import clear_caches, disk_usage, prune_stage_models
+from jobs.errors import UsageError
 from jobs.grid import ExpandedGrid, parse_grid
 from jobs.queueing import job_id_for, submit_runs
 from jobs.settings import load_settings
@@ -21,7 +23,6 @@ from tests.helpers import grid_dict, write_grid
 if TYPE_CHECKING:
     from pathlib import Path
 
-    import pytest
     import redis
 
 runner = CliRunner()
@@ -218,3 +219,7 @@ def test_the_prune_setting_is_an_on_off_flag(monkeypatch: pytest.MonkeyPatch) ->
     for value, expected in [("1", True), (" Yes", True), ("on", True), ("0", False), ("", False), ("no", False)]:
         monkeypatch.setenv("STL_PRUNE_FINETUNE", value)
         assert load_settings().prune_finetune is expected, value
+    for value in ("2", "prune", "onn"):
+        monkeypatch.setenv("STL_PRUNE_FINETUNE", value)
+        with pytest.raises(UsageError, match=f"STL_PRUNE_FINETUNE='{value}' is neither on nor off"):
+            load_settings()

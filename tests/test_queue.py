@@ -478,6 +478,15 @@ def test_a_worker_that_cannot_write_stl_home_takes_no_job(
     # nothing was taken, so nothing failed on it
     assert queued_job_ids(conn, "alice") == before
     assert {text(conn.hget(keys.run(r.decode()), "status")) for r in conn.zrange(keys.RUNS, 0, -1)} == {"queued"}
+    # Notification settings that could never work are said at the start too, not when the first grid ends.
+    monkeypatch.setenv("STL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STL_NOTIFY_CMD", "no-such-program-here --x")
+    monkeypatch.setenv("STL_NOTIFY_URL", "hooks.example.com/services/SECRET")
+    result = runner.invoke(app, ["worker", "--burst"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "STL_NOTIFY_CMD names 'no-such-program-here', which is not a program on PATH" in result.stderr
+    assert "STL_NOTIFY_URL must be an http:// or https:// URL" in result.stderr and "SECRET" not in result.stderr
+    assert queued_job_ids(conn, "alice") == before
 
 
 def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(

@@ -438,8 +438,13 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
                preload: bool = True) -> bool:
     """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking."""
     from jobs.disk import check_home_writable
+    from jobs.errors import UsageError
+    from jobs.notify import notify_setting_problems
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
+    problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
+    if problems:  # said now, not when the first grid ends hours later (and then only in this worker's log)
+        raise UsageError("; and ".join(problems))
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:
