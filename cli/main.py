@@ -516,7 +516,8 @@ def disk(
         "or running run needs. A run that needs one later trains it again.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="With --prune: list what would go; delete nothing.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="With --clear-caches: even while stages run.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --clear-caches: even while stages run. With --prune: other users' models too.")] = False,
 ) -> None:
     """Show what STL_HOME holds on disk (caches, stage models, run results); clear caches or prune models.
 
@@ -535,11 +536,11 @@ def disk(
             raise UsageError("--clear-caches and --prune are separate steps; run one, then the other")
         if dry_run and prune is None:
             raise UsageError("--dry-run goes with --prune")
-        if force and not clear_caches:
-            raise UsageError("--force goes with --clear-caches")
+        if force and not (clear_caches or prune is not None):
+            raise UsageError("--force goes with --clear-caches or --prune")
         if prune is not None:
             report = disk_lib.prune_stage_models(_connect(settings), settings, prune, user=_user(settings, None),
-                                                 dry_run=dry_run)
+                                                 dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
                 typer.echo(line)
             return

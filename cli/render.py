@@ -431,6 +431,10 @@ def prune_lines(report: PruneReport, target: str, *, dry_run: bool) -> list[str]
     if report.needed:
         size = format_bytes(sum(m.bytes for m in report.needed))
         lines.append(f"kept {len(report.needed)} ({size}): a queued or running run needs them")
+    if report.others:
+        size = format_bytes(sum(m.bytes for m in report.others))
+        lines.append(f"left {len(report.others)} ({size}) alone: runs of {', '.join(report.owners)} used them; "
+                     "ask them, or pass --force to prune those too")
     if report.unknown:
         size = format_bytes(sum(m.bytes for m in report.unknown))
         lines.append(f"left {len(report.unknown)} ({size}) alone: this Redis has no record of their stages "

@@ -69,6 +69,8 @@ class PruneReport:
     pruned: list[StageModel] = field(default_factory=list)
     needed: list[StageModel] = field(default_factory=list)  # a queued or running run needs them, or one runs
     unknown: list[StageModel] = field(default_factory=list)  # no record in this Redis: left alone
+    others: list[StageModel] = field(default_factory=list)  # other users' runs used them: left alone without force
+    owners: list[str] = field(default_factory=list)  # those users
 
     @property
     def freed_bytes(self) -> int:
@@ -237,11 +239,42 @@ _RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL
 
 
 def prune_stage_models(conn: redis.Redis, settings: Settings, target: PruneTarget, *, user: str,
-                       dry_run: bool = False) -> PruneReport:
+                       dry_run: bool = False, force: bool = False) -> PruneReport:
     """Delete the models of finished `target` stages that no queued or running run needs. Their records
-    are marked pruned: an enqueue that needs one trains it again. With `dry_run`, only report."""
+    are marked pruned: an enqueue that needs one trains it again. With `dry_run`, only report. Models that
+    other users' runs used are theirs to prune (retraining an MTL model costs GPU hours), unless `force`."""
     candidates = {model.stage_id: model for model in stage_models(settings) if model.kind in target.kinds}
-    return _prune(conn, candidates, user=user, dry_run=dry_run)
+    others: dict[str, StageModel] = {}
+    owners: set[str] = set()
+    if not force and candidates:
+        for stage_id, users in _run_users(conn, list(candidates)).items():
+            foreign = users - {user}
+            if foreign:
+                others[stage_id] = candidates.pop(stage_id)
+                owners |= foreign
+    report = _prune(conn, candidates, user=user, dry_run=dry_run)
+    report.others, report.owners = list(others.values()), sorted(owners)
+    return report
+
+
+def _run_users(conn: redis.Redis, stage_ids: list[str]) -> dict[str, set[str]]:
+    """Who queued the runs each stage served (a stage with no runs left, or no record: nobody)."""
+    pipe = conn.pipeline(transaction=False)
+    for stage_id in stage_ids:
+        pipe.smembers(keys.stage_runs(stage_id))
+        pipe.hget(keys.stage(stage_id), "user")
+    answers = pipe.execute()
+    runs = {sid: [text(r) for r in answers[2 * i]] for i, sid in enumerate(stage_ids)}
+    pipe = conn.pipeline(transaction=False)
+    for run_ids in runs.values():
+        for run_id in run_ids:
+            pipe.hget(keys.run(run_id), "user")
+    users = iter(pipe.execute())
+    owners = {sid: {text(next(users)) for _ in run_ids} for sid, run_ids in runs.items()}
+    for i, sid in enumerate(stage_ids):  # the user whose enqueue created the stage
+        if answers[2 * i + 1]:
+            owners[sid].add(text(answers[2 * i + 1]))
+    return {sid: {u for u in found if u} for sid, found in owners.items()}
 
 
 def prune_finished_runs_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[str], *,

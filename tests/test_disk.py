@@ -223,3 +223,17 @@ def test_the_prune_setting_is_an_on_off_flag(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setenv("STL_PRUNE_FINETUNE", value)
         with pytest.raises(UsageError, match=f"STL_PRUNE_FINETUNE='{value}' is neither on nor off"):
             load_settings()
+
+
+def test_other_users_models_are_theirs_to_prune_unless_forced(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    finished_grid(conn, stl_env, write_grid(tmp_path, demo_data))  # alice's runs
+    monkeypatch.setenv("STL_USER", "bob")
+    result = runner.invoke(app, ["disk", "--prune", "all"])
+    assert result.exit_code == 0, result.stderr
+    assert "pruned 0 stage model(s)" in result.stdout
+    assert "left 5 (4.9 KiB) alone: runs of alice used them; ask them, or pass --force" in result.stdout, result.stdout
+    assert len(list((stl_env / "stages").glob("*/model"))) == 5
+    result = runner.invoke(app, ["disk", "--prune", "all", "--force"])
+    assert result.exit_code == 0 and "pruned 5 stage model(s)" in result.stdout, result.stdout
+    assert not list((stl_env / "stages").glob("*/model"))
