@@ -544,11 +544,13 @@ def disk(
             for line in prune_lines(report, prune.value, dry_run=dry_run):
                 typer.echo(line)
             return
+        if settings.home.exists() and not settings.home.is_dir():
+            raise UsageError(f"STL_HOME {settings.home} is a file, not a folder; point STL_HOME at a folder")
+        if not settings.home.is_dir():  # a typo in STL_HOME would otherwise read as an empty home
+            typer.echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
+                       "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
+            return
         if not clear_caches:
-            if not settings.home.is_dir():  # a typo in STL_HOME would otherwise read as an empty home
-                typer.echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
-                           "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
-                return
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
                                              disk_lib.free_space(settings.home)))
             return

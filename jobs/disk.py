@@ -80,6 +80,9 @@ class PruneReport:
 def check_home_writable(settings: Settings) -> None:
     """A worker that cannot write STL_HOME would fail every stage it takes: refuse to start instead."""
     probe = settings.home / f".write-check.{os.getpid()}"  # in the home itself: stages make their folders
+    if settings.home.exists() and not settings.home.is_dir():
+        raise UsageError(f"STL_HOME {settings.home} is a file, not a folder; point STL_HOME at a folder the worker "
+                         "can write (checkpoints, models and results go there)")
     try:
         settings.home.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")

@@ -71,7 +71,8 @@ def load_settings() -> Settings:
         raise UsageError("STL_REDIS_URL is set but blank; give it a Redis URL (redis://HOST:PORT/DB), "
                          "or unset it to use localhost:6379")
     try:
-        home = Path(env.get("STL_HOME") or Path.home() / ".local" / "share" / "stl").expanduser().resolve()
+        # Stripped like the other settings: "/data/stl " from a copied line is not a folder named with a space.
+        home = Path(env.get("STL_HOME", "").strip() or Path.home() / ".local" / "share" / "stl").expanduser().resolve()
     except (RuntimeError, OSError) as e:  # ~nosuchuser, a symlink loop
         raise UsageError(f"STL_HOME {env.get('STL_HOME', '')!r} cannot be used ({e}); set it to a folder's path") from e
     return Settings(

@@ -237,3 +237,12 @@ def test_other_users_models_are_theirs_to_prune_unless_forced(
     result = runner.invoke(app, ["disk", "--prune", "all", "--force"])
     assert result.exit_code == 0 and "pruned 5 stage model(s)" in result.stdout, result.stdout
     assert not list((stl_env / "stages").glob("*/model"))
+
+
+def test_an_stl_home_that_is_a_file_is_named_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    a_file = tmp_path / "home"
+    a_file.write_text("")
+    monkeypatch.setenv("STL_HOME", f"{a_file} ")  # pasted with a trailing space: stripped
+    result = runner.invoke(app, ["disk"])
+    assert result.exit_code == 2 and result.stderr == f"stl: STL_HOME {a_file} is a file, not a folder; point " \
+        "STL_HOME at a folder\n", result.stderr
