@@ -389,15 +389,21 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
 ) -> None:
     """Print a run's log: every stage it needs, from any machine that reaches Redis."""
+    from jobs.connection import connect
     from jobs.records import resolve_run_ids, run_log, run_status
 
     with handled():
         settings = _settings()
-        conn = _connect(settings)
+        conn = connect(settings, patient=follow)  # following rides out a Redis restart, as the worker does
         (run_id,) = resolve_run_ids(conn, [run])
         lines, positions = run_log(conn, run_id)
         for line in lines:
             typer.echo(line)
+        if not lines:  # an empty answer is not a log: say why there is none
+            status = run_status(conn, run_id)
+            why = {"queued": "none of its stages has started yet (`stl status` shows the queue)",
+                   "canceled": "it was canceled before any of its stages started"}.get(status, f"it is {status}")
+            typer.echo(f"stl: run {run_id} has logged nothing: {why}", err=True)
         while follow:
             done = run_status(conn, run_id) in ("finished", "failed", "canceled")
             time.sleep(1.0)

@@ -496,8 +496,13 @@ def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.stderr == 'stl: no grid named ""; `stl status` lists the grids\n'
     run_id = text(conn.zrange(keys.RUNS, 0, 0)[0])
+    result = runner.invoke(app, ["logs", run_id])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert result.stderr == f"stl: run {run_id} has logged nothing: none of its stages has started yet (`stl " \
+        "status` shows the queue)\n"
     result = runner.invoke(app, ["cancel", run_id, run_id[:8]])
     assert result.exit_code == 0 and result.stdout.startswith("canceled 1 of 1 run(s)"), result.output
+    assert "it was canceled before any of its stages started" in runner.invoke(app, ["logs", run_id]).stderr
 
 
 def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_other(
