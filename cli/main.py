@@ -300,12 +300,22 @@ def results(
     plot: Annotated[Path | None, typer.Option(help="Also draw the pivot as grouped bars into this PNG.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
+    from cli.render import results_notes
     from jobs import analysis
     from jobs.records import list_runs, result_rows
 
     with handled():
         if sum([as_json, as_csv, as_markdown]) > 1:
             raise UsageError("choose one of --json, --csv and --markdown")
+        if rows and (plot is not None or effect):
+            raise UsageError("--rows lists runs one by one, while --plot and --effect work on the pivot; "
+                             "leave out --rows")
+        by_axes = None
+        if by is not None:
+            by_axes = [a.strip() for a in by.split(",") if a.strip()]
+            if not by_axes:
+                raise UsageError(f"--by {by!r} names no axis; e.g. --by model,mtl")
+        grids = list(dict.fromkeys(grids))  # a grid named twice is read once
         settings = _settings()
         conn = _connect(settings)
         all_rows: list[dict] = []
@@ -315,19 +325,18 @@ def results(
             all_rows += result_rows(conn, grid)
             grid_runs += list_runs(conn, grid=grid)
         run_summaries = [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status} for r in grid_runs]
-        from cli.render import results_notes
-
-        for note in results_notes(grid_runs):  # on stderr: --json and --csv output stays clean
-            typer.echo(f"stl: {note}", err=True)
         if rows and not as_json:
+            for note in results_notes(grid_runs):  # on stderr: --csv output stays clean
+                typer.echo(f"stl: {note}", err=True)
             _print_rows(grids, all_rows, as_csv=as_csv, as_markdown=as_markdown)
             return
-        by_axes = [a.strip() for a in by.split(",") if a.strip()] if by else None
         pivot = analysis.build_pivot(all_rows, run_summaries, by=by_axes)
         report = None
         if effect:
             axis, a, b = analysis.parse_effect(effect, all_rows)
             report = analysis.effect_sizes(all_rows, axis=axis, a=a, b=b)
+        for note in results_notes(grid_runs):  # after the options are known good: one line for a bad one
+            typer.echo(f"stl: {note}", err=True)
         if plot is not None:
             from jobs.plots import plot_pivot
 

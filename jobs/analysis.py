@@ -384,6 +384,9 @@ def parse_effect(text: str, rows: Iterable[Mapping[str, Any]] | None = None) -> 
 
 
 def _checked_effect(axis: str, a: str, b: str) -> EffectSpec:
+    if axis == SEED_AXIS:
+        raise UsageError("--effect compares the values of an axis the study varies; seeds are what each mean is "
+                         "taken over (e.g. --effect mtl=none:in-domain)")
     if a == b:
         raise UsageError(f"--effect {axis}={a}:{b} compares a value with itself; name two different values")
     return EffectSpec(axis, a, b)

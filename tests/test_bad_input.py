@@ -305,3 +305,18 @@ def test_a_mistyped_command_line_is_one_line_naming_the_command(args: list[str],
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(expected) and result.stderr.count("\n") == 1, result.stderr
     assert result.stdout == ""
+
+
+def test_results_options_that_cannot_go_together_are_refused_before_anything_is_read(tmp_path: Path) -> None:
+    from jobs.analysis import parse_effect
+    from jobs.errors import UsageError as StlUsageError
+
+    env = {"STL_REDIS_URL": "redis://127.0.0.1:1/0", "STL_HOME": str(tmp_path)}  # no Redis needed to refuse
+    for args, says in ((["g", "--rows", "--plot", str(tmp_path / "p.png")], "--rows lists runs one by one"),
+                       (["g", "--rows", "--effect", "mtl=none:in-domain"], "--rows lists runs one by one"),
+                       (["g", "--by", " , "], "--by ' , ' names no axis")):
+        result = CliRunner().invoke(app, ["results", *args], env=env)
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1 and says in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(StlUsageError, match="seeds are what each mean is taken over"):
+        parse_effect("seed=0:1")
