@@ -226,7 +226,7 @@ def enqueue(
             check_grid_unchanged(conn, expanded)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout)
-        typer.echo(enqueue_message(report, who))
+        typer.echo(enqueue_message(report, who, priority))
 
 
 @app.command()

@@ -375,9 +375,12 @@ def build_dry_run_table(expanded: ExpandedGrid, statuses: dict[str, str] | None 
     return table
 
 
-def enqueue_message(report: SubmitReport, user: str) -> str:
+def enqueue_message(report: SubmitReport, user: str, priority: str = "normal") -> str:
     lines = [f"queued {len(report.queued)} run(s) of grid {report.grid} for {user}; "
              f"skipped {len(report.skipped)} identical run(s) already queued or finished"]
+    if report.skipped and priority != "normal":
+        lines.append(f"the skipped runs keep the priority they were queued with, not {priority}; to change it, "
+                     f"`stl cancel --grid {report.grid}` and enqueue again (finished stages are reused)")
     if report.stages_created or report.stages_reused:
         retrained = (f" ({report.stages_retrained} of them train again a model `stl disk --prune` deleted)"
                      if report.stages_retrained else "")

@@ -209,6 +209,8 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
     index = keys.grid_runs(grid) if grid is not None else keys.RUNS  # "": no grid, not every grid
     answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or "", RECENT_FAILURES))
     if grid is not None and not answer["counts"]:
+        if user and conn.zcard(keys.grid_runs(grid)):
+            raise NotFound(f'user "{user}" has no runs in grid "{grid}"; leave out --user to see all of its runs')
         raise NotFound(f'no grid named "{grid}"; `stl status` lists the grids')
     if user and not answer["counts"] and not conn.sismember(keys.USERS, user):
         known = sorted(text(u) for u in conn.smembers(keys.USERS))

@@ -492,6 +492,8 @@ def test_a_worker_that_cannot_write_stl_home_takes_no_job(
 def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
     assert enqueue(write_grid(tmp_path, demo_data))[0] == 0
+    result = runner.invoke(app, ["status", "--once", "--grid", "test-grid", "--user", "carol"])
+    assert result.exit_code == 2 and 'user "carol" has no runs in grid "test-grid"' in result.stderr, result.stderr
     for args in (["results", ""], ["status", "--grid", "", "--once"]):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and result.stderr == 'stl: no grid named ""; `stl status` lists the grids\n'

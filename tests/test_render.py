@@ -353,6 +353,10 @@ def test_enqueue_message_says_how_to_watch_only_when_something_was_queued() -> N
     assert nothing == "queued 0 run(s) of grid g for alice; skipped 2 identical run(s) already queued or finished"
     queued = enqueue_message(SubmitReport(grid="g", queued=["a"], stages_created=2), "alice")
     assert queued.splitlines()[-1] == "watch them with: stl status --grid g"
+    # asking for another priority does not move runs already queued: said, not silently ignored
+    high = enqueue_message(SubmitReport(grid="g", skipped=["a"]), "alice", "high").splitlines()
+    assert high[1].startswith("the skipped runs keep the priority they were queued with, not high")
+    assert len(enqueue_message(SubmitReport(grid="g", queued=["b"]), "alice", "high").splitlines()) == 2
 
 
 def test_run_progress_weighs_each_stage_by_the_examples_it_puts_through_the_model() -> None:
