@@ -148,6 +148,8 @@ def _connect(settings: Settings) -> redis.Redis:
 def _user(settings: Settings, given: str | None) -> str:
     from jobs.settings import check_user_name
 
+    if given is not None and not given.strip():
+        raise UsageError("--user is blank; name the user, or leave out --user to queue as STL_USER")
     return check_user_name(given or settings.user, what="--user" if given else "STL_USER")
 
 
@@ -162,7 +164,8 @@ def enqueue(
     priority: Annotated[str, typer.Option(help="Order within your own queue: high, normal or low.")] = "normal",
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the expanded runs and which are already queued; write nothing.")] = False,
-    max_runs: Annotated[int, typer.Option(help="Refuse grids that expand to more runs than this.")] = DEFAULT_MAX_RUNS,
+    max_runs: Annotated[int, typer.Option(
+        help="Refuse grids that expand to more runs than this.", min=1)] = DEFAULT_MAX_RUNS,
     replace: Annotated[bool, typer.Option(
         "--replace", help="The grid was edited: cancel and drop its runs made with other settings.")] = False,
     force: Annotated[bool, typer.Option(
@@ -399,9 +402,10 @@ def logs(
 ) -> None:
     """Print a run's log: every stage it needs, from any machine that reaches Redis."""
     from jobs.connection import connect
-    from jobs.records import resolve_run_ids, run_log, run_status
+    from jobs.records import check_run_id, resolve_run_ids, run_log, run_status
 
     with handled():
+        check_run_id(run)  # before Redis is asked anything: a malformed id is bad input wherever Redis is
         settings = _settings()
         conn = connect(settings, patient=follow)  # following rides out a Redis restart, as the worker does
         (run_id,) = resolve_run_ids(conn, [run])
@@ -431,11 +435,13 @@ def cancel(
 ) -> None:
     """Cancel runs: queued ones leave the queue, running ones stop within seconds."""
     from jobs.queueing import cancel_runs, runs_of_grid
-    from jobs.records import resolve_run_ids
+    from jobs.records import check_run_id, resolve_run_ids
 
     with handled():
         if bool(runs) == bool(grid):
             raise UsageError("give run ids or --grid, not both and not neither")
+        for run_id in runs or []:
+            check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
@@ -456,12 +462,14 @@ def retry(
 ) -> None:
     """Queue failed or canceled runs again; stages that already finished are not redone."""
     from jobs.queueing import retry_runs, runs_of_grid
-    from jobs.records import resolve_run_ids
+    from jobs.records import check_run_id, resolve_run_ids
 
     with handled():
         del failed  # the only kind of run retry takes
         if bool(runs) == bool(grid):
             raise UsageError("give run ids or --grid G, not both and not neither")
+        for run_id in runs or []:
+            check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
@@ -499,9 +507,11 @@ def plot_curves(
     """Draw the training-loss curves of runs into a PNG."""
     from cli.render import format_cell
     from jobs.plots import plot_loss_curves
-    from jobs.records import loss_curve, resolve_run_ids, run_cell, run_status
+    from jobs.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
 
     with handled():
+        for run_id in runs:
+            check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
         curves, stage_names = {}, {}

@@ -431,10 +431,11 @@ def cancel_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool
     canceled = update_runs_if(conn, [r["id"] for r in mine], allowed=LIVE, fields={
         "status": RunStatus.canceled.value, "ended_at": time.time(), "error": f"canceled by {user}"})
     already += [r["id"] for r in mine if r["id"] not in canceled]
-    for record in mine:
-        if record["id"] in canceled:
-            for sid in json.loads(record["stages"]):
-                _cancel_stage_if_unneeded(conn, sid, user=user)
+    done = set(canceled)
+    # Each stage once, however many of these runs share it (one MTL stage serves a whole grid).
+    stage_ids = dict.fromkeys(sid for r in mine if r["id"] in done for sid in json.loads(r["stages"]))
+    for sid in stage_ids:
+        _cancel_stage_if_unneeded(conn, sid, user=user)
     return canceled, already, foreign
 
 
@@ -465,9 +466,8 @@ def _cancel_stage_if_unneeded(conn: redis.Redis, stage_id: str, *, user: str) ->
 def cancel_stage_jobs(conn: redis.Redis, run_ids: list[str], *, reason: str) -> None:
     """After runs failed or were canceled, cancel the stages that no live run needs any more."""
     records = _load_runs(conn, run_ids)
-    for record in records:
-        for sid in json.loads(record["stages"]):
-            _cancel_stage_if_unneeded(conn, sid, user=reason)
+    for sid in dict.fromkeys(sid for record in records for sid in json.loads(record["stages"])):
+        _cancel_stage_if_unneeded(conn, sid, user=reason)
 
 
 def load_run_specs(conn: redis.Redis, records: list[dict[str, str]]) -> tuple[list[RunSpec], dict[str, StageSpec]]:

@@ -76,7 +76,8 @@ def _f(value: str) -> float | None:
 def check_run_id(run_id: str) -> str:
     """Run ids become paths and keys: accept only what stl itself makes."""
     if not RUN_ID_PATTERN.match(run_id):
-        raise UsageError(f'"{run_id}" is not a run id (16 hex digits, or a unique prefix of at least 6); '
+        shown = run_id if len(run_id) <= 40 else f"{run_id[:40]}…"  # a pasted log line is not echoed whole
+        raise UsageError(f'"{shown}" is not a run id (16 hex digits, or a unique prefix of at least 6); '
                          "`stl status --json` lists them")
     return run_id
 
@@ -96,7 +97,8 @@ def resolve_run_ids(conn: redis.Redis, given: list[str]) -> list[str]:
         if not matches:
             raise NotFound(f'no run id starts with "{run_id}"; `stl status --json` lists them')
         if len(matches) > 1:
-            raise UsageError(f'"{run_id}" matches {len(matches)} runs; give more digits')
+            listed = ", ".join(matches[:5]) + (f" and {len(matches) - 5} more" if len(matches) > 5 else "")
+            raise UsageError(f'"{run_id}" matches {len(matches)} runs ({listed}); give more digits')
         resolved.append(matches[0])
     return list(dict.fromkeys(resolved))  # a run named twice (an id and its prefix) is one run
 

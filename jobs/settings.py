@@ -21,6 +21,9 @@ def check_user_name(name: str, *, what: str) -> str:
     """`name` if it can name a user on the queue (it goes into queue and key names); else a UsageError."""
     if USER_PATTERN.match(name):
         return name
+    if not name.strip():
+        raise UsageError(f"{what} is blank; " + ("name the user" if what.startswith("--") else
+                                                  "unset it to use your login name, or set it to a user name"))
     if len(name) > MAX_USER_LENGTH:
         reason = f"is {len(name)} characters long; at most {MAX_USER_LENGTH}"
     else:

@@ -320,3 +320,16 @@ def test_results_options_that_cannot_go_together_are_refused_before_anything_is_
     assert not list(tmp_path.iterdir())
     with pytest.raises(StlUsageError, match="seeds are what each mean is taken over"):
         parse_effect("seed=0:1")
+
+
+def test_small_command_line_slips_get_one_line_each(tmp_path: Path) -> None:
+    env = {"STL_REDIS_URL": "redis://127.0.0.1:1/0", "STL_HOME": str(tmp_path)}
+    grid = tmp_path / "g.yaml"
+    for args, extra, says in (
+            (["enqueue", str(grid), "--max-runs", "0"], {}, "Invalid value for '--max-runs'"),
+            (["enqueue", str(grid), "--user", " "], {}, "--user is blank"),
+            (["status", "--once"], {"STL_USER": " "}, "STL_USER is blank; unset it to use your login name"),
+            (["logs", "f" * 100_000], {}, f'"{"f" * 40}…" is not a run id')):
+        result = CliRunner().invoke(app, args, env={**env, **extra})
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, (args, result.stderr[:300])
+        assert says in result.stderr and len(result.stderr) < 400, (args, result.stderr[:300])
