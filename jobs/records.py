@@ -391,6 +391,8 @@ def loss_curve(conn: redis.Redis, run_id: str) -> tuple[list[tuple[int, float]],
         records = [json.loads(text(x)) for x in raw_steps]
         # Evaluation reports progress without a loss (None or NaN): only training steps make the curve.
         steps = [s for s in records if isinstance(s.get("loss"), int | float) and s["loss"] == s["loss"]]
+        # A stage resumed from its checkpoint reports the steps after it again: the last report of each counts.
+        steps = sorted({int(s["step"]): s for s in steps}.values(), key=lambda s: int(s["step"]))
         ends[sid] = offset + max((int(s["step"]) for s in steps), default=0)
         if not steps:
             continue

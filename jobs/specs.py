@@ -88,7 +88,7 @@ class StageSpec(Frozen):
         """How much work the stage is, in examples through the model (training: steps x batch; evaluation:
         examples scored), so that a run's progress weighs a 2000-step MTL stage above a 12-step few-shot one."""
         if self.train is not None:
-            return self.train.max_steps * self.train.batch_size * self.train.grad_accum
+            return self.train.max_steps * self.train.batch_size  # batch_size is per step, however accumulated
         if self.eval is not None:
             return self.eval.max_examples * max(len(self.tasks), 1)
         return 1

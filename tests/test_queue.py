@@ -460,6 +460,10 @@ def test_runs_record_the_work_of_their_stages_and_of_those_already_done(
         total, done = conn.hmget(keys.run(run.run_id), "work_total", "work_done")
         assert int(total) == sum(work) and int(done) == (work[0] if mtl_stage in run.stages else 0)
     assert expanded.stages[mtl_stage].work == 6 * 4  # max_steps x batch_size
+    # batch_size is a step's whole batch, however many micro-batches accumulate it
+    accumulated = expanded.stages[mtl_stage].model_copy(
+        update={"train": expanded.stages[mtl_stage].train.model_copy(update={"grad_accum": 4})})  # type: ignore[union-attr]
+    assert accumulated.work == 6 * 4
     eval_stage = next(sid for sid, spec in expanded.stages.items() if spec.kind.value == "eval")
     assert int(conn.hget(keys.stage(eval_stage), "work")) == expanded.stages[eval_stage].work
 

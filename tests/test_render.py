@@ -315,7 +315,10 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
         for step, loss in enumerate(losses, start=1):
             conn.rpush(keys.stage_steps(sid), json.dumps({"step": step, "loss": loss}))
 
-    stage("mtl", None, [3.0, 2.0, 1.0])
+    stage("mtl", None, [3.0, 2.5, 2.2])
+    conn.delete(keys.stage_steps("mtl"))  # resumed from a step-1 checkpoint: steps 2 and 3 reported again
+    for step, loss in ((1, 3.0), (2, 2.5), (3, 2.2), (2, 2.0), (3, 1.0)):
+        conn.rpush(keys.stage_steps("mtl"), json.dumps({"step": step, "loss": loss}))
     stage("ft-a", "mtl", [0.9, 0.8])
     stage("eval-a", "ft-a", [])  # evaluation logs no training steps
     stage("ft-b", "mtl", [0.7, 0.6])
