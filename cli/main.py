@@ -228,7 +228,7 @@ def enqueue(
         else:
             check_grid_unchanged(conn, expanded)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
-                             stage_timeout=expanded.grid.stage_timeout)
+                             stage_timeout=expanded.grid.stage_timeout, owner_only=not force)
         typer.echo(enqueue_message(report, who, priority))
 
 

@@ -9,7 +9,6 @@ GRIDS = f"{PREFIX}:grids"  # zset grid name -> first enqueued at
 USERS = f"{PREFIX}:users"  # set of users who ever queued
 USAGE = f"{PREFIX}:usage"  # hash user -> decayed GPU seconds as "value@timestamp"
 WORKERS = f"{PREFIX}:workers"  # set of stl worker names
-ENQUEUE_LOCK = f"{PREFIX}:lock:enqueue"
 RUNNING_STAGES = f"{PREFIX}:stages:running"  # set of stage ids a work horse has started
 PRIORITIES = ("high", "normal", "low")
 

@@ -33,7 +33,6 @@ ENTRY_POINT = "jobs.entry.run_stage"
 RESULT_TTL_S = 90 * 86400
 FAILURE_TTL_S = 90 * 86400
 SKIPPED_ON_ENQUEUE = (*LIVE, RunStatus.finished.value)  # a twin run in these states is not queued again
-ENQUEUE_LOCK_TTL_MS = 60_000
 
 
 def job_id_for(stage_id: str) -> str:
@@ -66,6 +65,10 @@ _SUBMIT = """
 local p = cjson.decode(ARGV[1])
 local K = p.keys
 local function present(v) return v ~= nil and v ~= cjson.null end
+if p.owner_only then  -- checked here too: two users enqueueing one new name at once must not both get it
+  local owner = redis.call('HGET', K.grid, 'user')
+  if owner and owner ~= p.user then return cjson.encode({owner = owner}) end
+end
 local requeue = {}
 for _, id in ipairs(p.requeue) do requeue[id] = true end
 local keep = {queued = true, running = true, finished = true}  -- SKIPPED_ON_ENQUEUE
@@ -247,13 +250,14 @@ def submit_runs(
     priority: str,
     stage_timeout: int,
     requeue: Iterable[str] = (),
+    owner_only: bool = False,
 ) -> SubmitReport:
     """Write runs and the stage jobs they need, atomically (one Redis script: all or nothing).
 
     A run whose identical twin is queued, running or finished is skipped, unless its id is in
     `requeue` (used by retry). Stages already finished are reused; stages queued or running are
     shared; failed or canceled ones are queued again, and so are pruned ones (finished, model deleted)
-    that a stage queued here starts from.
+    that a stage queued here starts from. With `owner_only`, a grid another user owns is refused.
     """
     if not runs:
         return SubmitReport(grid="")
@@ -271,7 +275,7 @@ def submit_runs(
             "users": keys.USERS,
         },
         "now": f"{now:.6f}", "enqueued_at": template.get("created_at", ""), "user": user, "priority": priority,
-        "grid": grid, "requeue": list(requeue), "job_template": template,
+        "grid": grid, "requeue": list(requeue), "job_template": template, "owner_only": owner_only,
         "data_prefix": data_prefix, "data_suffix": data_suffix,
         "runs": [{"id": run.run_id, "stages": list(run.stages), "eval_stages": list(run.eval_stages),
                   "stages_json": json.dumps(list(run.stages)), "eval_stages_json": json.dumps(list(run.eval_stages)),
@@ -288,6 +292,8 @@ def submit_runs(
     except (redis.ConnectionError, redis.TimeoutError) as e:
         raise RedisUnavailable(f"lost the connection to Redis while enqueueing ({e}); "
                                "nothing was written; try again") from e
+    if "owner" in answer:
+        raise GridChanged(_owned_by_another(grid, str(answer["owner"])))
     return SubmitReport(grid=grid, queued=list(answer["queued"] or []), skipped=list(answer["skipped"] or []),
                         stages_created=int(answer["created"]), stages_reused=int(answer["reused"]),
                         stages_retrained=int(answer["retrained"]))
@@ -337,8 +343,12 @@ def check_grid_owner(conn: redis.Redis, grid: str, user: str) -> None:
     `cancel --grid`."""
     owner = grid_owner(conn, grid)
     if owner and owner != user:
-        raise GridChanged(f'grid "{grid}" belongs to {owner}; give yours another name (the `name:` in the grid '
-                          "file), or pass --force to add your runs to it")
+        raise GridChanged(_owned_by_another(grid, owner))
+
+
+def _owned_by_another(grid: str, owner: str) -> str:
+    return (f'grid "{grid}" belongs to {owner}; give yours another name (the `name:` in the grid file), or pass '
+            "--force to add your runs to it")
 
 
 def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid) -> None:

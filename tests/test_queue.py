@@ -542,3 +542,18 @@ def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_
                  error="", started=0.0, user="alice", result={"metrics": [{"task": "t", "value": 0.5}]})
     assert text(conn.hget(keys.run(second.run_id), "status")) == "canceled"
     assert not conn.exists(keys.run_results(second.run_id))
+
+
+def test_the_submit_itself_refuses_a_grid_another_user_took_meanwhile(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    from jobs.errors import GridChanged
+
+    expanded = parse_grid(write_grid(tmp_path, demo_data))
+    # bob's check found the name free, then alice's enqueue of the same name landed first
+    submit_runs(conn, expanded.runs[:1], expanded.stages, user="alice", priority="normal", stage_timeout=60,
+                owner_only=True)
+    written = conn.dbsize()
+    with pytest.raises(GridChanged, match='grid "test-grid" belongs to alice'):
+        submit_runs(conn, expanded.runs, expanded.stages, user="bob", priority="normal", stage_timeout=60,
+                    owner_only=True)
+    assert conn.dbsize() == written  # nothing of bob's was written
