@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 from rq import Queue
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
@@ -449,28 +450,34 @@ def cancel_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool
     return canceled, already, foreign
 
 
+# Whether a stage is still needed, and if not its cancellation, decided in one step: an enqueue that starts
+# sharing the stage in between would otherwise leave its new run waiting on a canceled stage.
+_CANCEL_IF_UNNEEDED = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 'ended' end
+for _, run_id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local st = redis.call('HGET', ARGV[1] .. run_id, 'status')
+  if st == 'queued' or st == 'running' then return 'needed' end
+end
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel', ARGV[2]); return 'running' end
+redis.call('HSET', KEYS[1], 'status', 'canceled', 'ended_at', ARGV[3], 'error', 'canceled (' .. ARGV[2] .. ')')
+return 'canceled'
+"""
+
+
 def _cancel_stage_if_unneeded(conn: redis.Redis, stage_id: str, *, user: str) -> None:
-    status = text(conn.hget(keys.stage(stage_id), "status"))
-    if status not in LIVE:
-        return
-    others = [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
-    pipe = conn.pipeline(transaction=False)
-    for run_id in others:
-        pipe.hget(keys.run(run_id), "status")
-    if any(text(s) in LIVE for s in pipe.execute()):
-        return
-    if status == RunStatus.running.value:
-        # The work horse checks this flag between steps and stops within seconds.
-        conn.hset(keys.stage(stage_id), "cancel", user or "cancel")
+    # A running stage gets a flag its work horse checks between steps; it stops within seconds.
+    outcome = text(conn.eval(_CANCEL_IF_UNNEEDED, 2, keys.stage(stage_id), keys.stage_runs(stage_id), keys.run(""),
+                             user or "cancel", repr(time.time())))
+    if outcome != "canceled":
         return
     try:
         job = Job.fetch(job_id_for(stage_id), connection=conn, serializer=JSONSerializer)
-        if not job.is_canceled:
-            job.cancel()
-    except Exception:  # noqa: BLE001 - the RQ record may have expired; the stage record is what counts
-        pass
-    conn.hset(keys.stage(stage_id), mapping={"status": RunStatus.canceled.value, "ended_at": time.time(),
-                                             "error": f"canceled ({user})"})
+    except NoSuchJobError:
+        return  # the RQ record expired; the stage record is what counts
+    # An enqueue since the line above may have queued the stage afresh (a new job of the same id): leave that.
+    if text(conn.hget(keys.stage(stage_id), "status")) == RunStatus.canceled.value and not job.is_canceled:
+        job.cancel()
 
 
 def cancel_stage_jobs(conn: redis.Redis, run_ids: list[str], *, reason: str) -> None:

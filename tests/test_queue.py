@@ -557,3 +557,30 @@ def test_the_submit_itself_refuses_a_grid_another_user_took_meanwhile(
         submit_runs(conn, expanded.runs, expanded.stages, user="bob", priority="normal", stage_timeout=60,
                     owner_only=True)
     assert conn.dbsize() == written  # nothing of bob's was written
+
+
+def test_a_stage_another_enqueue_starts_sharing_while_it_is_canceled_stays_queued(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs import queueing
+
+    grid = grid_dict(demo_data)
+    grid["grid"].update(model=["tiny:bart"], mtl=["none"], shots=[0], seed=[0])
+    alice = parse_grid(write_grid(tmp_path, demo_data, grid=grid["grid"]))
+    bob = parse_grid(write_grid(tmp_path, demo_data, filename="bob.yaml", name="bobs-grid", grid=grid["grid"]))
+    [stage_id] = alice.runs[0].stages
+    assert bob.runs[0].stages == (stage_id,)  # the same stage: content-addressed
+    submit_runs(conn, alice.runs, alice.stages, user="alice", priority="normal", stage_timeout=60)
+    real_fetch = queueing.Job.fetch
+
+    def bob_enqueues_first(*args: object, **kwargs: object) -> Job:
+        # bob's enqueue lands between alice's cancel deciding the stage is unneeded and RQ's job being canceled
+        submit_runs(conn, bob.runs, bob.stages, user="bob", priority="normal", stage_timeout=60)
+        return real_fetch(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queueing.Job, "fetch", bob_enqueues_first)
+    queueing.cancel_runs(conn, [alice.runs[0].run_id], user="alice", force=False)
+    monkeypatch.undo()
+    assert text(conn.hget(keys.run(bob.runs[0].run_id), "status")) == "queued"
+    assert text(conn.hget(keys.stage(stage_id), "status")) == "queued"
+    job = Job.fetch(job_id_for(stage_id), connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == "queued" and job_id_for(stage_id) in queued_job_ids(conn, "bob")
