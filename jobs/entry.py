@@ -324,6 +324,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         outcome = execute_stage(spec, ctx)
     except StagePreempted as e:
         reporter.log(f"preempted: {e}; back to the head of the queue")
+        _charge(conn, user, started)  # the GPU time spent so far counts towards fair share, resumed or not
         _back_to_queue(conn, stage_id)
         lease.release()
         raise
@@ -347,6 +348,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                 reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
                              f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
                              "until the machine is healthy again")
+                _charge(conn, user, started)
                 _back_to_queue(conn, stage_id, machine_fault=fault)
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
@@ -364,6 +366,12 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                   user=user, result=result)
     lease.release()
     return {"stage": stage_id, "status": "finished"}
+
+
+def _charge(conn: redis.Redis, user: str, started: float, now: float | None = None) -> None:
+    """Fair share: a stage's GPU time goes to its user however the stage ends (a lost charge only skews order)."""
+    with contextlib.suppress(redis.RedisError):
+        charge_usage(conn, user, (now or time.time()) - started)
 
 
 def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "") -> None:
@@ -416,8 +424,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
         stage_fields["outcome"] = json.dumps(result)
         if spec.kind == StageKind.eval:
             stage_fields["metrics"] = json.dumps(metrics)
-    with contextlib.suppress(redis.RedisError):
-        charge_usage(conn, user, now - started)
+    _charge(conn, user, started, now)
     run_ids, grids, finished_runs = finish_stage_records(
         conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work,
         metrics=metrics if status == RunStatus.finished else [], now=now,
