@@ -109,7 +109,7 @@ def test_grid_runs_to_results(stl_env: Path, conn: redis.Redis, tmp_path: Path, 
     assert "queued 4 run(s)" in out and "0 new stage job(s)" in out
     reused = json.loads(cli("results", "same-cells", "--json"))["rows"]
     assert sorted(r["value"] for r in reused) == sorted(r["value"] for r in rows)
-    assert status["workers"] == [] or all(w["state"] for w in status["workers"])
+    assert status["workers"] == []  # a --burst worker takes its record with it when it exits
 
 
 def test_a_stage_runs_right_after_its_parent_so_runs_finish_one_by_one(
