@@ -841,7 +841,8 @@ def write_demo_dataset(directory: Path) -> Path:
     lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in _demo_rows()]
     readme = _DEMO_README.format(train=", ".join(DEMO_TRAIN_TASKS), held_out=", ".join(DEMO_EVAL_TASKS))
     # Never over someone's own files (`stl data demo .` in a project): only over an earlier demo set.
-    for target, mark in ((path, b'"dataset": "stl-demo"'), (directory / "README.md", _DEMO_README[:30].encode())):
+    marks = {path: f'"dataset": "{DEMO_DATASET}"'.encode(), directory / "README.md": _DEMO_README[:30].encode()}
+    for target, mark in marks.items():
         try:
             head = target.read_bytes()[:4096] if target.is_file() else None
         except OSError:

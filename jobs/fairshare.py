@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from jobs import keys
+from jobs.states import Priority
 
 if TYPE_CHECKING:
     import redis
@@ -59,4 +60,4 @@ def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple
 
 def queue_order(conn: redis.Redis) -> list[str]:
     """RQ queue names in the order a worker should look at them."""
-    return [keys.queue_name(user, priority) for user, _ in users_by_usage(conn) for priority in keys.PRIORITIES]
+    return [keys.queue_name(user, priority.value) for user, _ in users_by_usage(conn) for priority in Priority]

@@ -10,7 +10,8 @@ USERS = f"{PREFIX}:users"  # set of users who ever queued
 USAGE = f"{PREFIX}:usage"  # hash user -> decayed GPU seconds as "value@timestamp"
 WORKERS = f"{PREFIX}:workers"  # set of stl worker names
 RUNNING_STAGES = f"{PREFIX}:stages:running"  # set of stage ids a work horse has started
-PRIORITIES = ("high", "normal", "low")
+JOB_ID_PREFIX = f"{PREFIX}-"  # an RQ job's id is this and its stage's id (rq:job:stl-<stage id>)
+QUEUE_NAME_PREFIX = f"{PREFIX}."  # every stl queue's RQ name starts so (rq:queue:stl.<user>.<priority>)
 
 
 def run(run_id: str) -> str:
@@ -59,4 +60,4 @@ def worker(name: str) -> str:
 
 def queue_name(user: str, priority: str) -> str:
     """RQ queue name of one user's priority lane; RQ stores it under rq:queue:<name>."""
-    return f"{PREFIX}.{user}.{priority}"
+    return f"{QUEUE_NAME_PREFIX}{user}.{priority}"

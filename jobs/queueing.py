@@ -23,6 +23,7 @@ from jobs.codec import text
 from jobs.errors import GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
 from jobs.runstate import LIVE, update_runs_if
 from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
+from jobs.states import Priority
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -37,11 +38,11 @@ SKIPPED_ON_ENQUEUE = (*LIVE, RunStatus.finished.value)  # a twin run in these st
 
 
 def job_id_for(stage_id: str) -> str:
-    return f"stl-{stage_id}"
+    return f"{keys.JOB_ID_PREFIX}{stage_id}"
 
 
 def stage_id_for(job_id: str) -> str:
-    return job_id.removeprefix("stl-")
+    return job_id.removeprefix(keys.JOB_ID_PREFIX)
 
 
 def make_queue(conn: redis.Redis, user: str, priority: str) -> Queue:
@@ -538,8 +539,8 @@ def _stage_timeout_of(conn: redis.Redis, runs: list[RunSpec]) -> int:
 
 
 def check_priority(value: str) -> str:
-    if value not in keys.PRIORITIES:
-        raise UsageError(f'unknown priority "{value}"; use one of: {", ".join(keys.PRIORITIES)}')
+    if value not in {p.value for p in Priority}:
+        raise UsageError(f'unknown priority "{value}"; use one of: {", ".join(p.value for p in Priority)}')
     return value
 
 

@@ -99,7 +99,7 @@ def find_orphans(conn: redis.Redis) -> list[str]:
 
 
 def _stl_queues(conn: redis.Redis) -> list[Queue]:
-    prefix = Queue.redis_queue_namespace_prefix + keys.PREFIX + "."
+    prefix = Queue.redis_queue_namespace_prefix + keys.QUEUE_NAME_PREFIX
     names = sorted(text(k).removeprefix(Queue.redis_queue_namespace_prefix)
                    for k in conn.smembers(Queue.redis_queues_keys) if text(k).startswith(prefix))
     return [Queue(name, connection=conn, serializer=JSONSerializer) for name in names]
