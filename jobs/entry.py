@@ -39,7 +39,7 @@ HEARTBEAT_EVERY_S = 3.0
 LEASE_TTL_S = 30
 PROGRESS_EVERY_S = 2.0
 LOG_PROGRESS_EVERY_S = 30.0  # a progress line in the stage log (`stl logs -f`), beside the status table's
-FLAGS_EVERY_S = 0.2  # a cancel or SIGTERM is seen within a fifth of a second (one HMGET)
+FLAGS_EVERY_S = 0.2  # a cancel or SIGTERM is read at most this often (one HMGET), between steps or batches
 LOG_LINES_KEPT = 5000
 # Taking the lease and joining the running set is one step: a horse killed in between would leave a
 # stage that no reaper looks at.
