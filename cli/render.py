@@ -280,8 +280,8 @@ def results_notes(runs: list[RunRow]) -> list[str]:
         ended = [run for run in runs if run.status == status]
         if not ended:
             continue
-        if len({run.grid for run in ended}) == 1 and len(ended) > 1:
-            why += f" (all of them: `stl retry --grid {ended[0].grid}`)"
+        if status == "canceled" and len({run.grid for run in ended}) == 1 and len(ended) > 1:
+            why += f", or all of them `stl retry --grid {ended[0].grid}`"
         example = ended[0]
         detail = f": {example.error}" if example.error else ""
         notes.append(f"{len(ended)} of {len(runs)} run(s) {status} and have no results; {why} "

@@ -268,6 +268,8 @@ def test_results_say_which_runs_have_no_results_and_why() -> None:
     assert notes[1].startswith("1 of 5 run(s) canceled and have no results; `stl retry RUN`")
     assert notes[2] == "1 of 5 run(s) are still queued or running; their cells show n=k/m"
     assert results_notes(runs[:1]) == []
+    many = [run_row(id=f"{i:016x}", status="canceled", error="by bob") for i in range(3)]
+    assert "`stl retry RUN` queues them again, or all of them `stl retry --grid " in results_notes(many)[0]
 
 
 def test_cells_spell_booleans_as_the_grid_file_does() -> None:
