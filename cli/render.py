@@ -85,7 +85,7 @@ def build_summary_table(counts: dict[tuple[str, str, str], int], key: str) -> Ta
     for row in rows:
         table.add_row(*row)
     if not rows:
-        table.add_row("—", *([""] * len(STATUS_ORDER)), "0")
+        table.add_row("—" if key != "grid" else "none queued or running", *([""] * len(STATUS_ORDER)), "0")
     return table
 
 
@@ -246,12 +246,19 @@ def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
     return rows
 
 
-def build_finished_grids_table(grids: list[GridRow]) -> Table:
+ENDED_GRIDS_SHOWN = 5  # `stl status` is watched for weeks: older ended grids are counted, not listed
+
+
+def build_finished_grids_table(grids: list[GridRow], shown: int = ENDED_GRIDS_SHOWN) -> Table:
     # "Ended": a grid whose runs were canceled is done too, and its row says how each run ended.
-    table = Table(title="Ended grids", title_justify="left")
+    rows = finished_grid_rows(grids)
+    earlier = len(rows) - shown
+    caption = (f"and {earlier} earlier ended grid(s): `stl results GRID` reads any of them, "
+               "`stl status --grid GRID` shows one") if earlier > 0 else None
+    table = Table(title="Ended grids", title_justify="left", caption=caption, caption_justify="left")
     for name in ("grid", "finished", "failed", "canceled", "ended", "took"):
         table.add_column(name)
-    for row in finished_grid_rows(grids):
+    for row in rows[:shown]:
         table.add_row(*row)
     return table
 
@@ -260,8 +267,11 @@ def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: i
                       live: bool = True) -> RenderableType:
     """The whole `stl status` screen; `width` (the terminal's columns) picks the running table's columns.
     `live`: the screen refreshes (it says how to quit); otherwise it is one frame (`--once`)."""
+    # Grids whose runs have all ended are listed under "Ended grids" instead: months of them would bury the live.
+    ended = {g.grid for g in summary.grids if g.done}
+    live_counts = {key: n for key, n in summary.counts.items() if key[0] not in ended}
     parts: list[RenderableType] = [
-        build_summary_table(summary.counts, "user"), build_summary_table(summary.counts, "grid"),
+        build_summary_table(summary.counts, "user"), build_summary_table(live_counts, "grid"),
         build_running_table(summary.running, width), build_workers_table(workers),
     ]
     if summary.failed:

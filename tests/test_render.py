@@ -379,3 +379,22 @@ def test_run_progress_weighs_each_stage_by_the_examples_it_puts_through_the_mode
     old = {**record, "work_total": "", "work_done": ""}
     assert _run_row(old, {**mtl, "work": ""}, now=0.0).progress == pytest.approx(430 / 2000 / 5)
     assert _run_row({**record, "status": "finished"}, None, now=0.0).progress == 1.0
+
+
+def test_status_lists_live_grids_and_only_the_latest_ended_ones() -> None:
+    from jobs.records import StatusSummary
+
+    ended = [GridRow(grid=f"old{i}", total=1, counts={"finished": 1}, created_at=100.0 + i, ended_at=200.0 + i)
+             for i in range(8)]
+    live = GridRow(grid="now", total=2, counts={"finished": 1, "queued": 1}, created_at=1.0, ended_at=None)
+    counts = {(g.grid, "alice", status): n for g in [*ended, live] for status, n in g.counts.items()}
+    view = build_status_view(StatusSummary(counts=counts, grids=[*ended, live], running=[]), [], 120)
+    tables = {part.title: part for part in view.renderables if getattr(part, "title", None)}
+    assert list(tables["Runs per grid"].columns[0].cells) == ["now"]
+    assert list(tables["Runs per user"].columns[-1].cells) == ["10"]  # the user's whole history still counts
+    assert list(tables["Ended grids"].columns[0].cells) == ["old7", "old6", "old5", "old4", "old3"]
+    assert str(tables["Ended grids"].caption).startswith("and 3 earlier ended grid(s): `stl results GRID`")
+    ended_counts = {key: n for key, n in counts.items() if key[0] != "now"}
+    only_ended = build_status_view(StatusSummary(counts=ended_counts, grids=ended, running=[]), [], 120)
+    per_grid = next(p for p in only_ended.renderables if getattr(p, "title", None) == "Runs per grid")
+    assert list(per_grid.columns[0].cells) == ["none queued or running"]
