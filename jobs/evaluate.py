@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs import data as data_lib
-from jobs.errors import DataError, StageCanceled, StagePreempted
+from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.models import (
     bf16_autocast_supported,
     encode_sources,
@@ -78,6 +78,8 @@ class EvalRun:
     should_stop: Callable[[], str | None]  # None, "cancel" or "preempt"; called between batches
     log: Callable[[str], None]
     cache_dir: Path | None = None  # STL_HOME/cache, for cached token ids; None: nothing cached on disk
+    # Test-only fault injection: a batch of more rows than this raises torch.OutOfMemoryError("injected").
+    oom_over_rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ class _Scorer:
         self.source_buckets = self._static_decoding_buckets() if settings.compile else None
         self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
         self.rouge = make_rouge_scorer()
+        self.batch_rows = settings.batch_size  # halved for the rest of the stage if the GPU runs out of memory
         self.done = 0
         self.started = time.perf_counter()
 
@@ -238,7 +241,7 @@ class _Scorer:
                 samples_per_s=self.done / max(elapsed, 1e-9),
                 tokens_per_s=0.0,
                 elapsed_s=elapsed,
-                micro_batch=self.settings.batch_size,
+                micro_batch=self.batch_rows,
                 grad_accum=1,
                 phase="eval",
             )
@@ -255,8 +258,36 @@ class _Scorer:
             positions,
             key=lambda i: (len(data_lib.source_text(examples[i], self.spec.instructions)), i),
         )
-        size = self.settings.batch_size
+        size = self.batch_rows
         return [order[first : first + size] for first in range(0, len(order), size)]
+
+    def _each_batch(self, batches: list[list[int]], work: Callable[[list[int]], None]) -> None:
+        """`work` on each batch. Out of GPU memory, the batch size halves for the rest of the stage and the
+        batch is tried again in smaller ones, down to one example; only a single example that does not fit fails."""
+        import torch
+
+        pending = list(batches)
+        while pending:
+            batch = pending.pop(0)
+            try:
+                if self.cfg.oom_over_rows is not None and len(batch) > self.cfg.oom_over_rows:
+                    raise torch.OutOfMemoryError("injected")
+                work(batch)
+                continue
+            except torch.OutOfMemoryError as e:
+                if len(batch) == 1:
+                    raise OutOfMemory(
+                        f"eval stage {self.spec.stage_id} ran out of GPU memory on a single example of "
+                        f"{self.spec.model}; lower eval.max_source_length or eval.max_new_tokens, or free the GPU"
+                    ) from e
+            # Out of the except block: the failed attempt's tensors are garbage by now.
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.batch_rows = max(1, min(self.batch_rows, len(batch)) // 2)
+            self.cfg.log(f"out of GPU memory with a batch of {len(batch)}; going on with batches of "
+                         f"{self.batch_rows} (set eval.batch_size to {self.batch_rows} to start there)")
+            rest = [*batch, *(i for later in pending for i in later)]
+            pending = [rest[first : first + self.batch_rows] for first in range(0, len(rest), self.batch_rows)]
 
     # --- token ids ---
 
@@ -369,12 +400,15 @@ class _Scorer:
         import torch
 
         predictions: dict[int, str] = {}
+
+        def classify(batch: list[int]) -> None:
+            scores = self._option_scores([ids.sources[i] for i in batch], [ids.candidates[i] for i in batch])
+            for i, example_scores in zip(batch, scores, strict=True):
+                predictions[i] = data_lib.answer_candidates(examples[i])[best_option(example_scores)]
+            self._between_batches(len(batch))
+
         with torch.inference_mode():
-            for batch in self._batches(examples, positions):
-                scores = self._option_scores([ids.sources[i] for i in batch], [ids.candidates[i] for i in batch])
-                for i, example_scores in zip(batch, scores, strict=True):
-                    predictions[i] = data_lib.answer_candidates(examples[i])[best_option(example_scores)]
-                self._between_batches(len(batch))
+            self._each_batch(self._batches(examples, positions), classify)
         return predictions
 
     def _option_scores(self, sources: list[list[int]], candidates: Sequence[list[list[int]]]) -> list[list[float]]:
@@ -384,7 +418,7 @@ class _Scorer:
 
         owners = [row for row, options in enumerate(candidates) for _ in options]
         options = [option for opts in candidates for option in opts]
-        chunk = self.settings.batch_size
+        chunk = self.batch_rows
         flat_scores: list[torch.Tensor] = []
         if self.seq2seq:
             encoder_ids = pad_sequences(sources, self.pad_id).to(self.device)
@@ -430,37 +464,40 @@ class _Scorer:
         import torch
 
         found: dict[int, str] = {}
+
+        def generate(batch: list[int]) -> None:
+            sources = [ids.sources[i] for i in batch]
+            width, static = None, {}
+            if self.source_buckets is not None:
+                # Fixed shapes for the compiled step: a bucket's width, and a full batch (copies of
+                # the last source fill it; their outputs are dropped below).
+                width = bucketed_length(max(len(s) for s in sources), self.source_buckets)
+                sources = sources + [sources[-1]] * (self.batch_rows - len(sources))
+                static = {"cache_implementation": "static"}
+            # Causal LMs continue from the right end, so they are padded on the left.
+            left = not self.seq2seq
+            input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
+            mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
+            generated = cast("Any", self.model).generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=self.target_limit,
+                do_sample=False,
+                num_beams=1,
+                use_cache=True,
+                pad_token_id=self.pad_id,
+                **static,
+            )
+            generated = generated[: len(batch)]
+            if not self.seq2seq:
+                generated = generated[:, input_ids.size(1) :]
+            texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+            for i, text in zip(batch, texts, strict=True):
+                found[i] = text.strip()
+            self._between_batches(len(batch))
+
         with torch.inference_mode():
-            for batch in self._batches(examples, positions):
-                sources = [ids.sources[i] for i in batch]
-                width, static = None, {}
-                if self.source_buckets is not None:
-                    # Fixed shapes for the compiled step: a bucket's width, and a full batch (copies of
-                    # the last source fill it; their outputs are dropped below).
-                    width = bucketed_length(max(len(s) for s in sources), self.source_buckets)
-                    sources = sources + [sources[-1]] * (self.settings.batch_size - len(sources))
-                    static = {"cache_implementation": "static"}
-                # Causal LMs continue from the right end, so they are padded on the left.
-                left = not self.seq2seq
-                input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
-                mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
-                generated = cast("Any", self.model).generate(
-                    input_ids=input_ids,
-                    attention_mask=mask,
-                    max_new_tokens=self.target_limit,
-                    do_sample=False,
-                    num_beams=1,
-                    use_cache=True,
-                    pad_token_id=self.pad_id,
-                    **static,
-                )
-                generated = generated[: len(batch)]
-                if not self.seq2seq:
-                    generated = generated[:, input_ids.size(1) :]
-                texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-                for i, text in zip(batch, texts, strict=True):
-                    found[i] = text.strip()
-                self._between_batches(len(batch))
+            self._each_batch(self._batches(examples, positions), generate)
         return [found[i] for i in positions]
 
 

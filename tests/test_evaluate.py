@@ -49,6 +49,27 @@ def run_eval(
     return evaluate(run, on_step=lambda report: None)
 
 
+def test_out_of_memory_halves_the_eval_batch_and_scores_the_same(demo_data: Path) -> None:
+    from jobs.errors import OutOfMemory
+
+    tasks = ("intent_classification", "summarization")
+    spec = eval_spec(demo_data, tasks, batch_size=4)
+    lines: list[str] = []
+    run = EvalRun(spec=spec, model_dir=None, device="cpu", should_stop=lambda: None, log=lines.append,
+                  oom_over_rows=1)  # only single examples fit
+    halved = evaluate(run, on_step=lambda report: None)
+    assert [m.to_dict() for m in halved] == [m.to_dict() for m in run_eval(spec)]
+    backoffs = [line for line in lines if line.startswith("out of GPU memory")]
+    assert backoffs[:2] == ["out of GPU memory with a batch of 4; going on with batches of 2 (set eval.batch_size "
+                            "to 2 to start there)", "out of GPU memory with a batch of 2; going on with batches of "
+                            "1 (set eval.batch_size to 1 to start there)"]
+    assert len(backoffs) == 2  # the smaller size holds for the rest of the stage, the second task included
+    run = EvalRun(spec=spec, model_dir=None, device="cpu", should_stop=lambda: None, log=lines.append,
+                  oom_over_rows=0)
+    with pytest.raises(OutOfMemory, match="ran out of GPU memory on a single example of tiny:t5; lower eval"):
+        evaluate(run, on_step=lambda report: None)
+
+
 def test_sequence_log_likelihood_sums_only_labelled_positions() -> None:
     logits = torch.tensor(
         [
