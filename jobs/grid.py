@@ -345,7 +345,7 @@ def _constructed_spellings(key_node: yaml.ScalarNode) -> list[str]:
         return []
     try:
         value = yaml.safe_load(key_node.value)
-    except yaml.YAMLError:
+    except Exception:  # noqa: BLE001 - `2024-13-45:` reads as a date and fails as one: the key stays as written
         return []
     return [str(value), *([str(int(value))] if isinstance(value, bool) else [])]
 

@@ -58,7 +58,8 @@ for _, run_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     local grid = redis.call('HGET', rkey, 'grid') or ''
     if not seen_grid[grid] then seen_grid[grid] = true; grids[#grids + 1] = grid end
     if p.status == 'finished' then
-      local evals = cjson.decode(redis.call('HGET', rkey, 'eval_stages') or '[]')
+      local ok, evals = pcall(cjson.decode, redis.call('HGET', rkey, 'eval_stages') or '[]')
+      if not ok or type(evals) ~= 'table' then evals = {} end  -- a damaged record must not stop the script half-way
       for _, e in ipairs(evals) do
         if e == p.stage then
           for i = 1, #p.results, 2 do redis.call('HSET', rkey .. p.results_suffix, p.results[i], p.results[i + 1]) end

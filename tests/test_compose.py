@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -17,9 +18,10 @@ def resolved_compose(tmp_path: Path) -> dict:
     if tool is None:
         pytest.skip("docker-compose is not installed (apt-get install docker-compose); validated by YAML below")
     (tmp_path / ".env").write_text("REDIS_PASSWORD=s3cret-test\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("STL_DATA_ROOT", "REDIS_PASSWORD")}  # the defaults
     result = subprocess.run([tool, "--project-directory", str(REPO), "--env-file", str(tmp_path / ".env"),
                              "-f", str(REPO / "docker-compose.yml"), "config"],
-                            capture_output=True, text=True, timeout=60, check=False)
+                            capture_output=True, text=True, timeout=60, check=False, env=env)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
