@@ -60,7 +60,7 @@ class _OneLineUsageErrors(TyperGroup):
         except _click_exceptions("ClickException") as e:  # a file click itself could not open, say
             typer.echo(f"stl: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
             sys.exit(1)
-        except (*_click_exceptions("Abort"), typer.Abort):  # Ctrl+C or Ctrl+D at a prompt
+        except (*_click_exceptions("Abort"), typer.Abort):  # type: ignore[misc]  # Ctrl+C or Ctrl+D at a prompt
             typer.echo("stl: aborted", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)

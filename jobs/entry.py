@@ -23,7 +23,7 @@ from jobs.codec import text
 from jobs.errors import ForeignJob, MachineFault, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
-from jobs.health import MAX_MACHINE_FAULTS, machine_fault
+from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from jobs.layout import LOG_FILE, SPEC_FILE
 from jobs.runstate import LIVE, finish_stage_records, update_runs_if
 from jobs.settings import load_settings
@@ -343,6 +343,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         message = _failure_message(e, spec)
         fault = machine_fault(e)
         if fault is not None:
+            # The other workers of this host check the machine before they take a stage (this one included).
+            conn.set(keys.host_fault(socket.gethostname()), f"{time.time():.3f}|{fault}", ex=HOST_FAULT_TTL_S)
             attempt = conn.hincrby(stage_key, "machine_faults", 1)
             if attempt < MAX_MACHINE_FAULTS:
                 reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
@@ -353,6 +355,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
             message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
+            conn.hset(stage_key, "machine_fault", fault)  # its worker pauses too, and checks the machine
         reporter.log(f"failed: {message}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
                       started=started, user=user)

@@ -7,17 +7,22 @@ driver or full disk would fail every queued run of every user in minutes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
 import subprocess
 import sys
+import tempfile
+import time
 from typing import TYPE_CHECKING
 
 from jobs.disk import check_home_writable, free_space
 from jobs.errors import StlError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from jobs.faults import Faults
     from jobs.settings import Settings
 
@@ -26,6 +31,9 @@ if TYPE_CHECKING:
 MAX_MACHINE_FAULTS = 3
 MIN_FREE_BYTES = 1 << 30  # below this on STL_HOME's disk a stage would only fill it again
 HEALTH_CHECK_EVERY_S = 30.0  # while a worker is paused by a machine fault
+# A machine fault is announced to the other workers of the host for this long (renewed while it lasts): each
+# checks the machine before its next stage instead of meeting the fault again (and using up the stage's tries).
+HOST_FAULT_TTL_S = 120
 GPU_CHECK_TIMEOUT_S = 180  # a new process importing torch and creating a CUDA context
 _MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 # What torch and the driver say when the GPU or its driver is broken, as opposed to a stage's own error.
@@ -52,9 +60,11 @@ def machine_fault(error: BaseException) -> str | None:
     return None
 
 
-def machine_problem(settings: Settings, *, gpu: bool, faults: Faults) -> str | None:
+def machine_problem(settings: Settings, *, gpu: bool, faults: Faults,
+                    keep_alive: Callable[[], None] = lambda: None) -> str | None:
     """What stops this machine from running a stage now, or None. Run by the worker's parent, which never
-    touches CUDA itself: the GPU is tried in a new process."""
+    touches CUDA itself: the GPU is tried in a new process, during which `keep_alive` is called every
+    second (the worker's heartbeat must not stop while a wedged driver makes it wait)."""
     if faults.disk_full_now():
         return "no space left on the disk under STL_HOME (injected)"
     space = free_space(settings.home)
@@ -65,13 +75,24 @@ def machine_problem(settings: Settings, *, gpu: bool, faults: Faults) -> str | N
         check_home_writable(settings)
     except StlError as e:
         return str(e)
-    if gpu:
-        try:
-            result = subprocess.run([sys.executable, "-c", _GPU_CHECK], capture_output=True, text=True,
-                                    timeout=GPU_CHECK_TIMEOUT_S, check=False)
-        except subprocess.TimeoutExpired:
-            return f"the GPU did not answer a new process within {GPU_CHECK_TIMEOUT_S} s"
-        if result.returncode != 0:
-            last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            return f"the GPU does not work in a new process: {last[:300]}"
-    return None
+    return _gpu_problem(keep_alive) if gpu else None
+
+
+def _gpu_problem(keep_alive: Callable[[], None]) -> str | None:
+    with tempfile.TemporaryFile() as errors:
+        check = subprocess.Popen([sys.executable, "-c", _GPU_CHECK], stdout=subprocess.DEVNULL, stderr=errors)
+        deadline = time.monotonic() + GPU_CHECK_TIMEOUT_S
+        while check.poll() is None:
+            if time.monotonic() > deadline:
+                check.kill()
+                # A process stuck in the driver may not even die: never wait for it without a limit.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    check.wait(timeout=5)
+                return f"the GPU did not answer a new process within {GPU_CHECK_TIMEOUT_S} s"
+            keep_alive()
+            time.sleep(1.0)
+        if check.returncode == 0:
+            return None
+        errors.seek(0)
+        last = (errors.read().decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+        return f"the GPU does not work in a new process: {last[:300]}"

@@ -61,3 +61,7 @@ def worker(name: str) -> str:
 def queue_name(user: str, priority: str) -> str:
     """RQ queue name of one user's priority lane; RQ stores it under rq:queue:<name>."""
     return f"{QUEUE_NAME_PREFIX}{user}.{priority}"
+
+
+def host_fault(host: str) -> str:
+    return f"{PREFIX}:host:{host}:fault"  # string "<time>|<reason>": a worker of that host met a machine fault

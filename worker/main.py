@@ -26,7 +26,7 @@ from jobs.entry import STAGE_ID
 from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StlError
 from jobs.fairshare import queue_order
 from jobs.faults import parse_faults
-from jobs.health import HEALTH_CHECK_EVERY_S, machine_problem
+from jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
 from jobs.queueing import ENTRY_POINT, job_id_for, stage_id_for
 from jobs.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
 from worker.gpu import GpuProbe
@@ -87,6 +87,7 @@ class StlWorker(Worker):
         self._pending_timeout = ""
         self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
         self._paused = ""  # why the machine cannot run stages now (a full disk, a broken GPU); "" when it can
+        self._host_fault_seen = ""  # the last machine fault announced on this host that this worker checked
         self._next_health_check = 0.0
         host = socket.gethostname()
         self.host = host
@@ -135,6 +136,8 @@ class StlWorker(Worker):
                 continue
             if self._stop_requested:
                 return None
+            if not self._paused and self._host_fault_stops_work():
+                continue
             if self._paused and not self._healthy_again():
                 if timeout is None:  # --burst: nothing more can run here now
                     self.log.error("Worker %s: stopping, the machine cannot run stages (%s); queued stages stay "
@@ -199,6 +202,10 @@ class StlWorker(Worker):
             queue._enqueue_job(job, at_front=True)  # noqa: SLF001
             self.log.info("Worker %s: stopping; job %s goes back to the head of %s", self.name, job.id, queue.name)
             return
+        if self._host_fault_stops_work():
+            # Another worker of this host met a machine fault as this job was taken: it goes back, untried.
+            queue._enqueue_job(job, at_front=True)  # noqa: SLF001
+            return
         self._current_stage = stage_id_for(job.id)
         self._write_record("busy")
         try:
@@ -211,30 +218,60 @@ class StlWorker(Worker):
     # --- a machine that cannot run stages ---------------------------------------------------------
 
     def _pause_if_the_machine_failed(self, stage_id: str) -> None:
-        """A stage its horse sent back for a fault of the machine (jobs.health): take no work until it is fixed."""
+        """A stage its horse stopped for a fault of the machine (jobs.health): take no work until it is fixed."""
         try:
-            status, fault = (text(v) for v in self.connection.hmget(keys.stage(stage_id), "status", "machine_fault"))
+            fault = text(self.connection.hget(keys.stage(stage_id), "machine_fault"))
+            self._host_fault_seen = text(self.connection.get(keys.host_fault(self.host)))  # our own: checked below
         except redis.RedisError:
             return  # the next stage meets the fault again, if there is one
-        if fault and status == "queued":
+        if fault:
             self._paused = fault
             self._next_health_check = 0.0
-            self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); it is back at the head "
-                           "of its queue, and this worker takes no work until the machine is healthy again",
-                           self.name, stage_id, fault)
+            self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); this worker takes no "
+                           "work until the machine is healthy again", self.name, stage_id, fault)
+
+    @property
+    def paused_reason(self) -> str:
+        return self._paused
+
+    def _host_fault_stops_work(self) -> bool:
+        """Whether a fault another worker of this host met (and announced) is this machine's too: checked once
+        per announcement, before the next stage, so that stage does not meet it again."""
+        try:
+            announced = text(self.connection.get(keys.host_fault(self.host)))
+        except redis.RedisError:
+            return False
+        if not announced or announced == self._host_fault_seen:
+            return False
+        self._host_fault_seen = announced
+        problem = self._machine_problem()
+        if problem is None:
+            self.log.info("Worker %s: another worker of this host met a machine fault (%s); this worker's health "
+                          "check passed, so it goes on", self.name, announced.partition("|")[2])
+            return False
+        self._paused, self._next_health_check = problem, time.monotonic() + HEALTH_CHECK_EVERY_S
+        self.log.error("Worker %s: another worker of this host met a machine fault, and this one finds it too (%s); "
+                       "taking no work until the machine is healthy again", self.name, problem)
+        self._write_record("paused")
+        return True
+
+    def _machine_problem(self) -> str | None:
+        return machine_problem(self.settings, gpu=self._probe.has_gpu, faults=parse_faults(self.settings.fault_inject),
+                               keep_alive=lambda: self._write_record(None))
 
     def _healthy_again(self) -> bool:
         """While paused: try the machine now and then; True once nothing is wrong with it."""
         if time.monotonic() < self._next_health_check:
             return False
-        problem = machine_problem(self.settings, gpu=self._probe.has_gpu,
-                                  faults=parse_faults(self.settings.fault_inject))
+        problem = self._machine_problem()
         self._next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
         if problem:
             if problem != self._paused:
                 self.log.error("Worker %s: still taking no work: %s; trying again every %.0f s", self.name,
                                problem, HEALTH_CHECK_EVERY_S)
             self._paused = problem
+            with contextlib.suppress(redis.RedisError):  # the host's other workers keep checking before work
+                self.connection.expire(keys.host_fault(self.host), HOST_FAULT_TTL_S)
             self._write_record("paused")
             return False
         self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
@@ -452,4 +489,8 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
 
         preload_libraries()
     worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
-    return worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    if worker.paused_reason:  # --burst stopped on a broken machine: the queue is not done, and a script must see it
+        raise MachineFault(f"the worker stopped with stages still queued: this machine cannot run them "
+                           f"({worker.paused_reason}); fix it and start the worker again")
+    return ran
