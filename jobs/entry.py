@@ -230,6 +230,17 @@ def progress_line(report: StepReport, eta_s: float | None) -> str:
     return ", ".join(parts)
 
 
+# KEYS: the stage hash, the running-stages set. ARGV: the stage id, then the fields to set. "started", or the
+# status that kept the stage from starting.
+_START_IF_LIVE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return status or '' end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 'started'
+"""
+
+
 def _stage_run_ids(conn: redis.Redis, stage_id: str) -> list[str]:
     return [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
 
@@ -302,13 +313,14 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         faults.before_stage(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        pipe = conn.pipeline(transaction=False)
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
-        pipe.hset(stage_key, mapping={"status": RunStatus.running.value, "started_at": started,
-                                      "heartbeat": started, "worker": holder, "error": "", "eta_s": "",
-                                      "eta_at": "", "machine_fault": ""})
-        pipe.sadd(keys.RUNNING_STAGES, stage_id)
-        pipe.execute()
+        # Only a stage still live starts: a cancel since its status was read above stands.
+        status = text(conn.eval(_START_IF_LIVE, 2, stage_key, keys.RUNNING_STAGES, stage_id, *(
+            str(part) for item in {"status": RunStatus.running.value, "started_at": started, "heartbeat": started,
+                                   "worker": holder, "error": "", "eta_s": "", "eta_at": "",
+                                   "machine_fault": ""}.items() for part in item)))
+        if status != "started":
+            raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
         live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
                               fields={"status": RunStatus.running.value, "current_stage": stage_id},
                               fields_if_unset={"started_at": started})

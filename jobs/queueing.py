@@ -123,6 +123,8 @@ for _, run in ipairs(to_write) do
       local st = status_of(sid)
       if reusable(st) and not retrain[sid] then
         n_reused = n_reused + 1
+        -- A run needs it again: a cancel asked of it (when no run needed it) no longer holds.
+        if st == 'running' then redis.call('HDEL', K.stage .. sid, 'cancel') end
       else
         local spec = p.stages[sid]
         local jid = K.job_id_prefix .. sid

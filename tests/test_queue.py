@@ -584,3 +584,21 @@ def test_a_stage_another_enqueue_starts_sharing_while_it_is_canceled_stays_queue
     assert text(conn.hget(keys.stage(stage_id), "status")) == "queued"
     job = Job.fetch(job_id_for(stage_id), connection=conn, serializer=JSONSerializer)
     assert job.get_status() == "queued" and job_id_for(stage_id) in queued_job_ids(conn, "bob")
+
+
+def test_a_run_queued_again_while_its_canceled_stage_still_runs_clears_the_cancel(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    from jobs import queueing
+
+    grid = grid_dict(demo_data)
+    grid["grid"].update(model=["tiny:bart"], mtl=["none"], shots=[0], seed=[0])
+    expanded = parse_grid(write_grid(tmp_path, demo_data, grid=grid["grid"]))
+    submit_runs(conn, expanded.runs, expanded.stages, user="alice", priority="normal", stage_timeout=60)
+    [run] = expanded.runs
+    [stage_id] = run.stages
+    conn.hset(keys.stage(stage_id), "status", "running")  # a work horse has it
+    queueing.cancel_runs(conn, [run.run_id], user="alice", force=False)
+    assert text(conn.hget(keys.stage(stage_id), "cancel")) == "alice"  # the horse would stop at its next step
+    report = queueing.retry_runs(conn, [run.run_id], user="alice", force=False)
+    assert report[0] == [run.run_id]
+    assert not conn.hget(keys.stage(stage_id), "cancel")  # the retried run needs it: it runs on
