@@ -481,10 +481,15 @@ def retry(
 @app.command()
 def worker(
     gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).", min=0)] = None,
-    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queues are empty.")] = False,
+    burst: Annotated[bool, typer.Option(
+        "--burst", help="Exit when the queues are empty (exit code 1 if the machine cannot run them).")] = False,
 ) -> None:
     """Run the GPU worker: one stage at a time, the next from whoever has used the least GPU time lately
-    (decayed, half-life one hour), so one person's big grid does not block someone else's run."""
+    (decayed, half-life one hour), so one person's big grid does not block someone else's run.
+
+    SIGTERM (docker stop) checkpoints the running stage and puts it back at the head of its queue. A fault
+    of the machine (a full disk, a broken GPU driver) puts the stage back too, and the worker waits, checking
+    the machine every 30 s, until it is fixed: `stl status` shows it paused, with the reason."""
     with handled():
         from jobs.connection import connect
         from worker.gpu import missing_gpu
