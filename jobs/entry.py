@@ -25,7 +25,7 @@ from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from jobs.layout import LOG_FILE, SPEC_FILE
-from jobs.runstate import LIVE, finish_stage_records, update_runs_if
+from jobs.runstate import LIVE, finish_stage_records, start_stage_record, update_runs_if
 from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
 
@@ -230,17 +230,6 @@ def progress_line(report: StepReport, eta_s: float | None) -> str:
     return ", ".join(parts)
 
 
-# KEYS: the stage hash, the running-stages set. ARGV: the stage id, then the fields to set. "started", or the
-# status that kept the stage from starting.
-_START_IF_LIVE = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= 'queued' and status ~= 'running' then return status or '' end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-redis.call('SADD', KEYS[2], ARGV[1])
-return 'started'
-"""
-
-
 def _stage_run_ids(conn: redis.Redis, stage_id: str) -> list[str]:
     return [text(r) for r in conn.smembers(keys.stage_runs(stage_id))]
 
@@ -314,12 +303,10 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
-        # Only a stage still live starts: a cancel since its status was read above stands.
-        status = text(conn.eval(_START_IF_LIVE, 2, stage_key, keys.RUNNING_STAGES, stage_id, *(
-            str(part) for item in {"status": RunStatus.running.value, "started_at": started, "heartbeat": started,
-                                   "worker": holder, "error": "", "eta_s": "", "eta_at": "",
-                                   "machine_fault": ""}.items() for part in item)))
-        if status != "started":
+        status = start_stage_record(conn, stage_id, {
+            "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": holder,
+            "error": "", "eta_s": "", "eta_at": "", "machine_fault": ""})
+        if status != "started":  # canceled since its status was read above
             raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
         live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
                               fields={"status": RunStatus.running.value, "current_stage": stage_id},

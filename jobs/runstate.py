@@ -82,6 +82,18 @@ return cjson.encode({runs = runs, grids = grids, finished = finished})
 """
 
 
+# A stage starts only while it is live: a cancel written since its status was read stands. KEYS: the stage
+# hash, the running-stages set. ARGV: the stage id, then the fields to set. "started", or the status that
+# kept the stage from starting.
+_START_IF_LIVE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return status or '' end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('SADD', KEYS[2], ARGV[1])
+return 'started'
+"""
+
+
 def _flat(mapping: Mapping[str, Any]) -> list[str]:
     return [str(part) for item in mapping.items() for part in item]
 
@@ -96,6 +108,12 @@ def update_runs_if(conn: redis.Redis, run_ids: Iterable[str], *, allowed: Iterab
         keys=[keys.run(run_id) for run_id in ids],
         args=[json.dumps(list(allowed)), json.dumps(_flat(fields)), json.dumps(_flat(fields_if_unset or {}))])
     return [run_id for run_id, ok in zip(ids, written, strict=True) if int(ok)]
+
+
+def start_stage_record(conn: redis.Redis, stage_id: str, fields: Mapping[str, Any]) -> str:
+    """Mark a stage running (with `fields`) if it is still queued or running: "started", else its status
+    ("" when it has no record)."""
+    return text(conn.eval(_START_IF_LIVE, 2, keys.stage(stage_id), keys.RUNNING_STAGES, stage_id, *_flat(fields)))
 
 
 def finish_stage_records(conn: redis.Redis, stage_id: str, *, status: RunStatus, stage_fields: Mapping[str, Any],

@@ -136,8 +136,6 @@ class StlWorker(Worker):
                 continue
             if self._stop_requested:
                 return None
-            if not self._paused and self._host_fault_stops_work():
-                continue
             if self._paused and not self._healthy_again():
                 if timeout is None:  # --burst: nothing more can run here now
                     self.log.error("Worker %s: stopping, the machine cannot run stages (%s); queued stages stay "
@@ -225,10 +223,9 @@ class StlWorker(Worker):
         except redis.RedisError:
             return  # the next stage meets the fault again, if there is one
         if fault:
-            self._paused = fault
-            self._next_health_check = 0.0
             self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); this worker takes no "
                            "work until the machine is healthy again", self.name, stage_id, fault)
+            self._pause(fault, check_in=0.0)
 
     @property
     def paused_reason(self) -> str:
@@ -249,11 +246,14 @@ class StlWorker(Worker):
             self.log.info("Worker %s: another worker of this host met a machine fault (%s); this worker's health "
                           "check passed, so it goes on", self.name, announced.partition("|")[2])
             return False
-        self._paused, self._next_health_check = problem, time.monotonic() + HEALTH_CHECK_EVERY_S
         self.log.error("Worker %s: another worker of this host met a machine fault, and this one finds it too (%s); "
                        "taking no work until the machine is healthy again", self.name, problem)
-        self._write_record("paused")
+        self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
         return True
+
+    def _pause(self, reason: str, *, check_in: float) -> None:
+        self._paused, self._next_health_check = reason, time.monotonic() + check_in
+        self._write_record("paused")
 
     def _machine_problem(self) -> str | None:
         return machine_problem(self.settings, gpu=self._probe.has_gpu, faults=parse_faults(self.settings.fault_inject),
@@ -264,15 +264,13 @@ class StlWorker(Worker):
         if time.monotonic() < self._next_health_check:
             return False
         problem = self._machine_problem()
-        self._next_health_check = time.monotonic() + HEALTH_CHECK_EVERY_S
         if problem:
             if problem != self._paused:
                 self.log.error("Worker %s: still taking no work: %s; trying again every %.0f s", self.name,
                                problem, HEALTH_CHECK_EVERY_S)
-            self._paused = problem
             with contextlib.suppress(redis.RedisError):  # the host's other workers keep checking before work
                 self.connection.expire(keys.host_fault(self.host), HOST_FAULT_TTL_S)
-            self._write_record("paused")
+            self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
             return False
         self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
         self._paused = ""
