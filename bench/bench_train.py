@@ -21,9 +21,10 @@ compiled arm runs eager: a plumbing check only.
 With --cuda-graphs, another arm runs stl with `train.compile: reduce-overhead`: torch.compile replaying each
 micro-batch's forward and backward as CUDA graphs (the stage log's line on whether they ran is printed).
 
-With --prefetch both, a third arm runs stl with its batches made in the step's own thread (no prefetch
-thread): the ratio of the two shows how much of the data work (drawing, tokenizing, padding) the background
-thread hides. Read it per wall-second: the thread's CPU time is the process's either way.
+With --prefetch both, another arm runs stl with its batches made in the step's own thread (no prefetch
+thread), and with --cuda-graphs the CUDA-graph arm gets such a twin too: the ratio of the two shows how much
+of the data work (drawing, tokenizing, padding) the background thread hides. Read it per wall-second: the
+thread's CPU time is the process's either way.
 
 Each side keeps its own defaults where the comparison leaves them free: stl uses torch AdamW (fused
 on CUDA; torch's default single-tensor loop on CPU) and length-grouped batches from its streaming
@@ -54,6 +55,7 @@ BENCH = "train"
 STL, STL_COMPILED, HF = "stl train()", "stl train(), compiled", "HF Seq2SeqTrainer"
 STL_INLINE = "stl train(), no prefetch"  # batches made in the step's thread (TrainRun.prefetch_batches = 0)
 STL_GRAPHS = "stl train(), CUDA graphs"  # train.compile: reduce-overhead
+STL_GRAPHS_INLINE = "stl train(), CUDA graphs, no prefetch"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ STL_ARMS = {arm.name: arm for arm in (
     StlArm("stl-inline", STL_INLINE, False, prefetch=False),
     StlArm("stl-compiled", STL_COMPILED, True),
     StlArm("stl-graphs", STL_GRAPHS, "reduce-overhead"),
+    StlArm("stl-graphs-inline", STL_GRAPHS_INLINE, "reduce-overhead", prefetch=False),
 )}
 REPORT_EVERY = 10  # jobs.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
 
@@ -313,8 +316,10 @@ def main() -> None:
         runner.warm_process()
         names = ([STL] if args.compile in ("off", "both") else []) + ([STL_INLINE] if args.prefetch == "both" else [])
         names += ([STL_COMPILED] if args.compile in ("on", "both") else []) + ([STL_GRAPHS] if args.cuda_graphs else [])
+        names += [STL_GRAPHS_INLINE] if args.cuda_graphs and args.prefetch == "both" else []
         if STL_GRAPHS in names and not runner.probe(STL_ARMS[STL_GRAPHS]):
-            names.remove(STL_GRAPHS)  # so that the other arms' figures still come out
+            # so that the other arms' figures still come out
+            names = [name for name in names if name not in (STL_GRAPHS, STL_GRAPHS_INLINE)]
         arms = {name: runner.stl_arm(STL_ARMS[name]) for name in names}
         arms[HF] = runner.hf
         results = interleave(arms, rounds=args.rounds)
@@ -348,6 +353,8 @@ def main() -> None:
                   for other, label in ((STL, "eager"), (STL_COMPILED, "compiled")) if other in arms]
     if STL in arms and STL_INLINE in arms:
         ratio.append(Ratio(STL, STL_INLINE, "prefetched / inline batches, stl samples/s"))
+    if STL_GRAPHS in arms and STL_GRAPHS_INLINE in arms:
+        ratio.append(Ratio(STL_GRAPHS, STL_GRAPHS_INLINE, "prefetched / inline batches, stl CUDA graphs samples/s"))
     if args.device == "cpu":
         # Headline on a CPU: samples per CPU-second of the (single-threaded) process. Other people's jobs on a
         # shared machine stretch wall time at random; they hardly change the CPU time the work itself needs.

@@ -2,20 +2,21 @@
 # First a check of stl's own stage code on the GPU (bench/gpu_check.py: CUDA graphs, resume, eval, NVML);
 # then the GPU benchmarks, most wanted first, so that a cut-off run still leaves them:
 #   stl's training loop vs Seq2SeqTrainer (bf16) at t5-small and bart-base sizes (random weights from config,
-#   synthetic tokens, no network), stl's arms eager, `train.compile: true` and `train.compile:
-#   reduce-overhead` (CUDA graphs), and at bart-base also eager without the batch-prefetch thread
-#   (GPU_COMPILE=0 leaves only the eager arms);
+#   synthetic tokens, no network), stl's arms eager and `train.compile: reduce-overhead` (CUDA graphs)
+#   (GPU_COMPILE=0 leaves only the eager arm; GPU_EXTRA_ARMS=1 adds `train.compile: true` at both sizes and,
+#   at bart-base, each arm without the batch-prefetch thread; GPU_TRAIN=0 skips gpu_check and training);
 #   stl's evaluation vs Seq2SeqTrainer.predict(predict_with_generate=True), eager and with eval.compile, and
-#   rank classification vs Trainer.predict over option pairs, and a whole eval stage per fresh process
-#   eager vs eval.compile (bench_eval_stage.py) (GPU_EVAL=0 skips these);
+#   rank classification vs Trainer.predict over option pairs (GPU_EVAL=0 skips these); a whole eval stage
+#   per fresh process, eager vs eval.compile (bench_eval_stage.py), on a GPU only with GPU_EVAL_STAGE=1
+#   (2 minutes);
 #   then, on CUDA, three ways of calling HF generate and of running a training step outside stl
 #   (bench_generate_variants.py, bench_train_variants.py; only with GPU_VARIANTS=1, or alone with
 #   GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
-# Budget: about 9 minutes on one H200 (estimated from the 2026-11-26 run's per-script times: the CUDA-graph
-# arms have not run on a GPU yet), 6 with GPU_EVAL=0; each script has its own time limit (COMPILE_LIMIT_S,
-# TRAIN_LIMIT_S, LIMIT_S), and results.jsonl grows script by script, so a run cut off from outside keeps
-# what finished.
+# Budget: about 6.5 minutes on one H200 (from the per-script times of 2026-11-26: gpu_check 87 s, the two
+# training scripts about 80 and 70 s without the extra arms, the two eval scripts 71 and 65 s), 4 with
+# GPU_EVAL=0; each script has its own time limit (COMPILE_LIMIT_S, TRAIN_LIMIT_S, LIMIT_S), and
+# results.jsonl grows script by script, so a run cut off from outside keeps what finished.
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
 # line per figure, and the notes), results.jsonl (the RESULT records) and all.log (every script's output).
 #
@@ -51,8 +52,12 @@ if [[ "$DEVICE" == cuda* ]]; then
   # stl's generation eager and with eval.compile (a static KV cache in CUDA graphs), each against Trainer.
   EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 --compile both)
   EVAL_STAGE=(--size t5-small --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2)
-  BART_ARMS=(--compile both --cuda-graphs --prefetch both)
-  T5_ARMS=(--compile both --cuda-graphs)
+  BART_ARMS=(--compile off --cuda-graphs)
+  T5_ARMS=(--compile off --cuda-graphs)
+  if [[ "${GPU_EXTRA_ARMS:-0}" != 0 ]]; then
+    BART_ARMS=(--compile both --cuda-graphs --prefetch both)
+    T5_ARMS=(--compile both --cuda-graphs)
+  fi
 else
   # The same code paths with shapes a CPU finishes quickly: a correctness check, not figures to quote.
   LIMIT_S=${LIMIT_S:-300}
@@ -106,16 +111,20 @@ for line in sys.stdin:
 : > "$OUTDIR/results.jsonl"; : > "$OUTDIR/all.log"
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
 VARIANTS=${GPU_VARIANTS:-0}
-if [[ "${GPU_COMPILE:-1}" == 0 ]]; then BART_ARMS=(--compile off --prefetch both); T5_ARMS=(--compile off); fi
+if [[ "${GPU_COMPILE:-1}" == 0 ]]; then BART_ARMS=(--compile off); T5_ARMS=(--compile off); fi
 if [[ "$VARIANTS" != only ]]; then
-  run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, CUDA graphs included
-  # Each stl arm against Trainer, 2 interleaved rounds; the CUDA-graph arm's cold compile runs untimed first.
-  run "$TRAIN_LIMIT_S" train-t5-small bench/bench_train.py "${COMMON[@]}" "${TRAIN_T5[@]}" --rounds 2 "${T5_ARMS[@]}"
-  run "$TRAIN_LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" "${TRAIN_BART[@]}" --rounds 2 \
-    "${BART_ARMS[@]}"
+  if [[ "${GPU_TRAIN:-1}" != 0 ]]; then
+    run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, CUDA graphs included
+    # Each stl arm against Trainer, 2 interleaved rounds; the CUDA-graph arm's cold compile runs untimed first.
+    run "$TRAIN_LIMIT_S" train-t5-small bench/bench_train.py "${COMMON[@]}" "${TRAIN_T5[@]}" --rounds 2 "${T5_ARMS[@]}"
+    run "$TRAIN_LIMIT_S" train-bart-base bench/bench_train.py "${COMMON[@]}" "${TRAIN_BART[@]}" --rounds 2 \
+      "${BART_ARMS[@]}"
+  fi
   if [[ "${GPU_EVAL:-1}" != 0 ]]; then
     run "$LIMIT_S" eval-bart-base bench/bench_eval.py "${COMMON[@]}" --size bart-base "${EVAL[@]}"
     run "$LIMIT_S" eval-t5-small  bench/bench_eval.py "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+  fi
+  if [[ "${GPU_EVAL_STAGE:-0}" != 0 || "$DEVICE" != cuda* ]]; then
     # A whole eval stage per fresh process (as the worker's work horse), eager vs eval.compile on a warm cache.
     run "$COMPILE_LIMIT_S" eval-stage-t5-small bench/bench_eval_stage.py "${COMMON[@]}" "${EVAL_STAGE[@]}"
   fi
