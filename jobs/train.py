@@ -334,6 +334,8 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
             raise OutOfMemory(
                 f"stage {spec.stage_id} ran out of GPU memory even at micro-batch 1 (step {result.step}); "
                 "lower max_source_length or use a smaller model"
+                + (" (or drop train.compile: reduce-overhead: its CUDA graphs hold memory of their own)"
+                   if settings.compile == "reduce-overhead" else "")
             )
         new_plan = _Plan.for_micro_batch(settings.batch_size, math.ceil(plan.micro_batch / 2))
         retries.append(OomRetry(result.step, plan.micro_batch, new_plan.micro_batch, new_plan.grad_accum, restart_step))

@@ -113,7 +113,15 @@ def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo_
 
 def test_out_of_memory_at_micro_batch_one_fails_clearly(tmp_path: Path, demo_data: Path) -> None:
     spec = train_spec(demo_data, batch_size=1, grad_accum=1, max_steps=4)
-    with pytest.raises(OutOfMemory, match="even at micro-batch 1.*lower max_source_length or use a smaller model"):
+    advice = "even at micro-batch 1.*lower max_source_length or use a smaller model"
+    with pytest.raises(OutOfMemory, match=advice) as info:
+        run_training(spec, tmp_path, oom_at_step=2)
+    assert "CUDA graphs" not in str(info.value)
+
+
+def test_out_of_memory_under_cuda_graphs_also_names_them(tmp_path: Path, demo_data: Path) -> None:
+    spec = train_spec(demo_data, batch_size=1, grad_accum=1, max_steps=4, compile="reduce-overhead")
+    with pytest.raises(OutOfMemory, match="drop train.compile: reduce-overhead: its CUDA graphs hold memory"):
         run_training(spec, tmp_path, oom_at_step=2)
 
 
