@@ -204,6 +204,21 @@ class _Encoded:
     samples: int
 
 
+class _ShapesSeen:
+    """The distinct tensor shapes of micro-batches met so far."""
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
+
+    def first_sight(self, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether this micro-batch's shapes are new (and remember them)."""
+        key = tuple(sorted((name, tuple(tensor.shape)) for name, tensor in tensors.items()))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
 @dataclass
 class _Progress:
     samples: int = 0
@@ -472,6 +487,7 @@ class _TrainingSession:
         self.cuda_graphs = False
         self.graph_skips_seen: int | None = None  # inductor's count of skipped CUDA graphs, as last logged
         self.graphs_confirmed = False  # "CUDA graphs in use" logged
+        self.shapes_recorded = _ShapesSeen()  # micro-batch shapes whose graphs this session has recorded
         # Padded lengths: None pads to the longest row (eager); else (source, target) buckets for seq2seq,
         # or (whole sequence,) for a causal LM.
         self.buckets: tuple[tuple[int, ...], ...] | None = None
@@ -738,6 +754,11 @@ class _TrainingSession:
         for index, micro in enumerate(micro_batches):
             if self.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # a new replay: the previous one's outputs are done
+                if self.shapes_recorded.first_sight(micro.tensors):
+                    # While a graph records, the allocator cannot hand back blocks that eager work cached, so
+                    # a length bucket first met deep into a stage could run out of memory (and halve the
+                    # micro-batch for good) where an emptied cache fits it.
+                    torch.cuda.empty_cache()
             loss = self._loss_sum(micro.tensors) / target_tokens
             loss.backward()
             step_loss += loss.detach()

@@ -13,7 +13,7 @@ from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
-from jobs.train import OomRetry, StepReport, _warmup_then_linear_decay
+from jobs.train import OomRetry, StepReport, _ShapesSeen, _warmup_then_linear_decay
 from tests.helpers import assert_bit_identical, run_training, saved_weights
 
 if TYPE_CHECKING:
@@ -253,3 +253,13 @@ def test_stage_chain_mtl_then_finetune_then_eval(tmp_path: Path, demo_data: Path
     assert execute_stage(evaluation, context("eval", "finetune")).metrics == third.metrics
     with pytest.raises(ModelError, match="not in .*missing-parent.* shared STL_HOME"):
         execute_stage(evaluation, context("eval-orphan", "missing-parent"))
+
+
+def test_a_micro_batch_shape_is_new_once_whatever_its_values() -> None:
+    # Under CUDA graphs the allocator's cache is emptied before a shape's first graph records, and only then.
+    shapes = _ShapesSeen()
+    batch = {"input_ids": torch.zeros(4, 64, dtype=torch.long), "labels": torch.zeros(4, 32, dtype=torch.long)}
+    assert shapes.first_sight(batch)
+    assert not shapes.first_sight({name: tensor + 1 for name, tensor in reversed(batch.items())})
+    assert shapes.first_sight({**batch, "labels": torch.zeros(4, 64, dtype=torch.long)})  # a new target bucket
+    assert shapes.first_sight({name: tensor[:2] for name, tensor in batch.items()})  # the smaller last micro-batch
