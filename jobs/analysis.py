@@ -74,6 +74,7 @@ class PivotRow:
     key: tuple[AxisValue, ...]
     cells: Mapping[str, CellStat | None]  # column name -> stat, None when no run has that result
     expected: int
+    pending: int = 0  # runs of the row still queued or running
 
 
 @dataclass(frozen=True)
@@ -316,6 +317,7 @@ def build_pivot(
     for run_key, run_scores in scores.items():
         runs_per_key[row_key(run_scores.grid, run_scores.cell)].add(run_key)
 
+    live = {(str(r["grid"]), str(r["run"])) for r in runs if r.get("status") in ("queued", "running")}
     pivot_rows = []
     for key in _sort_keys(runs_per_key, len(row_axes)):
         members = sorted(runs_per_key[key])
@@ -328,7 +330,8 @@ def build_pivot(
                 if member in scores and (value := _column_value(scores[member], column)) is not None
             ]
             cells[column.name] = _stat(samples, expected)
-        pivot_rows.append(PivotRow(key=key, cells=cells, expected=expected))
+        pending = sum(member in live for member in members)
+        pivot_rows.append(PivotRow(key=key, cells=cells, expected=expected, pending=pending))
     records = [*runs, *rows]
     folded = tuple(axis for axis in valid_axes if axis not in row_axes and axis != GRID_AXIS and len(
         {_axis_value(str(r["grid"]), r.get("cell", {}), axis) for r in records}) > 1)
@@ -495,6 +498,15 @@ def format_stat(stat: CellStat | None, *, digits: int = 3, count: bool = True) -
     return f"{text} (n={stat.n})" if count else text
 
 
+def format_row_cell(row: PivotRow, column: Column, *, digits: int = 3, count: bool = True) -> str:
+    """`format_stat` of the row's cell; a cell with no result while runs of its row are queued or running
+    says so (`— (n=0/2)`) instead of reading as missing data."""
+    stat = row.cells[column.name]
+    if stat is None and row.pending:
+        return f"{EMPTY_CELL} (n=0/{row.expected})"
+    return format_stat(stat, digits=digits, count=count)
+
+
 def format_percent(fraction: float | None) -> str:
     """+31.1 % — rounded half-up after dropping float noise, so 0.3105 never prints as 31.0."""
     if fraction is None:
@@ -517,7 +529,7 @@ def pivot_table_rows(pivot: Pivot, *, count: bool = True) -> list[list[str]]:
     return [
         [
             *(render_value(value) for value in row.key),
-            *(format_stat(row.cells[c.name], count=count) for c in pivot.columns),
+            *(format_row_cell(row, c, count=count) for c in pivot.columns),
         ]
         for row in pivot.rows
     ]
@@ -547,7 +559,7 @@ def uniform_count(pivot: Pivot) -> int | None:
     """The n every cell of the pivot shares when all are complete; None when they differ or some wait."""
     stats = [stat for row in pivot.rows for stat in row.cells.values() if stat is not None]
     counts = {stat.n for stat in stats}
-    if not stats or len(counts) != 1 or not all(stat.complete for stat in stats):
+    if not stats or len(counts) != 1 or not all(stat.complete for stat in stats) or any(r.pending for r in pivot.rows):
         return None
     return counts.pop()
 
@@ -587,7 +599,8 @@ def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Tabl
     caption = ["one run per row: no spread to report" if n == 1
                else f"mean ± sample std over each row's {n} runs{over}" if n is not None
                else f"mean ± sample std over each row's n runs{over}"]
-    if any(stat is not None and not stat.complete for row in pivot.rows for stat in row.cells.values()):
+    if any(row.pending or any(stat is not None and not stat.complete for stat in row.cells.values())
+           for row in pivot.rows):
         caption.append("n=k/m: k of the row's m runs have this result (the others are queued, running, failed "
                        "or canceled)")
     if hidden_tasks:
@@ -607,7 +620,8 @@ def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Tabl
         cells = [Text(text) for text in strings[: len(pivot.row_axes)]]
         for column, text in zip(pivot.columns, strings[len(pivot.row_axes) :], strict=True):
             stat = row.cells[column.name]
-            style = "dim" if stat is None else "yellow" if not stat.complete else ""
+            waiting = row.pending if stat is None else not stat.complete
+            style = "yellow" if waiting else "dim" if stat is None else ""
             if stat is not None and stat.mean == best[column.name] and len(pivot.rows) > 1:
                 style += " bold"
             cells.append(Text(text, style=style.strip()))
@@ -740,6 +754,7 @@ def pivot_to_json(pivot: Pivot) -> dict[str, Any]:
             {
                 "key": dict(zip(pivot.row_axes, row.key, strict=True)),
                 "runs": row.expected,
+                "pending": row.pending,
                 "cells": {column.name: _stat_json(row.cells[column.name]) for column in pivot.columns},
             }
             for row in pivot.rows

@@ -162,9 +162,26 @@ def test_running_grid_reports_expected_runs_per_row() -> None:
     assert format_stat(done.cells["intent"]) == "0.600 ± 0.100 (n=3)"
     assert partial.cells["intent"] == CellStat(mean=0.4, std=0.0, n=2, expected=3)
     assert format_stat(partial.cells["intent"]) == "0.400 ± 0.000 (n=2/3)"
-    assert waiting.expected == 3
+    assert (waiting.expected, waiting.pending, partial.pending, done.pending) == (3, 3, 1, 1)  # seed 2 runs on
     assert waiting.cells == {"classification": None, "intent": None}
-    assert pivot_table_rows(pivot)[2][-2:] == ["—", "—"]
+    assert pivot_table_rows(pivot)[2][-2:] == ["— (n=0/3)", "— (n=0/3)"]  # waiting, not missing
+
+
+def test_a_row_whose_runs_all_wait_keeps_the_caption_from_claiming_every_row_has_its_runs() -> None:
+    runs = [summary(make_cell(model="tiny:bart", seed=seed)) for seed in range(2)]
+    runs += [summary(make_cell(model="tiny:t5", seed=seed), "queued") for seed in range(2)]
+    rows = [result(make_cell(model="tiny:bart", seed=seed), "intent", 0.5) for seed in range(2)]
+    table = build_pivot_table(build_pivot(rows, runs))
+    cells = [[str(cell) for cell in column._cells] for column in table.columns]
+    assert cells[-1] == ["0.500 ± 0.000 (n=2)", "— (n=0/2)"]
+    assert "each row's 2 runs" not in str(table.caption)
+    assert "n=k/m" in str(table.caption)
+
+
+def test_a_row_with_no_result_after_its_runs_ended_stays_a_plain_dash() -> None:
+    runs = [summary(make_cell(model="tiny:bart", seed=0)), summary(make_cell(model="tiny:t5", seed=0), "failed")]
+    pivot = build_pivot([result(make_cell(model="tiny:bart", seed=0), "intent", 0.5)], runs)
+    assert pivot_table_rows(pivot)[1][-1] == "—"
 
 
 def test_results_without_run_summaries_count_themselves() -> None:
