@@ -104,6 +104,11 @@ def handled() -> Iterator[None]:
 
     try:
         yield
+        sys.stdout.flush()  # here, so that a reader gone away is met inside this block
+    except BrokenPipeError:
+        # The reader stopped early (`stl results --rows | head`): stop quietly, as a pipe's writer does.
+        _discard_stdout()
+        raise typer.Exit(141) from None
     except GridError as e:
         for line in e.problems:
             typer.echo(_one_line(line), err=True)
@@ -120,6 +125,17 @@ def handled() -> Iterator[None]:
         where = f" {e.filename}" if e.filename else ""
         typer.echo(f"stl: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
         raise typer.Exit(2) from None
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not meet the closed pipe again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (under a test's capture): nothing to flush at exit
+        pass
 
 
 def _one_line(message: str) -> str:

