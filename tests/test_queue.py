@@ -602,3 +602,15 @@ def test_a_run_queued_again_while_its_canceled_stage_still_runs_clears_the_cance
     report = queueing.retry_runs(conn, [run.run_id], user="alice", force=False)
     assert report[0] == [run.run_id]
     assert not conn.hget(keys.stage(stage_id), "cancel")  # the retried run needs it: it runs on
+
+
+def test_results_of_a_grid_whose_runs_all_ended_without_results_do_not_say_yet(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    enqueue(write_grid(tmp_path, demo_data))
+    for run_id in [text(r) for r in conn.zrange(keys.grid_runs("test-grid"), 0, -1)]:
+        conn.hset(keys.run(run_id), mapping={"status": "failed", "error": "eval stage x: broken"})
+    result = runner.invoke(app, ["results", "test-grid"])
+    assert result.exit_code == 0 and result.stdout == ""
+    assert "stl: 4 of 4 run(s) failed and have no results" in result.stderr
+    assert "stl: no results for test-grid: none of its runs finished (see above)" in result.stderr
+    assert "yet" not in result.stderr
