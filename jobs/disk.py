@@ -156,6 +156,9 @@ def _describe_stage(stage_dir: Path) -> tuple[str, str]:
     about = [str(spec.get("model", "")), tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks"]
     if spec.get("shots"):
         about.append(f"{spec['shots']}-shot")
+    train = spec.get("train")
+    if isinstance(train, dict) and train.get("max_steps"):
+        about.append(f"{train['max_steps']} steps")  # tells apart models that differ only in training
     if kind == "finetune":
         about.append(f"from MTL stage {spec['parent'][:8]}" if spec.get("parent") else "from the base model")
     if spec.get("instructions") is False:

@@ -143,8 +143,8 @@ def test_pruning_deletes_models_no_live_run_needs_and_marks_their_stages(
     assert report.freed_bytes == 1000 * len(pruned)
     # two few-shot stages per task and seed, told apart by where they start
     abouts = {m.about for m in preview.pruned + preview.needed}
-    assert f"tiny:bart summarization 4-shot from MTL stage {mtls[0][:8]} seed 0" in abouts
-    assert "tiny:bart summarization 4-shot from the base model seed 0" in abouts
+    assert f"tiny:bart summarization 4-shot 6 steps from MTL stage {mtls[0][:8]} seed 0" in abouts
+    assert "tiny:bart summarization 4-shot 6 steps from the base model seed 0" in abouts
     for sid in pruned:
         stage_dir = stl_env / "stages" / sid
         assert not (stage_dir / "model").exists() and not (stage_dir / "done.json").exists()
