@@ -398,7 +398,10 @@ def enqueue_message(report: SubmitReport, user: str, priority: str = "normal") -
                      if report.stages_retrained else "")
         lines.append(f"{report.stages_created} new stage job(s){retrained}; "
                      f"{report.stages_reused} reused from earlier runs")
-    if report.queued:
+    if report.finished_at_once:
+        lines.append(f"{report.finished_at_once} of the queued run(s) finished at once: every stage they need was "
+                     f"done by earlier runs (see stl results {report.grid})")
+    if len(report.queued) > report.finished_at_once:
         lines.append(f"watch them with: stl status --grid {report.grid}")
     return "\n".join(lines)
 

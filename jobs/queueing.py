@@ -57,6 +57,7 @@ class SubmitReport:
     stages_created: int = 0
     stages_reused: int = 0
     stages_retrained: int = 0  # of those created: finished stages whose model was pruned, trained again
+    finished_at_once: int = 0  # of the queued runs: every stage already finished, so they ended as queued
 
 
 
@@ -173,6 +174,7 @@ for _, run in ipairs(to_write) do
   end
 end
 local queued, scores = {}, {}
+local n_done = 0  -- runs whose every stage was already finished: done as they are queued
 for _, run in ipairs(to_write) do
   local finished = {}
   local n_finished, work_done, work_total = 0, 0, 0
@@ -194,7 +196,10 @@ for _, run in ipairs(to_write) do
     'status', done and 'finished' or 'queued', 'cell', run.cell, 'stages', run.stages_json,
     'eval_stages', run.eval_stages_json, 'n_stages', #run.stages, 'stages_done', n_finished,
     'work_total', work_total, 'work_done', work_done, 'created_at', p.now)
-  if done then redis.call('HSET', rkey, 'started_at', p.now, 'ended_at', p.now) end
+  if done then
+    redis.call('HSET', rkey, 'started_at', p.now, 'ended_at', p.now)
+    n_done = n_done + 1
+  end
   for _, sid in ipairs(run.stages) do redis.call('SADD', K.stage .. sid .. ':runs', run.id) end
   for _, sid in ipairs(run.eval_stages) do
     if finished[sid] then
@@ -227,7 +232,7 @@ if #to_write > 0 then
   if n_created > 0 then redis.call('SADD', K.queues, K.queue) end
 end
 return cjson.encode({queued = queued, skipped = skipped, created = n_created, reused = n_reused,
-  retrained = n_retrained})
+  retrained = n_retrained, done = n_done})
 """
 
 
@@ -300,7 +305,7 @@ def submit_runs(
         raise GridChanged(_owned_by_another(grid, str(answer["owner"])))
     return SubmitReport(grid=grid, queued=list(answer["queued"] or []), skipped=list(answer["skipped"] or []),
                         stages_created=int(answer["created"]), stages_reused=int(answer["reused"]),
-                        stages_retrained=int(answer["retrained"]))
+                        stages_retrained=int(answer["retrained"]), finished_at_once=int(answer["done"]))
 
 
 # --- a grid enqueued again with other settings ------------------------------------------------

@@ -614,3 +614,18 @@ def test_results_of_a_grid_whose_runs_all_ended_without_results_do_not_say_yet(
     assert "stl: 4 of 4 run(s) failed and have no results" in result.stderr
     assert "stl: no results for test-grid: none of its runs finished (see above)" in result.stderr
     assert "yet" not in result.stderr
+
+
+def test_runs_whose_stages_are_all_done_are_said_to_finish_at_once(stl_env: Path, conn: redis.Redis,
+                                                                    tmp_path: Path, demo_data: Path) -> None:
+    code, _, err = enqueue(write_grid(tmp_path, demo_data))
+    assert code == 0, err
+    for stage_id in parse_grid(write_grid(tmp_path, demo_data)).stages:
+        conn.hset(keys.stage(stage_id), "status", "finished")  # as the worker leaves them
+    code, out, err = enqueue(write_grid(tmp_path, demo_data, filename="again.yaml", name="again"))
+    assert code == 0, err
+    assert "queued 4 run(s) of grid again" in out
+    assert "4 of the queued run(s) finished at once: every stage they need was done by earlier runs" in out
+    assert "watch them with" not in out
+    statuses = {text(conn.hget(keys.run(text(r)), "status")) for r in conn.zrange(keys.grid_runs("again"), 0, -1)}
+    assert statuses == {"finished"}
