@@ -95,7 +95,8 @@ def resolve_run_ids(conn: redis.Redis, given: list[str]) -> list[str]:
             all_ids = [text(m) for m in conn.zrange(keys.RUNS, 0, -1)]
         matches = [m for m in all_ids if m.startswith(run_id)]
         if not matches:
-            raise NotFound(f'no run id starts with "{run_id}"; `stl status --json` lists them')
+            raise NotFound(f'no run id starts with "{run_id}" (a run `stl enqueue --replace` dropped is gone); '
+                           "`stl status --json` lists them")
         if len(matches) > 1:
             listed = ", ".join(matches[:5]) + (f" and {len(matches) - 5} more" if len(matches) > 5 else "")
             raise UsageError(f'"{run_id}" matches {len(matches)} runs ({listed}); give more digits')

@@ -629,3 +629,10 @@ def test_runs_whose_stages_are_all_done_are_said_to_finish_at_once(stl_env: Path
     assert "watch them with" not in out
     statuses = {text(conn.hget(keys.run(text(r)), "status")) for r in conn.zrange(keys.grid_runs("again"), 0, -1)}
     assert statuses == {"finished"}
+
+
+def test_an_unknown_run_id_is_refused_with_where_runs_go(stl_env: Path, conn: redis.Redis) -> None:
+    result = runner.invoke(app, ["logs", "89aceb"])
+    assert result.exit_code != 0 and result.stdout == ""
+    assert result.stderr.strip() == ('stl: no run id starts with "89aceb" (a run `stl enqueue --replace` dropped '
+                                     "is gone); `stl status --json` lists them")
