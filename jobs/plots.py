@@ -10,7 +10,7 @@ import contextlib
 import math
 import os
 import textwrap
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from jobs.analysis import METRIC_LABELS, render_value, spread_of
 from jobs.errors import UsageError, path_error
@@ -233,6 +233,7 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
     panel = figure.subplots()
     colours = _palette(len(curves))
     smoothed = False
+    end_labels: list[_EndLabel] = []
     for label, colour in zip(curves, colours, strict=True):
         points = drawable.get(label, [])
         if not points:
@@ -254,8 +255,7 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
                 panel.plot(steps, losses, color=colour, linewidth=1.6, marker="o", markersize=3, label=name)
             stage_name = names[index] if index < len(names) else ""
             if stage_name and not many:  # which task each few-shot branch trains on, at its end
-                panel.annotate(stage_name, (steps[-1], losses[-1]), xytext=(4, 0), textcoords="offset points",
-                               fontsize=8, color=colour, va="center", annotation_clip=False)
+                end_labels.append(_EndLabel(steps[-1], losses[-1], stage_name, colour))
     finite = [loss for points in drawable.values() for _, loss in points if math.isfinite(loss) and loss > 0]
     if finite and max(finite) / min(finite) > 30:
         panel.set_yscale("log")  # early spikes would flatten the part of the curve that matters
@@ -263,6 +263,7 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
         panel.yaxis.set_major_formatter(ScalarFormatter())
         panel.yaxis.set_minor_formatter(NullFormatter())
     panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _place_end_labels(figure, panel, end_labels)
     panel.set_xlabel("training step")
     panel.set_ylabel("training loss" + (" (log scale)" if panel.get_yscale() == "log" else ""))
     note = ""
@@ -275,6 +276,35 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
     else:
         panel.legend(fontsize=9)
     return figure
+
+
+class _EndLabel(NamedTuple):
+    step: float
+    loss: float
+    text: str
+    colour: Colour
+
+
+END_LABEL_POINTS = 8  # font size
+END_LABEL_LINE = 1.4  # line height, in font sizes: the text's height and a little air
+END_LABEL_NEAR_PX = 150.0  # labels this close in x could overlap: stack them
+
+
+def _place_end_labels(figure: Figure, panel: Axes, labels: list[_EndLabel]) -> None:
+    """Each label at its curve's end, moved up just enough that no two that end near each other overlap
+    (branches of several runs often end at the same step and loss)."""
+    figure.draw_without_rendering()  # the layout and scales as they will be saved
+    gap = END_LABEL_POINTS * END_LABEL_LINE * figure.dpi / 72
+    to_pixels = panel.transData.transform
+    placed: list[tuple[float, float]] = []  # (x, y) in pixels of the labels placed so far
+    ends = sorted(((tuple(to_pixels((label.step, label.loss))), label) for label in labels), key=lambda e: e[0][1])
+    for (x, y), label in ends:
+        lifted = max([y, *(other_y + gap for other_x, other_y in placed
+                           if abs(other_x - x) < END_LABEL_NEAR_PX)])
+        placed.append((x, lifted))
+        points = (lifted - y) * 72 / figure.dpi
+        panel.annotate(label.text, (label.step, label.loss), xytext=(4, points), textcoords="offset points",
+                       fontsize=END_LABEL_POINTS, color=label.colour, va="center", annotation_clip=False)
 
 
 def _centred_mean(values: list[float], *, window: int) -> list[float]:

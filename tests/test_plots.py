@@ -219,3 +219,17 @@ def test_a_plot_that_cannot_be_written_leaves_the_last_one_whole(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png"]  # no temporary file left behind
     with pytest.raises(UsageError, match="it is a folder; name the file"):
         plot_loss_curves({"run": [(1, 3.0), (2, 1.0)]}, tmp_path)
+
+
+def test_branch_names_that_end_at_the_same_point_do_not_overlap() -> None:
+    nan = float("nan")
+    branch = [(1, 3.0), (2, 2.0), (2, nan), (3, 1.9), (4, 1.8)]
+    figure = build_loss_figure({"a": branch, "b": branch, "c": [(1, 3.0), (4, 0.5)]},
+                               stage_names={"a": ["", "summary"], "b": ["", "emotion"], "c": ["far"]})
+    figure.draw_without_rendering()
+    boxes = {text.get_text(): text.get_window_extent() for text in figure.axes[0].texts}
+    assert set(boxes) == {"summary", "emotion", "far"}
+    assert not boxes["summary"].overlaps(boxes["emotion"])
+    texts = {text.get_text(): text for text in figure.axes[0].texts}
+    assert texts["far"].xyann == (4, 0)  # a label with nothing near it stays at its curve's end
+    assert {texts["summary"].xy, texts["emotion"].xy} == {(4, 1.8)}  # each still points at its branch's end
