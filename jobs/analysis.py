@@ -19,6 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from jobs.errors import UsageError
+from jobs.states import RunStatus
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -317,7 +318,8 @@ def build_pivot(
     for run_key, run_scores in scores.items():
         runs_per_key[row_key(run_scores.grid, run_scores.cell)].add(run_key)
 
-    live = {(str(r["grid"]), str(r["run"])) for r in runs if r.get("status") in ("queued", "running")}
+    waiting = (RunStatus.queued.value, RunStatus.running.value)
+    live = {(str(r["grid"]), str(r["run"])) for r in runs if r.get("status") in waiting}
     pivot_rows = []
     for key in _sort_keys(runs_per_key, len(row_axes)):
         members = sorted(runs_per_key[key])

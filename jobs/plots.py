@@ -293,6 +293,8 @@ END_LABEL_NEAR_PX = 150.0  # labels this close in x could overlap: stack them
 def _place_end_labels(figure: Figure, panel: Axes, labels: list[_EndLabel]) -> None:
     """Each label at its curve's end, moved up just enough that no two that end near each other overlap
     (branches of several runs often end at the same step and loss)."""
+    if not labels:
+        return
     figure.draw_without_rendering()  # the layout and scales as they will be saved
     gap = END_LABEL_POINTS * END_LABEL_LINE * figure.dpi / 72
     to_pixels = panel.transData.transform
