@@ -382,7 +382,9 @@ def results(
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
                 console, width = Console(width=200), None
             if not pivot.columns:  # no run has a result: a table of axes alone says nothing
-                waiting = any(run.status in ("queued", "running") for run in grid_runs)
+                from jobs.states import LIVE
+
+                waiting = any(run.status in LIVE for run in grid_runs)
                 typer.echo(f"stl: no results {'yet ' if waiting else ''}for {', '.join(grids)}"
                            f"{'' if waiting else ': none of its runs finished (see above)'}", err=True)
                 return

@@ -296,7 +296,9 @@ def results_notes(runs: list[RunRow]) -> list[str]:
         detail = f": {example.error}" if example.error else ""
         notes.append(f"{len(ended)} of {len(runs)} run(s) {status} and have no results; {why} "
                      f"(e.g. run {example.id[:10]}{detail})")
-    live = sum(run.status in ("queued", "running") for run in runs)
+    from jobs.states import LIVE
+
+    live = sum(run.status in LIVE for run in runs)
     if live:
         notes.append(f"{live} of {len(runs)} run(s) are still queued or running; their cells show n=k/m")
     return notes

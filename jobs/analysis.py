@@ -19,7 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from jobs.errors import UsageError
-from jobs.states import RunStatus
+from jobs.states import LIVE
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
@@ -318,8 +318,7 @@ def build_pivot(
     for run_key, run_scores in scores.items():
         runs_per_key[row_key(run_scores.grid, run_scores.cell)].add(run_key)
 
-    waiting = (RunStatus.queued.value, RunStatus.running.value)
-    live = {(str(r["grid"]), str(r["run"])) for r in runs if r.get("status") in waiting}
+    live = {(str(r["grid"]), str(r["run"])) for r in runs if r.get("status") in LIVE}
     pivot_rows = []
     for key in _sort_keys(runs_per_key, len(row_axes)):
         members = sorted(runs_per_key[key])

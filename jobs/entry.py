@@ -25,9 +25,10 @@ from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from jobs.layout import LOG_FILE, SPEC_FILE
-from jobs.runstate import LIVE, finish_stage_records, start_stage_record, update_runs_if
+from jobs.runstate import finish_stage_records, start_stage_record, update_runs_if
 from jobs.settings import load_settings
 from jobs.specs import RunStatus, StageKind, StageSpec
+from jobs.states import LIVE
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -21,9 +21,9 @@ from rq.serializers import JSONSerializer
 from jobs import keys
 from jobs.codec import text
 from jobs.errors import GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
-from jobs.runstate import LIVE, update_runs_if
+from jobs.runstate import update_runs_if
 from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
-from jobs.states import Priority
+from jobs.states import LIVE, Priority
 
 if TYPE_CHECKING:
     from collections.abc import Iterable

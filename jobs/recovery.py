@@ -24,8 +24,9 @@ from jobs import keys
 from jobs.codec import text
 from jobs.layout import LOG_FILE
 from jobs.queueing import job_id_for, stage_id_for
-from jobs.runstate import LIVE, update_runs_if
+from jobs.runstate import update_runs_if
 from jobs.specs import RunStatus
+from jobs.states import LIVE
 
 if TYPE_CHECKING:
     import redis

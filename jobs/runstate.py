@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from jobs import keys
 from jobs.codec import text
-from jobs.states import RunStatus
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
     import redis
 
-LIVE = (RunStatus.queued.value, RunStatus.running.value)
+    from jobs.states import RunStatus
+
 
 # KEYS: run hashes. ARGV[1]: statuses a run must be in; ARGV[2]: fields to set; ARGV[3]: fields to set only
 # where empty. Returns 1 or 0 per run: whether it was in one of those statuses (and was written).

@@ -17,6 +17,9 @@ class RunStatus(str, Enum):
         return self in (RunStatus.finished, RunStatus.failed, RunStatus.canceled)
 
 
+LIVE = (RunStatus.queued.value, RunStatus.running.value)  # run statuses that still wait for the worker
+
+
 class StageKind(str, Enum):
     mtl = "mtl"
     finetune = "finetune"
