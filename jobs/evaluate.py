@@ -4,7 +4,7 @@ Classification: every option is scored by its total log-likelihood as the answer
 likeliest option is the prediction (rank classification, as in T0). For encoder-decoder models the
 encoder runs once per example and all of its options go through the decoder in batches.
 Generation: batched greedy decoding with the KV cache; the score is rouge-score's ROUGE-L F-measure
-(stemming on) against the best of the example's accepted outputs, averaged over examples, on a 0..1 scale
+(stemming on, jobs/rouge.py) against the best of the example's accepted outputs, averaged over examples, on a 0..1 scale
 (multiply by 100 for the paper's tables).
 Each task's sources and answer candidates are encoded once; with a cache_dir (STL_HOME/cache) the ids are
 kept there, keyed by the data file, task, limits and tokenizer, so evaluating again skips tokenization.
@@ -29,6 +29,7 @@ from jobs.models import (
     pad_sequences,
     tokenizer_fingerprint,
 )
+from jobs.rouge import RougeL
 from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
 from jobs.train import (
     IGNORE_INDEX,
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import torch
-    from rouge_score.rouge_scorer import RougeScorer
 
     from jobs.data import Example
 
@@ -110,16 +110,15 @@ def best_option(scores: Sequence[float]) -> int:
     return max(range(len(scores)), key=lambda i: (scores[i], -i))
 
 
-def make_rouge_scorer() -> RougeScorer:
-    from rouge_score.rouge_scorer import RougeScorer
+def make_rouge_scorer() -> RougeL:
+    """A ROUGE-L scorer that remembers the stems of the words it has seen: one per stage."""
+    return RougeL()
 
-    return RougeScorer(["rougeL"], use_stemmer=True)
 
-
-def rouge_l(prediction: str, references: Iterable[str], scorer: RougeScorer | None = None) -> float:
-    """ROUGE-L F-measure (0..1) of `prediction` against its best-matching reference."""
-    scorer = scorer or make_rouge_scorer()
-    return max((scorer.score(reference, prediction)["rougeL"].fmeasure for reference in references), default=0.0)
+def rouge_l(prediction: str, references: Iterable[str], scorer: RougeL | None = None) -> float:
+    """ROUGE-L F-measure (0..1) of `prediction` against its best-matching reference, as rouge-score's
+    `RougeScorer(["rougeL"], use_stemmer=True)` computes it."""
+    return (scorer or make_rouge_scorer()).score(prediction, references)
 
 
 def _references(example: Example) -> list[str]:
