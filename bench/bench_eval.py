@@ -23,6 +23,7 @@ vs Trainer's bf16_full_eval=True, which does the same.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ class Runner:
         self.values: dict[str, list[float]] = {name: [] for name in self.predictions}
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
+        self.parts: dict[str, list[tuple[float, float]]] = {}  # stl's (generating, ROUGE-L) seconds per round
         # stl's own limits (jobs/evaluate.py _Scorer): BART's positions cap them, T5 has none.
         self.source_limit = args.source_len
         self.target_limit = args.max_new_tokens
@@ -79,7 +81,11 @@ class Runner:
         marks: list[tuple[float, float]] = []
 
         def log(line: str) -> None:
-            if line.startswith("evaluating ") or line.startswith(f"{task}: "):
+            parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s",
+                                 line)
+            if parts:  # evaluate()'s own split of the time: decoding, then scoring
+                self.parts.setdefault(key, []).append((float(parts[1]), float(parts[2])))
+            elif line.startswith("evaluating ") or line.startswith(f"{task}: "):
                 sync(args.device)
                 marks.append((time.perf_counter(), time.process_time()))
 
@@ -157,8 +163,10 @@ class Runner:
                                  do_sample=False)
         tokens = np.where(output.predictions < 0, tokenizer.pad_token_id, output.predictions)
         texts = [text.strip() for text in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        generated = time.perf_counter()
         values = [rouge_l(text, _references(e), scorer) for text, e in zip(texts, examples, strict=True)]
         ended = (time.perf_counter(), time.process_time())
+        self.parts.setdefault("hf-gen", []).append((generated - started[0], ended[0] - generated))
         self.predictions["hf-gen"].append(texts[:100])
         self.values["hf-gen"].append(sum(values) / len(values))
         return self._rate("hf-gen", len(examples), started, ended)
@@ -197,6 +205,15 @@ class Runner:
         self.predictions["hf-rank"].append(predictions[:100])
         self.values["hf-rank"].append(sum(correct) / len(correct))
         return self._rate("hf-rank", len(examples), started, ended)
+
+    def split(self, key: str) -> str:
+        """Where stl's generation time went in the last round, as evaluate() logged it."""
+        if not self.parts.get(key):
+            return ""
+        generating, scoring = self.parts[key][-1]
+        hf = f", HF's {self.parts['hf-gen'][-1][0]:.2f} s and {self.parts['hf-gen'][-1][1]:.2f} s" \
+            if self.parts.get("hf-gen") else ""
+        return f"; generating, then ROUGE-L: stl's {generating:.2f} s and {scoring:.2f} s{hf}"
 
     def value(self, key: str) -> float:
         return median(self.values[key]) if self.values[key] else float("nan")
@@ -271,12 +288,12 @@ def main() -> None:
          "stl generation examples/s / Trainer.predict_with_generate examples/s",
          f"ROUGE-L: stl {runner.value('stl-gen'):.4f}, HF {runner.value('hf-gen'):.4f}; "
          f"identical predictions on {runner.agreement('stl-gen', 'hf-gen'):.0%} of the compared examples "
-         f"({runner.distinct('stl-gen')} distinct)"),
+         f"({runner.distinct('stl-gen')} distinct){runner.split('stl-gen')}"),
         ("generation-compiled", "stl generation, compiled", "HF predict_with_generate",
          "stl generation (eval.compile) examples/s / Trainer.predict_with_generate examples/s",
          f"ROUGE-L: stl compiled {runner.value('stl-gen-compiled'):.4f}, HF {runner.value('hf-gen'):.4f}; "
          f"identical predictions on {runner.agreement('stl-gen-compiled', 'hf-gen'):.0%} of the compared "
-         f"examples ({runner.distinct('stl-gen-compiled')} distinct)"),
+         f"examples ({runner.distinct('stl-gen-compiled')} distinct){runner.split('stl-gen-compiled')}"),
         ("rank", "stl rank classification", "HF predict, option pairs",
          "stl rank classification examples/s / Trainer.predict over option pairs examples/s",
          f"accuracy: stl {runner.value('stl-rank'):.4f}, HF {runner.value('hf-rank'):.4f}; "

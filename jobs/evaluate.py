@@ -347,8 +347,16 @@ class _Scorer:
     def score_task(self, task: str, examples: list[Example], ids: _TaskIds) -> TaskMetrics:
         with_options = [i for i, example in enumerate(examples) if example.options is not None]
         if not with_options:
+            started = time.perf_counter()
             predictions = self._generate(examples, range(len(examples)), ids)
+            generated = time.perf_counter()
             values = [rouge_l(p, _references(e), self.rouge) for p, e in zip(predictions, examples, strict=True)]
+            # Where a stage's time goes, e.g. to see whether eval.compile pays for its start-up.
+            self.cfg.log(
+                f"{task}: generated {len(predictions)} answers in {generated - started:.2f} s "
+                f"({len(predictions) / max(generated - started, 1e-9):.0f}/s), "
+                f"ROUGE-L in {time.perf_counter() - generated:.2f} s"
+            )
             return self._metrics(task, TaskType.generation, ROUGE_L, values, examples, predictions)
         # Examples that list options are rank-classified; any others of a classification task must
         # generate their label, which is then matched exactly.

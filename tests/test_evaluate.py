@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -64,6 +65,11 @@ def test_out_of_memory_halves_the_eval_batch_and_scores_the_same(demo_data: Path
                             "to 2 to start there)", "out of GPU memory with a batch of 2; going on with batches of "
                             "1 (set eval.batch_size to 1 to start there)"]
     assert len(backoffs) == 2  # the smaller size holds for the rest of the stage, the second task included
+    # A generation task's log says where its time went; a classification task's has no such line.
+    timings = [line for line in lines if " answers in " in line]
+    assert len(timings) == 1 and re.fullmatch(
+        r"summarization: generated 6 answers in \d+\.\d\d s \(\d+/s\), ROUGE-L in \d+\.\d\d s", timings[0]
+    ), timings
     run = EvalRun(spec=spec, model_dir=None, device="cpu", should_stop=lambda: None, log=lines.append,
                   oom_over_rows=0)
     with pytest.raises(OutOfMemory, match="ran out of GPU memory on a single example of tiny:t5; lower eval"):
