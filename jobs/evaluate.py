@@ -35,6 +35,7 @@ from jobs.train import (
     IGNORE_INDEX,
     StepReport,
     bucketed_length,
+    caused_by_out_of_memory,
     compile_pays_on,
     length_buckets,
     prepare_compile,
@@ -273,7 +274,9 @@ class _Scorer:
                     raise torch.OutOfMemoryError("injected")
                 work(batch)
                 continue
-            except torch.OutOfMemoryError as e:
+            except Exception as e:
+                if not caused_by_out_of_memory(e):
+                    raise
                 if len(batch) == 1:
                     raise OutOfMemory(
                         f"eval stage {self.spec.stage_id} ran out of GPU memory on a single example of "

@@ -274,6 +274,26 @@ def length_buckets(cap: int, smallest: int = BUCKET_MIN) -> tuple[int, ...]:
     return tuple(widths)
 
 
+def caused_by_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is torch's out-of-memory error, wraps one, or was raised while handling one.
+
+    torch.compile wraps an error raised while it compiles in BackendCompilerFailed (`inner_exception`),
+    and a CUDA graph whose recording runs out of memory can end in a RuntimeError from the abandoned
+    capture, raised while the OOM is handled: both are the GPU running out of memory, so the stage
+    halves its batch as it would for a plain OOM instead of failing.
+    """
+    import torch
+
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, torch.OutOfMemoryError):
+            return True
+        seen.add(id(current))
+        inner = getattr(current, "inner_exception", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
+    return False
+
 def bucketed_length(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds `length` (`length` itself if none does, which truncation prevents)."""
     return next((width for width in buckets if width >= length), length)
@@ -310,7 +330,6 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
 
     Raises StageCanceled, StagePreempted (after checkpointing), OutOfMemory, DataError, ModelError.
     """
-    import torch
 
     spec = cfg.spec
     settings = _train_settings(spec)
@@ -332,7 +351,9 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
         try:
             session = _TrainingSession(cfg, settings, plan, retries, injection)
             result = session.run(on_step)
-        except torch.OutOfMemoryError as e:  # outside a step: the model itself does not fit
+        except Exception as e:  # outside a step: the model itself does not fit
+            if not caused_by_out_of_memory(e):
+                raise
             raise OutOfMemory(
                 f"stage {spec.stage_id} ran out of GPU memory loading or checkpointing {spec.model}; "
                 "use a smaller model or free the GPU"
@@ -825,7 +846,9 @@ class _TrainingSession:
             out_of_memory = False
             try:
                 step_loss, samples, tokens = self._optimizer_step(micro_batches)
-            except torch.OutOfMemoryError:
+            except Exception as e:
+                if not caused_by_out_of_memory(e):
+                    raise
                 out_of_memory = True  # handled outside `except` so the failed step's tensors can be freed
             if out_of_memory:
                 self.optimizer.zero_grad(set_to_none=True)

@@ -76,6 +76,30 @@ def test_out_of_memory_halves_the_eval_batch_and_scores_the_same(demo_data: Path
         evaluate(run, on_step=lambda report: None)
 
 
+@pytest.mark.parametrize("disguised", [True, False])
+def test_only_out_of_memory_in_any_form_halves_the_eval_batch(
+    demo_data: Path, monkeypatch: pytest.MonkeyPatch, disguised: bool
+) -> None:
+    from jobs import evaluate as evaluate_module
+    from tests.test_train import out_of_memory_in_disguise
+
+    original = evaluate_module._Scorer._option_scores
+
+    def failing_on_big_batches(self: Any, sources: Any, candidates: Any) -> Any:
+        if len(sources) > 1:
+            raise out_of_memory_in_disguise("capture") if disguised else RuntimeError("illegal memory access")
+        return original(self, sources, candidates)
+
+    spec = eval_spec(demo_data, ("intent_classification",), batch_size=4)
+    expected = run_eval(spec)
+    monkeypatch.setattr(evaluate_module._Scorer, "_option_scores", failing_on_big_batches)
+    if disguised:
+        assert [m.to_dict() for m in run_eval(spec)] == [m.to_dict() for m in expected]
+    else:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            run_eval(spec)
+
+
 def test_sequence_log_likelihood_sums_only_labelled_positions() -> None:
     logits = torch.tensor(
         [

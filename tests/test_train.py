@@ -111,6 +111,64 @@ def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo_
     assert recorded == [outcome.oom_retries[0].to_dict()]
 
 
+def out_of_memory_in_disguise(kind: str) -> Exception:
+    """Errors that mean the GPU ran out of memory without being torch.OutOfMemoryError themselves."""
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if kind == "compile":  # what torch.compile raises when its backend ran out of memory compiling
+        return BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("compiling"), None)
+    try:  # a CUDA graph's capture abandoned after an OOM inside it
+        raise torch.OutOfMemoryError("recording")
+    except torch.OutOfMemoryError:
+        try:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        except RuntimeError as e:
+            return e
+
+
+@pytest.mark.parametrize("kind", ["compile", "capture"])
+def test_an_out_of_memory_inside_compile_or_capture_halves_the_micro_batch(
+    tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    from jobs import train as train_module
+
+    original = train_module._TrainingSession._optimizer_step
+    raised: list[int] = []
+
+    def failing_once(session: Any, micro_batches: Any) -> Any:
+        if session.step + 1 == 3 and not raised:
+            raised.append(session.step + 1)
+            raise out_of_memory_in_disguise(kind)
+        return original(session, micro_batches)
+
+    monkeypatch.setattr(train_module._TrainingSession, "_optimizer_step", failing_once)
+    spec = train_spec(demo_data, batch_size=4, grad_accum=1, checkpoint_every=2, max_steps=6)
+    outcome, lines = run_training(spec, tmp_path)
+    assert raised == [3] and outcome.steps == 6
+    assert outcome.oom_retries == [
+        OomRetry(step=3, micro_batch=4, new_micro_batch=2, new_grad_accum=2, restarted_from=2)
+    ]
+
+
+def test_only_out_of_memory_counts_as_out_of_memory() -> None:
+    import torch
+
+    from jobs.train import caused_by_out_of_memory
+
+    assert caused_by_out_of_memory(torch.OutOfMemoryError("plain"))
+    assert caused_by_out_of_memory(out_of_memory_in_disguise("compile"))
+    assert caused_by_out_of_memory(out_of_memory_in_disguise("capture"))
+    wrapped = RuntimeError("wrapped")
+    wrapped.__cause__ = torch.OutOfMemoryError("inner")
+    assert caused_by_out_of_memory(wrapped)
+    assert not caused_by_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    cycle = ValueError("a")
+    cycle.__context__ = KeyError("b")
+    cycle.__context__.__context__ = cycle
+    assert not caused_by_out_of_memory(cycle)
+
+
 def test_out_of_memory_at_micro_batch_one_fails_clearly(tmp_path: Path, demo_data: Path) -> None:
     spec = train_spec(demo_data, batch_size=1, grad_accum=1, max_steps=4)
     advice = "even at micro-batch 1.*lower max_source_length or use a smaller model"
