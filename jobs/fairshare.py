@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from jobs import keys
-from jobs.states import Priority
+from jobs.states import Priority, RunStatus
 
 if TYPE_CHECKING:
     import redis
@@ -47,15 +47,47 @@ def decayed_usage(raw: str | bytes | None, now: float) -> float:
 
 
 def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple[str, float]]:
-    """Every user who ever queued, least recent GPU time first (ties by name)."""
+    """Every user who ever queued, least recent GPU time first (ties by name).
+
+    A stage is charged to its user when it ends; until then the seconds it has run so far (to its last
+    heartbeat, so a stage whose worker died stops counting) are added here, so that with several GPUs a
+    user whose stage has held one for hours does not also come first for the next.
+    """
     stamp = time.time() if now is None else now
     pipe = conn.pipeline(transaction=False)
     pipe.smembers(keys.USERS)
     pipe.hgetall(keys.USAGE)
-    users_raw, usage_raw = pipe.execute()
-    usage = {(k.decode() if isinstance(k, bytes) else k): decayed_usage(v, stamp) for k, v in usage_raw.items()}
-    users = [u.decode() if isinstance(u, bytes) else u for u in users_raw]
+    pipe.smembers(keys.RUNNING_STAGES)
+    users_raw, usage_raw, running_raw = pipe.execute()
+    usage = {_text(k): decayed_usage(v, stamp) for k, v in usage_raw.items()}
+    for user, seconds in _running_seconds(conn, sorted(_text(s) for s in running_raw), stamp):
+        usage[user] = usage.get(user, 0.0) + seconds
+    users = [_text(u) for u in users_raw]
     return sorted(((u, usage.get(u, 0.0)) for u in users), key=lambda item: (item[1], item[0]))
+
+
+def _running_seconds(conn: redis.Redis, stage_ids: list[str], now: float) -> list[tuple[str, float]]:
+    """(user, seconds run so far) of each running stage."""
+    if not stage_ids:
+        return []
+    pipe = conn.pipeline(transaction=False)
+    for stage_id in stage_ids:
+        pipe.hmget(keys.stage(stage_id), "user", "status", "started_at", "heartbeat")
+    found = []
+    for user, status, started, heartbeat in pipe.execute():
+        if not user or _text(status) != RunStatus.running.value or not started:
+            continue
+        try:
+            start = float(started)
+            last = float(heartbeat) if heartbeat else start
+        except ValueError:
+            continue
+        found.append((_text(user), max(0.0, min(now, last) - start)))
+    return found
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def queue_order(conn: redis.Redis) -> list[str]:

@@ -246,6 +246,25 @@ def test_fair_share_prefers_the_user_with_least_recent_gpu_time(
     assert queue.name == keys.queue_name("alice", "normal")
 
 
+def test_fair_share_counts_a_running_stage_until_its_last_heartbeat(conn: redis.Redis) -> None:
+    from jobs.fairshare import users_by_usage
+
+    now = 1_000_000.0
+    conn.sadd(keys.USERS, "alice", "bob")
+    charge_usage(conn, "bob", 300.0, now=now)
+    assert [user for user, _ in users_by_usage(conn, now=now)] == ["alice", "bob"]
+    # alice's stage has held a GPU for 10 minutes: bob, with 5 minutes charged, comes first now.
+    conn.hset(keys.stage("s1"), mapping={"user": "alice", "status": "running", "started_at": now - 600,
+                                         "heartbeat": now - 2})
+    conn.sadd(keys.RUNNING_STAGES, "s1")
+    assert users_by_usage(conn, now=now) == [("bob", pytest.approx(300.0)), ("alice", pytest.approx(598.0))]
+    # A stage whose worker died stops counting at its last heartbeat; one that is not running counts nothing.
+    conn.hset(keys.stage("s1"), "heartbeat", now - 590)
+    assert users_by_usage(conn, now=now) == [("alice", pytest.approx(10.0)), ("bob", pytest.approx(300.0))]
+    conn.hset(keys.stage("s1"), mapping={"status": "queued", "heartbeat": now})
+    assert users_by_usage(conn, now=now)[0] == ("alice", 0.0)
+
+
 def test_priority_orders_within_one_users_queue(stl_env: Path, conn: redis.Redis, tmp_path: Path,
                                                 demo_data: Path) -> None:
     low = write_grid(tmp_path, demo_data, "low.yaml", name="low-grid")
