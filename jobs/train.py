@@ -294,6 +294,7 @@ def caused_by_out_of_memory(error: BaseException) -> bool:
         current = inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
     return False
 
+
 def bucketed_length(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket that holds `length` (`length` itself if none does, which truncation prevents)."""
     return next((width for width in buckets if width >= length), length)
@@ -330,7 +331,6 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
 
     Raises StageCanceled, StagePreempted (after checkpointing), OutOfMemory, DataError, ModelError.
     """
-
     spec = cfg.spec
     settings = _train_settings(spec)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
