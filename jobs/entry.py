@@ -324,8 +324,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         outcome = execute_stage(spec, ctx)
     except StagePreempted as e:
         reporter.log(f"preempted: {e}; back to the head of the queue")
-        _charge(conn, user, started)  # the GPU time spent so far counts towards fair share, resumed or not
         _back_to_queue(conn, stage_id)
+        _charge(conn, user, started)  # the GPU time spent so far counts towards fair share, resumed or not
         lease.release()
         raise
     except StageCanceled as e:
@@ -350,8 +350,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                 reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
                              f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
                              "until the machine is healthy again")
-                _charge(conn, user, started)
                 _back_to_queue(conn, stage_id, machine_fault=fault)
+                _charge(conn, user, started)
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
             message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
@@ -427,11 +427,12 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
         stage_fields["outcome"] = json.dumps(result)
         if spec.kind == StageKind.eval:
             stage_fields["metrics"] = json.dumps(metrics)
-    _charge(conn, user, started, now)
     run_ids, grids, finished_runs = finish_stage_records(
         conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work,
         metrics=metrics if status == RunStatus.finished else [], now=now,
         run_error=f"{spec.kind.value} stage {stage_id}: {error}")
+    # Charged once the stage no longer counts as running (fair share adds running stages' time itself).
+    _charge(conn, user, started, now)
     if status != RunStatus.finished:
         # Stages that only the now-failed runs needed will never be able to run.
         cancel_stage_jobs(conn, run_ids, reason=f"{spec.kind.value} stage {stage_id} {status.value}")

@@ -291,7 +291,12 @@ def caused_by_out_of_memory(error: BaseException) -> bool:
             return True
         seen.add(id(current))
         inner = getattr(current, "inner_exception", None)
-        current = inner if isinstance(inner, BaseException) else current.__cause__ or current.__context__
+        if isinstance(inner, BaseException):
+            current = inner
+        elif current.__cause__ is not None or current.__suppress_context__:  # `raise ... from` says which
+            current = current.__cause__
+        else:
+            current = current.__context__
     return False
 
 

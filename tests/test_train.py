@@ -163,6 +163,13 @@ def test_only_out_of_memory_counts_as_out_of_memory() -> None:
     wrapped.__cause__ = torch.OutOfMemoryError("inner")
     assert caused_by_out_of_memory(wrapped)
     assert not caused_by_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    try:  # `raise ... from None` while handling an OOM says the OOM is not the cause
+        try:
+            raise torch.OutOfMemoryError("handled")
+        except torch.OutOfMemoryError:
+            raise ValueError("unrelated") from None
+    except ValueError as e:
+        assert not caused_by_out_of_memory(e)
     cycle = ValueError("a")
     cycle.__context__ = KeyError("b")
     cycle.__context__.__context__ = cycle
