@@ -1,0 +1,88 @@
+"""Where the host's time goes in one batch of Hugging Face `generate` with a static, compiled KV cache.
+
+A diagnostic for stl's `eval.compile` decoding (jobs/evaluate.py), not a benchmark: it prints no ratio.
+It builds a random-weight model of the named size (bf16 on CUDA), compiles `generate`'s decoding step with
+two untimed warm-up calls, then times calls of one batch, and runs one more under cProfile and prints
+the functions that took the most host time (self time, then cumulative). cProfile slows Python-heavy
+code more than GPU waits, so read the shares, not the absolute times. The question it answers: how much
+of a decoding step is the compiled model call, and how much is `generate`'s own loop around it
+(preparing inputs, logits processors, stopping criteria, the host sync per token).
+On a CPU (`--device cpu --size tiny`) it checks the plumbing only: transformers compiles nothing there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import header  # noqa: E402
+from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, sync  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (plumbing check)")
+    parser.add_argument("--size", default="bart-base", choices=SIZES)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--source-len", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--calls", type=int, default=5, help="timed calls (default 5)")
+    parser.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    quiet_transformers()
+    header(f"profile_generate: HF generate, static KV cache ({args.size}, {args.device})", args.device)
+    torch.manual_seed(0)
+    vocab = VOCAB[args.size]
+    model = AutoModelForSeq2SeqLM.from_config(model_config(args.size, vocab)).eval().to(args.device)
+    if args.device.startswith("cuda"):
+        model.to(dtype=torch.bfloat16)
+    generation = model.generation_config
+    generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
+    generation.min_new_tokens = args.max_new_tokens
+    sources = torch.randint(3, vocab, (args.batch_size, args.source_len), device=args.device)
+    mask = torch.ones_like(sources)
+
+    def call() -> None:
+        with torch.inference_mode():
+            model.generate(input_ids=sources, attention_mask=mask, max_new_tokens=args.max_new_tokens,
+                           do_sample=False, num_beams=1, use_cache=True, cache_implementation="static")
+        sync(args.device)
+
+    for attempt in range(2):  # the first compiles
+        started = time.perf_counter()
+        call()
+        print(f"warm-up call {attempt + 1}: {time.perf_counter() - started:.2f} s")
+    times = []
+    for _ in range(args.calls):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    times.sort()
+    median = times[len(times) // 2]
+    steps = args.max_new_tokens
+    print(f"one batch of {args.batch_size}: median {median * 1000:.1f} ms over {args.calls} calls, "
+          f"{median / steps * 1000:.2f} ms per generated token, {args.batch_size / median:.0f} examples/s")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    call()
+    profiler.disable()
+    for order in ("tottime", "cumulative"):
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(args.top)
+        print(f"\n== cProfile of one call, by {order}")
+        print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
+
+
+if __name__ == "__main__":
+    main()
