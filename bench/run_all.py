@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "eval": ("bench_eval.py", [], ["--size", "tiny", "--rounds", "2"]),
     "gap": ("bench_gap.py", [], ["--stages", "3", "--rounds", "1"]),
     "mixture-memory": ("bench_mixture_memory.py", [], ["--rounds", "2"]),
+    "rouge": ("bench_rouge.py", [], ["--pairs", "300", "--rounds", "2"]),
 }
 
 
