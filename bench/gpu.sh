@@ -14,9 +14,8 @@
 #   (bench_generate_variants.py, bench_train_variants.py; only with GPU_VARIANTS=1, or alone with
 #   GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
-# Budget: about 6.5 minutes on one H200 (from the per-script times of 2026-11-26: gpu_check 87 s, the two
-# training scripts about 80 and 70 s without the extra arms, the two eval scripts 71 and 65 s), 4 with
-# GPU_EVAL=0; each script has its own time limit (COMPILE_LIMIT_S, TRAIN_LIMIT_S, LIMIT_S), and
+# Budget: 6 min 35 s on one H200 on 2026-11-27 (gpu_check 89 s, training 94 and 75 s, eval 57 and 56 s at
+# 2 rounds, bench_rouge 13 s); eval now runs 3 rounds, about 40 s more; about 4.5 minutes with GPU_EVAL=0; each script has its own time limit (COMPILE_LIMIT_S, TRAIN_LIMIT_S, LIMIT_S), and
 # results.jsonl grows script by script, so a run cut off from outside keeps what finished.
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
 # line per figure, and the notes), results.jsonl (the RESULT records) and all.log (every script's output).
@@ -51,7 +50,8 @@ if [[ "$DEVICE" == cuda* ]]; then
   TRAIN_BART=(--size bart-base --batch-size 32 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
   TRAIN_T5=(--size t5-small --batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
   # stl's generation eager and with eval.compile (a static KV cache in CUDA graphs), each against Trainer.
-  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 --compile both)
+  # 3 rounds: on the lent H200 the Trainer arm alone moved 169-308 examples/s between rounds (G16).
+  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 3 --compile both)
   EVAL_STAGE=(--size t5-small --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2)
   BART_ARMS=(--compile off --cuda-graphs)
   T5_ARMS=(--compile off --cuda-graphs)
