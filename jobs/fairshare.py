@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from jobs import keys
+from jobs.codec import text
 from jobs.states import Priority, RunStatus
 
 if TYPE_CHECKING:
@@ -41,8 +42,7 @@ def charge_usage(conn: redis.Redis, user: str, seconds: float, *, now: float | N
 def decayed_usage(raw: str | bytes | None, now: float) -> float:
     if not raw:
         return 0.0
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    value, _, stamp = text.partition("@")
+    value, _, stamp = text(raw).partition("@")
     return float(value) * math.pow(0.5, (now - float(stamp)) / HALF_LIFE_S)
 
 
@@ -59,10 +59,10 @@ def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple
     pipe.hgetall(keys.USAGE)
     pipe.smembers(keys.RUNNING_STAGES)
     users_raw, usage_raw, running_raw = pipe.execute()
-    usage = {_text(k): decayed_usage(v, stamp) for k, v in usage_raw.items()}
-    for user, seconds in _running_seconds(conn, sorted(_text(s) for s in running_raw), stamp):
+    usage = {text(k): decayed_usage(v, stamp) for k, v in usage_raw.items()}
+    for user, seconds in _running_seconds(conn, sorted(text(s) for s in running_raw), stamp):
         usage[user] = usage.get(user, 0.0) + seconds
-    users = [_text(u) for u in users_raw]
+    users = [text(u) for u in users_raw]
     return sorted(((u, usage.get(u, 0.0)) for u in users), key=lambda item: (item[1], item[0]))
 
 
@@ -75,19 +75,15 @@ def _running_seconds(conn: redis.Redis, stage_ids: list[str], now: float) -> lis
         pipe.hmget(keys.stage(stage_id), "user", "status", "started_at", "heartbeat")
     found = []
     for user, status, started, heartbeat in pipe.execute():
-        if not user or _text(status) != RunStatus.running.value or not started:
+        if not user or text(status) != RunStatus.running.value or not started:
             continue
         try:
             start = float(started)
             last = float(heartbeat) if heartbeat else start
         except ValueError:
             continue
-        found.append((_text(user), max(0.0, min(now, last) - start)))
+        found.append((text(user), max(0.0, min(now, last) - start)))
     return found
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def queue_order(conn: redis.Redis) -> list[str]:
