@@ -73,3 +73,19 @@ def assert_bit_identical(left: dict[str, torch.Tensor], right: dict[str, torch.T
     assert left.keys() == right.keys()
     for name in left:
         assert torch.equal(left[name], right[name]), name
+
+
+def out_of_memory_in_disguise(kind: str) -> Exception:
+    """Errors that mean the GPU ran out of memory without being torch.OutOfMemoryError themselves."""
+    import torch
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if kind == "compile":  # what torch.compile raises when its backend ran out of memory compiling
+        return BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("compiling"), None)
+    try:  # a CUDA graph's capture abandoned after an OOM inside it
+        raise torch.OutOfMemoryError("recording")
+    except torch.OutOfMemoryError:
+        try:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+        except RuntimeError as e:
+            return e

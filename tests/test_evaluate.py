@@ -81,7 +81,7 @@ def test_only_out_of_memory_in_any_form_halves_the_eval_batch(
     demo_data: Path, monkeypatch: pytest.MonkeyPatch, disguised: bool
 ) -> None:
     from jobs import evaluate as evaluate_module
-    from tests.test_train import out_of_memory_in_disguise
+    from tests.helpers import out_of_memory_in_disguise
 
     original = evaluate_module._Scorer._option_scores
 

@@ -14,7 +14,7 @@ from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, Stage
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
 from jobs.train import OomRetry, StepReport, _ShapesSeen, _warmup_then_linear_decay
-from tests.helpers import assert_bit_identical, run_training, saved_weights
+from tests.helpers import assert_bit_identical, out_of_memory_in_disguise, run_training, saved_weights
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -109,22 +109,6 @@ def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo_
     assert (tmp_path / "model" / "model.safetensors").is_file()
     recorded = json.loads((tmp_path / "done.json").read_text())["train"]["oom_retries"]
     assert recorded == [outcome.oom_retries[0].to_dict()]
-
-
-def out_of_memory_in_disguise(kind: str) -> Exception:
-    """Errors that mean the GPU ran out of memory without being torch.OutOfMemoryError themselves."""
-    import torch
-    from torch._dynamo.exc import BackendCompilerFailed
-
-    if kind == "compile":  # what torch.compile raises when its backend ran out of memory compiling
-        return BackendCompilerFailed(lambda: None, torch.OutOfMemoryError("compiling"), None)
-    try:  # a CUDA graph's capture abandoned after an OOM inside it
-        raise torch.OutOfMemoryError("recording")
-    except torch.OutOfMemoryError:
-        try:
-            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
-        except RuntimeError as e:
-            return e
 
 
 @pytest.mark.parametrize("kind", ["compile", "capture"])
