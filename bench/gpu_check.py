@@ -173,7 +173,7 @@ def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) 
 
     from jobs.data import DEMO_TRAIN_TASKS
     from jobs.specs import StageKind, StageSpec, TrainConfig
-    from jobs.train import TrainRun, _cuda_graph_skips, _OomInjection, _Plan, _TrainingSession
+    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession, cuda_graph_skips
 
     def gradients(compile_mode: bool | Literal["reduce-overhead"]) -> tuple[torch.Tensor, bool]:
         """The step's gradients, and whether they came through CUDA graphs."""
@@ -183,7 +183,7 @@ def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) 
                          train=settings)
         cfg = TrainRun(spec=spec, workdir=workdir / str(compile_mode), init_from=None, device=device,
                        should_stop=lambda: None, log=lambda _line: None, cache_dir=cache_dir)
-        skips = _cuda_graph_skips()
+        skips = cuda_graph_skips()
         session = _TrainingSession(cfg, settings, _Plan.for_micro_batch(16, 8), [], _OomInjection(None))
         session.model.eval()  # no dropout: both sides compute the same function
         micro_batches = next(session._prepared_batches())
@@ -191,7 +191,7 @@ def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) 
             session.model.zero_grad(set_to_none=True)
             session._accumulate_gradients(micro_batches)
         grads = torch.cat([p.grad.float().flatten() for p in session.model.parameters() if p.grad is not None])
-        return grads, session.cuda_graphs and _cuda_graph_skips() == skips
+        return grads, session.cuda_graphs and cuda_graph_skips() == skips
 
     started = time.perf_counter()
     eager, _ = gradients(False)

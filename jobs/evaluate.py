@@ -3,9 +3,10 @@
 Classification: every option is scored by its total log-likelihood as the answer to the source, and the
 likeliest option is the prediction (rank classification, as in T0). For encoder-decoder models the
 encoder runs once per example and all of its options go through the decoder in batches.
-Generation: batched greedy decoding with the KV cache; the score is rouge-score's ROUGE-L F-measure
-(stemming on, jobs/rouge.py) against the best of the example's accepted outputs, averaged over examples, on a 0..1 scale
-(multiply by 100 for the paper's tables).
+Generation: batched greedy decoding with a KV cache, for encoder-decoders in stl's own loop
+(jobs/decoding.py: the same tokens as `generate`, without its per-token host work), else with `generate`;
+the score is rouge-score's ROUGE-L F-measure (stemming on, jobs/rouge.py) against the best of the example's
+accepted outputs, averaged over examples, on a 0..1 scale (multiply by 100 for the paper's tables).
 Each task's sources and answer candidates are encoded once; with a cache_dir (STL_HOME/cache) the ids are
 kept there, keyed by the data file, task, limits and tokenizer, so evaluating again skips tokenization.
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs import data as data_lib
+from jobs.decoding import GreedyDecoder, greedy_rules
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.models import (
     bf16_autocast_supported,
@@ -37,6 +39,7 @@ from jobs.train import (
     bucketed_length,
     caused_by_out_of_memory,
     compile_pays_on,
+    cuda_graph_skips,
     length_buckets,
     prepare_compile,
 )
@@ -196,6 +199,9 @@ class _Scorer:
         if limit is not None:
             self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
         self.source_buckets = self._static_decoding_buckets() if settings.compile else None
+        self.decoder: GreedyDecoder | None = None  # set up by the first generation (_prepare_generation)
+        self.generation_prepared = False
+        self.decoding_graphs_confirmed = False
         self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
         self.rouge = make_rouge_scorer()
         self.batch_rows = settings.batch_size  # halved for the rest of the stage if the GPU runs out of memory
@@ -205,9 +211,9 @@ class _Scorer:
     def _static_decoding_buckets(self) -> tuple[int, ...] | None:
         """Set up `eval.compile`: the padded source lengths of static decoding, or None where it is skipped.
 
-        With a static KV cache, transformers' `generate` compiles the decoding step (CUDA graphs), so
-        its shapes must repeat: sources are padded to length buckets and every batch to `batch_size`
-        rows, and each bucket compiles once (tens of seconds, then from the cache under STL_HOME/cache).
+        The decoding step is compiled (CUDA graphs) over a static KV cache, so its shapes must repeat:
+        sources are padded to length buckets and every batch to `batch_size` rows, and each bucket
+        compiles once (tens of seconds, then from the cache under STL_HOME/cache).
         """
         if not compile_pays_on(self.device):
             self.cfg.log(f"eval.compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device}")
@@ -226,6 +232,33 @@ class _Scorer:
             f"{'/'.join(map(str, buckets))} tokens, batches to {self.settings.batch_size} rows; caches in {where}"
         )
         return buckets
+
+    def _greedy_decoder(self) -> GreedyDecoder | None:
+        """stl's own decoding loop (jobs/decoding.py) where it reproduces `generate`, else None (then
+        `generate` decodes, and the log says why)."""
+        if not self.seq2seq:
+            return None
+        rules = greedy_rules(self.model, max_new_tokens=self.target_limit, pad_id=self.pad_id)
+        if isinstance(rules, str):
+            self.cfg.log(f"generation runs transformers' generate, not stl's decoding loop: {rules}")
+            return None
+        compiled = self.source_buckets is not None
+        try:
+            decoder = GreedyDecoder(
+                self.model,
+                rules,
+                compile_step=compiled,
+                compile_options={"mode": "reduce-overhead"},
+                keep_shapes=len(self.source_buckets) if self.source_buckets is not None else 1,
+            )
+        except (ImportError, TypeError, AttributeError) as e:  # a transformers release without these caches
+            self.cfg.log(f"generation runs transformers' generate, not stl's decoding loop: {e}")
+            return None
+        self.cfg.log(
+            "generation decodes greedily in stl's own loop (the tokens of transformers' generate, without its "
+            "per-token host work)" + (", its step compiled into CUDA graphs" if compiled else "")
+        )
+        return decoder
 
     # --- bookkeeping ---
 
@@ -283,6 +316,8 @@ class _Scorer:
                         f"{self.spec.model}; lower eval.max_source_length or eval.max_new_tokens, or free the GPU"
                     ) from e
             # Out of the except block: the failed attempt's tensors are garbage by now.
+            if self.decoder is not None:
+                self.decoder.forget_buffers()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.batch_rows = max(1, min(self.batch_rows, len(batch)) // 2)
@@ -468,12 +503,26 @@ class _Scorer:
 
     # --- generation ---
 
+    def _log_cuda_graphs(self, width: int | None, skips_before: int) -> None:
+        """Say once whether the compiled decoding step replays CUDA graphs, and whenever a new bucket's
+        graph falls back to plain compiled kernels (inductor counts that when it compiles)."""
+        if cuda_graph_skips() > skips_before:
+            self.cfg.log(
+                f"the decoding step for {width}-token sources runs without CUDA graphs (compiled kernels only); "
+                "set TORCH_LOGS=cudagraphs to see why"
+            )
+        elif not self.decoding_graphs_confirmed:
+            self.cfg.log("CUDA graphs in use: each decoded token replays the recorded decoding step")
+        self.decoding_graphs_confirmed = True
+
     def _generate(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> list[str]:
         """Greedy continuation of the source of each example at `positions` (in that order), decoded without
         special tokens."""
         import torch
 
         found: dict[int, str] = {}
+        if not self.generation_prepared:
+            self.decoder, self.generation_prepared = self._greedy_decoder(), True
 
         def generate(batch: list[int]) -> None:
             sources = [ids.sources[i] for i in batch]
@@ -488,16 +537,22 @@ class _Scorer:
             left = not self.seq2seq
             input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
             mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
-            generated = cast("Any", self.model).generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=self.target_limit,
-                do_sample=False,
-                num_beams=1,
-                use_cache=True,
-                pad_token_id=self.pad_id,
-                **static,
-            )
+            if self.decoder is not None:
+                skips = cuda_graph_skips() if self.decoder.compiled else 0
+                generated = self.decoder.decode(input_ids, mask)
+                if self.decoder.compiled:
+                    self._log_cuda_graphs(width, skips)
+            else:
+                generated = cast("Any", self.model).generate(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    max_new_tokens=self.target_limit,
+                    do_sample=False,
+                    num_beams=1,
+                    use_cache=True,
+                    pad_token_id=self.pad_id,
+                    **static,
+                )
             generated = generated[: len(batch)]
             if not self.seq2seq:
                 generated = generated[:, input_ids.size(1) :]

@@ -429,7 +429,7 @@ def own_gradients(params: Iterable[torch.nn.Parameter], owned: set[int]) -> None
         owned.add(id(copy))
 
 
-def _cuda_graph_skips() -> int:
+def cuda_graph_skips() -> int:
     """How many times inductor has declined to use CUDA graphs in this process (its own counter)."""
     from torch._dynamo.utils import counters
 
@@ -565,7 +565,7 @@ class _TrainingSession:
         self.cuda_graphs = self.settings.compile == "reduce-overhead"
         mode = "reduce-overhead" if self.cuda_graphs else None
         self.forward = torch.compile(self.model, dynamic=False, mode=mode)
-        self.graph_skips_seen = _cuda_graph_skips() if self.cuda_graphs else None
+        self.graph_skips_seen = cuda_graph_skips() if self.cuda_graphs else None
         self.cfg.log(
             f"compiling with torch.compile{' (mode reduce-overhead: CUDA graphs)' if self.cuda_graphs else ''}: "
             f"static shapes, padded lengths "
@@ -798,7 +798,7 @@ class _TrainingSession:
         compiles: a stage reusing graphs compiled earlier in the same process sees none (in the worker each
         stage has a fresh work horse, so it compiles, from the on-disk cache at best)."""
         assert self.graph_skips_seen is not None
-        skips = _cuda_graph_skips()
+        skips = cuda_graph_skips()
         if skips > self.graph_skips_seen:
             self.cfg.log(
                 f"step {self.step + 1}: torch.compile ran {skips - self.graph_skips_seen} graph(s) without CUDA "

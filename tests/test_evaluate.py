@@ -222,16 +222,19 @@ def write_varied_sources(path: Path, task: str, n: int) -> None:
 def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
 ) -> None:
-    """`eval.compile` on a GPU decodes with a static KV cache at fixed shapes (transformers compiles the
-    step only on CUDA). The CPU stands in for the GPU here: the same shapes and cache, run eager. The
-    predictions must be token for token those of dynamic decoding, on sources of several length buckets
-    and a last batch that needs filler rows."""
+    """`eval.compile` on a GPU decodes with a static KV cache at fixed shapes, its step compiled: stl's own
+    loop for an encoder-decoder (tiny:t5), transformers' `generate` for a causal LM (tiny:gpt2). The CPU
+    stands in for the GPU here: the same shapes and cache, the loop's step compiled by a backend that
+    checks it traces whole (`fullgraph`) without inductor's minutes of CPU compiling. The predictions must
+    be token for token those of `generate` with its default dynamic cache, on sources of several length
+    buckets and a last batch that needs filler rows."""
+    import jobs.decoding as decoding_module
     import jobs.evaluate as evaluate_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 11)
     real_load = evaluate_module.load_model_and_tokenizer
-    calls: list[tuple[str | None, tuple[int, ...]]] = []
+    calls: list[tuple[str, str | None, tuple[int, ...]]] = []
 
     def load_input_sensitive_model(*args: Any, **kwargs: Any) -> Any:
         loaded, tokenizer = real_load(*args, **kwargs)
@@ -241,6 +244,8 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
             for parameter in loaded.parameters():
                 if parameter.dim() > 1:
                     parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+        # The rules of a real BART checkpoint's generation config, so the loop must apply them.
+        loaded.generation_config.no_repeat_ngram_size = 3
         special = set(tokenizer.all_special_ids)
         # Token ids as the prediction text: a byte tokenizer would merge or drop invalid bytes.
         tokenizer.batch_decode = lambda rows, skip_special_tokens=True: [
@@ -249,14 +254,24 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
         real_generate = loaded.generate
 
         def generate(**kwargs: Any) -> Any:
-            calls.append((kwargs.get("cache_implementation"), tuple(kwargs["input_ids"].shape)))
+            calls.append(("generate", kwargs.get("cache_implementation"), tuple(kwargs["input_ids"].shape)))
             return real_generate(**kwargs)
 
         loaded.generate = generate
         return loaded, tokenizer
 
+    class TracedDecoder(decoding_module.GreedyDecoder):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if kwargs.get("compile_step"):
+                kwargs["compile_options"] = {"backend": "aot_eager"}
+            super().__init__(*args, **kwargs)
+
+        def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            calls.append(("loop", "compiled" if self.compiled else None, tuple(input_ids.shape)))
+            return super().decode(input_ids, attention_mask)
+
     monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer", load_input_sensitive_model)
-    monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+    monkeypatch.setattr(evaluate_module, "GreedyDecoder", TracedDecoder)
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # use_compile_caches sets them
         monkeypatch.delenv(variable, raising=False)
     settings = {"max_examples": 11, "batch_size": 4, "max_source_length": 200, "samples": 11}
@@ -267,17 +282,25 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
         [metrics] = evaluate(run, on_step=lambda report: None)
         return [sample["prediction"] for sample in metrics.samples]
 
-    dynamic = predictions(False, [])
-    assert {implementation for implementation, _ in calls} == {None}
+    with monkeypatch.context() as only_generate:  # the reference: transformers' generate, dynamic cache
+        only_generate.setattr(evaluate_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
+        reference = predictions(False, [])
+    assert {(way, cache) for way, cache, _ in calls} == {("generate", None)}
+    assert len(set(reference)) >= 5, reference  # the answers differ, so comparing them means something
+    calls.clear()
+    eager = predictions(False, [])
+    assert eager == reference
+    assert {(way, cache) for way, cache, _ in calls} == {("loop" if model == "tiny:t5" else "generate", None)}
     calls.clear()
     lines: list[str] = []
+    monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
     static = predictions(True, lines)
-    assert len(set(dynamic)) >= 5, dynamic  # the answers differ, so comparing them means something
-    assert static == dynamic
+    assert static == reference
     assert any("static KV cache" in line and "32/64/128/200 tokens" in line for line in lines), lines
-    assert {implementation for implementation, _ in calls} == {"static"}
-    assert {rows for _, (rows, _) in calls} == {4}  # 11 examples: the last batch got a filler row
-    widths = {width for _, (_, width) in calls}
+    expected = ("loop", "compiled") if model == "tiny:t5" else ("generate", "static")
+    assert {(way, cache) for way, cache, _ in calls} == {expected}
+    assert {rows for _, _, (rows, _) in calls} == {4}  # 11 examples: the last batch got a filler row
+    widths = {width for _, _, (_, width) in calls}
     assert len(widths) >= 2 and widths <= {32, 64, 128, 200}, widths
 
 

@@ -1,0 +1,195 @@
+"""stl's greedy decoding loop (jobs/decoding.py) against transformers' own `generate` and logits processors."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    GPT2Config,
+    GPT2LMHeadModel,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.generation import logits_process as hf
+
+from jobs.decoding import GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
+
+VOCAB = 120
+
+
+def random_model(rng: random.Random) -> tuple[Any, int]:
+    """A small random BART or T5 (weights scaled so that answers vary) and its pad id."""
+    torch.manual_seed(rng.randrange(10**6))
+    if rng.random() < 0.5:
+        config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+                            init_std=rng.choice([0.02, 0.3, 1.0]), max_position_embeddings=64)
+        return BartForConditionalGeneration(config).eval(), 1
+    config = T5Config(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=VOCAB,
+                      decoder_start_token_id=0, initializer_factor=rng.choice([0.05, 1.0, 5.0]))
+    return T5ForConditionalGeneration(config).eval(), 0
+
+
+def randomize_rules(generation: Any, rng: random.Random) -> None:
+    """Generation-config settings the loop must reproduce, drawn at random (often several at once)."""
+    generation.no_repeat_ngram_size = rng.choice([0, 0, 1, 2, 3, 4])
+    generation.min_length = rng.choice([0, 0, 3, 8])
+    generation.min_new_tokens = rng.choice([None, None, 2, 6])
+    generation.forced_bos_token_id = rng.choice([None, None, 5])
+    generation.forced_eos_token_id = rng.choice([None, generation.eos_token_id, [generation.eos_token_id, 7]])
+    generation.suppress_tokens = rng.choice([None, [9, 10]])
+    generation.begin_suppress_tokens = rng.choice([None, [11, 12]])
+    if rng.random() < 0.3:
+        generation.eos_token_id = [generation.eos_token_id, 13]
+
+
+def random_sources(rng: random.Random, pad: int, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, VOCAB, (rows, width), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
+    mask = torch.ones_like(ids)
+    for row in range(rows):
+        length = rng.randint(1, width)
+        ids[row, length:], mask[row, length:] = pad, 0
+    return ids, mask
+
+
+def same_as(reference: torch.Tensor, ours: torch.Tensor, pad: int) -> bool:
+    """`generate` stops when every row has ended; the loop's buffer is padded to full length."""
+    width = reference.size(1)
+    return torch.equal(ours[:, :width], reference) and bool((ours[:, width:] == pad).all())
+
+
+def test_the_loop_decodes_the_tokens_of_generate_under_random_generation_rules() -> None:
+    rng = random.Random(0)
+    decoded_tokens = 0
+    for trial in range(120):
+        model, pad = random_model(rng)
+        randomize_rules(model.generation_config, rng)
+        new_tokens = rng.randint(1, 14)
+        ids, mask = random_sources(rng, pad, rng.randint(1, 6), rng.randint(2, 12))
+        rules = greedy_rules(model, max_new_tokens=new_tokens, pad_id=pad)
+        assert isinstance(rules, GreedyRules), rules
+        arguments = dict(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                         num_beams=1, pad_token_id=pad)
+        with torch.inference_mode():
+            dynamic = model.generate(**arguments)
+            static = model.generate(**arguments, cache_implementation="static")
+            ours = GreedyDecoder(model, rules).decode(ids, mask)
+        assert same_as(dynamic, ours, pad), (trial, model.generation_config, dynamic, ours)
+        assert same_as(static, ours, pad), trial
+        decoded_tokens += int((ours[:, 1:] != pad).sum())
+    assert decoded_tokens > 120 * 10  # the rows did not all end at once: there was something to compare
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_each_rule_changes_the_scores_exactly_as_the_transformers_processor_does(seed: int) -> None:
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    max_new_tokens, eos = rng.randint(2, 10), rng.choice([(2,), (2, 13)])
+    rules = GreedyRules(
+        max_new_tokens=max_new_tokens, decoder_start_id=0, pad_id=1, eos_ids=eos,
+        min_length=rng.choice([0, 3, 6]), min_new_tokens=rng.choice([0, 2, 5]),
+        no_repeat_ngram_size=rng.choice([0, 1, 2, 3]), forced_bos_id=rng.choice([None, 5]),
+        forced_eos_ids=rng.choice([(), (2,), (2, 7)]), suppress_ids=rng.choice([(), (9, 10)]),
+        begin_suppress_ids=rng.choice([(), (11, 12)]),
+    )
+    processors: list[Any] = []
+    if rules.no_repeat_ngram_size:
+        processors.append(hf.NoRepeatNGramLogitsProcessor(rules.no_repeat_ngram_size))
+    if rules.min_length:
+        processors.append(hf.MinLengthLogitsProcessor(rules.min_length, torch.tensor(eos)))
+    if rules.min_new_tokens:
+        processors.append(hf.MinNewTokensLengthLogitsProcessor(1, rules.min_new_tokens, torch.tensor(eos)))
+    if rules.forced_bos_id is not None:
+        processors.append(hf.ForcedBOSTokenLogitsProcessor(rules.forced_bos_id))
+    if rules.forced_eos_ids:
+        processors.append(hf.ForcedEOSTokenLogitsProcessor(rules.length, list(rules.forced_eos_ids)))
+    if rules.suppress_ids:
+        processors.append(hf.SuppressTokensLogitsProcessor(list(rules.suppress_ids)))
+    if rules.begin_suppress_ids:
+        begin = 1 if rules.forced_bos_id is None else 2
+        processors.append(hf.SuppressTokensAtBeginLogitsProcessor(list(rules.begin_suppress_ids), begin))
+    masks = rule_masks(rules, VOCAB, torch.device("cpu"))
+    rows = 5
+    # Few distinct tokens, so n-grams repeat and the no-repeat rule has something to ban.
+    tokens = torch.randint(3, 8, (rows, rules.length), generator=generator)
+    tokens[:, 0] = 0
+    for length in range(1, rules.length):
+        scores = torch.randn(rows, VOCAB, generator=generator)
+        expected = scores.clone()
+        for processor in processors:
+            expected = processor(tokens[:, :length], expected)
+        # Beyond `length` the buffer holds junk; the rules must not read it.
+        junk = tokens.clone()
+        junk[:, length:] = torch.randint(3, 8, (rows, rules.length - length), generator=generator)
+        ours = apply_rules(rules, masks, junk, torch.tensor(length), scores.clone())
+        assert torch.equal(ours, expected), (rules, length)
+
+
+def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does() -> None:
+    """Buffers and the KV cache (cross-attention included) are reset between batches of one shape."""
+    rng = random.Random(3)
+    torch.manual_seed(3)
+    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+                        init_std=0.5, max_position_embeddings=64)
+    model, pad = BartForConditionalGeneration(config).eval(), 1
+    model.generation_config.no_repeat_ngram_size = 2
+    rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    reused = GreedyDecoder(model, rules)
+    with torch.inference_mode():
+        outputs = []
+        for _ in range(3):
+            ids, mask = random_sources(rng, pad, 4, 9)
+            again = reused.decode(ids, mask)
+            fresh = GreedyDecoder(model, rules).decode(ids, mask)
+            assert torch.equal(again, fresh)
+            outputs.append(again)
+    assert not torch.equal(outputs[0], outputs[1])
+
+
+def test_the_compiled_step_traces_whole_and_decodes_the_same_tokens() -> None:
+    """`fullgraph=True`: a graph break (a host sync, say) would fail here. aot_eager checks the trace on a
+    CPU in seconds; on a GPU stl compiles with inductor's reduce-overhead mode (CUDA graphs)."""
+    rng = random.Random(5)
+    for _ in range(2):
+        model, pad = random_model(rng)
+        randomize_rules(model.generation_config, rng)
+        model.generation_config.no_repeat_ngram_size = 3
+        rules = greedy_rules(model, max_new_tokens=12, pad_id=pad)
+        assert isinstance(rules, GreedyRules)
+        compiled = GreedyDecoder(model, rules, compile_step=True, compile_options={"backend": "aot_eager"},
+                                 keep_shapes=2)
+        eager = GreedyDecoder(model, rules)
+        with torch.inference_mode():
+            for width in (8, 16, 8):
+                ids, mask = random_sources(rng, pad, 4, width)
+                assert torch.equal(compiled.decode(ids, mask), eager.decode(ids, mask))
+        assert len(compiled._batches) == 2
+
+
+def test_rules_the_loop_does_not_reproduce_are_left_to_generate_with_the_reason() -> None:
+    model, pad = random_model(random.Random(1))
+    model.generation_config.repetition_penalty = 1.3
+    reason = greedy_rules(model, max_new_tokens=4, pad_id=pad)
+    assert isinstance(reason, str) and "repetition_penalty" in reason
+    model.generation_config.repetition_penalty = 1.0
+    model.generation_config.bad_words_ids = [[7]]
+    reason = greedy_rules(model, max_new_tokens=4, pad_id=pad)
+    assert isinstance(reason, str) and "bad_words_ids" in reason
+    causal = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB))
+    assert greedy_rules(causal, max_new_tokens=4, pad_id=0) == "the model is not an encoder-decoder"
+
+
+def test_min_new_tokens_replaces_min_length_as_in_generate() -> None:
+    model, pad = random_model(random.Random(2))
+    model.generation_config.min_length = 8
+    model.generation_config.min_new_tokens = 2
+    rules = greedy_rules(model, max_new_tokens=4, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    assert (rules.min_length, rules.min_new_tokens) == (3, 2)
