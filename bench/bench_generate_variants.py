@@ -1,15 +1,20 @@
-"""Greedy generation, three ways of calling Hugging Face `generate` on one model: which is fastest here?
+"""Greedy generation, several ways on one model: Hugging Face `generate` called three ways, and stl's loop.
 
-This measures options for stl's eval stage (jobs/evaluate.py), not stl itself:
+This measures options for stl's eval stage (jobs/evaluate.py):
   autocast   fp32 weights under bf16 autocast, dynamic KV cache (stl's eval before it cast weights to bf16)
-  bf16       bf16 weights, dynamic KV cache (stl's eval now, and Trainer's bf16_full_eval)
+  bf16       bf16 weights, dynamic KV cache (Trainer's bf16_full_eval)
   static     bf16 weights, `cache_implementation="static"`: a fixed-size KV cache, which lets transformers
              compile the decoding step (CUDA graphs); the first call compiles, in the warm-up round
+  loop       stl's own decoding loop (jobs/decoding.py), bf16 weights, static KV cache, eager: what stl's eval
+             runs for an encoder-decoder
+  loop-compiled  the same with its step compiled by torch.compile, mode reduce-overhead (CUDA graphs): stl's
+             `eval.compile`; on a CPU inductor compiles it without graphs
 Same random weights, same random source ids (every row `--source-len` tokens), batch size and
 max_new_tokens (min_new_tokens equal to it, so every variant decodes every token). Examples/s per variant,
 interleaved rounds after one discarded warm-up, ratios against `bf16`, and the share of generated tokens
 that equal bf16's (a check that the variants decode the same thing; autocast may differ by rounding).
-On a CPU (fp32, no autocast or bf16 there) it only checks the plumbing: `--device cpu --size tiny`.
+On a CPU everything runs fp32 (no autocast or bf16 there); `--device cpu --size tiny` checks the plumbing,
+and `--variants bf16,loop` measures what the loop saves on a CPU's host work.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ def main() -> None:
     parser.add_argument("--source-len", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="autocast,bf16,static", help="comma-separated subset")
+    parser.add_argument("--variants", default="autocast,bf16,static,loop,loop-compiled",
+                        help="comma-separated subset")
     args = parser.parse_args()
 
     import torch
@@ -69,14 +75,27 @@ def main() -> None:
         extra = {"cache_implementation": "static"} if name == "static" else {}
         return model, context, extra
 
+    def decoder(model: Any, *, compiled: bool) -> Any:
+        from jobs.decoding import GreedyDecoder, greedy_rules
+
+        rules = greedy_rules(model, max_new_tokens=args.max_new_tokens, pad_id=PAD)
+        if isinstance(rules, str):
+            raise SystemExit(f"stl's loop can't decode this model: {rules}")
+        if compiled:
+            from jobs.train import prepare_compile
+
+            prepare_compile(None, shapes=2)
+        return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"})
+
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    unknown = set(names) - {"autocast", "bf16", "static"}
-    if unknown:
-        raise SystemExit(f"unknown variants {sorted(unknown)}; use autocast, bf16, static")
+    known = {"autocast", "bf16", "static", "loop", "loop-compiled"}
+    if set(names) - known:
+        raise SystemExit(f"unknown variants {sorted(set(names) - known)}; use {', '.join(sorted(known))}")
     outputs: dict[str, Any] = {}
 
     def runner(name: str) -> Any:
         model, context, extra = variant(name)
+        loop = decoder(model, compiled=name == "loop-compiled") if name.startswith("loop") else None
 
         def run() -> float:
             pieces = []
@@ -85,6 +104,9 @@ def main() -> None:
             with torch.inference_mode():
                 for first in range(0, args.examples, args.batch_size):
                     batch = slice(first, first + args.batch_size)
+                    if loop is not None:  # returns host ids
+                        pieces.append(loop.decode(sources[batch].to(args.device), mask[batch].to(args.device)))
+                        continue
                     with context():
                         generated = model.generate(input_ids=sources[batch].to(args.device),
                                                    attention_mask=mask[batch].to(args.device),

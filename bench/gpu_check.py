@@ -8,7 +8,8 @@ through `jobs.stages.execute_stage`, the function the worker's horse calls:
      CUDA RNG states from the checkpoint), and on CUDA that CUDA graphs are in use;
   2. a few-shot stage from that model, eager;
   3. an eval stage from the few-shot model (rank classification and greedy generation on the GPU),
-     then the same with `eval.compile: true` (static KV cache, compiled; filler rows in the last batch);
+     then the same with `eval.compile: true` (stl's decoding loop over a static KV cache, its step
+     compiled, which must replay CUDA graphs; filler rows in the last batch);
   4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA);
   5. (run right after item 1) one optimizer step's gradients, accumulated over two micro-batches replayed
      as CUDA graphs, against eager ones from the same weights and batch (same direction and size: the
@@ -129,7 +130,7 @@ def main() -> int:
         if [m.task for m in metrics] != list(DEMO_EVAL_TASKS) or any(m.n != 48 for m in metrics):
             failures.append(f"eval metrics incomplete: {[(m.task, m.n) for m in metrics]}")
 
-        # The same eval with eval.compile: a static KV cache that transformers compiles into CUDA graphs.
+        # The same eval with eval.compile: stl's decoding loop over a static KV cache, compiled into CUDA graphs.
         # 45 examples in batches of 16: the last batch needs filler rows.
         compiled = StageSpec(kind=StageKind.eval, model="tiny:t5", parent=finetune.stage_id, data=str(DEMO_DATA),
                              tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=45, batch_size=16,
@@ -139,6 +140,11 @@ def main() -> int:
         compiled_metrics = execute_stage(compiled, context("eval-compiled", "finetune")).metrics
         static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
                                                                    "eval.compile skipped"))]
+        # stl's own decoding loop, its step compiled, should replay CUDA graphs (jobs/decoding.py).
+        loop_lines = [line for line in lines if line.startswith(("generation decodes greedily", "generation runs",
+                                                                 "CUDA graphs in use: each decoded",
+                                                                 "the decoding step for"))]
+        print("   note: eval, compiled, decoding: " + ("; ".join(loop_lines) or "no decoding line"))
         print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
               + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in compiled_metrics)
               + f"; {static_lines[-1] if static_lines else 'no static-decoding line'}")
@@ -147,6 +153,9 @@ def main() -> int:
         if args.device.startswith("cuda") and not any(line.startswith("generation decodes with a static")
                                                       for line in static_lines):
             failures.append(f"eval.compile did not decode with a static KV cache on CUDA: {static_lines}")
+        if args.device.startswith("cuda") and not any(line.startswith("CUDA graphs in use: each decoded")
+                                                      for line in loop_lines):
+            failures.append(f"eval.compile: stl's decoding loop did not replay CUDA graphs: {loop_lines}")
 
     probe = GpuProbe(0).read()
     print(f"   note: NVML: {probe}")
