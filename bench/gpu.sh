@@ -10,9 +10,9 @@
 #   (bench_rouge.py) (GPU_EVAL=0 skips these); a whole eval stage
 #   per fresh process, eager vs eval.compile (bench_eval_stage.py), on a GPU only with GPU_EVAL_STAGE=1
 #   (2 minutes);
-#   then, on CUDA, three ways of calling HF generate and of running a training step outside stl
-#   (bench_generate_variants.py, bench_train_variants.py; only with GPU_VARIANTS=1, or alone with
-#   GPU_VARIANTS=only).
+#   then, on CUDA, HF generate two ways against stl's decoding loop eager and compiled, and three ways of
+#   running a training step outside stl (bench_generate_variants.py, bench_train_variants.py; only with
+#   GPU_VARIANTS=1, or alone with GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
 # Budget: 6 min 35 s on one H200 on 2026-11-27 (gpu_check 89 s, training 94 and 75 s, eval 57 and 56 s at
 # 2 rounds, bench_rouge 13 s); eval now runs 3 rounds, about 40 s more; about 4.5 minutes with GPU_EVAL=0; each script has its own time limit (COMPILE_LIMIT_S, TRAIN_LIMIT_S, LIMIT_S), and
@@ -133,13 +133,15 @@ if [[ "$VARIANTS" != only ]]; then
   fi
 fi
 # Only with GPU_VARIANTS=1 (about 6 minutes more) or GPU_VARIANTS=only (these alone, as a call of their own),
-# as they inform rather than measure stl: HF generate with autocast vs bf16 weights vs a static, compiled KV
-# cache, and a training step eager vs compiled vs CUDA graphs (on a CPU, check them with
-# bench_generate_variants.py / bench_train_variants.py --device cpu --size tiny).
+# as they inform rather than measure stl: HF generate with bf16 weights vs a static, compiled KV cache vs
+# stl's decoding loop eager and compiled (G7 measured autocast), and a training step eager vs compiled vs
+# CUDA graphs (on a CPU, check them with bench_generate_variants.py / bench_train_variants.py --device cpu
+# --size tiny).
 if [[ "$DEVICE" == cuda* && "$VARIANTS" != 0 ]]; then
-  for size in bart-base t5-small; do
-    run "$LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" --size "$size" \
-      --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2
+  for size in bart-base t5-small; do  # two cold compiles each (HF's static step, stl's loop)
+    run "$COMPILE_LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" \
+      --size "$size" --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 \
+      --variants bf16,static,loop,loop-compiled
   done
   # Training steps eager vs compiled vs CUDA graphs (reduce-overhead), the shapes of G1 and G2.
   run "$COMPILE_LIMIT_S" train-variants-bart-base bench/bench_train_variants.py --device "$DEVICE" --size bart-base \

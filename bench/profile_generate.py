@@ -1,13 +1,16 @@
-"""Where the host's time goes in one batch of Hugging Face `generate` with a static, compiled KV cache.
+"""Where the host's time goes in one batch of greedy decoding with a static, compiled KV cache.
 
 A diagnostic for stl's `eval.compile` decoding (jobs/evaluate.py), not a benchmark: it prints no ratio.
-It builds a random-weight model of the named size (bf16 on CUDA), compiles `generate`'s decoding step with
-two untimed warm-up calls, then times calls of one batch, and runs one more under cProfile and prints
-the functions that took the most host time (self time, then cumulative). cProfile slows Python-heavy
-code more than GPU waits, so read the shares, not the absolute times. The question it answers: how much
-of a decoding step is the compiled model call, and how much is `generate`'s own loop around it
-(preparing inputs, logits processors, stopping criteria, the host sync per token).
-On a CPU (`--device cpu --size tiny`) it checks the plumbing only: transformers compiles nothing there.
+It builds a random-weight model of the named size (bf16 on CUDA) and decodes one batch by `--way`:
+  generate  Hugging Face `generate` with `cache_implementation="static"` (transformers compiles its step)
+  loop      stl's own loop (jobs/decoding.py) with its step compiled, mode reduce-overhead, as
+            `eval.compile` runs it
+Two untimed warm-up calls compile, then it times calls of one batch, and runs one more under cProfile
+and prints the functions that took the most host time (self time, then cumulative). cProfile slows
+Python-heavy code more than GPU waits, so read the shares, not the absolute times. The question it
+answers: how much of a decoding step is the compiled model call, and how much is the loop around it
+(preparing inputs, logits processors, stopping criteria, host syncs).
+On a CPU (`--device cpu --size tiny`) it checks the plumbing only: there is no CUDA graph there.
 """
 
 from __future__ import annotations
@@ -35,13 +38,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--calls", type=int, default=5, help="timed calls (default 5)")
     parser.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
+    parser.add_argument("--way", default="generate", choices=["generate", "loop"])
     args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
     quiet_transformers()
-    header(f"profile_generate: HF generate, static KV cache ({args.size}, {args.device})", args.device)
+    way = "HF generate" if args.way == "generate" else "stl's decoding loop"
+    header(f"profile_generate: {way}, static KV cache ({args.size}, {args.device})", args.device)
     torch.manual_seed(0)
     vocab = VOCAB[args.size]
     model = AutoModelForSeq2SeqLM.from_config(model_config(args.size, vocab)).eval().to(args.device)
@@ -53,7 +58,23 @@ def main() -> None:
     sources = torch.randint(3, vocab, (args.batch_size, args.source_len), device=args.device)
     mask = torch.ones_like(sources)
 
+    loop = None
+    if args.way == "loop":
+        from jobs.decoding import GreedyDecoder, greedy_rules
+        from jobs.train import prepare_compile
+
+        rules = greedy_rules(model, max_new_tokens=args.max_new_tokens, pad_id=PAD)
+        if isinstance(rules, str):
+            raise SystemExit(f"stl's loop can't decode this model: {rules}")
+        prepare_compile(None, shapes=2)
+        loop = GreedyDecoder(model, rules, compile_step=True, compile_options={"mode": "reduce-overhead"})
+
     def call() -> None:
+        if loop is not None:
+            with torch.inference_mode():
+                loop.decode(sources, mask)
+            sync(args.device)
+            return
         with torch.inference_mode():
             model.generate(input_ids=sources, attention_mask=mask, max_new_tokens=args.max_new_tokens,
                            do_sample=False, num_beams=1, use_cache=True, cache_implementation="static")

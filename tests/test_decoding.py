@@ -193,3 +193,34 @@ def test_min_new_tokens_replaces_min_length_as_in_generate() -> None:
     rules = greedy_rules(model, max_new_tokens=4, pad_id=pad)
     assert isinstance(rules, GreedyRules)
     assert (rules.min_length, rules.min_new_tokens) == (3, 2)
+
+
+@pytest.mark.slow
+def test_the_step_compiles_with_the_options_eval_compile_uses(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `eval.compile` asks of torch.compile (inductor, mode reduce-overhead, whole graph, static shapes),
+    on a CPU, where inductor builds C++ kernels and skips the CUDA graphs: the step lowers and decodes the
+    tokens of the eager loop, and a second batch of the same shape compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    rng = random.Random(8)
+    torch.manual_seed(8)
+    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+                        init_std=0.5, max_position_embeddings=64)
+    model, pad = BartForConditionalGeneration(config).eval(), 1
+    model.generation_config.no_repeat_ngram_size, model.generation_config.forced_bos_token_id = 3, 0
+    rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
+    assert isinstance(rules, GreedyRules) and rules.no_repeat_ngram_size == 3
+    compiled = GreedyDecoder(model, rules, compile_step=True, compile_options={"mode": "reduce-overhead"})
+    eager = GreedyDecoder(model, rules)
+    counters.clear()
+    with torch.inference_mode():
+        for batch in range(2):
+            ids, mask = random_sources(rng, pad, 4, 12)
+            assert torch.equal(compiled.decode(ids, mask), eager.decode(ids, mask)), batch
+            if batch == 0:
+                graphs = counters["stats"]["unique_graphs"]
+    assert graphs == 1, "the step compiled into more than one graph"
+    assert counters["stats"]["unique_graphs"] == graphs, "a batch of the same shape compiled again"
+    assert dict(counters["graph_break"]) == {}
