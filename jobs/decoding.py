@@ -41,6 +41,13 @@ _RULE_FIELDS = frozenset({
     "min_length", "min_new_tokens", "no_repeat_ngram_size", "forced_bos_token_id", "forced_eos_token_id",
     "suppress_tokens", "begin_suppress_tokens",
 })
+# Fields that change nothing at these values, which a config may state explicitly (transformers' own
+# defaults are None, so `to_diff_dict` lists them).
+_NEUTRAL_VALUES: dict[str, Any] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+    "guidance_scale": 1.0, "num_return_sequences": 1, "output_scores": False, "output_logits": False,
+    "return_dict_in_generate": False, "remove_invalid_values": False, "renormalize_logits": False,
+}
 _EOS_CHECK_EVERY = 8  # tokens between looks at "all rows finished?" on a GPU (each look waits for it)
 
 
@@ -81,7 +88,10 @@ def greedy_rules(model: Any, *, max_new_tokens: int, pad_id: int) -> GreedyRules
     if not getattr(model.config, "is_encoder_decoder", False):
         return "the model is not an encoder-decoder"
     config = copy.deepcopy(model.generation_config)
-    changed = set(config.to_diff_dict())
+    changed = {
+        name for name, value in config.to_diff_dict().items()
+        if not (name in _NEUTRAL_VALUES and value == _NEUTRAL_VALUES[name])
+    }
     unknown = sorted(changed - _NEUTRAL_FIELDS - _RULE_FIELDS)
     if unknown:
         return f"its generation config sets {', '.join(unknown)}"
@@ -126,12 +136,17 @@ def rule_masks(rules: GreedyRules, vocab: int, device: torch.device) -> RuleMask
     import torch
 
     def mask(ids: Sequence[int]) -> torch.Tensor:
+        # As transformers' `isin(arange(vocab), ids)`: an id outside the vocabulary (negative ones too)
+        # matches nothing.
         found = torch.zeros(vocab, dtype=torch.bool)
-        found[list(ids)] = True
+        found[[i for i in ids if 0 <= i < vocab]] = True
         return found.to(device)
 
     def only(ids: Sequence[int]) -> torch.Tensor:
-        return torch.where(mask(ids), 0.0, float("-inf")).to(torch.float32)
+        # As transformers' `scores[:, ids] = 0`: plain indexing (a negative id counts from the end).
+        scores = torch.full((vocab,), float("-inf"), dtype=torch.float32)
+        scores[list(ids)] = 0.0
+        return scores.to(device)
 
     return RuleMasks(
         eos=mask(rules.eos_ids),
@@ -191,7 +206,6 @@ class _Batch:
     tokens: torch.Tensor  # rows x rules.length: the start token, then what is decoded (pad after the end)
     unfinished: torch.Tensor  # rows, bool
     length: torch.Tensor  # 0-dim: decoder tokens so far, the start token included
-    masks: RuleMasks
 
 
 class GreedyDecoder:
@@ -222,8 +236,8 @@ class GreedyDecoder:
         else:
             DynamicCache(config=decoder_config)
         self.keep_shapes = keep_shapes  # batch shapes whose buffers stay allocated (one per length bucket)
-        self._batches: dict[tuple[int, int], _Batch] = {}
-        self._rule_masks: RuleMasks | None = None
+        self._batches: dict[tuple[int, int], _Batch] = {}  # least recently used first
+        self._masks: RuleMasks | None = None  # made from the first logits (their width is the vocabulary)
         self._cache_types = (EncoderDecoderCache, StaticCache, DynamicCache)
         parameters = inspect.signature(model.forward).parameters
         # transformers 5 renamed `past_key_values` to `cache` along the way; older releases also want
@@ -237,16 +251,25 @@ class GreedyDecoder:
             step = torch.compile(self._step, **options)
         self._compiled_step = step
 
-    def forget_buffers(self) -> None:
-        """Drop every batch shape's buffers (after running out of memory)."""
+    def release(self) -> None:
+        """Free what decoding holds on the device: every batch shape's buffers and, when compiled, the
+        compiled steps with their CUDA graphs' memory pools (each shape compiles again when next used, from
+        inductor's on-disk cache). After running out of memory this also gives the smaller batches that
+        follow a fresh allowance of dynamo's recompile limit, which `fullgraph` would otherwise turn into
+        an error."""
         self._batches.clear()
+        if self.compiled:
+            import torch._dynamo
+
+            torch._dynamo.reset()
 
     def _buffers(self, rows: int, width: int, encoder_states: torch.Tensor, attention_mask: torch.Tensor) -> _Batch:
         import torch
 
         key = (rows, width)
-        found = self._batches.get(key)
+        found = self._batches.pop(key, None)
         if found is not None:
+            self._batches[key] = found  # now the most recently used
             # A static cache is reset in place (a compiled step holds its addresses); a dynamic one is
             # made anew, as some transformers releases reset it by zeroing, not by emptying it.
             if self.compiled:
@@ -262,18 +285,16 @@ class GreedyDecoder:
             return found
         while len(self._batches) >= self.keep_shapes:
             self._batches.pop(next(iter(self._batches)))
-        cache = self._new_cache(width)
         device = encoder_states.device
         tokens = torch.full((rows, self.rules.length), self.rules.pad_id, dtype=torch.long, device=device)
         tokens[:, 0] = self.rules.decoder_start_id
         batch = _Batch(
-            cache=cache,
+            cache=self._new_cache(width),
             encoder_states=encoder_states.clone(),
             attention_mask=attention_mask.clone(),
             tokens=tokens,
             unfinished=torch.ones(rows, dtype=torch.bool, device=device),
             length=torch.ones((), dtype=torch.long, device=device),
-            masks=self._masks(device),
         )
         if self.compiled:
             # Fixed addresses: a CUDA graph reads and writes these in place, replay after replay.
@@ -293,31 +314,27 @@ class GreedyDecoder:
         # Eager: a cache that grows token by token attends to fewer slots (about 5 % faster on a CPU).
         return encoder_decoder_cache(dynamic_cache(config=decoder_config), dynamic_cache(config=decoder_config))
 
-    def _masks(self, device: torch.device) -> RuleMasks:
-        if self._rule_masks is None:
-            head = self.model.get_output_embeddings()
-            vocab = int(head.weight.size(0)) if head is not None else int(self.model.config.vocab_size)
-            self._rule_masks = rule_masks(self.rules, vocab, device)
+    def _rule_masks(self, logits: torch.Tensor) -> RuleMasks:
+        if self._masks is None:
+            self._masks = rule_masks(self.rules, logits.size(-1), logits.device)
             if self.compiled:
                 import torch
 
-                for mask in vars(self._rule_masks).values():
+                for mask in vars(self._masks).values():
                     if mask is not None:
                         torch._dynamo.mark_static_address(mask)
-        return self._rule_masks
+        return self._masks
 
-    def _step(self, batch: _Batch) -> None:
-        """Decode one token for every row, on the device, in place."""
-        import torch
+    def _logits(self, batch: _Batch) -> torch.Tensor:
+        """The next token's logits (rows x vocabulary, fp32): one decoder step over the KV cache."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        rules, tokens, length = self.rules, batch.tokens, batch.length
-        rows = tokens.size(0)
-        last = tokens.gather(1, (length - 1).view(1, 1).expand(rows, 1))
+        rows = batch.tokens.size(0)
+        last = batch.tokens.gather(1, (batch.length - 1).view(1, 1).expand(rows, 1))
         extra: dict[str, Any] = {self._cache_argument: batch.cache}
         if self._pass_position:
-            extra["cache_position"] = (length - 1).view(1)
-        logits = self.model(
+            extra["cache_position"] = (batch.length - 1).view(1)
+        return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoder_states),
             attention_mask=batch.attention_mask,
             decoder_input_ids=last,
@@ -325,32 +342,46 @@ class GreedyDecoder:
             return_dict=True,
             **extra,
         ).logits[:, -1].float()
-        chosen = apply_rules(rules, batch.masks, tokens, length, logits).argmax(dim=-1)
+
+    def _choose(self, batch: _Batch, logits: torch.Tensor, masks: RuleMasks) -> None:
+        """Apply the rules, take the argmax, and append it to every row, in place."""
+        import torch
+
+        rules, tokens, length = self.rules, batch.tokens, batch.length
+        chosen = apply_rules(rules, masks, tokens, length, logits).argmax(dim=-1)
         if rules.eos_ids:
             # Finished rows go on with padding, as in `generate`.
             chosen = torch.where(batch.unfinished, chosen, rules.pad_id)
-            batch.unfinished.logical_and_(~torch.isin(chosen, batch.masks.eos_ids))
-        tokens.scatter_(1, length.view(1, 1).expand(rows, 1), chosen.unsqueeze(1))
+            batch.unfinished.logical_and_(~torch.isin(chosen, masks.eos_ids))
+        tokens.scatter_(1, length.view(1, 1).expand(tokens.size(0), 1), chosen.unsqueeze(1))
         length.add_(1)
+
+    def _step(self, batch: _Batch) -> None:
+        """Decode one token for every row, on the device, in place (after the first, whose logits made the
+        rule masks)."""
+        assert self._masks is not None
+        self._choose(batch, self._logits(batch), self._masks)
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy
         continuation; a row that ends early is padded after its EOS."""
         import torch
 
-        rows, width = input_ids.shape
-        encoder_states = self.model.get_encoder()(
-            input_ids=input_ids, attention_mask=attention_mask, return_dict=True
-        ).last_hidden_state
-        batch = self._buffers(rows, width, encoder_states, attention_mask)
-        on_gpu = input_ids.device.type == "cuda"
-        check_every = _EOS_CHECK_EVERY if on_gpu else 1
-        # The first step fills the cross-attention cache (a different graph), so it runs eagerly.
-        self._step(batch)
-        for made in range(1, self.rules.max_new_tokens):
-            if self.rules.eos_ids and made % check_every == 0 and not bool(batch.unfinished.any()):
-                break
-            if self.compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
-                torch.compiler.cudagraph_mark_step_begin()
-            self._compiled_step(batch)
-        return batch.tokens.to("cpu", copy=True)  # a copy: the next batch of this shape reuses the buffer
+        with torch.inference_mode():
+            rows, width = input_ids.shape
+            encoder_states = self.model.get_encoder()(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict=True
+            ).last_hidden_state
+            batch = self._buffers(rows, width, encoder_states, attention_mask)
+            check_every = _EOS_CHECK_EVERY if input_ids.device.type == "cuda" else 1
+            # The first step fills the cross-attention cache (a different graph), so it runs eagerly.
+            logits = self._logits(batch)
+            self._choose(batch, logits, self._rule_masks(logits))
+            for made in range(1, self.rules.max_new_tokens):
+                if self.rules.eos_ids and made % check_every == 0 and not bool(batch.unfinished.any()):
+                    break
+                if self.compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                    torch.compiler.cudagraph_mark_step_begin()
+                self._compiled_step(batch)
+            # A copy: the next batch of this shape reuses the buffer.
+            return batch.tokens.to("cpu", copy=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -19,7 +19,18 @@ from transformers.generation import logits_process as hf
 
 from jobs.decoding import GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
 
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 VOCAB = 120
+
+
+@pytest.fixture(autouse=True)
+def _forget_compiled_steps() -> Iterator[None]:
+    """Every decoder compiles the same method: its compiled shapes must not count against dynamo's limit in
+    the tests that follow (evaluate() releases its decoder; these tests build decoders directly)."""
+    yield
+    torch._dynamo.reset()
 
 
 def random_model(rng: random.Random) -> tuple[Any, int]:
@@ -130,8 +141,10 @@ def test_each_rule_changes_the_scores_exactly_as_the_transformers_processor_does
         assert torch.equal(ours, expected), (rules, length)
 
 
-def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does() -> None:
-    """Buffers and the KV cache (cross-attention included) are reset between batches of one shape."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does(compiled: bool) -> None:
+    """Buffers are reset between batches of one shape, and the KV cache, cross-attention included: reset in
+    place where the step is compiled (a static cache), made anew where it is eager."""
     rng = random.Random(3)
     torch.manual_seed(3)
     config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
@@ -141,7 +154,8 @@ def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does() -> N
     model.generation_config.no_repeat_ngram_size = 2
     rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
     assert isinstance(rules, GreedyRules)
-    reused = GreedyDecoder(model, rules)
+    options = {"compile_step": True, "compile_options": {"backend": "aot_eager"}} if compiled else {}
+    reused = GreedyDecoder(model, rules, **options)  # type: ignore[arg-type]
     with torch.inference_mode():
         outputs = []
         for _ in range(3):
@@ -150,6 +164,7 @@ def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does() -> N
             fresh = GreedyDecoder(model, rules).decode(ids, mask)
             assert torch.equal(again, fresh)
             outputs.append(again)
+    assert len(reused._batches) == 1  # one shape, reused
     assert not torch.equal(outputs[0], outputs[1])
 
 
@@ -196,7 +211,10 @@ def test_min_new_tokens_replaces_min_length_as_in_generate() -> None:
 
 
 @pytest.mark.slow
-def test_the_step_compiles_with_the_options_eval_compile_uses(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("architecture", ["bart", "t5"])
+def test_the_step_compiles_with_the_options_eval_compile_uses(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, architecture: str
+) -> None:
     """What `eval.compile` asks of torch.compile (inductor, mode reduce-overhead, whole graph, static shapes),
     on a CPU, where inductor builds C++ kernels and skips the CUDA graphs: the step lowers and decodes the
     tokens of the eager loop, and a second batch of the same shape compiles nothing new."""
@@ -204,11 +222,9 @@ def test_the_step_compiles_with_the_options_eval_compile_uses(tmp_path: Any, mon
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     rng = random.Random(8)
-    torch.manual_seed(8)
-    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
-                        init_std=0.5, max_position_embeddings=64)
-    model, pad = BartForConditionalGeneration(config).eval(), 1
+    model, pad = random_model(rng)
+    while type(model).__name__.lower().startswith(architecture) is False:
+        model, pad = random_model(rng)
     model.generation_config.no_repeat_ngram_size, model.generation_config.forced_bos_token_id = 3, 0
     rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
     assert isinstance(rules, GreedyRules) and rules.no_repeat_ngram_size == 3
@@ -224,3 +240,35 @@ def test_the_step_compiles_with_the_options_eval_compile_uses(tmp_path: Any, mon
     assert graphs == 1, "the step compiled into more than one graph"
     assert counters["stats"]["unique_graphs"] == graphs, "a batch of the same shape compiled again"
     assert dict(counters["graph_break"]) == {}
+
+
+def test_token_ids_outside_the_vocabulary_count_as_in_generate() -> None:
+    """transformers matches suppressed and EOS ids with `isin` over the vocabulary: -1 or an id past the end
+    matches nothing (plain indexing would take -1 as the last token)."""
+    rng = random.Random(11)
+    torch.manual_seed(11)
+    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+                        init_std=0.5, max_position_embeddings=64)
+    model, pad = BartForConditionalGeneration(config).eval(), 1
+    with torch.no_grad():  # make the last token the favourite, so suppressing it by mistake shows
+        model.final_logits_bias[0, -1] = 50.0
+    model.generation_config.suppress_tokens = [-1, VOCAB + 5]
+    model.generation_config.min_length = 4
+    model.generation_config.eos_token_id = [2, -1]
+    rules = greedy_rules(model, max_new_tokens=6, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    ids, mask = random_sources(rng, pad, 3, 8)
+    with torch.inference_mode():
+        reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   num_beams=1, pad_token_id=pad)
+        ours = GreedyDecoder(model, rules).decode(ids, mask)
+    assert (reference[:, 1:-1] == VOCAB - 1).any()  # the favourite is decoded, not suppressed
+    assert same_as(reference, ours, pad)
+
+
+def test_a_config_that_states_neutral_values_explicitly_keeps_the_loop() -> None:
+    model, pad = random_model(random.Random(4))
+    generation = model.generation_config
+    generation.repetition_penalty, generation.num_return_sequences, generation.output_scores = 1.0, 1, False
+    assert isinstance(greedy_rules(model, max_new_tokens=4, pad_id=pad), GreedyRules)

@@ -369,3 +369,145 @@ def test_a_model_trained_to_say_yes_is_scored_right(tmp_path: Path) -> None:
 
 def test_demo_tasks_split_into_train_and_held_out() -> None:
     assert set(DEMO_EVAL_TASKS).isdisjoint(DEMO_TRAIN_TASKS)
+
+
+class _CompileOnCpu:
+    """`eval.compile` on the CPU for stl's decoding loop: compile_pays_on says yes, and the step compiles with
+    `backend` (aot_eager: seconds, and `fullgraph` still holds) instead of inductor. Records each decode's
+    (rows, width) and can make chosen decodes raise."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, backend: Any = "aot_eager") -> None:
+        import jobs.decoding as decoding_module
+        import jobs.evaluate as evaluate_module
+
+        self.shapes: list[tuple[int, int]] = []
+        self.fail: Callable[[tuple[int, int]], Exception | None] = lambda shape: None
+        recorder = self
+
+        class Decoder(decoding_module.GreedyDecoder):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                if kwargs.get("compile_step"):
+                    kwargs["compile_options"] = {"backend": backend}
+                super().__init__(*args, **kwargs)
+
+            def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                shape = (int(input_ids.size(0)), int(input_ids.size(1)))
+                error = recorder.fail(shape) if self.compiled else None
+                if error is not None:
+                    raise error
+                recorder.shapes.append(shape)
+                return super().decode(input_ids, attention_mask)
+
+        monkeypatch.setattr(evaluate_module, "GreedyDecoder", Decoder)
+        monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+        for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # use_compile_caches sets them
+            monkeypatch.delenv(variable, raising=False)
+
+
+def generation_predictions(data: Path, tmp_path: Path, lines: list[str], **settings: Any) -> list[str]:
+    run = EvalRun(spec=eval_spec(data, ("gen",), **{"max_examples": 12, "samples": 12, **settings}), model_dir=None,
+                  device="cpu", should_stop=lambda: None, log=lines.append, cache_dir=tmp_path / "cache")
+    [metrics] = evaluate(run, on_step=lambda report: None)
+    return [sample["prediction"] for sample in metrics.samples]
+
+
+def test_running_out_of_memory_in_compiled_decoding_frees_the_graphs_and_goes_on_in_smaller_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every smaller batch is a new shape to compile, and with `fullgraph` dynamo's recompile limit would make
+    a shape past it an error, not an eager fallback. Out of memory, the decoder drops its compiled steps, so
+    the halvings start afresh. Here the limit is 1 shape: without that it fails at the second halving."""
+    import torch._dynamo
+
+    import jobs.evaluate as evaluate_module
+
+    data = tmp_path / "short.jsonl"
+    write_varied_sources(data, "gen", 24)
+    settings = {"max_examples": 24, "samples": 24, "batch_size": 8, "max_source_length": 32}
+    reference = generation_predictions(data, tmp_path, [], **settings)
+    compiling = _CompileOnCpu(monkeypatch)
+    real_prepare = evaluate_module.prepare_compile
+
+    def prepare_one_shape(*args: Any, **kwargs: Any) -> str:
+        where = real_prepare(*args, **kwargs)
+        torch._dynamo.config.recompile_limit = 1
+        return where
+
+    monkeypatch.setattr(evaluate_module, "prepare_compile", prepare_one_shape)
+    torch._dynamo.reset()
+    # The first batch of 8 decodes; then batches of more than 2 rows run out of memory.
+    compiling.fail = lambda shape: (
+        torch.OutOfMemoryError("CUDA out of memory (injected)") if compiling.shapes and shape[0] > 2 else None
+    )
+    lines: list[str] = []
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        predictions = generation_predictions(data, tmp_path, lines, compile=True, **settings)
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    assert predictions == reference
+    assert [rows for rows, _ in compiling.shapes] == [8] + [2] * 8
+    assert {width for _, width in compiling.shapes} == {32}  # one bucket
+    assert any("batch of 8; going on with batches of 4" in line for line in lines), lines
+    assert any("batch of 4; going on with batches of 2" in line for line in lines), lines
+    assert not any("compiled decoding step failed" in line for line in lines), lines  # it stayed compiled
+
+
+def test_a_failing_compiled_decoding_step_falls_back_to_eager_decoding_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "short.jsonl"
+    write_varied_sources(data, "gen", 12)
+    reference = generation_predictions(data, tmp_path, [], max_source_length=32)
+
+    def broken_backend(graph: Any, example_inputs: Any) -> Any:
+        raise RuntimeError("no kernel for this op (a stand-in for a compiler failure)")
+
+    _CompileOnCpu(monkeypatch, backend=broken_backend)
+    lines: list[str] = []
+    assert generation_predictions(data, tmp_path, lines, max_source_length=32, compile=True) == reference
+    [failed] = [line for line in lines if line.startswith("the compiled decoding step failed")]
+    assert "no kernel for this op" in failed and "decoding without compile for the rest of the stage" in failed
+
+
+def test_the_stage_log_says_whether_the_compiled_decoding_step_replays_cuda_graphs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inductor counts a CUDA-graph fallback when it compiles a shape; the CPU has none, so the count is
+    played here: none for the first bucket, one for the next."""
+    import jobs.evaluate as evaluate_module
+
+    data = tmp_path / "varied.jsonl"
+    write_varied_sources(data, "gen", 12)
+    compiling = _CompileOnCpu(monkeypatch)
+    monkeypatch.setattr(evaluate_module, "cuda_graph_skips", lambda: max(0, len({w for _, w in compiling.shapes}) - 1))
+    lines: list[str] = []
+    generation_predictions(data, tmp_path, lines, max_source_length=200, compile=True)
+    assert len({width for _, width in compiling.shapes}) >= 2
+    assert sum(line.startswith("CUDA graphs in use: each decoded token") for line in lines) == 1, lines
+    assert any(line.startswith("the decoding step for") and "without CUDA graphs" in line for line in lines), lines
+
+
+def test_a_generation_config_the_loop_does_not_reproduce_is_decoded_by_generate_and_the_log_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobs.evaluate as evaluate_module
+
+    real_load = evaluate_module.load_model_and_tokenizer
+    generate_calls: list[int] = []
+
+    def with_repetition_penalty(*args: Any, **kwargs: Any) -> Any:
+        loaded, tokenizer = real_load(*args, **kwargs)
+        loaded.generation_config.repetition_penalty = 1.3
+        real_generate = loaded.generate
+        loaded.generate = lambda **kw: generate_calls.append(1) or real_generate(**kw)
+        return loaded, tokenizer
+
+    monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer", with_repetition_penalty)
+    data = tmp_path / "short.jsonl"
+    write_varied_sources(data, "gen", 6)
+    lines: list[str] = []
+    generation_predictions(data, tmp_path, lines, max_examples=6)
+    assert generate_calls
+    assert any("runs transformers' generate, not stl's decoding loop" in line and "repetition_penalty" in line
+               for line in lines), lines
