@@ -45,6 +45,9 @@ from ml import (  # noqa: E402
 )
 
 BENCH = "eval"
+# How evaluate() decoded: its own loop or generate, and with eval.compile whether CUDA graphs replayed.
+DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
+                  "the decoding step for", "the compiled decoding step failed")
 
 
 class Runner:
@@ -62,6 +65,7 @@ class Runner:
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
         self.parts: dict[str, list[tuple[float, float]]] = {}  # stl's (generating, ROUGE-L) seconds per round
+        self.decoding: dict[str, list[str]] = {}  # stl's log lines on how it decoded, last round per arm
         # stl's own limits (jobs/evaluate.py _Scorer): BART's positions cap them, T5 has none.
         self.source_limit = args.source_len
         self.target_limit = args.max_new_tokens
@@ -79,12 +83,16 @@ class Runner:
                                          max_new_tokens=args.max_new_tokens, max_source_length=args.source_len,
                                          samples=min(args.examples, 100), compile=compile))
         marks: list[tuple[float, float]] = []
+        decoding: list[str] = []
+        self.decoding[key] = decoding
 
         def log(line: str) -> None:
             parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s",
                                  line)
             if parts:  # evaluate()'s own split of the time: decoding, then scoring
                 self.parts.setdefault(key, []).append((float(parts[1]), float(parts[2])))
+            elif line.startswith(DECODING_LINES):
+                decoding.append(line)
             elif line.startswith("evaluating ") or line.startswith(f"{task}: "):
                 sync(args.device)
                 marks.append((time.perf_counter(), time.process_time()))
@@ -213,7 +221,8 @@ class Runner:
         generating, scoring = self.parts[key][-1]
         hf = f", HF's {self.parts['hf-gen'][-1][0]:.2f} s and {self.parts['hf-gen'][-1][1]:.2f} s" \
             if self.parts.get("hf-gen") else ""
-        return f"; generating, then ROUGE-L: stl's {generating:.2f} s and {scoring:.2f} s{hf}"
+        how = f"; stl's log: {' | '.join(self.decoding[key])}" if self.decoding.get(key) else ""
+        return f"; generating, then ROUGE-L: stl's {generating:.2f} s and {scoring:.2f} s{hf}{how}"
 
     def value(self, key: str) -> float:
         return median(self.values[key]) if self.values[key] else float("nan")
