@@ -205,7 +205,7 @@ class _Scorer:
         if limit is not None:
             self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
         self.source_buckets = self._static_decoding_buckets() if settings.compile else None
-        self.decoder: GreedyDecoder | None = None  # set up by the first generation (_prepare_generation)
+        self.decoder: GreedyDecoder | None = None  # stl's decoding loop, set up by the first _generate
         self.generation_prepared = False
         self.decoding_graphs_confirmed = False
         self.tokenizer_id: str | None = None  # tokenizer_fingerprint(), computed on first use
@@ -262,7 +262,7 @@ class _Scorer:
             return None
         self.cfg.log(
             "generation decodes greedily in stl's own loop (the tokens of transformers' generate, without its "
-            "per-token host work)" + (", its step compiled into CUDA graphs" if compiled else "")
+            "per-token host work)" + (", its step compiled by torch.compile (CUDA graphs)" if compiled else "")
         )
         return decoder
 
@@ -583,7 +583,10 @@ class _Scorer:
             if caused_by_out_of_memory(e):
                 raise
             root: BaseException = e  # torch.compile wraps what its backend raised
-            while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None:
+            for _ in range(8):
+                inner = getattr(root, "inner_exception", None) or root.__cause__
+                if inner is None:
+                    break
                 root = inner
             reason = (str(root).strip().splitlines() or [""])[0][:300]
             self.cfg.log(
