@@ -543,9 +543,8 @@ class _Scorer:
             left = not self.seq2seq
             input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
             mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
-            if self.decoder is not None:
-                generated = self._decode(input_ids, mask, width)
-            else:
+            generated = self._decode(input_ids, mask, width) if self.decoder is not None else None
+            if generated is None:
                 generated = cast("Any", self.model).generate(
                     input_ids=input_ids,
                     attention_mask=mask,
@@ -570,36 +569,44 @@ class _Scorer:
             self.decoder.release()  # the memory goes back to classification; a compiled step keeps its shapes
         return [found[i] for i in positions]
 
-    def _decode(self, input_ids: torch.Tensor, mask: torch.Tensor, width: int | None) -> torch.Tensor:
-        """stl's decoding loop on one batch. Should its compiled step fail (other than out of memory), the
-        stage logs why and goes on decoding eagerly: the same tokens, without the speed-up."""
+    def _decode(self, input_ids: torch.Tensor, mask: torch.Tensor, width: int | None) -> torch.Tensor | None:
+        """stl's decoding loop on one batch, or None where the stage has just given it up for `generate`.
+
+        Should the loop fail other than by running out of memory, the stage logs why and goes on with
+        the next way down: a compiled step is replaced by the eager loop, the eager loop by transformers'
+        `generate`. Both give the same tokens; only the speed is lost."""
         assert self.decoder is not None
-        if not self.decoder.compiled:
-            return self.decoder.decode(input_ids, mask)
-        skips = cuda_graph_skips()
+        skips = cuda_graph_skips() if self.decoder.compiled else 0
         try:
             generated = self.decoder.decode(input_ids, mask)
         except Exception as e:
             if caused_by_out_of_memory(e):
                 raise
-            root: BaseException = e  # torch.compile wraps what its backend raised
-            for _ in range(8):
-                inner = getattr(root, "inner_exception", None) or root.__cause__
-                if inner is None:
-                    break
-                root = inner
-            reason = (str(root).strip().splitlines() or [""])[0][:300]
-            self.cfg.log(
-                f"the compiled decoding step failed ({type(root).__name__}: {reason}); "
-                "decoding without compile for the rest of the stage"
-            )
-            rules = self.decoder.rules
-            self.decoder.release()
-            self.decoder = GreedyDecoder(self.model, rules)
-            return self.decoder.decode(input_ids, mask)
-        if self.decoder.rules.max_new_tokens > 1:  # else the compiled step never ran
+            failed, rules = self.decoder, self.decoder.rules
+            failed.release()
+            if failed.compiled:
+                self.cfg.log(f"the compiled decoding step failed ({_root_reason(e)}); "
+                             "decoding without compile for the rest of the stage")
+                self.decoder = GreedyDecoder(self.model, rules)
+                return self._decode(input_ids, mask, width)
+            self.cfg.log(f"stl's decoding loop failed ({_root_reason(e)}); "
+                         "decoding with transformers' generate for the rest of the stage")
+            self.decoder = None
+            return None
+        if self.decoder.compiled and self.decoder.rules.max_new_tokens > 1:  # else the compiled step never ran
             self._log_cuda_graphs(width, skips)
         return generated
+
+
+def _root_reason(error: BaseException) -> str:
+    """The innermost cause as `Type: first line` (torch.compile wraps what its backend raised)."""
+    root = error
+    for _ in range(8):
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if inner is None:
+            break
+        root = inner
+    return f"{type(root).__name__}: {(str(root).strip().splitlines() or [''])[0][:300]}"
 
 
 def _task_ids_to_lists(ids: _TaskIds) -> dict[str, list[list[int]]]:

@@ -511,3 +511,25 @@ def test_a_generation_config_the_loop_does_not_reproduce_is_decoded_by_generate_
     assert generate_calls
     assert any("runs transformers' generate, not stl's decoding loop" in line and "repetition_penalty" in line
                for line in lines), lines
+
+
+def test_a_failing_decoding_loop_hands_the_stage_to_generate_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eager loop is the default path of every BART and T5 eval: should it fail on some device, the stage
+    goes on with transformers' generate (the same tokens) and says why, instead of failing."""
+    import jobs.decoding as decoding_module
+
+    data = tmp_path / "short.jsonl"
+    write_varied_sources(data, "gen", 12)
+    reference = generation_predictions(data, tmp_path, [], max_source_length=32)
+
+    def broken(self: Any, *args: Any) -> None:
+        raise RuntimeError("an op this device lacks (a stand-in)")
+
+    monkeypatch.setattr(decoding_module.GreedyDecoder, "_choose", broken)
+    lines: list[str] = []
+    assert generation_predictions(data, tmp_path, lines, max_source_length=32) == reference
+    [failed] = [line for line in lines if line.startswith("stl's decoding loop failed")]
+    assert "an op this device lacks" in failed and "transformers' generate for the rest of the stage" in failed
+    assert sum("decoding loop failed" in line for line in lines) == 1  # given up once, not per batch
