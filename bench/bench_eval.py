@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Ratio, Report, header, interleave, median, print_absolute, set_torch_threads  # noqa: E402
 from ml import (  # noqa: E402
+    DECODING_LINES,
     Setup,
     add_model_arguments,
     check_device_dtype,
@@ -45,9 +46,6 @@ from ml import (  # noqa: E402
 )
 
 BENCH = "eval"
-# How evaluate() decoded: its own loop or generate, and with eval.compile whether CUDA graphs replayed.
-DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
-                  "the decoding step for", "the compiled decoding step failed")
 
 
 class Runner:

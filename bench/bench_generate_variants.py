@@ -29,7 +29,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Ratio, Report, header, interleave, warmed_up_variants  # noqa: E402
-from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, sync  # noqa: E402
+from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, stl_decoder, sync  # noqa: E402
 
 BENCH = "generate-variants"
 
@@ -75,18 +75,6 @@ def main() -> None:
         extra = {"cache_implementation": "static"} if name == "static" else {}
         return model, context, extra
 
-    def decoder(model: Any, *, compiled: bool) -> Any:
-        from jobs.decoding import GreedyDecoder, greedy_rules
-
-        rules = greedy_rules(model, max_new_tokens=args.max_new_tokens, pad_id=PAD)
-        if isinstance(rules, str):
-            raise SystemExit(f"stl's loop can't decode this model: {rules}")
-        if compiled:
-            from jobs.train import prepare_compile
-
-            prepare_compile(None, shapes=2)
-        return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"})
-
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
     known = {"autocast", "bf16", "static", "loop", "loop-compiled"}
     if set(names) - known:
@@ -95,7 +83,8 @@ def main() -> None:
 
     def runner(name: str) -> Any:
         model, context, extra = variant(name)
-        loop = decoder(model, compiled=name == "loop-compiled") if name.startswith("loop") else None
+        loop = stl_decoder(model, args.max_new_tokens, compiled=name == "loop-compiled") \
+            if name.startswith("loop") else None
 
         def run() -> float:
             pieces = []

@@ -31,7 +31,7 @@ from typing import Any, Literal
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import DEMO_DATA, header  # noqa: E402
-from ml import quiet_transformers  # noqa: E402
+from ml import DECODING_LINES, quiet_transformers  # noqa: E402
 
 
 def main() -> int:
@@ -141,9 +141,7 @@ def main() -> int:
         static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
                                                                    "eval.compile skipped"))]
         # stl's own decoding loop, its step compiled, should replay CUDA graphs (jobs/decoding.py).
-        loop_lines = [line for line in lines if line.startswith(("generation decodes greedily", "generation runs",
-                                                                 "CUDA graphs in use: each decoded",
-                                                                 "the decoding step for"))]
+        loop_lines = [line for line in lines if line.startswith(DECODING_LINES)]
         print("   note: eval, compiled, decoding: " + ("; ".join(loop_lines) or "no decoding line"))
         print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
               + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in compiled_metrics)

@@ -61,6 +61,26 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
 
 
+# The eval stage's log lines on how it decoded (jobs/evaluate.py): its own loop or `generate`, and under
+# eval.compile whether CUDA graphs replayed or the compiled step failed.
+DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
+                  "the decoding step for", "the compiled decoding step failed")
+
+
+def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool) -> Any:
+    """stl's decoding loop (jobs/decoding.py) for `model`, its step compiled as `eval.compile` compiles it."""
+    from jobs.decoding import GreedyDecoder, greedy_rules
+
+    rules = greedy_rules(model, max_new_tokens=max_new_tokens, pad_id=PAD)
+    if isinstance(rules, str):
+        raise SystemExit(f"stl's loop can't decode this model: {rules}")
+    if compiled:
+        from jobs.train import prepare_compile
+
+        prepare_compile(None, shapes=2)
+    return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"})
+
+
 def quiet_transformers() -> None:
     """No progress bars ("Loading weights", "Writing model shards") in benchmark output."""
     from transformers.utils import logging

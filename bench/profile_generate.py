@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import header  # noqa: E402
-from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, sync  # noqa: E402
+from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, stl_decoder, sync  # noqa: E402
 
 
 def main() -> None:
@@ -58,16 +58,7 @@ def main() -> None:
     sources = torch.randint(3, vocab, (args.batch_size, args.source_len), device=args.device)
     mask = torch.ones_like(sources)
 
-    loop = None
-    if args.way == "loop":
-        from jobs.decoding import GreedyDecoder, greedy_rules
-        from jobs.train import prepare_compile
-
-        rules = greedy_rules(model, max_new_tokens=args.max_new_tokens, pad_id=PAD)
-        if isinstance(rules, str):
-            raise SystemExit(f"stl's loop can't decode this model: {rules}")
-        prepare_compile(None, shapes=2)
-        loop = GreedyDecoder(model, rules, compile_step=True, compile_options={"mode": "reduce-overhead"})
+    loop = stl_decoder(model, args.max_new_tokens, compiled=True) if args.way == "loop" else None
 
     def call() -> None:
         if loop is not None:
