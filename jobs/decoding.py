@@ -16,7 +16,6 @@ tests/test_decoding.py checks token for token. A generation config that asks for
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -87,7 +86,7 @@ def greedy_rules(model: Any, *, max_new_tokens: int, pad_id: int) -> GreedyRules
     or why this loop can't reproduce them (then use `generate`)."""
     if not getattr(model.config, "is_encoder_decoder", False):
         return "the model is not an encoder-decoder"
-    config = copy.deepcopy(model.generation_config)
+    config = model.generation_config  # read only
     changed = {
         name for name, value in config.to_diff_dict().items()
         if not (name in _NEUTRAL_VALUES and value == _NEUTRAL_VALUES[name])

@@ -33,14 +33,19 @@ def _forget_compiled_steps() -> Iterator[None]:
     torch._dynamo.reset()
 
 
+def small_bart(init_std: float) -> Any:
+    """A small random BART (pad id 1); a larger `init_std` makes its answers depend more on the source."""
+    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
+                        init_std=init_std, max_position_embeddings=64)
+    return BartForConditionalGeneration(config).eval()
+
+
 def random_model(rng: random.Random) -> tuple[Any, int]:
     """A small random BART or T5 (weights scaled so that answers vary) and its pad id."""
     torch.manual_seed(rng.randrange(10**6))
     if rng.random() < 0.5:
-        config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                            decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
-                            init_std=rng.choice([0.02, 0.3, 1.0]), max_position_embeddings=64)
-        return BartForConditionalGeneration(config).eval(), 1
+        return small_bart(rng.choice([0.02, 0.3, 1.0])), 1
     config = T5Config(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=VOCAB,
                       decoder_start_token_id=0, initializer_factor=rng.choice([0.05, 1.0, 5.0]))
     return T5ForConditionalGeneration(config).eval(), 0
@@ -147,10 +152,7 @@ def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does(compil
     place where the step is compiled (a static cache), made anew where it is eager."""
     rng = random.Random(3)
     torch.manual_seed(3)
-    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
-                        init_std=0.5, max_position_embeddings=64)
-    model, pad = BartForConditionalGeneration(config).eval(), 1
+    model, pad = small_bart(0.5), 1
     model.generation_config.no_repeat_ngram_size = 2
     rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
     assert isinstance(rules, GreedyRules)
@@ -247,10 +249,7 @@ def test_token_ids_outside_the_vocabulary_count_as_in_generate() -> None:
     matches nothing (plain indexing would take -1 as the last token)."""
     rng = random.Random(11)
     torch.manual_seed(11)
-    config = BartConfig(d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
-                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=VOCAB,
-                        init_std=0.5, max_position_embeddings=64)
-    model, pad = BartForConditionalGeneration(config).eval(), 1
+    model, pad = small_bart(0.5), 1
     with torch.no_grad():  # make the last token the favourite, so suppressing it by mistake shows
         model.final_logits_bias[0, -1] = 50.0
     model.generation_config.suppress_tokens = [-1, VOCAB + 5]
