@@ -5,8 +5,10 @@ This measures options for stl's eval stage (jobs/evaluate.py):
   bf16       bf16 weights, dynamic KV cache (Trainer's bf16_full_eval)
   static     bf16 weights, `cache_implementation="static"`: a fixed-size KV cache, which lets transformers
              compile the decoding step (CUDA graphs); the first call compiles, in the warm-up round
-  loop       stl's own decoding loop (jobs/decoding.py), bf16 weights, static KV cache, eager: what stl's eval
-             runs for an encoder-decoder
+  loop       stl's own decoding loop (jobs/decoding.py), bf16 weights, dynamic KV cache, eager: what stl's
+             eval runs for an encoder-decoder on a CPU
+  loop-graphs  the same over a static KV cache, its eager step recorded as a CUDA graph per batch shape
+             and replayed per token: what stl's eval runs on a GPU without eval.compile (CUDA only)
   loop-compiled  the same with its step compiled by torch.compile, mode reduce-overhead (CUDA graphs): stl's
              `eval.compile`; on a CPU inductor compiles it without graphs
 Same random weights, same random source ids (every row `--source-len` tokens), batch size and
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--source-len", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--variants", default="autocast,bf16,static,loop,loop-compiled",
+    parser.add_argument("--variants", default="autocast,bf16,static,loop,loop-graphs,loop-compiled",
                         help="comma-separated subset")
     args = parser.parse_args()
 
@@ -76,15 +78,17 @@ def main() -> None:
         return model, context, extra
 
     names = [name.strip() for name in args.variants.split(",") if name.strip()]
-    known = {"autocast", "bf16", "static", "loop", "loop-compiled"}
+    known = {"autocast", "bf16", "static", "loop", "loop-graphs", "loop-compiled"}
     if set(names) - known:
         raise SystemExit(f"unknown variants {sorted(set(names) - known)}; use {', '.join(sorted(known))}")
+    if "loop-graphs" in names and not cuda:
+        raise SystemExit("the loop-graphs variant records CUDA graphs: it needs --device cuda")
     outputs: dict[str, Any] = {}
 
     def runner(name: str) -> Any:
         model, context, extra = variant(name)
-        loop = stl_decoder(model, args.max_new_tokens, compiled=name == "loop-compiled") \
-            if name.startswith("loop") else None
+        loop = stl_decoder(model, args.max_new_tokens, compiled=name == "loop-compiled",
+                           cuda_graphs=name == "loop-graphs") if name.startswith("loop") else None
 
         def run() -> float:
             pieces = []

@@ -7,13 +7,17 @@ through `jobs.stages.execute_stage`, the function the worker's horse calls:
      would, then resumed: the resumed stage must log `resumed from step N` (model, optimizer, scheduler and
      CUDA RNG states from the checkpoint), and on CUDA that CUDA graphs are in use;
   2. a few-shot stage from that model, eager;
-  3. an eval stage from the few-shot model (rank classification and greedy generation on the GPU),
-     then the same with `eval.compile: true` (stl's decoding loop over a static KV cache, its step
-     compiled, which must replay CUDA graphs; filler rows in the last batch);
+  3. an eval stage from the few-shot model (rank classification, and greedy generation in stl's decoding
+     loop, its eager step recorded as a CUDA graph per batch shape, which must replay), then the same with
+     `eval.compile: true` (the loop's step compiled, which must replay CUDA graphs; filler rows in the
+     last batch);
   4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA);
   5. (run right after item 1) one optimizer step's gradients, accumulated over two micro-batches replayed
      as CUDA graphs, against eager ones from the same weights and batch (same direction and size: the
-     graphs' memory is reused between replays, and a gradient left there would be overwritten).
+     graphs' memory is reused between replays, and a gradient left there would be overwritten);
+  6. the decoding loop's recorded CUDA graphs at BART-base's size (random weights, bf16): a batch, then
+     another of the same shape (replaying the first one's graph on reset buffers), then the first again
+     must give the first's tokens bit for bit, and nearly all of the eager loop's tokens.
 It prints what to look at (first-step seconds, which hold the compile; MFU; metrics) and exits 1 on a
 failure. On a CPU it runs the same stages eager (stl skips compile there), as a check of this script.
 """
@@ -124,11 +128,20 @@ def main() -> int:
                                tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=48, batch_size=16,
                                                                        max_new_tokens=16))
         started = time.perf_counter()
+        lines.clear()
         metrics = execute_stage(evaluation, context("eval", "finetune")).metrics
+        eager_lines = [line for line in lines if line.startswith(DECODING_LINES)]
+        print("   note: eval, decoding: " + ("; ".join(eager_lines) or "no decoding line"))
         print(f"   note: eval: {time.perf_counter() - started:.1f} s; "
               + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in metrics))
         if [m.task for m in metrics] != list(DEMO_EVAL_TASKS) or any(m.n != 48 for m in metrics):
             failures.append(f"eval metrics incomplete: {[(m.task, m.n) for m in metrics]}")
+        if args.device.startswith("cuda") and not any(line.startswith("CUDA graphs in use: each decoded")
+                                                      for line in eager_lines):
+            failures.append(f"eval: stl's decoding loop did not replay its recorded CUDA graph: {eager_lines}")
+        failure = check_decoding_graphs(args.device)
+        if failure:
+            failures.append(failure)
 
         # The same eval with eval.compile: stl's decoding loop over a static KV cache, compiled into CUDA graphs.
         # 45 examples in batches of 16: the last batch needs filler rows.
@@ -164,6 +177,49 @@ def main() -> int:
     print("RESULT " + json.dumps({"bench": f"gpu_check:{args.device}", "label": "stage-path failures",
                                   "value": len(failures), "unit": "(0 = all passed)", "absolute": True}))
     return 1 if failures else 0
+
+
+def check_decoding_graphs(device: str) -> str | None:
+    """Item 6: the decoding loop's recorded CUDA graphs against themselves and the eager loop; a failure,
+    or None."""
+    if not device.startswith("cuda"):
+        print("   note: decoding graphs: skipped (CUDA graphs need a CUDA device)")
+        return None
+    try:
+        return _compare_decoding_graphs(device)
+    except Exception as e:
+        print(f"   note: decoding graph check raised {type(e).__name__}: {str(e)[:500]}")
+        return f"the decoding graph check raised {type(e).__name__}: {str(e)[:200]}"
+
+
+def _compare_decoding_graphs(device: str) -> str | None:
+    import torch
+    from ml import EOS, PAD, VOCAB, model_config, stl_decoder
+    from transformers import AutoModelForSeq2SeqLM
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    vocab = VOCAB["bart-base"]
+    model = AutoModelForSeq2SeqLM.from_config(model_config("bart-base", vocab)).eval().to(device, torch.bfloat16)
+    generation = model.generation_config
+    generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
+    first, second = (torch.randint(3, vocab, (16, 96), device=device) for _ in range(2))
+    mask = torch.ones_like(first)
+    mask[8:, 80:] = 0  # padded rows: the cross-attention mask is part of what the graph replays
+    graphs = stl_decoder(model, 24, compiled=False, cuda_graphs=True)
+    recorded = graphs.decode(first, mask)
+    graphs.decode(second, mask)  # the same shape: replays the graph recorded for `first`
+    replayed = graphs.decode(first, mask)
+    eager = stl_decoder(model, 24, compiled=False).decode(first, mask)
+    agreement = float((recorded == eager).float().mean())
+    print(f"   note: decoding graphs (bart-base size, bf16): replay after another batch equal to the recording: "
+          f"{bool(torch.equal(recorded, replayed))}; tokens equal to the eager loop's at {agreement:.1%} of "
+          f"positions ({time.perf_counter() - started:.1f} s)")
+    if not torch.equal(recorded, replayed):
+        return "the decoding loop's CUDA graph gave other tokens when replayed for a second batch of its shape"
+    if agreement < 0.95:
+        return f"the decoding loop's CUDA graph agrees with the eager loop at only {agreement:.1%} of tokens"
+    return None
 
 
 def check_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> str | None:

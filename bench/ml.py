@@ -64,11 +64,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 # The eval stage's log lines on how it decoded (jobs/evaluate.py): its own loop or `generate`, and under
 # eval.compile whether CUDA graphs replayed or the compiled step failed.
 DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
-                  "the decoding step for", "the compiled decoding step failed")
+                  "the decoding step for", "the compiled decoding step failed",
+                  "recording the decoding step as a CUDA graph failed")
 
 
-def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool) -> Any:
-    """stl's decoding loop (jobs/decoding.py) for `model`, its step compiled as `eval.compile` compiles it."""
+def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool, cuda_graphs: bool = False) -> Any:
+    """stl's decoding loop (jobs/decoding.py) for `model`: its step compiled as `eval.compile` compiles it,
+    or recorded as a CUDA graph as an eval stage on a GPU records it, or eager."""
     from jobs.decoding import GreedyDecoder, greedy_rules
 
     rules = greedy_rules(model, max_new_tokens=max_new_tokens, pad_id=PAD)
@@ -78,7 +80,8 @@ def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool) -> Any:
         from jobs.train import prepare_compile
 
         prepare_compile(None, shapes=2)
-    return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"})
+    return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"},
+                         cuda_graphs=cuda_graphs)
 
 
 def quiet_transformers() -> None:

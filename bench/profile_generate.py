@@ -5,6 +5,8 @@ It builds a random-weight model of the named size (bf16 on CUDA) and decodes one
   generate  Hugging Face `generate` with `cache_implementation="static"` (transformers compiles its step)
   loop      stl's own loop (jobs/decoding.py) with its step compiled, mode reduce-overhead, as
             `eval.compile` runs it
+  graphs    stl's own loop with its eager step recorded as a CUDA graph, as an eval stage on a GPU
+            runs it without `eval.compile` (CUDA only)
 Two untimed warm-up calls compile, then it times calls of one batch, and runs one more under cProfile
 and prints the functions that took the most host time (self time, then cumulative). cProfile slows
 Python-heavy code more than GPU waits, so read the shares, not the absolute times. The question it
@@ -38,14 +40,15 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--calls", type=int, default=5, help="timed calls (default 5)")
     parser.add_argument("--top", type=int, default=25, help="functions listed (default 25)")
-    parser.add_argument("--way", default="generate", choices=["generate", "loop"])
+    parser.add_argument("--way", default="generate", choices=["generate", "loop", "graphs"])
     args = parser.parse_args()
 
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
     quiet_transformers()
-    way = "HF generate" if args.way == "generate" else "stl's decoding loop"
+    way = {"generate": "HF generate", "loop": "stl's decoding loop, compiled",
+           "graphs": "stl's decoding loop, CUDA graph of the eager step"}[args.way]
     header(f"profile_generate: {way}, static KV cache ({args.size}, {args.device})", args.device)
     torch.manual_seed(0)
     vocab = VOCAB[args.size]
@@ -58,7 +61,9 @@ def main() -> None:
     sources = torch.randint(3, vocab, (args.batch_size, args.source_len), device=args.device)
     mask = torch.ones_like(sources)
 
-    loop = stl_decoder(model, args.max_new_tokens, compiled=True) if args.way == "loop" else None
+    loop = None
+    if args.way != "generate":
+        loop = stl_decoder(model, args.max_new_tokens, compiled=args.way == "loop", cuda_graphs=args.way == "graphs")
 
     def call() -> None:
         if loop is not None:

@@ -4,8 +4,9 @@ Why not Hugging Face `generate`: its loop runs about 1,360 Python calls per toke
 (bench/profile_generate.py), and waits for the GPU once per token to test for the end. On a GPU with
 the decoding step compiled, the host, not the GPU, sets the pace. This loop keeps the whole step on
 the device: the model call, the logits rules below, the argmax and the bookkeeping are one function,
-which `eval.compile` compiles over a static KV cache (one CUDA graph replay per token), and on a GPU the
-host looks for the end only every few tokens.
+which on a GPU runs over a static KV cache as one CUDA graph replay per token: recorded from the eager
+step once per batch shape, or compiled by torch.compile under `eval.compile`. On a GPU the host looks for
+the end only every few tokens.
 
 It produces `generate`'s tokens for greedy decoding, including the rules the model's generation config
 turns into logits processors (`no_repeat_ngram_size`, `min_length`, `min_new_tokens`,
@@ -16,6 +17,7 @@ tests/test_decoding.py checks token for token. A generation config that asks for
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -205,14 +207,17 @@ class _Batch:
     tokens: torch.Tensor  # rows x rules.length: the start token, then what is decoded (pad after the end)
     unfinished: torch.Tensor  # rows, bool
     length: torch.Tensor  # 0-dim: decoder tokens so far, the start token included
+    graph: Any = None  # torch.cuda.CUDAGraph of the step on these buffers, once recorded (cuda_graphs)
 
 
 class GreedyDecoder:
     """Greedy decoding of `model` (an encoder-decoder) by `rules`, one batch at a time.
 
-    `compile_step`: compile the per-token step with torch.compile over a static KV cache (`mode`
-    "reduce-overhead" replays it as a CUDA graph); each batch shape compiles once. Without it the same
-    step runs eagerly over transformers' dynamic cache.
+    `cuda_graphs` (CUDA only): record the eager per-token step over a static KV cache as a CUDA graph,
+    once per batch shape, and replay it for every later token: the host launches one graph per token
+    instead of the step's hundreds of kernels, with no compile. `compile_step`: compile the step with
+    torch.compile over a static KV cache (`mode` "reduce-overhead" replays it as a CUDA graph, after a
+    compile per batch shape). With neither, the step runs eagerly over transformers' dynamic cache.
     """
 
     def __init__(
@@ -222,6 +227,7 @@ class GreedyDecoder:
         *,
         compile_step: bool = False,
         compile_options: dict[str, Any] | None = None,
+        cuda_graphs: bool = False,
         keep_shapes: int = 1,
     ) -> None:
         import torch
@@ -230,7 +236,9 @@ class GreedyDecoder:
         self.model, self.rules = model, rules
         # Fail here, not mid-stage, where this transformers release builds its caches differently.
         decoder_config = model.config.get_text_config(decoder=True)
-        if compile_step:
+        if compile_step and cuda_graphs:
+            raise ValueError("choose compile_step or cuda_graphs: a compiled step records its own CUDA graphs")
+        if compile_step or cuda_graphs:
             StaticCache(config=decoder_config, max_cache_len=1)
         else:
             DynamicCache(config=decoder_config)
@@ -244,6 +252,9 @@ class GreedyDecoder:
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._pass_position = "cache_position" in parameters
         self.compiled = compile_step
+        self.cuda_graphs = cuda_graphs
+        self.static = compile_step or cuda_graphs  # a static KV cache, reset in place between batches
+        self._capture_stream: Any = None  # the side stream that warms up and records graphs
         step: Callable[[_Batch], None] = self._step
         if compile_step:
             options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
@@ -251,11 +262,11 @@ class GreedyDecoder:
         self._compiled_step = step
 
     def release(self) -> None:
-        """Free what decoding holds on the device: every batch shape's buffers and, when compiled, the
-        compiled steps with their CUDA graphs' memory pools (each shape compiles again when next used, from
-        inductor's on-disk cache). After running out of memory this also gives the smaller batches that
-        follow a fresh allowance of dynamo's recompile limit, which `fullgraph` would otherwise turn into
-        an error."""
+        """Free what decoding holds on the device: every batch shape's buffers and recorded graph and, when
+        compiled, the compiled steps with their CUDA graphs' memory pools (each shape compiles again when
+        next used, from inductor's on-disk cache). After running out of memory this also gives the smaller
+        batches that follow a fresh allowance of dynamo's recompile limit, which `fullgraph` would
+        otherwise turn into an error."""
         self._batches.clear()
         if self.compiled:
             import torch._dynamo
@@ -269,9 +280,9 @@ class GreedyDecoder:
         found = self._batches.pop(key, None)
         if found is not None:
             self._batches[key] = found  # now the most recently used
-            # A static cache is reset in place (a compiled step holds its addresses); a dynamic one is
-            # made anew, as some transformers releases reset it by zeroing, not by emptying it.
-            if self.compiled:
+            # A static cache is reset in place (a compiled step or recorded graph holds its addresses); a
+            # dynamic one is made anew, as some transformers releases reset it by zeroing, not by emptying it.
+            if self.static:
                 found.cache.reset()
             else:
                 found.cache = self._new_cache(width)
@@ -305,7 +316,7 @@ class GreedyDecoder:
     def _new_cache(self, width: int) -> Any:
         encoder_decoder_cache, static_cache, dynamic_cache = self._cache_types
         decoder_config = self.model.config.get_text_config(decoder=True)
-        if self.compiled:  # fixed shapes and addresses for the compiled step
+        if self.static:  # fixed shapes and addresses for the compiled step or recorded graph
             return encoder_decoder_cache(
                 static_cache(config=decoder_config, max_cache_len=self.rules.length),
                 static_cache(config=decoder_config, max_cache_len=width),
@@ -361,11 +372,45 @@ class GreedyDecoder:
         assert self._masks is not None
         self._choose(batch, self._logits(batch), self._masks)
 
+    def _replay(self, batch: _Batch) -> None:
+        """One step as a CUDA graph replay; the first time for these buffers, run the step for real on a
+        side stream (lazy initialisations, such as cuBLAS workspaces, must happen outside a recording) and
+        then record it."""
+        import torch
+
+        if batch.graph is not None:
+            batch.graph.replay()
+            return
+        if self._capture_stream is None:
+            self._capture_stream = torch.cuda.Stream(device=batch.tokens.device)
+        stream = self._capture_stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step(batch)  # this token, decoded for real
+        # Not torch.cuda.graph(): it also collects garbage and empties the allocator's cache each time,
+        # which costs more than the recording where every batch has a new shape.
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream):
+            # thread_local: other threads' CUDA calls (a prefetch thread) cannot invalidate the recording.
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self._step(batch)  # recorded, not run: the buffers stay as the warm-up step left them
+            except BaseException:
+                with contextlib.suppress(Exception):  # the recording is void; the step's error says why
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        torch.cuda.current_stream().wait_stream(stream)
+        batch.graph = graph
+
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy
         continuation; a row that ends early is padded after its EOS."""
         import torch
 
+        if self.cuda_graphs and input_ids.device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device; these inputs are on {input_ids.device}")
         with torch.inference_mode():
             rows, width = input_ids.shape
             encoder_states = self.model.get_encoder()(
@@ -381,6 +426,9 @@ class GreedyDecoder:
                     break
                 if self.compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
                     torch.compiler.cudagraph_mark_step_begin()
-                self._compiled_step(batch)
+                if self.cuda_graphs:
+                    self._replay(batch)
+                else:
+                    self._compiled_step(batch)
             # A copy: the next batch of this shape reuses the buffer.
             return batch.tokens.to("cpu", copy=True)

@@ -249,12 +249,16 @@ class _Scorer:
             self.cfg.log(f"generation runs transformers' generate, not stl's decoding loop: {rules}")
             return None
         compiled = self.source_buckets is not None
+        # On a GPU the eager step is recorded as a CUDA graph per batch shape: no compile, and one launch
+        # per token instead of hundreds (the step's host work, not the GPU, set eager decoding's pace).
+        graphs = not compiled and self.device.type == "cuda"
         try:
             decoder = GreedyDecoder(
                 self.model,
                 rules,
                 compile_step=compiled,
                 compile_options={"mode": "reduce-overhead"},
+                cuda_graphs=graphs,
                 keep_shapes=len(self.source_buckets) if self.source_buckets is not None else 1,
             )
         except (ImportError, TypeError, AttributeError) as e:  # a transformers release without these caches
@@ -262,7 +266,9 @@ class _Scorer:
             return None
         self.cfg.log(
             "generation decodes greedily in stl's own loop (the tokens of transformers' generate, without its "
-            "per-token host work)" + (", its step compiled by torch.compile (CUDA graphs)" if compiled else "")
+            "per-token host work)"
+            + (", its step compiled by torch.compile (CUDA graphs)" if compiled else "")
+            + (", its step recorded as a CUDA graph once per batch shape" if graphs else "")
         )
         return decoder
 
@@ -584,17 +590,23 @@ class _Scorer:
                 raise
             failed, rules = self.decoder, self.decoder.rules
             failed.release()
-            if failed.compiled:
-                self.cfg.log(f"the compiled decoding step failed ({_root_reason(e)}); "
-                             "decoding without compile for the rest of the stage")
+            if failed.compiled or failed.cuda_graphs:
+                what = "the compiled decoding step"
+                if not failed.compiled:
+                    what = "recording the decoding step as a CUDA graph"
+                self.cfg.log(f"{what} failed ({_root_reason(e)}); decoding eagerly for the rest of the stage")
                 self.decoder = GreedyDecoder(self.model, rules)
                 return self._decode(input_ids, mask, width)
             self.cfg.log(f"stl's decoding loop failed ({_root_reason(e)}); "
                          "decoding with transformers' generate for the rest of the stage")
             self.decoder = None
             return None
-        if self.decoder.compiled and self.decoder.rules.max_new_tokens > 1:  # else the compiled step never ran
-            self._log_cuda_graphs(width, skips)
+        if self.decoder.rules.max_new_tokens > 1:  # else the step after the first never ran
+            if self.decoder.compiled:
+                self._log_cuda_graphs(width, skips)
+            elif self.decoder.cuda_graphs and not self.decoding_graphs_confirmed:
+                self.cfg.log("CUDA graphs in use: each decoded token replays the recorded decoding step")
+                self.decoding_graphs_confirmed = True
         return generated
 
 

@@ -190,6 +190,36 @@ def test_the_compiled_step_traces_whole_and_decodes_the_same_tokens() -> None:
         assert len(compiled._batches) == 2
 
 
+def test_cuda_graphs_are_refused_off_cuda_and_together_with_compile() -> None:
+    """The recorded-graph step is CUDA only (bench/gpu_check.py checks its tokens on a GPU); off CUDA it
+    says so rather than decoding some other way."""
+    model, pad = small_bart(0.5), 1
+    rules = greedy_rules(model, max_new_tokens=4, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    with pytest.raises(ValueError, match="compile_step or cuda_graphs"):
+        GreedyDecoder(model, rules, compile_step=True, cuda_graphs=True)
+    ids, mask = random_sources(random.Random(0), pad, 2, 5)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        GreedyDecoder(model, rules, cuda_graphs=True).decode(ids, mask)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_recorded_cuda_graphs_decode_the_eager_loops_tokens_batch_after_batch() -> None:
+    rng = random.Random(11)
+    torch.manual_seed(11)
+    model, pad = small_bart(0.5), 1
+    model.to("cuda")
+    model.generation_config.no_repeat_ngram_size = 2
+    rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    graphs, eager = GreedyDecoder(model, rules, cuda_graphs=True, keep_shapes=2), GreedyDecoder(model, rules)
+    with torch.inference_mode():
+        for width in (8, 16, 8, 8):
+            ids, mask = random_sources(rng, pad, 4, width)
+            ids, mask = ids.cuda(), mask.cuda()
+            assert torch.equal(graphs.decode(ids, mask), eager.decode(ids, mask))
+
+
 def test_rules_the_loop_does_not_reproduce_are_left_to_generate_with_the_reason() -> None:
     model, pad = random_model(random.Random(1))
     model.generation_config.repetition_penalty = 1.3

@@ -467,7 +467,7 @@ def test_a_failing_compiled_decoding_step_falls_back_to_eager_decoding_with_the_
     lines: list[str] = []
     assert generation_predictions(data, tmp_path, lines, max_source_length=32, compile=True) == reference
     [failed] = [line for line in lines if line.startswith("the compiled decoding step failed")]
-    assert "no kernel for this op" in failed and "decoding without compile for the rest of the stage" in failed
+    assert "no kernel for this op" in failed and "decoding eagerly for the rest of the stage" in failed
 
 
 def test_the_stage_log_says_whether_the_compiled_decoding_step_replays_cuda_graphs(
