@@ -208,6 +208,9 @@ class _Batch:
     unfinished: torch.Tensor  # rows, bool
     length: torch.Tensor  # 0-dim: decoder tokens so far, the start token included
     graph: Any = None  # torch.cuda.CUDAGraph of the step on these buffers, once recorded (cuda_graphs)
+    # cuda_graphs: ones over the static self-attention cache. Given none, BART sizes one from the cache's
+    # length on the host (a sync, which a CUDA graph recording refuses); with it the step stays on the device.
+    decoder_mask: torch.Tensor | None = None
 
 
 class GreedyDecoder:
@@ -251,6 +254,7 @@ class GreedyDecoder:
         # the write position, newer ones keep it in the cache.
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._pass_position = "cache_position" in parameters
+        self._pass_decoder_mask = cuda_graphs and "decoder_attention_mask" in parameters
         self.compiled = compile_step
         self.cuda_graphs = cuda_graphs
         self.static = compile_step or cuda_graphs  # a static KV cache, reset in place between batches
@@ -305,6 +309,7 @@ class GreedyDecoder:
             tokens=tokens,
             unfinished=torch.ones(rows, dtype=torch.bool, device=device),
             length=torch.ones((), dtype=torch.long, device=device),
+            decoder_mask=torch.ones_like(tokens) if self._pass_decoder_mask else None,
         )
         if self.compiled:
             # Fixed addresses: a CUDA graph reads and writes these in place, replay after replay.
@@ -344,6 +349,8 @@ class GreedyDecoder:
         extra: dict[str, Any] = {self._cache_argument: batch.cache}
         if self._pass_position:
             extra["cache_position"] = (batch.length - 1).view(1)
+        if batch.decoder_mask is not None:
+            extra["decoder_attention_mask"] = batch.decoder_mask
         return self.model(
             encoder_outputs=BaseModelOutput(last_hidden_state=batch.encoder_states),
             attention_mask=batch.attention_mask,
@@ -382,6 +389,8 @@ class GreedyDecoder:
             batch.graph.replay()
             return
         if self._capture_stream is None:
+            if batch.tokens.device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs a CUDA device; this batch is on {batch.tokens.device}")
             self._capture_stream = torch.cuda.Stream(device=batch.tokens.device)
         stream = self._capture_stream
         stream.wait_stream(torch.cuda.current_stream())
@@ -409,8 +418,6 @@ class GreedyDecoder:
         continuation; a row that ends early is padded after its EOS."""
         import torch
 
-        if self.cuda_graphs and input_ids.device.type != "cuda":
-            raise ValueError(f"cuda_graphs needs a CUDA device; these inputs are on {input_ids.device}")
         with torch.inference_mode():
             rows, width = input_ids.shape
             encoder_states = self.model.get_encoder()(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import random
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -201,6 +203,47 @@ def test_cuda_graphs_are_refused_off_cuda_and_together_with_compile() -> None:
     ids, mask = random_sources(random.Random(0), pad, 2, 5)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         GreedyDecoder(model, rules, cuda_graphs=True).decode(ids, mask)
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Fails on the operations that wait for the device: a CUDA graph recording refuses them."""
+
+    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                         torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default})
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self.SYNCING:
+            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordedStepOnCpu(GreedyDecoder):
+    """What `cuda_graphs` records, run on a CPU: the step over the static KV cache, as transformers runs it
+    while a recording is under way, and checked for host syncs instead of recorded."""
+
+    def _replay(self, batch: Any) -> None:
+        with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True), _NoHostSync():
+            self._step(batch)
+
+
+def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tokens() -> None:
+    """On a GPU a host sync in the step fails the recording (BART sized a decoder mask from the cache's
+    length on the host until the loop passed one); here every step after the first runs as it would be
+    recorded, with syncs refused, and gives `generate`'s tokens."""
+    rng = random.Random(17)
+    for _ in range(4):
+        model, pad = random_model(rng)
+        randomize_rules(model.generation_config, rng)
+        rules = greedy_rules(model, max_new_tokens=9, pad_id=pad)
+        assert isinstance(rules, GreedyRules)
+        recorded = _RecordedStepOnCpu(model, rules, cuda_graphs=True)
+        with torch.inference_mode():
+            for _ in range(2):  # the second batch reuses the first's buffers, reset in place
+                ids, mask = random_sources(rng, pad, 3, 7)
+                reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
+                                           num_beams=1, pad_token_id=pad)
+                assert same_as(reference, recorded.decode(ids, mask), pad)
+        assert len(recorded._batches) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
