@@ -10,7 +10,8 @@
 #   (bench_rouge.py) (GPU_EVAL=0 skips these); a whole eval stage
 #   per fresh process, eager vs eval.compile (bench_eval_stage.py), on a GPU only with GPU_EVAL_STAGE=1
 #   (2 minutes);
-#   then, on CUDA, HF generate two ways against stl's decoding loop eager and compiled, and three ways of
+#   then, on CUDA, HF generate two ways against stl's decoding loop eager, recorded as CUDA graphs and
+#   compiled, and three ways of
 #   running a training step outside stl (bench_generate_variants.py, bench_train_variants.py; only with
 #   GPU_VARIANTS=1, or alone with GPU_VARIANTS=only).
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
@@ -134,14 +135,14 @@ if [[ "$VARIANTS" != only ]]; then
 fi
 # Only with GPU_VARIANTS=1 (about 6 minutes more) or GPU_VARIANTS=only (these alone, as a call of their own),
 # as they inform rather than measure stl: HF generate with bf16 weights vs a static, compiled KV cache vs
-# stl's decoding loop eager and compiled (G7 measured autocast), and a training step eager vs compiled vs
+# stl's decoding loop eager, as CUDA graphs and compiled (G7 measured autocast), and a training step eager vs compiled vs
 # CUDA graphs (on a CPU, check them with bench_generate_variants.py / bench_train_variants.py --device cpu
 # --size tiny).
 if [[ "$DEVICE" == cuda* && "$VARIANTS" != 0 ]]; then
   for size in bart-base t5-small; do  # two cold compiles each (HF's static step, stl's loop)
     run "$COMPILE_LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" \
       --size "$size" --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 \
-      --variants bf16,static,loop,loop-compiled
+      --variants bf16,static,loop,loop-graphs,loop-compiled
   done
   # Training steps eager vs compiled vs CUDA graphs (reduce-overhead), the shapes of G1 and G2.
   run "$COMPILE_LIMIT_S" train-variants-bart-base bench/bench_train_variants.py --device "$DEVICE" --size bart-base \

@@ -7,10 +7,10 @@ through `jobs.stages.execute_stage`, the function the worker's horse calls:
      would, then resumed: the resumed stage must log `resumed from step N` (model, optimizer, scheduler and
      CUDA RNG states from the checkpoint), and on CUDA that CUDA graphs are in use;
   2. a few-shot stage from that model, eager;
-  3. an eval stage from the few-shot model (rank classification, and greedy generation in stl's decoding
-     loop, its eager step recorded as a CUDA graph per batch shape, which must replay), then the same with
-     `eval.compile: true` (the loop's step compiled, which must replay CUDA graphs; filler rows in the
-     last batch);
+  3. an eval stage from the few-shot model with `eval.compile: true` (rank classification, and greedy
+     generation in stl's decoding loop, its step compiled, which must replay CUDA graphs; filler rows in
+     the last batch), then the same without it (the loop's eager step recorded as a CUDA graph per batch
+     shape, which must replay); in that order, as a recording that fails breaks later ones in the process;
   4. NVML's reading of the GPU, as `stl status` shows it (the worker's parent never touches CUDA);
   5. (run right after item 1) one optimizer step's gradients, accumulated over two micro-batches replayed
      as CUDA graphs, against eager ones from the same weights and batch (same direction and size: the
@@ -124,6 +124,33 @@ def main() -> int:
         execute_stage(finetune, context("finetune", "mtl"))
         step_report("finetune", started)
 
+        # Eval with eval.compile first (stl's decoding loop over a static KV cache, compiled into CUDA graphs):
+        # a CUDA graph recording that fails in this process breaks later ones, so each kind runs before
+        # the next can break it.
+        # 45 examples in batches of 16: the last batch needs filler rows.
+        compiled = StageSpec(kind=StageKind.eval, model="tiny:t5", parent=finetune.stage_id, data=str(DEMO_DATA),
+                             tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=45, batch_size=16,
+                                                                     max_new_tokens=16, compile=True))
+        started = time.perf_counter()
+        lines.clear()
+        compiled_metrics = execute_stage(compiled, context("eval-compiled", "finetune")).metrics
+        static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
+                                                                   "eval.compile skipped"))]
+        # stl's own decoding loop, its step compiled, should replay CUDA graphs (jobs/decoding.py).
+        loop_lines = [line for line in lines if line.startswith(DECODING_LINES)]
+        print("   note: eval, compiled, decoding: " + ("; ".join(loop_lines) or "no decoding line"))
+        print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
+              + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in compiled_metrics)
+              + f"; {static_lines[-1] if static_lines else 'no static-decoding line'}")
+        if [(m.task, m.n) for m in compiled_metrics] != [(task, 45) for task in DEMO_EVAL_TASKS]:
+            failures.append(f"compiled eval metrics incomplete: {[(m.task, m.n) for m in compiled_metrics]}")
+        if args.device.startswith("cuda") and not any(line.startswith("generation decodes with a static")
+                                                      for line in static_lines):
+            failures.append(f"eval.compile did not decode with a static KV cache on CUDA: {static_lines}")
+        if args.device.startswith("cuda") and not any(line.startswith("CUDA graphs in use: each decoded")
+                                                      for line in loop_lines):
+            failures.append(f"eval.compile: stl's decoding loop did not replay CUDA graphs: {loop_lines}")
+
         evaluation = StageSpec(kind=StageKind.eval, model="tiny:t5", parent=finetune.stage_id, data=str(DEMO_DATA),
                                tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=48, batch_size=16,
                                                                        max_new_tokens=16))
@@ -142,31 +169,6 @@ def main() -> int:
         failure = check_decoding_graphs(args.device)
         if failure:
             failures.append(failure)
-
-        # The same eval with eval.compile: stl's decoding loop over a static KV cache, compiled into CUDA graphs.
-        # 45 examples in batches of 16: the last batch needs filler rows.
-        compiled = StageSpec(kind=StageKind.eval, model="tiny:t5", parent=finetune.stage_id, data=str(DEMO_DATA),
-                             tasks=DEMO_EVAL_TASKS, eval=EvalConfig(max_examples=45, batch_size=16,
-                                                                     max_new_tokens=16, compile=True))
-        started = time.perf_counter()
-        lines.clear()
-        compiled_metrics = execute_stage(compiled, context("eval-compiled", "finetune")).metrics
-        static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
-                                                                   "eval.compile skipped"))]
-        # stl's own decoding loop, its step compiled, should replay CUDA graphs (jobs/decoding.py).
-        loop_lines = [line for line in lines if line.startswith(DECODING_LINES)]
-        print("   note: eval, compiled, decoding: " + ("; ".join(loop_lines) or "no decoding line"))
-        print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
-              + "; ".join(f"{m.task} {m.metric} {m.value:.3f} (n={m.n})" for m in compiled_metrics)
-              + f"; {static_lines[-1] if static_lines else 'no static-decoding line'}")
-        if [(m.task, m.n) for m in compiled_metrics] != [(m.task, 45) for m in metrics]:
-            failures.append(f"compiled eval metrics incomplete: {[(m.task, m.n) for m in compiled_metrics]}")
-        if args.device.startswith("cuda") and not any(line.startswith("generation decodes with a static")
-                                                      for line in static_lines):
-            failures.append(f"eval.compile did not decode with a static KV cache on CUDA: {static_lines}")
-        if args.device.startswith("cuda") and not any(line.startswith("CUDA graphs in use: each decoded")
-                                                      for line in loop_lines):
-            failures.append(f"eval.compile: stl's decoding loop did not replay CUDA graphs: {loop_lines}")
 
     probe = GpuProbe(0).read()
     print(f"   note: NVML: {probe}")
