@@ -259,6 +259,7 @@ class GreedyDecoder:
         self.cuda_graphs = cuda_graphs
         self.static = compile_step or cuda_graphs  # a static KV cache, reset in place between batches
         self._capture_stream: Any = None  # the side stream that warms up and records graphs
+        self._graph_pool: Any = None  # the memory pool all recordings share (torch.cuda.graph_pool_handle())
         step: Callable[[_Batch], None] = self._step
         if compile_step:
             options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
@@ -272,6 +273,7 @@ class GreedyDecoder:
         batches that follow a fresh allowance of dynamo's recompile limit, which `fullgraph` would
         otherwise turn into an error."""
         self._batches.clear()
+        self._graph_pool = None  # freed with the last graph that used it
         if self.compiled:
             import torch._dynamo
 
@@ -399,19 +401,38 @@ class GreedyDecoder:
         # Not torch.cuda.graph(): it also collects garbage and empties the allocator's cache each time,
         # which costs more than the recording where every batch has a new shape.
         stream.synchronize()
+        if self._graph_pool is None:
+            # One memory pool for every recording: each graph's memory is its step's temporaries, free
+            # between replays, and replays never overlap. A pool per graph would grow with every batch
+            # shape, as the allocator frees a dropped graph's pool only when no recording is under way.
+            self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             # thread_local: other threads' CUDA calls (a prefetch thread) cannot invalidate the recording.
-            graph.capture_begin(capture_error_mode="thread_local")
+            graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
             try:
                 self._step(batch)  # recorded, not run: the buffers stay as the warm-up step left them
             except BaseException:
-                with contextlib.suppress(Exception):  # the recording is void; the step's error says why
-                    graph.capture_end()
+                self._abandon_recording(graph, batch.tokens.device)
                 raise
             graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
         batch.graph = graph
+
+    def _abandon_recording(self, graph: Any, device: torch.device) -> None:
+        """End a recording the step broke (a host sync, say), so that the allocator serves the eager
+        decoding that follows normally."""
+        import torch
+
+        try:
+            graph.capture_end()
+        except Exception:
+            # Where ending the void recording fails, torch (2.11) leaves the allocator routing this
+            # thread's memory to the graph pool; its own emptying and out-of-memory retry stay off.
+            with contextlib.suppress(Exception):
+                index = torch.cuda.current_device() if device.index is None else device.index
+                torch._C._cuda_endAllocateToPool(index, self._graph_pool)
+        self._graph_pool = None  # the failed recording's blocks stay with it
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy
