@@ -259,7 +259,7 @@ class GreedyDecoder:
         self.cuda_graphs = cuda_graphs
         self.static = compile_step or cuda_graphs  # a static KV cache, reset in place between batches
         self._capture_stream: Any = None  # the side stream that warms up and records graphs
-        self._graph_pool: Any = None  # the memory pool all recordings share (torch.cuda.graph_pool_handle())
+        self._graphs_dropped = False  # whether a recorded graph was let go since the last recording
         step: Callable[[_Batch], None] = self._step
         if compile_step:
             options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
@@ -272,8 +272,8 @@ class GreedyDecoder:
         next used, from inductor's on-disk cache). After running out of memory this also gives the smaller
         batches that follow a fresh allowance of dynamo's recompile limit, which `fullgraph` would
         otherwise turn into an error."""
+        self._graphs_dropped = self._graphs_dropped or any(b.graph is not None for b in self._batches.values())
         self._batches.clear()
-        self._graph_pool = None  # freed with the last graph that used it
         if self.compiled:
             import torch._dynamo
 
@@ -300,7 +300,8 @@ class GreedyDecoder:
             found.length.fill_(1)
             return found
         while len(self._batches) >= self.keep_shapes:
-            self._batches.pop(next(iter(self._batches)))
+            evicted = self._batches.pop(next(iter(self._batches)))
+            self._graphs_dropped = self._graphs_dropped or evicted.graph is not None
         device = encoder_states.device
         tokens = torch.full((rows, self.rules.length), self.rules.pad_id, dtype=torch.long, device=device)
         tokens[:, 0] = self.rules.decoder_start_id
@@ -401,15 +402,16 @@ class GreedyDecoder:
         # Not torch.cuda.graph(): it also collects garbage and empties the allocator's cache each time,
         # which costs more than the recording where every batch has a new shape.
         stream.synchronize()
-        if self._graph_pool is None:
-            # One memory pool for every recording: each graph's memory is its step's temporaries, free
-            # between replays, and replays never overlap. A pool per graph would grow with every batch
-            # shape, as the allocator frees a dropped graph's pool only when no recording is under way.
-            self._graph_pool = torch.cuda.graph_pool_handle()
+        if self._graphs_dropped:
+            # Each graph has a memory pool of its own, which the allocator gives back only when asked
+            # outside a recording: without this, pools of dropped batch shapes would pile up until a
+            # recording ran out of memory (and the stage halved its batches for nothing).
+            torch.cuda.empty_cache()
+            self._graphs_dropped = False
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             # thread_local: other threads' CUDA calls (a prefetch thread) cannot invalidate the recording.
-            graph.capture_begin(pool=self._graph_pool, capture_error_mode="thread_local")
+            graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self._step(batch)  # recorded, not run: the buffers stay as the warm-up step left them
             except BaseException:
@@ -431,8 +433,8 @@ class GreedyDecoder:
             # thread's memory to the graph pool; its own emptying and out-of-memory retry stay off.
             with contextlib.suppress(Exception):
                 index = torch.cuda.current_device() if device.index is None else device.index
-                torch._C._cuda_endAllocateToPool(index, self._graph_pool)
-        self._graph_pool = None  # the failed recording's blocks stay with it
+                torch._C._cuda_endAllocateToPool(index, graph.pool())
+        self._graphs_dropped = True
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy
