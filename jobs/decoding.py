@@ -197,6 +197,16 @@ def apply_rules(
     return scores
 
 
+def _free_graph_pools() -> None:
+    """Give the memory pools of the CUDA graphs just let go back to the device. Each graph has a pool of
+    its own, which the allocator frees only when asked outside a recording: without this, the pools of
+    dropped batch shapes would pile up until a recording ran out of memory (and the stage halved its
+    batches for nothing)."""
+    import torch
+
+    torch.cuda.empty_cache()
+
+
 @dataclass
 class _Batch:
     """Device buffers of one batch shape, reused batch after batch (a compiled step replays on them)."""
@@ -259,7 +269,6 @@ class GreedyDecoder:
         self.cuda_graphs = cuda_graphs
         self.static = compile_step or cuda_graphs  # a static KV cache, reset in place between batches
         self._capture_stream: Any = None  # the side stream that warms up and records graphs
-        self._graphs_dropped = False  # whether a recorded graph was let go since the last recording
         step: Callable[[_Batch], None] = self._step
         if compile_step:
             options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
@@ -272,8 +281,10 @@ class GreedyDecoder:
         next used, from inductor's on-disk cache). After running out of memory this also gives the smaller
         batches that follow a fresh allowance of dynamo's recompile limit, which `fullgraph` would
         otherwise turn into an error."""
-        self._graphs_dropped = self._graphs_dropped or any(b.graph is not None for b in self._batches.values())
+        recorded = any(batch.graph is not None for batch in self._batches.values())
         self._batches.clear()
+        if recorded:
+            _free_graph_pools()
         if self.compiled:
             import torch._dynamo
 
@@ -300,8 +311,8 @@ class GreedyDecoder:
             found.length.fill_(1)
             return found
         while len(self._batches) >= self.keep_shapes:
-            evicted = self._batches.pop(next(iter(self._batches)))
-            self._graphs_dropped = self._graphs_dropped or evicted.graph is not None
+            if self._batches.pop(next(iter(self._batches))).graph is not None:
+                _free_graph_pools()
         device = encoder_states.device
         tokens = torch.full((rows, self.rules.length), self.rules.pad_id, dtype=torch.long, device=device)
         tokens[:, 0] = self.rules.decoder_start_id
@@ -402,12 +413,6 @@ class GreedyDecoder:
         # Not torch.cuda.graph(): it also collects garbage and empties the allocator's cache each time,
         # which costs more than the recording where every batch has a new shape.
         stream.synchronize()
-        if self._graphs_dropped:
-            # Each graph has a memory pool of its own, which the allocator gives back only when asked
-            # outside a recording: without this, pools of dropped batch shapes would pile up until a
-            # recording ran out of memory (and the stage halved its batches for nothing).
-            torch.cuda.empty_cache()
-            self._graphs_dropped = False
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
             # thread_local: other threads' CUDA calls (a prefetch thread) cannot invalidate the recording.
@@ -434,7 +439,6 @@ class GreedyDecoder:
             with contextlib.suppress(Exception):
                 index = torch.cuda.current_device() if device.index is None else device.index
                 torch._C._cuda_endAllocateToPool(index, graph.pool())
-        self._graphs_dropped = True
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy

@@ -516,8 +516,9 @@ class _Scorer:
     # --- generation ---
 
     def _log_cuda_graphs(self, width: int | None, skips_before: int) -> None:
-        """Say once whether the compiled decoding step replays CUDA graphs, and whenever a new bucket's
-        graph falls back to plain compiled kernels (inductor counts that when it compiles)."""
+        """Say once that the decoding step replays CUDA graphs (recorded or compiled), and whenever a
+        new bucket's compiled graph falls back to plain compiled kernels (inductor counts that when it
+        compiles)."""
         if cuda_graph_skips() > skips_before:
             self.cfg.log(
                 f"the decoding step for {width}-token sources runs without CUDA graphs (compiled kernels only); "
@@ -582,7 +583,7 @@ class _Scorer:
         the next way down: a compiled step is replaced by the eager loop, the eager loop by transformers'
         `generate`. Both give the same tokens; only the speed is lost."""
         assert self.decoder is not None
-        skips = cuda_graph_skips() if self.decoder.compiled else 0
+        skips = cuda_graph_skips()
         try:
             generated = self.decoder.decode(input_ids, mask)
         except Exception as e:
@@ -601,12 +602,9 @@ class _Scorer:
                          "decoding with transformers' generate for the rest of the stage")
             self.decoder = None
             return None
-        if self.decoder.rules.max_new_tokens > 1:  # else the step after the first never ran
-            if self.decoder.compiled:
-                self._log_cuda_graphs(width, skips)
-            elif self.decoder.cuda_graphs and not self.decoding_graphs_confirmed:
-                self.cfg.log("CUDA graphs in use: each decoded token replays the recorded decoding step")
-                self.decoding_graphs_confirmed = True
+        # Only where the step after the first ran (with one new token it never does).
+        if (self.decoder.compiled or self.decoder.cuda_graphs) and self.decoder.rules.max_new_tokens > 1:
+            self._log_cuda_graphs(width, skips)
         return generated
 
 
