@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Ratio, Report, header, interleave, warmed_up_variants  # noqa: E402
-from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, stl_decoder, sync  # noqa: E402
+from ml import SIZES, VOCAB, model_config, quiet_transformers, stl_decoder, sync, use_bench_token_ids  # noqa: E402
 
 BENCH = "generate-variants"
 
@@ -66,9 +66,8 @@ def main() -> None:
         model = AutoModelForSeq2SeqLM.from_config(model_config(args.size, vocab))
         model.load_state_dict(base.state_dict())
         model.eval().to(args.device)
-        generation = model.generation_config
-        generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
-        generation.min_new_tokens = args.max_new_tokens
+        use_bench_token_ids(model)
+        model.generation_config.min_new_tokens = args.max_new_tokens
         context: Any = contextlib.nullcontext
         if cuda and name == "autocast":
             context = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731

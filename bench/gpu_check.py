@@ -196,15 +196,14 @@ def check_decoding_graphs(device: str) -> str | None:
 
 def _compare_decoding_graphs(device: str) -> str | None:
     import torch
-    from ml import EOS, PAD, VOCAB, model_config, stl_decoder
+    from ml import VOCAB, model_config, stl_decoder, use_bench_token_ids
     from transformers import AutoModelForSeq2SeqLM
 
     started = time.perf_counter()
     torch.manual_seed(0)
     vocab = VOCAB["bart-base"]
     model = AutoModelForSeq2SeqLM.from_config(model_config("bart-base", vocab)).eval().to(device, torch.bfloat16)
-    generation = model.generation_config
-    generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
+    use_bench_token_ids(model)
     first, second = (torch.randint(3, vocab, (16, 96), device=device) for _ in range(2))
     mask = torch.ones_like(first)
     mask[8:, 80:] = 0  # padded rows: the cross-attention mask is part of what the graph replays

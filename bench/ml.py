@@ -182,16 +182,21 @@ def prepare(directory: Path, *, size: str, data: str, source_len: int, target_le
     config.stl_base_model = f"bench:{size}"
     model = AutoModelForSeq2SeqLM.from_config(config)
     model.config.name_or_path = f"bench:{size}"
-    generation = model.generation_config
-    generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
+    use_bench_token_ids(model)
     if full_generation and max_new_tokens:
         # Both sides then decode exactly max_new_tokens per example: equal, deterministic work.
-        generation.min_new_tokens = max_new_tokens
+        model.generation_config.min_new_tokens = max_new_tokens
     model_dir = directory / f"model-{size}"
     save_model(model, tokenizer, model_dir)
     return Setup(model_dir=model_dir, data=path, train_tasks=tuple(train_tasks), generation_task=gen_task,
                  classification_task=cls_task, size=size, data_kind=data,
                  parameters=sum(p.numel() for p in model.parameters()))
+
+
+def use_bench_token_ids(model: Any) -> None:
+    """Generate with the benchmarks' special ids: pad (also the decoder start) and EOS."""
+    generation = model.generation_config
+    generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
 
 
 def load_tokenizer(model_dir: Path) -> Any:

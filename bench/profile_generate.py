@@ -28,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import header  # noqa: E402
-from ml import EOS, PAD, SIZES, VOCAB, model_config, quiet_transformers, stl_decoder, sync  # noqa: E402
+from ml import SIZES, VOCAB, model_config, quiet_transformers, stl_decoder, sync, use_bench_token_ids  # noqa: E402
 
 
 def main() -> None:
@@ -55,9 +55,8 @@ def main() -> None:
     model = AutoModelForSeq2SeqLM.from_config(model_config(args.size, vocab)).eval().to(args.device)
     if args.device.startswith("cuda"):
         model.to(dtype=torch.bfloat16)
-    generation = model.generation_config
-    generation.pad_token_id, generation.eos_token_id, generation.decoder_start_token_id = PAD, EOS, PAD
-    generation.min_new_tokens = args.max_new_tokens
+    use_bench_token_ids(model)
+    model.generation_config.min_new_tokens = args.max_new_tokens
     sources = torch.randint(3, vocab, (args.batch_size, args.source_len), device=args.device)
     mask = torch.ones_like(sources)
 
