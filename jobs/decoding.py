@@ -402,11 +402,7 @@ class GreedyDecoder:
         if batch.graph is not None:
             batch.graph.replay()
             return
-        if self._capture_stream is None:
-            if batch.tokens.device.type != "cuda":
-                raise ValueError(f"cuda_graphs needs a CUDA device; this batch is on {batch.tokens.device}")
-            self._capture_stream = torch.cuda.Stream(device=batch.tokens.device)
-        stream = self._capture_stream
+        stream = self._side_stream(batch.tokens.device)
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._step(batch)  # this token, decoded for real
@@ -425,6 +421,16 @@ class GreedyDecoder:
             graph.capture_end()
         torch.cuda.current_stream().wait_stream(stream)
         batch.graph = graph
+
+    def _side_stream(self, device: torch.device) -> Any:
+        """The stream that warms up and records graphs, made on first use."""
+        import torch
+
+        if self._capture_stream is None:
+            if device.type != "cuda":
+                raise ValueError(f"cuda_graphs needs a CUDA device; this batch is on {device}")
+            self._capture_stream = torch.cuda.Stream(device=device)
+        return self._capture_stream
 
     def _abandon_recording(self, graph: Any, device: torch.device) -> None:
         """End a recording the step broke (a host sync, say), so that the allocator serves the eager
