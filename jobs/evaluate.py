@@ -251,7 +251,10 @@ class _Scorer:
         compiled = self.source_buckets is not None
         # On a GPU the eager step is recorded as a CUDA graph per batch shape: no compile, and one launch
         # per token instead of hundreds (the step's host work, not the GPU, set eager decoding's pace).
-        graphs = not compiled and self.device.type == "cuda"
+        graphs = not compiled and records_decoding_graphs(self.device)
+        # Batches come sorted by length, so a shape's batches follow one another; the second shape kept
+        # covers a batch whose tokens sort it into the bucket before.
+        keep_shapes = len(self.source_buckets) if self.source_buckets is not None else 2 if graphs else 1
         try:
             decoder = GreedyDecoder(
                 self.model,
@@ -259,7 +262,7 @@ class _Scorer:
                 compile_step=compiled,
                 compile_options={"mode": "reduce-overhead"},
                 cuda_graphs=graphs,
-                keep_shapes=len(self.source_buckets) if self.source_buckets is not None else 1,
+                keep_shapes=keep_shapes,
             )
         except (ImportError, TypeError, AttributeError) as e:  # a transformers release without these caches
             self.cfg.log(f"generation runs transformers' generate, not stl's decoding loop: {e}")
@@ -268,9 +271,24 @@ class _Scorer:
             "generation decodes greedily in stl's own loop (the tokens of transformers' generate, without its "
             "per-token host work)"
             + (", its step compiled by torch.compile (CUDA graphs)" if compiled else "")
-            + (", its step recorded as a CUDA graph once per batch shape" if graphs else "")
+            + (
+                f", its step recorded as a CUDA graph once per batch shape: sources padded to "
+                f"{'/'.join(map(str, length_buckets(self.source_limit)))} tokens, batches to "
+                f"{self.batch_rows} rows" if graphs else ""
+            )
         )
         return decoder
+
+    def _padding_buckets(self) -> tuple[int, ...] | None:
+        """The source lengths each generation batch is padded to (its rows to a full batch too), or None
+        to pad to the batch's longest source only. A compiled step and a recorded CUDA graph are reused
+        only on the shape they were made for: a few fixed shapes make them repeat. A recording costs about
+        two eager steps of host work, more than the encoder spends on a batch's padding."""
+        if self.source_buckets is not None:
+            return self.source_buckets
+        if self.decoder is not None and self.decoder.cuda_graphs:
+            return length_buckets(self.source_limit)
+        return None
 
     # --- bookkeeping ---
 
@@ -540,12 +558,14 @@ class _Scorer:
         def generate(batch: list[int]) -> None:
             sources = [ids.sources[i] for i in batch]
             width, static = None, {}
-            if self.source_buckets is not None:
-                # Fixed shapes for the compiled step: a bucket's width, and a full batch (copies of
-                # the last source fill it; their outputs are dropped below).
-                width = bucketed_length(max(len(s) for s in sources), self.source_buckets)
+            buckets = self._padding_buckets()
+            if buckets is not None:
+                # Fixed shapes for the compiled step or recorded graph: a bucket's width, and a full batch
+                # (copies of the last source fill it; their outputs are dropped below).
+                width = bucketed_length(max(len(s) for s in sources), buckets)
                 sources = sources + [sources[-1]] * (self.batch_rows - len(sources))
-                static = {"cache_implementation": "static"}
+            if self.source_buckets is not None:
+                static = {"cache_implementation": "static"}  # for generate, where stl's loop is not used
             # Causal LMs continue from the right end, so they are padded on the left.
             left = not self.seq2seq
             input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
@@ -606,6 +626,11 @@ class _Scorer:
         if (self.decoder.compiled or self.decoder.cuda_graphs) and self.decoder.rules.max_new_tokens > 1:
             self._log_cuda_graphs(width, skips)
         return generated
+
+
+def records_decoding_graphs(device: torch.device) -> bool:
+    """Whether eval stages on `device` record their decoding step as CUDA graphs (without eval.compile)."""
+    return device.type == "cuda"
 
 
 def _root_reason(error: BaseException) -> str:

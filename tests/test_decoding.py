@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -21,6 +19,7 @@ from transformers import (
 from transformers.generation import logits_process as hf
 
 from jobs.decoding import GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
+from tests.cuda_graphs_on_cpu import NoHostSync, TapedOnCpu
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -206,24 +205,12 @@ def test_cuda_graphs_are_refused_off_cuda_and_together_with_compile() -> None:
         GreedyDecoder(model, rules, cuda_graphs=True).decode(ids, mask)
 
 
-class _NoHostSync(TorchDispatchMode):
-    """Fails on the operations that wait for the device: a CUDA graph recording refuses them."""
-
-    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                         torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default})
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in self.SYNCING:
-            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
-        return func(*args, **(kwargs or {}))
-
-
 class _RecordedStepOnCpu(GreedyDecoder):
     """What `cuda_graphs` records, run on a CPU: the step over the static KV cache, as transformers runs it
     while a recording is under way, and checked for host syncs instead of recorded."""
 
     def _replay(self, batch: Any) -> None:
-        with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True), _NoHostSync():
+        with mock.patch("torch.cuda.is_current_stream_capturing", return_value=True), NoHostSync():
             self._step(batch)
 
 
@@ -247,81 +234,6 @@ def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tok
         assert len(recorded._batches) == 1
 
 
-class _Taping(TorchDispatchMode):
-    """Notes every operation run under it (refusing host syncs, as a recording does), and keeps the first
-    value of every tensor an operation writes, for `_TapeGraph.capture_end` to put back."""
-
-    def __init__(self, tape: list[tuple[Any, Any, Any, Any]], before: dict[int, tuple[torch.Tensor, torch.Tensor]]):
-        super().__init__()
-        self.tape, self.before = tape, before
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func in _NoHostSync.SYNCING:
-            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
-        for argument, value in zip(func._schema.arguments, args, strict=False):
-            written = argument.alias_info is not None and argument.alias_info.is_write
-            if written and isinstance(value, torch.Tensor) and id(value) not in self.before:
-                self.before[id(value)] = (value, value.clone())
-        out = func(*args, **kwargs)
-        self.tape.append((func, args, kwargs, out))
-        return out
-
-
-class _TapeGraph:
-    """torch.cuda.CUDAGraph's contract, on a CPU: recording runs nothing (whatever the recorded step wrote is
-    put back as it was) and each replay runs the recorded operations again on the same tensors (the graph's
-    fixed addresses), with every other argument as it was at recording: a step that reads a Python value
-    (a length, a position) at recording keeps reading that value, as it would on a GPU."""
-
-    def __init__(self) -> None:
-        self.tape: list[tuple[Any, Any, Any, Any]] = []
-        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.recording: list[Any] = []
-
-    def capture_begin(self, capture_error_mode: str = "global") -> None:
-        assert not self.tape, "a graph is recorded once"
-        self.recording = [mock.patch("torch.cuda.is_current_stream_capturing", return_value=True),
-                          _Taping(self.tape, self.before)]
-        for context in self.recording:
-            context.__enter__()
-
-    def capture_end(self) -> None:
-        for context in reversed(self.recording):
-            context.__exit__(None, None, None)
-        for tensor, value in self.before.values():
-            tensor.copy_(value)
-
-    def replay(self) -> None:
-        for func, args, kwargs, recorded in self.tape:
-            fresh = func(*args, **kwargs)
-            pairs = zip(recorded, fresh, strict=True) if isinstance(recorded, tuple | list) else [(recorded, fresh)]
-            for old, new in pairs:
-                if isinstance(old, torch.Tensor) and new is not old:
-                    old.copy_(new)  # the graph wrote this operation's output where the recording put it
-
-    def pool(self) -> None:
-        return None
-
-
-class _NoStream:
-    def wait_stream(self, other: Any) -> None: ...
-    def synchronize(self) -> None: ...
-
-
-class _TapedOnCpu(GreedyDecoder):
-    """GreedyDecoder(cuda_graphs=True) with its own `_replay`, run on a CPU: `_TapeGraph` stands in for
-    torch.cuda.CUDAGraph, and a stream that does nothing for the side stream."""
-
-    def _side_stream(self, device: torch.device) -> Any:
-        return _NoStream()
-
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with mock.patch("torch.cuda.CUDAGraph", _TapeGraph), mock.patch("torch.cuda.stream", lambda _: nullcontext()), \
-                mock.patch("torch.cuda.current_stream", _NoStream):
-            return super().decode(input_ids, attention_mask)
-
-
 def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generates_tokens() -> None:
     """The recording path of `cuda_graphs` as a GPU runs it (warm-up step, recording that runs nothing, replay
     of the recorded operations with the values they read then), batch after batch: a new shape records, a
@@ -332,18 +244,14 @@ def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generat
         randomize_rules(model.generation_config, rng)
         rules = greedy_rules(model, max_new_tokens=8, pad_id=pad)
         assert isinstance(rules, GreedyRules)
-        taped = _TapedOnCpu(model, rules, cuda_graphs=True, keep_shapes=2)
-        recordings = 0
+        taped = TapedOnCpu(model, rules, cuda_graphs=True, keep_shapes=2)
         with torch.inference_mode():
             for rows, width in ((3, 6), (3, 6), (2, 9), (3, 6), (4, 5), (2, 9)):
                 ids, mask = random_sources(rng, pad, rows, width)
                 reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                                            num_beams=1, pad_token_id=pad)
-                graph = taped._batches.get((rows, width), None)
                 assert same_as(reference, taped.decode(ids, mask), pad)
-                recorded = taped._batches[(rows, width)].graph
-                recordings += recorded is not None and recorded is not (graph.graph if graph else None)
-        assert recordings == 4  # (3, 6), (2, 9), (4, 5), and (2, 9) again: (4, 5) evicted it
+        assert taped.recordings == 4  # (3, 6), (2, 9), (4, 5), and (2, 9) again: (4, 5) evicted it
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

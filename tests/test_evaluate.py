@@ -23,6 +23,7 @@ from jobs.evaluate import (
 )
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.train import TrainRun, train
+from tests.cuda_graphs_on_cpu import TapedOnCpu
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -218,6 +219,24 @@ def write_varied_sources(path: Path, task: str, n: int) -> None:
             handle.write(json.dumps({"task": task, "prompt": text, "input": text, "output": "x y"}) + "\n")
 
 
+def make_input_sensitive(model: Any, tokenizer: Any) -> tuple[Any, Any]:
+    """A loaded tiny model whose answers depend on the source and are compared token for token."""
+    # Larger random weights than the initialiser's, so that the answer depends on the source.
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    # The rules of a real BART checkpoint's generation config, so the loop must apply them.
+    model.generation_config.no_repeat_ngram_size = 3
+    special = set(tokenizer.all_special_ids)
+    # Token ids as the prediction text: a byte tokenizer would merge or drop invalid bytes.
+    tokenizer.batch_decode = lambda rows, skip_special_tokens=True: [
+        " ".join(str(t) for t in row.tolist() if t not in special) for row in rows
+    ]
+    return model, tokenizer
+
+
 @pytest.mark.parametrize("model", ["tiny:t5", "tiny:gpt2"])
 def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
@@ -237,20 +256,7 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     calls: list[tuple[str, str | None, tuple[int, ...]]] = []
 
     def load_input_sensitive_model(*args: Any, **kwargs: Any) -> Any:
-        loaded, tokenizer = real_load(*args, **kwargs)
-        # Larger random weights than the initialiser's, so that the answer depends on the source.
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for parameter in loaded.parameters():
-                if parameter.dim() > 1:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
-        # The rules of a real BART checkpoint's generation config, so the loop must apply them.
-        loaded.generation_config.no_repeat_ngram_size = 3
-        special = set(tokenizer.all_special_ids)
-        # Token ids as the prediction text: a byte tokenizer would merge or drop invalid bytes.
-        tokenizer.batch_decode = lambda rows, skip_special_tokens=True: [
-            " ".join(str(t) for t in row.tolist() if t not in special) for row in rows
-        ]
+        loaded, tokenizer = make_input_sensitive(*real_load(*args, **kwargs))
         real_generate = loaded.generate
 
         def generate(**kwargs: Any) -> Any:
@@ -302,6 +308,55 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     assert {rows for _, _, (rows, _) in calls} == {4}  # 11 examples: the last batch got a filler row
     widths = {width for _, _, (_, width) in calls}
     assert len(widths) >= 2 and widths <= {32, 64, 128, 200}, widths
+
+
+@pytest.mark.parametrize("model", ["tiny:bart", "tiny:t5"])
+def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_and_predict_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
+) -> None:
+    """On a GPU an eval stage records its decoding step as a CUDA graph per batch shape. Batches are padded
+    to length buckets and full rows, so that sorted batches of one bucket replay one recording instead of
+    each recording its own. The CPU plays the GPU with tests/cuda_graphs_on_cpu.py (a recording runs nothing;
+    a replay repeats the recorded operations); the predictions must be those of `generate`."""
+    import jobs.evaluate as evaluate_module
+    from jobs.decoding import GreedyDecoder
+
+    data = tmp_path / "varied.jsonl"
+    write_varied_sources(data, "gen", 22)
+    real_load = evaluate_module.load_model_and_tokenizer
+    monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer",
+                        lambda *args, **kwargs: make_input_sensitive(*real_load(*args, **kwargs)))
+    settings = {"max_examples": 22, "samples": 22, "batch_size": 4, "max_source_length": 200}
+
+    def predictions(lines: list[str]) -> list[str]:
+        run = EvalRun(spec=eval_spec(data, ("gen",), model=model, **settings), model_dir=None, device="cpu",
+                      should_stop=lambda: None, log=lines.append, cache_dir=tmp_path / "cache")
+        [metrics] = evaluate(run, on_step=lambda report: None)
+        return [sample["prediction"] for sample in metrics.samples]
+
+    with monkeypatch.context() as only_generate:
+        only_generate.setattr(evaluate_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
+        reference = predictions([])
+    assert len(set(reference)) >= 8, reference
+    made: list[Any] = []
+
+    def decoder(*args: Any, **kwargs: Any) -> Any:
+        made.append((TapedOnCpu if kwargs.get("cuda_graphs") else GreedyDecoder)(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(evaluate_module, "records_decoding_graphs", lambda device: True)
+    monkeypatch.setattr(evaluate_module, "GreedyDecoder", decoder)
+    lines: list[str] = []
+    assert predictions(lines) == reference
+    [taped] = made  # no fallback to the eager loop
+    assert isinstance(taped, TapedOnCpu)
+    assert any("recorded as a CUDA graph once per batch shape: sources padded to 32/64/128/200 tokens, "
+               "batches to 4 rows" in line for line in lines), lines
+    assert sum(line.startswith("CUDA graphs in use") for line in lines) == 1, lines
+    assert len(taped.shapes) == 6 and {rows for rows, _ in taped.shapes} == {4}  # 22 examples: 2 filler rows
+    widths = [width for _, width in taped.shapes]
+    assert widths == sorted(widths) and set(widths) <= {32, 64, 128, 200}, widths
+    assert taped.recordings == len(set(widths)) < len(widths), (taped.recordings, widths)
 
 
 def test_static_decoding_is_skipped_for_an_architecture_transformers_does_not_mark_compilable(

@@ -1,0 +1,112 @@
+"""CUDA graph recording, played on a CPU for tests: what `GreedyDecoder(cuda_graphs=True)` records must
+neither wait for the device (a recording refuses host syncs) nor depend on values read on the host while it
+was recorded (a replay repeats the recorded kernels with their arguments as they were)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from jobs.decoding import GreedyDecoder
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on the operations that wait for the device: a CUDA graph recording refuses them."""
+
+    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                         torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default})
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func in self.SYNCING:
+            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
+        return func(*args, **(kwargs or {}))
+
+
+class Taping(TorchDispatchMode):
+    """Notes every operation run under it (refusing host syncs, as a recording does), and keeps the first
+    value of every tensor an operation writes, for `TapeGraph.capture_end` to put back."""
+
+    def __init__(self, tape: list[tuple[Any, Any, Any, Any]], before: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.tape, self.before = tape, before
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func in NoHostSync.SYNCING:
+            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
+        for argument, value in zip(func._schema.arguments, args, strict=False):
+            written = argument.alias_info is not None and argument.alias_info.is_write
+            if written and isinstance(value, torch.Tensor) and id(value) not in self.before:
+                self.before[id(value)] = (value, value.clone())
+        out = func(*args, **kwargs)
+        self.tape.append((func, args, kwargs, out))
+        return out
+
+
+class TapeGraph:
+    """torch.cuda.CUDAGraph's contract, on a CPU: recording runs nothing (whatever the recorded step wrote is
+    put back as it was) and each replay runs the recorded operations again on the same tensors (the graph's
+    fixed addresses), with every other argument as it was at recording: a step that reads a Python value
+    (a length, a position) at recording keeps reading that value, as it would on a GPU."""
+
+    def __init__(self) -> None:
+        self.tape: list[tuple[Any, Any, Any, Any]] = []
+        self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.recording: list[Any] = []
+
+    def capture_begin(self, capture_error_mode: str = "global") -> None:
+        assert not self.tape, "a graph is recorded once"
+        self.recording = [mock.patch("torch.cuda.is_current_stream_capturing", return_value=True),
+                          Taping(self.tape, self.before)]
+        for context in self.recording:
+            context.__enter__()
+
+    def capture_end(self) -> None:
+        for context in reversed(self.recording):
+            context.__exit__(None, None, None)
+        for tensor, value in self.before.values():
+            tensor.copy_(value)
+
+    def replay(self) -> None:
+        for func, args, kwargs, recorded in self.tape:
+            fresh = func(*args, **kwargs)
+            pairs = zip(recorded, fresh, strict=True) if isinstance(recorded, tuple | list) else [(recorded, fresh)]
+            for old, new in pairs:
+                if isinstance(old, torch.Tensor) and new is not old:
+                    old.copy_(new)  # the graph wrote this operation's output where the recording put it
+
+    def pool(self) -> None:
+        return None
+
+
+class NoStream:
+    def wait_stream(self, other: Any) -> None: ...
+    def synchronize(self) -> None: ...
+
+
+class TapedOnCpu(GreedyDecoder):
+    """GreedyDecoder(cuda_graphs=True) with its own `_replay`, run on a CPU: `TapeGraph` stands in for
+    torch.cuda.CUDAGraph, and a stream that does nothing for the side stream."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shapes: list[tuple[int, int]] = []  # (rows, source tokens) of each batch decoded
+        self.recordings = 0
+
+    def _side_stream(self, device: torch.device) -> Any:
+        return NoStream()
+
+    def _replay(self, batch: Any) -> None:
+        recording = batch.graph is None
+        super()._replay(batch)
+        self.recordings += recording
+
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with mock.patch("torch.cuda.CUDAGraph", TapeGraph), mock.patch("torch.cuda.stream", lambda _: nullcontext()), \
+                mock.patch("torch.cuda.current_stream", NoStream):
+            self.shapes.append((input_ids.size(0), input_ids.size(1)))
+            return super().decode(input_ids, attention_mask)
