@@ -249,6 +249,10 @@ def main() -> None:
     parser.add_argument("--compile", choices=["off", "on", "both"], default="off",
                         help="stl's generation arm with eval.compile off (default), on (a static KV cache "
                              "compiled into CUDA graphs; CUDA only, a CPU runs it eager), or both")
+    parser.add_argument("--varied-lengths", action="store_true",
+                        help="generation sources of a quarter of --source-len tokens to all of it, as real tasks "
+                             "have (stl sorts them by length and, with CUDA graphs, pads to length buckets; "
+                             "Trainer pads each batch to its longest), instead of all --source-len tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads; default 1 on CPU (steadier on a shared machine), "
@@ -265,12 +269,13 @@ def main() -> None:
         workdir = Path(tmp)
         setup = prepare(workdir, size=args.size, data=args.data, source_len=args.source_len,
                         target_len=args.max_new_tokens, rows_per_task=args.examples, seed=args.seed,
-                        max_new_tokens=args.max_new_tokens)
+                        max_new_tokens=args.max_new_tokens, varied_lengths=args.varied_lengths)
         runner = Runner(setup, args, workdir)
         print(f"model: {args.size} ({setup.parameters / 1e6:.1f} M parameters, random weights); data {args.data}; "
               f"{len(runner.examples[setup.generation_task])} generation + "
               f"{len(runner.examples[setup.classification_task])} classification examples, batch {args.batch_size}, "
-              f"source {args.source_len} tokens, {args.max_new_tokens} new tokens; {args.rounds} interleaved rounds")
+              f"source {'up to ' if args.varied_lengths else ''}{args.source_len} tokens, "
+              f"{args.max_new_tokens} new tokens; {args.rounds} interleaved rounds")
         fns: dict[str, Any] = {}
         if args.only in (None, "generation"):
             if args.compile in ("off", "both"):
@@ -283,8 +288,9 @@ def main() -> None:
             fns["HF predict, option pairs"] = runner.hf_rank
         # One discarded round first: the first calls in a process pay one-off costs (kernel set-up, caches).
         results = interleave(fns, rounds=args.rounds, warmup=1)
-    tag = f"{BENCH}:{args.size}:{args.device}:{args.data}"
-    what = f"({args.size}, {args.device}, {args.dtype}, data {args.data})"
+    data = f"{args.data}-varied" if args.varied_lengths else args.data
+    tag = f"{BENCH}:{args.size}:{args.device}:{data}"
+    what = f"({args.size}, {args.device}, {args.dtype}, data {data})"
     keys = {"stl generation": "stl-gen", "stl generation, compiled": "stl-gen-compiled",
             "HF predict_with_generate": "hf-gen",
             "stl rank classification": "stl-rank", "HF predict, option pairs": "hf-rank"}

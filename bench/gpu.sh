@@ -6,7 +6,8 @@
 #   (GPU_COMPILE=0 leaves only the eager arm; GPU_EXTRA_ARMS=1 adds `train.compile: true` at both sizes and,
 #   at bart-base, each arm without the batch-prefetch thread; GPU_TRAIN=0 skips gpu_check and training);
 #   stl's evaluation vs Seq2SeqTrainer.predict(predict_with_generate=True), eager and with eval.compile, and
-#   rank classification vs Trainer.predict over option pairs, and ROUGE-L scoring on the host's CPU
+#   rank classification vs Trainer.predict over option pairs, then generation again at bart-base on sources
+#   of varied lengths (--varied-lengths, about 35 s), and ROUGE-L scoring on the host's CPU
 #   (bench_rouge.py) (GPU_EVAL=0 skips these); a whole eval stage
 #   per fresh process, eager vs eval.compile (bench_eval_stage.py), on a GPU only with GPU_EVAL_STAGE=1
 #   (2 minutes);
@@ -125,6 +126,10 @@ if [[ "$VARIANTS" != only ]]; then
   if [[ "${GPU_EVAL:-1}" != 0 ]]; then
     run "$LIMIT_S" eval-bart-base bench/bench_eval.py "${COMMON[@]}" --size bart-base "${EVAL[@]}"
     run "$LIMIT_S" eval-t5-small  bench/bench_eval.py "${COMMON[@]}" --size t5-small  "${EVAL[@]}"
+    # Sources of varied lengths, as in a real task: stl sorts them and pads to length buckets (one recorded
+    # graph per bucket), Trainer pads each batch to its longest.
+    run "$LIMIT_S" eval-bart-base-varied bench/bench_eval.py "${COMMON[@]}" --size bart-base "${EVAL[@]}" \
+      --compile off --only generation --varied-lengths
     # The eval figures include ROUGE-L on this host's CPU: how fast it scores (about 10 s).
     run "$LIMIT_S" rouge bench/bench_rouge.py --rounds 3
   fi

@@ -17,7 +17,9 @@ through `jobs.stages.execute_stage`, the function the worker's horse calls:
      graphs' memory is reused between replays, and a gradient left there would be overwritten);
   6. the decoding loop's recorded CUDA graphs at BART-base's size (random weights, bf16): a batch, then
      another of the same shape (replaying the first one's graph on reset buffers), then the first again
-     must give the first's tokens bit for bit, and nearly all of the eager loop's tokens.
+     must give the first's tokens bit for bit, and nearly all of the eager loop's tokens; then batches of
+     two shapes in turn, each recorded anew, must leave the memory reserved flat (dropped graphs' pools are
+     given back).
 It prints what to look at (first-step seconds, which hold the compile; MFU; metrics) and exits 1 on a
 failure. On a CPU it runs the same stages eager (stl skips compile there), as a check of this script.
 """
@@ -220,6 +222,18 @@ def _compare_decoding_graphs(device: str) -> str | None:
         return "the decoding loop's CUDA graph gave other tokens when replayed for a second batch of its shape"
     if agreement < 0.95:
         return f"the decoding loop's CUDA graph agrees with the eager loop at only {agreement:.1%} of tokens"
+    # Two batch shapes in turn, one kept at a time: each batch records anew and lets the other's graph go.
+    # Each graph has a memory pool of its own, which the loop must give back when it drops the graph.
+    reserved = []
+    for width in (96, 112) * 4:
+        sources = torch.randint(3, vocab, (64, width), device=device)
+        graphs.decode(sources, torch.ones_like(sources))
+        reserved.append(torch.cuda.memory_reserved(device) / 2**20)
+    growth = reserved[-1] - reserved[1]
+    print(f"   note: decoding graphs, 8 batches of two shapes in turn (each recorded anew): GPU memory reserved "
+          f"after each {', '.join(f'{mib:.0f}' for mib in reserved)} MiB")
+    if growth > 64:
+        return f"memory reserved grew by {growth:.0f} MiB over 6 recordings: dropped graphs' pools pile up"
     return None
 
 

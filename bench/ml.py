@@ -132,14 +132,18 @@ def _row(task: str, text: str, output: str) -> dict[str, Any]:
 
 
 def write_synthetic(path: Path, *, rows_per_task: int, source_len: int, target_len: int, vocab: int,
-                    seed: int = 0, options: int = 3, option_len: int = 4) -> Path:
+                    seed: int = 0, options: int = 3, option_len: int = 4, varied_lengths: bool = False) -> Path:
     """JSONL in stl's format: copy tasks (target = the first target_len-1 words of the source) and one
-    rank-classification task listing `options` options of `option_len` words after [OPTIONS]."""
+    rank-classification task listing `options` options of `option_len` words after [OPTIONS].
+    `varied_lengths`: the copy tasks' sources are from a quarter of `source_len` tokens to all of it, as a
+    real task's are, instead of all `source_len`."""
     rng = random.Random(seed)
     lines = []
+    shortest = max(target_len, source_len // 4)
     for task in SYNTHETIC_TASKS:
         for _ in range(rows_per_task):
-            words = _words(rng, source_len - 1, vocab)  # + EOS = source_len tokens
+            length = rng.randint(shortest, source_len) if varied_lengths else source_len
+            words = _words(rng, length - 1, vocab)  # + EOS = `length` tokens
             lines.append(_row(task, " ".join(words), " ".join(words[: target_len - 1])))
     for _ in range(rows_per_task):
         # The source (incl. "[OPTIONS] ..." and EOS) is cut to source_len tokens by both sides alike.
@@ -153,7 +157,8 @@ def write_synthetic(path: Path, *, rows_per_task: int, source_len: int, target_l
 
 
 def prepare(directory: Path, *, size: str, data: str, source_len: int, target_len: int, rows_per_task: int,
-            seed: int = 0, full_generation: bool = True, max_new_tokens: int | None = None) -> Setup:
+            seed: int = 0, full_generation: bool = True, max_new_tokens: int | None = None,
+            varied_lengths: bool = False) -> Setup:
     """Write the model directory (random weights) and the data; return where they are."""
     import torch
     from transformers import AutoModelForSeq2SeqLM
@@ -168,7 +173,7 @@ def prepare(directory: Path, *, size: str, data: str, source_len: int, target_le
         vocab = VOCAB[size]
         tokenizer = word_tokenizer(vocab)
         path = write_synthetic(directory / "synthetic.jsonl", rows_per_task=rows_per_task, source_len=source_len,
-                               target_len=target_len, vocab=vocab, seed=seed)
+                               target_len=target_len, vocab=vocab, seed=seed, varied_lengths=varied_lengths)
         train_tasks, gen_task, cls_task = SYNTHETIC_TASKS, GENERATION_TASK, CLASSIFICATION_TASK
     elif data == "demo":
         tokenizer = byte_tokenizer()
