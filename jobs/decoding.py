@@ -50,6 +50,52 @@ _NEUTRAL_VALUES: dict[str, Any] = {
     "return_dict_in_generate": False, "remove_invalid_values": False, "renormalize_logits": False,
 }
 _EOS_CHECK_EVERY = 8  # tokens between looks at "all rows finished?" on a GPU (each look waits for it)
+# Operations that wait for the device to hand a value to the host (a CUDA graph recording refuses them).
+HOST_SYNC_OPERATIONS = frozenset({
+    "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
+    "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::bincount",
+})
+_COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize"})
+
+
+def waits_for_the_device(func: Any, args: Sequence[Any], kwargs: dict[str, Any], device: torch.device) -> bool:
+    """Whether the operation `func(*args, **kwargs)`, about to run, would wait for `device`: it reads a
+    value of a tensor on `device` back to the host (an item, a size decided on the device), or copies
+    between `device` and the host (torch.tensor(0, device="cuda") is such a copy). On a CPU `device`, its
+    tensors stand in for a GPU's, and no copy counts."""
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
+    name = func._schema.name
+    if name in HOST_SYNC_OPERATIONS:
+        return any(t.device.type == device.type for t in tensors)
+    if name not in _COPIES or device.type == "cpu":
+        return False
+    target = kwargs.get("device")
+    places = {t.device.type for t in tensors} | ({torch.device(target).type} if target is not None else set())
+    return "cpu" in places and device.type in places
+
+
+def _refusing_host_syncs(model: Any, device: torch.device) -> Any:
+    """A context (of this thread) in which an operation that would wait for `device` raises
+    StepNotRecordable before it runs: a recording ended then is still valid, so ending it leaves torch's
+    CUDA state as it was (a recording voided by a sync leaves its CUDA random state marked as recording)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from jobs.errors import StepNotRecordable
+
+    class RefuseHostSyncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if waits_for_the_device(func, args, kwargs, device):
+                raise StepNotRecordable(
+                    f"{type(model).__name__}'s decoding step waits for the GPU ({func._schema.name}), "
+                    "so it cannot be recorded as a CUDA graph"
+                )
+            return func(*args, **kwargs)
+
+    return RefuseHostSyncs()
 
 
 @dataclass(frozen=True)
@@ -414,7 +460,10 @@ class GreedyDecoder:
             # thread_local: other threads' CUDA calls (a prefetch thread) cannot invalidate the recording.
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                self._step(batch)  # recorded, not run: the buffers stay as the warm-up step left them
+                # Recorded, not run: the buffers stay as the warm-up step left them. A host sync is refused
+                # before it can void the recording (transformers skips some while a recording is under way).
+                with _refusing_host_syncs(self.model, batch.tokens.device):
+                    self._step(batch)
             except BaseException:
                 self._abandon_recording(graph, batch.tokens.device)
                 raise

@@ -71,6 +71,11 @@ class StageLeaseLost(StlError):
     """Another work horse took the stage over (its lease expired here); this one stops quietly."""
 
 
+class StepNotRecordable(StlError):
+    """A model's decoding step waits for the GPU, so it cannot be recorded as a CUDA graph; the eval stage
+    decodes eagerly instead (the same tokens, at the eager speed)."""
+
+
 class OutOfMemory(StlError):
     """A stage ran out of accelerator memory even at micro-batch 1."""
 

@@ -9,21 +9,29 @@ from typing import Any
 from unittest import mock
 
 import torch
+import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jobs.decoding import GreedyDecoder
+from jobs.decoding import GreedyDecoder, waits_for_the_device
 
+# transformers 4 checks on the host whether a BART-family model's cross-attention mask is all ones (a sync,
+# even while a recording is under way); from transformers 5 on their steps record.
+BART_FAMILY_RECORDS = int(transformers.__version__.split(".")[0]) >= 5
 
 class NoHostSync(TorchDispatchMode):
-    """Fails on the operations that wait for the device: a CUDA graph recording refuses them."""
-
-    SYNCING = frozenset({torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                         torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default})
+    """Fails on the operations that wait for the device (jobs.decoding.waits_for_the_device): a CUDA graph
+    recording refuses them."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in self.SYNCING:
-            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        refuse_host_syncs(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def refuse_host_syncs(func: Any, args: Any, kwargs: Any) -> None:
+    """The CPU's tensors stand for a GPU's: reading any back to the host is a sync."""
+    if waits_for_the_device(func, args, kwargs, torch.device("cpu")):
+        raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
 
 
 class Taping(TorchDispatchMode):
@@ -36,8 +44,7 @@ class Taping(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func in NoHostSync.SYNCING:
-            raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
+        refuse_host_syncs(func, args, kwargs)
         for argument, value in zip(func._schema.arguments, args, strict=False):
             written = argument.alias_info is not None and argument.alias_info.is_write
             if written and isinstance(value, torch.Tensor) and id(value) not in self.before:
@@ -57,6 +64,7 @@ class TapeGraph:
         self.tape: list[tuple[Any, Any, Any, Any]] = []
         self.before: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.recording: list[Any] = []
+        self.ended = False
 
     def capture_begin(self, capture_error_mode: str = "global") -> None:
         assert not self.tape, "a graph is recorded once"
@@ -66,6 +74,7 @@ class TapeGraph:
             context.__enter__()
 
     def capture_end(self) -> None:
+        self.ended = True
         for context in reversed(self.recording):
             context.__exit__(None, None, None)
         for tensor, value in self.before.values():
@@ -96,6 +105,11 @@ class TapedOnCpu(GreedyDecoder):
         super().__init__(*args, **kwargs)
         self.shapes: list[tuple[int, int]] = []  # (rows, source tokens) of each batch decoded
         self.recordings = 0
+        self.graphs: list[TapeGraph] = []  # every recording begun
+
+    def _new_graph(self) -> TapeGraph:
+        self.graphs.append(TapeGraph())
+        return self.graphs[-1]
 
     def _side_stream(self, device: torch.device) -> Any:
         return NoStream()
@@ -106,7 +120,10 @@ class TapedOnCpu(GreedyDecoder):
         self.recordings += recording
 
     def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with mock.patch("torch.cuda.CUDAGraph", TapeGraph), mock.patch("torch.cuda.stream", lambda _: nullcontext()), \
-                mock.patch("torch.cuda.current_stream", NoStream):
+        with (
+            mock.patch("torch.cuda.CUDAGraph", self._new_graph),
+            mock.patch("torch.cuda.stream", lambda _: nullcontext()),
+            mock.patch("torch.cuda.current_stream", NoStream),
+        ):
             self.shapes.append((input_ids.size(0), input_ids.size(1)))
             return super().decode(input_ids, attention_mask)

@@ -19,7 +19,8 @@ from transformers import (
 from transformers.generation import logits_process as hf
 
 from jobs.decoding import GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
-from tests.cuda_graphs_on_cpu import NoHostSync, TapedOnCpu
+from jobs.errors import StepNotRecordable
+from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, NoHostSync, TapedOnCpu
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -43,10 +44,10 @@ def small_bart(init_std: float) -> Any:
     return BartForConditionalGeneration(config).eval()
 
 
-def random_model(rng: random.Random) -> tuple[Any, int]:
-    """A small random BART or T5 (weights scaled so that answers vary) and its pad id."""
+def random_model(rng: random.Random, *, bart: bool = True) -> tuple[Any, int]:
+    """A small random BART or T5 (weights scaled so that answers vary) and its pad id; `bart=False`: T5."""
     torch.manual_seed(rng.randrange(10**6))
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and bart:
         return small_bart(rng.choice([0.02, 0.3, 1.0])), 1
     config = T5Config(d_model=32, num_layers=2, num_heads=2, d_kv=16, d_ff=64, vocab_size=VOCAB,
                       decoder_start_token_id=0, initializer_factor=rng.choice([0.05, 1.0, 5.0]))
@@ -220,7 +221,7 @@ def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tok
     recorded, with syncs refused, and gives `generate`'s tokens."""
     rng = random.Random(17)
     for _ in range(4):
-        model, pad = random_model(rng)
+        model, pad = random_model(rng, bart=BART_FAMILY_RECORDS)
         randomize_rules(model.generation_config, rng)
         rules = greedy_rules(model, max_new_tokens=9, pad_id=pad)
         assert isinstance(rules, GreedyRules)
@@ -240,7 +241,7 @@ def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generat
     reused one replays its graph, an evicted one records again; every batch gives `generate`'s tokens."""
     rng = random.Random(23)
     for _ in range(4):
-        model, pad = random_model(rng)
+        model, pad = random_model(rng, bart=BART_FAMILY_RECORDS)
         randomize_rules(model.generation_config, rng)
         rules = greedy_rules(model, max_new_tokens=8, pad_id=pad)
         assert isinstance(rules, GreedyRules)
@@ -252,6 +253,84 @@ def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generat
                                            num_beams=1, pad_token_id=pad)
                 assert same_as(reference, taped.decode(ids, mask), pad)
         assert taped.recordings == 4  # (3, 6), (2, 9), (4, 5), and (2, 9) again: (4, 5) evicted it
+
+
+def test_a_step_that_waits_for_the_device_is_refused_before_it_voids_the_recording() -> None:
+    """BART sized its decoder mask on the host until the loop passed one: a sync. Run into while recording,
+    a sync voids the recording on a GPU and leaves torch's CUDA random state marked as recording; the loop
+    refuses it before it runs, with the reason, and ends the recording."""
+    model, pad = small_bart(0.5), 1
+    rules = greedy_rules(model, max_new_tokens=6, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    taped = TapedOnCpu(model, rules, cuda_graphs=True)
+    taped._pass_decoder_mask = False
+    ids, mask = random_sources(random.Random(3), pad, 2, 5)
+    # Not the stand-in's AssertionError: the loop's own check came first.
+    with pytest.raises(StepNotRecordable, match=r"^BartForConditionalGeneration's decoding step waits for the "
+                       r"GPU \(aten::item\), so it cannot be recorded as a CUDA graph$"):
+        taped.decode(ids, mask)
+    [graph] = taped.graphs
+    assert graph.ended and graph.tape  # ended, after recording the operations before the sync
+    assert torch._C._len_torch_dispatch_stack() == 0  # neither the recording nor the refusal is left on
+
+
+def tiny_seq2seq_config(architecture: str) -> Any:
+    """A tiny random config of a transformers encoder-decoder a lab might fine-tune (pad 1 or 0)."""
+    import transformers
+
+    bart_like = {"vocab_size": VOCAB, "d_model": 32, "encoder_layers": 1, "decoder_layers": 2,
+                 "encoder_attention_heads": 2, "decoder_attention_heads": 2, "encoder_ffn_dim": 64,
+                 "decoder_ffn_dim": 64, "max_position_embeddings": 64, "pad_token_id": 1, "eos_token_id": 2,
+                 "decoder_start_token_id": 2, "bos_token_id": 0, "forced_eos_token_id": None}
+    t5_like = {"vocab_size": VOCAB, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_kv": 16, "d_ff": 64,
+               "decoder_start_token_id": 0, "pad_token_id": 0, "eos_token_id": 1}
+    extra: dict[str, Any] = {
+        "Marian": {"decoder_vocab_size": VOCAB},
+        "LED": {"max_encoder_position_embeddings": 64, "max_decoder_position_embeddings": 64,
+                "attention_window": [4]},
+        "BigBirdPegasus": {"attention_type": "original_full"},
+    }.get(architecture, {})
+    common = t5_like if "T5" in architecture else bart_like
+    return getattr(transformers, f"{architecture}Config")(**common, **extra)
+
+
+BART_FAMILY = ("Bart", "MBart", "Pegasus", "Marian", "BlenderbotSmall", "PLBart")
+
+
+@pytest.mark.parametrize("architecture", [*BART_FAMILY, "BigBirdPegasus", "T5", "MT5", "UMT5", "LongT5", "LED"])
+def test_encoder_decoders_record_and_replay_generates_tokens_or_are_refused_with_the_reason(
+    architecture: str
+) -> None:
+    """Which architectures' decoding steps record as CUDA graphs (transformers skips some syncs while a
+    recording is under way): each gives `generate`'s tokens when replayed, or is refused with the reason
+    (LED sizes its inputs on the host; under transformers 4 the BART family checks its cross-attention mask
+    on the host) and its eval stage decodes eagerly."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = tiny_seq2seq_config(architecture)
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.mul_(5)  # answers that depend on the source
+    model.generation_config.min_new_tokens = 8  # every step runs
+    pad = config.pad_token_id
+    rules = greedy_rules(model, max_new_tokens=8, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    taped = TapedOnCpu(model, rules, cuda_graphs=True)
+    rng = random.Random(5)
+    with torch.inference_mode():
+        for width in (6, 6, 9):
+            ids, mask = random_sources(rng, pad, 3, width)
+            reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                       num_beams=1, pad_token_id=pad)
+            if architecture == "LED" or (architecture in BART_FAMILY and not BART_FAMILY_RECORDS):
+                with pytest.raises(StepNotRecordable, match=f"{type(model).__name__}'s decoding step waits"):
+                    taped.decode(ids, mask)
+                return
+            assert same_as(reference, taped.decode(ids, mask), pad)
+    assert taped.recordings == 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -23,7 +23,7 @@ from jobs.evaluate import (
 )
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.train import TrainRun, train
-from tests.cuda_graphs_on_cpu import TapedOnCpu
+from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, TapedOnCpu
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -310,7 +310,11 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     assert len(widths) >= 2 and widths <= {32, 64, 128, 200}, widths
 
 
-@pytest.mark.parametrize("model", ["tiny:bart", "tiny:t5"])
+@pytest.mark.parametrize("model", [
+    pytest.param("tiny:bart", marks=pytest.mark.skipif(
+        not BART_FAMILY_RECORDS, reason="transformers 4: BART's decoding step syncs, so its stage decodes eagerly")),
+    "tiny:t5",
+])
 def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_and_predict_the_same(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str
 ) -> None:
@@ -357,6 +361,48 @@ def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_a
     widths = [width for _, width in taped.shapes]
     assert widths == sorted(widths) and set(widths) <= {32, 64, 128, 200}, widths
     assert taped.recordings == len(set(widths)) < len(widths), (taped.recordings, widths)
+
+
+def test_a_decoding_step_that_cannot_be_recorded_is_decoded_eagerly_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose decoding step waits for the GPU (here BART without the decoder mask stl passes it) is
+    refused while its graph records; the stage decodes eagerly, unpadded, and its log says why."""
+    import jobs.evaluate as evaluate_module
+
+    data = tmp_path / "varied.jsonl"
+    write_varied_sources(data, "gen", 10)
+    real_load = evaluate_module.load_model_and_tokenizer
+    monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer",
+                        lambda *args, **kwargs: make_input_sensitive(*real_load(*args, **kwargs)))
+    settings = {"max_examples": 10, "samples": 10, "batch_size": 4, "max_source_length": 200}
+
+    def predictions(lines: list[str]) -> list[str]:
+        run = EvalRun(spec=eval_spec(data, ("gen",), model="tiny:bart", **settings), model_dir=None,
+                      device="cpu", should_stop=lambda: None, log=lines.append, cache_dir=tmp_path / "cache")
+        [metrics] = evaluate(run, on_step=lambda report: None)
+        return [sample["prediction"] for sample in metrics.samples]
+
+    reference = predictions([])
+    made: list[Any] = []
+
+    def decoder(*args: Any, **kwargs: Any) -> Any:
+        made.append(TapedOnCpu(*args, **kwargs))  # without cuda_graphs, the eager loop noting its shapes
+        made[-1]._pass_decoder_mask = False
+        return made[-1]
+
+    monkeypatch.setattr(evaluate_module, "records_decoding_graphs", lambda device: True)
+    monkeypatch.setattr(evaluate_module, "GreedyDecoder", decoder)
+    lines: list[str] = []
+    assert predictions(lines) == reference
+    taped, eager = made
+    assert taped.cuda_graphs and len(taped.shapes) == 1 and not eager.cuda_graphs
+    # The failed batch again, as it was padded; then the batches as long as their longest source.
+    assert eager.shapes[0] == taped.shapes[0] and [rows for rows, _ in eager.shapes] == [4, 4, 2], eager.shapes
+    [failed] = [line for line in lines if line.startswith("recording the decoding step as a CUDA graph failed")]
+    assert "BartForConditionalGeneration's decoding step waits for the GPU (aten::" in failed, failed
+    assert failed.endswith("decoding eagerly for the rest of the stage"), failed
+    assert not any(line.startswith("CUDA graphs in use") for line in lines), lines
 
 
 def test_static_decoding_is_skipped_for_an_architecture_transformers_does_not_mark_compilable(
