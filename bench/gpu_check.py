@@ -19,7 +19,7 @@ through `jobs.stages.execute_stage`, the function the worker's horse calls:
      another of the same shape (replaying the first one's graph on reset buffers), then the first again
      must give the first's tokens bit for bit, and nearly all of the eager loop's tokens; then batches of
      two shapes in turn, each recorded anew, must leave the memory reserved flat (dropped graphs' pools are
-     given back).
+     given back); a step that syncs must be refused while it records, and recording must work afterwards.
 It prints what to look at (first-step seconds, which hold the compile; MFU; metrics) and exits 1 on a
 failure. On a CPU it runs the same stages eager (stl skips compile there), as a check of this script.
 """
@@ -234,6 +234,36 @@ def _compare_decoding_graphs(device: str) -> str | None:
           f"after each {', '.join(f'{mib:.0f}' for mib in reserved)} MiB")
     if growth > 64:
         return f"memory reserved grew by {growth:.0f} MiB over 6 recordings: dropped graphs' pools pile up"
+    return _check_refused_recording(model, first, mask, recorded, device)
+
+
+def _check_refused_recording(model: Any, first: Any, mask: Any, recorded: Any, device: str) -> str | None:
+    """A step that syncs (BART without the decoder mask the loop passes it) must be refused while it records,
+    leaving this process able to record again, random numbers included."""
+    import torch
+    from ml import stl_decoder
+
+    from jobs.errors import StepNotRecordable
+
+    syncing = stl_decoder(model, 24, compiled=False, cuda_graphs=True)
+    syncing._pass_decoder_mask = False
+    refusal = None
+    try:
+        syncing.decode(first, mask)
+    except StepNotRecordable as e:
+        refusal = str(e)
+    syncing.release()
+    again = stl_decoder(model, 24, compiled=False, cuda_graphs=True).decode(first, mask)
+    graph, noise = torch.cuda.CUDAGraph(), torch.zeros(4, device=device)
+    with torch.cuda.graph(graph):
+        noise.uniform_()
+    graph.replay()
+    print(f"   note: a syncing step: {refusal or 'not refused'}; recording afterwards gives the same tokens: "
+          f"{bool(torch.equal(again, recorded))}; a graph of random numbers records and replays")
+    if refusal is None:
+        return "a decoding step that waits for the GPU was not refused while it recorded"
+    if not torch.equal(again, recorded):
+        return "after a refused recording, the decoding loop's recorded graph gave other tokens"
     return None
 
 
