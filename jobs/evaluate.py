@@ -282,8 +282,9 @@ class _Scorer:
     def _padding_buckets(self) -> tuple[int, ...] | None:
         """The source lengths each generation batch is padded to (its rows to a full batch too), or None
         to pad to the batch's longest source only. A compiled step and a recorded CUDA graph are reused
-        only on the shape they were made for: a few fixed shapes make them repeat. A recording costs about
-        two eager steps of host work, more than the encoder spends on a batch's padding."""
+        only on the shape they were made for: a few fixed shapes make them repeat. Each recording runs the
+        step on the host once more, eagerly, while padding costs the encoder a few tokens per source, a
+        large cheap matrix product on a GPU."""
         if self.source_buckets is not None:
             return self.source_buckets
         if self.decoder is not None and self.decoder.cuda_graphs:
