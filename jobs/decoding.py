@@ -56,13 +56,15 @@ HOST_SYNC_OPERATIONS = frozenset({
     "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::bincount",
 })
 _COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize"})
+_FROM_HOST_DATA = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})  # torch.tensor(data)
 
 
 def waits_for_the_device(func: Any, args: Sequence[Any], kwargs: dict[str, Any], device: torch.device) -> bool:
     """Whether the operation `func(*args, **kwargs)`, about to run, would wait for `device`: it reads a
     value of a tensor on `device` back to the host (an item, a size decided on the device), or copies
-    between `device` and the host (torch.tensor(0, device="cuda") is such a copy). On a CPU `device`, its
-    tensors stand in for a GPU's, and no copy counts."""
+    between `device` and the host (torch.tensor(0, device="cuda") is such a copy). A CPU `device` stands in
+    for a GPU (tests/cuda_graphs_on_cpu.py): its tensors are the GPU's, and making a tensor from host data,
+    which on a GPU is copied to it, counts as that copy."""
     import torch
     from torch.utils._pytree import tree_leaves
 
@@ -70,7 +72,9 @@ def waits_for_the_device(func: Any, args: Sequence[Any], kwargs: dict[str, Any],
     name = func._schema.name
     if name in HOST_SYNC_OPERATIONS:
         return any(t.device.type == device.type for t in tensors)
-    if name not in _COPIES or device.type == "cpu":
+    if device.type == "cpu":
+        return name in _FROM_HOST_DATA
+    if name not in _COPIES:
         return False
     target = kwargs.get("device")
     places = {t.device.type for t in tensors} | ({torch.device(target).type} if target is not None else set())

@@ -31,11 +31,8 @@ class NoHostSync(TorchDispatchMode):
 def refuse_host_syncs(func: Any, args: Any, kwargs: Any) -> None:
     """The CPU's tensors stand for a GPU's: reading any back to the host is a sync, and so is making a tensor
     from host data (torch.tensor(...) in the step: on a GPU a copy to the device, which waits for it)."""
-    if waits_for_the_device(func, args, kwargs, torch.device("cpu")) or func._schema.name in FROM_HOST_DATA:
+    if waits_for_the_device(func, args, kwargs, torch.device("cpu")):
         raise AssertionError(f"the recorded step waits for the device ({func}): CUDA graphs would refuse it")
-
-
-FROM_HOST_DATA = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})
 
 
 class Taping(TorchDispatchMode):
