@@ -331,7 +331,7 @@ def test_a_full_disk_pauses_the_worker_with_every_run_kept_queued_until_it_has_r
     rows = wait_for(paused_workers, timeout=60, interval=0.5, what="both workers to pause", diagnostics=workers.logs)
     assert all("no space left on the disk under STL_HOME" in row["paused"] for row in rows)
     assert any("another worker of this host met a machine fault, and this one finds it too" in w.output()
-               for w in (first, second))
+               for w in (first, second)), workers.logs()
     time.sleep(3)  # long enough for a worker that ignored the pause to take the next stage
     assert set(run_statuses(conn, "full-then-freed").values()) == {"queued"}, workers.logs()
     assert conn.scard(keys.RUNNING_STAGES) == 0
