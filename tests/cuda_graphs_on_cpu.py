@@ -18,6 +18,7 @@ from jobs.decoding import GreedyDecoder, waits_for_the_device
 # even while a recording is under way); from transformers 5 on their steps record.
 BART_FAMILY_RECORDS = int(transformers.__version__.split(".")[0]) >= 5
 
+
 class NoHostSync(TorchDispatchMode):
     """Fails on the operations that wait for the device (jobs.decoding.waits_for_the_device): a CUDA graph
     recording refuses them."""
@@ -94,6 +95,8 @@ class TapeGraph:
 
 
 class NoStream:
+    """The side stream's part: the CPU runs everything in order."""
+
     def wait_stream(self, other: Any) -> None: ...
     def synchronize(self) -> None: ...
 
