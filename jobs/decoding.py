@@ -457,7 +457,7 @@ class GreedyDecoder:
         with torch.cuda.stream(stream):
             self._step(batch)  # this token, decoded for real
         # Not torch.cuda.graph(): it also collects garbage and empties the allocator's cache each time,
-        # which costs more than the recording where every batch has a new shape.
+        # which costs more than the recording itself.
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(stream):
