@@ -76,6 +76,12 @@ def random_sources(rng: random.Random, pad: int, rows: int, width: int) -> tuple
     return ids, mask
 
 
+def greedy_reference(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int) -> torch.Tensor:
+    """transformers' own greedy `generate`, the tokens the loop must reproduce."""
+    return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          num_beams=1, pad_token_id=pad)
+
+
 def same_as(reference: torch.Tensor, ours: torch.Tensor, pad: int) -> bool:
     """`generate` stops when every row has ended; the loop's buffer is padded to full length."""
     width = reference.size(1)
@@ -229,9 +235,7 @@ def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tok
         with torch.inference_mode():
             for _ in range(2):  # the second batch reuses the first's buffers, reset in place
                 ids, mask = random_sources(rng, pad, 3, 7)
-                reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=9, do_sample=False,
-                                           num_beams=1, pad_token_id=pad)
-                assert same_as(reference, recorded.decode(ids, mask), pad)
+                assert same_as(greedy_reference(model, ids, mask, 9, pad), recorded.decode(ids, mask), pad)
         assert len(recorded._batches) == 1
 
 
@@ -249,9 +253,7 @@ def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generat
         with torch.inference_mode():
             for rows, width in ((3, 6), (3, 6), (2, 9), (3, 6), (4, 5), (2, 9)):
                 ids, mask = random_sources(rng, pad, rows, width)
-                reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                           num_beams=1, pad_token_id=pad)
-                assert same_as(reference, taped.decode(ids, mask), pad)
+                assert same_as(greedy_reference(model, ids, mask, 8, pad), taped.decode(ids, mask), pad)
         assert taped.recordings == 4  # (3, 6), (2, 9), (4, 5), and (2, 9) again: (4, 5) evicted it
 
 
@@ -324,8 +326,7 @@ def test_encoder_decoders_record_and_replay_generates_tokens_or_are_refused_with
     with torch.inference_mode():
         for width in (6, 6, 9):
             ids, mask = random_sources(rng, pad, 3, width)
-            reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                                       num_beams=1, pad_token_id=pad)
+            reference = greedy_reference(model, ids, mask, 8, pad)
             try:
                 decoded = taped.decode(ids, mask)
             except StepNotRecordable as e:
@@ -428,8 +429,7 @@ def test_token_ids_outside_the_vocabulary_count_as_in_generate() -> None:
     assert isinstance(rules, GreedyRules)
     ids, mask = random_sources(rng, pad, 3, 8)
     with torch.inference_mode():
-        reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                   num_beams=1, pad_token_id=pad)
+        reference = greedy_reference(model, ids, mask, 6, pad)
         ours = GreedyDecoder(model, rules).decode(ids, mask)
     assert (reference[:, 1:-1] == VOCAB - 1).any()  # the favourite is decoded, not suppressed
     assert same_as(reference, ours, pad)

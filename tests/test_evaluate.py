@@ -310,6 +310,35 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     assert len(widths) >= 2 and widths <= {32, 64, 128, 200}, widths
 
 
+def use_input_sensitive_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eval stages load their models through `make_input_sensitive`."""
+    import jobs.evaluate as evaluate_module
+
+    real_load = evaluate_module.load_model_and_tokenizer
+    monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer",
+                        lambda *args, **kwargs: make_input_sensitive(*real_load(*args, **kwargs)))
+
+
+def record_decoding_graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, *, without_decoder_mask: bool = False
+                                  ) -> list[TapedOnCpu]:
+    """Eval stages on the CPU record their decoding step as on a GPU, through tests/cuda_graphs_on_cpu.py;
+    returns every decoder they make (one without cuda_graphs is the eager loop, noting its shapes).
+    `without_decoder_mask`: BART's step then syncs, as it did before the loop passed it a decoder mask."""
+    import jobs.evaluate as evaluate_module
+
+    made: list[TapedOnCpu] = []
+
+    def decoder(*args: Any, **kwargs: Any) -> TapedOnCpu:
+        made.append(TapedOnCpu(*args, **kwargs))
+        if without_decoder_mask:
+            made[-1]._pass_decoder_mask = False
+        return made[-1]
+
+    monkeypatch.setattr(evaluate_module, "records_decoding_graphs", lambda device: True)
+    monkeypatch.setattr(evaluate_module, "GreedyDecoder", decoder)
+    return made
+
+
 @pytest.mark.parametrize("model", [
     pytest.param("tiny:bart", marks=pytest.mark.skipif(
         not BART_FAMILY_RECORDS, reason="transformers 4: BART's decoding step syncs, so its stage decodes eagerly")),
@@ -323,37 +352,20 @@ def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_a
     each recording its own. The CPU plays the GPU with tests/cuda_graphs_on_cpu.py (a recording runs nothing;
     a replay repeats the recorded operations); the predictions must be those of `generate`."""
     import jobs.evaluate as evaluate_module
-    from jobs.decoding import GreedyDecoder
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 22)
-    real_load = evaluate_module.load_model_and_tokenizer
-    monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer",
-                        lambda *args, **kwargs: make_input_sensitive(*real_load(*args, **kwargs)))
-    settings = {"max_examples": 22, "samples": 22, "batch_size": 4, "max_source_length": 200}
-
-    def predictions(lines: list[str]) -> list[str]:
-        run = EvalRun(spec=eval_spec(data, ("gen",), model=model, **settings), model_dir=None, device="cpu",
-                      should_stop=lambda: None, log=lines.append, cache_dir=tmp_path / "cache")
-        [metrics] = evaluate(run, on_step=lambda report: None)
-        return [sample["prediction"] for sample in metrics.samples]
-
+    use_input_sensitive_models(monkeypatch)
+    settings = {"max_examples": 22, "samples": 22, "batch_size": 4, "max_source_length": 200, "model": model}
     with monkeypatch.context() as only_generate:
         only_generate.setattr(evaluate_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
-        reference = predictions([])
+        reference = generation_predictions(data, tmp_path, [], **settings)
     assert len(set(reference)) >= 8, reference
-    made: list[Any] = []
-
-    def decoder(*args: Any, **kwargs: Any) -> Any:
-        made.append((TapedOnCpu if kwargs.get("cuda_graphs") else GreedyDecoder)(*args, **kwargs))
-        return made[-1]
-
-    monkeypatch.setattr(evaluate_module, "records_decoding_graphs", lambda device: True)
-    monkeypatch.setattr(evaluate_module, "GreedyDecoder", decoder)
+    made = record_decoding_graphs_on_cpu(monkeypatch)
     lines: list[str] = []
-    assert predictions(lines) == reference
+    assert generation_predictions(data, tmp_path, lines, **settings) == reference
     [taped] = made  # no fallback to the eager loop
-    assert isinstance(taped, TapedOnCpu)
+    assert taped.cuda_graphs
     assert any("recorded as a CUDA graph once per batch shape: sources padded to 32/64/128/200 tokens, "
                "batches to 4 rows" in line for line in lines), lines
     assert sum(line.startswith("CUDA graphs in use") for line in lines) == 1, lines
@@ -368,33 +380,14 @@ def test_a_decoding_step_that_cannot_be_recorded_is_decoded_eagerly_with_the_rea
 ) -> None:
     """A model whose decoding step waits for the GPU (here BART without the decoder mask stl passes it) is
     refused while its graph records; the stage decodes eagerly, unpadded, and its log says why."""
-    import jobs.evaluate as evaluate_module
-
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 10)
-    real_load = evaluate_module.load_model_and_tokenizer
-    monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer",
-                        lambda *args, **kwargs: make_input_sensitive(*real_load(*args, **kwargs)))
-    settings = {"max_examples": 10, "samples": 10, "batch_size": 4, "max_source_length": 200}
-
-    def predictions(lines: list[str]) -> list[str]:
-        run = EvalRun(spec=eval_spec(data, ("gen",), model="tiny:bart", **settings), model_dir=None,
-                      device="cpu", should_stop=lambda: None, log=lines.append, cache_dir=tmp_path / "cache")
-        [metrics] = evaluate(run, on_step=lambda report: None)
-        return [sample["prediction"] for sample in metrics.samples]
-
-    reference = predictions([])
-    made: list[Any] = []
-
-    def decoder(*args: Any, **kwargs: Any) -> Any:
-        made.append(TapedOnCpu(*args, **kwargs))  # without cuda_graphs, the eager loop noting its shapes
-        made[-1]._pass_decoder_mask = False
-        return made[-1]
-
-    monkeypatch.setattr(evaluate_module, "records_decoding_graphs", lambda device: True)
-    monkeypatch.setattr(evaluate_module, "GreedyDecoder", decoder)
+    use_input_sensitive_models(monkeypatch)
+    settings = {"max_examples": 10, "samples": 10, "batch_size": 4, "max_source_length": 200, "model": "tiny:bart"}
+    reference = generation_predictions(data, tmp_path, [], **settings)
+    made = record_decoding_graphs_on_cpu(monkeypatch, without_decoder_mask=True)
     lines: list[str] = []
-    assert predictions(lines) == reference
+    assert generation_predictions(data, tmp_path, lines, **settings) == reference
     taped, eager = made
     assert taped.cuda_graphs and len(taped.shapes) == 1 and not eager.cuda_graphs
     # The failed batch again, as it was padded; then the batches as long as their longest source.
