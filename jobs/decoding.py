@@ -68,14 +68,15 @@ def waits_for_the_device(func: Any, args: Sequence[Any], kwargs: dict[str, Any],
     import torch
     from torch.utils._pytree import tree_leaves
 
-    tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
     name = func._schema.name
+    if device.type == "cpu" and name in _FROM_HOST_DATA:
+        return True
+    a_copy = device.type != "cpu" and name in _COPIES
+    if name not in HOST_SYNC_OPERATIONS and not a_copy:
+        return False  # most operations: decided without looking at their tensors
+    tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
     if name in HOST_SYNC_OPERATIONS:
         return any(t.device.type == device.type for t in tensors)
-    if device.type == "cpu":
-        return name in _FROM_HOST_DATA
-    if name not in _COPIES:
-        return False
     target = kwargs.get("device")
     places = {t.device.type for t in tensors} | ({torch.device(target).type} if target is not None else set())
     return "cpu" in places and device.type in places
