@@ -63,6 +63,7 @@ class Runner:
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
         self.parts: dict[str, list[tuple[float, float]]] = {}  # stl's (generating, ROUGE-L) seconds per round
+        self.overlapped: dict[str, list[float]] = {}  # stl's ROUGE-L seconds while the GPU decoded, per round
         self.decoding: dict[str, list[str]] = {}  # stl's log lines on how it decoded, last round per arm
         # stl's own limits (jobs/evaluate.py _Scorer): BART's positions cap them, T5 has none.
         self.source_limit = args.source_len
@@ -85,10 +86,11 @@ class Runner:
         self.decoding[key] = decoding
 
         def log(line: str) -> None:
-            parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s",
-                                 line)
-            if parts:  # evaluate()'s own split of the time: decoding, then scoring
+            parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s "
+                                 r"after them and ([\d.]+) s while the GPU decoded", line)
+            if parts:  # evaluate()'s own split of the time: decoding (scoring alongside), then scoring
                 self.parts.setdefault(key, []).append((float(parts[1]), float(parts[2])))
+                self.overlapped.setdefault(key, []).append(float(parts[3]))
             elif line.startswith(DECODING_LINES):
                 decoding.append(line)
             elif line.startswith("evaluating ") or line.startswith(f"{task}: "):
@@ -220,7 +222,9 @@ class Runner:
         hf = f", HF's {self.parts['hf-gen'][-1][0]:.2f} s and {self.parts['hf-gen'][-1][1]:.2f} s" \
             if self.parts.get("hf-gen") else ""
         how = f"; stl's log: {' | '.join(self.decoding[key])}" if self.decoding.get(key) else ""
-        return f"; generating, then ROUGE-L: stl's {generating:.2f} s and {scoring:.2f} s{hf}{how}"
+        alongside = f" ({self.overlapped[key][-1]:.2f} s of it scoring earlier batches)" \
+            if self.overlapped.get(key) else ""
+        return f"; generating, then ROUGE-L: stl's {generating:.2f} s{alongside} and {scoring:.2f} s{hf}{how}"
 
     def value(self, key: str) -> float:
         return median(self.values[key]) if self.values[key] else float("nan")

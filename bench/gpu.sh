@@ -55,7 +55,8 @@ if [[ "$DEVICE" == cuda* ]]; then
   TRAIN_T5=(--size t5-small --batch-size 64 --source-len 256 --target-len 32 --warmup-steps 10 --steps 30)
   # stl's generation eager and with eval.compile (a static KV cache in CUDA graphs), each against Trainer.
   # 3 rounds: on the lent H200 the Trainer arm alone moved 169-308 examples/s between rounds (G16).
-  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 3 --compile both)
+  # GPU_EVAL_COMPILE=off leaves out the eval.compile arm (it compiles again each round, about 40 s in all).
+  EVAL=(--examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 3 --compile "${GPU_EVAL_COMPILE:-both}")
   EVAL_STAGE=(--size t5-small --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2)
   BART_ARMS=(--compile off --cuda-graphs)
   T5_ARMS=(--compile off --cuda-graphs)

@@ -6,7 +6,8 @@ the decoding step compiled, the host, not the GPU, sets the pace. This loop keep
 the device: the model call, the logits rules below, the argmax and the bookkeeping are one function,
 which on a GPU runs over a static KV cache as one CUDA graph replay per token: recorded from the eager
 step once per batch shape, or compiled by torch.compile under `eval.compile`. On a GPU the host looks for
-the end only every few tokens.
+the end only every few tokens, and while it waits there it does the stage's other host work (scoring
+the last batch's answers, say: `IdleHostWork`) instead of sitting idle.
 
 It produces `generate`'s tokens for greedy decoding, including the rules the model's generation config
 turns into logits processors (`no_repeat_ngram_size`, `min_length`, `min_new_tokens`,
@@ -17,8 +18,10 @@ tests/test_decoding.py checks token for token. A generation config that asks for
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -246,6 +249,41 @@ def apply_rules(
         begin = 1 if rules.forced_bos_id is None else 2
         scores = scores.masked_fill((length == begin) & masks.begin_suppress, float("-inf"))
     return scores
+
+
+class IdleHostWork:
+    """Host work (no CUDA) for the decoding loop to do while the GPU decodes: the loop runs queued jobs,
+    oldest first, at the points where it would otherwise wait for the device (a look for the end of every
+    row, the tokens' copy to the host), for as long as the device still has work queued. What is left
+    runs in `run_all`. The jobs' results cannot depend on when they run, only the time they take. A job's
+    error is raised by `run_all`, not inside the loop, which would take it for a decoding failure."""
+
+    def __init__(self) -> None:
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._error: Exception | None = None
+        self.seconds_while_decoding = 0.0  # what jobs took inside the loop, where the GPU was busy anyway
+
+    def add(self, job: Callable[[], None]) -> None:
+        self._jobs.append(job)
+
+    def run_while(self, busy: Callable[[], bool]) -> None:
+        """Jobs, one at a time, while `busy()` (the device has queued work) and any are left."""
+        if not self._jobs or self._error is not None:
+            return
+        started = time.perf_counter()
+        try:
+            while self._jobs and busy():
+                self._jobs[0]()
+                self._jobs.popleft()
+        except Exception as e:
+            self._error = e  # the job stays queued; run_all raises this
+        self.seconds_while_decoding += time.perf_counter() - started
+
+    def run_all(self) -> None:
+        if self._error is not None:
+            raise self._error
+        while self._jobs:
+            self._jobs.popleft()()
 
 
 def _free_graph_pools() -> None:
@@ -500,11 +538,25 @@ class GreedyDecoder:
                 index = torch.cuda.current_device() if device.index is None else device.index
                 torch._C._cuda_endAllocateToPool(index, graph.pool())
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy
-        continuation; a row that ends early is padded after its EOS."""
+    def _device_busy(self, device: torch.device) -> Callable[[], bool]:
+        """Whether `device` still has work queued, asked without waiting for it. A CPU has run each
+        operation by the time it returns, so it never is."""
         import torch
 
+        if device.type != "cuda":
+            return lambda: False
+        stream = torch.cuda.current_stream(device)
+        return lambda: not stream.query()
+
+    def decode(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, idle_work: IdleHostWork | None = None
+    ) -> torch.Tensor:
+        """Token ids (rows x 1 + max_new_tokens, on the host): the decoder start token, then the greedy
+        continuation; a row that ends early is padded after its EOS. `idle_work` runs where the loop would
+        wait for the device."""
+        import torch
+
+        busy = self._device_busy(input_ids.device)
         with torch.inference_mode():
             rows, width = input_ids.shape
             encoder_states = self.model.get_encoder()(
@@ -516,13 +568,18 @@ class GreedyDecoder:
             logits = self._logits(batch)
             self._choose(batch, logits, self._rule_masks(logits))
             for made in range(1, self.rules.max_new_tokens):
-                if self.rules.eos_ids and made % check_every == 0 and not bool(batch.unfinished.any()):
-                    break
+                if made % check_every == 0:
+                    if idle_work is not None:
+                        idle_work.run_while(busy)
+                    if self.rules.eos_ids and not bool(batch.unfinished.any()):
+                        break
                 if self.compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
                     torch.compiler.cudagraph_mark_step_begin()
                 if self.cuda_graphs:
                     self._replay(batch)
                 else:
                     self._compiled_step(batch)
+            if idle_work is not None:
+                idle_work.run_while(busy)
             # A copy: the next batch of this shape reuses the buffer.
             return batch.tokens.to("cpu", copy=True)

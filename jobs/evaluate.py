@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs import data as data_lib
-from jobs.decoding import GreedyDecoder, greedy_rules
+from jobs.decoding import GreedyDecoder, IdleHostWork, greedy_rules
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.models import (
     bf16_autocast_supported,
@@ -416,16 +416,25 @@ class _Scorer:
     def score_task(self, task: str, examples: list[Example], ids: _TaskIds) -> TaskMetrics:
         with_options = [i for i, example in enumerate(examples) if example.options is not None]
         if not with_options:
+            # Each batch's answers are scored while the GPU decodes the next ones; the last wait for the end.
+            scores: dict[int, float] = {}
+            scoring = IdleHostWork()
+
+            def score_later(i: int, prediction: str) -> None:
+                scoring.add(lambda: scores.__setitem__(i, rouge_l(prediction, _references(examples[i]), self.rouge)))
+
             started = time.perf_counter()
-            predictions = self._generate(examples, range(len(examples)), ids)
+            predictions = self._generate(examples, range(len(examples)), ids, on_answer=score_later, idle_work=scoring)
             generated = time.perf_counter()
-            values = [rouge_l(p, _references(e), self.rouge) for p, e in zip(predictions, examples, strict=True)]
+            scoring.run_all()
             # Where a stage's time goes, e.g. to see whether eval.compile pays for its start-up.
             self.cfg.log(
                 f"{task}: generated {len(predictions)} answers in {generated - started:.2f} s "
                 f"({len(predictions) / max(generated - started, 1e-9):.0f}/s), "
-                f"ROUGE-L in {time.perf_counter() - generated:.2f} s"
+                f"ROUGE-L in {time.perf_counter() - generated:.2f} s after them and "
+                f"{scoring.seconds_while_decoding:.2f} s while the GPU decoded"
             )
+            values = [scores[i] for i in range(len(examples))]
             return self._metrics(task, TaskType.generation, ROUGE_L, values, examples, predictions)
         # Examples that list options are rank-classified; any others of a classification task must
         # generate their label, which is then matched exactly.
@@ -547,9 +556,18 @@ class _Scorer:
             self.cfg.log("CUDA graphs in use: each decoded token replays the recorded decoding step")
         self.decoding_graphs_confirmed = True
 
-    def _generate(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> list[str]:
+    def _generate(
+        self,
+        examples: Sequence[Example],
+        positions: Sequence[int],
+        ids: _TaskIds,
+        *,
+        on_answer: Callable[[int, str], None] | None = None,
+        idle_work: IdleHostWork | None = None,
+    ) -> list[str]:
         """Greedy continuation of the source of each example at `positions` (in that order), decoded without
-        special tokens."""
+        special tokens. `on_answer(position, answer)` hears each one as its batch ends; `idle_work` runs
+        while stl's decoding loop waits for the GPU."""
         import torch
 
         found: dict[int, str] = {}
@@ -571,7 +589,7 @@ class _Scorer:
             left = not self.seq2seq
             input_ids = pad_sequences(sources, self.pad_id, left=left, width=width).to(self.device)
             mask = pad_sequences([[1] * len(s) for s in sources], 0, left=left, width=width).to(self.device)
-            generated = self._decode(input_ids, mask, width) if self.decoder is not None else None
+            generated = self._decode(input_ids, mask, width, idle_work) if self.decoder is not None else None
             if generated is None:
                 generated = cast("Any", self.model).generate(
                     input_ids=input_ids,
@@ -589,6 +607,8 @@ class _Scorer:
             texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
             for i, text in zip(batch, texts, strict=True):
                 found[i] = text.strip()
+                if on_answer is not None:
+                    on_answer(i, found[i])
             self._between_batches(len(batch))
 
         with torch.inference_mode():
@@ -597,7 +617,9 @@ class _Scorer:
             self.decoder.release()  # the memory goes back to classification; a compiled step keeps its shapes
         return [found[i] for i in positions]
 
-    def _decode(self, input_ids: torch.Tensor, mask: torch.Tensor, width: int | None) -> torch.Tensor | None:
+    def _decode(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, width: int | None, idle_work: IdleHostWork | None = None
+    ) -> torch.Tensor | None:
         """stl's decoding loop on one batch, or None where the stage has just given it up for `generate`.
 
         Should the loop fail other than by running out of memory, the stage logs why and goes on with
@@ -606,7 +628,7 @@ class _Scorer:
         assert self.decoder is not None
         skips = cuda_graph_skips()
         try:
-            generated = self.decoder.decode(input_ids, mask)
+            generated = self.decoder.decode(input_ids, mask, idle_work=idle_work)
         except Exception as e:
             if caused_by_out_of_memory(e):
                 raise
@@ -618,7 +640,7 @@ class _Scorer:
                     what = "recording the decoding step as a CUDA graph"
                 self.cfg.log(f"{what} failed ({_root_reason(e)}); decoding eagerly for the rest of the stage")
                 self.decoder = GreedyDecoder(self.model, rules)
-                return self._decode(input_ids, mask, width)
+                return self._decode(input_ids, mask, width, idle_work)
             self.cfg.log(f"stl's decoding loop failed ({_root_reason(e)}); "
                          "decoding with transformers' generate for the rest of the stage")
             self.decoder = None

@@ -123,11 +123,11 @@ class TapedOnCpu(GreedyDecoder):
         super()._replay(batch)
         self.recordings += recording
 
-    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with (
             mock.patch("torch.cuda.CUDAGraph", self._new_graph),
             mock.patch("torch.cuda.stream", lambda _: nullcontext()),
             mock.patch("torch.cuda.current_stream", NoStream),
         ):
             self.shapes.append((input_ids.size(0), input_ids.size(1)))
-            return super().decode(input_ids, attention_mask)
+            return super().decode(input_ids, attention_mask, **kwargs)

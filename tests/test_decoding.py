@@ -18,7 +18,7 @@ from transformers import (
 )
 from transformers.generation import logits_process as hf
 
-from jobs.decoding import GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
+from jobs.decoding import GreedyDecoder, GreedyRules, IdleHostWork, apply_rules, greedy_rules, rule_masks
 from jobs.errors import StepNotRecordable
 from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, NoHostSync, TapedOnCpu
 
@@ -341,6 +341,65 @@ def test_encoder_decoders_record_and_replay_generates_tokens_or_are_refused_with
         assert refused is None
     if architecture == "LED":
         assert refused is not None
+
+
+def test_idle_host_work_runs_oldest_first_while_the_device_is_busy_and_raises_its_error_after() -> None:
+    done: list[int] = []
+    work = IdleHostWork()
+    for n in range(5):
+        work.add(lambda n=n: done.append(n))
+    answers = iter([True, True, False])
+    work.run_while(lambda: next(answers))
+    assert done == [0, 1]  # the device said it was done before the third
+    work.run_while(lambda: False)
+    assert done == [0, 1]
+
+    def fails() -> None:
+        raise ValueError("scoring broke")
+
+    work.add(fails)
+    work.run_while(lambda: True)  # the loop never sees a job's error: it would take it for its own
+    assert done == [0, 1, 2, 3, 4]
+    work.run_while(lambda: True)
+    with pytest.raises(ValueError, match="scoring broke"):
+        work.run_all()
+
+
+class BusyDevice(GreedyDecoder):
+    """The loop on a CPU, told that the device is busy `busy_answers` times per wait, as a GPU would be."""
+
+    busy_answers = 2
+
+    def _device_busy(self, device: torch.device) -> Any:
+        def busy() -> bool:
+            self.asked += 1
+            return self.asked % (self.busy_answers + 1) != 0
+
+        self.asked = 0
+        return busy
+
+
+def test_the_loop_does_idle_host_work_while_it_waits_and_decodes_the_same_tokens() -> None:
+    rng = random.Random(5)
+    torch.manual_seed(5)
+    model, pad = small_bart(0.5), 1
+    model.generation_config.eos_token_id = None  # no early end: every wait point is reached
+    rules = greedy_rules(model, max_new_tokens=6, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    ids, mask = random_sources(rng, pad, 3, 7)
+    ran_at: list[int] = []
+    decoder = BusyDevice(model, rules)
+    work = IdleHostWork()
+    for _ in range(40):
+        work.add(lambda: ran_at.append(decoder.asked))
+    with torch.inference_mode():
+        tokens = decoder.decode(ids, mask, idle_work=work)
+        reference = GreedyDecoder(model, rules).decode(ids, mask)
+    assert torch.equal(tokens, reference)
+    # On a CPU the loop waits before each of tokens 2..6 and before the copy: 6 waits of 2 jobs each.
+    assert len(ran_at) == 12 and work.seconds_while_decoding > 0
+    work.run_all()
+    assert len(ran_at) == 40
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")

@@ -69,12 +69,51 @@ def test_out_of_memory_halves_the_eval_batch_and_scores_the_same(demo_data: Path
     # A generation task's log says where its time went; a classification task's has no such line.
     timings = [line for line in lines if " answers in " in line]
     assert len(timings) == 1 and re.fullmatch(
-        r"summarization: generated 6 answers in \d+\.\d\d s \(\d+/s\), ROUGE-L in \d+\.\d\d s", timings[0]
+        r"summarization: generated 6 answers in \d+\.\d\d s \(\d+/s\), ROUGE-L in \d+\.\d\d s after them and "
+        r"0\.00 s while the GPU decoded", timings[0]
     ), timings
     run = EvalRun(spec=spec, model_dir=None, device="cpu", should_stop=lambda: None, log=lines.append,
                   oom_over_rows=0)
     with pytest.raises(OutOfMemory, match="ran out of GPU memory on a single example of tiny:t5; lower eval"):
         evaluate(run, on_step=lambda report: None)
+
+
+def test_answers_are_scored_while_the_gpu_decodes_later_batches_with_the_same_metrics(
+    demo_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jobs.evaluate as evaluate_module
+    from jobs.decoding import GreedyDecoder
+
+    spec = eval_spec(demo_data, ("summarization",), max_examples=12, batch_size=4, samples=12)
+    reference = run_eval(spec)
+    decoding = [False]
+    scored_while_decoding: list[bool] = []
+    decode, score = GreedyDecoder.decode, evaluate_module.rouge_l
+
+    def watched_decode(self: GreedyDecoder, *args: Any, **kwargs: Any) -> Any:
+        decoding[0] = True
+        try:
+            return decode(self, *args, **kwargs)
+        finally:
+            decoding[0] = False
+
+    def watched_score(*args: Any, **kwargs: Any) -> float:
+        scored_while_decoding.append(decoding[0])
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(GreedyDecoder, "decode", watched_decode)
+    monkeypatch.setattr(evaluate_module, "rouge_l", watched_score)
+    assert [m.to_dict() for m in run_eval(spec)] == [m.to_dict() for m in reference]
+    assert scored_while_decoding == [False] * 12  # a CPU is never busy: scoring waits for the last answer
+    scored_while_decoding.clear()
+    monkeypatch.setattr(GreedyDecoder, "_device_busy", lambda self, device: lambda: True)  # as a GPU would be
+    lines: list[str] = []
+    run = EvalRun(spec=spec, model_dir=None, device="cpu", should_stop=lambda: None, log=lines.append)
+    assert [m.to_dict() for m in evaluate(run, on_step=lambda report: None)] == [m.to_dict() for m in reference]
+    # Three batches of 4: the first two batches' answers are scored while the next batch decodes.
+    assert scored_while_decoding == [True] * 8 + [False] * 4
+    [timing] = [line for line in lines if " answers in " in line]
+    assert re.search(r"ROUGE-L in \d+\.\d\d s after them and \d+\.\d\d s while the GPU decoded$", timing)
 
 
 @pytest.mark.parametrize("disguised", [True, False])
@@ -272,9 +311,9 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
                 kwargs["compile_options"] = {"backend": "aot_eager"}
             super().__init__(*args, **kwargs)
 
-        def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             calls.append(("loop", "compiled" if self.compiled else None, tuple(input_ids.shape)))
-            return super().decode(input_ids, attention_mask)
+            return super().decode(input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer", load_input_sensitive_model)
     monkeypatch.setattr(evaluate_module, "GreedyDecoder", TracedDecoder)
@@ -484,13 +523,13 @@ class _CompileOnCpu:
                     kwargs["compile_options"] = {"backend": backend}
                 super().__init__(*args, **kwargs)
 
-            def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 shape = (int(input_ids.size(0)), int(input_ids.size(1)))
                 error = recorder.fail(shape) if self.compiled else None
                 if error is not None:
                     raise error
                 recorder.shapes.append(shape)
-                return super().decode(input_ids, attention_mask)
+                return super().decode(input_ids, attention_mask, **kwargs)
 
         monkeypatch.setattr(evaluate_module, "GreedyDecoder", Decoder)
         monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
