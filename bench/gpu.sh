@@ -18,7 +18,8 @@
 # Run on a machine with an NVIDIA GPU from the repository root:   bench/gpu.sh
 # Budget: 6 min 35 s on one H200 on 2026-11-27 (gpu_check 89 s, training 94 and 75 s, eval 57 and 56 s at
 # 2 rounds, bench_rouge 13 s); eval now runs 3 rounds, about 40 s more, and the varied-length bart-base
-# generation about 35 s (estimated, not yet run on a GPU); about 4.5 minutes with GPU_EVAL=0. Each script
+# generation about 35 s; about 4.5 minutes with GPU_EVAL=0, and 150 s with GPU_TRAIN=0 GPU_EVAL_COMPILE=off
+# (H200, 2026-11-27, sixth session). Each script
 # has its own time limit (COMPILE_LIMIT_S, TRAIN_LIMIT_S, LIMIT_S), and results.jsonl grows script by
 # script, so a run cut off from outside keeps what finished.
 # Writes three files to $BENCH_OUT/gpu-<date>/ (default $OUT if set, else bench/results): summary.txt (one
