@@ -416,7 +416,7 @@ class _Scorer:
     def score_task(self, task: str, examples: list[Example], ids: _TaskIds) -> TaskMetrics:
         with_options = [i for i, example in enumerate(examples) if example.options is not None]
         if not with_options:
-            # Each batch's answers are scored while the GPU decodes the next ones; the last wait for the end.
+            # Each batch's answers are scored while the GPU decodes the next batch; the last batch's after it.
             scores: dict[int, float] = {}
             scoring = IdleHostWork()
 
