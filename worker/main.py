@@ -222,10 +222,19 @@ class StlWorker(Worker):
             self._host_fault_seen = text(self.connection.get(keys.host_fault(self.host)))  # our own: checked below
         except redis.RedisError:
             return  # the next stage meets the fault again, if there is one
-        if fault:
-            self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); this worker takes no "
-                           "work until the machine is healthy again", self.name, stage_id, fault)
-            self._pause(fault, check_in=0.0)
+        if not fault:
+            return
+        self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); checking the machine",
+                       self.name, stage_id, fault)
+        # The pause gives the health check's reason from the start, as every later check words it (not the
+        # stage's error first): `stl status` shows one reason for the whole pause.
+        problem = self._machine_problem()
+        if problem is None:
+            self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
+            return
+        self.log.error("Worker %s: taking no work until the machine is healthy again: %s; trying again every %.0f s",
+                       self.name, problem, HEALTH_CHECK_EVERY_S)
+        self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
 
     @property
     def paused_reason(self) -> str:
