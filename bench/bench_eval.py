@@ -86,11 +86,11 @@ class Runner:
         self.decoding[key] = decoding
 
         def log(line: str) -> None:
-            parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s "
-                                 r"after them and ([\d.]+) s while the GPU decoded", line)
-            if parts:  # evaluate()'s own split of the time: decoding (scoring alongside), then scoring
+            parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s"
+                                 r"(?: after them and ([\d.]+) s while the GPU decoded)?", line)
+            if parts:  # evaluate()'s own split of the time: decoding (scoring alongside on a GPU), then scoring
                 self.parts.setdefault(key, []).append((float(parts[1]), float(parts[2])))
-                self.overlapped.setdefault(key, []).append(float(parts[3]))
+                self.overlapped.setdefault(key, []).append(float(parts[3] or 0.0))
             elif line.startswith(DECODING_LINES):
                 decoding.append(line)
             elif line.startswith("evaluating ") or line.startswith(f"{task}: "):
@@ -223,7 +223,7 @@ class Runner:
             if self.parts.get("hf-gen") else ""
         how = f"; stl's log: {' | '.join(self.decoding[key])}" if self.decoding.get(key) else ""
         alongside = f" ({self.overlapped[key][-1]:.2f} s of it scoring earlier batches)" \
-            if self.overlapped.get(key) else ""
+            if self.overlapped.get(key) and self.overlapped[key][-1] else ""
         return f"; generating, then ROUGE-L: stl's {generating:.2f} s{alongside} and {scoring:.2f} s{hf}{how}"
 
     def value(self, key: str) -> float:

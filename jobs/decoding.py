@@ -262,6 +262,7 @@ class IdleHostWork:
         self._jobs: collections.deque[Callable[[], None]] = collections.deque()
         self._error: Exception | None = None
         self.seconds_while_decoding = 0.0  # what jobs took inside the loop, where the GPU was busy anyway
+        self.done_while_decoding = 0
 
     def add(self, job: Callable[[], None]) -> None:
         self._jobs.append(job)
@@ -275,6 +276,7 @@ class IdleHostWork:
             while self._jobs and busy():
                 self._jobs[0]()
                 self._jobs.popleft()
+                self.done_while_decoding += 1
         except Exception as e:
             self._error = e  # the job stays queued; run_all raises this
         self.seconds_while_decoding += time.perf_counter() - started

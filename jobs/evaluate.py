@@ -428,11 +428,13 @@ class _Scorer:
             generated = time.perf_counter()
             scoring.run_all()
             # Where a stage's time goes, e.g. to see whether eval.compile pays for its start-up.
+            alongside = ""
+            if scoring.done_while_decoding:  # only on a GPU: a CPU has run each step by the time it returns
+                alongside = f" after them and {scoring.seconds_while_decoding:.2f} s while the GPU decoded"
             self.cfg.log(
                 f"{task}: generated {len(predictions)} answers in {generated - started:.2f} s "
                 f"({len(predictions) / max(generated - started, 1e-9):.0f}/s), "
-                f"ROUGE-L in {time.perf_counter() - generated:.2f} s after them and "
-                f"{scoring.seconds_while_decoding:.2f} s while the GPU decoded"
+                f"ROUGE-L in {time.perf_counter() - generated:.2f} s{alongside}"
             )
             values = [scores[i] for i in range(len(examples))]
             return self._metrics(task, TaskType.generation, ROUGE_L, values, examples, predictions)

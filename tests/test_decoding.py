@@ -397,7 +397,7 @@ def test_the_loop_does_idle_host_work_while_it_waits_and_decodes_the_same_tokens
         reference = GreedyDecoder(model, rules).decode(ids, mask)
     assert torch.equal(tokens, reference)
     # On a CPU the loop waits before each of tokens 2..6 and before the copy: 6 waits of 2 jobs each.
-    assert len(ran_at) == 12 and work.seconds_while_decoding > 0
+    assert len(ran_at) == work.done_while_decoding == 12 and work.seconds_while_decoding > 0
     work.run_all()
     assert len(ran_at) == 40
 
