@@ -62,8 +62,8 @@ class Runner:
         self.values: dict[str, list[float]] = {name: [] for name in self.predictions}
         self.counter = 0
         self.cpu_rates: dict[str, list[float]] = {}
-        self.parts: dict[str, list[tuple[float, float]]] = {}  # stl's (generating, ROUGE-L) seconds per round
-        self.overlapped: dict[str, list[float]] = {}  # stl's ROUGE-L seconds while the GPU decoded, per round
+        # Seconds per round: generating, ROUGE-L after it, and (stl on a GPU) ROUGE-L while it decoded.
+        self.parts: dict[str, list[tuple[float, float, float]]] = {}
         self.decoding: dict[str, list[str]] = {}  # stl's log lines on how it decoded, last round per arm
         # stl's own limits (jobs/evaluate.py _Scorer): BART's positions cap them, T5 has none.
         self.source_limit = args.source_len
@@ -89,8 +89,7 @@ class Runner:
             parts = re.fullmatch(rf"{re.escape(task)}: generated \d+ answers in ([\d.]+) s .*ROUGE-L in ([\d.]+) s"
                                  r"(?: after them and ([\d.]+) s while the GPU decoded)?", line)
             if parts:  # evaluate()'s own split of the time: decoding (scoring alongside on a GPU), then scoring
-                self.parts.setdefault(key, []).append((float(parts[1]), float(parts[2])))
-                self.overlapped.setdefault(key, []).append(float(parts[3] or 0.0))
+                self.parts.setdefault(key, []).append((float(parts[1]), float(parts[2]), float(parts[3] or 0.0)))
             elif line.startswith(DECODING_LINES):
                 decoding.append(line)
             elif line.startswith("evaluating ") or line.startswith(f"{task}: "):
@@ -174,7 +173,7 @@ class Runner:
         generated = time.perf_counter()
         values = [rouge_l(text, _references(e), scorer) for text, e in zip(texts, examples, strict=True)]
         ended = (time.perf_counter(), time.process_time())
-        self.parts.setdefault("hf-gen", []).append((generated - started[0], ended[0] - generated))
+        self.parts.setdefault("hf-gen", []).append((generated - started[0], ended[0] - generated, 0.0))
         self.predictions["hf-gen"].append(texts[:100])
         self.values["hf-gen"].append(sum(values) / len(values))
         return self._rate("hf-gen", len(examples), started, ended)
@@ -218,12 +217,11 @@ class Runner:
         """Where stl's generation time went in the last round, as evaluate() logged it."""
         if not self.parts.get(key):
             return ""
-        generating, scoring = self.parts[key][-1]
+        generating, scoring, while_decoding = self.parts[key][-1]
         hf = f", HF's {self.parts['hf-gen'][-1][0]:.2f} s and {self.parts['hf-gen'][-1][1]:.2f} s" \
             if self.parts.get("hf-gen") else ""
         how = f"; stl's log: {' | '.join(self.decoding[key])}" if self.decoding.get(key) else ""
-        alongside = f" ({self.overlapped[key][-1]:.2f} s of it scoring earlier batches)" \
-            if self.overlapped.get(key) and self.overlapped[key][-1] else ""
+        alongside = f" ({while_decoding:.2f} s of it scoring earlier batches)" if while_decoding else ""
         return f"; generating, then ROUGE-L: stl's {generating:.2f} s{alongside} and {scoring:.2f} s{hf}{how}"
 
     def value(self, key: str) -> float:
