@@ -67,6 +67,17 @@ def randomize_rules(generation: Any, rng: random.Random) -> None:
         generation.eos_token_id = [generation.eos_token_id, 13]
 
 
+def model_with_random_rules(
+    rng: random.Random, *, max_new_tokens: int, bart: bool = True
+) -> tuple[Any, int, GreedyRules]:
+    """`random_model` with random generation rules, and the loop's rules for them."""
+    model, pad = random_model(rng, bart=bart)
+    randomize_rules(model.generation_config, rng)
+    rules = greedy_rules(model, max_new_tokens=max_new_tokens, pad_id=pad)
+    assert isinstance(rules, GreedyRules)
+    return model, pad, rules
+
+
 def random_sources(rng: random.Random, pad: int, rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.randint(3, VOCAB, (rows, width), generator=torch.Generator().manual_seed(rng.randrange(10**6)))
     mask = torch.ones_like(ids)
@@ -227,10 +238,7 @@ def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tok
     recorded, with syncs refused, and gives `generate`'s tokens."""
     rng = random.Random(17)
     for _ in range(4):
-        model, pad = random_model(rng, bart=BART_FAMILY_RECORDS)
-        randomize_rules(model.generation_config, rng)
-        rules = greedy_rules(model, max_new_tokens=9, pad_id=pad)
-        assert isinstance(rules, GreedyRules)
+        model, pad, rules = model_with_random_rules(rng, max_new_tokens=9, bart=BART_FAMILY_RECORDS)
         recorded = _RecordedStepOnCpu(model, rules, cuda_graphs=True)
         with torch.inference_mode():
             for _ in range(2):  # the second batch reuses the first's buffers, reset in place
@@ -245,10 +253,7 @@ def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generat
     reused one replays its graph, an evicted one records again; every batch gives `generate`'s tokens."""
     rng = random.Random(23)
     for _ in range(4):
-        model, pad = random_model(rng, bart=BART_FAMILY_RECORDS)
-        randomize_rules(model.generation_config, rng)
-        rules = greedy_rules(model, max_new_tokens=8, pad_id=pad)
-        assert isinstance(rules, GreedyRules)
+        model, pad, rules = model_with_random_rules(rng, max_new_tokens=8, bart=BART_FAMILY_RECORDS)
         taped = TapedOnCpu(model, rules, cuda_graphs=True, keep_shapes=2)
         with torch.inference_mode():
             for rows, width in ((3, 6), (3, 6), (2, 9), (3, 6), (4, 5), (2, 9)):
