@@ -71,6 +71,7 @@ def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str]
     all passed, or 128 + the signal when one stopped the demo."""
     stop_signals = _StopSignals()
     code = 0
+    say = _quiet_on_a_lost_terminal(say)
     with stop_signals.installed():
         try:
             with private_redis(settings.home) as server:
@@ -102,20 +103,33 @@ def _run_steps(grid: Path, grid_name: str, env: dict[str, str], stop_signals: _S
 def _run_step(args: list[str], env: dict[str, str], stop_signals: _StopSignals, say: Callable[[str], None]) -> int:
     """One `stl` command as a child process, in a session of its own: a stop signal reaches it once, from here, so a
     worker gets one SIGTERM (checkpoint and put the stage back) and not a second one (which kills its stage)."""
-    if stop_signals.received is not None:
-        return 128 + stop_signals.received
-    child = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, start_new_session=True)
+    child: subprocess.Popen[bytes] | None = None
     interrupts = 0
     while True:
         try:
+            if stop_signals.received is not None and child is None:
+                return 128 + stop_signals.received
+            if child is None:
+                child = subprocess.Popen([sys.executable, "-m", "cli.main", *args], env=env, start_new_session=True)
             return child.wait()
         except DemoInterrupted:
+            if child is None:
+                continue
             interrupts += 1
+            if interrupts <= 2:  # RQ's second signal: the work horse is killed, not waited for
+                child.send_signal(signal.SIGTERM)
+            else:
+                child.kill()
             if interrupts == 1:
                 say(f"stopping: `stl {args[0]}` finishes its part first (a worker puts its stage back); "
                     "interrupt again to stop it at once")
-                child.send_signal(signal.SIGTERM)
-            elif interrupts == 2:
-                child.send_signal(signal.SIGTERM)  # RQ's second signal: the work horse is killed, not waited for
-            else:
-                child.kill()
+
+
+def _quiet_on_a_lost_terminal(say: Callable[[str], None]) -> Callable[[str], None]:
+    """`say`, except that a terminal gone away (SIGHUP, then EIO on write) does not stop the demo's clean-up."""
+
+    def said(line: str) -> None:
+        with contextlib.suppress(OSError):
+            say(line)
+
+    return said
