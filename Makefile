@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STL := $(VENV)/bin/stl
+# `make demo` runs on a private Redis under DEMO_HOME (never STL_REDIS_URL or localhost:6379): see `stl demo --help`.
+DEMO_GRID ?= grids/example.yaml
+DEMO_HOME ?= $(CURDIR)/.stl-demo
 # torch's CPU build for machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
 TORCH_CPU ?= torch==2.13.0
 
@@ -22,9 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(STL) enqueue grids/example.yaml
-	$(STL) worker --burst
-	$(STL) results example
+	STL_HOME="$(DEMO_HOME)" $(STL) demo "$(DEMO_GRID)"
 
 lint: venv
 	$(VENV)/bin/ruff check cli jobs worker tests bench

@@ -147,10 +147,10 @@ LIVE_READ_TIMEOUT_S = 5.0  # `stl status` (live): how long one Redis command may
 RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")
 
 
-def _settings() -> Settings:
+def _settings(*, own_redis: bool = False) -> Settings:
     from jobs.settings import check_user_name, load_settings
 
-    settings = load_settings()
+    settings = load_settings(own_redis=own_redis)
     check_user_name(settings.user, what="STL_USER")
     return settings
 
@@ -522,6 +522,30 @@ def worker(
         conn = connect(settings, patient=True)
 
         run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst)
+
+
+@app.command()
+def demo(
+    grid_file: Annotated[Path, typer.Argument(
+        help="The grid YAML file (`make demo`: grids/example.yaml).", show_default=False, metavar="GRID.yaml")],
+) -> None:
+    """Run a grid end to end on a private Redis: `stl enqueue`, `stl worker --burst`, `stl results` (`make demo`).
+
+    The private redis-server keeps its data under STL_HOME/private-redis (`make demo`: .stl-demo in the
+    checkout) and listens on a unix socket there, never on a TCP port. STL_REDIS_URL and localhost:6379 are not
+    used, so a demo never joins the lab's queue or another demo's. The server stops when the demo ends, also when
+    a step fails or Ctrl+C stops it; its data stays, so running the demo again shows its results at once. One demo
+    at a time per STL_HOME.
+    """
+    from jobs.demo import run_demo
+    from jobs.grid import parse_grid
+
+    with handled():
+        settings = _settings(own_redis=True)
+        grid_name = parse_grid(grid_file).grid.name  # a bad grid is refused before any server starts
+        code = run_demo(grid_file.resolve(), grid_name, settings,
+                        say=lambda line: typer.echo(f"stl demo: {line}", err=True))
+    raise typer.Exit(code)
 
 
 @app.command("plot")

@@ -51,7 +51,7 @@ def redis_server_binary() -> str | None:
     return None
 
 
-def _describe_url(url: str) -> str:
+def describe_url(url: str) -> str:
     """The URL without its password, for messages."""
     parsed = urlparse(url)
     if parsed.scheme == "unix":
@@ -168,20 +168,20 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
                          "write it as redis://[:PASSWORD@]HOST:PORT/DB, e.g. redis://localhost:6379/0") from e
     except redis.AuthenticationError as e:
         if not urlparse(url).password:
-            raise RedisUnavailable(f"Redis at {_describe_url(url)} requires a password; put it in STL_REDIS_URL "
+            raise RedisUnavailable(f"Redis at {describe_url(url)} requires a password; put it in STL_REDIS_URL "
                                    "as redis://:PASSWORD@host:port/db") from e
-        raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the password in STL_REDIS_URL ({e}); "
+        raise RedisUnavailable(f"Redis at {describe_url(url)} refused the password in STL_REDIS_URL ({e}); "
                                "check it") from e
     except redis.ResponseError as e:  # e.g. "DB index is out of range"
-        raise RedisUnavailable(f"Redis at {_describe_url(url)} refused the connection: {e}; "
+        raise RedisUnavailable(f"Redis at {describe_url(url)} refused the connection: {e}; "
                                "check the database number in STL_REDIS_URL") from e
     except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
         if settings.redis_url_explicit or not start_embedded:
-            raise RedisUnavailable(f"cannot reach Redis at {_describe_url(url)} ({e}); "
+            raise RedisUnavailable(f"cannot reach Redis at {describe_url(url)} ({e}); "
                                    "start it, or fix STL_REDIS_URL") from e
         first_error = e
     except redis.RedisError as e:  # something answered, but not as Redis does (another server on that port)
-        raise RedisUnavailable(f"what answers at {_describe_url(url)} does not speak Redis ({e}); "
+        raise RedisUnavailable(f"what answers at {describe_url(url)} does not speak Redis ({e}); "
                                "check the host and port in STL_REDIS_URL") from e
     start_embedded_redis(settings.home)
     deadline = time.monotonic() + 10
@@ -190,6 +190,6 @@ def connect(settings: Settings, *, start_embedded: bool = True, patient: bool = 
             return _ping(url, patient=patient, read_timeout=read_timeout)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             if time.monotonic() > deadline:
-                raise RedisUnavailable(f"the embedded redis-server did not answer on {_describe_url(url)}: "
+                raise RedisUnavailable(f"the embedded redis-server did not answer on {describe_url(url)}: "
                                        f"{e}") from first_error
             time.sleep(0.1)

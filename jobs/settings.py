@@ -67,10 +67,13 @@ def _default_user() -> str:
     return name[:MAX_USER_LENGTH]
 
 
-def load_settings() -> Settings:
+def load_settings(*, own_redis: bool = False) -> Settings:
+    """The settings. `own_redis`: the command runs on a Redis of its own (`stl demo`), so a blank STL_REDIS_URL,
+    which it ignores anyway, is no error."""
     env = os.environ
     url = env.get("STL_REDIS_URL", "").strip()
-    if "STL_REDIS_URL" in env and not url:  # blank, not unset: never fall back to whatever runs on 6379
+    # Blank, not unset: never fall back to whatever runs on 6379.
+    if "STL_REDIS_URL" in env and not url and not own_redis:
         raise UsageError("STL_REDIS_URL is set but blank; give it a Redis URL (redis://HOST:PORT/DB), "
                          "or unset it to use localhost:6379")
     try:
