@@ -441,16 +441,15 @@ class _Scorer:
         # Examples that list options are rank-classified; any others of a classification task must
         # generate their label, which is then matched exactly.
         predictions = [""] * len(examples)
-        for i, prediction in self._classify(examples, with_options, ids).items():
-            predictions[i] = prediction
+        values = [0.0] * len(examples)
+        for i, chosen in self._classify(examples, with_options, ids).items():
+            predictions[i] = data_lib.answer_candidates(examples[i])[chosen]
+            values[i] = float(chosen in data_lib.correct_options(examples[i]))
         unranked = [i for i in range(len(examples)) if examples[i].options is None]
         if unranked:
             for i, prediction in zip(unranked, self._generate(examples, unranked, ids), strict=True):
                 predictions[i] = prediction
-        values = [
-            float(data_lib.normalize_answer(p) == data_lib.normalize_answer(e.output))
-            for p, e in zip(predictions, examples, strict=True)
-        ]
+                values[i] = float(data_lib.is_correct(examples[i], prediction))
         metric = EXACT_MATCH if unranked else ACCURACY
         return self._metrics(task, TaskType.classification, metric, values, examples, predictions)
 
@@ -467,7 +466,7 @@ class _Scorer:
             {
                 "source": data_lib.source_text(example, self.spec.instructions),
                 "prediction": prediction,
-                "references": [example.output] if task_type == TaskType.classification else _references(example),
+                "references": _references(example),
             }
             for example, prediction in list(zip(examples, predictions, strict=True))[: self.settings.samples]
         ]
@@ -482,16 +481,16 @@ class _Scorer:
 
     # --- rank classification ---
 
-    def _classify(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> dict[int, str]:
-        """The likeliest answer candidate of each example at `positions`, by position."""
+    def _classify(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> dict[int, int]:
+        """Which option is likeliest for each example at `positions`, by position."""
         import torch
 
-        predictions: dict[int, str] = {}
+        predictions: dict[int, int] = {}
 
         def classify(batch: list[int]) -> None:
             scores = self._option_scores([ids.sources[i] for i in batch], [ids.candidates[i] for i in batch])
             for i, example_scores in zip(batch, scores, strict=True):
-                predictions[i] = data_lib.answer_candidates(examples[i])[best_option(example_scores)]
+                predictions[i] = best_option(example_scores)
             self._between_batches(len(batch))
 
         with torch.inference_mode():
