@@ -362,7 +362,8 @@ def results(
             written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
             typer.echo(f"stl: wrote {written}", err=True)
         if as_json:
-            clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value")} for r in all_rows]
+            clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value", "metrics") if k in r}
+                     for r in all_rows]
             payload = {"grid": grids[0] if len(grids) == 1 else grids, "rows": clean,
                        "pivot": analysis.pivot_to_json(pivot)}
             if report is not None:

@@ -30,9 +30,16 @@ AxisValue = str | int | float | bool | None
 
 GRID_AXIS = "grid"
 SEED_AXIS = "seed"
-# The per-type score of a run is the mean of this metric over the run's tasks of that type.
-TYPE_METRICS: dict[str, str] = {"classification": "accuracy", "generation": "rougeL"}
-METRIC_LABELS: dict[str, str] = {"accuracy": "accuracy", "rougeL": "ROUGE-L", "exact_match": "exact match"}
+# The per-type score of a run is the mean of its primary metric over the run's tasks of that type: the
+# first of these, or the classification accuracy the grid's eval.metric chose.
+TYPE_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "accuracy_norm", "accuracy_gen"),
+    "generation": ("rougeL",),
+}
+METRIC_LABELS: dict[str, str] = {
+    "accuracy": "accuracy", "accuracy_norm": "accuracy per token", "accuracy_gen": "generated accuracy",
+    "rougeL": "ROUGE-L", "exact_match": "exact match",
+}
 EMPTY_CELL = "—"
 
 RunKey = tuple[str, str]  # (grid, run id)
@@ -212,7 +219,7 @@ def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores
         task, metric, value = str(row["task"]), str(row["metric"]), float(row["value"])
         values[key][(task, metric)] = value  # a re-evaluated task replaces the older value
         task_type = str(row["task_type"])
-        if TYPE_METRICS.get(task_type) == metric:
+        if metric in TYPE_METRICS.get(task_type, ()):
             typed[key][task_type][task] = value
     return {
         key: _RunScores(
@@ -230,11 +237,11 @@ def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> tuple[Column, ...]:
     present = {(str(row["task_type"]), str(row["task"]), str(row["metric"])) for row in rows}
-    type_columns = [
-        Column(name=task_type, kind="type", metric=metric, task_type=task_type)
-        for task_type, metric in TYPE_METRICS.items()
-        if any(t == task_type and m == metric for t, _, m in present)
-    ]
+    type_columns = []
+    for task_type, metrics in TYPE_METRICS.items():
+        found = [metric for metric in metrics if any(t == task_type and m == metric for t, _, m in present)]
+        if found:  # several only where runs chose different ones: the label names each
+            type_columns.append(Column(name=task_type, kind="type", metric="/".join(found), task_type=task_type))
     type_rank = {task_type: index for index, task_type in enumerate(TYPE_METRICS)}
     ordered = sorted(
         present, key=lambda item: (type_rank.get(item[0], len(type_rank)), item[0], item[1], item[2])

@@ -692,3 +692,40 @@ def test_letter_indexed_options_in_instructdials_format_are_scored_by_letter(tmp
                               model_dir=tmp_path / "w" / "model")
     assert (says_b.value, says_a.value) == (1.0, 0.0), (says_b.samples, says_a.samples)
     assert says_b.samples[0]["prediction"] == "B" and says_a.samples[0]["references"] == ["A"]
+    assert says_b.metrics["accuracy_gen"] == 1.0 and says_a.metrics["accuracy_gen"] == 0.0  # it generates "B"
+
+
+def test_classification_records_three_accuracies_and_eval_metric_picks_the_primary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Summed log-likelihood favours the short option; per token favours the long one here; the model's
+    generated answer names neither. eval.metric says which one the result reports first."""
+    from jobs import evaluate as evaluate_lib
+    from tests.instructdial_format import row
+
+    data = tmp_path / "short_long.jsonl"
+    options = "[OPTIONS] no||||yes, and gladly so"
+    data.write_text("".join(json.dumps(row("t", f"hi {i}", options, "yes, and gladly so")) + "\n" for i in range(4)))
+
+    def fixed_scores(self: Any, sources: list[list[int]], candidates: Any) -> list[list[float]]:
+        # The short option's whole answer is likelier; the long one's tokens are each likelier.
+        return [[-1.0 * len(opts[0]), -0.5 * len(opts[1]) - 0.1] for opts in candidates]
+
+    monkeypatch.setattr(evaluate_lib._Scorer, "_option_scores", fixed_scores)
+    [by_sum] = run_eval(eval_spec(data, ("t",), max_examples=4))
+    assert by_sum.metric == "accuracy" and set(by_sum.metrics) == {"accuracy", "accuracy_norm", "accuracy_gen"}
+    assert (by_sum.metrics["accuracy"], by_sum.metrics["accuracy_norm"]) == (0.0, 1.0)
+    assert by_sum.value == 0.0 and by_sum.samples[0]["prediction"] == "no"
+    [by_token] = run_eval(eval_spec(data, ("t",), max_examples=4, metric="accuracy_norm"))
+    assert (by_token.metric, by_token.value) == ("accuracy_norm", 1.0)
+    assert by_token.samples[0]["prediction"] == "yes, and gladly so"
+    [generated] = run_eval(eval_spec(data, ("t",), max_examples=4, metric="accuracy_gen"))
+    assert generated.metric == "accuracy_gen" and generated.value == generated.metrics["accuracy_gen"]
+    assert generated.metrics == by_sum.metrics  # one evaluation, whichever metric leads
+
+
+def test_eval_metric_changes_a_stage_id_only_when_not_the_default(tmp_path: Path) -> None:
+    ids = {metric: eval_spec(tmp_path / "d.jsonl", ("t",), metric=metric).stage_id
+           for metric in ("accuracy", "accuracy_norm", "accuracy_gen")}
+    assert len(set(ids.values())) == 3
+    assert ids["accuracy"] == eval_spec(tmp_path / "d.jsonl", ("t",)).stage_id
