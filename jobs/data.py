@@ -163,6 +163,12 @@ def is_correct(example: Example, prediction: str) -> bool:
     return answer in accepted_answers(example)
 
 
+def task_family(task: str) -> str:
+    """The base task of an InstructDial variant: `persuasion_present-poluteoptions` -> `persuasion_present`
+    (create_data_text2text.py names variants `<task>-<variant>`; base task names use underscores)."""
+    return task.split("-", 1)[0]
+
+
 def normalize_answer(text: str) -> str:
     return " ".join(text.split()).lower()
 
