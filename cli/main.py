@@ -317,6 +317,9 @@ def results(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
     as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table for a draft.")] = False,
     plot: Annotated[Path | None, typer.Option(help="Also draw the pivot as grouped bars into this PNG.")] = None,
+    where: Annotated[list[str] | None, typer.Option(
+        help="Keep only runs with these values of an axis: AXIS=V[,V...]; repeat for more axes. "
+             "Applies to the pivot, --effect, exports and plots.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
     from cli.render import results_notes
@@ -344,6 +347,11 @@ def results(
             all_rows += result_rows(conn, grid)
             grid_runs += list_runs(conn, grid=grid)
         run_summaries = [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status} for r in grid_runs]
+        if where:
+            kept = analysis.parse_where(where, [*all_rows, *run_summaries])
+            all_rows, run_summaries = analysis.filter_where(all_rows, kept), analysis.filter_where(run_summaries, kept)
+            grid_runs = [run for run in grid_runs
+                         if analysis.filter_where([{"grid": run.grid, "cell": run.cell}], kept)]
         if rows and not as_json:
             for note in results_notes(grid_runs):  # on stderr: --csv output stays clean
                 typer.echo(f"stl: {note}", err=True)
@@ -362,7 +370,8 @@ def results(
             written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
             typer.echo(f"stl: wrote {written}", err=True)
         if as_json:
-            clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value")} for r in all_rows]
+            clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value", "metrics") if k in r}
+                     for r in all_rows]
             payload = {"grid": grids[0] if len(grids) == 1 else grids, "rows": clean,
                        "pivot": analysis.pivot_to_json(pivot)}
             if report is not None:

@@ -19,6 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from jobs.errors import UsageError
+from jobs.resampling import ComparedGroup, bootstrap_interval
 from jobs.states import LIVE
 
 if TYPE_CHECKING:
@@ -30,9 +31,16 @@ AxisValue = str | int | float | bool | None
 
 GRID_AXIS = "grid"
 SEED_AXIS = "seed"
-# The per-type score of a run is the mean of this metric over the run's tasks of that type.
-TYPE_METRICS: dict[str, str] = {"classification": "accuracy", "generation": "rougeL"}
-METRIC_LABELS: dict[str, str] = {"accuracy": "accuracy", "rougeL": "ROUGE-L", "exact_match": "exact match"}
+# The per-type score of a run is the mean of its primary metric over the run's tasks of that type: the
+# first of these, or the classification accuracy the grid's eval.metric chose.
+TYPE_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "accuracy_norm", "accuracy_gen"),
+    "generation": ("rougeL",),
+}
+METRIC_LABELS: dict[str, str] = {
+    "accuracy": "accuracy", "accuracy_norm": "accuracy per token", "accuracy_gen": "generated accuracy",
+    "rougeL": "ROUGE-L", "exact_match": "exact match",
+}
 EMPTY_CELL = "—"
 
 RunKey = tuple[str, str]  # (grid, run id)
@@ -125,6 +133,8 @@ class EffectReport:
     comparisons: tuple[Comparison, ...]
     overall: float | None  # plain mean of every compared relative improvement, as a fraction
     by_type: Mapping[str, float | None]
+    # 95 % bootstrap interval of `overall`, over seeds and tasks (jobs/resampling.py); None: nothing to draw
+    interval: tuple[float, float] | None = None
 
     @property
     def n_compared(self) -> int:
@@ -200,6 +210,7 @@ class _RunScores:
     cell: Mapping[str, Any]
     task_values: Mapping[tuple[str, str], float]  # (task, metric) -> value
     type_scores: Mapping[str, float]  # task type -> mean primary metric over its tasks
+    type_tasks: Mapping[str, Mapping[str, float]]  # task type -> task -> primary metric
 
 
 def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores]:
@@ -212,7 +223,7 @@ def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores
         task, metric, value = str(row["task"]), str(row["metric"]), float(row["value"])
         values[key][(task, metric)] = value  # a re-evaluated task replaces the older value
         task_type = str(row["task_type"])
-        if TYPE_METRICS.get(task_type) == metric:
+        if metric in TYPE_METRICS.get(task_type, ()):
             typed[key][task_type][task] = value
     return {
         key: _RunScores(
@@ -223,6 +234,7 @@ def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores
             type_scores={
                 task_type: statistics.fmean(by_task.values()) for task_type, by_task in typed[key].items()
             },
+            type_tasks={task_type: dict(by_task) for task_type, by_task in typed[key].items()},
         )
         for key in cells
     }
@@ -230,11 +242,11 @@ def _scores_by_run(rows: Iterable[Mapping[str, Any]]) -> dict[RunKey, _RunScores
 
 def _columns(rows: Sequence[Mapping[str, Any]]) -> tuple[Column, ...]:
     present = {(str(row["task_type"]), str(row["task"]), str(row["metric"])) for row in rows}
-    type_columns = [
-        Column(name=task_type, kind="type", metric=metric, task_type=task_type)
-        for task_type, metric in TYPE_METRICS.items()
-        if any(t == task_type and m == metric for t, _, m in present)
-    ]
+    type_columns = []
+    for task_type, metrics in TYPE_METRICS.items():
+        found = [metric for metric in metrics if any(t == task_type and m == metric for t, _, m in present)]
+        if found:  # several only where runs chose different ones: the label names each
+            type_columns.append(Column(name=task_type, kind="type", metric="/".join(found), task_type=task_type))
     type_rank = {task_type: index for index, task_type in enumerate(TYPE_METRICS)}
     ordered = sorted(
         present, key=lambda item: (type_rank.get(item[0], len(type_rank)), item[0], item[1], item[2])
@@ -274,6 +286,38 @@ def _stat(samples: Sequence[float], expected: int) -> CellStat | None:
 def pivot_axes(rows: Iterable[Mapping[str, Any]], runs: Iterable[Mapping[str, Any]] = ()) -> list[str]:
     """Every axis `by` may name: "grid", then the cells' axes (seed included) in grid order."""
     return [GRID_AXIS, *(axis for axis in _cell_axes([*runs, *rows]) if axis != GRID_AXIS)]
+
+
+def parse_where(texts: Sequence[str], records: Sequence[Mapping[str, Any]]) -> dict[str, frozenset[str]]:
+    """`--where AXIS=V[,V...]`, repeatable: which values of each named axis to keep. The axis and every value
+    must occur in `records` (result rows and run summaries), so a typo is refused rather than empty."""
+    usage = "write --where AXIS=VALUE[,VALUE...], e.g. --where shots=0 --where model=tiny:bart,tiny:t5"
+    axes = pivot_axes(records)
+    where: dict[str, frozenset[str]] = {}
+    for text in texts:
+        axis, equals, listed = text.partition("=")
+        axis = axis.strip()
+        values = [value.strip() for value in listed.split(",") if value.strip()]
+        if not equals or not axis or not values:
+            raise UsageError(f"malformed --where {text!r}: {usage}")
+        if axis not in axes:
+            raise UsageError(f"unknown axis {axis!r} in --where; valid axes: {', '.join(axes)}")
+        known = {render_value(_axis_value(str(r.get("grid", "")), r.get("cell", {}), axis)) for r in records}
+        missing = [value for value in values if value not in known]
+        if missing:
+            raise UsageError(f"--where {text!r}: {axis} has no value {', '.join(map(repr, missing))}; "
+                             f"values in these results: {', '.join(sorted(known))}")
+        where[axis] = where.get(axis, frozenset(values)) & frozenset(values)  # a repeated axis keeps both conditions
+    return where
+
+
+def filter_where(records: Iterable[Mapping[str, Any]], where: Mapping[str, frozenset[str]]) -> list[Any]:
+    """The records (result rows or run summaries) whose cell has one of the kept values on every named axis."""
+    return [
+        record for record in records
+        if all(render_value(_axis_value(str(record.get("grid", "")), record.get("cell", {}), axis)) in values
+               for axis, values in where.items())
+    ]
 
 
 def build_pivot(
@@ -424,6 +468,9 @@ def effect_sizes(rows: Iterable[Mapping[str, Any]], *, axis: str, a: str, b: str
     samples: dict[tuple[tuple[AxisValue, ...], str], dict[str, list[float]]] = defaultdict(
         lambda: {"a": [], "b": []}
     )
+    run_tasks: dict[tuple[tuple[AxisValue, ...], str], dict[str, list[Mapping[str, float]]]] = defaultdict(
+        lambda: {"a": [], "b": []}
+    )
     for scores in _scores_by_run(rows).values():
         side_value = render_value(_axis_value(scores.grid, scores.cell, axis))
         side = "a" if side_value == a else "b" if side_value == b else None
@@ -432,6 +479,7 @@ def effect_sizes(rows: Iterable[Mapping[str, Any]], *, axis: str, a: str, b: str
         combo = tuple(_axis_value(scores.grid, scores.cell, name) for name in combo_axes)
         for task_type, score in scores.type_scores.items():
             samples[(combo, task_type)][side].append(score)
+            run_tasks[(combo, task_type)][side].append(scores.type_tasks[task_type])
 
     type_rank = {task_type: index for index, task_type in enumerate(TYPE_METRICS)}
     combo_order = {
@@ -471,12 +519,18 @@ def effect_sizes(rows: Iterable[Mapping[str, Any]], *, axis: str, a: str, b: str
         return statistics.fmean(relatives) if relatives else None
 
     task_types = list(dict.fromkeys(comparison.task_type for comparison in comparisons))
+    compared = {(tuple(value for _, value in c.combo), c.task_type) for c in comparisons if c.relative is not None}
     return EffectReport(
         axis=axis,
         a=a,
         b=b,
         comparisons=tuple(comparisons),
         overall=mean_of(comparisons),
+        interval=bootstrap_interval([
+            ComparedGroup(task_type, sides["a"], sides["b"])
+            for (combo, task_type), sides in run_tasks.items()
+            if (combo, task_type) in compared
+        ]),
         by_type={
             task_type: mean_of(c for c in comparisons if c.task_type == task_type) for task_type in task_types
         },
@@ -642,7 +696,13 @@ def table_width(table: Table) -> int:
 def effect_summary(report: EffectReport) -> list[tuple[str, str]]:
     """(label, rendered mean) per task type, then overall: the lines a draft quotes."""
     lines = [(f"mean {task_type}", format_percent(value)) for task_type, value in report.by_type.items()]
-    lines.append(("mean overall", format_percent(report.overall)))
+    overall = format_percent(report.overall)
+    if report.overall is not None:
+        interval = ""
+        if report.interval is not None:
+            interval = f"95 % CI {format_percent(report.interval[0])} to {format_percent(report.interval[1])}, "
+        overall += f" ({interval}{report.n_compared} compared)"
+    lines.append(("mean overall", overall))
     return lines
 
 
@@ -776,6 +836,7 @@ def effect_to_json(report: EffectReport) -> dict[str, Any]:
         "a": report.a,
         "b": report.b,
         "overall": report.overall,
+        "interval_95": list(report.interval) if report.interval is not None else None,
         "by_type": dict(report.by_type),
         "compared": report.n_compared,
         "skipped_zero_baseline": report.skipped_zero_baseline,

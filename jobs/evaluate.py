@@ -1,8 +1,11 @@
-"""Zero-/few-shot scoring of held-out tasks: rank classification (accuracy) and greedy generation (ROUGE-L).
+"""Zero-/few-shot scoring of held-out tasks: classification accuracy (three ways) and ROUGE-L for generation.
 
-Classification: every option is scored by its total log-likelihood as the answer to the source, and the
-likeliest option is the prediction (rank classification, as in T0). For encoder-decoder models the
-encoder runs once per example and all of its options go through the decoder in batches.
+Classification records three accuracies; eval.metric picks the primary one. `accuracy`: every option is
+scored by its total log-likelihood as the answer to the source and the likeliest is the prediction (rank
+classification, as in T0; the sum favours short options). `accuracy_norm`: the same per answer token.
+`accuracy_gen`: the greedy answer, credited when it names an accepted answer (InstructDial's own scoring).
+For encoder-decoder models the encoder runs once per example and all of its options go through the decoder
+in batches.
 Generation: batched greedy decoding with a KV cache, for encoder-decoders in stl's own loop
 (jobs/decoding.py: the same tokens as `generate`, without its per-token host work), else with `generate`;
 the score is rouge-score's ROUGE-L F-measure (stemming on, jobs/rouge.py) against the best of the example's
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs import data as data_lib
@@ -52,7 +55,10 @@ if TYPE_CHECKING:
 
     from jobs.data import Example
 
-ACCURACY = "accuracy"
+ACCURACY = "accuracy"  # rank classification by summed log-likelihood (T0)
+ACCURACY_NORM = "accuracy_norm"  # rank classification by log-likelihood per answer token (lm-eval's acc_norm)
+ACCURACY_GEN = "accuracy_gen"  # greedy generation matched against any accepted answer (InstructDial's run_eval)
+CLASSIFICATION_METRICS = (ACCURACY, ACCURACY_NORM, ACCURACY_GEN)
 EXACT_MATCH = "exact_match"
 ROUGE_L = "rougeL"
 
@@ -61,17 +67,21 @@ ROUGE_L = "rougeL"
 class TaskMetrics:
     task: str
     task_type: str  # "classification" or "generation"
-    metric: str  # "accuracy" (rank classification), "exact_match" (generated labels) or "rougeL" (0..1)
+    metric: str  # the primary one: eval.metric for classification, "exact_match" (generated labels), "rougeL"
     value: float
     n: int
     samples: list[dict[str, Any]]  # up to eval.samples of {source, prediction, references}
+    metrics: dict[str, float] = field(default_factory=dict)  # every metric recorded, the primary one included
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TaskMetrics:
-        return cls(**{name: values[name] for name in cls.__dataclass_fields__})
+        # Stages evaluated before `metrics` existed recorded only the primary metric.
+        found = {name: values[name] for name in cls.__dataclass_fields__ if name in values}
+        found.setdefault("metrics", {values["metric"]: values["value"]})
+        return cls(**found)
 
 
 @dataclass
@@ -146,7 +156,10 @@ def evaluate(cfg: EvalRun, *, on_step: Callable[[StepReport], None]) -> list[Tas
     try:
         for task in dict.fromkeys(spec.tasks):
             metrics = scorer.score_task(task, examples[task], scorer.encode_task(task, examples[task]))
-            cfg.log(f"{task}: {metrics.metric} {metrics.value:.4f} over {metrics.n} examples")
+            others = ", ".join(f"{name} {value:.4f}" for name, value in metrics.metrics.items()
+                               if name != metrics.metric)
+            also = f" ({others})" if others else ""
+            cfg.log(f"{task}: {metrics.metric} {metrics.value:.4f}{also} over {metrics.n} examples")
             results.append(metrics)
     finally:
         # A worker's stage ends with its process; a caller that evaluates again in the same process (a
@@ -437,29 +450,32 @@ class _Scorer:
                 f"ROUGE-L in {time.perf_counter() - generated:.2f} s{alongside}"
             )
             values = [scores[i] for i in range(len(examples))]
-            return self._metrics(task, TaskType.generation, ROUGE_L, values, examples, predictions)
-        # Examples that list options are rank-classified; any others of a classification task must
-        # generate their label, which is then matched exactly.
-        predictions = [""] * len(examples)
-        for i, prediction in self._classify(examples, with_options, ids).items():
-            predictions[i] = prediction
-        unranked = [i for i in range(len(examples)) if examples[i].options is None]
-        if unranked:
-            for i, prediction in zip(unranked, self._generate(examples, unranked, ids), strict=True):
-                predictions[i] = prediction
-        values = [
-            float(data_lib.normalize_answer(p) == data_lib.normalize_answer(e.output))
-            for p, e in zip(predictions, examples, strict=True)
-        ]
-        metric = EXACT_MATCH if unranked else ACCURACY
-        return self._metrics(task, TaskType.classification, metric, values, examples, predictions)
+            return self._metrics(task, TaskType.generation, ROUGE_L, {ROUGE_L: values}, examples, predictions)
+        # Examples that list options are rank-classified, two ways. Every example is also answered by greedy
+        # generation (accuracy_gen); an example without options can only be, and counts that way throughout.
+        answers = self._generate(examples, range(len(examples)), ids)
+        by_generation = [float(data_lib.is_correct(e, answer)) for e, answer in zip(examples, answers, strict=True)]
+        predictions = list(answers)
+        per_metric = {ACCURACY: list(by_generation), ACCURACY_NORM: list(by_generation), ACCURACY_GEN: by_generation}
+        primary = self.settings.metric
+        for i, (by_sum, by_token) in self._classify(examples, with_options, ids).items():
+            correct = data_lib.correct_options(examples[i])
+            per_metric[ACCURACY][i] = float(by_sum in correct)
+            per_metric[ACCURACY_NORM][i] = float(by_token in correct)
+            if primary != ACCURACY_GEN:  # the samples show the answer the primary metric scored
+                chosen = by_token if primary == ACCURACY_NORM else by_sum
+                predictions[i] = data_lib.answer_candidates(examples[i])[chosen]
+        if len(with_options) < len(examples):  # some rows list no options: one mixed measure, as before
+            return self._metrics(task, TaskType.classification, EXACT_MATCH, {EXACT_MATCH: per_metric[ACCURACY]},
+                                 examples, predictions)
+        return self._metrics(task, TaskType.classification, primary, per_metric, examples, predictions)
 
     def _metrics(
         self,
         task: str,
         task_type: TaskType,
         metric: str,
-        values: list[float],
+        values: dict[str, list[float]],
         examples: list[Example],
         predictions: list[str],
     ) -> TaskMetrics:
@@ -467,31 +483,38 @@ class _Scorer:
             {
                 "source": data_lib.source_text(example, self.spec.instructions),
                 "prediction": prediction,
-                "references": [example.output] if task_type == TaskType.classification else _references(example),
+                "references": _references(example),
             }
             for example, prediction in list(zip(examples, predictions, strict=True))[: self.settings.samples]
         ]
+        means = {name: sum(per_example) / len(per_example) for name, per_example in values.items()}
         return TaskMetrics(
             task=task,
             task_type=task_type.value,
             metric=metric,
-            value=sum(values) / len(values),
-            n=len(values),
+            value=means[metric],
+            n=len(examples),
             samples=samples,
+            metrics=means,
         )
 
     # --- rank classification ---
 
-    def _classify(self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds) -> dict[int, str]:
-        """The likeliest answer candidate of each example at `positions`, by position."""
+    def _classify(
+        self, examples: Sequence[Example], positions: Sequence[int], ids: _TaskIds
+    ) -> dict[int, tuple[int, int]]:
+        """For each example at `positions`, by position: the likeliest option by summed log-likelihood, and
+        by log-likelihood per answer token (which does not favour short options)."""
         import torch
 
-        predictions: dict[int, str] = {}
+        predictions: dict[int, tuple[int, int]] = {}
 
         def classify(batch: list[int]) -> None:
             scores = self._option_scores([ids.sources[i] for i in batch], [ids.candidates[i] for i in batch])
             for i, example_scores in zip(batch, scores, strict=True):
-                predictions[i] = data_lib.answer_candidates(examples[i])[best_option(example_scores)]
+                lengths = [max(len(candidate), 1) for candidate in ids.candidates[i]]
+                per_token = [score / length for score, length in zip(example_scores, lengths, strict=True)]
+                predictions[i] = (best_option(example_scores), best_option(per_token))
             self._between_batches(len(batch))
 
         with torch.inference_mode():

@@ -145,6 +145,8 @@ class GridFile(Strict):
     finetune: TrainConfig | None = None  # few-shot stage; defaults to `train`
     eval: EvalConfig = EvalConfig()
     stage_timeout: Annotated[int, Field(gt=0, le=30 * 86400)] = 86400
+    # A held-out task's variants (`<task>-poluteoptions`) as sources leak it; true accepts that on purpose.
+    allow_task_overlap: bool = False
 
     @model_validator(mode="after")
     def _split_axis_defaults_to_every_split(self) -> GridFile:
@@ -606,7 +608,7 @@ def _resolve_model(model: str, base: Path) -> str:
 def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
     """Read, validate and expand a grid file. Raises GridError listing every problem."""
     # Imported here: these modules are light, but keep the grid schema importable on its own.
-    from jobs.data import few_shot_shortfall, task_catalog, task_sizes
+    from jobs.data import few_shot_shortfall, task_catalog, task_family, task_sizes
     from jobs.models import check_model_name, is_local_path, local_model_problem
 
     where = str(path)
@@ -680,6 +682,15 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
                 hint = f"; did you mean {', '.join(close)}?" if close else f"; its tasks are {listed}"
                 report((*loc, index), f'unknown task "{task}" in {Path(source).name}{hint}')
 
+    def check_families(sources: list[str], held_out: list[str], loc: Loc) -> None:
+        """A source of the same family as a held-out task (its -poluteoptions twin, say) is refused."""
+        families = {task_family(task): task for task in held_out}
+        for index, task in enumerate(sources):
+            target = families.get(task_family(task))
+            if target is not None and target != task:
+                report((*loc, index), f'"{task}" is a variant of the held-out task "{target}" (same task family), '
+                       "so training on it leaks the target; drop it, or set allow_task_overlap: true")
+
     main_source = _resolve_source(grid.data, base)
     splits = grid.tasks if isinstance(grid.tasks, dict) else {"": grid.tasks}
     for split_name, split in splits.items():
@@ -690,6 +701,8 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         if overlap:
             report((*prefix, "eval"), f"held-out tasks also appear in train: {', '.join(overlap)}; "
                    "a target task must not be a source")
+        elif not grid.allow_task_overlap:
+            check_families(split.train, split.eval, (*prefix, "train"))
     # Few-shot examples come from the rows after each target task's eval examples: enough must be left.
     sizes = task_sizes(main_source) if catalogs.get(main_source) else {}
     eval_tasks = sorted({task for split in splits.values() for task in split.eval if task in sizes})
@@ -713,6 +726,8 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
         if leaked:
             report(("mixtures", name, "tasks"), f"held-out tasks also appear in this mixture: {', '.join(leaked)}; "
                    "a target task must not be a source")
+        elif mixture_source == main_source and not grid.allow_task_overlap:
+            check_families(mixture.tasks, sorted(held_out), ("mixtures", name, "tasks"))
     for index, model in enumerate(grid.grid.model):
         problem = check_model_name(model)
         if problem:

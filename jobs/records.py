@@ -317,7 +317,8 @@ def grid_summary(conn: redis.Redis, grid: str) -> dict[str, Any]:
 
 
 def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
-    """One row per run x eval task: {grid, run, cell, task, task_type, metric, value}."""
+    """One row per run x eval task: {grid, run, cell, task, task_type, metric, value, metrics}: the primary
+    metric and its value, and every metric the stage recorded."""
     runs = list_runs(conn, grid=grid)
     pipe = conn.pipeline(transaction=False)
     for run in runs:
@@ -328,7 +329,8 @@ def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
         for task, result in sorted(results.items()):
             rows.append({"grid": grid, "run": run.id, "cell": run.cell, "task": task,
                          "task_type": result["task_type"], "metric": result["metric"],
-                         "value": result["value"]})
+                         "value": result["value"],
+                         "metrics": result.get("metrics") or {result["metric"]: result["value"]}})
     return rows
 
 

@@ -55,6 +55,8 @@ class EvalConfig(Frozen):
     samples: Annotated[int, Field(ge=0, le=100)] = 5
     # Greedy decoding with a static KV cache that torch.compile turns into CUDA graphs (CUDA only).
     compile: bool = False
+    # The classification accuracy that results report first (all three are recorded): jobs/evaluate.py.
+    metric: Literal["accuracy", "accuracy_norm", "accuracy_gen"] = "accuracy"
 
 
 class StageSpec(Frozen):
@@ -81,6 +83,8 @@ class StageSpec(Frozen):
             del spec["holdout"]
         if spec["eval"] is not None and not spec["eval"]["compile"]:
             del spec["eval"]["compile"]
+        if spec["eval"] is not None and spec["eval"]["metric"] == "accuracy":
+            del spec["eval"]["metric"]
         return content_hash(spec)[:20]
 
     @property

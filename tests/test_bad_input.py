@@ -333,3 +333,36 @@ def test_small_command_line_slips_get_one_line_each(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, args, env={**env, **extra})
         assert result.exit_code == 2 and result.stderr.count("\n") == 1, (args, result.stderr[:300])
         assert says in result.stderr and len(result.stderr) < 400, (args, result.stderr[:300])
+
+
+def test_a_variant_of_a_held_out_task_in_training_is_refused_unless_allowed(
+    tmp_path: Path, stl_env: Path, conn: redis.Redis
+) -> None:
+    """InstructDial's create_data_text2text.py writes `<task>-poluteoptions` twins of its tasks: training on
+    the twin of a held-out task leaks it, in a task split and in a mixture alike."""
+    import json
+
+    from tests.instructdial_format import get_options_string, row
+
+    data = tmp_path / "variants.jsonl"
+    lines = [row(task, f"turn {i}", get_options_string(["yes", "no"]), "yes")
+             for task in ("persuasion_present", "persuasion_present-poluteoptions", "toxic_classification")
+             for i in range(30)]
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    grid = {"name": "leaky", "data": str(data),
+            "tasks": {"train": ["toxic_classification", "persuasion_present-poluteoptions"],
+                      "eval": ["persuasion_present"]},
+            "grid": {"model": ["tiny:bart"]}}
+    path = tmp_path / "leaky.yaml"
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    (line,) = assert_refused(enqueue(path)[0], path, conn)
+    assert ":6: tasks.train.1: " in line and "persuasion_present-poluteoptions" in line and \
+        '"persuasion_present"' in line and "allow_task_overlap" in line
+    in_mixture = {**grid, "tasks": {"train": ["toxic_classification"], "eval": ["persuasion_present"]},
+                  "mixtures": {"twins": {"data": str(data), "tasks": ["persuasion_present-poluteoptions"]}}}
+    path.write_text(yaml.safe_dump(in_mixture, sort_keys=False))
+    (line,) = assert_refused(enqueue(path)[0], path, conn)
+    assert "mixtures.twins.tasks.0: " in line and "persuasion_present-poluteoptions" in line
+    path.write_text(yaml.safe_dump({**grid, "allow_task_overlap": True}, sort_keys=False))
+    result, _ = enqueue(path, "--dry-run")
+    assert result.exit_code == 0, result.output

@@ -19,8 +19,11 @@ from jobs.data import (
     DEMO_TRAIN_TASKS,
     Example,
     answer_candidates,
+    correct_options,
     cycle_shuffled,
+    example_from_row,
     few_shot_examples,
+    is_correct,
     k_shot,
     length_grouped_batches,
     mixture,
@@ -299,15 +302,17 @@ def test_instructdial_sample_parses() -> None:
     assert len(catalog) == 46
     assert catalog["act_classification"] == TaskType.classification
     assert catalog["response_generation"] == TaskType.generation
+    unanswerable: set[str] = set()
     for example in examples:
         assert example.prompt.startswith("Instruction:")
         assert example.all_outputs
         if catalog[example.task] == TaskType.classification:
             assert example.options is not None
-            candidates = {normalize_answer(c) for c in answer_candidates(example)}
-            assert normalize_answer(example.output) in candidates, example.task
+            assert len(answer_candidates(example)) == len(example.options)
+            unanswerable.update([example.task] if not correct_options(example) else [])
         else:
             assert example.options is None
+    assert not unanswerable, f"no option is the gold answer in some rows of {sorted(unanswerable)}"
     shots = few_shot_examples(str(path), ["intent_classification"], 4, seed=0)
     assert [e.task for e in shots] == ["intent_classification"] * 4
     assert data.k_shot(list(read_examples(str(path), ["intent_classification"])), 4, seed=0) == shots
@@ -409,3 +414,64 @@ def test_the_demo_dataset_is_never_written_over_someone_elses_files(tmp_path: Pa
     again = tmp_path / "demo"
     data.write_demo_dataset(again)
     data.write_demo_dataset(again)  # over its own earlier copy: fine
+
+
+# --- options in every style InstructDial writes ------------------------------------------------------------
+
+
+def _example(options_string: str, output: str, all_outputs: list[str] | None = None) -> Example:
+    from tests import instructdial_format as fmt
+
+    return example_from_row(fmt.row("t", "hello there", options_string, output, all_outputs))
+
+
+def test_letter_indexed_options_are_answered_by_letter_and_scored_against_it() -> None:
+    from tests.instructdial_format import get_alphabetwithoptions_string
+
+    example = _example(get_alphabetwithoptions_string(["supports", "refutes", "not enough information"]), "B")
+    assert example.options == ("A: supports", "B: refutes", "C: not enough information")
+    assert answer_candidates(example) == ("A", "B", "C")
+    assert correct_options(example) == {1}
+    assert is_correct(example, "B") and is_correct(example, " b ") and is_correct(example, "refutes")
+    assert not is_correct(example, "A") and not is_correct(example, "supports")
+
+
+@pytest.mark.parametrize("listed", [
+    ["(a) tea", "(b) coffee", "(c) water"],
+    ["A. tea", "B. coffee", "C. water"],
+    ["a) tea", "b) coffee", "c) water"],
+    ["0: tea", "1: coffee", "2: water"],
+])
+def test_every_label_style_takes_the_bare_label_or_the_option_text_as_gold(listed: list[str]) -> None:
+    from tests.instructdial_format import get_options_string
+
+    label = listed[1].split()[0].strip("():.").strip()
+    by_label = _example(get_options_string(listed), label)
+    assert correct_options(by_label) == {1}
+    assert normalize_answer(answer_candidates(by_label)[1]) == label.lower()
+    by_text = _example(get_options_string(listed), "coffee")
+    assert correct_options(by_text) == {1}
+    assert answer_candidates(by_text) == ("tea", "coffee", "water")
+    assert is_correct(by_text, "coffee") and is_correct(by_label, f"({label})")
+
+
+def test_a_multi_label_row_credits_any_of_its_accepted_outputs() -> None:
+    from tests.instructdial_format import get_options_string
+
+    example = _example(get_options_string(["joy", "love", "anger", "fear"]), "joy", ["joy", "love"])
+    assert correct_options(example) == {0, 1}
+    assert is_correct(example, "love") and is_correct(example, "Joy") and not is_correct(example, "anger")
+
+
+def test_plain_options_that_only_look_labelled_stay_plain() -> None:
+    from tests.instructdial_format import get_integerwithoptions_string, get_options_string
+
+    # Repeated "labels" are not labels: the options are answered as listed.
+    plain = _example(get_options_string(["a. m. meeting", "a. m. call"]), "a. m. call")
+    assert answer_candidates(plain) == ("a. m. meeting", "a. m. call") and correct_options(plain) == {1}
+    # find_incoherent_utterance lists bare numbers and answers with one.
+    bare = _example(get_options_string(["0", "1", "2", "all correct"]), "2")
+    assert answer_candidates(bare) == ("0", "1", "2", "all correct") and correct_options(bare) == {2}
+    # A poluteoptions twin appends "none of the above" as a numbered option.
+    polluted = _example(get_integerwithoptions_string(["offerbook", "inform", "none of the above"]), "2")
+    assert answer_candidates(polluted) == ("0", "1", "2") and correct_options(polluted) == {2}

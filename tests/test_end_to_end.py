@@ -71,11 +71,13 @@ def test_grid_runs_to_results(stl_env: Path, conn: redis.Redis, tmp_path: Path, 
     rows = results["rows"]
     assert len(rows) == 4 * 2
     for row in rows:
-        assert set(row) == {"run", "cell", "task", "task_type", "metric", "value"}
-        assert 0.0 <= row["value"] <= 1.0
+        assert set(row) == {"run", "cell", "task", "task_type", "metric", "value", "metrics"}
+        assert 0.0 <= row["value"] <= 1.0 and row["metrics"][row["metric"]] == row["value"]
         expected = {"emotion_classification": ("classification", "accuracy"),
                     "summarization": ("generation", "rougeL")}[row["task"]]
         assert (row["task_type"], row["metric"]) == expected
+        recorded = {"classification": {"accuracy", "accuracy_norm", "accuracy_gen"}, "generation": {"rougeL"}}
+        assert set(row["metrics"]) == recorded[row["task_type"]]
     assert (stl_env / "runs" / rows[0]["run"] / "metrics.json").is_file()
     record = json.loads((stl_env / "runs" / rows[0]["run"] / "run.json").read_text())
     assert record["status"] == "finished" and record["progress"] == 1.0 and isinstance(record["cell"], dict)

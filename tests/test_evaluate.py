@@ -665,3 +665,67 @@ def test_a_failing_decoding_loop_hands_the_stage_to_generate_with_the_reason(
     [failed] = [line for line in lines if line.startswith("stl's decoding loop failed")]
     assert "an op this device lacks" in failed and "transformers' generate for the rest of the stage" in failed
     assert sum("decoding loop failed" in line for line in lines) == 1  # given up once, not per batch
+
+
+def test_letter_indexed_options_in_instructdials_format_are_scored_by_letter(tmp_path: Path) -> None:
+    """A model trained to answer "B" scores 1.0 where the gold letter is B and 0.0 where it is A, on rows
+    written by InstructDial's get_alphabetwithoptions_string (before, every such row scored 0)."""
+    from tests.instructdial_format import answer_selection_row
+
+    words = ["tea", "rain", "bus", "song", "cake", "park", "book", "lamp", "door", "bird"]
+    data = tmp_path / "lettered.jsonl"
+
+    def rows(task: str, gold: int, n: int, offset: int) -> list[dict[str, Any]]:
+        return [answer_selection_row(task, f"{words[i % 10]} {words[(i * 3) % 10]}",
+                                     [words[(i + 1) % 10], words[(i + 2) % 10], words[(i + 5) % 10]], gold)
+                for i in range(offset, offset + n)]
+
+    lines = rows("answer_selection_b", 1, 24, 0) + rows("held_out_b", 1, 8, 50) + rows("held_out_a", 0, 8, 50)
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    spec = StageSpec(
+        kind=StageKind.mtl, model="tiny:t5", data=str(data), tasks=("answer_selection_b",),
+        train=TrainConfig(max_steps=40, batch_size=8, learning_rate=1e-2, warmup_ratio=0.1, checkpoint_every=100),
+    )
+    train(TrainRun(spec=spec, workdir=tmp_path / "w", init_from=None, device="cpu", should_stop=lambda: None,
+                   log=lambda line: None), on_step=lambda report: None)
+    says_b, says_a = run_eval(eval_spec(data, ("held_out_b", "held_out_a"), max_examples=8),
+                              model_dir=tmp_path / "w" / "model")
+    assert (says_b.value, says_a.value) == (1.0, 0.0), (says_b.samples, says_a.samples)
+    assert says_b.samples[0]["prediction"] == "B" and says_a.samples[0]["references"] == ["A"]
+    assert says_b.metrics["accuracy_gen"] == 1.0 and says_a.metrics["accuracy_gen"] == 0.0  # it generates "B"
+
+
+def test_classification_records_three_accuracies_and_eval_metric_picks_the_primary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Summed log-likelihood favours the short option; per token favours the long one here; the model's
+    generated answer names neither. eval.metric says which one the result reports first."""
+    from jobs import evaluate as evaluate_lib
+    from tests.instructdial_format import row
+
+    data = tmp_path / "short_long.jsonl"
+    options = "[OPTIONS] no||||yes, and gladly so"
+    data.write_text("".join(json.dumps(row("t", f"hi {i}", options, "yes, and gladly so")) + "\n" for i in range(4)))
+
+    def fixed_scores(self: Any, sources: list[list[int]], candidates: Any) -> list[list[float]]:
+        # The short option's whole answer is likelier; the long one's tokens are each likelier.
+        return [[-1.0 * len(opts[0]), -0.5 * len(opts[1]) - 0.1] for opts in candidates]
+
+    monkeypatch.setattr(evaluate_lib._Scorer, "_option_scores", fixed_scores)
+    [by_sum] = run_eval(eval_spec(data, ("t",), max_examples=4))
+    assert by_sum.metric == "accuracy" and set(by_sum.metrics) == {"accuracy", "accuracy_norm", "accuracy_gen"}
+    assert (by_sum.metrics["accuracy"], by_sum.metrics["accuracy_norm"]) == (0.0, 1.0)
+    assert by_sum.value == 0.0 and by_sum.samples[0]["prediction"] == "no"
+    [by_token] = run_eval(eval_spec(data, ("t",), max_examples=4, metric="accuracy_norm"))
+    assert (by_token.metric, by_token.value) == ("accuracy_norm", 1.0)
+    assert by_token.samples[0]["prediction"] == "yes, and gladly so"
+    [generated] = run_eval(eval_spec(data, ("t",), max_examples=4, metric="accuracy_gen"))
+    assert generated.metric == "accuracy_gen" and generated.value == generated.metrics["accuracy_gen"]
+    assert generated.metrics == by_sum.metrics  # one evaluation, whichever metric leads
+
+
+def test_eval_metric_changes_a_stage_id_only_when_not_the_default(tmp_path: Path) -> None:
+    ids = {metric: eval_spec(tmp_path / "d.jsonl", ("t",), metric=metric).stage_id
+           for metric in ("accuracy", "accuracy_norm", "accuracy_gen")}
+    assert len(set(ids.values())) == 3
+    assert ids["accuracy"] == eval_spec(tmp_path / "d.jsonl", ("t",)).stage_id
