@@ -14,7 +14,13 @@ from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, Stage
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
 from jobs.train import OomRetry, StepReport, _ShapesSeen, _warmup_then_linear_decay
-from tests.helpers import assert_bit_identical, out_of_memory_in_disguise, run_training, saved_weights
+from tests.helpers import (
+    assert_bit_identical,
+    newest_checkpoint,
+    out_of_memory_in_disguise,
+    run_training,
+    saved_weights,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,7 +79,9 @@ def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
     interrupted = tmp_path / "interrupted"
     with pytest.raises(StagePreempted, match=f"step {stop_at}"):
         run_training(spec, interrupted, should_stop=stop_after(stop_at, "preempt"))
-    state = json.loads((interrupted / "checkpoint" / "state.json").read_text())
+    newest = newest_checkpoint(interrupted)
+    assert newest is not None
+    state = json.loads((newest / "state.json").read_text())
     assert state["step"] == stop_at and state["data"]["next_batch"] == stop_at
     assert not (interrupted / "model").exists()
 
