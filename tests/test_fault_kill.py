@@ -300,6 +300,41 @@ def test_sigterm_checkpoints_requeues_at_the_head_and_the_next_worker_resumes(
 
 
 @pytest.mark.slow
+def test_a_checkpoint_damaged_while_its_stage_waited_falls_back_to_the_previous_one(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
+    # A stage preempted (docker stop), then its newest checkpoint truncated (a crash of the disk, a careless
+    # hand): the next worker resumes from the checkpoint before it, says so in `stl logs`, and the run finishes.
+    enqueue(small_grid(tmp_path, demo_data, "damaged", shots=[4], train={"max_steps": 300, "checkpoint_every": 10}))
+    first = workers.start()
+
+    def two_checkpoints() -> tuple[str, int] | None:
+        found = running_training_stage(conn)
+        return found if found and checkpoint_step(stl_env, found[0]) >= 20 else None
+
+    sid, horse = wait_for(two_checkpoints, timeout=120, interval=0.02, what="training to pass two checkpoints",
+                          diagnostics=workers.logs)
+    first.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert first.wait(timeout=10) == 0, workers.logs()
+    wait_for(lambda: not Path(f"/proc/{horse}").exists(), timeout=5, what="the horse to exit")
+    newest = newest_checkpoint(stl_env / "stages" / sid)
+    assert newest is not None
+    saved = checkpoint_step(stl_env, sid)
+    trainer = newest / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[: trainer.stat().st_size // 2])
+
+    workers.start()
+    wait_for(lambda: grid_done(conn, "damaged"), timeout=120, what="the run to finish", diagnostics=workers.logs)
+    assert set(run_statuses(conn, "damaged").values()) == {"finished"}, workers.logs()
+    run_id = next(iter(run_statuses(conn, "damaged")))
+    logs = stl("logs", run_id).stdout
+    assert f"checkpoint/{newest.name} cannot be used: trainer.pt cannot be read" in logs, logs
+    previous = resumed_steps(conn, sid)[-1]
+    assert 10 <= previous < saved, (previous, saved)
+    assert f"falling back to the previous checkpoint, checkpoint/step-{previous:08d} (step {previous})" in logs
+    assert f"resumed from step {previous}" in logs
+
+
+@pytest.mark.slow
 def test_jobs_of_a_worker_that_died_before_its_horse_took_the_lease_are_requeued(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
     """The states a worker leaves when it dies between taking a job and its horse taking the stage's lease:
