@@ -20,6 +20,7 @@ import redis
 
 from jobs import keys
 from jobs.codec import text
+from jobs.durable import needed_bytes, write_atomically
 from jobs.errors import ForeignJob, MachineFault, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
@@ -254,10 +255,8 @@ def write_run_records(settings: Settings, conn: redis.Redis, run_ids: list[str])
     from jobs.records import run_rows
 
     for row in run_rows(conn, [r for r in run_ids if (settings.runs_dir / r).is_dir()]):
-        path = settings.runs_dir / row.id / "run.json"
-        temporary = path.with_name(".run.json.tmp")
-        temporary.write_text(json.dumps(row.to_json(), indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, path)
+        record = json.dumps(row.to_json(), indent=2, sort_keys=True) + "\n"
+        write_atomically(settings.runs_dir / row.id / "run.json", record)
 
 
 def run_stage(stage_id: str) -> dict[str, Any]:
@@ -306,7 +305,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
         status = start_stage_record(conn, stage_id, {
             "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": holder,
-            "error": "", "eta_s": "", "eta_at": "", "machine_fault": ""})
+            "error": "", "eta_s": "", "eta_at": "", "machine_fault": "", "disk_needed_bytes": ""})
         if status != "started":  # canceled since its status was read above
             raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
         live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
@@ -342,6 +341,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     except BaseException as e:
         message = _failure_message(e, spec)
         fault = machine_fault(e)
+        need = needed_bytes(e)  # a full disk: what the failed save needed, so the worker waits for that much room
         if fault is not None:
             # The other workers of this host check the machine before they take a stage (this one included).
             conn.set(keys.host_fault(socket.gethostname()), f"{time.time():.3f}|{fault}", ex=HOST_FAULT_TTL_S)
@@ -350,12 +350,13 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                 reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
                              f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
                              "until the machine is healthy again")
-                _back_to_queue(conn, stage_id, machine_fault=fault)
+                _back_to_queue(conn, stage_id, machine_fault=fault, disk_needed_bytes=need)
                 _charge(conn, user, started)
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
             message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
-            conn.hset(stage_key, "machine_fault", fault)  # its worker pauses too, and checks the machine
+            # its worker pauses too, and checks the machine
+            conn.hset(stage_key, mapping={"machine_fault": fault, "disk_needed_bytes": need})
         reporter.log(f"failed: {message}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
                       started=started, user=user)
@@ -377,11 +378,11 @@ def _charge(conn: redis.Redis, user: str, started: float, now: float | None = No
         charge_usage(conn, user, (now or time.time()) - started)
 
 
-def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "") -> None:
+def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "", disk_needed_bytes: int = 0) -> None:
     """The stage did not end: it and its runs are queued again (the worker puts its job back at the head)."""
     pipe = conn.pipeline(transaction=False)
     pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
-                                             "machine_fault": machine_fault})
+                                             "machine_fault": machine_fault, "disk_needed_bytes": disk_needed_bytes})
     pipe.srem(keys.RUNNING_STAGES, stage_id)
     pipe.execute()
     update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
@@ -471,7 +472,7 @@ def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> N
         return
     run_dir = settings.runs_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_atomically(run_dir / "metrics.json", json.dumps(results, indent=2, sort_keys=True))
 
 
 def _notify_if_grid_done(conn: redis.Redis, settings: Settings, grid: str) -> None:

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.durable import MIN_NEED_BYTES, fsync_directory, fsync_tree, remove, saving
 from jobs.errors import ModelError, missing_on_worker
 
 if TYPE_CHECKING:
@@ -270,18 +271,24 @@ def _make_pad_token_coherent(model: PreTrainedModel, tokenizer: Any) -> None:
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
-    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`."""
+    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`.
+
+    Written aside and fsync'd before it replaces `directory`; a failed save leaves nothing aside, and one
+    that a full or read-only disk explains raises the disk's error (jobs.durable.saving)."""
     temporary = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    info = {
-        "base_model": base_model_name(model),
-        "model_type": model.config.model_type,
-        "seq2seq": is_seq2seq(model),
-    }
-    (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    replace_directory(temporary, directory)
+    remove(temporary)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters()) + MIN_NEED_BYTES
+    with saving(directory, temporary, needed=needed):
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        info = {
+            "base_model": base_model_name(model),
+            "model_type": model.config.model_type,
+            "seq2seq": is_seq2seq(model),
+        }
+        (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        fsync_tree(temporary)
+        replace_directory(temporary, directory)
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -293,6 +300,7 @@ def replace_directory(source: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, previous)
     os.replace(source, target)
+    fsync_directory(target.parent)
     shutil.rmtree(previous, ignore_errors=True)
 
 

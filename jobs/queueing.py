@@ -161,7 +161,8 @@ for _, run in ipairs(to_write) do
         end
         if st ~= '' then
           redis.call('HDEL', K.stage .. sid, 'started_at', 'ended_at', 'error', 'loss', 'cancel', 'preempt',
-            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned', 'machine_fault', 'machine_faults')
+            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned', 'machine_fault', 'machine_faults',
+            'disk_needed_bytes')
         end
         redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
           'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,

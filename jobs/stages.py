@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from jobs.durable import write_atomically
 from jobs.errors import ModelError
 from jobs.evaluate import EvalRun, TaskMetrics, evaluate
 from jobs.layout import DONE_FILE, METRICS_FILE, MODEL_DIR, PRUNED_FILE
@@ -125,9 +125,7 @@ def _parent_model_dir(parent_dir: Path | None) -> Path | None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def preload_libraries() -> None:

@@ -87,6 +87,7 @@ class StlWorker(Worker):
         self._pending_timeout = ""
         self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
         self._paused = ""  # why the machine cannot run stages now (a full disk, a broken GPU); "" when it can
+        self._disk_need = 0  # while paused for a full disk: what the stage's failed save needed (bytes)
         self._host_fault_seen = ""  # the last machine fault announced on this host that this worker checked
         self._next_health_check = 0.0
         host = socket.gethostname()
@@ -218,7 +219,8 @@ class StlWorker(Worker):
     def _pause_if_the_machine_failed(self, stage_id: str) -> None:
         """A stage its horse stopped for a fault of the machine (jobs.health): take no work until it is fixed."""
         try:
-            fault = text(self.connection.hget(keys.stage(stage_id), "machine_fault"))
+            fault, need = (text(v) for v in self.connection.hmget(keys.stage(stage_id), "machine_fault",
+                                                                  "disk_needed_bytes"))
             self._host_fault_seen = text(self.connection.get(keys.host_fault(self.host)))  # our own: checked below
         except redis.RedisError:
             return  # the next stage meets the fault again, if there is one
@@ -226,11 +228,14 @@ class StlWorker(Worker):
             return
         self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); checking the machine",
                        self.name, stage_id, fault)
+        # A full disk: the stage needs room for what it failed to save, or it would only fill the disk again.
+        self._disk_need = int(need) if need.isdigit() else 0
         # The pause gives the health check's reason from the start, as every later check words it (not the
         # stage's error first): `stl status` shows one reason for the whole pause.
         problem = self._machine_problem()
         if problem is None:
             self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
+            self._disk_need = 0
             return
         self.log.error("Worker %s: taking no work until the machine is healthy again: %s; trying again every %.0f s",
                        self.name, problem, HEALTH_CHECK_EVERY_S)
@@ -266,7 +271,7 @@ class StlWorker(Worker):
 
     def _machine_problem(self) -> str | None:
         return machine_problem(self.settings, gpu=self._probe.has_gpu, faults=parse_faults(self.settings.fault_inject),
-                               keep_alive=lambda: self._write_record(None))
+                               keep_alive=lambda: self._write_record(None), need_bytes=self._disk_need)
 
     def _healthy_again(self) -> bool:
         """While paused: try the machine now and then; True once nothing is wrong with it."""
@@ -282,7 +287,7 @@ class StlWorker(Worker):
             self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
             return False
         self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
-        self._paused = ""
+        self._paused, self._disk_need = "", 0
         self._write_record("idle")
         return True
 
