@@ -235,16 +235,17 @@ def _load_pretrained(
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
         factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        # device_map: safetensors weights go straight to the device, with no full copy in host memory.
-        model = factory.from_pretrained(
-            name_or_path, config=config, dtype=dtype, device_map=device, trust_remote_code=False
-        )
+        # Loaded into host memory, then moved (below): `device_map` would skip that copy but needs
+        # `accelerate`, one more dependency for a second or two on the small models stl trains.
+        model = factory.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as e:  # hub/network/format errors come in many types; all mean "cannot load"
         detail = " ".join(str(e).split())  # one line: the CLI prints it as the run's error
         raise ModelError(
             f"model {name_or_path} could not be loaded: {type(e).__name__}: {detail}; check the id or path"
         ) from e
+    # Outside the try: a full GPU is not a wrong id or path. (transformers' wrapper of `to` confuses mypy.)
+    model.to(device)  # type: ignore[call-arg, arg-type]
     return model, tokenizer
 
 
