@@ -259,3 +259,21 @@ def test_image_leaves_out_the_host_venv_and_secrets() -> None:
     left_out = docker_context_filter()(str(REPO), [".venv", ".env", ".git", "jobs", "pyproject.toml"])
     assert left_out == {".venv", ".env", ".git"}
     assert docker_context_filter()(str(REPO / "jobs"), ["__pycache__", "models.py"]) == {"__pycache__"}
+
+
+# The python3 each Ubuntu release installs from its own archive (the Dockerfile's apt-get line).
+UBUNTU_PYTHON = {"20.04": (3, 8), "22.04": (3, 10), "24.04": (3, 12), "26.04": (3, 14)}
+
+
+def test_the_images_python_meets_requires_python() -> None:
+    """The base image's apt python3 must satisfy pyproject's requires-python, or the image cannot install stl
+    (no Docker daemon here builds it, so this reads the two files)."""
+    import re
+    import tomllib
+
+    base = re.search(r"^FROM\s+\S+?ubuntu(\d+\.\d+)\s*$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert base, "the Dockerfile's FROM line names no ubuntu<version> image; update this test"
+    assert base.group(1) in UBUNTU_PYTHON, f"add Ubuntu {base.group(1)}'s python3 version to UBUNTU_PYTHON"
+    required = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    minimum = tuple(int(part) for part in re.fullmatch(r">=\s*(\d+)\.(\d+)", required).groups())  # type: ignore[union-attr]
+    assert UBUNTU_PYTHON[base.group(1)] >= minimum, (base.group(1), required)
