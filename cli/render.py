@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -205,14 +206,25 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
 
 
 ERROR_CHARS = 120  # of a failed run's error in `stl status`; `stl logs RUN` has all of it
+# "finetune stage 3f9a…(20 hex): …": the stage id says nothing in a row that names the run; its kind stays.
+_STAGE_ID_IN_ERROR = re.compile(r"^(\w+) stage [0-9a-f]{20}: ")
+
+
+def short_error(error: str) -> str:
+    """A run's error for the failures table: without the stage id, and cut between words past ERROR_CHARS."""
+    error = _STAGE_ID_IN_ERROR.sub(r"\1: ", error)
+    if len(error) <= ERROR_CHARS:
+        return error
+    cut = error[:ERROR_CHARS - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > ERROR_CHARS // 2 else cut).rstrip(" ,;:") + "…"
 
 
 def failed_rows(runs: list[RunRow]) -> list[list[str]]:
     rows = []
     for run in runs:
         ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
-        error = run.error if len(run.error) <= ERROR_CHARS else run.error[:ERROR_CHARS - 1] + "…"
-        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, error or "—"])
+        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, short_error(run.error) or "—"])
     return rows
 
 

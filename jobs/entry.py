@@ -20,7 +20,7 @@ import redis
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import ForeignJob, MachineFault, StageCanceled, StageLeaseLost, StagePreempted
+from jobs.errors import ForeignJob, MachineFault, ModelError, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
@@ -357,6 +357,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
             message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
             conn.hset(stage_key, "machine_fault", fault)  # its worker pauses too, and checks the machine
         reporter.log(f"failed: {message}")
+        if isinstance(e, ModelError) and e.detail:  # the whole story behind a short reason: the loaders' words
+            reporter.log(f"  in full: {e.detail}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
                       started=started, user=user)
         lease.release()

@@ -51,7 +51,12 @@ class DataError(StlError):
 
 
 class ModelError(StlError):
-    """A model cannot be built or loaded."""
+    """A model cannot be built or loaded. The message is short (it is the run's error in `stl status`);
+    `detail` holds everything the loaders said, for the stage's log."""
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class StageCanceled(StlError):

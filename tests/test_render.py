@@ -294,6 +294,14 @@ def test_failures_show_run_grid_cell_and_error() -> None:
     assert row[4] == "finetune stage ab12: out of memory"
     [long] = failed_rows([run_row(status="failed", error="x" * 500)])
     assert len(long[4]) == 120 and long[4].endswith("…")
+    # The stage's kind stays, its id goes (the row names the run); a long error is cut between words.
+    stage_error = ("finetune stage 0123456789abcdef0123: ModelError: model o/m is not on the Hugging Face hub; "
+                   "check the id")
+    [row] = failed_rows([run_row(status="failed", error=stage_error)])
+    assert row[4] == "finetune: ModelError: model o/m is not on the Hugging Face hub; check the id"
+    words = "eval stage 0123456789abcdef0123: ModelError: " + " ".join(["reason"] * 30)
+    [row] = failed_rows([run_row(status="failed", error=words)])
+    assert len(row[4]) <= 120 and row[4].endswith("reason…"), row[4]
     from jobs.records import StatusSummary
 
     view = build_status_view(StatusSummary(counts={}, grids=[], running=[], failed=[failed]), [], 120)
