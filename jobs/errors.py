@@ -42,6 +42,10 @@ class NotFound(StlError):
     exit_code = 2
 
 
+class NoResults(StlError):
+    """A grid has no results to show (yet): `stl results` exits 1, so a script does not take silence for a table."""
+
+
 class PermissionDenied(StlError):
     """The action needs the owner, or --force."""
 

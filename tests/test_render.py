@@ -406,3 +406,19 @@ def test_status_lists_live_grids_and_only_the_latest_ended_ones() -> None:
     only_ended = build_status_view(StatusSummary(counts=ended_counts, grids=ended, running=[]), [], 120)
     per_grid = next(p for p in only_ended.renderables if getattr(p, "title", None) == "Runs per grid")
     assert list(per_grid.columns[0].cells) == ["none queued or running"]
+
+
+def test_why_a_grid_has_no_results_is_one_line_that_says_whether_more_may_come() -> None:
+    from cli.render import why_no_results
+
+    runs = [run_row(id=f"{n}123456789abcdef", grid="g", status=status, error=error) for n, (status, error) in
+            enumerate([("finished", ""), ("failed", "eval stage 0123456789abcdef0123: ModelError: gone")])]
+    assert why_no_results(["g"], runs) == "no results for g: its 1 finished run(s) recorded none (1 failed, 1 finished)"
+    runs[0].status = "queued"
+    assert why_no_results(["g", "h"], runs) == ("no results for g, h yet: 1 of 2 run(s) are still queued or running "
+                                                "(1 failed); `stl status` shows their progress")
+    runs[0].status = "canceled"
+    assert why_no_results(["g"], runs) == ("no results for g: none of its 2 run(s) finished (1 failed, 1 canceled); "
+                                           "`stl logs RUN` says why, e.g. run 1123456789: eval: ModelError: gone")
+    assert "\n" not in why_no_results(["g"], [run_row(status="failed", error="a\nb")])
+
