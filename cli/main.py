@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from jobs.errors import GridError, StlError, UsageError
+from jobs.errors import GridError, NoResults, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
@@ -322,7 +322,7 @@ def results(
              "Applies to the pivot, --effect, exports and plots.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
-    from cli.render import results_notes
+    from cli.render import results_notes, why_no_results
     from jobs import analysis
     from jobs.records import list_runs, result_rows
 
@@ -337,6 +337,8 @@ def results(
             by_axes = [a.strip() for a in by.split(",") if a.strip()]
             if not by_axes:
                 raise UsageError(f"--by {by!r} names no axis; e.g. --by model,mtl")
+        if effect:
+            analysis.check_effect_syntax(effect)  # its values are checked against the results, once there are some
         grids = list(dict.fromkeys(grids))  # a grid named twice is read once
         settings = _settings()
         conn = _connect(settings)
@@ -346,6 +348,8 @@ def results(
         for grid in grids:
             all_rows += result_rows(conn, grid)
             grid_runs += list_runs(conn, grid=grid)
+        if not all_rows:  # in every form (table, --rows, --json, --csv, --plot): nothing written, exit 1
+            raise NoResults(why_no_results(grids, grid_runs))
         run_summaries = [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status} for r in grid_runs]
         if where:
             kept = analysis.parse_where(where, [*all_rows, *run_summaries])
@@ -390,13 +394,6 @@ def results(
             width: int | None = console.width
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
                 console, width = Console(width=200), None
-            if not pivot.columns:  # no run has a result: a table of axes alone says nothing
-                from jobs.states import LIVE
-
-                waiting = any(run.status in LIVE for run in grid_runs)
-                typer.echo(f"stl: no results {'yet ' if waiting else ''}for {', '.join(grids)}"
-                           f"{'' if waiting else ': none of its runs finished (see above)'}", err=True)
-                return
             console.print(analysis.build_pivot_table(pivot, width=width))
             if report is not None:
                 console.print(analysis.build_effect_table(report))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -205,14 +206,25 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
 
 
 ERROR_CHARS = 120  # of a failed run's error in `stl status`; `stl logs RUN` has all of it
+# "finetune stage 3f9a…(20 hex): …": the stage id says nothing in a row that names the run; its kind stays.
+_STAGE_ID_IN_ERROR = re.compile(r"^(\w+) stage [0-9a-f]{20}: ")
+
+
+def short_error(error: str) -> str:
+    """A run's error for the failures table: one line, without the stage id, cut between words past ERROR_CHARS."""
+    error = _STAGE_ID_IN_ERROR.sub(r"\1: ", " ".join(error.split()))
+    if len(error) <= ERROR_CHARS:
+        return error
+    cut = error[:ERROR_CHARS - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > ERROR_CHARS // 2 else cut).rstrip(" ,;:") + "…"
 
 
 def failed_rows(runs: list[RunRow]) -> list[list[str]]:
     rows = []
     for run in runs:
         ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
-        error = run.error if len(run.error) <= ERROR_CHARS else run.error[:ERROR_CHARS - 1] + "…"
-        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, error or "—"])
+        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, short_error(run.error) or "—"])
     return rows
 
 
@@ -302,6 +314,30 @@ def results_notes(runs: list[RunRow]) -> list[str]:
     if live:
         notes.append(f"{live} of {len(runs)} run(s) are still queued or running; their cells show n=k/m")
     return notes
+
+
+def why_no_results(grids: list[str], runs: list[RunRow]) -> str:
+    """One line for `stl results` when no run of these (existing) grids has a result: still to come, or never."""
+    from jobs.states import LIVE
+
+    names, its = ", ".join(grids), "its" if len(grids) == 1 else "their"
+    shown_by = f"`stl status --grid {grids[0]}`" if len(grids) == 1 else "`stl status`"
+    count = {status: sum(run.status == status for run in runs) for status in ("failed", "canceled", "finished")}
+    ended = ", ".join(f"{n} {status}" for status, n in count.items() if n)
+    live = sum(run.status in LIVE for run in runs)
+    if live:
+        of = f"{its} {live} run(s) are" if live == len(runs) else f"{live} of {len(runs)} run(s) are"
+        return f"no results for {names} yet: {of} still queued or running{f' ({ended})' if ended else ''}; " \
+               f"{shown_by} shows their progress"
+    if count["finished"]:  # a finished run has results unless they were lost from Redis
+        return f"no results for {names}: {its} {count['finished']} finished run(s) recorded none ({ended})"
+    failed = [run for run in runs if run.status == "failed"]
+    if failed:
+        error = short_error(failed[0].error) or "no error recorded"
+        why = f"`stl logs RUN` says why, e.g. run {failed[0].id[:10]}: {error}"
+    else:
+        why = f"`stl retry --grid {grids[0]}` queues them again" if len(grids) == 1 else "`stl retry` queues them"
+    return f"no results for {names}: none of {its} {len(runs)} run(s) finished ({ended}); {why}"
 
 
 def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> list[list[str]]:

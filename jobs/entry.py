@@ -21,7 +21,7 @@ import redis
 from jobs import keys
 from jobs.codec import text
 from jobs.durable import needed_bytes, write_atomically
-from jobs.errors import ForeignJob, MachineFault, StageCanceled, StageLeaseLost, StagePreempted
+from jobs.errors import ForeignJob, MachineFault, ModelError, StageCanceled, StageLeaseLost, StagePreempted
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
@@ -358,6 +358,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
             # its worker pauses too, and checks the machine
             conn.hset(stage_key, mapping={"machine_fault": fault, "disk_needed_bytes": need})
         reporter.log(f"failed: {message}")
+        if isinstance(e, ModelError) and e.detail:  # the whole story behind a short reason: the loaders' words
+            reporter.log(f"  in full: {e.detail}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
                       started=started, user=user)
         lease.release()

@@ -42,6 +42,10 @@ class NotFound(StlError):
     exit_code = 2
 
 
+class NoResults(StlError):
+    """A grid has no results to show (yet): `stl results` exits 1, so a script does not take silence for a table."""
+
+
 class PermissionDenied(StlError):
     """The action needs the owner, or --force."""
 
@@ -51,7 +55,12 @@ class DataError(StlError):
 
 
 class ModelError(StlError):
-    """A model cannot be built or loaded."""
+    """A model cannot be built or loaded. The message is short (it is the run's error in `stl status`);
+    `detail` holds everything the loaders said, for the stage's log."""
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 class StageCanceled(StlError):

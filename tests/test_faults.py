@@ -270,8 +270,8 @@ def test_time_limit_and_missing_models_fail_clearly_and_the_worker_goes_on(
     by_model = runs_by_model(payload, "missing-models")
     run = by_model["no-such-org/no-such-model"]
     assert run["status"] == "failed", run
-    assert "model no-such-org/no-such-model could not be loaded" in run["error"], run["error"]
-    assert "check the id or path" in run["error"]
+    assert run["error"].endswith(": ModelError: model no-such-org/no-such-model is not in the Hugging Face cache and "
+                                 "HF_HUB_OFFLINE is set"), run["error"]
     run = by_model[str(missing_dir)]
     assert run["status"] == "failed", run
     assert f"model folder {missing_dir} does not exist on the worker's machine" in run["error"], run["error"]

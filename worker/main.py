@@ -7,6 +7,7 @@ work horse per job, and a CUDA context created before a fork is unusable in the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from jobs.settings import Settings
 
 POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new users' queues
+# How long the thread that listens for RQ's commands (shutdown, kill-horse, stop-job: rq-dashboard's buttons)
+# waits per read. Stopping the worker waits for that read to end: RQ's own 60 s made every exit, `--burst`
+# on an empty queue included, hang for up to a minute. Reads that time out cost no Redis command.
+COMMAND_POLL_S = 0.5
 REAP_EVERY_S = 2.0  # a live worker finds a dead local horse within this; the check is a few reads
 WORKER_RECORD_TTL_S = 120
 # Looking for jobs taken off a queue by a worker that died reads every live run: not at every reap, but
@@ -108,6 +113,14 @@ class StlWorker(Worker):
         self.log.info("Worker %s: takes each stage from whichever user's queue (stl.<user>.<priority>) has used "
                       "the least GPU time lately, new users included", self.name)
 
+    def subscribe(self) -> None:
+        """RQ's subscribe, with a listener that wakes often enough for the worker to stop at once."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # RQ types it as None
+            sleep_time=COMMAND_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler)
+
     # --- which queue next ---------------------------------------------------------------------
 
     def _refresh_queues(self) -> None:
@@ -129,6 +142,8 @@ class StlWorker(Worker):
         while True:
             try:
                 self.heartbeat()
+                if self.should_run_maintenance_tasks:  # as RQ's own loop: its registries are cleaned, idle or not
+                    self.run_maintenance_tasks()
                 self._reap_if_due()
                 self._refresh_queues()
             except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -500,6 +515,9 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
         from jobs.stages import preload_libraries
 
         preload_libraries()
+        # What was just imported lives as long as the worker: out of the collector's sight, the exit does not
+        # walk it (seconds of a `--burst` worker's end) and forked horses do not copy its pages by touching it.
+        gc.freeze()
     worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
     ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     if worker.paused_reason:  # --burst stopped on a broken machine: the queue is not done, and a script must see it
