@@ -54,6 +54,20 @@ class ModelError(StlError):
     """A model cannot be built or loaded."""
 
 
+class ParentModelMissing(ModelError):
+    """A stage's parent finished, but its model is not in STL_HOME (pruned, deleted, or made elsewhere). The
+    worker makes the parent again first (jobs.remake); elsewhere it is a ModelError."""
+
+    def __init__(self, message: str, *, parent_dir: Path, why: str) -> None:
+        super().__init__(message)
+        self.parent_dir = parent_dir
+        self.why = why
+
+
+class StageWaitsForParent(StlError):
+    """The stage went back to wait for its parent, which is made again first: it did not fail."""
+
+
 class StageCanceled(StlError):
     """The stage was canceled by a user; no checkpoint is written."""
 

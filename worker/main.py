@@ -23,7 +23,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.disk import free_space
 from jobs.entry import STAGE_ID
-from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StlError
+from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
 from jobs.fairshare import queue_order
 from jobs.faults import parse_faults
 from jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
@@ -307,8 +307,10 @@ class StlWorker(Worker):
                           exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
                           ) -> None:
         """In the horse: a preempted stage, or one the machine failed, goes back to the head of its queue, not
-        to 'failed'."""
-        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault):
+        to 'failed'; one that waits for its parent to be made again is an RQ dependent of it already."""
+        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault | StageWaitsForParent):
+            if isinstance(exc_info[1], StageWaitsForParent):
+                self.log.info("Worker %s: stage %s waits: %s", self.name, stage_id_for(job.id), exc_info[1])
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
