@@ -28,6 +28,10 @@ class UsageError(StlError):
     exit_code = 2
 
 
+class StoreMismatch(UsageError):
+    """A worker's STL_HOME is not the artifact store the other workers of its Redis share."""
+
+
 class GridChanged(UsageError):
     """A grid enqueued again under its name with settings other than those of runs it already has."""
 

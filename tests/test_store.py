@@ -1,6 +1,8 @@
-"""A parent model missing from STL_HOME is made again rather than failing the runs that need it.
+"""One artifact store per queue: the workers of one Redis share the STL_HOME their stages read parents from,
+and a parent model missing from it is made again rather than failing the runs that need it.
 
-Real `stl worker` processes against a private redis-server; the fault is real: a model folder deleted on disk.
+Real `stl worker` processes against a private redis-server; the faults are real: a second STL_HOME, a
+wiped STL_HOME, a model folder deleted on disk.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from jobs.grid import parse_grid
 from jobs.specs import StageKind
 from tests.test_faults import (
     Workers,
+    child_env,
     enqueue,
+    grid_done,
     run_statuses,
     small_grid,
     stage_log,
+    status_json,
     stl,
+    wait_for,
     worker_pool,
 )
 
@@ -33,6 +39,7 @@ if TYPE_CHECKING:
 
     import redis
 
+    from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -49,6 +56,69 @@ def worker_names(conn: redis.Redis) -> set[str]:
 def only_stage(path: Path, kind: StageKind) -> str:
     [stage_id] = [sid for sid, spec in parse_grid(path).stages.items() if spec.kind == kind]
     return stage_id
+
+
+def test_a_worker_with_another_stl_home_refuses_to_start_and_one_with_the_same_home_runs(
+        stl_env: Path, conn: redis.Redis, redis_server: RedisServer, tmp_path: Path, demo_data: Path,
+        workers: Workers) -> None:
+    alice_home, bob_home = tmp_path / "home-alice", tmp_path / "home-bob"
+    alice = child_env(STL_HOME=str(alice_home))
+    first = workers.start(env=alice)
+    wait_for(lambda: len(worker_names(conn)) == 1, timeout=60, what="the first worker to start",
+             diagnostics=workers.logs)
+    second = workers.start(env=alice)  # the same STL_HOME: welcome
+    wait_for(lambda: len(worker_names(conn)) == 2, timeout=60, what="the second worker to start",
+             diagnostics=workers.logs)
+    enqueue(small_grid(tmp_path, demo_data, "shared", seeds=[0, 1, 2, 3]), env=alice)
+
+    # Another STL_HOME on the same Redis, with stages waiting: it refuses before it takes any.
+    refused = workers.start(burst=True, env=child_env(STL_HOME=str(bob_home)))
+    code = refused.wait(timeout=60)
+    output = refused.output()
+    assert code == 2, output
+    [line] = [line for line in output.splitlines() if line.startswith("stl: ")]
+    assert f"STL_HOME {bob_home} " in line and str(alice_home) in line, line
+    assert "share" in line and f"STL_REDIS_URL=redis://127.0.0.1:{redis_server.port}/1" in line, line
+    assert "Traceback" not in output and "Job OK" not in output, output
+    assert not (bob_home / "stages").exists()
+
+    wait_for(lambda: grid_done(conn, "shared"), timeout=240, what="the grid to end", diagnostics=workers.logs)
+    assert set(run_statuses(conn, "shared").values()) == {"finished"}, workers.logs()
+    for worker in (first, second):  # both workers of the shared STL_HOME took stages
+        assert worker.alive() and "Job OK" in worker.output(), workers.logs()
+    store = status_json(env=alice)["store"]
+    assert store["home"] == str(alice_home)
+    assert json.loads((alice_home / "store.json").read_text())["id"] == store["id"]
+
+
+def test_a_wiped_stl_home_is_adopted_only_when_asked_and_then_remakes_what_runs_need(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
+    home = stl_env
+    first = small_grid(tmp_path, demo_data, "before-wipe", mtl=["in-domain"], shots=[0])
+    enqueue(first)
+    done = stl("worker", "--burst", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    old_id = json.loads((home / "store.json").read_text())["id"]
+
+    shutil.rmtree(home)  # the disk was replaced, or someone emptied the folder
+    later = small_grid(tmp_path, demo_data, "after-wipe", mtl=["in-domain"], shots=[4])  # needs the MTL model
+    enqueue(later)
+    refused = stl("worker", "--burst", timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
+    assert f"STL_HOME {home} has no store id" in refused.stderr and "--adopt-store" in refused.stderr, refused.stderr
+    assert not (home / "store.json").exists()  # a refused worker writes no store id
+    assert set(run_statuses(conn, "after-wipe").values()) == {"queued"}
+
+    adopted = stl("worker", "--burst", "--adopt-store", timeout=300)
+    assert adopted.returncode == 0, adopted.stderr[-3000:]
+    new_id = json.loads((home / "store.json").read_text())["id"]
+    assert new_id != old_id and status_json()["store"]["id"] == new_id
+    assert set(run_statuses(conn, "after-wipe").values()) == {"finished"}, adopted.stderr[-3000:]
+    mtl = only_stage(later, StageKind.mtl)
+    assert sum(" started on " in line for line in stage_log(conn, mtl)) == 2  # made again in the new home
+    assert (home / "stages" / mtl / "model").is_dir()
+    assert set(run_statuses(conn, "before-wipe").values()) == {"finished"}
 
 
 def test_a_deleted_parent_model_is_made_again_and_every_run_that_needs_it_finishes(
@@ -116,3 +186,10 @@ def test_a_parent_model_that_keeps_vanishing_fails_the_run_clearly_and_retry_fin
     assert result.returncode == 0, result.stderr[-3000:]
     assert run_statuses(conn, "vanishing-again") == {run_id: "finished"}, result.stderr[-3000:]
 
+
+def test_the_way_out_names_another_database_and_never_the_password() -> None:
+    from jobs.store import another_database
+
+    assert another_database("redis://localhost:6379/0") == "redis://localhost:6379/1"
+    assert another_database("redis://:s3cret@redis.lab:6380/4") == "redis://:PASSWORD@redis.lab:6380/5"
+    assert another_database("redis://box") == "redis://box:6379/1"

@@ -481,16 +481,23 @@ class StlWorker(Worker):
 
 
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
-               preload: bool = True) -> bool:
-    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking."""
+               preload: bool = True, adopt_store: bool = False) -> bool:
+    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking.
+    `adopt_store`: make this STL_HOME the queue's artifact store (jobs.store), its old one being gone."""
     from jobs.disk import check_home_writable
     from jobs.errors import UsageError
     from jobs.notify import notify_setting_problems
+    from jobs.store import claim_store
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
     problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
     if problems:  # said now, not when the first grid ends hours later (and then only in this worker's log)
         raise UsageError("; and ".join(problems))
+    # Workers of one queue start stages from each other's models: one STL_HOME, or this worker takes nothing.
+    store = claim_store(connection, settings, adopt=adopt_store)
+    if adopt_store:
+        print(f"stl: STL_HOME {settings.home} (store {store.short}) is the queue's artifact store; models its "
+              "stages need that are not in it are made again", flush=True)
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:
