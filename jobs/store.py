@@ -130,8 +130,12 @@ def claim_store(conn: redis.Redis, settings: Settings, *, adopt: bool = False) -
 
 
 def _mismatch(settings: Settings, local: Store | None, registered: Store, users: list[str]) -> str:
-    here = f"STL_HOME {settings.home} " + ("has no store id (a new or emptied folder)" if local is None
-                                           else f"is store {local.short}")
+    if local is not None:
+        here = f"STL_HOME {settings.home} is store {local.short}"
+    elif registered.home == str(settings.home) and registered.host == socket.gethostname():
+        here = f"STL_HOME {settings.home} has no store id any more (it was wiped or made again since it was the store)"
+    else:
+        here = f"STL_HOME {settings.home} has no store id (a new or emptied folder)"
     used = f"{len(users)} worker(s) use it now" if users else "no worker uses it now"
     way_out = ("; if that store is gone for good (wiped or moved), `stl worker --adopt-store` makes this folder the "
                "queue's store, and models its stages need are made again" if not users else "")

@@ -106,7 +106,8 @@ def test_a_wiped_stl_home_is_adopted_only_when_asked_and_then_remakes_what_runs_
     refused = stl("worker", "--burst", timeout=120)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
-    assert f"STL_HOME {home} has no store id" in refused.stderr and "--adopt-store" in refused.stderr, refused.stderr
+    assert f"STL_HOME {home} has no store id any more (it was wiped" in refused.stderr, refused.stderr
+    assert "`stl worker --adopt-store` makes this folder the queue's store" in refused.stderr
     assert not (home / "store.json").exists()  # a refused worker writes no store id
     assert set(run_statuses(conn, "after-wipe").values()) == {"queued"}
 
