@@ -259,6 +259,7 @@ def status(
     """Show queued, running and finished runs per user and grid, running runs and workers, live."""
     from jobs.connection import connect
     from jobs.records import list_runs, list_workers, status_summary
+    from jobs.store import registered_store
 
     with handled():
         settings = _settings()
@@ -266,7 +267,9 @@ def status(
         conn = connect(settings, read_timeout=60.0 if once or as_json else LIVE_READ_TIMEOUT_S)
         if as_json:
             runs = list_runs(conn, user=user, grid=grid)
-            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)]})
+            store = registered_store(conn)
+            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)],
+                         "store": None if store is None else store.to_json()})
             return
         from rich.console import Console
 
@@ -276,7 +279,7 @@ def status(
 
         def view() -> RenderableType:  # the width is read each time: a resized terminal gets a fitting table
             return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn), console.width,
-                                     live=not once)
+                                     live=not once, store=registered_store(conn))
 
         if once:
             console.print(view())
@@ -509,6 +512,9 @@ def worker(
     gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).", min=0)] = None,
     burst: Annotated[bool, typer.Option(
         "--burst", help="Exit when the queues are empty (exit code 1 if the machine cannot run them).")] = False,
+    adopt_store: Annotated[bool, typer.Option(
+        "--adopt-store", help="Make this STL_HOME the queue's artifact store, where the one its workers shared "
+        "is gone (wiped or moved); refused while workers use that one.")] = False,
 ) -> None:
     """Run the GPU worker: one stage at a time, the next from whoever has used the least GPU time lately
     (decayed, half-life one hour), so one person's big grid does not block someone else's run.
@@ -527,7 +533,7 @@ def worker(
         settings = _settings()
         conn = connect(settings, patient=True)
 
-        run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst)
+        run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst, adopt_store=adopt_store)
 
 
 @app.command()
@@ -619,7 +625,11 @@ def disk(
         if force and not (clear_caches or prune is not None):
             raise UsageError("--force goes with --clear-caches or --prune")
         if prune is not None:
-            report = disk_lib.prune_stage_models(_connect(settings), settings, prune, user=_user(settings, None),
+            from jobs.store import check_queue_store
+
+            conn = _connect(settings)
+            check_queue_store(conn, settings, action="prune models")
+            report = disk_lib.prune_stage_models(conn, settings, prune, user=_user(settings, None),
                                                  dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
                 typer.echo(line)
@@ -631,8 +641,10 @@ def disk(
                        "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
             return
         if not clear_caches:
+            from jobs.store import read_store
+
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
-                                             disk_lib.free_space(settings.home)))
+                                             disk_lib.free_space(settings.home), store=read_store(settings.home)))
             return
         running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)

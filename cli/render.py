@@ -7,6 +7,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from jobs.grid import ExpandedGrid
     from jobs.queueing import SubmitReport
     from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
+    from jobs.store import Store
 
 STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
@@ -183,7 +185,8 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
     return rows
 
 
-def build_workers_table(workers: list[WorkerRow]) -> Table:
+def build_workers_table(workers: list[WorkerRow], store: Store | None = None) -> Table:
+    """`store`: the STL_HOME the queue's workers share (jobs.store), named in the title."""
     low = sorted({w.host for w in workers if w.disk_low})
     caption = (f"STL_HOME is running out of space on {', '.join(low)}: `stl disk` shows what takes it; "
                "`stl disk --prune finetune` frees few-shot models of finished runs") if low else None
@@ -193,7 +196,8 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
               f"{HEALTH_CHECK_EVERY_S:.0f} s and goes on by itself"
               for w in workers if w.paused]
     caption = "\n".join([*paused, *([caption] if caption else [])]) or None
-    table = Table(title="Workers", title_justify="left", caption=caption, caption_style="bold red")
+    title = "Workers" if store is None else f"Workers · STL_HOME {store.home} on {store.host} (store {store.short})"
+    table = Table(title=escape(title), title_justify="left", caption=caption, caption_style="bold red")
     for name in ("worker", "host", "gpu", "state", "stage", "seen", "STL_HOME disk"):
         table.add_column(name)
     rows = worker_rows(workers)
@@ -276,7 +280,7 @@ def build_finished_grids_table(grids: list[GridRow], shown: int = ENDED_GRIDS_SH
 
 
 def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: int | None = None, *,
-                      live: bool = True) -> RenderableType:
+                      live: bool = True, store: Store | None = None) -> RenderableType:
     """The whole `stl status` screen; `width` (the terminal's columns) picks the running table's columns.
     `live`: the screen refreshes (it says how to quit); otherwise it is one frame (`--once`)."""
     # Grids whose runs have all ended are listed under "Ended grids" instead: months of them would bury the live.
@@ -284,7 +288,7 @@ def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: i
     live_counts = {key: n for key, n in summary.counts.items() if key[0] not in ended}
     parts: list[RenderableType] = [
         build_summary_table(summary.counts, "user"), build_summary_table(live_counts, "grid"),
-        build_running_table(summary.running, width), build_workers_table(workers),
+        build_running_table(summary.running, width), build_workers_table(workers, store),
     ]
     if summary.failed:
         parts.append(build_failed_table(summary.failed, width))
@@ -459,12 +463,16 @@ def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:
     return [*rows, ["total", format_bytes(total), str(sum(u.files for u in usage)), "", ""]]
 
 
-def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] | None = None) -> Table:
-    """`space`: (free, total) bytes of the file system holding STL_HOME."""
+def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] | None = None,
+                     store: Store | None = None) -> Table:
+    """`space`: (free, total) bytes of the file system holding STL_HOME; `store`: its store id (jobs.store),
+    which `stl status` shows for the queue's workers."""
     title = f"STL_HOME = {home}"
     if space is not None:
         title += f" ({format_bytes(space[0])} free of {format_bytes(space[1])})"
-    table = Table(title=title, title_justify="left",
+    if store is not None:
+        title += f" · store {store.short}"
+    table = Table(title=escape(title), title_justify="left",
                   caption="--clear-caches loses only time; --prune deletes models no queued or running run needs "
                           "(a later run that needs one trains it again); runs and redis stay")
     table.add_column("part", no_wrap=True)

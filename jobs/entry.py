@@ -21,7 +21,16 @@ import redis
 from jobs import keys
 from jobs.codec import text
 from jobs.durable import needed_bytes, write_atomically
-from jobs.errors import ForeignJob, MachineFault, ModelError, StageCanceled, StageLeaseLost, StagePreempted
+from jobs.errors import (
+    ForeignJob,
+    MachineFault,
+    ModelError,
+    ParentModelMissing,
+    StageCanceled,
+    StageLeaseLost,
+    StagePreempted,
+    StageWaitsForParent,
+)
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
@@ -35,6 +44,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from jobs.settings import Settings
+    from jobs.stages import StageContext, StageOutcome
     from jobs.train import StepReport, TrainOutcome
 
 HEARTBEAT_EVERY_S = 3.0
@@ -68,6 +78,7 @@ FAILURE_MESSAGE_MAX = 500
 # What StageSpec.stage_id makes: the id becomes a folder name under STL_HOME and part of Redis keys.
 STAGE_ID = re.compile(r"^[0-9a-f]{20}$")
 STEPS_KEPT = 20_000
+PARENT_LOOKS = 3  # a parent that finishes just as its child looks for its model: look again, this often
 
 
 
@@ -264,7 +275,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     from rq import get_current_job
 
     from jobs.connection import connect
-    from jobs.stages import StageContext, execute_stage, pick_device
+    from jobs.stages import StageContext, pick_device
 
     if not STAGE_ID.match(stage_id):
         raise ForeignJob(f"{stage_id!r} is not a stage id; stl runs only jobs written by `stl enqueue`")
@@ -320,7 +331,11 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         parent_dir = settings.stages_dir / spec.parent if spec.parent else None
         ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
                            should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
-        outcome = execute_stage(spec, ctx)
+        outcome = _execute_once_its_parent_is_there(conn, settings, stage_id, spec, ctx, reporter)
+    except StageWaitsForParent:
+        _charge(conn, user, started)  # it went back to wait (the log says why): it neither ended nor failed
+        lease.release()
+        raise
     except StagePreempted as e:
         reporter.log(f"preempted: {e}; back to the head of the queue")
         _back_to_queue(conn, stage_id)
@@ -372,6 +387,27 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                   user=user, result=result)
     lease.release()
     return {"stage": stage_id, "status": "finished"}
+
+
+def _execute_once_its_parent_is_there(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec,
+                                      ctx: StageContext, reporter: StageReporter) -> StageOutcome:
+    """Run the stage; if its parent's model is missing, the parent is made again first and this stage waits
+    for it (StageWaitsForParent), or fails where there is nothing to wait for (jobs.remake)."""
+    from jobs.remake import wait_for_parent
+    from jobs.stages import execute_stage
+
+    for _ in range(PARENT_LOOKS):
+        # Read before the stage looks for the model: a parent that finishes in between is not made twice.
+        seen = text(conn.hget(keys.stage(spec.parent), "status")) if spec.parent else ""
+        try:
+            return execute_stage(spec, ctx)
+        except ParentModelMissing as missing:
+            outcome, line = wait_for_parent(conn, settings, stage_id, spec, seen=seen, missing=missing)
+            if outcome == "look_again":  # the parent finished as this stage looked: its model is there now
+                continue
+            reporter.log(line)
+            raise StageWaitsForParent(line) from missing
+    return execute_stage(spec, ctx)
 
 
 def _charge(conn: redis.Redis, user: str, started: float, now: float | None = None) -> None:

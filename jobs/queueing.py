@@ -35,6 +35,11 @@ ENTRY_POINT = "jobs.entry.run_stage"
 RESULT_TTL_S = 90 * 86400
 FAILURE_TTL_S = 90 * 86400
 SKIPPED_ON_ENQUEUE = (*LIVE, RunStatus.finished.value)  # a twin run in these states is not queued again
+# What a stage queued again (failed, canceled, pruned, or a parent whose model went missing) forgets of its
+# last attempt.
+REMADE_STAGE_FIELDS = ("started_at", "ended_at", "error", "loss", "cancel", "preempt", "heartbeat", "worker",
+                       "orphaned", "metrics", "outcome", "pruned", "machine_fault", "machine_faults",
+                       "disk_needed_bytes", "parent_remakes")
 
 
 def job_id_for(stage_id: str) -> str:
@@ -159,11 +164,7 @@ for _, run in ipairs(to_write) do
           redis.call('HSET', jkey, unpack(fields))
           redis.call('RPUSH', K.queue, jid)
         end
-        if st ~= '' then
-          redis.call('HDEL', K.stage .. sid, 'started_at', 'ended_at', 'error', 'loss', 'cancel', 'preempt',
-            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned', 'machine_fault', 'machine_faults',
-            'disk_needed_bytes')
-        end
+        if st ~= '' then redis.call('HDEL', K.stage .. sid, unpack(p.reset_fields)) end
         redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
           'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,
           'total', spec.total, 'work', spec.work)
@@ -237,7 +238,7 @@ return cjson.encode({queued = queued, skipped = skipped, created = n_created, re
 """
 
 
-def _job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, str]:
+def job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, str]:
     """The hash RQ itself writes for a stage job, with the stage id left as a hole in `data`."""
     hole = "STAGEHOLE"
     job = queue.create_job(ENTRY_POINT, args=(hole,), job_id=job_id_for(hole), timeout=timeout,
@@ -249,6 +250,11 @@ def _job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, s
     for name in ("data", "description", "status", "enqueued_at", "dependency_id", "dependency_ids"):
         fields.pop(name, None)
     return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}, prefix, suffix
+
+
+def job_description(spec: StageSpec) -> str:
+    """What RQ (and rq-dashboard) shows for a stage's job."""
+    return f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"
 
 
 def submit_runs(
@@ -273,7 +279,7 @@ def submit_runs(
         return SubmitReport(grid="")
     grid = runs[0].grid
     queue = make_queue(conn, user, priority)
-    template, data_prefix, data_suffix = _job_template(queue, timeout=stage_timeout)
+    template, data_prefix, data_suffix = job_template(queue, timeout=stage_timeout)
     now = time.time()
     payload: dict[str, Any] = {
         "keys": {
@@ -286,13 +292,13 @@ def submit_runs(
         },
         "now": f"{now:.6f}", "enqueued_at": template.get("created_at", ""), "user": user, "priority": priority,
         "grid": grid, "requeue": list(requeue), "job_template": template, "owner_only": owner_only,
-        "data_prefix": data_prefix, "data_suffix": data_suffix,
+        "data_prefix": data_prefix, "data_suffix": data_suffix, "reset_fields": list(REMADE_STAGE_FIELDS),
         "runs": [{"id": run.run_id, "stages": list(run.stages), "eval_stages": list(run.eval_stages),
                   "stages_json": json.dumps(list(run.stages)), "eval_stages_json": json.dumps(list(run.eval_stages)),
                   "cell": json.dumps(run.cell)} for run in runs],
         "stages": {sid: {"parent": spec.parent, "kind": spec.kind.value, "model": spec.model, "arg": index + 2,
                          "total": spec.train.max_steps if spec.train else 0, "work": spec.work,
-                         "description": f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"}
+                         "description": job_description(spec)}
                    for index, (sid, spec) in enumerate(stages.items())},
     }
     # Specs travel as plain arguments, not inside the JSON: decoding JSON-in-JSON costs Lua dearly.

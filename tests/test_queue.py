@@ -399,7 +399,7 @@ def test_status_json_shape(stl_env: Path, conn: redis.Redis, tmp_path: Path, dem
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert set(payload) == {"runs", "workers"}
+    assert set(payload) == {"runs", "workers", "store"} and payload["store"] is None  # no worker started yet
     assert len(payload["runs"]) == 4
     for run in payload["runs"]:
         assert {"id", "grid", "user", "status", "progress", "cell", "created_at", "started_at", "ended_at",

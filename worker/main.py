@@ -24,7 +24,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.disk import free_space
 from jobs.entry import STAGE_ID
-from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StlError
+from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
 from jobs.fairshare import queue_order
 from jobs.faults import parse_faults
 from jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
@@ -327,8 +327,10 @@ class StlWorker(Worker):
                           exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
                           ) -> None:
         """In the horse: a preempted stage, or one the machine failed, goes back to the head of its queue, not
-        to 'failed'."""
-        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault):
+        to 'failed'; one that waits for its parent to be made again is an RQ dependent of it already."""
+        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault | StageWaitsForParent):
+            if isinstance(exc_info[1], StageWaitsForParent):
+                self.log.info("Worker %s: stage %s waits: %s", self.name, stage_id_for(job.id), exc_info[1])
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
@@ -499,16 +501,23 @@ class StlWorker(Worker):
 
 
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
-               preload: bool = True) -> bool:
-    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking."""
+               preload: bool = True, adopt_store: bool = False) -> bool:
+    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking.
+    `adopt_store`: make this STL_HOME the queue's artifact store (jobs.store), its old one being gone."""
     from jobs.disk import check_home_writable
     from jobs.errors import UsageError
     from jobs.notify import notify_setting_problems
+    from jobs.store import claim_store
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
     problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
     if problems:  # said now, not when the first grid ends hours later (and then only in this worker's log)
         raise UsageError("; and ".join(problems))
+    # Workers of one queue start stages from each other's models: one STL_HOME, or this worker takes nothing.
+    store = claim_store(connection, settings, adopt=adopt_store)
+    if adopt_store:
+        print(f"stl: STL_HOME {settings.home} (store {store.short}) is the queue's artifact store; models its "
+              "stages need that are not in it are made again", flush=True)
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:
