@@ -226,26 +226,37 @@ def enqueue(
                 if not force:
                     check_grid_owner(conn, expanded.grid.name, who)
                 if not replace:
-                    check_grid_unchanged(conn, expanded)
+                    check_grid_unchanged(conn, expanded, user=None if force else who)
             Console().print(build_dry_run_table(expanded, statuses))
             if statuses is not None and replace:
-                typer.echo(f"--replace would cancel and drop {len(changed_runs(conn, expanded))} run(s) of grid "
-                           f"{expanded.grid.name} made with other settings")
+                _say_what_replace_would_drop(conn, expanded.grid.name, changed_runs(conn, expanded), who, force)
             return
-        from cli.render import enqueue_message
+        from cli.render import enqueue_message, kept_runs_message
 
         conn = _connect(settings)
         if not force:
             check_grid_owner(conn, expanded.grid.name, who)
         if replace:
             dropped = drop_runs(conn, changed_runs(conn, expanded), user=who, force=force)
-            if dropped:
-                typer.echo(f"dropped {dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+            if dropped.dropped:
+                typer.echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+            if dropped.kept:
+                typer.echo(kept_runs_message(expanded.grid.name, dropped.kept))
         else:
-            check_grid_unchanged(conn, expanded)
+            check_grid_unchanged(conn, expanded, user=None if force else who)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout, owner_only=not force)
         typer.echo(enqueue_message(report, who, priority))
+
+
+def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
+    from cli.render import kept_runs_message
+    from jobs.queueing import split_by_owner
+
+    mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
+    typer.echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
+    if others:
+        typer.echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
 
 
 @app.command()
