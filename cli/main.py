@@ -169,6 +169,13 @@ def _user(settings: Settings, given: str | None) -> str:
     return check_user_name(given or settings.user, what="--user" if given else "STL_USER")
 
 
+def _queue_user(conn: redis.Redis, settings: Settings, given: str | None = None) -> str:
+    """Who a command that acts as a user acts as: a Redis ACL user, where there is one, overrides STL_USER."""
+    from jobs.identity import queue_user
+
+    return queue_user(conn, settings, given=given)
+
+
 def _print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -223,6 +230,7 @@ def enqueue(
             except (StlError, OSError, redis.RedisError):
                 statuses = None
             if statuses is not None:  # what the enqueue itself would refuse, it refuses here too
+                who = _queue_user(conn, settings, user)
                 if not force:
                     check_grid_owner(conn, expanded.grid.name, who)
                 if not replace:
@@ -234,6 +242,7 @@ def enqueue(
         from cli.render import enqueue_message, kept_runs_message
 
         conn = _connect(settings)
+        who = _queue_user(conn, settings, user)
         if not force:
             check_grid_owner(conn, expanded.grid.name, who)
         if replace:
@@ -475,8 +484,9 @@ def cancel(
             check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
+        who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        canceled, already, foreign = cancel_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        canceled, already, foreign = cancel_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
         typer.echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
                    + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
                       if foreign else ""))
@@ -503,8 +513,9 @@ def retry(
             check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
+        who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        requeued, skipped, foreign = retry_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        requeued, skipped, foreign = retry_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
         typer.echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
                    + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
@@ -600,7 +611,8 @@ def disk(
         if force and not (clear_caches or prune is not None):
             raise UsageError("--force goes with --clear-caches or --prune")
         if prune is not None:
-            report = disk_lib.prune_stage_models(_connect(settings), settings, prune, user=_user(settings, None),
+            conn = _connect(settings)
+            report = disk_lib.prune_stage_models(conn, settings, prune, user=_queue_user(conn, settings),
                                                  dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
                 typer.echo(line)

@@ -15,6 +15,7 @@ import yaml
 from jobs import keys
 from jobs.codec import text
 from jobs.grid import parse_grid
+from tests.conftest import RedisServer, free_port
 from tests.test_faults import Workers, child_env, grid_done, run_statuses, small_grid, stl, wait_for, worker_pool
 
 if TYPE_CHECKING:
@@ -140,3 +141,103 @@ def test_an_enqueue_without_force_leaves_other_users_canceled_runs_theirs(
     result = stl("enqueue", str(both), "--force", env=alice)
     assert result.returncode == 0 and "queued 1 run(s)" in result.stdout, result.stderr
     assert owners(conn, "shared")[bobs_run] == "alice"
+
+
+# --- a Redis with ACL users: the Redis user is who you are ----------------------------------------------
+
+PASSWORDS = {"alice": "alice-pw", "bob": "bob-pw", "gpu": "gpu-pw", "carol": "carol-pw"}
+
+
+def acl_url(server: RedisServer, user: str) -> str:
+    return f"redis://{user}:{PASSWORDS[user]}@127.0.0.1:{server.port}/0"
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A lab's Redis: the default user is off, each person and the GPU worker has an ACL user of their own;
+    carol's may not run ACL commands (so not ACL WHOAMI either)."""
+    directory = tmp_path / "acl-redis"
+    directory.mkdir()
+    users: list[str] = ["--user", "default", "off"]
+    for user, password in PASSWORDS.items():
+        users += ["--user", user, "on", f">{password}", "~*", "&*", "+@all", *(["-acl"] if user == "carol" else [])]
+    server = RedisServer(directory=directory, port=free_port(), username="alice", password=PASSWORDS["alice"],
+                         extra_args=tuple(users))
+    server.start()
+    yield server
+    server.kill()
+
+
+def as_user(server: RedisServer, login: str, **extra: str) -> dict[str, str]:
+    """An stl subprocess's environment, logged in to Redis as `login`, with STL_USER unset unless in `extra`."""
+    env = child_env(STL_REDIS_URL=acl_url(server, login), **extra)
+    if "STL_USER" not in extra:
+        env.pop("STL_USER", None)
+    return env
+
+
+@pytest.mark.slow
+def test_on_a_redis_with_acl_users_the_redis_user_is_who_you_are(
+        acl_redis: RedisServer, tmp_path: Path, demo_data: Path, workers: Workers,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STL_HOME", str(tmp_path / "stl-home"))
+    monkeypatch.delenv("STL_FAULT_INJECT", raising=False)
+    conn = acl_redis.client()
+    grid = small_grid(tmp_path, demo_data, "acl", seeds=[0, 1])
+    (first, second) = [run.run_id for run in parse_grid(grid).runs]
+
+    # Logged in as alice, claiming to be bob: every command that acts as a user refuses, writing nothing.
+    claims_bob = as_user(acl_redis, "alice", STL_USER="bob")
+    for args in (["enqueue", str(grid)], ["enqueue", str(grid), "--dry-run"], ["cancel", first], ["retry", first],
+                 ["cancel", "--grid", "acl", "--force"], ["disk", "--prune", "all"]):
+        result = stl(*args, env=claims_bob)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+        assert result.stderr.startswith('stl: STL_USER is "bob", but STL_REDIS_URL logs in to Redis as ACL user '
+                                        '"alice"'), (args, result.stderr)
+        assert "unset STL_USER (or set it to alice)" in result.stderr and "Traceback" not in result.stderr
+        assert "alice-pw" not in result.stderr
+        assert conn.dbsize() == 0, args
+    result = stl("enqueue", str(grid), "--user", "bob", env=as_user(acl_redis, "alice"))
+    assert result.returncode == 2 and result.stderr.startswith('stl: --user is "bob", but'), result.stderr
+    assert conn.dbsize() == 0
+
+    # STL_USER unset: alice is who the Redis user is, not the login name; STL_USER=alice is fine too.
+    result = stl("enqueue", str(grid), env=as_user(acl_redis, "alice"))
+    assert result.returncode == 0 and "queued 2 run(s) of grid acl for alice" in result.stdout, result.stderr
+    assert owners(conn, "acl") == {first: "alice", second: "alice"}
+    assert stl("cancel", second, env=as_user(acl_redis, "alice", STL_USER="alice")).returncode == 0
+    # Bob, logged in as himself, cannot cancel her runs without --force, however his STL_USER is set.
+    result = stl("cancel", first, env=as_user(acl_redis, "bob"))
+    assert result.returncode == 1 and "owned by alice" in result.stderr, result.stderr
+    assert text(conn.hget(keys.run(first), "status")) == "queued"
+    # Carol may not ask Redis who she is: the user her URL logs in as is who she is.
+    result = stl("retry", second, env=as_user(acl_redis, "carol", STL_USER="bob"))
+    assert result.returncode == 2 and 'logs in to Redis as ACL user "carol"' in result.stderr, result.stderr
+    result = stl("retry", second, env=as_user(acl_redis, "carol"))
+    assert result.returncode == 1 and "refusing to retry 1 run(s) owned by alice" in result.stderr, result.stderr
+    assert stl("retry", second, env=as_user(acl_redis, "alice")).returncode == 0
+
+    # The GPU worker logs in as its own user, whatever STL_USER says, and runs alice's stages.
+    worker = workers.start(burst=True, env=as_user(acl_redis, "gpu", STL_USER="someone-else"))
+    wait_for(lambda: grid_done(conn, "acl"), timeout=180, what="alice's runs to end", diagnostics=workers.logs)
+    assert worker.wait(timeout=60) == 0, workers.logs()
+    assert set(run_statuses(conn, "acl").values()) == {"finished"}, workers.logs()
+    status = stl("status", "--json", env=as_user(acl_redis, "bob"))
+    assert {(r["user"], r["status"]) for r in json.loads(status.stdout)["runs"]} == {("alice", "finished")}
+
+
+def test_a_redis_without_acl_takes_stl_user_on_trust(tmp_path: Path, demo_data: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Redis before 6 has no ACL command: one with ACL renamed away answers the same "unknown command".
+    directory = tmp_path / "old-redis"
+    directory.mkdir()
+    server = RedisServer(directory=directory, port=free_port(), extra_args=("--rename-command", "ACL", ""))
+    server.start()
+    try:
+        monkeypatch.setenv("STL_HOME", str(tmp_path / "stl-home"))
+        env = child_env(STL_REDIS_URL=server.url, STL_USER="bob")
+        result = stl("enqueue", str(small_grid(tmp_path, demo_data, "old")), env=env)
+        assert result.returncode == 0 and "for bob" in result.stdout, result.stderr
+        assert set(owners(server.client(), "old").values()) == {"bob"}
+    finally:
+        server.kill()
