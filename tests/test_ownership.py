@@ -220,7 +220,8 @@ def test_on_a_redis_with_acl_users_the_redis_user_is_who_you_are(
     # The GPU worker logs in as its own user, whatever STL_USER says, and runs alice's stages.
     worker = workers.start(burst=True, env=as_user(acl_redis, "gpu", STL_USER="someone-else"))
     wait_for(lambda: grid_done(conn, "acl"), timeout=180, what="alice's runs to end", diagnostics=workers.logs)
-    assert worker.wait(timeout=60) == 0, workers.logs()
+    wait_for(lambda: not worker.alive(), timeout=120, what="the burst worker to exit", diagnostics=workers.logs)
+    assert worker.wait(timeout=1) == 0, workers.logs()
     assert set(run_statuses(conn, "acl").values()) == {"finished"}, workers.logs()
     status = stl("status", "--json", env=as_user(acl_redis, "bob"))
     assert {(r["user"], r["status"]) for r in json.loads(status.stdout)["runs"]} == {("alice", "finished")}
