@@ -169,6 +169,13 @@ def _user(settings: Settings, given: str | None) -> str:
     return check_user_name(given or settings.user, what="--user" if given else "STL_USER")
 
 
+def _queue_user(conn: redis.Redis, settings: Settings, given: str | None = None) -> str:
+    """Who a command that acts as a user acts as: a Redis ACL user, where there is one, overrides STL_USER."""
+    from jobs.identity import queue_user
+
+    return queue_user(conn, settings, given=given)
+
+
 def _print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -223,29 +230,42 @@ def enqueue(
             except (StlError, OSError, redis.RedisError):
                 statuses = None
             if statuses is not None:  # what the enqueue itself would refuse, it refuses here too
+                who = _queue_user(conn, settings, user)
                 if not force:
                     check_grid_owner(conn, expanded.grid.name, who)
                 if not replace:
-                    check_grid_unchanged(conn, expanded)
+                    check_grid_unchanged(conn, expanded, user=None if force else who)
             Console().print(build_dry_run_table(expanded, statuses))
             if statuses is not None and replace:
-                typer.echo(f"--replace would cancel and drop {len(changed_runs(conn, expanded))} run(s) of grid "
-                           f"{expanded.grid.name} made with other settings")
+                _say_what_replace_would_drop(conn, expanded.grid.name, changed_runs(conn, expanded), who, force)
             return
-        from cli.render import enqueue_message
+        from cli.render import enqueue_message, kept_runs_message
 
         conn = _connect(settings)
+        who = _queue_user(conn, settings, user)
         if not force:
             check_grid_owner(conn, expanded.grid.name, who)
         if replace:
             dropped = drop_runs(conn, changed_runs(conn, expanded), user=who, force=force)
-            if dropped:
-                typer.echo(f"dropped {dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+            if dropped.dropped:
+                typer.echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+            if dropped.kept:
+                typer.echo(kept_runs_message(expanded.grid.name, dropped.kept))
         else:
-            check_grid_unchanged(conn, expanded)
+            check_grid_unchanged(conn, expanded, user=None if force else who)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout, owner_only=not force)
         typer.echo(enqueue_message(report, who, priority))
+
+
+def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
+    from cli.render import kept_runs_message
+    from jobs.queueing import split_by_owner
+
+    mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
+    typer.echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
+    if others:
+        typer.echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
 
 
 @app.command()
@@ -473,8 +493,9 @@ def cancel(
             check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
+        who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        canceled, already, foreign = cancel_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        canceled, already, foreign = cancel_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
         typer.echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
                    + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
                       if foreign else ""))
@@ -501,8 +522,9 @@ def retry(
             check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
+        who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        requeued, skipped, foreign = retry_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        requeued, skipped, foreign = retry_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
         typer.echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
                    + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
@@ -629,7 +651,7 @@ def disk(
 
             conn = _connect(settings)
             check_queue_store(conn, settings, action="prune models")
-            report = disk_lib.prune_stage_models(conn, settings, prune, user=_user(settings, None),
+            report = disk_lib.prune_stage_models(conn, settings, prune, user=_queue_user(conn, settings),
                                                  dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
                 typer.echo(line)

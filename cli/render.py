@@ -432,6 +432,9 @@ def build_dry_run_table(expanded: ExpandedGrid, statuses: dict[str, str] | None 
 def enqueue_message(report: SubmitReport, user: str, priority: str = "normal") -> str:
     lines = [f"queued {len(report.queued)} run(s) of grid {report.grid} for {user}; "
              f"skipped {len(report.skipped)} identical run(s) already queued or finished"]
+    if report.left_to_others:
+        lines.append(f"left {len(report.left_to_others)} failed or canceled run(s) of other users as they are "
+                     f"(e.g. {report.left_to_others[0]}): `stl retry --force RUN` queues them again")
     if report.skipped and priority != "normal":
         lines.append(f"the skipped runs keep the priority they were queued with, not {priority}; to change it, "
                      f"`stl cancel --grid {report.grid}` and enqueue again (finished stages are reused)")
@@ -446,6 +449,15 @@ def enqueue_message(report: SubmitReport, user: str, priority: str = "normal") -
     if len(report.queued) > report.finished_at_once:
         lines.append(f"watch them with: stl status --grid {report.grid}")
     return "\n".join(lines)
+
+
+def kept_runs_message(grid: str, kept: dict[str, int], *, dry_run: bool = False) -> str:
+    """What `enqueue --replace` without --force left of other users' runs, and why."""
+    count = sum(kept.values())
+    whose = " and ".join(f"{user}'s" for user in sorted(kept))
+    return (f"{'would keep' if dry_run else 'kept'} {count} run{'' if count == 1 else 's'} of {whose} made with other "
+            f"settings (`stl results {grid}` averages them with yours): only their owner drops them, and "
+            "--force drops other users' runs too")
 
 
 def format_bytes(size: int) -> str:
