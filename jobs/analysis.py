@@ -19,6 +19,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from jobs.errors import UsageError
+from jobs.metrics import TYPE_METRICS, metric_label
 from jobs.resampling import ComparedGroup, bootstrap_interval
 from jobs.states import LIVE
 
@@ -31,16 +32,6 @@ AxisValue = str | int | float | bool | None
 
 GRID_AXIS = "grid"
 SEED_AXIS = "seed"
-# The per-type score of a run is the mean of its primary metric over the run's tasks of that type: the
-# first of these, or the classification accuracy the grid's eval.metric chose.
-TYPE_METRICS: dict[str, tuple[str, ...]] = {
-    "classification": ("accuracy", "accuracy_norm", "accuracy_gen"),
-    "generation": ("rougeL",),
-}
-METRIC_LABELS: dict[str, str] = {
-    "accuracy": "accuracy", "accuracy_norm": "accuracy per token", "accuracy_gen": "generated accuracy",
-    "rougeL": "ROUGE-L", "exact_match": "exact match",
-}
 EMPTY_CELL = "—"
 
 RunKey = tuple[str, str]  # (grid, run id)
@@ -74,7 +65,7 @@ class Column:
 
     @property
     def header(self) -> str:
-        metric = METRIC_LABELS.get(self.metric, self.metric)
+        metric = metric_label(self.metric)
         return f"{self.name}\n(mean {metric})" if self.kind == "type" else f"{self.name}\n({metric})"
 
 
@@ -259,7 +250,7 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> tuple[Column, ...]:
     for task_type, task, metric in ordered:
         # A task with several metrics (or named like a task type) needs the metric in its name.
         clashes = metrics_per_task[task] > 1 or task in taken
-        name = f"{task} ({METRIC_LABELS.get(metric, metric)})" if clashes else task
+        name = f"{task} ({metric_label(metric)})" if clashes else task
         task_columns.append(Column(name=name, kind="task", metric=metric, task_type=task_type, task=task))
     return (*type_columns, *task_columns)
 

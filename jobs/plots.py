@@ -12,8 +12,9 @@ import os
 import textwrap
 from typing import TYPE_CHECKING, NamedTuple
 
-from jobs.analysis import METRIC_LABELS, render_value, spread_of
+from jobs.analysis import render_value, spread_of
 from jobs.errors import UsageError, path_error
+from jobs.metrics import metric_label
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -121,7 +122,7 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
     group_centres = [group * stride + (slots - 1) / 2 for group in range(len(labels))]
     for panel, column in zip(axes, panels, strict=True):
         _draw_bars(panel, column, placed, stride, colours)
-        metric = METRIC_LABELS.get(column.metric, column.metric)
+        metric = metric_label(column.metric)
         panel.set_title(f"{column.task_type.capitalize()}: mean {metric}", fontsize=11)
         panel.set_xlabel(
             f"mean {metric} over {column.task_type} tasks (error bar: ± std over {spread_of(pivot)})", fontsize=9
