@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
+from jobs.axes import render_value
 from jobs.errors import UsageError
 from jobs.metrics import TYPE_METRICS, metric_label
 from jobs.resampling import ComparedGroup, bootstrap_interval
@@ -145,15 +146,6 @@ ZERO_BASELINE = "A is 0"
 
 # ----------------------------------------------------------------------------------------------
 # Values and axes
-
-
-def render_value(value: object) -> str:
-    """How an axis value is shown and matched in `--effect`: bools as true/false."""
-    if value is None:
-        return EMPTY_CELL
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def _axis_value(grid: str, cell: Mapping[str, Any], axis: str) -> AxisValue:

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from jobs import axes
 from jobs import data as data_lib
 from jobs.decoding import GreedyDecoder, IdleHostWork, greedy_rules
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
@@ -377,7 +378,7 @@ class _Scorer:
                 "data": fingerprint,
                 "task": task,
                 "max_examples": self.settings.max_examples,
-                "instructions": self.spec.instructions,
+                **axes.token_key_fields(self.spec, axes.EVAL_TOKENS),  # instructions
                 "tokenizer": self._tokenizer_id(),
                 "source_limit": self.source_limit,
                 "target_limit": self.target_limit,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import difflib
 import json
+import math
 import re
 import stat
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.axes import AXES, default_values, fields_on_every_stage
 from jobs.errors import GridError
 from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.specs import EvalConfig, RunSpec, StageKind, StageSpec, TrainConfig
@@ -109,20 +111,22 @@ class Mixture(Strict):
 
 
 class Axes(Strict):
+    """The `grid:` section: the values of each axis of jobs/axes.py (one field per axis there), as checked here."""
+
     model: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(min_length=1)]
-    mtl: Annotated[list[Name], Field(min_length=1)] = ["none"]
-    instructions: Annotated[list[bool], Field(min_length=1)] = [True]
-    shots: Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(min_length=1)] = [0]
-    seed: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)] = [0]
+    mtl: Annotated[list[Name], Field(min_length=1)] = default_values("mtl")
+    instructions: Annotated[list[bool], Field(min_length=1)] = default_values("instructions")
+    shots: Annotated[list[Annotated[int, Field(ge=0, le=100_000)]], Field(min_length=1)] = default_values("shots")
+    seed: Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1)] = default_values("seed")
     split: Annotated[list[Name], Field(min_length=1)] | None = None
 
-    @field_validator("model", "mtl", "instructions", "shots", "seed", "split", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
     def _single_value(cls, value: Any) -> Any:
         # A mapping or set is not a single value: let it fail as "expected a list", not as an item.
         return value if value is None or isinstance(value, (dict, set)) else _as_list(value)
 
-    @field_validator("model", "mtl", "instructions", "shots", "seed", "split")
+    @field_validator("*")
     @classmethod
     def _no_duplicates(cls, value: list[Any] | None) -> list[Any] | None:
         if value is None:
@@ -186,17 +190,21 @@ def _cell_key(cell: dict[str, Any]) -> str:
     return json.dumps(cell, sort_keys=True)
 
 
+def axis_values(grid: GridFile) -> dict[str, list[Any]]:
+    """The values of each axis the grid's cells have, in cell order (jobs/axes.py's AXES)."""
+    listed = {axis.name: getattr(grid.grid, axis.name) for axis in AXES}
+    return {name: values for name, values in listed.items() if values is not None}
+
+
 def _expressible(grid: GridFile, cell: dict[str, Any]) -> bool:
     """Whether `cell` is one this grid file could have produced, whatever values its axes list now."""
     split_mapped = isinstance(grid.tasks, dict)
-    if set(cell) != {"model", "mtl", "instructions", "shots", "seed", *(["split"] if split_mapped else [])}:
+    axes = [axis for axis in AXES if axis.name in axis_values(grid)]
+    if set(cell) != {axis.name for axis in axes}:
         return False
     if split_mapped and cell["split"] not in grid.tasks:  # type: ignore[operator]
         return False
-    types_ok = (isinstance(cell["model"], str) and isinstance(cell["mtl"], str)
-                and isinstance(cell["instructions"], bool) and type(cell["shots"]) is int
-                and type(cell["seed"]) is int)
-    if not types_ok or cell["shots"] < 0:
+    if any(type(cell[axis.name]) is not axis.type for axis in axes) or cell["shots"] < 0:
         return False
     if cell["mtl"] == "in-domain":
         split = grid.tasks[cell["split"]] if split_mapped else grid.tasks  # type: ignore[index]
@@ -758,9 +766,7 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
                 report(("grid", "split", index), f'unknown split "{split_name}"; tasks defines '
                        f"{', '.join(grid.tasks)}")
 
-    axes = grid.grid
-    total = (len(axes.model) * len(axes.mtl) * len(axes.instructions) * len(axes.shots)
-             * len(axes.seed) * len(axes.split or [None]))
+    total = math.prod(len(values) for values in axis_values(grid).values())
     if total > max_runs:
         report(("grid",), f"expands to {total:,} runs, over the limit of {max_runs:,}; split it into smaller "
                f"grids, or pass --max-runs {total} if you really mean to queue them all")
@@ -771,16 +777,9 @@ def parse_grid(path: Path, *, max_runs: int = DEFAULT_MAX_RUNS) -> ExpandedGrid:
 
 
 def _cells(grid: GridFile) -> Iterator[dict[str, Any]]:
-    axes = grid.grid
-    splits: list[str | None] = list(axes.split) if axes.split else [None]
-    for split, model, mtl, instructions, shots, seed in product(
-        splits, axes.model, axes.mtl, axes.instructions, axes.shots, axes.seed
-    ):
-        cell: dict[str, Any] = {"model": model, "mtl": mtl, "instructions": instructions,
-                                "shots": shots, "seed": seed}
-        if split is not None:
-            cell = {"split": split, **cell}
-        yield cell
+    values = axis_values(grid)
+    for combination in product(*values.values()):
+        yield dict(zip(values, combination, strict=True))
 
 
 def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None = None
@@ -797,8 +796,9 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
 
     for cell in _cells(grid) if cells is None else cells:
         split = grid.tasks[cell["split"]] if isinstance(grid.tasks, dict) else grid.tasks
-        seed, instructions = cell["seed"], cell["instructions"]
+        seed = cell["seed"]
         model = _resolve_model(cell["model"], base)  # the cell keeps the name as written
+        same = fields_on_every_stage(cell)  # model, mtl, shots, seed and split are read below
         order: list[str] = []
         parent: str | None = None
         if cell["mtl"] != "none":
@@ -807,7 +807,7 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
             else:
                 mixture = grid.mixtures[cell["mtl"]]
                 mix_data, mix_tasks = _resolve_source(mixture.data, base), mixture.tasks
-            parent = add(StageSpec(kind=StageKind.mtl, model=model, seed=seed, instructions=instructions,
+            parent = add(StageSpec(kind=StageKind.mtl, model=model, seed=seed, **same,
                                    data=mix_data, tasks=tuple(mix_tasks), train=grid.train))
             order.append(parent)
         eval_stages: list[str] = []
@@ -815,17 +815,17 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
         eval_seed = seed if (parent is not None or model.startswith("tiny:")) else 0
         if cell["shots"] == 0:
             eval_id = add(StageSpec(kind=StageKind.eval, model=model, parent=parent, seed=eval_seed,
-                                    instructions=instructions, data=data, tasks=tuple(split.eval),
+                                    **same, data=data, tasks=tuple(split.eval),
                                     eval=grid.eval))
             order.append(eval_id)
             eval_stages.append(eval_id)
         else:
             for task in split.eval:
                 ft_id = add(StageSpec(kind=StageKind.finetune, model=model, parent=parent, seed=seed,
-                                      instructions=instructions, data=data, tasks=(task,),
+                                      **same, data=data, tasks=(task,),
                                       shots=cell["shots"], holdout=grid.eval.max_examples, train=finetune_cfg))
                 eval_id = add(StageSpec(kind=StageKind.eval, model=model, parent=ft_id, seed=seed,
-                                        instructions=instructions, data=data, tasks=(task,),
+                                        **same, data=data, tasks=(task,),
                                         shots=cell["shots"], eval=grid.eval))
                 order += [ft_id, eval_id]
                 eval_stages.append(eval_id)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from jobs.axes import AXES, AXIS, EVAL_TOKENS, FEW_SHOT_TOKENS, format_cell, token_key_fields
 from jobs.metrics import CHOOSABLE_METRICS, METRICS, TYPE_METRICS, metric_label
-from jobs.specs import EvalConfig
+from jobs.specs import EvalConfig, StageSpec
 
 
 def test_eval_metric_accepts_exactly_the_choosable_metrics() -> None:
@@ -19,3 +20,32 @@ def test_metric_names_are_unique_and_each_task_type_has_a_score() -> None:
     assert TYPE_METRICS == {"classification": ("accuracy", "accuracy_norm", "accuracy_gen"),
                             "generation": ("rougeL",)}
     assert metric_label("rougeL") == "ROUGE-L" and metric_label("from-a-newer-stl") == "from-a-newer-stl"
+
+
+def test_every_axis_has_one_grid_field_with_its_type_and_default() -> None:
+    from jobs.grid import Axes
+
+    assert set(Axes.model_fields) == set(AXIS)
+    for axis in AXES:
+        field = Axes.model_fields[axis.name]
+        if axis.required:
+            assert field.is_required(), axis.name
+        else:
+            assert field.default == (None if axis.default is None else list(axis.default)), axis.name
+            assert all(type(value) is axis.type for value in axis.default or ()), axis.name
+        assert axis.stage_field is None or axis.stage_field in StageSpec.model_fields, axis.name
+
+
+def test_token_caches_key_on_the_stage_fields_that_decide_their_ids() -> None:
+    # A change here changes every cache key: the caches are rebuilt once, which costs only time.
+    spec = StageSpec(kind="finetune", model="tiny:bart", seed=3, instructions=False, data="/d.jsonl", tasks=("t",),
+                     shots=8)
+    assert token_key_fields(spec, FEW_SHOT_TOKENS) == {"shots": 8, "seed": 3, "instructions": False}
+    assert token_key_fields(spec, EVAL_TOKENS) == {"instructions": False}
+
+
+def test_cells_read_as_the_grid_file_spells_them() -> None:
+    cell = {"split": "s1", "model": "tiny:bart", "mtl": "none", "instructions": False, "shots": 8, "seed": 1}
+    assert format_cell(cell) == "split=s1 model=tiny:bart mtl=none instructions=false shots=8 seed=1"
+    assert format_cell(cell, short=True) == "split=s1 tiny:bart mtl=none no-instr 8-shot seed 1"
+    assert format_cell({"newer": True}, short=True) == "newer=true"

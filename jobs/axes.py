@@ -1,0 +1,107 @@
+"""The grid's axes, in one place: each one's name, value type and default, the stage field it sets, how
+its values read, and which token caches depend on it.
+
+A grid file lists values per axis under `grid:`; every combination is a run's cell, a dict of axis name to
+value in the order of AXES. jobs/grid.py validates the values (its `Axes` model has one field per entry
+here) and expands each cell into stages; jobs/disk.py describes stages, cli/render.py shows cells, and the
+token caches key on the stage fields, all by reading AXES. docs/extending.md walks through adding one.
+Light to import: no pydantic, no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from jobs.specs import StageSpec
+
+EMPTY_VALUE = "—"
+# The token caches (jobs/data.py's token_cache_path) that hold a stage's ids, by the `kind` in their key.
+FEW_SHOT_TOKENS, EVAL_TOKENS = "few-shot", "eval"
+
+
+def render_value(value: object) -> str:
+    """An axis value as the grid file spells it (bools as true/false), as tables show it and `--where` and
+    `--effect` match it."""
+    if value is None:
+        return EMPTY_VALUE
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+@dataclass(frozen=True)
+class Axis:
+    name: str  # the key under `grid:` in a grid file, and in each run's cell
+    type: type  # of one value: str, bool or int
+    # The values a grid file that leaves the axis out gets; None: the axis is not in the cells then
+    # (split: only grids whose tasks name splits have one), or, with `required`, it must be given.
+    default: tuple[Any, ...] | None
+    # The StageSpec field that holds the value in the stages it reaches; None: it decides other fields.
+    stage_field: str | None
+    # True: jobs/grid.py's expansion reads the axis by name, because it decides which stages a run has or
+    # what goes into them (a resolved model path, the MTL parent, the tasks). False: the value goes, as
+    # written, into `stage_field` of every stage of the run.
+    shapes_stages: bool
+    required: bool = False
+    # A value in few characters, as `stl status` shows cells (`8-shot`); None: `name=value`.
+    short: Callable[[Any], str] | None = None
+    # A stage's value as `stl disk` describes the stage; "" says nothing. None: `name=value`.
+    stage_text: Callable[[Any], str] | None = None
+    # The token caches whose ids depend on `stage_field`: it is part of their key.
+    token_caches: frozenset[str] = frozenset()
+
+    def shown_short(self, value: Any) -> str:
+        return self.short(value) if self.short else f"{self.name}={render_value(value)}"
+
+    def described(self, value: Any) -> str:
+        return self.stage_text(value) if self.stage_text else f"{self.name}={render_value(value)}"
+
+
+AXES: tuple[Axis, ...] = (
+    Axis("split", str, default=None, stage_field=None, shapes_stages=True),  # picks the tasks
+    Axis("model", str, default=None, required=True, stage_field="model", shapes_stages=True,
+         short=str, stage_text=lambda model: "" if model is None else str(model)),
+    Axis("mtl", str, default=("none",), stage_field=None, shapes_stages=True),  # picks the parent MTL stage
+    Axis("instructions", bool, default=(True,), stage_field="instructions", shapes_stages=False,
+         short=lambda on: "instr" if on else "no-instr",
+         stage_text=lambda on: "no instructions" if on is False else "",
+         token_caches=frozenset({FEW_SHOT_TOKENS, EVAL_TOKENS})),
+    Axis("shots", int, default=(0,), stage_field="shots", shapes_stages=True,
+         short=lambda shots: f"{shots}-shot", stage_text=lambda shots: f"{shots}-shot" if shots else "",
+         token_caches=frozenset({FEW_SHOT_TOKENS})),
+    Axis("seed", int, default=(0,), stage_field="seed", shapes_stages=True,
+         short=lambda seed: f"seed {seed}", stage_text=lambda seed: f"seed {'?' if seed is None else seed}",
+         token_caches=frozenset({FEW_SHOT_TOKENS})),
+)
+AXIS: dict[str, Axis] = {axis.name: axis for axis in AXES}
+
+
+def default_values(name: str) -> list[Any]:
+    """The values of axis `name` in a grid file that leaves it out."""
+    return list(AXIS[name].default or ())
+
+
+def format_cell(cell: Mapping[str, Any], *, short: bool = False) -> str:
+    """A run's cell on one line: `model=tiny:bart instructions=true seed=2`, or with `short` each value in
+    few characters (`tiny:bart mtl=none no-instr 8-shot seed 1`). Keys no axis has (from a newer stl) read
+    as name=value."""
+    if short:
+        return " ".join(AXIS[name].shown_short(value) if name in AXIS else f"{name}={render_value(value)}"
+                        for name, value in cell.items())
+    return " ".join(f"{name}={render_value(value)}" for name, value in cell.items())
+
+
+def fields_on_every_stage(cell: Mapping[str, Any]) -> dict[str, Any]:
+    """The StageSpec fields that the cell's axes which shape no stage set, as written, on each stage of its run."""
+    return {axis.stage_field: cell[axis.name] for axis in AXES
+            if axis.stage_field is not None and not axis.shapes_stages and axis.name in cell}
+
+
+def token_key_fields(spec: StageSpec, cache: str) -> dict[str, Any]:
+    """The stage fields set by axes that decide the ids in token cache `cache`: part of its key."""
+    return {axis.stage_field: getattr(spec, axis.stage_field) for axis in AXES
+            if axis.stage_field is not None and cache in axis.token_caches}
