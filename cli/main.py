@@ -588,7 +588,7 @@ def plot_curves(
     out: Annotated[Path, typer.Option(help="The image to write: .png, .svg or .pdf.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
-    from cli.render import format_cell
+    from jobs.axes import format_cell
     from jobs.plots import plot_loss_curves
     from jobs.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
 

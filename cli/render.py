@@ -12,6 +12,8 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from jobs.axes import format_cell
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
@@ -39,32 +41,6 @@ def format_duration(seconds: float | None) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
-
-
-def format_axes(values: dict[str, Any]) -> str:
-    """`model=tiny:bart instructions=true`: booleans spelled as YAML spells them, as in the grid file."""
-    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
-
-
-def format_cell(cell: dict[str, Any]) -> str:
-    return format_axes({k: v for k, v in cell.items() if k != "seed"}) + f" seed={cell.get('seed', '?')}"
-
-
-def format_cell_short(cell: dict[str, Any]) -> str:
-    """A grid cell in few characters, for the live table: `tiny:bart mtl=in-domain no-instr 8-shot seed 1`."""
-    parts = []
-    for key, value in cell.items():
-        if key == "model":
-            parts.append(str(value))
-        elif key == "instructions":
-            parts.append("instr" if value else "no-instr")
-        elif key == "shots":
-            parts.append(f"{value}-shot")
-        elif key == "seed":
-            parts.append(f"seed {value}")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
 
 
 def summary_rows(counts: dict[tuple[str, str, str], int], key: str) -> list[list[str]]:
@@ -99,7 +75,7 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
             continue
         step = f"{run.step}/{run.total}" if run.total else "—"
         rows.append({
-            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell_short(run.cell),
+            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell(run.cell, short=True),
             "stage": run.stage or "—", "progress": run.progress, "step": step,
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
             "speed": (f"{run.samples_per_s:.1f} ex/s" if run.samples_per_s else "—")
@@ -228,7 +204,7 @@ def failed_rows(runs: list[RunRow]) -> list[list[str]]:
     rows = []
     for run in runs:
         ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
-        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, short_error(run.error) or "—"])
+        rows.append([run.id[:10], run.grid, format_cell(run.cell, short=True), ended, short_error(run.error) or "—"])
     return rows
 
 
@@ -386,7 +362,7 @@ def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
     constant.pop("seed", None)
     title = f"Results of {grid}"
     if constant:
-        title += ": " + format_axes(constant)
+        title += ": " + format_cell(constant)
     table = Table(title=title, title_justify="left")
     for name in ("run", "cell", "task", "type", "metric"):
         table.add_column(name, overflow="fold")

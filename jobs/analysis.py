@@ -88,14 +88,6 @@ class Pivot:
     def type_columns(self) -> tuple[Column, ...]:
         return tuple(column for column in self.columns if column.kind == "type")
 
-    def row_label(self, row: PivotRow, *, separator: str = ", ") -> str:
-        """`model=tiny:bart, mtl=in-domain, ...`; "all runs" when the pivot has no row axes."""
-        if not self.row_axes:
-            return "all runs"
-        return separator.join(
-            f"{axis}={render_value(value)}" for axis, value in zip(self.row_axes, row.key, strict=True)
-        )
-
 
 class EffectSpec(NamedTuple):
     axis: str
