@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from jobs.axes import format_cell
+from jobs.humanize import format_duration
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -28,19 +29,6 @@ if TYPE_CHECKING:
 
 STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
 
 
 def summary_rows(counts: dict[tuple[str, str, str], int], key: str) -> list[list[str]]:
@@ -80,7 +68,7 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
             "speed": (f"{run.samples_per_s:.1f} ex/s" if run.samples_per_s else "—")
             + (f" MFU {run.mfu:.0%}" if run.mfu is not None else ""),
-            "elapsed": format_duration(run.elapsed_s), "eta": format_duration(run.eta_s),
+            "elapsed": format_duration(run.elapsed_s, compact=True), "eta": format_duration(run.eta_s, compact=True),
         })
     return rows
 
@@ -155,7 +143,7 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
             mem = (f"{(w.gpu_mem_used_mb or 0) / 1024:.1f}/{(w.gpu_mem_total_mb or 0) / 1024:.1f} GiB"
                    if w.gpu_mem_total_mb else "?")
             gpu = f"{w.gpu} {util} {mem}"
-        seen = format_duration(time.time() - w.last_seen) + " ago" if w.last_seen else "—"
+        seen = format_duration(time.time() - w.last_seen, compact=True) + " ago" if w.last_seen else "—"
         disk = "?" if w.disk_free_bytes is None else format_bytes(int(w.disk_free_bytes)) + " free"
         rows.append([w.name, w.host, gpu, w.state, w.stage[:12] or "—", seen, disk])
     return rows
@@ -234,7 +222,7 @@ def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
         took = (g.ended_at - g.created_at) if g.ended_at and g.created_at else None
         ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.ended_at)) if g.ended_at else "—"
         rows.append([g.grid, str(g.counts.get("finished", 0)), str(g.counts.get("failed", 0)),
-                     str(g.counts.get("canceled", 0)), ended, format_duration(took)])
+                     str(g.counts.get("canceled", 0)), ended, format_duration(took, compact=True)])
     return rows
 
 
