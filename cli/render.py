@@ -107,7 +107,7 @@ def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
 
 def _fits(table: Table) -> int:
     """Columns `table` needs to print without squeezing a cell."""
-    from jobs.analysis import table_width  # only when runs are running: status starts without it
+    from cli.render_analysis import table_width  # only when runs are running: status starts without it
 
     return table_width(table)
 
@@ -337,14 +337,14 @@ def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 def result_markdown(rows: list[dict[str, Any]]) -> str:
     """`--rows --markdown`: the `--rows --csv` table as a pipe table, values to 4 places, for a draft."""
-    from jobs.analysis import markdown_table
+    from cli.render_analysis import markdown_table
 
     header, *body = result_csv_rows(rows)
     return markdown_table(header, [[*row[:-1], f"{float(row[-1]):.4f}"] for row in body], len(header) - 1)
 
 
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
-    from jobs.analysis import constant_axes
+    from cli.render_analysis import constant_axes
 
     constant = constant_axes([r["cell"] for r in rows])
     constant.pop("seed", None)

@@ -12,7 +12,7 @@ import os
 import textwrap
 from typing import TYPE_CHECKING, NamedTuple
 
-from jobs.analysis import render_value, spread_of
+from jobs.axes import render_value
 from jobs.errors import UsageError, path_error
 from jobs.metrics import metric_label
 
@@ -195,6 +195,15 @@ def _draw_bars(
     panel.set_xlim(0, reach * 1.28)  # room for the value labels right of the error bars
     # Every metric is a fraction: no tick past 1, even where the labels need the room.
     panel.set_xticks([tick for tick in panel.get_xticks() if 0 <= tick <= 1 + 1e-9])
+
+
+def spread_of(pivot: Pivot) -> str:
+    """What a row's spread is over, for an axis label: "seeds", or the axes its runs differ in."""
+    if pivot.folded == ("seed",):
+        return "seeds"
+    if pivot.folded:
+        return f"runs differing in {', '.join(pivot.folded)}"
+    return "runs"
 
 
 def _palette(count: int) -> list[Colour]:
