@@ -85,6 +85,13 @@ def default_values(name: str) -> list[Any]:
     return list(AXIS[name].default or ())
 
 
+def listed_values(section: object) -> dict[str, list[Any]]:
+    """The values a grid file's `grid:` section (jobs/grid.py's Axes) lists per axis, in cell order; an axis the
+    cells do not have (split, in a grid whose tasks name no splits) is left out."""
+    listed = {axis.name: getattr(section, axis.name) for axis in AXES}
+    return {name: values for name, values in listed.items() if values is not None}
+
+
 def format_cell(cell: Mapping[str, Any], *, short: bool = False) -> str:
     """A run's cell on one line: `model=tiny:bart instructions=true seed=2`, or with `short` each value in
     few characters (`tiny:bart mtl=none no-instr 8-shot seed 1`). Keys no axis has (from a newer stl) read
