@@ -8,7 +8,7 @@ the choosable ones. docs/extending.md walks through adding one. Light to import:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 from jobs.states import TaskType
 
@@ -47,7 +47,6 @@ METRICS: tuple[Metric, ...] = (
 
 # The values `eval.metric` accepts, as a type pydantic checks; a test keeps it equal to the choosable METRICS.
 ChoosableMetric = Literal["accuracy", "accuracy_norm", "accuracy_gen"]
-CHOOSABLE_METRICS: tuple[str, ...] = get_args(ChoosableMetric)
 
 # Per task type, the metrics that score it, in order: a run's score for the type is the mean over its tasks
 # of the first one recorded (or of the classification accuracy the grid's eval.metric chose).

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 from jobs.axes import AXES, AXIS, EVAL_TOKENS, FEW_SHOT_TOKENS, format_cell, token_key_fields
-from jobs.metrics import CHOOSABLE_METRICS, METRICS, TYPE_METRICS, metric_label
+from jobs.metrics import METRICS, TYPE_METRICS, ChoosableMetric, metric_label
 from jobs.specs import EvalConfig, StageSpec
 
 
 def test_eval_metric_accepts_exactly_the_choosable_metrics() -> None:
-    assert tuple(metric.name for metric in METRICS if metric.choosable) == CHOOSABLE_METRICS
-    assert EvalConfig.model_fields["metric"].default in CHOOSABLE_METRICS
-    for name in CHOOSABLE_METRICS:
+    choosable = get_args(ChoosableMetric)
+    assert tuple(metric.name for metric in METRICS if metric.choosable) == choosable
+    assert EvalConfig.model_fields["metric"].default in choosable
+    for name in choosable:
         assert EvalConfig(metric=name).metric == name
 
 
@@ -49,3 +52,11 @@ def test_cells_read_as_the_grid_file_spells_them() -> None:
     assert format_cell(cell) == "split=s1 model=tiny:bart mtl=none instructions=false shots=8 seed=1"
     assert format_cell(cell, short=True) == "split=s1 tiny:bart mtl=none no-instr 8-shot seed 1"
     assert format_cell({"newer": True}, short=True) == "newer=true"
+
+
+def test_a_results_row_whose_axes_are_all_in_the_title_shows_just_its_seed() -> None:
+    from cli.render import result_table_rows
+
+    row = {"run": "0123456789abcdef", "cell": {"model": "tiny:bart", "seed": 0}, "task": "t",
+           "task_type": "generation", "metric": "rougeL", "value": 0.5}
+    assert result_table_rows([row], hide={"model"})[0][1] == "seed=0"
