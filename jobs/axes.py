@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 EMPTY_VALUE = "—"
 # The token caches (jobs/data.py's token_cache_path) that hold a stage's ids, by the `kind` in their key.
 FEW_SHOT_TOKENS, EVAL_TOKENS = "few-shot", "eval"
+EVERY_STAGE = frozenset({"mtl", "finetune", "eval"})  # jobs/states.py's StageKind values
 
 
 def render_value(value: object) -> str:
@@ -40,16 +41,19 @@ class Axis:
     # The values a grid file that leaves the axis out gets; None: the axis is not in the cells then
     # (split: only grids whose tasks name splits have one), or, with `required`, it must be given.
     default: tuple[Any, ...] | None
-    # The StageSpec field that holds the value in the stages it reaches; None: it decides other fields.
+    # The StageSpec field that holds the value in the stages it reaches, or a field of one of its sections
+    # (`train.learning_rate`: stages without a train section have none); None: it decides other fields.
     stage_field: str | None
     # True: jobs/grid.py's expansion reads the axis by name, because it decides which stages a run has or
     # what goes into them (a resolved model path, the MTL parent, the tasks). False: the value goes, as
-    # written, into `stage_field` of every stage of the run.
+    # written, into `stage_field` of each stage of the run whose kind is in `stage_kinds`.
     shapes_stages: bool
     required: bool = False
+    stage_kinds: frozenset[str] = EVERY_STAGE
     # A value in few characters, as `stl status` shows cells (`8-shot`); None: `name=value`.
     short: Callable[[Any], str] | None = None
-    # A stage's value as `stl disk` describes the stage; "" says nothing. None: `name=value`.
+    # A stage's value as `stl disk` describes the stage; "" says nothing. None: `name=value` (nothing for a
+    # stage without the field).
     stage_text: Callable[[Any], str] | None = None
     # The token caches whose ids depend on `stage_field`: it is part of their key.
     token_caches: frozenset[str] = frozenset()
@@ -58,7 +62,9 @@ class Axis:
         return self.short(value) if self.short else f"{self.name}={render_value(value)}"
 
     def described(self, value: Any) -> str:
-        return self.stage_text(value) if self.stage_text else f"{self.name}={render_value(value)}"
+        if self.stage_text:
+            return self.stage_text(value)
+        return "" if value is None else f"{self.name}={render_value(value)}"
 
 
 AXES: tuple[Axis, ...] = (
@@ -102,13 +108,33 @@ def format_cell(cell: Mapping[str, Any], *, short: bool = False) -> str:
     return " ".join(f"{name}={render_value(value)}" for name, value in cell.items())
 
 
-def fields_on_every_stage(cell: Mapping[str, Any]) -> dict[str, Any]:
-    """The StageSpec fields that the cell's axes which shape no stage set, as written, on each stage of its run."""
-    return {axis.stage_field: cell[axis.name] for axis in AXES
-            if axis.stage_field is not None and not axis.shapes_stages and axis.name in cell}
+def with_axis_values(spec: StageSpec, cell: Mapping[str, Any]) -> StageSpec:
+    """`spec` with the value of each of the cell's axes that shape no stage in that axis's stage field, where
+    the stage is of a kind the axis reaches (and, for a section's field, has that section)."""
+    for axis in AXES:
+        if (axis.shapes_stages or axis.stage_field is None or axis.name not in cell
+                or spec.kind.value not in axis.stage_kinds):
+            continue
+        section, _, name = axis.stage_field.rpartition(".")
+        if not section:
+            spec = spec.model_copy(update={name: cell[axis.name]})
+        elif (config := getattr(spec, section)) is not None:
+            spec = spec.model_copy(update={section: config.model_copy(update={name: cell[axis.name]})})
+    return spec
+
+
+def stage_value(spec: object, stage_field: str) -> Any:
+    """A stage's value of `stage_field` (`train.learning_rate` reads a section's field), from a StageSpec or
+    the dict of its spec.json; None where the stage has none."""
+    value = spec
+    for part in stage_field.split("."):
+        value = value.get(part) if isinstance(value, dict) else getattr(value, part, None)
+        if value is None:
+            return None
+    return value
 
 
 def token_key_fields(spec: StageSpec, cache: str) -> dict[str, Any]:
     """The stage fields set by axes that decide the ids in token cache `cache`: part of its key."""
-    return {axis.stage_field: getattr(spec, axis.stage_field) for axis in AXES
+    return {axis.stage_field: stage_value(spec, axis.stage_field) for axis in AXES
             if axis.stage_field is not None and cache in axis.token_caches}

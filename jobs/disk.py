@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jobs import keys
-from jobs.axes import AXES
+from jobs.axes import AXES, EVERY_STAGE, stage_value
 from jobs.codec import text
 from jobs.errors import StagesRunning, StlError, UsageError
 from jobs.layout import DONE_FILE, MODEL_DIR, PRUNED_FILE, SPEC_FILE
@@ -155,7 +155,8 @@ def _describe_stage(stage_dir: Path) -> tuple[str, str]:
         return "", ""
     tasks = spec.get("tasks") or []
     # Each axis's value in the words of jobs/axes.py ("" says nothing): the model and shots lead, the rest end.
-    words = {axis.name: axis.described(spec.get(axis.stage_field)) for axis in AXES if axis.stage_field}
+    words = {axis.name: axis.described(stage_value(spec, axis.stage_field)) for axis in AXES
+             if axis.stage_field and (axis.stage_kinds == EVERY_STAGE or kind in axis.stage_kinds)}
     about = [words.pop("model"), tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks"]
     details = [words.pop("shots")]
     train = spec.get("train")

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from jobs.axes import AXES, default_values, fields_on_every_stage, listed_values
+from jobs.axes import AXES, default_values, listed_values, with_axis_values
 from jobs.errors import GridError
 from jobs.grid_checks import RESERVED_MTL, _resolve_model, _resolve_source, check_grid
 from jobs.grid_yaml import MAX_REPORTED_PROBLEMS, _field_name, _Positions, _refuse, load_yaml
@@ -347,6 +347,7 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
     finetune_cfg = grid.finetune or grid.train
 
     def add(spec: StageSpec) -> str:
+        spec = with_axis_values(spec, cell)  # the values of the axes below that shape no stage
         stage_id = spec.stage_id
         stages.setdefault(stage_id, spec)
         return stage_id
@@ -355,7 +356,6 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
         split = grid.tasks[cell["split"]] if isinstance(grid.tasks, dict) else grid.tasks
         seed = cell["seed"]
         model = _resolve_model(cell["model"], base)  # the cell keeps the name as written
-        same = fields_on_every_stage(cell)  # model, mtl, shots, seed and split are read below
         order: list[str] = []
         parent: str | None = None
         if cell["mtl"] != "none":
@@ -364,7 +364,7 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
             else:
                 mixture = grid.mixtures[cell["mtl"]]
                 mix_data, mix_tasks = _resolve_source(mixture.data, base), mixture.tasks
-            parent = add(StageSpec(kind=StageKind.mtl, model=model, seed=seed, **same,
+            parent = add(StageSpec(kind=StageKind.mtl, model=model, seed=seed,
                                    data=mix_data, tasks=tuple(mix_tasks), train=grid.train))
             order.append(parent)
         eval_stages: list[str] = []
@@ -372,17 +372,17 @@ def _expand(grid: GridFile, base: Path, cells: Iterable[dict[str, Any]] | None =
         eval_seed = seed if (parent is not None or model.startswith("tiny:")) else 0
         if cell["shots"] == 0:
             eval_id = add(StageSpec(kind=StageKind.eval, model=model, parent=parent, seed=eval_seed,
-                                    **same, data=data, tasks=tuple(split.eval),
+                                    data=data, tasks=tuple(split.eval),
                                     eval=grid.eval))
             order.append(eval_id)
             eval_stages.append(eval_id)
         else:
             for task in split.eval:
                 ft_id = add(StageSpec(kind=StageKind.finetune, model=model, parent=parent, seed=seed,
-                                      **same, data=data, tasks=(task,),
+                                      data=data, tasks=(task,),
                                       shots=cell["shots"], holdout=grid.eval.max_examples, train=finetune_cfg))
                 eval_id = add(StageSpec(kind=StageKind.eval, model=model, parent=ft_id, seed=seed,
-                                        **same, data=data, tasks=(task,),
+                                        data=data, tasks=(task,),
                                         shots=cell["shots"], eval=grid.eval))
                 order += [ft_id, eval_id]
                 eval_stages.append(eval_id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import get_args
+from typing import TYPE_CHECKING, get_args
 
 from jobs.axes import AXES, AXIS, EVAL_TOKENS, FEW_SHOT_TOKENS, format_cell, token_key_fields
 from jobs.metrics import METRICS, TYPE_METRICS, ChoosableMetric, metric_label
-from jobs.specs import EvalConfig, StageSpec
+from jobs.specs import EvalConfig, StageSpec, TrainConfig
+
+if TYPE_CHECKING:
+    from pytest import MonkeyPatch
 
 
 def test_eval_metric_accepts_exactly_the_choosable_metrics() -> None:
@@ -60,3 +63,23 @@ def test_a_results_row_whose_axes_are_all_in_the_title_shows_just_its_seed() -> 
     row = {"run": "0123456789abcdef", "cell": {"model": "tiny:bart", "seed": 0}, "task": "t",
            "task_type": "generation", "metric": "rougeL", "value": 0.5}
     assert result_table_rows([row], hide={"model"})[0][1] == "seed=0"
+
+
+def test_an_axis_that_shapes_no_stage_sets_its_field_on_the_stages_it_reaches(monkeypatch: MonkeyPatch) -> None:
+    from jobs import axes
+
+    # The example of docs/extending.md: how long the MTL stage trains, and nothing else.
+    mtl_steps = axes.Axis("mtl_steps", int, default=None, stage_field="train.max_steps", shapes_stages=False,
+                          stage_kinds=frozenset({"mtl"}))
+    monkeypatch.setattr(axes, "AXES", (*axes.AXES, mtl_steps))
+    common = {"model": "tiny:bart", "data": "/d.jsonl", "tasks": ("t",), "train": TrainConfig()}
+    cell = {"model": "tiny:bart", "instructions": False, "mtl_steps": 7, "seed": 0}
+    mtl = axes.with_axis_values(StageSpec(kind="mtl", **common), cell)
+    finetune = axes.with_axis_values(StageSpec(kind="finetune", shots=4, **common), cell)
+    assert (mtl.train.max_steps, mtl.instructions) == (7, False)  # type: ignore[union-attr]
+    assert (finetune.train.max_steps, finetune.instructions) == (1000, False)  # type: ignore[union-attr]
+    # the stage is the one the grid would have written out by hand: same id
+    assert mtl.stage_id == StageSpec(kind="mtl", instructions=False, **{**common, "train": TrainConfig(max_steps=7)}
+                                     ).stage_id
+    assert axes.stage_value(mtl.model_dump(mode="json"), "train.max_steps") == 7
+    assert axes.stage_value(StageSpec(kind="eval", model="m", data="/d", tasks=()), "train.max_steps") is None
