@@ -1,5 +1,6 @@
 # The worker image. Its install steps are the README's: a virtual environment and `pip install -e`.
-FROM nvidia/cuda:12.4.1-runtime-ubuntu22.04
+# Ubuntu 24.04's python3 is 3.12: stl needs 3.11 or newer, which 22.04's (3.10) is not.
+FROM nvidia/cuda:12.6.3-runtime-ubuntu24.04
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip make git \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/stl

@@ -84,8 +84,8 @@ def bench_enqueue(server: Any, grid_path: Path, home: Path, rounds: int, with_cl
         ENTRY_POINT,
         FAILURE_TTL_S,
         RESULT_TTL_S,
-        _job_template,
         job_id_for,
+        job_template,
         make_queue,
         submit_runs,
     )
@@ -129,7 +129,7 @@ def bench_enqueue(server: Any, grid_path: Path, home: Path, rounds: int, with_cl
     def raw_writes(full: bool) -> None:
         # The same job hash stl (and RQ) writes, built once per call like stl does, then one pipeline.
         queue = make_queue(conn, user, priority)
-        template, prefix, suffix = _job_template(queue, timeout=timeout)
+        template, prefix, suffix = job_template(queue, timeout=timeout)
         now = f"{time.time():.6f}"
         pipe = conn.pipeline(transaction=False)
         for sid in stage_ids:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from jobs.errors import GridError, StlError, UsageError
+from jobs.errors import GridError, NoResults, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
@@ -169,6 +169,13 @@ def _user(settings: Settings, given: str | None) -> str:
     return check_user_name(given or settings.user, what="--user" if given else "STL_USER")
 
 
+def _queue_user(conn: redis.Redis, settings: Settings, given: str | None = None) -> str:
+    """Who a command that acts as a user acts as: a Redis ACL user, where there is one, overrides STL_USER."""
+    from jobs.identity import queue_user
+
+    return queue_user(conn, settings, given=given)
+
+
 def _print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -223,29 +230,42 @@ def enqueue(
             except (StlError, OSError, redis.RedisError):
                 statuses = None
             if statuses is not None:  # what the enqueue itself would refuse, it refuses here too
+                who = _queue_user(conn, settings, user)
                 if not force:
                     check_grid_owner(conn, expanded.grid.name, who)
                 if not replace:
-                    check_grid_unchanged(conn, expanded)
+                    check_grid_unchanged(conn, expanded, user=None if force else who)
             Console().print(build_dry_run_table(expanded, statuses))
             if statuses is not None and replace:
-                typer.echo(f"--replace would cancel and drop {len(changed_runs(conn, expanded))} run(s) of grid "
-                           f"{expanded.grid.name} made with other settings")
+                _say_what_replace_would_drop(conn, expanded.grid.name, changed_runs(conn, expanded), who, force)
             return
-        from cli.render import enqueue_message
+        from cli.render import enqueue_message, kept_runs_message
 
         conn = _connect(settings)
+        who = _queue_user(conn, settings, user)
         if not force:
             check_grid_owner(conn, expanded.grid.name, who)
         if replace:
             dropped = drop_runs(conn, changed_runs(conn, expanded), user=who, force=force)
-            if dropped:
-                typer.echo(f"dropped {dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+            if dropped.dropped:
+                typer.echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+            if dropped.kept:
+                typer.echo(kept_runs_message(expanded.grid.name, dropped.kept))
         else:
-            check_grid_unchanged(conn, expanded)
+            check_grid_unchanged(conn, expanded, user=None if force else who)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout, owner_only=not force)
         typer.echo(enqueue_message(report, who, priority))
+
+
+def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
+    from cli.render import kept_runs_message
+    from jobs.queueing import split_by_owner
+
+    mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
+    typer.echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
+    if others:
+        typer.echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
 
 
 @app.command()
@@ -259,6 +279,7 @@ def status(
     """Show queued, running and finished runs per user and grid, running runs and workers, live."""
     from jobs.connection import connect
     from jobs.records import list_runs, list_workers, status_summary
+    from jobs.store import registered_store
 
     with handled():
         settings = _settings()
@@ -266,7 +287,9 @@ def status(
         conn = connect(settings, read_timeout=60.0 if once or as_json else LIVE_READ_TIMEOUT_S)
         if as_json:
             runs = list_runs(conn, user=user, grid=grid)
-            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)]})
+            store = registered_store(conn)
+            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)],
+                         "store": None if store is None else store.to_json()})
             return
         from rich.console import Console
 
@@ -276,7 +299,7 @@ def status(
 
         def view() -> RenderableType:  # the width is read each time: a resized terminal gets a fitting table
             return build_status_view(status_summary(conn, user=user, grid=grid), list_workers(conn), console.width,
-                                     live=not once)
+                                     live=not once, store=registered_store(conn))
 
         if once:
             console.print(view())
@@ -322,7 +345,7 @@ def results(
              "Applies to the pivot, --effect, exports and plots.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
-    from cli.render import results_notes
+    from cli.render import results_notes, why_no_results
     from jobs import analysis
     from jobs.records import list_runs, result_rows
 
@@ -337,6 +360,8 @@ def results(
             by_axes = [a.strip() for a in by.split(",") if a.strip()]
             if not by_axes:
                 raise UsageError(f"--by {by!r} names no axis; e.g. --by model,mtl")
+        if effect:
+            analysis.check_effect_syntax(effect)  # its values are checked against the results, once there are some
         grids = list(dict.fromkeys(grids))  # a grid named twice is read once
         settings = _settings()
         conn = _connect(settings)
@@ -346,6 +371,8 @@ def results(
         for grid in grids:
             all_rows += result_rows(conn, grid)
             grid_runs += list_runs(conn, grid=grid)
+        if not all_rows:  # in every form (table, --rows, --json, --csv, --plot): nothing written, exit 1
+            raise NoResults(why_no_results(grids, grid_runs))
         run_summaries = [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status} for r in grid_runs]
         if where:
             kept = analysis.parse_where(where, [*all_rows, *run_summaries])
@@ -390,13 +417,6 @@ def results(
             width: int | None = console.width
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
                 console, width = Console(width=200), None
-            if not pivot.columns:  # no run has a result: a table of axes alone says nothing
-                from jobs.states import LIVE
-
-                waiting = any(run.status in LIVE for run in grid_runs)
-                typer.echo(f"stl: no results {'yet ' if waiting else ''}for {', '.join(grids)}"
-                           f"{'' if waiting else ': none of its runs finished (see above)'}", err=True)
-                return
             console.print(analysis.build_pivot_table(pivot, width=width))
             if report is not None:
                 console.print(analysis.build_effect_table(report))
@@ -473,8 +493,9 @@ def cancel(
             check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
+        who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        canceled, already, foreign = cancel_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        canceled, already, foreign = cancel_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
         typer.echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
                    + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
                       if foreign else ""))
@@ -501,8 +522,9 @@ def retry(
             check_run_id(run_id)
         settings = _settings()
         conn = _connect(settings)
+        who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
-        requeued, skipped, foreign = retry_runs(conn, ids, user=settings.user, force=force, skip_foreign=bool(grid))
+        requeued, skipped, foreign = retry_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
         typer.echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
                    + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
@@ -512,6 +534,9 @@ def worker(
     gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).", min=0)] = None,
     burst: Annotated[bool, typer.Option(
         "--burst", help="Exit when the queues are empty (exit code 1 if the machine cannot run them).")] = False,
+    adopt_store: Annotated[bool, typer.Option(
+        "--adopt-store", help="Make this STL_HOME the queue's artifact store, where the one its workers shared "
+        "is gone (wiped or moved); refused while workers use that one.")] = False,
 ) -> None:
     """Run the GPU worker: one stage at a time, the next from whoever has used the least GPU time lately
     (decayed, half-life one hour), so one person's big grid does not block someone else's run.
@@ -530,7 +555,7 @@ def worker(
         settings = _settings()
         conn = connect(settings, patient=True)
 
-        run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst)
+        run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst, adopt_store=adopt_store)
 
 
 @app.command()
@@ -622,7 +647,11 @@ def disk(
         if force and not (clear_caches or prune is not None):
             raise UsageError("--force goes with --clear-caches or --prune")
         if prune is not None:
-            report = disk_lib.prune_stage_models(_connect(settings), settings, prune, user=_user(settings, None),
+            from jobs.store import check_queue_store
+
+            conn = _connect(settings)
+            check_queue_store(conn, settings, action="prune models")
+            report = disk_lib.prune_stage_models(conn, settings, prune, user=_queue_user(conn, settings),
                                                  dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
                 typer.echo(line)
@@ -634,8 +663,10 @@ def disk(
                        "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
             return
         if not clear_caches:
+            from jobs.store import read_store
+
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
-                                             disk_lib.free_space(settings.home)))
+                                             disk_lib.free_space(settings.home), store=read_store(settings.home)))
             return
         running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
+from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from jobs.grid import ExpandedGrid
     from jobs.queueing import SubmitReport
     from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
+    from jobs.store import Store
 
 STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
@@ -182,7 +185,8 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
     return rows
 
 
-def build_workers_table(workers: list[WorkerRow]) -> Table:
+def build_workers_table(workers: list[WorkerRow], store: Store | None = None) -> Table:
+    """`store`: the STL_HOME the queue's workers share (jobs.store), named in the title."""
     low = sorted({w.host for w in workers if w.disk_low})
     caption = (f"STL_HOME is running out of space on {', '.join(low)}: `stl disk` shows what takes it; "
                "`stl disk --prune finetune` frees few-shot models of finished runs") if low else None
@@ -192,7 +196,8 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
               f"{HEALTH_CHECK_EVERY_S:.0f} s and goes on by itself"
               for w in workers if w.paused]
     caption = "\n".join([*paused, *([caption] if caption else [])]) or None
-    table = Table(title="Workers", title_justify="left", caption=caption, caption_style="bold red")
+    title = "Workers" if store is None else f"Workers · STL_HOME {store.home} on {store.host} (store {store.short})"
+    table = Table(title=escape(title), title_justify="left", caption=caption, caption_style="bold red")
     for name in ("worker", "host", "gpu", "state", "stage", "seen", "STL_HOME disk"):
         table.add_column(name)
     rows = worker_rows(workers)
@@ -205,14 +210,25 @@ def build_workers_table(workers: list[WorkerRow]) -> Table:
 
 
 ERROR_CHARS = 120  # of a failed run's error in `stl status`; `stl logs RUN` has all of it
+# "finetune stage 3f9a…(20 hex): …": the stage id says nothing in a row that names the run; its kind stays.
+_STAGE_ID_IN_ERROR = re.compile(r"^(\w+) stage [0-9a-f]{20}: ")
+
+
+def short_error(error: str) -> str:
+    """A run's error for the failures table: one line, without the stage id, cut between words past ERROR_CHARS."""
+    error = _STAGE_ID_IN_ERROR.sub(r"\1: ", " ".join(error.split()))
+    if len(error) <= ERROR_CHARS:
+        return error
+    cut = error[:ERROR_CHARS - 1]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > ERROR_CHARS // 2 else cut).rstrip(" ,;:") + "…"
 
 
 def failed_rows(runs: list[RunRow]) -> list[list[str]]:
     rows = []
     for run in runs:
         ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
-        error = run.error if len(run.error) <= ERROR_CHARS else run.error[:ERROR_CHARS - 1] + "…"
-        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, error or "—"])
+        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, short_error(run.error) or "—"])
     return rows
 
 
@@ -264,7 +280,7 @@ def build_finished_grids_table(grids: list[GridRow], shown: int = ENDED_GRIDS_SH
 
 
 def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: int | None = None, *,
-                      live: bool = True) -> RenderableType:
+                      live: bool = True, store: Store | None = None) -> RenderableType:
     """The whole `stl status` screen; `width` (the terminal's columns) picks the running table's columns.
     `live`: the screen refreshes (it says how to quit); otherwise it is one frame (`--once`)."""
     # Grids whose runs have all ended are listed under "Ended grids" instead: months of them would bury the live.
@@ -272,7 +288,7 @@ def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: i
     live_counts = {key: n for key, n in summary.counts.items() if key[0] not in ended}
     parts: list[RenderableType] = [
         build_summary_table(summary.counts, "user"), build_summary_table(live_counts, "grid"),
-        build_running_table(summary.running, width), build_workers_table(workers),
+        build_running_table(summary.running, width), build_workers_table(workers, store),
     ]
     if summary.failed:
         parts.append(build_failed_table(summary.failed, width))
@@ -302,6 +318,30 @@ def results_notes(runs: list[RunRow]) -> list[str]:
     if live:
         notes.append(f"{live} of {len(runs)} run(s) are still queued or running; their cells show n=k/m")
     return notes
+
+
+def why_no_results(grids: list[str], runs: list[RunRow]) -> str:
+    """One line for `stl results` when no run of these (existing) grids has a result: still to come, or never."""
+    from jobs.states import LIVE
+
+    names, its = ", ".join(grids), "its" if len(grids) == 1 else "their"
+    shown_by = f"`stl status --grid {grids[0]}`" if len(grids) == 1 else "`stl status`"
+    count = {status: sum(run.status == status for run in runs) for status in ("failed", "canceled", "finished")}
+    ended = ", ".join(f"{n} {status}" for status, n in count.items() if n)
+    live = sum(run.status in LIVE for run in runs)
+    if live:
+        of = f"{its} {live} run(s) are" if live == len(runs) else f"{live} of {len(runs)} run(s) are"
+        return f"no results for {names} yet: {of} still queued or running{f' ({ended})' if ended else ''}; " \
+               f"{shown_by} shows their progress"
+    if count["finished"]:  # a finished run has results unless they were lost from Redis
+        return f"no results for {names}: {its} {count['finished']} finished run(s) recorded none ({ended})"
+    failed = [run for run in runs if run.status == "failed"]
+    if failed:
+        error = short_error(failed[0].error) or "no error recorded"
+        why = f"`stl logs RUN` says why, e.g. run {failed[0].id[:10]}: {error}"
+    else:
+        why = f"`stl retry --grid {grids[0]}` queues them again" if len(grids) == 1 else "`stl retry` queues them"
+    return f"no results for {names}: none of {its} {len(runs)} run(s) finished ({ended}); {why}"
 
 
 def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> list[list[str]]:
@@ -392,6 +432,9 @@ def build_dry_run_table(expanded: ExpandedGrid, statuses: dict[str, str] | None 
 def enqueue_message(report: SubmitReport, user: str, priority: str = "normal") -> str:
     lines = [f"queued {len(report.queued)} run(s) of grid {report.grid} for {user}; "
              f"skipped {len(report.skipped)} identical run(s) already queued or finished"]
+    if report.left_to_others:
+        lines.append(f"left {len(report.left_to_others)} failed or canceled run(s) of other users as they are "
+                     f"(e.g. {report.left_to_others[0]}): `stl retry --force RUN` queues them again")
     if report.skipped and priority != "normal":
         lines.append(f"the skipped runs keep the priority they were queued with, not {priority}; to change it, "
                      f"`stl cancel --grid {report.grid}` and enqueue again (finished stages are reused)")
@@ -406,6 +449,15 @@ def enqueue_message(report: SubmitReport, user: str, priority: str = "normal") -
     if len(report.queued) > report.finished_at_once:
         lines.append(f"watch them with: stl status --grid {report.grid}")
     return "\n".join(lines)
+
+
+def kept_runs_message(grid: str, kept: dict[str, int], *, dry_run: bool = False) -> str:
+    """What `enqueue --replace` without --force left of other users' runs, and why."""
+    count = sum(kept.values())
+    whose = " and ".join(f"{user}'s" for user in sorted(kept))
+    return (f"{'would keep' if dry_run else 'kept'} {count} run{'' if count == 1 else 's'} of {whose} made with other "
+            f"settings (`stl results {grid}` averages them with yours): only their owner drops them, and "
+            "--force drops other users' runs too")
 
 
 def format_bytes(size: int) -> str:
@@ -423,12 +475,16 @@ def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:
     return [*rows, ["total", format_bytes(total), str(sum(u.files for u in usage)), "", ""]]
 
 
-def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] | None = None) -> Table:
-    """`space`: (free, total) bytes of the file system holding STL_HOME."""
+def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] | None = None,
+                     store: Store | None = None) -> Table:
+    """`space`: (free, total) bytes of the file system holding STL_HOME; `store`: its store id (jobs.store),
+    which `stl status` shows for the queue's workers."""
     title = f"STL_HOME = {home}"
     if space is not None:
         title += f" ({format_bytes(space[0])} free of {format_bytes(space[1])})"
-    table = Table(title=title, title_justify="left",
+    if store is not None:
+        title += f" · store {store.short}"
+    table = Table(title=escape(title), title_justify="left",
                   caption="--clear-caches loses only time; --prune deletes models no queued or running run needs "
                           "(a later run that needs one trains it again); runs and redis stay")
     table.add_column("part", no_wrap=True)

@@ -392,20 +392,7 @@ def parse_effect(text: str, rows: Iterable[Mapping[str, Any]] | None = None) -> 
 
     Values may contain ':' (model names like tiny:bart); `rows` then decide where A ends.
     """
-    usage = "write --effect AXIS=A:B, e.g. --effect mtl=none:in-domain (B is compared with A)"
-    axis, equals, values = text.strip().partition("=")
-    axis = axis.strip()
-    if not equals or not axis:
-        raise UsageError(f"malformed --effect {text!r}: {usage}")
-    if "=" in values:
-        raise UsageError(f"--effect {text!r} names more than one axis: one effect at a time; {usage}")
-    splits = [
-        (values[:index].strip(), values[index + 1 :].strip())
-        for index, char in enumerate(values)
-        if char == ":" and values[:index].strip() and values[index + 1 :].strip()
-    ]
-    if not splits:
-        raise UsageError(f"malformed --effect {text!r}: {usage}")
+    axis, values, splits = _effect_parts(text)
     if rows is None:
         if len(splits) > 1:
             raise UsageError(
@@ -429,6 +416,33 @@ def parse_effect(text: str, rows: Iterable[Mapping[str, Any]] | None = None) -> 
         f"--effect {text!r}: {axis} has no value {', '.join(map(repr, missing))}; "
         f"values in these results: {', '.join(sorted(known)) or 'none'}"
     )
+
+
+def check_effect_syntax(text: str) -> None:
+    """What can be checked of `--effect` before there are results: its form, and that it compares two values
+    of an axis the study varies (whether they exist needs results)."""
+    axis, _, splits = _effect_parts(text)
+    if axis == SEED_AXIS or len(splits) == 1:
+        _checked_effect(axis, *splits[0])
+
+
+def _effect_parts(text: str) -> tuple[str, str, list[tuple[str, str]]]:
+    """(axis, the values as written, every way to split them into A:B at a ':')."""
+    usage = "write --effect AXIS=A:B, e.g. --effect mtl=none:in-domain (B is compared with A)"
+    axis, equals, values = text.strip().partition("=")
+    axis = axis.strip()
+    if not equals or not axis:
+        raise UsageError(f"malformed --effect {text!r}: {usage}")
+    if "=" in values:
+        raise UsageError(f"--effect {text!r} names more than one axis: one effect at a time; {usage}")
+    splits = [
+        (values[:index].strip(), values[index + 1 :].strip())
+        for index, char in enumerate(values)
+        if char == ":" and values[:index].strip() and values[index + 1 :].strip()
+    ]
+    if not splits:
+        raise UsageError(f"malformed --effect {text!r}: {usage}")
+    return axis, values, splits
 
 
 def _checked_effect(axis: str, a: str, b: str) -> EffectSpec:

@@ -39,7 +39,7 @@ CACHES = {
 }
 PRUNE_LEASE_MS = 600_000  # held while deleting, so no work horse starts the stage meanwhile
 # `stl status` warns when the disk holding STL_HOME has less free than either: a BART-large stage
-# writes a 1.6 GB model plus a checkpoint about three times that.
+# writes a 1.6 GB model, and keeps up to two checkpoints of about three times that while it trains.
 LOW_DISK_BYTES = 10 * 2**30
 LOW_DISK_FRACTION = 0.05
 

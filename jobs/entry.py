@@ -20,7 +20,17 @@ import redis
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import ForeignJob, MachineFault, StageCanceled, StageLeaseLost, StagePreempted
+from jobs.durable import needed_bytes, write_atomically
+from jobs.errors import (
+    ForeignJob,
+    MachineFault,
+    ModelError,
+    ParentModelMissing,
+    StageCanceled,
+    StageLeaseLost,
+    StagePreempted,
+    StageWaitsForParent,
+)
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
@@ -34,6 +44,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from jobs.settings import Settings
+    from jobs.stages import StageContext, StageOutcome
     from jobs.train import StepReport, TrainOutcome
 
 HEARTBEAT_EVERY_S = 3.0
@@ -67,6 +78,7 @@ FAILURE_MESSAGE_MAX = 500
 # What StageSpec.stage_id makes: the id becomes a folder name under STL_HOME and part of Redis keys.
 STAGE_ID = re.compile(r"^[0-9a-f]{20}$")
 STEPS_KEPT = 20_000
+PARENT_LOOKS = 3  # a parent that finishes just as its child looks for its model: look again, this often
 
 
 
@@ -254,10 +266,8 @@ def write_run_records(settings: Settings, conn: redis.Redis, run_ids: list[str])
     from jobs.records import run_rows
 
     for row in run_rows(conn, [r for r in run_ids if (settings.runs_dir / r).is_dir()]):
-        path = settings.runs_dir / row.id / "run.json"
-        temporary = path.with_name(".run.json.tmp")
-        temporary.write_text(json.dumps(row.to_json(), indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, path)
+        record = json.dumps(row.to_json(), indent=2, sort_keys=True) + "\n"
+        write_atomically(settings.runs_dir / row.id / "run.json", record)
 
 
 def run_stage(stage_id: str) -> dict[str, Any]:
@@ -265,7 +275,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     from rq import get_current_job
 
     from jobs.connection import connect
-    from jobs.stages import StageContext, execute_stage, pick_device
+    from jobs.stages import StageContext, pick_device
 
     if not STAGE_ID.match(stage_id):
         raise ForeignJob(f"{stage_id!r} is not a stage id; stl runs only jobs written by `stl enqueue`")
@@ -306,7 +316,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
         status = start_stage_record(conn, stage_id, {
             "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": holder,
-            "error": "", "eta_s": "", "eta_at": "", "machine_fault": ""})
+            "error": "", "eta_s": "", "eta_at": "", "machine_fault": "", "disk_needed_bytes": ""})
         if status != "started":  # canceled since its status was read above
             raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
         live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
@@ -321,7 +331,11 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         parent_dir = settings.stages_dir / spec.parent if spec.parent else None
         ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
                            should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
-        outcome = execute_stage(spec, ctx)
+        outcome = _execute_once_its_parent_is_there(conn, settings, stage_id, spec, ctx, reporter)
+    except StageWaitsForParent:
+        _charge(conn, user, started)  # it went back to wait (the log says why): it neither ended nor failed
+        lease.release()
+        raise
     except StagePreempted as e:
         reporter.log(f"preempted: {e}; back to the head of the queue")
         _back_to_queue(conn, stage_id)
@@ -342,6 +356,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     except BaseException as e:
         message = _failure_message(e, spec)
         fault = machine_fault(e)
+        need = needed_bytes(e)  # a full disk: what the failed save needed, so the worker waits for that much room
         if fault is not None:
             # The other workers of this host check the machine before they take a stage (this one included).
             conn.set(keys.host_fault(socket.gethostname()), f"{time.time():.3f}|{fault}", ex=HOST_FAULT_TTL_S)
@@ -350,13 +365,16 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                 reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
                              f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
                              "until the machine is healthy again")
-                _back_to_queue(conn, stage_id, machine_fault=fault)
+                _back_to_queue(conn, stage_id, machine_fault=fault, disk_needed_bytes=need)
                 _charge(conn, user, started)
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
             message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
-            conn.hset(stage_key, "machine_fault", fault)  # its worker pauses too, and checks the machine
+            # its worker pauses too, and checks the machine
+            conn.hset(stage_key, mapping={"machine_fault": fault, "disk_needed_bytes": need})
         reporter.log(f"failed: {message}")
+        if isinstance(e, ModelError) and e.detail:  # the whole story behind a short reason: the loaders' words
+            reporter.log(f"  in full: {e.detail}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
                       started=started, user=user)
         lease.release()
@@ -371,17 +389,38 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     return {"stage": stage_id, "status": "finished"}
 
 
+def _execute_once_its_parent_is_there(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec,
+                                      ctx: StageContext, reporter: StageReporter) -> StageOutcome:
+    """Run the stage; if its parent's model is missing, the parent is made again first and this stage waits
+    for it (StageWaitsForParent), or fails where there is nothing to wait for (jobs.remake)."""
+    from jobs.remake import wait_for_parent
+    from jobs.stages import execute_stage
+
+    for _ in range(PARENT_LOOKS):
+        # Read before the stage looks for the model: a parent that finishes in between is not made twice.
+        seen = text(conn.hget(keys.stage(spec.parent), "status")) if spec.parent else ""
+        try:
+            return execute_stage(spec, ctx)
+        except ParentModelMissing as missing:
+            outcome, line = wait_for_parent(conn, settings, stage_id, spec, seen=seen, missing=missing)
+            if outcome == "look_again":  # the parent finished as this stage looked: its model is there now
+                continue
+            reporter.log(line)
+            raise StageWaitsForParent(line) from missing
+    return execute_stage(spec, ctx)
+
+
 def _charge(conn: redis.Redis, user: str, started: float, now: float | None = None) -> None:
     """Fair share: a stage's GPU time goes to its user however the stage ends (a lost charge only skews order)."""
     with contextlib.suppress(redis.RedisError):
         charge_usage(conn, user, (now or time.time()) - started)
 
 
-def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "") -> None:
+def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "", disk_needed_bytes: int = 0) -> None:
     """The stage did not end: it and its runs are queued again (the worker puts its job back at the head)."""
     pipe = conn.pipeline(transaction=False)
     pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
-                                             "machine_fault": machine_fault})
+                                             "machine_fault": machine_fault, "disk_needed_bytes": disk_needed_bytes})
     pipe.srem(keys.RUNNING_STAGES, stage_id)
     pipe.execute()
     update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
@@ -471,7 +510,7 @@ def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> N
         return
     run_dir = settings.runs_dir / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    write_atomically(run_dir / "metrics.json", json.dumps(results, indent=2, sort_keys=True))
 
 
 def _notify_if_grid_done(conn: redis.Redis, settings: Settings, grid: str) -> None:

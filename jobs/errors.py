@@ -28,6 +28,10 @@ class UsageError(StlError):
     exit_code = 2
 
 
+class StoreMismatch(UsageError):
+    """A worker's STL_HOME is not the artifact store the other workers of its Redis share."""
+
+
 class GridChanged(UsageError):
     """A grid enqueued again under its name with settings other than those of runs it already has."""
 
@@ -42,6 +46,10 @@ class NotFound(StlError):
     exit_code = 2
 
 
+class NoResults(StlError):
+    """A grid has no results to show (yet): `stl results` exits 1, so a script does not take silence for a table."""
+
+
 class PermissionDenied(StlError):
     """The action needs the owner, or --force."""
 
@@ -51,7 +59,26 @@ class DataError(StlError):
 
 
 class ModelError(StlError):
-    """A model cannot be built or loaded."""
+    """A model cannot be built or loaded. The message is short (it is the run's error in `stl status`);
+    `detail` holds everything the loaders said, for the stage's log."""
+
+    def __init__(self, message: str, *, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class ParentModelMissing(ModelError):
+    """A stage's parent finished, but its model is not in STL_HOME (pruned, deleted, or made elsewhere). The
+    worker makes the parent again first (jobs.remake); elsewhere it is a ModelError."""
+
+    def __init__(self, message: str, *, parent_dir: Path, why: str) -> None:
+        super().__init__(message)
+        self.parent_dir = parent_dir
+        self.why = why
+
+
+class StageWaitsForParent(StlError):
+    """The stage went back to wait for its parent, which is made again first: it did not fail."""
 
 
 class StageCanceled(StlError):

@@ -10,6 +10,7 @@ USERS = f"{PREFIX}:users"  # set of users who ever queued
 USAGE = f"{PREFIX}:usage"  # hash user -> decayed GPU seconds as "value@timestamp"
 WORKERS = f"{PREFIX}:workers"  # set of stl worker names
 RUNNING_STAGES = f"{PREFIX}:stages:running"  # set of stage ids a work horse has started
+STORE = f"{PREFIX}:store"  # json {id, home, host, created_at}: the STL_HOME the workers of this Redis share
 JOB_ID_PREFIX = f"{PREFIX}-"  # an RQ job's id is this and its stage's id (rq:job:stl-<stage id>)
 QUEUE_NAME_PREFIX = f"{PREFIX}."  # every stl queue's RQ name starts so (rq:queue:stl.<user>.<priority>)
 

@@ -16,7 +16,9 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from jobs.durable import MIN_NEED_BYTES, fsync_directory, fsync_tree, remove, saving
 from jobs.errors import ModelError, missing_on_worker
+from jobs.hub import model_load_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +34,7 @@ MAX_NAME_LENGTH = 300
 LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")  # how a grid writes a model that is a local folder
 # A hub id ("facebook/bart-base", "gpt2"); local paths are recognised separately.
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+HUB_NAME_MAX = 96  # the hub's own rules, besides the pattern: see hub_id_problem
 # The tiny models' width: big enough to learn keyword rules, small enough for CPU tests.
 TINY_WIDTH = 64
 TINY_LAYERS = 2
@@ -77,9 +80,23 @@ def check_model_name(name: str) -> str | None:
         return None
     if is_local_path(name) or _exists(name):
         return None
-    if HUB_ID_PATTERN.match(name) and ".." not in name:
-        return None
+    if HUB_ID_PATTERN.match(name):
+        return hub_id_problem(name)
     return f"model name {name!r} is neither a hub id (owner/name), a local path, nor tiny:<arch>"
+
+
+def hub_id_problem(name: str) -> str | None:
+    """Why an owner/name the pattern allows is still no hub id (the hub refuses it before any lookup), or None."""
+    why = None
+    if "--" in name or ".." in name:
+        why = "it holds '--' or '..'"
+    elif any(part.endswith(("-", ".")) for part in name.split("/")):
+        why = "a part of it ends with '-' or '.'"
+    elif name.endswith(".git"):
+        why = "it ends with '.git'"
+    elif len(name.rsplit("/", 1)[-1]) > HUB_NAME_MAX:
+        why = f"its name is longer than {HUB_NAME_MAX} characters"
+    return f"model name {name!r} is not a valid hub id: {why}" if why else None
 
 
 def is_seq2seq(model: PreTrainedModel) -> bool:
@@ -234,16 +251,15 @@ def _load_pretrained(
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=False)
         factory = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        # device_map: safetensors weights go straight to the device, with no full copy in host memory.
-        model = factory.from_pretrained(
-            name_or_path, config=config, dtype=dtype, device_map=device, trust_remote_code=False
-        )
+        # Loaded into host memory, then moved (below): `device_map` would skip that copy but needs
+        # `accelerate`, one more dependency for a second or two on the small models stl trains.
+        model = factory.from_pretrained(name_or_path, config=config, dtype=dtype, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except Exception as e:  # hub/network/format errors come in many types; all mean "cannot load"
-        detail = " ".join(str(e).split())  # one line: the CLI prints it as the run's error
-        raise ModelError(
-            f"model {name_or_path} could not be loaded: {type(e).__name__}: {detail}; check the id or path"
-        ) from e
+        hub_id = isinstance(name_or_path, str) and not is_local_path(name_or_path) and not _exists(name_or_path)
+        raise model_load_error(str(name_or_path), e, hub_id=hub_id) from e
+    # Outside the try: a full GPU is not a wrong id or path. (transformers' wrapper of `to` confuses mypy.)
+    model.to(device)  # type: ignore[call-arg, arg-type]
     return model, tokenizer
 
 
@@ -270,18 +286,24 @@ def _make_pad_token_coherent(model: PreTrainedModel, tokenizer: Any) -> None:
 
 
 def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
-    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`."""
+    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`.
+
+    Written aside and fsync'd before it replaces `directory`; a failed save leaves nothing aside, and one
+    that a full or read-only disk explains raises the disk's error (jobs.durable.saving)."""
     temporary = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_pretrained(temporary)
-    tokenizer.save_pretrained(temporary)
-    info = {
-        "base_model": base_model_name(model),
-        "model_type": model.config.model_type,
-        "seq2seq": is_seq2seq(model),
-    }
-    (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    replace_directory(temporary, directory)
+    remove(temporary)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters()) + MIN_NEED_BYTES
+    with saving(directory, temporary, needed=needed):
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+        info = {
+            "base_model": base_model_name(model),
+            "model_type": model.config.model_type,
+            "seq2seq": is_seq2seq(model),
+        }
+        (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        fsync_tree(temporary)
+        replace_directory(temporary, directory)
 
 
 def replace_directory(source: Path, target: Path) -> None:
@@ -293,6 +315,7 @@ def replace_directory(source: Path, target: Path) -> None:
     if target.exists():
         os.replace(target, previous)
     os.replace(source, target)
+    fsync_directory(target.parent)
     shutil.rmtree(previous, ignore_errors=True)
 
 

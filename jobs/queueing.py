@@ -35,6 +35,11 @@ ENTRY_POINT = "jobs.entry.run_stage"
 RESULT_TTL_S = 90 * 86400
 FAILURE_TTL_S = 90 * 86400
 SKIPPED_ON_ENQUEUE = (*LIVE, RunStatus.finished.value)  # a twin run in these states is not queued again
+# What a stage queued again (failed, canceled, pruned, or a parent whose model went missing) forgets of its
+# last attempt.
+REMADE_STAGE_FIELDS = ("started_at", "ended_at", "error", "loss", "cancel", "preempt", "heartbeat", "worker",
+                       "orphaned", "metrics", "outcome", "pruned", "machine_fault", "machine_faults",
+                       "disk_needed_bytes", "parent_remakes")
 
 
 def job_id_for(stage_id: str) -> str:
@@ -58,6 +63,7 @@ class SubmitReport:
     stages_reused: int = 0
     stages_retrained: int = 0  # of those created: finished stages whose model was pruned, trained again
     finished_at_once: int = 0  # of the queued runs: every stage already finished, so they ended as queued
+    left_to_others: list[str] = field(default_factory=list)  # other users' failed or canceled runs, left as they are
 
 
 
@@ -75,10 +81,13 @@ end
 local requeue = {}
 for _, id in ipairs(p.requeue) do requeue[id] = true end
 local keep = {queued = true, running = true, finished = true}  -- SKIPPED_ON_ENQUEUE
-local to_write, skipped = {}, {}
+local to_write, skipped, foreign = {}, {}, {}
 for _, run in ipairs(p.runs) do
   local st = redis.call('HGET', K.run .. run.id, 'status')
   if st and keep[st] and not requeue[run.id] then skipped[#skipped + 1] = run.id
+  -- another user's failed or canceled run (added to this grid with --force) is theirs to queue again
+  elseif st and p.owner_only and redis.call('HGET', K.run .. run.id, 'user') ~= p.user then
+    foreign[#foreign + 1] = run.id
   else run.existed = st ~= false; to_write[#to_write + 1] = run end
 end
 local status_cache = {}
@@ -159,10 +168,7 @@ for _, run in ipairs(to_write) do
           redis.call('HSET', jkey, unpack(fields))
           redis.call('RPUSH', K.queue, jid)
         end
-        if st ~= '' then
-          redis.call('HDEL', K.stage .. sid, 'started_at', 'ended_at', 'error', 'loss', 'cancel', 'preempt',
-            'heartbeat', 'worker', 'orphaned', 'metrics', 'outcome', 'pruned', 'machine_fault', 'machine_faults')
-        end
+        if st ~= '' then redis.call('HDEL', K.stage .. sid, unpack(p.reset_fields)) end
         redis.call('HSET', K.stage .. sid, 'id', sid, 'kind', spec.kind, 'model', spec.model, 'spec', ARGV[spec.arg],
           'status', 'queued', 'user', p.user, 'queue', K.queue_name, 'created_at', p.now, 'step', 0,
           'total', spec.total, 'work', spec.work)
@@ -231,12 +237,12 @@ if #to_write > 0 then
   redis.call('SADD', K.users, p.user)
   if n_created > 0 then redis.call('SADD', K.queues, K.queue) end
 end
-return cjson.encode({queued = queued, skipped = skipped, created = n_created, reused = n_reused,
+return cjson.encode({queued = queued, skipped = skipped, foreign = foreign, created = n_created, reused = n_reused,
   retrained = n_retrained, done = n_done})
 """
 
 
-def _job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, str]:
+def job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, str]:
     """The hash RQ itself writes for a stage job, with the stage id left as a hole in `data`."""
     hole = "STAGEHOLE"
     job = queue.create_job(ENTRY_POINT, args=(hole,), job_id=job_id_for(hole), timeout=timeout,
@@ -248,6 +254,11 @@ def _job_template(queue: Queue, *, timeout: int) -> tuple[dict[str, Any], str, s
     for name in ("data", "description", "status", "enqueued_at", "dependency_id", "dependency_ids"):
         fields.pop(name, None)
     return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in fields.items()}, prefix, suffix
+
+
+def job_description(spec: StageSpec) -> str:
+    """What RQ (and rq-dashboard) shows for a stage's job."""
+    return f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"
 
 
 def submit_runs(
@@ -266,13 +277,14 @@ def submit_runs(
     A run whose identical twin is queued, running or finished is skipped, unless its id is in
     `requeue` (used by retry). Stages already finished are reused; stages queued or running are
     shared; failed or canceled ones are queued again, and so are pruned ones (finished, model deleted)
-    that a stage queued here starts from. With `owner_only`, a grid another user owns is refused.
+    that a stage queued here starts from. With `owner_only`, a grid another user owns is refused, and other
+    users' failed or canceled runs in it are left as they are.
     """
     if not runs:
         return SubmitReport(grid="")
     grid = runs[0].grid
     queue = make_queue(conn, user, priority)
-    template, data_prefix, data_suffix = _job_template(queue, timeout=stage_timeout)
+    template, data_prefix, data_suffix = job_template(queue, timeout=stage_timeout)
     now = time.time()
     payload: dict[str, Any] = {
         "keys": {
@@ -285,13 +297,13 @@ def submit_runs(
         },
         "now": f"{now:.6f}", "enqueued_at": template.get("created_at", ""), "user": user, "priority": priority,
         "grid": grid, "requeue": list(requeue), "job_template": template, "owner_only": owner_only,
-        "data_prefix": data_prefix, "data_suffix": data_suffix,
+        "data_prefix": data_prefix, "data_suffix": data_suffix, "reset_fields": list(REMADE_STAGE_FIELDS),
         "runs": [{"id": run.run_id, "stages": list(run.stages), "eval_stages": list(run.eval_stages),
                   "stages_json": json.dumps(list(run.stages)), "eval_stages_json": json.dumps(list(run.eval_stages)),
                   "cell": json.dumps(run.cell)} for run in runs],
         "stages": {sid: {"parent": spec.parent, "kind": spec.kind.value, "model": spec.model, "arg": index + 2,
                          "total": spec.train.max_steps if spec.train else 0, "work": spec.work,
-                         "description": f"{spec.kind.value} {spec.model} {','.join(spec.tasks)[:80]}"}
+                         "description": job_description(spec)}
                    for index, (sid, spec) in enumerate(stages.items())},
     }
     # Specs travel as plain arguments, not inside the JSON: decoding JSON-in-JSON costs Lua dearly.
@@ -304,6 +316,7 @@ def submit_runs(
     if "owner" in answer:
         raise GridChanged(_owned_by_another(grid, str(answer["owner"])))
     return SubmitReport(grid=grid, queued=list(answer["queued"] or []), skipped=list(answer["skipped"] or []),
+                        left_to_others=list(answer["foreign"] or []),
                         stages_created=int(answer["created"]), stages_reused=int(answer["reused"]),
                         stages_retrained=int(answer["retrained"]), finished_at_once=int(answer["done"]))
 
@@ -360,8 +373,9 @@ def _owned_by_another(grid: str, owner: str) -> str:
             "--force to add your runs to it")
 
 
-def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid) -> None:
-    """Refuse to put runs next to older runs of the grid made with other settings (see changed_runs)."""
+def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid, *, user: str | None = None) -> None:
+    """Refuse to put runs next to older runs of the grid made with other settings (see changed_runs). With
+    `user` (no --force), say how many of them are other users', which --replace keeps."""
     changed = changed_runs(conn, expanded)
     if changed:
         grid = expanded.grid.name
@@ -369,31 +383,71 @@ def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid) -> None:
 
         example = json.loads(text(conn.hget(keys.run(changed[0]), "cell")))
         cell = " ".join(f"{k}={render_value(v)}" for k, v in example.items())
+        foreign = sum(map(len, split_by_owner(conn, changed, user=user)[1].values())) if user else 0
         raise GridChanged(
             f'grid "{grid}" already has {len(changed)} run(s) made with other settings (e.g. run '
             f"{changed[0][:12]}, {cell}: the grid file was edited, or an older stl queued them), and `stl "
             f"results {grid}` would average them with these; give the grid a new name, or pass --replace to "
             "cancel those runs and drop them from the grid"
+            + (f" ({foreign} of them are other users': --replace keeps those, --replace --force drops them too)"
+               if foreign else "")
         )
 
 
-def drop_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool) -> int:
-    """Cancel the live ones among `run_ids`, then remove them all from their grid and from stl's indexes
-    (their stages stay, and later runs reuse what they computed). Returns how many were dropped."""
+@dataclass
+class DropReport:
+    dropped: int = 0
+    kept: dict[str, int] = field(default_factory=dict)  # other users' runs left in place: user -> how many
+
+
+def split_by_owner(conn: redis.Redis, run_ids: list[str], *, user: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(`user`'s runs among `run_ids`, every other user's runs by user)."""
+    mine: list[str] = []
+    others: dict[str, list[str]] = {}
+    for record in _load_runs(conn, run_ids):
+        if record["user"] == user:
+            mine.append(record["id"])
+        else:
+            others.setdefault(record["user"], []).append(record["id"])
+    return mine, others
+
+
+# Each run leaves its grid and stl's indexes only if it is still the caller's (ARGV[2]; '' with --force): an
+# enqueue between the read and this write may have queued a failed run again under another user's name.
+_DROP = """
+local dropped = {}
+for _, run in ipairs(cjson.decode(ARGV[1])) do
+  local owner = redis.call('HGET', run.key, 'user')
+  if owner and (ARGV[2] == '' or owner == ARGV[2]) then
+    redis.call('ZREM', run.grid_runs, run.id)
+    redis.call('ZREM', ARGV[3], run.id)
+    for _, stage_runs in ipairs(run.stage_runs) do redis.call('SREM', stage_runs, run.id) end
+    redis.call('DEL', run.key, run.results)
+    dropped[#dropped + 1] = run.id
+  end
+end
+return #dropped
+"""
+
+
+def drop_runs(conn: redis.Redis, run_ids: list[str], *, user: str, force: bool) -> DropReport:
+    """Cancel the live ones among `run_ids`, then remove them from their grid and from stl's indexes (their
+    stages stay, and later runs reuse what they computed). Without `force`, only `user`'s own runs: other
+    users' runs, finished or live, are kept and counted."""
     if not run_ids:
-        return 0
-    cancel_runs(conn, run_ids, user=user, force=force)  # refuses other users' live runs without force
-    records = _load_runs(conn, run_ids)
-    pipe = conn.pipeline(transaction=True)
-    for record in records:
-        run_id = record["id"]
-        pipe.zrem(keys.grid_runs(record["grid"]), run_id)
-        pipe.zrem(keys.RUNS, run_id)
-        for sid in json.loads(record["stages"]):
-            pipe.srem(keys.stage_runs(sid), run_id)
-        pipe.delete(keys.run(run_id), keys.run_results(run_id))
-    pipe.execute()
-    return len(records)
+        return DropReport()
+    mine, others = split_by_owner(conn, run_ids, user=user)
+    to_drop = run_ids if force else mine
+    report = DropReport(kept={} if force else {owner: len(ids) for owner, ids in others.items()})
+    if not to_drop:
+        return report
+    cancel_runs(conn, to_drop, user=user, force=force)
+    runs = [{"id": record["id"], "key": keys.run(record["id"]), "results": keys.run_results(record["id"]),
+             "grid_runs": keys.grid_runs(record["grid"]),
+             "stage_runs": [keys.stage_runs(sid) for sid in json.loads(record["stages"])]}
+            for record in _load_runs(conn, to_drop)]
+    report.dropped = int(conn.eval(_DROP, 0, json.dumps(runs), "" if force else user, keys.RUNS))
+    return report
 
 
 # --- cancel and retry -------------------------------------------------------------------------

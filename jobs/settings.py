@@ -44,6 +44,8 @@ class Settings:
     fault_inject: str
     # Work horses delete a run's few-shot models once it finishes and no live run needs them.
     prune_finetune: bool = False
+    # STL_USER was set (not the login name): where Redis has ACL users, it must name the Redis user.
+    user_explicit: bool = False
 
     @property
     def runs_dir(self) -> Path:
@@ -90,6 +92,7 @@ def load_settings(*, own_redis: bool = False) -> Settings:
         notify_url=env.get("STL_NOTIFY_URL") or None,
         fault_inject=env.get("STL_FAULT_INJECT", ""),
         prune_finetune=_flag("STL_PRUNE_FINETUNE", env.get("STL_PRUNE_FINETUNE", "")),
+        user_explicit=bool(env.get("STL_USER")),
     )
 
 

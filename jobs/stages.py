@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobs.errors import ModelError
+from jobs.durable import write_atomically
+from jobs.errors import ParentModelMissing
 from jobs.evaluate import EvalRun, TaskMetrics, evaluate
 from jobs.layout import DONE_FILE, METRICS_FILE, MODEL_DIR, PRUNED_FILE
 from jobs.models import STL_MODEL_FILE
@@ -57,8 +57,8 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
     """Run one stage in `ctx.workdir`. A finished stage (done.json present) is not run again.
 
     Escaping exceptions: StageCanceled, StagePreempted (training checkpointed first), OutOfMemory,
-    DataError (missing/malformed data, unknown task), ModelError (model cannot be built or loaded);
-    anything else is a bug.
+    DataError (missing/malformed data, unknown task), ModelError (model cannot be built or loaded; its
+    ParentModelMissing: the parent's model is not in STL_HOME, checked first); anything else is a bug.
     """
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     parent_model = _parent_model_dir(ctx.parent_dir)
@@ -111,23 +111,18 @@ def _parent_model_dir(parent_dir: Path | None) -> Path | None:
     for candidate in (parent_dir / MODEL_DIR, parent_dir):
         if (candidate / STL_MODEL_FILE).is_file():
             return candidate
-    if (parent_dir / PRUNED_FILE).is_file():
-        # Enqueueing trains a pruned parent again first; this stage was queued before it was pruned.
-        raise ModelError(
-            f"the parent stage's model in {parent_dir} was pruned (`stl disk --prune`) while this stage "
-            "waited; `stl retry` this run: its parent trains again first"
-        )
     # The queue runs a stage only after its parent finished, so the model is missing from *this* STL_HOME.
-    raise ModelError(
-        f"the parent stage's model is not in {parent_dir}: the parent finished, but not in this STL_HOME "
-        "(or its directory was deleted). Workers on several machines need one shared STL_HOME (NFS, say)"
-    )
+    why = "its model was deleted since, or it was trained in another STL_HOME"
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        when = json.loads((parent_dir / PRUNED_FILE).read_text())["pruned_at"]
+        why = f"`stl disk --prune` deleted its model on {time.strftime('%Y-%m-%d %H:%M', time.localtime(when))}"
+    raise ParentModelMissing(
+        f"the parent stage's model is not in {parent_dir}: the parent finished, but {why}; workers on several "
+        "machines need one shared STL_HOME (NFS, say)", parent_dir=parent_dir, why=why)
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(value, indent=2) + "\n")
 
 
 def preload_libraries() -> None:

@@ -4,12 +4,9 @@ One optimizer step consumes one batch of `batch_size` examples, split into `grad
 The loss is the mean over all target tokens of the batch, however it is split, so halving the
 micro-batch after an out-of-memory error keeps the effective batch (and the objective) unchanged.
 
-Checkpoint layout (workdir/checkpoint, replaced atomically via workdir/.checkpoint.tmp):
-    model.safetensors   model weights
-    trainer.pt          optimizer + scheduler state, torch (and CUDA) RNG states (torch.save, weights only)
-    state.json          step, micro-batch plan, data position, OOM history, python/numpy RNG states
-A finished stage has workdir/model (see jobs.models.save_model) and workdir/done.json; its checkpoint
-is deleted then.
+Checkpoints go to workdir/checkpoint (see jobs.checkpoint: the newest two are kept, each written whole;
+a damaged one is skipped for the one before). A finished stage has workdir/model (see
+jobs.models.save_model) and workdir/done.json; its checkpoints are deleted then.
 
 On CUDA the step runs under bf16 autocast (where the GPU has native bf16) with fused AdamW, and reads the
 loss back to the host only on report steps. With `train.compile` the model goes through torch.compile
@@ -27,24 +24,23 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobs import data as data_lib
+from jobs.checkpoint import STATE_FORMAT, Checkpoint, CheckpointStore
+from jobs.durable import write_atomically
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
-from jobs.layout import CHECKPOINT_DIR, DONE_FILE, MODEL_DIR
+from jobs.layout import DONE_FILE, MODEL_DIR
 from jobs.models import (
     autocast_for,
     encode_sources,
     encode_targets,
-    existing_directory,
     is_seq2seq,
     load_model_and_tokenizer,
     max_positions,
     pad_sequences,
-    replace_directory,
     save_model,
     tokenizer_fingerprint,
 )
@@ -63,7 +59,6 @@ if TYPE_CHECKING:
 REPORT_EVERY = 10  # read the loss (a host sync) only this often
 WINDOW_BATCHES = 50  # length-grouping window, in batches (fewer when the data is small)
 GRAD_CLIP = 1.0
-STATE_FORMAT = 1
 IGNORE_INDEX = -100
 BUCKET_MIN = 32  # shortest padded length when compiling
 INDUCTOR_CACHE_DIR = "inductor"  # under STL_HOME/cache
@@ -343,18 +338,20 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
     if finished is not None:
         cfg.log(f"stage {spec.stage_id} already trained ({finished.steps} steps); reusing its model")
         return finished
-    state = _read_checkpoint_state(cfg)
-    if state is None:
+    store = CheckpointStore(cfg.workdir, spec.stage_id, cfg.log)
+    checkpoint = _resume_point(store, cfg)
+    if checkpoint is None:
         plan = _Plan.for_micro_batch(settings.batch_size, math.ceil(settings.batch_size / settings.grad_accum))
         retries: list[OomRetry] = []
     else:
-        plan = _Plan(micro_batch=state["micro_batch"], grad_accum=state["grad_accum"])
-        retries = [OomRetry(**retry) for retry in state["oom_retries"]]
-    resumed_from = None if state is None else int(state["step"])
+        plan = _Plan(micro_batch=checkpoint.state["micro_batch"], grad_accum=checkpoint.state["grad_accum"])
+        retries = [OomRetry(**retry) for retry in checkpoint.state["oom_retries"]]
+    resumed_from = None if checkpoint is None else checkpoint.step
     injection = _OomInjection(cfg.oom_at_step)
     while True:
         try:
-            session = _TrainingSession(cfg, settings, plan, retries, injection)
+            session = _TrainingSession(cfg, settings, plan, retries, injection, store, checkpoint)
+            checkpoint = None  # the session holds what it needs of it
             result = session.run(on_step)
         except Exception as e:  # outside a step: the model itself does not fit
             if not caused_by_out_of_memory(e):
@@ -365,12 +362,12 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
             ) from e
         if isinstance(result, TrainOutcome):
             outcome = TrainOutcome(**{**asdict(result), "oom_retries": retries, "resumed_from": resumed_from})
-            _mark_done(cfg, outcome)
+            _mark_done(cfg, outcome, store)
             return outcome
         del session  # drop the model, optimizer and activations before retrying
         _release_accelerator_memory(compiled=bool(settings.compile))
-        checkpoint = _read_checkpoint_state(cfg)
-        restart_step = 0 if checkpoint is None else int(checkpoint["step"])
+        checkpoint = _resume_point(store, cfg)
+        restart_step = 0 if checkpoint is None else checkpoint.step
         if plan.micro_batch == 1:
             raise OutOfMemory(
                 f"stage {spec.stage_id} ran out of GPU memory even at micro-batch 1 (step {result.step}); "
@@ -396,14 +393,23 @@ def _train_settings(spec: StageSpec) -> TrainConfig:
     return spec.train
 
 
-def _mark_done(cfg: TrainRun, outcome: TrainOutcome) -> None:
+def _resume_point(store: CheckpointStore, cfg: TrainRun) -> Checkpoint | None:
+    """The checkpoint to resume from (see CheckpointStore.load), its trainer state on the stage's device."""
+    try:
+        return store.load(cfg.device)
+    except Exception as e:
+        if not caused_by_out_of_memory(e):
+            raise
+        raise OutOfMemory(
+            f"stage {cfg.spec.stage_id} ran out of GPU memory loading its checkpoint; free the GPU"
+        ) from e
+
+
+def _mark_done(cfg: TrainRun, outcome: TrainOutcome, store: CheckpointStore) -> None:
     done = {"stage_id": cfg.spec.stage_id, "train": outcome.to_dict()}
-    temporary = cfg.workdir / f".{DONE_FILE}.tmp"
-    temporary.write_text(json.dumps(done, indent=2) + "\n")
-    os.replace(temporary, cfg.workdir / DONE_FILE)
-    # Only now is the checkpoint redundant: a crash before this line resumes and finishes again.
-    for leftover in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
-        shutil.rmtree(cfg.workdir / leftover, ignore_errors=True)
+    write_atomically(cfg.workdir / DONE_FILE, json.dumps(done, indent=2) + "\n")
+    # Only now are the checkpoints redundant: a crash before this line resumes and finishes again.
+    store.remove_all()
     cfg.log(f"stage {cfg.spec.stage_id} trained: {outcome.steps} steps, final loss {outcome.final_loss:.4f}")
 
 
@@ -457,18 +463,6 @@ def _finished_outcome(cfg: TrainRun) -> TrainOutcome | None:
     return TrainOutcome.from_dict(json.loads(done.read_text())["train"])
 
 
-def _read_checkpoint_state(cfg: TrainRun) -> dict[str, Any] | None:
-    directory = existing_directory(cfg.workdir / CHECKPOINT_DIR)
-    if directory is None:
-        return None
-    state: dict[str, Any] = json.loads((directory / "state.json").read_text())
-    if state.get("format") != STATE_FORMAT or state.get("stage_id") != cfg.spec.stage_id:
-        cfg.log(f"ignoring checkpoint in {directory}: written by another stage or stl version")
-        shutil.rmtree(directory)
-        return None
-    return state
-
-
 def _length_limits(model: PreTrainedModel, settings: TrainConfig) -> tuple[int, int]:
     source, target = settings.max_source_length, settings.max_target_length
     limit = max_positions(model)
@@ -490,11 +484,13 @@ class _TrainingSession:
         plan: _Plan,
         retries: list[OomRetry],
         injection: _OomInjection,
+        store: CheckpointStore,
+        checkpoint: Checkpoint | None,  # to resume from; None: step 0
     ) -> None:
         import torch
 
         self.cfg, self.settings, self.plan = cfg, settings, plan
-        self.retries, self.injection = retries, injection
+        self.retries, self.injection, self.store = retries, injection, store
         self.spec = cfg.spec
         self.device = torch.device(cfg.device)
         on_cuda = self.device.type == "cuda"
@@ -550,7 +546,8 @@ class _TrainingSession:
         # Few-shot sets are encoded once, not every time an example comes round again; None: encode per batch.
         self.encoded: dict[Example, tuple[list[int], list[int]]] | None = None
         self.stream_from, self.window_batches = self._training_stream()
-        self._load_checkpoint()
+        if checkpoint is not None:
+            self._load_checkpoint(checkpoint)
 
     def _compile(self) -> None:
         import torch
@@ -909,19 +906,13 @@ class _TrainingSession:
     def _save_checkpoint(self, started: float) -> None:
         import numpy as np
         import torch
-        from safetensors.torch import save_model as save_weights
 
-        temporary = self.cfg.workdir / f".{CHECKPOINT_DIR}.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        save_weights(self.model, str(temporary / "model.safetensors"))
         trainer_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
         }
-        torch.save(trainer_state, temporary / "trainer.pt")
         python_rng = random.getstate()
         numpy_rng = np.random.get_state()
         state = {
@@ -938,22 +929,17 @@ class _TrainingSession:
             "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
             "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],  # type: ignore[index, union-attr]
         }
-        (temporary / "state.json").write_text(json.dumps(state))
-        replace_directory(temporary, self.cfg.workdir / CHECKPOINT_DIR)
+        self.store.save(self.step, self.model, trainer_state, state)
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
         import numpy as np
         import torch
         from safetensors.torch import load_model as load_weights
 
-        state = _read_checkpoint_state(self.cfg)
-        directory = existing_directory(self.cfg.workdir / CHECKPOINT_DIR)
-        if state is None or directory is None:
-            return
+        state, trainer_state = checkpoint.state, checkpoint.trainer
         if state["batch_size"] != self.settings.batch_size or state["data"]["window_batches"] != self.window_batches:
-            raise DataError(f"checkpoint in {directory} was written with another batch layout; delete it")
-        load_weights(self.model, str(directory / "model.safetensors"), device=str(self.device))
-        trainer_state = torch.load(directory / "trainer.pt", map_location=self.device, weights_only=True)
+            raise DataError(f"checkpoint in {checkpoint.directory} was written with another batch layout; delete it")
+        load_weights(self.model, str(checkpoint.weights), device=str(self.device))
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
         torch.set_rng_state(trainer_state["torch_rng"].cpu())

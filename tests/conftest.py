@@ -42,11 +42,13 @@ class RedisServer:
     directory: Path
     port: int
     password: str | None = None
+    username: str | None = None  # a Redis ACL user to log in as (with `password`)
+    extra_args: tuple[str, ...] = ()  # more of redis-server's settings, e.g. ACL users
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f"{self.username or ''}:{self.password}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
@@ -56,8 +58,9 @@ class RedisServer:
         args = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory),
                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "", "--daemonize", "no",
                 "--logfile", str(self.directory / "redis.log")]
-        if self.password:
+        if self.password and not self.username:
             args += ["--requirepass", self.password]
+        args += self.extra_args
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:

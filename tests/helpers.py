@@ -60,6 +60,22 @@ def run_training(
     return outcome, lines
 
 
+def newest_checkpoint(workdir: Path) -> Path | None:
+    """The folder of a training stage's newest checkpoint (see jobs.checkpoint), or None; also of the earlier
+    layout, where workdir/checkpoint held the files itself."""
+    import re
+
+    root = workdir / "checkpoint"
+    steps = []
+    for entry in (root.iterdir() if root.is_dir() else []):
+        match = re.fullmatch(r"step-(\d+)(?:\.(\d+))?", entry.name)
+        if match and (entry / "state.json").is_file():
+            steps.append(((int(match.group(1)), int(match.group(2) or 1)), entry))
+    if steps:
+        return max(steps)[1]
+    return root if (root / "state.json").is_file() else None
+
+
 def saved_weights(workdir: Path) -> dict[str, torch.Tensor]:
     """The final model a training stage saved in `workdir`."""
     from safetensors import torch as safetensors_torch

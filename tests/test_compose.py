@@ -38,13 +38,20 @@ def mounts(service: dict) -> set[tuple[str, str]]:
     return found
 
 
+def loopback_only(ports: list) -> bool:
+    """Whether every published port listens on 127.0.0.1 alone, in either of compose's two spellings."""
+    return bool(ports) and all(
+        port.get("host_ip") == "127.0.0.1" if isinstance(port, dict) else str(port).startswith("127.0.0.1:")
+        for port in ports)
+
+
 def test_compose_config_is_valid_and_complete(tmp_path: Path) -> None:
     config = resolved_compose(tmp_path)
     services = config["services"]
     assert set(services) == {"redis", "worker", "dashboard"}
     redis = services["redis"]
     assert "--appendonly" in redis["command"] and "s3cret-test" in redis["command"]
-    assert all(str(p).startswith("127.0.0.1:") for p in redis["ports"])
+    assert loopback_only(redis["ports"])
     assert ("redis-data", "/data") in mounts(redis)
     worker = services["worker"]
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
@@ -59,6 +66,7 @@ def test_compose_config_is_valid_and_complete(tmp_path: Path) -> None:
     grace = worker["stop_grace_period"]
     assert grace in ("5m", "5m0s", 300) or str(grace).startswith("5m")
     assert "rq-dashboard" in services["dashboard"]["command"]
+    assert loopback_only(services["dashboard"]["ports"])  # rq-dashboard has no login
 
 
 def test_compose_refuses_to_start_without_a_password(tmp_path: Path) -> None:
@@ -78,3 +86,10 @@ def test_compose_file_structure_without_the_tool() -> None:
     assert raw["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
     assert "stop_grace_period" in raw["services"]["worker"]
     assert "${STL_DATA_ROOT:-/home}:${STL_DATA_ROOT:-/home}:ro" in raw["services"]["worker"]["volumes"]
+
+
+def test_redis_and_the_dashboard_listen_on_loopback_only() -> None:
+    # Redis has a password, but rq-dashboard has no login at all: anyone who reaches it can delete jobs.
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    assert loopback_only(services["redis"]["ports"]) and loopback_only(services["dashboard"]["ports"])
+    assert "ports" not in services["worker"]

@@ -171,6 +171,33 @@ def test_models_unknown_to_this_redis_are_left_alone(stl_env: Path, conn: redis.
     assert (stage_dir / "model").is_dir()
 
 
+def test_pruning_is_refused_in_an_stl_home_that_is_not_the_queues_store(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobs.store import claim_store
+
+    expanded = finished_grid(conn, stl_env, write_grid(tmp_path, demo_data))
+    queue_store = claim_store(conn, load_settings())  # what the queue's first worker does
+    other = tmp_path / "another-home"
+    finished_grid(conn, other, write_grid(tmp_path, demo_data))  # the same stages, trained in another folder
+    monkeypatch.setenv("STL_HOME", str(other))
+    result = runner.invoke(app, ["disk", "--prune", "all"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr == (
+        f"stl: cannot prune models in STL_HOME {other}: it is not the store the workers of this Redis share "
+        f"({stl_env} on {queue_store.host}, store {queue_store.short}), whose records it would change; run it "
+        "where STL_HOME is that folder\n")
+    assert not any(conn.hget(keys.stage(sid), "pruned") for sid in expanded.stages)
+    assert all((other / "stages" / sid / "model").is_dir() for sid in stage_ids(expanded, StageKind.mtl))
+    # `stl disk` alone reads only the folder, and names its store id
+    result = runner.invoke(app, ["disk"])
+    assert result.exit_code == 0 and "· store" not in result.stdout, result.stdout
+    monkeypatch.setenv("STL_HOME", str(stl_env))
+    result = runner.invoke(app, ["disk"])
+    assert f"· store {queue_store.short}" in " ".join(result.stdout.split()), result.stdout
+    result = runner.invoke(app, ["disk", "--prune", "all", "--dry-run"])
+    assert result.exit_code == 0 and "would prune 5 stage model(s)" in result.stdout, result.output
+
+
 def test_prune_options_are_checked(stl_env: Path) -> None:
     for args in (["--dry-run"], ["--prune", "all", "--clear-caches"], ["--prune", "eval"], ["--force"]):
         result = runner.invoke(app, ["disk", *args])

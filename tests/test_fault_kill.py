@@ -24,6 +24,7 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.codec import text
+from tests.helpers import newest_checkpoint
 from tests.test_faults import (
     Workers,
     child_env,
@@ -79,9 +80,12 @@ def process_state(pid: int) -> str:
 
 
 def checkpoint_step(home: Path, stage_id: str) -> int:
-    for name in ("checkpoint", "checkpoint.old"):
+    for _ in range(3):  # a checkpoint written or dropped as it is read: look again
+        newest = newest_checkpoint(home / "stages" / stage_id)
+        if newest is None:
+            return 0
         try:
-            return int(json.loads((home / "stages" / stage_id / name / "state.json").read_text())["step"])
+            return int(json.loads((newest / "state.json").read_text())["step"])
         except (OSError, ValueError, KeyError):
             continue
     return 0
@@ -293,6 +297,41 @@ def test_sigterm_checkpoints_requeues_at_the_head_and_the_next_worker_resumes(
     # An idle worker stops at once.
     second.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
     assert second.wait(timeout=grace_s) == 0, workers.logs()
+
+
+@pytest.mark.slow
+def test_a_checkpoint_damaged_while_its_stage_waited_falls_back_to_the_previous_one(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
+    # A stage preempted (docker stop), then its newest checkpoint truncated (a crash of the disk, a careless
+    # hand): the next worker resumes from the checkpoint before it, says so in `stl logs`, and the run finishes.
+    enqueue(small_grid(tmp_path, demo_data, "damaged", shots=[4], train={"max_steps": 300, "checkpoint_every": 10}))
+    first = workers.start()
+
+    def two_checkpoints() -> tuple[str, int] | None:
+        found = running_training_stage(conn)
+        return found if found and checkpoint_step(stl_env, found[0]) >= 20 else None
+
+    sid, horse = wait_for(two_checkpoints, timeout=120, interval=0.02, what="training to pass two checkpoints",
+                          diagnostics=workers.logs)
+    first.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert first.wait(timeout=10) == 0, workers.logs()
+    wait_for(lambda: not Path(f"/proc/{horse}").exists(), timeout=5, what="the horse to exit")
+    newest = newest_checkpoint(stl_env / "stages" / sid)
+    assert newest is not None
+    saved = checkpoint_step(stl_env, sid)
+    trainer = newest / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[: trainer.stat().st_size // 2])
+
+    workers.start()
+    wait_for(lambda: grid_done(conn, "damaged"), timeout=120, what="the run to finish", diagnostics=workers.logs)
+    assert set(run_statuses(conn, "damaged").values()) == {"finished"}, workers.logs()
+    run_id = next(iter(run_statuses(conn, "damaged")))
+    logs = stl("logs", run_id).stdout
+    assert f"checkpoint/{newest.name} cannot be used: trainer.pt cannot be read" in logs, logs
+    previous = resumed_steps(conn, sid)[-1]
+    assert 10 <= previous < saved, (previous, saved)
+    assert f"falling back to the previous checkpoint, checkpoint/step-{previous:08d} (step {previous})" in logs
+    assert f"resumed from step {previous}" in logs
 
 
 @pytest.mark.slow

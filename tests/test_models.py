@@ -89,9 +89,15 @@ def test_save_and_load_round_trip(tmp_path: Path, arch: str) -> None:
 
 
 def test_loading_failures_are_model_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelError, match=r"could not be loaded: .*check the id or path") as caught:
+    # HF_HUB_OFFLINE=1 here: a hub id not in the cache is not looked up (tests/test_hub_errors.py asks a hub).
+    with pytest.raises(ModelError, match="is not in the Hugging Face cache and HF_HUB_OFFLINE is set") as caught:
         load_model_and_tokenizer("stl-test/surely-not-a-model", device="cpu", seed=0)
     assert caught.value.__cause__ is not None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"could not be loaded: .*check the id or path"):
+        load_model_and_tokenizer(str(broken), device="cpu", seed=0)
     with pytest.raises(ModelError, match="no model saved by stl"):
         load_model_and_tokenizer("tiny:t5", device="cpu", seed=0, init_from=tmp_path)
     with pytest.raises(ModelError, match="unknown tiny model"):
@@ -105,6 +111,12 @@ def test_check_model_name() -> None:
     assert "empty" in (check_model_name("  ") or "")
     for bad in ("a b", "x" * 400, "owner/name/extra/more", "bad\x00name", "-dash/start"):
         assert check_model_name(bad), bad
+    # The pattern allows these, the hub does not: refused at enqueue, not hours later by the worker.
+    for bad, why in (("org/bad-", "ends with '-' or '.'"), ("org./x", "ends with '-' or '.'"),
+                     ("a--b/c", "holds '--' or '..'"), ("a..b", "holds '--' or '..'"), ("x/y.git", "'.git'"),
+                     ("x/" + "y" * 97, "longer than 96")):
+        assert f"model name {bad!r} is not a valid hub id: " in (check_model_name(bad) or ""), bad
+        assert why in (check_model_name(bad) or ""), bad
 
 
 def test_encoding_keeps_head_tail_and_eos() -> None:

@@ -399,7 +399,7 @@ def test_status_json_shape(stl_env: Path, conn: redis.Redis, tmp_path: Path, dem
     result = runner.invoke(app, ["status", "--json"])
     assert result.exit_code == 0, result.stderr
     payload = json.loads(result.stdout)
-    assert set(payload) == {"runs", "workers"}
+    assert set(payload) == {"runs", "workers", "store"} and payload["store"] is None  # no worker started yet
     assert len(payload["runs"]) == 4
     for run in payload["runs"]:
         assert {"id", "grid", "user", "status", "progress", "cell", "created_at", "started_at", "ended_at",
@@ -435,13 +435,31 @@ def test_status_lists_the_latest_failures_with_their_errors(stl_env: Path, conn:
         status_summary(conn, user="bob")
 
 
-def test_results_of_a_grid_with_no_results_yet_say_so(stl_env: Path, conn: redis.Redis, tmp_path: Path,
-                                                      demo_data: Path) -> None:
+def test_results_of_a_grid_with_no_results_yet_say_so_in_one_line_and_exit_1_in_every_form(
+        stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
     enqueue(write_grid(tmp_path, demo_data))
-    result = runner.invoke(app, ["results", "test-grid"])
-    assert result.exit_code == 0 and result.stdout == ""
-    assert "stl: 4 of 4 run(s) are still queued or running" in result.stderr
-    assert "stl: no results yet for test-grid" in result.stderr
+    plot = tmp_path / "pivot.png"
+    says = ("stl: no results for test-grid yet: its 4 run(s) are still queued or running; "
+            "`stl status --grid test-grid` shows their progress\n")
+    for form in ([], ["--rows"], ["--json"], ["--csv"], ["--markdown"], ["--rows", "--csv"], ["--plot", str(plot)],
+                 ["--effect", "mtl=none:in-domain"], ["--by", "model"]):
+        result = runner.invoke(app, ["results", "test-grid", *form])
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", says), form
+    assert not plot.exists()
+    # One run ended without a result: the rest may still bring some.
+    run_ids = [text(r) for r in conn.zrange(keys.grid_runs("test-grid"), 0, -1)]
+    conn.hset(keys.run(run_ids[0]), mapping={"status": "failed", "error": "eval stage x: broken"})
+    result = runner.invoke(app, ["results", "test-grid", "test-grid"])
+    assert result.exit_code == 1 and result.stderr == (
+        "stl: no results for test-grid yet: 3 of 4 run(s) are still queued or running (1 failed); "
+        "`stl status --grid test-grid` shows their progress\n")
+    # A bad option is still bad input (exit 2), results or not; a grid that does not exist too.
+    result = runner.invoke(app, ["results", "test-grid", "--effect", "mtl"])
+    assert result.exit_code == 2 and "malformed --effect 'mtl'" in result.stderr
+    result = runner.invoke(app, ["results", "test-grid", "--effect", "seed=0:1"])
+    assert result.exit_code == 2 and "seeds are what each mean is taken over" in result.stderr
+    result = runner.invoke(app, ["results", "test-grid", "no-such-grid"])
+    assert (result.exit_code, result.stderr) == (2, 'stl: no grid named "no-such-grid"; `stl status` lists the grids\n')
 
 
 def test_runs_list_in_the_grid_files_order_so_results_rows_do_too(
@@ -629,10 +647,16 @@ def test_results_of_a_grid_whose_runs_all_ended_without_results_do_not_say_yet(
     for run_id in [text(r) for r in conn.zrange(keys.grid_runs("test-grid"), 0, -1)]:
         conn.hset(keys.run(run_id), mapping={"status": "failed", "error": "eval stage x: broken"})
     result = runner.invoke(app, ["results", "test-grid"])
-    assert result.exit_code == 0 and result.stdout == ""
-    assert "stl: 4 of 4 run(s) failed and have no results" in result.stderr
-    assert "stl: no results for test-grid: none of its runs finished (see above)" in result.stderr
-    assert "yet" not in result.stderr
+    assert result.exit_code == 1 and result.stdout == ""
+    first = text(conn.zrange(keys.grid_runs("test-grid"), 0, 0)[0])
+    assert result.stderr == ("stl: no results for test-grid: none of its 4 run(s) finished (4 failed); `stl logs RUN` "
+                             f"says why, e.g. run {first[:10]}: eval stage x: broken\n")
+    for run_id in [text(r) for r in conn.zrange(keys.grid_runs("test-grid"), 0, -1)]:
+        conn.hset(keys.run(run_id), mapping={"status": "canceled", "error": "canceled by alice"})
+    result = runner.invoke(app, ["results", "test-grid", "--json"])
+    assert result.exit_code == 1 and result.stdout == "" and result.stderr == (
+        "stl: no results for test-grid: none of its 4 run(s) finished (4 canceled); `stl retry --grid test-grid` "
+        "queues them again\n")
 
 
 def test_runs_whose_stages_are_all_done_are_said_to_finish_at_once(stl_env: Path, conn: redis.Redis,

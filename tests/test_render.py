@@ -294,6 +294,14 @@ def test_failures_show_run_grid_cell_and_error() -> None:
     assert row[4] == "finetune stage ab12: out of memory"
     [long] = failed_rows([run_row(status="failed", error="x" * 500)])
     assert len(long[4]) == 120 and long[4].endswith("…")
+    # The stage's kind stays, its id goes (the row names the run); a long error is cut between words.
+    stage_error = ("finetune stage 0123456789abcdef0123: ModelError: model o/m is not on the Hugging Face hub; "
+                   "check the id")
+    [row] = failed_rows([run_row(status="failed", error=stage_error)])
+    assert row[4] == "finetune: ModelError: model o/m is not on the Hugging Face hub; check the id"
+    words = "eval stage 0123456789abcdef0123: ModelError: " + " ".join(["reason"] * 30)
+    [row] = failed_rows([run_row(status="failed", error=words)])
+    assert len(row[4]) <= 120 and row[4].endswith("reason…"), row[4]
     from jobs.records import StatusSummary
 
     view = build_status_view(StatusSummary(counts={}, grids=[], running=[], failed=[failed]), [], 120)
@@ -398,3 +406,19 @@ def test_status_lists_live_grids_and_only_the_latest_ended_ones() -> None:
     only_ended = build_status_view(StatusSummary(counts=ended_counts, grids=ended, running=[]), [], 120)
     per_grid = next(p for p in only_ended.renderables if getattr(p, "title", None) == "Runs per grid")
     assert list(per_grid.columns[0].cells) == ["none queued or running"]
+
+
+def test_why_a_grid_has_no_results_is_one_line_that_says_whether_more_may_come() -> None:
+    from cli.render import why_no_results
+
+    runs = [run_row(id=f"{n}123456789abcdef", grid="g", status=status, error=error) for n, (status, error) in
+            enumerate([("finished", ""), ("failed", "eval stage 0123456789abcdef0123: ModelError: gone")])]
+    assert why_no_results(["g"], runs) == "no results for g: its 1 finished run(s) recorded none (1 failed, 1 finished)"
+    runs[0].status = "queued"
+    assert why_no_results(["g", "h"], runs) == ("no results for g, h yet: 1 of 2 run(s) are still queued or running "
+                                                "(1 failed); `stl status` shows their progress")
+    runs[0].status = "canceled"
+    assert why_no_results(["g"], runs) == ("no results for g: none of its 2 run(s) finished (1 failed, 1 canceled); "
+                                           "`stl logs RUN` says why, e.g. run 1123456789: eval: ModelError: gone")
+    assert "\n" not in why_no_results(["g"], [run_row(status="failed", error="a\nb")])
+

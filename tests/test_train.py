@@ -14,7 +14,13 @@ from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, Stage
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
 from jobs.train import OomRetry, StepReport, _ShapesSeen, _warmup_then_linear_decay
-from tests.helpers import assert_bit_identical, out_of_memory_in_disguise, run_training, saved_weights
+from tests.helpers import (
+    assert_bit_identical,
+    newest_checkpoint,
+    out_of_memory_in_disguise,
+    run_training,
+    saved_weights,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -73,7 +79,9 @@ def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
     interrupted = tmp_path / "interrupted"
     with pytest.raises(StagePreempted, match=f"step {stop_at}"):
         run_training(spec, interrupted, should_stop=stop_after(stop_at, "preempt"))
-    state = json.loads((interrupted / "checkpoint" / "state.json").read_text())
+    newest = newest_checkpoint(interrupted)
+    assert newest is not None
+    state = json.loads((newest / "state.json").read_text())
     assert state["step"] == stop_at and state["data"]["next_batch"] == stop_at
     assert not (interrupted / "model").exists()
 
@@ -85,6 +93,90 @@ def test_preempted_and_resumed_run_matches_uninterrupted_bit_for_bit(
     assert not (interrupted / "checkpoint").exists()  # a finished stage drops its checkpoint
     done = json.loads((interrupted / "done.json").read_text())
     assert done["stage_id"] == spec.stage_id and done["train"]["steps"] == 9
+
+
+DAMAGES = ("truncated trainer.pt", "broken state.json", "missing model.safetensors")
+
+
+def damage(checkpoint: Path, how: str) -> str:
+    """Damage one file of `checkpoint` as a crash, a full disk or a careless `rm` could; returns its name."""
+    if how == "truncated trainer.pt":
+        path = checkpoint / "trainer.pt"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "broken state.json":
+        path = checkpoint / "state.json"
+        path.write_text(path.read_text()[:40])
+    else:
+        path = checkpoint / "model.safetensors"
+        path.unlink()
+    return path.name
+
+
+def all_checkpoints(workdir: Path) -> list[Path]:
+    """Every checkpoint folder of a stage (the earlier layout had one: workdir/checkpoint itself)."""
+    root = workdir / "checkpoint"
+    return sorted(root.glob("step-*"), reverse=True) or ([root] if (root / "state.json").is_file() else [])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, demo_data: Path) -> Path:
+    """The workdir of train_spec's stage trained without a stop: what every resumption must reproduce."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_training(train_spec(demo_data), workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_finishes_the_same(
+    tmp_path: Path, demo_data: Path, uninterrupted: Path, how: str
+) -> None:
+    spec = train_spec(demo_data)  # 9 steps, a checkpoint every 4
+    with pytest.raises(StagePreempted, match="step 6"):
+        run_training(spec, tmp_path, should_stop=stop_after(6, "preempt"))  # checkpoints at steps 4 and 6
+    newest = newest_checkpoint(tmp_path)
+    assert newest is not None
+    name = damage(newest, how)
+
+    resumed, lines = run_training(spec, tmp_path)
+    log = "\n".join(lines)
+    assert f"checkpoint/step-00000006 cannot be used: {name}" in log, log  # the file, and why
+    assert "falling back to the previous checkpoint, checkpoint/step-00000004 (step 4)" in lines
+    assert "resumed from step 4" in lines
+    assert resumed.resumed_from == 4 and resumed.steps == 9
+    assert_bit_identical(saved_weights(uninterrupted), saved_weights(tmp_path))
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_with_every_checkpoint_damaged_the_stage_starts_over_and_finishes_the_same(
+    tmp_path: Path, demo_data: Path, uninterrupted: Path
+) -> None:
+    spec = train_spec(demo_data)
+    with pytest.raises(StagePreempted, match="step 6"):
+        run_training(spec, tmp_path, should_stop=stop_after(6, "preempt"))
+    checkpoints = all_checkpoints(tmp_path)
+    assert checkpoints
+    for checkpoint, how in zip(checkpoints, DAMAGES, strict=False):
+        damage(checkpoint, how)
+
+    resumed, lines = run_training(spec, tmp_path)
+    assert "no usable checkpoint is left: training starts again from step 0" in lines, lines
+    assert resumed.resumed_from is None and resumed.steps == 9
+    assert_bit_identical(saved_weights(uninterrupted), saved_weights(tmp_path))
+
+
+def test_a_stage_stopped_again_before_its_first_step_keeps_the_checkpoint_it_resumed_from(
+    tmp_path: Path, demo_data: Path, uninterrupted: Path
+) -> None:
+    spec = train_spec(demo_data)
+    with pytest.raises(StagePreempted, match="step 4"):
+        run_training(spec, tmp_path, should_stop=stop_after(4, "preempt"))
+    with pytest.raises(StagePreempted, match="step 4"):  # stopped again as soon as it resumed
+        run_training(spec, tmp_path, should_stop=stop_after(0, "preempt"))
+    # the new checkpoint of step 4 was written beside the one it resumed from, not over it
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-00000004", "step-00000004.2"]
+    resumed, lines = run_training(spec, tmp_path)
+    assert resumed.resumed_from == 4 and "resumed from step 4" in lines
+    assert_bit_identical(saved_weights(uninterrupted), saved_weights(tmp_path))
 
 
 def test_cancel_raises_without_checkpoint(tmp_path: Path, demo_data: Path) -> None:

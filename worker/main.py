@@ -7,6 +7,7 @@ work horse per job, and a CUDA context created before a fork is unusable in the 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.disk import free_space
 from jobs.entry import STAGE_ID
-from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StlError
+from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
 from jobs.fairshare import queue_order
 from jobs.faults import parse_faults
 from jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
@@ -41,6 +42,10 @@ if TYPE_CHECKING:
     from jobs.settings import Settings
 
 POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new users' queues
+# How long the thread that listens for RQ's commands (shutdown, kill-horse, stop-job: rq-dashboard's buttons)
+# waits per read. Stopping the worker waits for that read to end: RQ's own 60 s made every exit, `--burst`
+# on an empty queue included, hang for up to a minute. Reads that time out cost no Redis command.
+COMMAND_POLL_S = 0.5
 REAP_EVERY_S = 2.0  # a live worker finds a dead local horse within this; the check is a few reads
 WORKER_RECORD_TTL_S = 120
 # Looking for jobs taken off a queue by a worker that died reads every live run: not at every reap, but
@@ -87,6 +92,7 @@ class StlWorker(Worker):
         self._pending_timeout = ""
         self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
         self._paused = ""  # why the machine cannot run stages now (a full disk, a broken GPU); "" when it can
+        self._disk_need = 0  # while paused for a full disk: what the stage's failed save needed (bytes)
         self._host_fault_seen = ""  # the last machine fault announced on this host that this worker checked
         self._next_health_check = 0.0
         host = socket.gethostname()
@@ -106,6 +112,14 @@ class StlWorker(Worker):
         # RQ has just listed the queues there are now; new users' queues join as they appear.
         self.log.info("Worker %s: takes each stage from whichever user's queue (stl.<user>.<priority>) has used "
                       "the least GPU time lately, new users included", self.name)
+
+    def subscribe(self) -> None:
+        """RQ's subscribe, with a listener that wakes often enough for the worker to stop at once."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]  # RQ types it as None
+            sleep_time=COMMAND_POLL_S, daemon=True, exception_handler=self._pubsub_exception_handler)
 
     # --- which queue next ---------------------------------------------------------------------
 
@@ -128,6 +142,8 @@ class StlWorker(Worker):
         while True:
             try:
                 self.heartbeat()
+                if self.should_run_maintenance_tasks:  # as RQ's own loop: its registries are cleaned, idle or not
+                    self.run_maintenance_tasks()
                 self._reap_if_due()
                 self._refresh_queues()
             except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -218,7 +234,8 @@ class StlWorker(Worker):
     def _pause_if_the_machine_failed(self, stage_id: str) -> None:
         """A stage its horse stopped for a fault of the machine (jobs.health): take no work until it is fixed."""
         try:
-            fault = text(self.connection.hget(keys.stage(stage_id), "machine_fault"))
+            fault, need = (text(v) for v in self.connection.hmget(keys.stage(stage_id), "machine_fault",
+                                                                  "disk_needed_bytes"))
             self._host_fault_seen = text(self.connection.get(keys.host_fault(self.host)))  # our own: checked below
         except redis.RedisError:
             return  # the next stage meets the fault again, if there is one
@@ -226,11 +243,14 @@ class StlWorker(Worker):
             return
         self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); checking the machine",
                        self.name, stage_id, fault)
+        # A full disk: the stage needs room for what it failed to save, or it would only fill the disk again.
+        self._disk_need = int(need) if need.isdigit() else 0
         # The pause gives the health check's reason from the start, as every later check words it (not the
         # stage's error first): `stl status` shows one reason for the whole pause.
         problem = self._machine_problem()
         if problem is None:
             self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
+            self._disk_need = 0
             return
         self.log.error("Worker %s: taking no work until the machine is healthy again: %s; trying again every %.0f s",
                        self.name, problem, HEALTH_CHECK_EVERY_S)
@@ -266,7 +286,7 @@ class StlWorker(Worker):
 
     def _machine_problem(self) -> str | None:
         return machine_problem(self.settings, gpu=self._probe.has_gpu, faults=parse_faults(self.settings.fault_inject),
-                               keep_alive=lambda: self._write_record(None))
+                               keep_alive=lambda: self._write_record(None), need_bytes=self._disk_need)
 
     def _healthy_again(self) -> bool:
         """While paused: try the machine now and then; True once nothing is wrong with it."""
@@ -282,7 +302,7 @@ class StlWorker(Worker):
             self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
             return False
         self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
-        self._paused = ""
+        self._paused, self._disk_need = "", 0
         self._write_record("idle")
         return True
 
@@ -307,8 +327,10 @@ class StlWorker(Worker):
                           exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
                           ) -> None:
         """In the horse: a preempted stage, or one the machine failed, goes back to the head of its queue, not
-        to 'failed'."""
-        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault):
+        to 'failed'; one that waits for its parent to be made again is an RQ dependent of it already."""
+        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault | StageWaitsForParent):
+            if isinstance(exc_info[1], StageWaitsForParent):
+                self.log.info("Worker %s: stage %s waits: %s", self.name, stage_id_for(job.id), exc_info[1])
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
@@ -479,22 +501,32 @@ class StlWorker(Worker):
 
 
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
-               preload: bool = True) -> bool:
-    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking."""
+               preload: bool = True, adopt_store: bool = False) -> bool:
+    """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking.
+    `adopt_store`: make this STL_HOME the queue's artifact store (jobs.store), its old one being gone."""
     from jobs.disk import check_home_writable
     from jobs.errors import UsageError
     from jobs.notify import notify_setting_problems
+    from jobs.store import claim_store
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
     problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
     if problems:  # said now, not when the first grid ends hours later (and then only in this worker's log)
         raise UsageError("; and ".join(problems))
+    # Workers of one queue start stages from each other's models: one STL_HOME, or this worker takes nothing.
+    store = claim_store(connection, settings, adopt=adopt_store)
+    if adopt_store:
+        print(f"stl: STL_HOME {settings.home} (store {store.short}) is the queue's artifact store; models its "
+              "stages need that are not in it are made again", flush=True)
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:
         from jobs.stages import preload_libraries
 
         preload_libraries()
+        # What was just imported lives as long as the worker: out of the collector's sight, the exit does not
+        # walk it (seconds of a `--burst` worker's end) and forked horses do not copy its pages by touching it.
+        gc.freeze()
     worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
     ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     if worker.paused_reason:  # --burst stopped on a broken machine: the queue is not done, and a script must see it
