@@ -505,9 +505,6 @@ def cancel(
 def retry(
     runs: Annotated[list[str] | None, RUN_IDS] = None,
     grid: Annotated[str | None, typer.Option(help="Retry every failed or canceled run of this grid.")] = None,
-    failed: Annotated[bool, typer.Option(
-        "--failed", hidden=True, help="Accepted for old scripts: retry only ever re-queues failed and canceled runs.")
-    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
 ) -> None:
     """Queue failed or canceled runs again; stages that already finished are not redone."""
@@ -515,7 +512,6 @@ def retry(
     from jobs.records import check_run_id, resolve_run_ids
 
     with handled():
-        del failed  # the only kind of run retry takes
         if bool(runs) == bool(grid):
             raise UsageError("give run ids or --grid G, not both and not neither")
         for run_id in runs or []:

@@ -22,7 +22,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.errors import GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
 from jobs.runstate import update_runs_if
-from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
+from jobs.specs import RunSpec, RunStatus, StageSpec
 from jobs.states import LIVE, Priority
 
 if TYPE_CHECKING:
@@ -603,7 +603,3 @@ def check_priority(value: str) -> str:
     if value not in {p.value for p in Priority}:
         raise UsageError(f'unknown priority "{value}"; use one of: {", ".join(p.value for p in Priority)}')
     return value
-
-
-def stage_kind_label(kind: str) -> str:
-    return StageKind(kind).value if kind else "?"
