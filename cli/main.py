@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from jobs.codec import printable
-from jobs.errors import GridError, StlError, UsageError
+from jobs.errors import DamagedRecord, GridError, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
@@ -100,11 +100,15 @@ def main(
 
 @contextmanager
 def handled() -> Iterator[None]:
-    """Domain errors become one clear line on stderr and an exit code; never a traceback."""
+    """Domain errors become one clear line on stderr and an exit code; never a traceback. A record in Redis that
+    is not what stl writes is said in one line too, and the command goes on without it."""
     import redis
 
+    from jobs.records import damaged_records_reported
+
     try:
-        yield
+        with damaged_records_reported(lambda line: _echo(f"stl: {line}", err=True)):
+            yield
         sys.stdout.flush()  # here, so that a reader gone away is met inside this block
     except BrokenPipeError:
         # The reader stopped early (`stl results --rows | head`): stop quietly, as a pipe's writer does.
@@ -119,6 +123,10 @@ def handled() -> Iterator[None]:
         raise typer.Exit(e.exit_code) from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
         _echo(f"stl: lost the connection to Redis ({e}); check that it is running and try again", err=True)
+        raise typer.Exit(1) from None
+    except redis.ResponseError as e:  # a key of stl's holds another type than stl writes there
+        _echo(f"stl: Redis refused a read ({_one_line(str(e))}): a key of stl's holds a value stl did not write",
+              err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -549,8 +557,12 @@ def plot_curves(
         conn = _connect(settings)
         curves, stage_names = {}, {}
         for run_id in resolve_run_ids(conn, runs):
-            points, names = loss_curve(conn, run_id)
-            cell = run_cell(conn, run_id)
+            try:
+                points, names = loss_curve(conn, run_id)
+                cell = run_cell(conn, run_id)
+            except DamagedRecord as e:  # said, and the other runs are drawn
+                _echo(f"stl: {e}; run {run_id} is left out", err=True)
+                continue
             if not points:
                 trains = cell.get("mtl", "none") != "none" or cell.get("shots", 0)
                 why = (f"none of its training stages has logged a step yet (it is {run_status(conn, run_id)})"

@@ -11,11 +11,12 @@ UNSAFE_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u
 
 
 def text(value: object) -> str:
-    """A Redis reply as str: bytes decoded, None as the empty string."""
+    """A Redis reply as str: bytes decoded (a byte that is not UTF-8 as a `\\xff` escape, so that one bad
+    byte written by another tool cannot stop a view), None as the empty string."""
     if value is None:
         return ""
     if isinstance(value, bytes):
-        return value.decode()
+        return value.decode(errors="backslashreplace")
     return str(value)
 
 

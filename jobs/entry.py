@@ -466,7 +466,9 @@ def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
-    results = {text(k): json.loads(text(v)) for k, v in conn.hgetall(keys.run_results(run_id)).items()}
+    from jobs.records import read_results
+
+    (results,) = read_results(conn, [run_id])  # a result another tool damaged is left out, not fatal
     if not results:
         return
     run_dir = settings.runs_dir / run_id

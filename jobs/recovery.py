@@ -24,6 +24,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.layout import LOG_FILE
 from jobs.queueing import job_id_for, stage_id_for
+from jobs.records import json_or_report
 from jobs.runstate import update_runs_if
 from jobs.specs import RunStatus
 from jobs.states import LIVE
@@ -166,9 +167,10 @@ def find_dropped_jobs(conn: redis.Redis, *, chunk: int = 2000) -> list[str]:
         pipe = conn.pipeline(transaction=False)
         for run_id in run_ids[first:first + chunk]:
             pipe.hmget(keys.run(run_id), "status", "stages")
-        for status, stages in pipe.execute():
+        for run_id, (status, stages) in zip(run_ids[first:first + chunk], pipe.execute(), strict=True):
             if text(status) in LIVE and stages:
-                stage_ids.update(json.loads(text(stages)))
+                stage_ids.update(json_or_report(keys.run(run_id), "field stages", text(stages), list, [],
+                                                then="its stages are not checked"))
     ordered = sorted(stage_ids)
     queued: list[tuple[str, str]] = []  # (job id, queue name)
     for first in range(0, len(ordered), chunk):

@@ -7,6 +7,7 @@ work horse per job, and a CUDA context created before a fork is unusable in the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -484,6 +485,7 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
     from jobs.disk import check_home_writable
     from jobs.errors import UsageError
     from jobs.notify import notify_setting_problems
+    from jobs.records import damaged_records_reported
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
     problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
@@ -495,8 +497,10 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
         from jobs.stages import preload_libraries
 
         preload_libraries()
-    worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
-    ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    # A record another tool damaged is logged once and skipped: it must not stop the worker (nor its horses).
+    with damaged_records_reported(lambda line: logging.getLogger("rq.worker").warning("stl: %s", line)):
+        worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
+        ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     if worker.paused_reason:  # --burst stopped on a broken machine: the queue is not done, and a script must see it
         raise MachineFault(f"the worker stopped with stages still queued: this machine cannot run them "
                            f"({worker.paused_reason}); fix it and start the worker again")
