@@ -447,14 +447,16 @@ def grid_summary(conn: redis.Redis, grid: str) -> dict[str, Any]:
 
 
 def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
-    """One row per run x eval task: {grid, run, cell, task, task_type, metric, value}."""
+    """One row per run x eval task: {grid, run, cell, task, task_type, metric, value, metrics}: the primary
+    metric and its value, and every metric the stage recorded."""
     runs = list_runs(conn, grid=grid)
     rows: list[dict[str, Any]] = []
     for run, results in zip(runs, read_results(conn, [run.id for run in runs]), strict=True):
         for task, result in results.items():
             rows.append({"grid": grid, "run": run.id, "cell": run.cell, "task": task,
                          "task_type": result["task_type"], "metric": result["metric"],
-                         "value": result["value"]})
+                         "value": result["value"],
+                         "metrics": result.get("metrics") or {result["metric"]: result["value"]}})
     return rows
 
 
@@ -491,6 +493,10 @@ def _result(raw: str) -> dict[str, Any]:
         raise ValueError(f"its value {value!r} is not a number")
     if not isinstance(result["task_type"], str) or not isinstance(result["metric"], str):
         raise TypeError("its task_type or metric is not text")
+    metrics = result.get("metrics")
+    if metrics is not None and not (isinstance(metrics, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values())):
+        raise ValueError("its metrics are not numbers")
     return result
 
 
