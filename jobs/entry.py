@@ -22,6 +22,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.durable import needed_bytes, write_atomically
 from jobs.errors import (
+    DamagedRecord,
     ForeignJob,
     MachineFault,
     ModelError,
@@ -286,12 +287,15 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     raw_spec = conn.hget(stage_key, "spec")
     if not raw_spec:
         raise StageCanceled(f"stage {stage_id} has no record in Redis; it was removed")
-    spec = StageSpec.model_validate_json(raw_spec)
     status = text(conn.hget(stage_key, "status"))
     if status == RunStatus.finished.value:
         return {"stage": stage_id, "status": "already finished"}
     if status == RunStatus.canceled.value:
         raise StageCanceled(f"stage {stage_id} was canceled before it started")
+    try:
+        spec = StageSpec.model_validate_json(raw_spec)
+    except ValueError as e:  # pydantic's ValidationError is one
+        raise fail_unreadable_stage(conn, settings, stage_id, e) from e
 
     holder = f"{socket.gethostname()}:{os.getpid()}"
     lease = StageLease(conn, stage_id, holder)
@@ -410,6 +414,22 @@ def _execute_once_its_parent_is_there(conn: redis.Redis, settings: Settings, sta
     return execute_stage(spec, ctx)
 
 
+def fail_unreadable_stage(conn: redis.Redis, settings: Settings, stage_id: str, error: Exception) -> DamagedRecord:
+    """A stage whose spec is not what stl writes (another tool or a hand wrote it) can never run: it fails now,
+    once, with its runs. Left queued, it would be taken, fail and be requeued as an orphan again and again."""
+    from pydantic import ValidationError
+
+    detail = ("; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors()[:3])
+              if isinstance(error, ValidationError) else " ".join(str(error).split()))
+    message = (f"its record {keys.stage(stage_id)} holds a spec stl cannot read "
+               f"({detail[:200] + '…' if len(detail) > 200 else detail}); enqueue the grid file again, which "
+               "writes the stage anew (`stl retry` would read the same record)")
+    conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
+    finish_stage(conn, settings, stage_id, None, status=RunStatus.failed, error=message, started=time.time(),
+                 user=text(conn.hget(keys.stage(stage_id), "user")) or "unknown")
+    return DamagedRecord(f"stage {stage_id}: {message}")
+
+
 def _charge(conn: redis.Redis, user: str, started: float, now: float | None = None) -> None:
     """Fair share: a stage's GPU time goes to its user however the stage ends (a lost charge only skews order)."""
     with contextlib.suppress(redis.RedisError):
@@ -453,28 +473,30 @@ def _failure_message(error: BaseException, spec: StageSpec) -> str:
     return f"{name}: {detail}" if detail else name
 
 
-def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec, *,
+def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec | None, *,
                   status: RunStatus, error: str, started: float, user: str,
                   result: dict[str, Any] | None = None) -> None:
-    """Record a stage's end on the stage and on every run that needs it."""
+    """Record a stage's end on the stage and on every run that needs it. `spec` None: it could not be read
+    (`fail_unreadable_stage`)."""
     from jobs.queueing import cancel_stage_jobs
 
+    kind = spec.kind.value if spec is not None else text(conn.hget(keys.stage(stage_id), "kind")) or "unreadable"
     now = time.time()
     metrics = (result or {}).get("metrics") or []
     stage_fields: dict[str, Any] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
     if result is not None:
         stage_fields["outcome"] = json.dumps(result)
-        if spec.kind == StageKind.eval:
+        if kind == StageKind.eval.value:
             stage_fields["metrics"] = json.dumps(metrics)
     run_ids, grids, finished_runs = finish_stage_records(
-        conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work,
+        conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work if spec is not None else 0,
         metrics=metrics if status == RunStatus.finished else [], now=now,
-        run_error=f"{spec.kind.value} stage {stage_id}: {error}")
+        run_error=f"{kind} stage {stage_id}: {error}")
     # Charged once the stage no longer counts as running (fair share adds running stages' time itself).
     _charge(conn, user, started, now)
     if status != RunStatus.finished:
         # Stages that only the now-failed runs needed will never be able to run.
-        cancel_stage_jobs(conn, run_ids, reason=f"{spec.kind.value} stage {stage_id} {status.value}")
+        cancel_stage_jobs(conn, run_ids, reason=f"{kind} stage {stage_id} {status.value}")
     if status == RunStatus.finished:
         for run_id in run_ids:
             # A copy for people reading STL_HOME; Redis has the results, so a full disk does not undo them.
@@ -505,7 +527,9 @@ def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
-    results = {text(k): json.loads(text(v)) for k, v in conn.hgetall(keys.run_results(run_id)).items()}
+    from jobs.records import read_results
+
+    (results,) = read_results(conn, [run_id])  # a result another tool damaged is left out, not fatal
     if not results:
         return
     run_dir = settings.runs_dir / run_id
