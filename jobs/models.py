@@ -269,8 +269,10 @@ def _make_pad_token_coherent(model: PreTrainedModel, tokenizer: Any) -> None:
             generation.decoder_start_token_id = model.config.decoder_start_token_id
 
 
-def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
-    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`."""
+def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path, *,
+               before_replace: Callable[[], None] | None = None) -> None:
+    """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`.
+    `before_replace` runs just before that, and may refuse it by raising (a stale work horse: jobs.fence)."""
     temporary = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     model.save_pretrained(temporary)
@@ -281,13 +283,20 @@ def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
         "seq2seq": is_seq2seq(model),
     }
     (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    replace_directory(temporary, directory)
+    replace_directory(temporary, directory, before_replace=before_replace)
 
 
-def replace_directory(source: Path, target: Path) -> None:
+def replace_directory(source: Path, target: Path, *, before_replace: Callable[[], None] | None = None) -> None:
     """Move `source` to `target`, replacing it. A crash leaves either the old or the new one in place:
     at worst `target` is missing and `<target>.old` holds the previous version (see `existing_directory`).
+    `before_replace` may refuse the move by raising (a stale work horse: jobs.fence); `source` is then deleted.
     """
+    if before_replace is not None:
+        try:
+            before_replace()
+        except BaseException:
+            shutil.rmtree(source, ignore_errors=True)
+            raise
     previous = target.with_name(f"{target.name}.old")
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():

@@ -275,9 +275,9 @@ def fail_stage(conn: redis.Redis, settings: Settings, stage_id: str, message: st
     raw_spec, raw_started, user = conn.hmget(stage_key, "spec", "started_at", "user")
     if not raw_spec:
         return
-    conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
-    finish_stage(conn, settings, stage_id, StageSpec.model_validate_json(text(raw_spec)), status=RunStatus.failed,
-                 error=message, started=float(text(raw_started) or time.time()), user=text(user) or "unknown")
+    if finish_stage(conn, settings, stage_id, StageSpec.model_validate_json(text(raw_spec)), status=RunStatus.failed,
+                    error=message, started=float(text(raw_started) or time.time()), user=text(user) or "unknown"):
+        conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
     conn.delete(keys.stage_lease(stage_id))
 
 

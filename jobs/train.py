@@ -164,6 +164,9 @@ class TrainRun:
     # per batch (MTL); 0: always in the step's own thread. The batches are the same either way (a benchmark
     # and a test compare the two).
     prefetch_batches: int = 2
+    # Raises StageLeaseLost once another work horse took the stage over (jobs.fence): called right before a
+    # checkpoint, the model or done.json replaces what is on disk.
+    fence: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -399,6 +402,7 @@ def _train_settings(spec: StageSpec) -> TrainConfig:
 def _mark_done(cfg: TrainRun, outcome: TrainOutcome) -> None:
     done = {"stage_id": cfg.spec.stage_id, "train": outcome.to_dict()}
     temporary = cfg.workdir / f".{DONE_FILE}.tmp"
+    cfg.fence()  # a few bytes: checked before they are written, nothing is left behind
     temporary.write_text(json.dumps(done, indent=2) + "\n")
     os.replace(temporary, cfg.workdir / DONE_FILE)
     # Only now is the checkpoint redundant: a crash before this line resumes and finishes again.
@@ -890,7 +894,7 @@ class _TrainingSession:
         return loss_value, run_samples, run_tokens
 
     def _finish(self, final_loss: float, samples: int, tokens: int, seconds: float) -> TrainOutcome:
-        save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR)
+        save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR, before_replace=self.cfg.fence)
         return TrainOutcome(
             steps=self.step,
             final_loss=final_loss,
@@ -939,7 +943,7 @@ class _TrainingSession:
             "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],  # type: ignore[index, union-attr]
         }
         (temporary / "state.json").write_text(json.dumps(state))
-        replace_directory(temporary, self.cfg.workdir / CHECKPOINT_DIR)
+        replace_directory(temporary, self.cfg.workdir / CHECKPOINT_DIR, before_replace=self.cfg.fence)
 
     def _load_checkpoint(self) -> None:
         import numpy as np

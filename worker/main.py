@@ -309,6 +309,8 @@ class StlWorker(Worker):
         """In the horse: a preempted stage, or one the machine failed, goes back to the head of its queue, not
         to 'failed'."""
         if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault):
+            if isinstance(exc_info[1], StageLeaseLost):  # the job is the newer horse's now: only say so
+                self.log.warning("Worker %s: %s", self.name, exc_info[1])
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
