@@ -334,16 +334,10 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     if status == RunStatus.canceled.value:
         raise StageCanceled(f"stage {stage_id} was canceled before it started")
 
-    holder = f"{socket.gethostname()}:{os.getpid()}"
-    lease = StageLease(conn, stage_id, holder)
-    while not lease.acquire():
-        # Another horse holds the stage (a false orphan alarm): wait for it rather than run it twice.
-        time.sleep(2)
-        status = text(conn.hget(stage_key, "status"))
-        if status == RunStatus.finished.value:
-            return {"stage": stage_id, "status": "already finished"}
-        if status in (RunStatus.failed.value, RunStatus.canceled.value):
-            raise StageCanceled(f"stage {stage_id} {status} in another work horse")
+    lease = _take_lease(conn, stage_id)
+    if lease is None:
+        return {"stage": stage_id, "status": "already finished"}
+    holder = lease.holder
     workdir = settings.stages_dir / stage_id
     reporter = StageReporter(conn, stage_id, workdir, lease)
     started = time.time()
@@ -354,16 +348,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         faults.before_stage(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
-        status = start_stage_record(conn, stage_id, {
-            "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": holder,
-            "error": "", "eta_s": "", "eta_at": "", "machine_fault": ""}, fence=lease.fence)
-        if status != "started":  # canceled since its status was read above
-            raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
-        live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
-                              fields={"status": RunStatus.running.value, "current_stage": stage_id},
-                              fields_if_unset={"started_at": started}, fence=lease.fence)
-        _write_run_dirs(settings, conn, live, stage_id, spec)
+        _mark_started(conn, settings, lease, spec, started)
         lease.start_heartbeat()
 
         device = pick_device()
@@ -428,6 +413,35 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         raise _stand_down(lease) from e
     lease.release()
     return {"stage": stage_id, "status": "finished"}
+
+
+def _take_lease(conn: redis.Redis, stage_id: str) -> StageLease | None:
+    """The stage's lease, held by this horse; None if the stage finished while another horse held it."""
+    lease = StageLease(conn, stage_id, f"{socket.gethostname()}:{os.getpid()}")
+    while not lease.acquire():
+        # Another horse holds the stage (a false orphan alarm): wait for it rather than run it twice.
+        time.sleep(2)
+        status = text(conn.hget(keys.stage(stage_id), "status"))
+        if status == RunStatus.finished.value:
+            return None
+        if status in (RunStatus.failed.value, RunStatus.canceled.value):
+            raise StageCanceled(f"stage {stage_id} {status} in another work horse")
+    return lease
+
+
+def _mark_started(conn: redis.Redis, settings: Settings, lease: StageLease, spec: StageSpec, started: float) -> None:
+    """The stage and its live runs are running, on this horse (StageCanceled if a cancel came first)."""
+    stage_id = lease.stage_id
+    # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
+    status = start_stage_record(conn, stage_id, {
+        "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": lease.holder,
+        "error": "", "eta_s": "", "eta_at": "", "machine_fault": ""}, fence=lease.fence)
+    if status != "started":  # canceled since its status was read above
+        raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
+    live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
+                          fields={"status": RunStatus.running.value, "current_stage": stage_id},
+                          fields_if_unset={"started_at": started}, fence=lease.fence)
+    _write_run_dirs(settings, conn, live, stage_id, spec)
 
 
 def _stand_down(lease: StageLease) -> StageLeaseLost:
