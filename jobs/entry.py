@@ -359,8 +359,9 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                            should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step,
                            fence=lease.fence.check)
         outcome = execute_stage(spec, ctx)
-    except StageLeaseLost as e:
-        raise _stand_down(lease) from e
+    except StageLeaseLost:
+        _stand_down(lease)
+        raise
     except StagePreempted as e:
         if lease.taken_over():
             raise _stand_down(lease) from e
@@ -409,8 +410,9 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         reporter.log(f"finished in {time.time() - started:.1f} s")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.finished, error="", started=started,
                       user=user, result=result, fence=lease.fence)
-    except StageLeaseLost as e:
-        raise _stand_down(lease) from e
+    except StageLeaseLost:
+        _stand_down(lease)
+        raise
     lease.release()
     return {"stage": stage_id, "status": "finished"}
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, cast
 
+import redis
+
 from jobs import keys
 from jobs.codec import text
 from jobs.errors import StageLeaseLost
@@ -22,7 +24,6 @@ from jobs.errors import StageLeaseLost
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    import redis
     from redis.client import Pipeline
 
 
@@ -51,8 +52,16 @@ class StageFence:
 
     def check(self) -> None:
         """Raise StageLeaseLost if another horse took the stage since this one did; call it right before a
-        write commits (a rename)."""
-        if not self.is_current():
+        write commits (a rename). Also if Redis stays unreachable (the connection retries for about a minute):
+        a horse cut off from Redis may have been taken over, so it commits nothing and its stage resumes, once
+        Redis is back, from the last checkpoint it did commit."""
+        try:
+            current = self.is_current()
+        except redis.RedisError as e:
+            raise StageLeaseLost(f"stage {self.stage_id}: Redis is unreachable ({e}), so this work horse cannot "
+                                 "tell whether another took the stage over; it stops without committing, and the "
+                                 "stage resumes from its last checkpoint once Redis is back") from e
+        if not current:
             raise self.stale()
 
     def write(self, queue: Callable[[Pipeline], object]) -> list[Any]:

@@ -19,6 +19,7 @@ from tests.helpers import grid_dict, write_grid
 from tests.test_faults import wait_for
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     import redis
@@ -165,3 +166,50 @@ def test_a_refused_commit_leaves_what_is_on_disk_and_no_temporary_behind(tmp_pat
         replace_directory(source, target, before_replace=refuse)
     assert (target / "weights").read_text() == "the newer horse's"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def refuse_after(passes: int) -> Callable[[], None]:
+    """A fence that lets `passes` commits through, then finds the stage taken over."""
+    calls = {"n": 0}
+
+    def fence() -> None:
+        calls["n"] += 1
+        if calls["n"] > passes:
+            raise StageLeaseLost("taken over")
+
+    return fence
+
+
+def test_a_stage_taken_over_mid_training_or_evaluation_commits_nothing_more(tmp_path: Path, demo_data: Path) -> None:
+    from jobs.specs import EvalConfig, StageSpec
+    from jobs.stages import StageContext, execute_stage
+    from tests.test_fault_kill import checkpoint_step
+    from tests.test_train import train_spec
+
+    def context(name: str, fence: Callable[[], None]) -> StageContext:
+        return StageContext(workdir=tmp_path / "stages" / name, parent_dir=None, device="cpu",
+                            on_step=lambda report: None, should_stop=lambda: None, log=lambda line: None,
+                            cache_dir=tmp_path / "cache", fence=fence)
+
+    # Checkpoints at steps 4 and 8: the first commits, then another horse has the stage.
+    with pytest.raises(StageLeaseLost):
+        execute_stage(train_spec(demo_data, max_steps=9, checkpoint_every=4), context("mtl", refuse_after(1)))
+    assert checkpoint_step(tmp_path, "mtl") == 4
+    assert sorted(p.name for p in (tmp_path / "stages" / "mtl").iterdir()) == ["checkpoint"]
+
+    evaluation = StageSpec(kind=StageKind.eval, model="tiny:bart", data=str(demo_data), tasks=("summarization",),
+                           eval=EvalConfig(max_examples=2, batch_size=2, max_new_tokens=4))
+    with pytest.raises(StageLeaseLost):
+        execute_stage(evaluation, context("eval", refuse_after(0)))
+    assert list((tmp_path / "stages" / "eval").iterdir()) == []
+
+
+def test_a_horse_that_cannot_reach_redis_commits_nothing() -> None:
+    import redis as redis_lib
+
+    from jobs.fence import StageFence
+    from tests.conftest import free_port
+
+    unreachable = redis_lib.Redis(port=free_port(), socket_connect_timeout=0.2)
+    with pytest.raises(StageLeaseLost, match="Redis is unreachable"):
+        StageFence(unreachable, STAGE, 1).check()
