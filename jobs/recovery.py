@@ -282,9 +282,9 @@ def fail_stage(conn: redis.Redis, settings: Settings, stage_id: str, message: st
     except ValueError as e:  # not what stl writes: it fails for that
         fail_unreadable_stage(conn, settings, stage_id, e)
         return
-    conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
-    finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
-                 started=float(text(raw_started) or time.time()), user=text(user) or "unknown")
+    if finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
+                    started=float(text(raw_started) or time.time()), user=text(user) or "unknown"):
+        conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
     conn.delete(keys.stage_lease(stage_id))
 
 

@@ -30,7 +30,7 @@ from cli.render import (
     worker_rows,
 )
 from jobs import keys
-from jobs.entry import StageReporter, progress_line
+from jobs.entry import StageLease, StageReporter, progress_line
 from jobs.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
 from jobs.train import StepReport
 
@@ -122,6 +122,13 @@ def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_
         140.0 * 89 / 11)  # before a pace exists: elapsed x steps left / steps done
 
 
+def held_lease(conn: redis.Redis, stage_id: str) -> StageLease:
+    """The lease a work horse holds while it reports: its writes are fenced with its token."""
+    lease = StageLease(conn, stage_id, "here:1")
+    assert lease.acquire()
+    return lease
+
+
 def test_the_eta_goes_through_redis_to_the_status_rows(
     conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,7 +139,7 @@ def test_the_eta_goes_through_redis_to_the_status_rows(
                                        "status": "running", "cell": "{}", "n_stages": "1", "stages_done": "0",
                                        "current_stage": "s1"})
     conn.hset(keys.stage("s1"), mapping={"kind": "mtl", "started_at": "940", "status": "running"})
-    reporter = StageReporter(conn, "s1", tmp_path, None)  # type: ignore[arg-type]  (on_step needs no lease)
+    reporter = StageReporter(conn, "s1", tmp_path, held_lease(conn, "s1"))
     for step, now in ((1, 1060.0), (11, 1070.0)):
         clock.now = now
         reporter._last_progress = 0.0  # no throttling between these two reports
@@ -148,7 +155,7 @@ def test_the_stage_log_gets_a_progress_line_at_the_start_every_30_s_and_at_the_e
 ) -> None:
     clock = FakeClock()
     monkeypatch.setattr("jobs.entry.time", clock)
-    reporter = StageReporter(conn, "s1", tmp_path, None)  # type: ignore[arg-type]  (on_step needs no lease)
+    reporter = StageReporter(conn, "s1", tmp_path, held_lease(conn, "s1"))
     for step, now in ((1, 1060.0), (2, 1061.0), (20, 1080.0), (31, 1091.0), (40, 1100.0)):
         clock.now = now
         reporter.on_step(StepReport(step=step, total=40, loss=2.5, learning_rate=0.1, samples_per_s=12.34,

@@ -332,6 +332,8 @@ class StlWorker(Worker):
         if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault | StageWaitsForParent):
             if isinstance(exc_info[1], StageWaitsForParent):
                 self.log.info("Worker %s: stage %s waits: %s", self.name, stage_id_for(job.id), exc_info[1])
+            if isinstance(exc_info[1], StageLeaseLost):  # the job is the newer horse's now: only say so
+                self.log.warning("Worker %s: %s", self.name, exc_info[1])
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
