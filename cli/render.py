@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Group
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
-from rich.table import Table
 from rich.text import Text
 
 from jobs.axes import format_cell
+from jobs.codec import printable
+from jobs.display import LiteralTable as Table  # every table shows its strings as written, never as markup
+from jobs.display import literal
 from jobs.humanize import format_duration
 
 if TYPE_CHECKING:
@@ -166,8 +168,8 @@ def build_workers_table(workers: list[WorkerRow], store: Store | None = None) ->
         table.add_column(name)
     rows = worker_rows(workers)
     for worker, row in zip(workers, rows, strict=True):
-        state = Text(row[3], style="bold red" if worker.paused else "")
-        table.add_row(*row[:3], state, *row[4:-1], Text(row[-1], style="bold red" if worker.disk_low else ""))
+        state = literal(row[3], style="bold red" if worker.paused else "")
+        table.add_row(*row[:3], state, *row[4:-1], literal(row[-1], style="bold red" if worker.disk_low else ""))
     if not rows:
         table.add_row("—", "", "", "no worker running: start one with `stl worker`", "", "", "")
     return table
@@ -332,7 +334,7 @@ def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     out = [["grid", "run", *axes, "task", "task_type", "metric", "value"]]
     out += [[r["grid"], r["run"], *(value(r["cell"].get(a)) for a in axes), r["task"], r["task_type"],
              r["metric"], repr(float(r["value"]))] for r in rows]
-    return out
+    return [[printable(cell) for cell in row] for row in out]  # a terminal or a spreadsheet gets no ESC
 
 
 def result_markdown(rows: list[dict[str, Any]]) -> str:

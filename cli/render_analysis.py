@@ -5,12 +5,14 @@ JSON text. Pure functions of their arguments; rich is imported inside the functi
 from __future__ import annotations
 
 import csv
+import html
 import io
 from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
 from jobs.axes import EMPTY_VALUE, render_value
+from jobs.codec import printable
 from jobs.metrics import metric_label
 
 if TYPE_CHECKING:
@@ -122,8 +124,10 @@ def build_pivot_table(pivot: Pivot, *, title: str | None = None, width: int | No
 
 
 def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Table:
-    from rich.table import Table
     from rich.text import Text
+
+    from jobs.display import LiteralTable as Table  # task and model names are shown as written, not as markup
+    from jobs.display import literal
 
     n = uniform_count(pivot)
     over = ("" if not pivot.folded else f" (one per {pivot.folded[0]})" if len(pivot.folded) == 1
@@ -149,7 +153,7 @@ def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Tabl
         for column in pivot.columns
     }
     for row, strings in zip(pivot.rows, pivot_table_rows(pivot, count=n is None), strict=True):
-        cells = [Text(text) for text in strings[: len(pivot.row_axes)]]
+        cells = [literal(text) for text in strings[: len(pivot.row_axes)]]
         for column, text in zip(pivot.columns, strings[len(pivot.row_axes) :], strict=True):
             stat = row.cells[column.name]
             waiting = row.pending if stat is None else not stat.complete
@@ -205,8 +209,10 @@ def _format_side(mean: float | None, n: int) -> str:
 
 def build_effect_table(report: EffectReport, *, title: str | None = None) -> Table:
     """Rich table of every comparison, then the mean relative improvement per task type and overall."""
-    from rich.table import Table
     from rich.text import Text
+
+    from jobs.display import LiteralTable as Table
+    from jobs.display import literal
 
     combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
     # Axes with one value in every comparison are said once, in the title, as in the pivot.
@@ -237,13 +243,18 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
         table.add_row(*combo, *strings[len(combo_axes):-1], Text(strings[-1], style=style), end_section=last)
     for label, value in effect_summary(report):
         padding = [""] * len(shown)
-        table.add_row(*padding, Text(label, style="bold"), "", "", Text(value, style="bold"))
+        table.add_row(*padding, literal(label, style="bold"), "", "", Text(value, style="bold"))
     return table
 
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]], n_left: int) -> str:
+    """A pipe table; each cell shows its text as written once rendered: `|` and HTML (`<script>`) escaped,
+    control characters as escapes."""
+    def cell_text(cell: str) -> str:
+        return html.escape(printable(cell), quote=False).replace("|", "\\|")
+
     def line(cells: Iterable[str]) -> str:
-        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+        return "| " + " | ".join(cell_text(cell) for cell in cells) + " |"
 
     alignment = ["---"] * n_left + ["---:"] * (len(headers) - n_left)
     return "\n".join([line(headers), line(alignment), *(line(row) for row in rows)]) + "\n"
@@ -260,7 +271,8 @@ def effect_to_markdown(report: EffectReport) -> str:
     headers = [*combo_axes, "task type", f"A = {report.a}", f"B = {report.b}", "(B − A) / A"]
     table = markdown_table(headers, effect_table_rows(report), len(combo_axes) + 1)
     means = "\n".join(f"- {label}: **{value}**" for label, value in effect_summary(report))
-    return f"Effect of {report.axis}: {report.b} vs {report.a}\n\n{table}\n{means}\n"
+    title = html.escape(printable(f"Effect of {report.axis}: {report.b} vs {report.a}"), quote=False)
+    return f"{title}\n\n{table}\n{means}\n"
 
 
 def pivot_to_csv(pivot: Pivot) -> str:
@@ -268,14 +280,14 @@ def pivot_to_csv(pivot: Pivot) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     stat_headers = [f"{column.name} {part}" for column in pivot.columns for part in ("mean", "std", "n")]
-    writer.writerow([*pivot.row_axes, "runs", *stat_headers])
+    writer.writerow([printable(name) for name in (*pivot.row_axes, "runs", *stat_headers)])
     for row in pivot.rows:
         stats: list[object] = []
         for column in pivot.columns:
             stat = row.cells[column.name]
             stats.extend(("", "", 0) if stat is None else (repr(stat.mean), repr(stat.std), stat.n))
         writer.writerow(
-            [*("" if value is None else render_value(value) for value in row.key), row.expected, *stats]
+            [*("" if value is None else printable(render_value(value)) for value in row.key), row.expected, *stats]
         )
     return buffer.getvalue()
 

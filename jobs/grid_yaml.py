@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from jobs.codec import UNSAFE_CHARS
 from jobs.errors import GridError
 
 if TYPE_CHECKING:
@@ -285,7 +286,43 @@ def load_yaml(path: Path) -> tuple[Any, _Positions]:
         data = _Loader(text).construct_document(root)
     except yaml.YAMLError as e:
         raise GridError([_yaml_problem(e, where, text)]) from e
-    return data, _Positions(walk.lines, walk.aliases)
+    positions = _Positions(walk.lines, walk.aliases)
+    problems = _control_character_problems(data, where, positions)
+    if problems:
+        raise _refuse(problems)
+    return data, positions
+
+
+def _control_character_problems(data: Any, where: str, positions: _Positions) -> list[str]:
+    """Control characters that YAML escapes (`"\\e[2J"`, `"\\a"`) put into a value or key: the file itself
+    holds none, but the names and paths it gives would reach other users' terminals in `stl status`."""
+    problems: list[str] = []
+    checked: set[int] = set()  # an alias is the same string object: a long one used 2000 times is read once
+
+    def check(value: str, loc: tuple[Any, ...], what: str) -> None:
+        if id(value) in checked:
+            return
+        checked.add(id(value))
+        bad = UNSAFE_CHARS.search(value)
+        if bad:
+            problems.append(f"{where}:{positions.line_of(loc)}: {_field_name(positions.as_written(loc)) or 'grid'}: "
+                            f"{what} holds control character U+{ord(bad.group()):04X} (YAML makes one of an escape "
+                            "such as \\e or \\a in double quotes); remove it")
+
+    def visit(value: Any, loc: tuple[Any, ...]) -> None:
+        if isinstance(value, str):
+            check(value, loc, "the value")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    check(key, (*loc, key), "the key")
+                visit(item, (*loc, key))
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                visit(item, (*loc, index))
+
+    visit(data, ())
+    return problems
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:

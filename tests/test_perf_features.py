@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from jobs.checkpoint import CheckpointStore
 from jobs.data import DEMO_EVAL_TASKS
 from jobs.errors import StagePreempted
 from jobs.evaluate import EvalRun, evaluate
@@ -159,7 +160,8 @@ def test_bucketed_micro_batches_have_bucket_shapes_and_the_same_loss(
     spec = finetune_spec(demo_data, model=model, max_source_length=100, max_target_length=40)
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None, log=print)
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None))
+    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None),
+                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
     batch = next(session._batches())
     [dynamic] = session._encode(batch)
     if session.seq2seq:
@@ -212,7 +214,8 @@ def steady_state_session(tmp_path: Path, demo_data: Path, model: str, **settings
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
                    log=lambda _line: None, cache_dir=tmp_path / "cache")
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None))
+    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None),
+                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
     batches = session._prepared_batches()
     session._optimizer_step(next(batches))  # the first step creates the optimizer state (and compiles)
     return session
@@ -254,7 +257,8 @@ def accumulated_gradients(tmp_path: Path, demo_data: Path, *, graph_memory: bool
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
                    log=lambda _line: None)
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 1), [], _OomInjection(None))
+    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 1), [], _OomInjection(None),
+                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
     session.model.eval()  # no dropout: every session computes the same gradients
     if graph_memory:
         deliver_gradients_like_cuda_graphs(session.model)
