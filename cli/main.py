@@ -361,6 +361,7 @@ def results(
              "Applies to the pivot, --effect, exports and plots.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
+    from cli import render_analysis
     from cli.render import results_notes, why_no_results
     from jobs import analysis
     from jobs.records import list_runs, result_rows
@@ -416,16 +417,16 @@ def results(
             clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value", "metrics") if k in r}
                      for r in all_rows]
             payload = {"grid": grids[0] if len(grids) == 1 else grids, "rows": clean,
-                       "pivot": analysis.pivot_to_json(pivot)}
+                       "pivot": render_analysis.pivot_to_json(pivot)}
             if report is not None:
-                payload["effect"] = analysis.effect_to_json(report)
+                payload["effect"] = render_analysis.effect_to_json(report)
             _print_json(payload)
         elif as_csv:
-            sys.stdout.write(analysis.pivot_to_csv(pivot))
+            sys.stdout.write(render_analysis.pivot_to_csv(pivot))
         elif as_markdown:
-            sys.stdout.write(analysis.pivot_to_markdown(pivot))
+            sys.stdout.write(render_analysis.pivot_to_markdown(pivot))
             if report is not None:
-                sys.stdout.write("\n" + analysis.effect_to_markdown(report))
+                sys.stdout.write("\n" + render_analysis.effect_to_markdown(report))
         else:
             from rich.console import Console
 
@@ -433,9 +434,9 @@ def results(
             width: int | None = console.width
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
                 console, width = Console(width=200), None
-            console.print(analysis.build_pivot_table(pivot, width=width))
+            console.print(render_analysis.build_pivot_table(pivot, width=width))
             if report is not None:
-                console.print(analysis.build_effect_table(report))
+                console.print(render_analysis.build_effect_table(report))
 
 
 def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool, as_markdown: bool) -> None:
@@ -600,7 +601,7 @@ def plot_curves(
     out: Annotated[Path, typer.Option(help="The image to write: .png, .svg or .pdf.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
-    from cli.render import format_cell
+    from jobs.axes import format_cell
     from jobs.plots import plot_loss_curves
     from jobs.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
 

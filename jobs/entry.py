@@ -278,7 +278,7 @@ class StageReporter:
 
 def progress_line(report: StepReport, eta_s: float | None) -> str:
     """`step 120/2000 (6%), loss 2.3412, 97.7 samples/s, MFU 12.3%, about 5 min 12 s left`: one log line."""
-    from jobs.notify import format_duration
+    from jobs.humanize import format_duration
 
     percent = f" ({report.step / report.total:.0%})" if report.total else ""
     if report.phase == "train":

@@ -13,9 +13,10 @@ import os
 import textwrap
 from typing import TYPE_CHECKING, NamedTuple, ParamSpec, TypeVar
 
-from jobs.analysis import METRIC_LABELS, render_value, spread_of
+from jobs.axes import render_value
 from jobs.codec import printable
 from jobs.errors import UsageError, path_error
+from jobs.metrics import metric_label
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,7 +149,7 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
     group_centres = [group * stride + (slots - 1) / 2 for group in range(len(labels))]
     for panel, column in zip(axes, panels, strict=True):
         _draw_bars(panel, column, placed, stride, colours)
-        metric = _label(METRIC_LABELS.get(column.metric, column.metric))
+        metric = _label(metric_label(column.metric))
         task_type = _label(column.task_type)
         panel.set_title(f"{task_type.capitalize()}: mean {metric}", fontsize=11)
         panel.set_xlabel(
@@ -222,6 +223,15 @@ def _draw_bars(
     panel.set_xlim(0, reach * 1.28)  # room for the value labels right of the error bars
     # Every metric is a fraction: no tick past 1, even where the labels need the room.
     panel.set_xticks([tick for tick in panel.get_xticks() if 0 <= tick <= 1 + 1e-9])
+
+
+def spread_of(pivot: Pivot) -> str:
+    """What a row's spread is over, for an axis label: "seeds", or the axes its runs differ in."""
+    if pivot.folded == ("seed",):
+        return "seeds"
+    if pivot.folded:
+        return f"runs differing in {', '.join(pivot.folded)}"
+    return "runs"
 
 
 def _palette(count: int) -> list[Colour]:

@@ -379,10 +379,9 @@ def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid, *, user: str
     changed = changed_runs(conn, expanded)
     if changed:
         grid = expanded.grid.name
-        from jobs.analysis import render_value
+        from jobs.axes import format_cell
 
-        example = json.loads(text(conn.hget(keys.run(changed[0]), "cell")))
-        cell = " ".join(f"{k}={render_value(v)}" for k, v in example.items())
+        cell = format_cell(json.loads(text(conn.hget(keys.run(changed[0]), "cell"))))
         foreign = sum(map(len, split_by_owner(conn, changed, user=user)[1].values())) if user else 0
         raise GridChanged(
             f'grid "{grid}" already has {len(changed)} run(s) made with other settings (e.g. run '

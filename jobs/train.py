@@ -28,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from jobs import axes
 from jobs import data as data_lib
 from jobs.checkpoint import STATE_FORMAT, Checkpoint, CheckpointStore
 from jobs.durable import write_atomically
@@ -618,10 +619,8 @@ class _TrainingSession:
                 "kind": "few-shot",
                 "data": fingerprint,
                 "tasks": list(spec.tasks),
-                "shots": spec.shots,
                 "holdout": spec.holdout,
-                "seed": spec.seed,
-                "instructions": spec.instructions,
+                **axes.token_key_fields(spec, axes.FEW_SHOT_TOKENS),  # shots, seed, instructions
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "source_limit": self.source_limit,
                 "target_limit": self.target_limit,

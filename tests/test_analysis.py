@@ -11,25 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs.analysis import (
-    CellStat,
-    Pivot,
-    PivotRow,
+from cli.render_analysis import (
     build_effect_table,
-    build_pivot,
     build_pivot_table,
-    effect_sizes,
     effect_summary,
     effect_table_rows,
     effect_to_json,
     format_percent,
     format_stat,
-    parse_effect,
     pivot_table_rows,
     pivot_to_csv,
     pivot_to_json,
     pivot_to_markdown,
     type_columns_only,
+)
+from jobs.analysis import (
+    CellStat,
+    Pivot,
+    PivotRow,
+    build_pivot,
+    effect_sizes,
+    parse_effect,
 )
 from jobs.errors import UsageError
 

@@ -20,6 +20,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from cli import render_analysis
 from cli.main import app
 from cli.render import (
     build_results_table,
@@ -27,7 +28,7 @@ from cli.render import (
     result_csv_rows,
     result_markdown,
 )
-from jobs import analysis, keys
+from jobs import keys
 from jobs.analysis import build_pivot, effect_sizes
 from jobs.codec import text
 from jobs.plots import build_loss_figure, build_pivot_figure, plot_loss_curves, plot_pivot
@@ -133,10 +134,10 @@ def test_results_tables_show_hostile_names_as_written(value: str) -> None:
     rows, runs = hostile_results(value)
     assert_shown_literally(build_results_table(value, rows), value)
     pivot = build_pivot(rows, runs)
-    assert_shown_literally(analysis.build_pivot_table(pivot, title=value), value)
-    assert_shown_literally(analysis.build_pivot_table(pivot, width=80), value)  # the narrow form too
+    assert_shown_literally(render_analysis.build_pivot_table(pivot, title=value), value)
+    assert_shown_literally(render_analysis.build_pivot_table(pivot, width=80), value)  # the narrow form too
     report = effect_sizes(rows, axis="model", a=value, b="tiny:bart")
-    assert_shown_literally(analysis.build_effect_table(report), value)
+    assert_shown_literally(render_analysis.build_effect_table(report), value)
 
 
 @pytest.mark.parametrize("value", HOSTILE.values(), ids=IDS)
@@ -144,13 +145,14 @@ def test_exports_carry_no_control_characters_and_markdown_no_html(value: str) ->
     rows, runs = hostile_results(value)
     pivot = build_pivot(rows, runs)
     report = effect_sizes(rows, axis="model", a=value, b="tiny:bart")
-    csv_text = "\n".join(",".join(row) for row in result_csv_rows(rows)) + analysis.pivot_to_csv(pivot)
-    markdown = result_markdown(rows) + analysis.pivot_to_markdown(pivot) + analysis.effect_to_markdown(report)
+    csv_text = "\n".join(",".join(row) for row in result_csv_rows(rows)) + render_analysis.pivot_to_csv(pivot)
+    markdown = (result_markdown(rows) + render_analysis.pivot_to_markdown(pivot)
+                + render_analysis.effect_to_markdown(report))
     for exported, shown in ((csv_text, escaped(value)), (markdown, html.escape(escaped(value), quote=False))):
         assert not CONTROL.findall(exported.replace("\n", ""))
         assert shown[:12] in exported
     assert "<script>" not in markdown  # a draft rendered as HTML runs no script
-    json.dumps(analysis.pivot_to_json(pivot))  # JSON escapes by itself
+    json.dumps(render_analysis.pivot_to_json(pivot))  # JSON escapes by itself
 
 
 # --- plots ---------------------------------------------------------------------------------------------------

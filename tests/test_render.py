@@ -243,7 +243,7 @@ def test_finished_grids_show_time_to_completion() -> None:
 
 
 def test_format_duration() -> None:
-    assert [format_duration(s) for s in (None, 0, 59, 61, 3600)] == ["—", "0s", "59s", "1m01s", "1h00m"]
+    assert [format_duration(s, compact=True) for s in (None, 0, 59, 61, 3600)] == ["—", "0s", "59s", "1m01s", "1h00m"]
 
 
 def test_dry_run_rows_list_each_run_with_its_stages(tmp_path, demo_data) -> None:  # type: ignore[no-untyped-def]
