@@ -20,9 +20,7 @@ import pytest
 from jobs import keys
 from jobs.codec import text
 from jobs.entry import LEASE_TTL_S
-from tests.helpers import write_grid
-from tests.test_fault_kill import checkpoint_step, orphanings, process_state, resumed_steps, running_training_stage
-from tests.test_faults import (
+from tests.helpers import (
     EVAL,
     TRAIN,
     Workers,
@@ -33,11 +31,11 @@ from tests.test_faults import (
     stage_log,
     stl,
     wait_for,
-    worker_pool,
+    write_grid,
 )
+from tests.test_fault_kill import checkpoint_step, orphanings, process_state, resumed_steps, running_training_stage
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     import redis
@@ -47,10 +45,6 @@ if TYPE_CHECKING:
 EVAL_TASKS = ["emotion_classification", "summarization"]
 FROZEN_TRAIN = {**TRAIN, "max_steps": 60, "checkpoint_every": 4}
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 def stage_snapshot(conn: redis.Redis, home: Path, stage_id: str) -> dict[str, Any]:

@@ -24,24 +24,22 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.codec import text
-from tests.helpers import newest_checkpoint
-from tests.test_faults import (
+from tests.helpers import (
     Workers,
     child_env,
     enqueue,
     grid_done,
     kill_horse,
+    newest_checkpoint,
     parent_pid,
     run_statuses,
     small_grid,
     stage_log,
     stl,
     wait_for,
-    worker_pool,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
 
     import redis
 
@@ -56,10 +54,6 @@ ORPHANED = "orphaned:"
 # Two training stages (MTL, then fine-tuning from it), each with a checkpoint every second step.
 KILL_TRAIN = {"max_steps": 40, "checkpoint_every": 2}
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 @dataclass

@@ -15,8 +15,7 @@ from jobs.grid import parse_grid
 from jobs.queueing import submit_runs
 from jobs.settings import load_settings
 from jobs.states import RunStatus, StageKind
-from tests.helpers import grid_dict, write_grid
-from tests.test_faults import wait_for
+from tests.helpers import grid_dict, wait_for, write_grid
 
 if TYPE_CHECKING:
     from collections.abc import Callable

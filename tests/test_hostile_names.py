@@ -33,7 +33,7 @@ from jobs.analysis import build_pivot, effect_sizes
 from jobs.codec import text
 from jobs.plots import build_loss_figure, build_pivot_figure, plot_loss_curves, plot_pivot
 from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
-from tests.test_faults import small_grid, stl
+from tests.helpers import small_grid, stl
 
 if TYPE_CHECKING:
     from pathlib import Path

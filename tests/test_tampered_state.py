@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from cli.main import app
 from jobs import keys
 from jobs.codec import text
-from tests.test_faults import (
+from tests.helpers import (
     Workers,
     child_env,
     grid_done,
@@ -27,11 +27,10 @@ from tests.test_faults import (
     stage_log,
     stl,
     wait_for,
-    worker_pool,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
     import redis
@@ -195,10 +194,6 @@ def test_every_command_names_a_damaged_key_in_one_line_and_shows_the_rest(
         if name == "logs" and not lost_its_subject:
             assert "finished in" in result.stdout, result.stdout
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 @pytest.mark.slow
