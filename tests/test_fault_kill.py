@@ -309,7 +309,7 @@ def test_a_checkpoint_damaged_while_its_stage_waited_falls_back_to_the_previous_
     sid, horse = wait_for(two_checkpoints, timeout=120, interval=0.02, what="training to pass two checkpoints",
                           diagnostics=workers.logs)
     first.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-    assert first.wait(timeout=10) == 0, workers.logs()
+    assert first.wait(timeout=30) == 0, workers.logs()
     wait_for(lambda: not Path(f"/proc/{horse}").exists(), timeout=5, what="the horse to exit")
     newest = newest_checkpoint(stl_env / "stages" / sid)
     assert newest is not None
@@ -324,7 +324,8 @@ def test_a_checkpoint_damaged_while_its_stage_waited_falls_back_to_the_previous_
     logs = stl("logs", run_id).stdout
     assert f"checkpoint/{newest.name} cannot be used: trainer.pt cannot be read" in logs, logs
     previous = resumed_steps(conn, sid)[-1]
-    assert 10 <= previous < saved, (previous, saved)
+    # At or before the damaged one: a stop that lands on a regular checkpoint's step saves a second one of it.
+    assert 10 <= previous <= saved, (previous, saved)
     assert f"falling back to the previous checkpoint, checkpoint/step-{previous:08d} (step {previous})" in logs
     assert f"resumed from step {previous}" in logs
 
