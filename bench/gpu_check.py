@@ -279,9 +279,10 @@ def check_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> 
 def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> str | None:
     import torch
 
+    from jobs.acceleration import cuda_graph_skips
     from jobs.data import DEMO_TRAIN_TASKS
     from jobs.specs import StageKind, StageSpec, TrainConfig
-    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession, cuda_graph_skips
+    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession
 
     def gradients(compile_mode: bool | Literal["reduce-overhead"]) -> tuple[torch.Tensor, bool]:
         """The step's gradients, and whether they came through CUDA graphs."""

@@ -77,7 +77,7 @@ def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool, cuda_graphs:
     if isinstance(rules, str):
         raise SystemExit(f"stl's loop can't decode this model: {rules}")
     if compiled:
-        from jobs.train import prepare_compile
+        from jobs.acceleration import prepare_compile
 
         prepare_compile(None, shapes=2)
     return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"},

@@ -22,23 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs import data as data_lib
-from jobs.decoding import GreedyDecoder, IdleHostWork, greedy_rules
-from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
-from jobs.models import (
-    bf16_autocast_supported,
-    encode_sources,
-    encode_targets,
-    is_seq2seq,
-    load_model_and_tokenizer,
-    max_positions,
-    pad_sequences,
-    tokenizer_fingerprint,
-)
-from jobs.rouge import RougeL
-from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
-from jobs.train import (
-    IGNORE_INDEX,
-    StepReport,
+from jobs.acceleration import (
     bucketed_length,
     caused_by_out_of_memory,
     compile_pays_on,
@@ -46,6 +30,21 @@ from jobs.train import (
     length_buckets,
     prepare_compile,
 )
+from jobs.decoding import GreedyDecoder, IdleHostWork, greedy_rules
+from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
+from jobs.model_inputs import IGNORE_INDEX, evaluation_length_limits
+from jobs.models import (
+    bf16_autocast_supported,
+    encode_sources,
+    encode_targets,
+    is_seq2seq,
+    load_model_and_tokenizer,
+    pad_sequences,
+    tokenizer_fingerprint,
+)
+from jobs.progress import StepReport
+from jobs.rouge import RougeL
+from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Sequence
@@ -212,11 +211,9 @@ class _Scorer:
         self.pad_id = int(self.tokenizer.pad_token_id)
         start_id = getattr(self.model.config, "decoder_start_token_id", None)
         self.decoder_start_id = self.pad_id if start_id is None else int(start_id)
-        limit = max_positions(self.model)
-        self.target_limit = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit // 2)
-        self.source_limit = settings.max_source_length
-        if limit is not None:
-            self.source_limit = min(self.source_limit, limit if self.seq2seq else limit - self.target_limit)
+        self.source_limit, self.target_limit = evaluation_length_limits(
+            self.model, settings.max_source_length, settings.max_new_tokens
+        )
         self.source_buckets = self._static_decoding_buckets() if settings.compile else None
         self.decoder: GreedyDecoder | None = None  # stl's decoding loop, set up by the first _generate
         self.generation_prepared = False

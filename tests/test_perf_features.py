@@ -15,29 +15,32 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from jobs.acceleration import (
+    bucketed_length,
+    length_buckets,
+    model_flops_utilization,
+    peak_flops,
+    use_compile_caches,
+)
 from jobs.data import DEMO_EVAL_TASKS
 from jobs.errors import StagePreempted
 from jobs.evaluate import EvalRun, evaluate
+from jobs.model_inputs import IGNORE_INDEX
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.train import (
-    IGNORE_INDEX,
-    StepReport,
     TrainOutcome,
     TrainRun,
     _OomInjection,
     _Plan,
     _TrainingSession,
-    bucketed_length,
-    length_buckets,
-    model_flops_utilization,
     own_gradients,
-    peak_flops,
-    use_compile_caches,
 )
 from tests.helpers import assert_bit_identical, run_training, saved_weights
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from jobs.progress import StepReport
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
-from jobs.train import OomRetry, StepReport, _ShapesSeen, _warmup_then_linear_decay
+from jobs.train import OomRetry, _ShapesSeen, _warmup_then_linear_decay
 from tests.helpers import (
     assert_bit_identical,
     newest_checkpoint,
@@ -25,6 +25,8 @@ from tests.helpers import (
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from jobs.progress import StepReport
 
 # Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
 torch.set_num_threads(1)
@@ -230,7 +232,7 @@ def test_an_out_of_memory_inside_compile_or_capture_halves_the_micro_batch(
 def test_only_out_of_memory_counts_as_out_of_memory() -> None:
     import torch
 
-    from jobs.train import caused_by_out_of_memory
+    from jobs.acceleration import caused_by_out_of_memory
 
     assert caused_by_out_of_memory(torch.OutOfMemoryError("plain"))
     assert caused_by_out_of_memory(out_of_memory_in_disguise("compile"))
