@@ -61,7 +61,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
 
 
-# The eval stage's log lines on how it decoded (jobs/evaluate.py): its own loop or `generate`, and under
+# The eval stage's log lines on how it decoded (jobs/generation.py): its own loop or `generate`, and under
 # eval.compile whether CUDA graphs replayed or the compiled step failed.
 DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
                   "the decoding step for", "the compiled decoding step failed",
