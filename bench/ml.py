@@ -71,7 +71,7 @@ DECODING_LINES = ("generation decodes greedily", "generation runs transformers'"
 def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool, cuda_graphs: bool = False) -> Any:
     """stl's decoding loop (jobs/decoding.py) for `model`: its step compiled as `eval.compile` compiles it,
     or recorded as a CUDA graph as an eval stage on a GPU records it, or eager."""
-    from jobs.decoding import GreedyDecoder, greedy_rules
+    from jobs.decoding import DecodingStep, GreedyDecoder, greedy_rules
 
     rules = greedy_rules(model, max_new_tokens=max_new_tokens, pad_id=PAD)
     if isinstance(rules, str):
@@ -80,8 +80,8 @@ def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool, cuda_graphs:
         from jobs.acceleration import prepare_compile
 
         prepare_compile(None, shapes=2)
-    return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"},
-                         cuda_graphs=cuda_graphs)
+    step = DecodingStep.COMPILED if compiled else DecodingStep.RECORDED if cuda_graphs else DecodingStep.EAGER
+    return GreedyDecoder(model, rules, step=step, compile_options={"mode": "reduce-overhead"})
 
 
 def quiet_transformers() -> None:

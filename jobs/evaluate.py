@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
 from jobs import data as data_lib
-from jobs.decoding import IdleHostWork
 from jobs.errors import DataError
 from jobs.eval_batches import EvalBatches
 from jobs.generation import Generator
@@ -34,6 +33,7 @@ from jobs.models import (
     load_model_and_tokenizer,
     tokenizer_fingerprint,
 )
+from jobs.prefetch import IdleHostWork
 from jobs.rank import RankClassifier
 from jobs.rouge import RougeL
 from jobs.specs import EvalConfig, StageKind, StageSpec, TaskType

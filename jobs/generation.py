@@ -23,7 +23,7 @@ from jobs.acceleration import (
     length_buckets,
     prepare_compile,
 )
-from jobs.decoding import GreedyDecoder, greedy_rules
+from jobs.decoding import DecodingStep, GreedyDecoder, greedy_rules
 from jobs.models import pad_sequences
 
 if TYPE_CHECKING:
@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     import torch
 
     from jobs.data import Example
-    from jobs.decoding import IdleHostWork
     from jobs.eval_batches import EvalBatches
     from jobs.evaluate import EvalModel, EvalRun
+    from jobs.prefetch import IdleHostWork
     from jobs.specs import EvalConfig
 
 
@@ -84,7 +84,7 @@ class Generator:
 
         with torch.inference_mode():
             self.batches.run(examples, positions, generate)
-        if self.decoder is not None and not self.decoder.compiled:
+        if self.decoder is not None and self.decoder.step is not DecodingStep.COMPILED:
             self.decoder.release()  # the memory goes back to classification; a compiled step keeps its shapes
         return [found[i] for i in positions]
 
@@ -158,21 +158,19 @@ class Generator:
         if isinstance(rules, str):
             self.cfg.log(f"generation runs transformers' generate, not stl's decoding loop: {rules}")
             return None
-        compiled = self.source_buckets is not None
-        # On a GPU the eager step is recorded as a CUDA graph per batch shape: no compile, and one launch
-        # per token instead of hundreds (the step's host work, not the GPU, set eager decoding's pace).
-        graphs = not compiled and records_decoding_graphs(self.device)
         # Batches come sorted by length, so a shape's batches follow one another; the second shape kept
         # covers a batch whose tokens sort it into the bucket before.
-        keep_shapes = len(self.source_buckets) if self.source_buckets is not None else 2 if graphs else 1
+        if self.source_buckets is not None:
+            step, keep_shapes = DecodingStep.COMPILED, len(self.source_buckets)
+        elif records_decoding_graphs(self.device):
+            # On a GPU the eager step is recorded as a CUDA graph per batch shape: no compile, and one launch
+            # per token instead of hundreds (the step's host work, not the GPU, set eager decoding's pace).
+            step, keep_shapes = DecodingStep.RECORDED, 2
+        else:
+            step, keep_shapes = DecodingStep.EAGER, 1
         try:
             decoder = GreedyDecoder(
-                self.model,
-                rules,
-                compile_step=compiled,
-                compile_options={"mode": "reduce-overhead"},
-                cuda_graphs=graphs,
-                keep_shapes=keep_shapes,
+                self.model, rules, step=step, compile_options={"mode": "reduce-overhead"}, keep_shapes=keep_shapes
             )
         except (ImportError, TypeError, AttributeError) as e:  # a transformers release without these caches
             self.cfg.log(f"generation runs transformers' generate, not stl's decoding loop: {e}")
@@ -180,11 +178,11 @@ class Generator:
         self.cfg.log(
             "generation decodes greedily in stl's own loop (the tokens of transformers' generate, without its "
             "per-token host work)"
-            + (", its step compiled by torch.compile (CUDA graphs)" if compiled else "")
+            + (", its step compiled by torch.compile (CUDA graphs)" if step is DecodingStep.COMPILED else "")
             + (
                 f", its step recorded as a CUDA graph once per batch shape: sources padded to "
                 f"{'/'.join(map(str, length_buckets(self.loaded.source_limit)))} tokens, batches to "
-                f"{self.batches.rows} rows" if graphs else ""
+                f"{self.batches.rows} rows" if step is DecodingStep.RECORDED else ""
             )
         )
         return decoder
@@ -197,7 +195,7 @@ class Generator:
         large cheap matrix product on a GPU."""
         if self.source_buckets is not None:
             return self.source_buckets
-        if self.decoder is not None and self.decoder.cuda_graphs:
+        if self.decoder is not None and self.decoder.step is DecodingStep.RECORDED:
             return length_buckets(self.loaded.source_limit)
         return None
 
@@ -220,9 +218,9 @@ class Generator:
                 raise
             failed, rules = self.decoder, self.decoder.rules
             failed.release()
-            if failed.compiled or failed.cuda_graphs:
+            if failed.step is not DecodingStep.EAGER:
                 what = "the compiled decoding step"
-                if not failed.compiled:
+                if failed.step is DecodingStep.RECORDED:
                     what = "recording the decoding step as a CUDA graph"
                 self.cfg.log(f"{what} failed ({_root_reason(e)}); decoding eagerly for the rest of the stage")
                 self.decoder = GreedyDecoder(self.model, rules)
@@ -232,7 +230,7 @@ class Generator:
             self.decoder = None
             return None
         # Only where the step after the first ran (with one new token it never does).
-        if (self.decoder.compiled or self.decoder.cuda_graphs) and self.decoder.rules.max_new_tokens > 1:
+        if self.decoder.step is not DecodingStep.EAGER and self.decoder.rules.max_new_tokens > 1:
             self._log_cuda_graphs(width, skips)
         return generated
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+from jobs.decoding import DecodingStep
 from jobs.errors import DataError, StageCanceled
 from jobs.evaluate import EvalRun, TaskMetrics, evaluate, make_rouge_scorer, rouge_l
 from jobs.rank import best_option, sequence_log_likelihoods
@@ -301,12 +302,12 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
 
     class TracedDecoder(decoding_module.GreedyDecoder):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            if kwargs.get("compile_step"):
+            if kwargs.get("step") is DecodingStep.COMPILED:
                 kwargs["compile_options"] = {"backend": "aot_eager"}
             super().__init__(*args, **kwargs)
 
         def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            calls.append(("loop", "compiled" if self.compiled else None, tuple(input_ids.shape)))
+            calls.append(("loop", "compiled" if self.step is DecodingStep.COMPILED else None, tuple(input_ids.shape)))
             return super().decode(input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer", load_input_sensitive_model)
@@ -355,7 +356,7 @@ def use_input_sensitive_models(monkeypatch: pytest.MonkeyPatch) -> None:
 def record_decoding_graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, *, without_decoder_mask: bool = False
                                   ) -> list[TapedOnCpu]:
     """Eval stages on the CPU record their decoding step as on a GPU, through tests/cuda_graphs_on_cpu.py;
-    returns every decoder they make (one without cuda_graphs is the eager loop, noting its shapes).
+    returns every decoder they make (one not RECORDED is the eager loop, noting its shapes).
     `without_decoder_mask`: BART's step then syncs, as it did before the loop passed it a decoder mask."""
     import jobs.generation as generation_module
 
@@ -398,7 +399,7 @@ def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_a
     lines: list[str] = []
     assert generation_predictions(data, tmp_path, lines, **settings) == reference
     [taped] = made  # no fallback to the eager loop
-    assert taped.cuda_graphs
+    assert taped.step is DecodingStep.RECORDED
     assert any("recorded as a CUDA graph once per batch shape: sources padded to 32/64/128/200 tokens, "
                "batches to 4 rows" in line for line in lines), lines
     assert sum(line.startswith("CUDA graphs in use") for line in lines) == 1, lines
@@ -422,7 +423,7 @@ def test_a_decoding_step_that_cannot_be_recorded_is_decoded_eagerly_with_the_rea
     lines: list[str] = []
     assert generation_predictions(data, tmp_path, lines, **settings) == reference
     taped, eager = made
-    assert taped.cuda_graphs and len(taped.shapes) == 1 and not eager.cuda_graphs
+    assert taped.step is DecodingStep.RECORDED and len(taped.shapes) == 1 and eager.step is DecodingStep.EAGER
     # The failed batch again, as it was padded; then the batches as long as their longest source.
     assert eager.shapes[0] == taped.shapes[0] and [rows for rows, _ in eager.shapes] == [4, 4, 2], eager.shapes
     [failed] = [line for line in lines if line.startswith("recording the decoding step as a CUDA graph failed")]
@@ -513,13 +514,13 @@ class _CompileOnCpu:
 
         class Decoder(decoding_module.GreedyDecoder):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
-                if kwargs.get("compile_step"):
+                if kwargs.get("step") is DecodingStep.COMPILED:
                     kwargs["compile_options"] = {"backend": backend}
                 super().__init__(*args, **kwargs)
 
             def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 shape = (int(input_ids.size(0)), int(input_ids.size(1)))
-                error = recorder.fail(shape) if self.compiled else None
+                error = recorder.fail(shape) if self.step is DecodingStep.COMPILED else None
                 if error is not None:
                     raise error
                 recorder.shapes.append(shape)
