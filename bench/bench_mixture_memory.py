@@ -32,7 +32,7 @@ tasks = sorted({json.loads(line)["task"] for line in open(sys.argv[4])})
 started = time.perf_counter()
 count = 0
 if mode == "mixture":
-    for example in islice(data.mixture(path, tasks, cap=500_000, seed=0), draws):
+    for example in islice(data.Mixture(path, tasks, cap=500_000, seed=0).stream(), draws):
         count += len(example.output) > -1
 elif mode == "list":
     rows = list(data.read_examples(path, tasks))

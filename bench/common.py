@@ -1,6 +1,6 @@
 """Shared helpers for the benchmarks in bench/: a private redis-server, interleaved timing, reporting.
 
-House rules (see BENCHMARKS.md): every figure is a RATIO against a reference measured in the same run,
+House rules (see docs/performance.md): every figure is a RATIO against a reference measured in the same run,
 with the two sides interleaved (A B A B ...) because the machine is noisy; absolute times are only
 indicative unless they come from a GPU machine. Benchmarks never touch the machine's Redis on 6379:
 `private_redis()` starts a redis-server of their own on a free port in a temp dir and stops it.

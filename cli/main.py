@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from jobs.errors import GridError, NoResults, StlError, UsageError
+from jobs.codec import printable
+from jobs.errors import DamagedRecord, GridError, NoResults, StlError, UsageError
 from jobs.settings import DEFAULT_MAX_RUNS
 from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
@@ -55,13 +56,13 @@ class _OneLineUsageErrors(TyperGroup):
             command = context.command_path if context is not None else "stl"
             # Newer typers check values with pydantic, whose wording leaks through: "Value error, 'x' is not ..."
             message = _one_line(e.format_message()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
-            typer.echo(f"{command}: {message} (see `{command} --help`)", err=True)
+            _echo(f"{command}: {message} (see `{command} --help`)", err=True)
             sys.exit(2)
         except _click_exceptions("ClickException") as e:  # a file click itself could not open, say
-            typer.echo(f"stl: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
+            _echo(f"stl: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
             sys.exit(1)
         except (*_click_exceptions("Abort"), typer.Abort):  # type: ignore[misc]  # Ctrl+C or Ctrl+D at a prompt
-            typer.echo("stl: aborted", err=True)
+            _echo("stl: aborted", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -83,9 +84,9 @@ def _print_version(value: bool) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            typer.echo(f"stl {version('stl')}")
+            _echo(f"stl {version('stl')}")
         except PackageNotFoundError:
-            typer.echo("stl (not installed as a package; run `make venv`)")
+            _echo("stl (not installed as a package; run `make venv`)")
         raise typer.Exit
 
 
@@ -99,11 +100,15 @@ def main(
 
 @contextmanager
 def handled() -> Iterator[None]:
-    """Domain errors become one clear line on stderr and an exit code; never a traceback."""
+    """Domain errors become one clear line on stderr and an exit code; never a traceback. A record in Redis that
+    is not what stl writes is said in one line too, and the command goes on without it."""
     import redis
 
+    from jobs.records import damaged_records_reported
+
     try:
-        yield
+        with damaged_records_reported(lambda line: _echo(f"stl: {line}", err=True)):
+            yield
         sys.stdout.flush()  # here, so that a reader gone away is met inside this block
     except BrokenPipeError:
         # The reader stopped early (`stl results --rows | head`): stop quietly, as a pipe's writer does.
@@ -111,19 +116,23 @@ def handled() -> Iterator[None]:
         raise typer.Exit(141) from None
     except GridError as e:
         for line in e.problems:
-            typer.echo(_one_line(line), err=True)
+            _echo(_one_line(line), err=True)
         raise typer.Exit(e.exit_code) from None
     except StlError as e:
-        typer.echo(f"stl: {_one_line(str(e))}", err=True)
+        _echo(f"stl: {_one_line(str(e))}", err=True)
         raise typer.Exit(e.exit_code) from None
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        typer.echo(f"stl: lost the connection to Redis ({e}); check that it is running and try again", err=True)
+        _echo(f"stl: lost the connection to Redis ({e}); check that it is running and try again", err=True)
+        raise typer.Exit(1) from None
+    except redis.ResponseError as e:  # a key of stl's holds another type than stl writes there
+        _echo(f"stl: Redis refused a read ({_one_line(str(e))}): a key of stl's holds a value stl did not write",
+              err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
     except OSError as e:  # a file or folder the command was pointed at; the sites that know which say so first
         where = f" {e.filename}" if e.filename else ""
-        typer.echo(f"stl: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
+        _echo(f"stl: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
         raise typer.Exit(2) from None
 
 
@@ -136,6 +145,12 @@ def _discard_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError):  # stdout is no file (under a test's capture): nothing to flush at exit
         pass
+
+
+def _echo(message: str, *, err: bool = False) -> None:
+    """Print a line of stl's: the names, paths and errors it quotes were written by others (a grid file,
+    Redis), so their control characters are shown as escapes, never sent to the terminal."""
+    typer.echo(printable(message, keep="\n\t"), err=err)
 
 
 def _one_line(message: str) -> str:
@@ -248,14 +263,14 @@ def enqueue(
         if replace:
             dropped = drop_runs(conn, changed_runs(conn, expanded), user=who, force=force)
             if dropped.dropped:
-                typer.echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+                _echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
             if dropped.kept:
-                typer.echo(kept_runs_message(expanded.grid.name, dropped.kept))
+                _echo(kept_runs_message(expanded.grid.name, dropped.kept))
         else:
             check_grid_unchanged(conn, expanded, user=None if force else who)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout, owner_only=not force)
-        typer.echo(enqueue_message(report, who, priority))
+        _echo(enqueue_message(report, who, priority))
 
 
 def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
@@ -263,9 +278,9 @@ def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str
     from jobs.queueing import split_by_owner
 
     mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
-    typer.echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
+    _echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
     if others:
-        typer.echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
+        _echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
 
 
 @app.command()
@@ -317,7 +332,8 @@ def _live_status(console: Console, view: Callable[[], RenderableType], interval:
         try:
             return view()
         except (redis.ConnectionError, redis.TimeoutError) as e:
-            return Text(f"Redis is unreachable ({e}); retrying every {interval:g} s… Ctrl+C to quit", style="red")
+            return Text(printable(f"Redis is unreachable ({e}); retrying every {interval:g} s… Ctrl+C to quit"),
+                        style="red")
 
     if not console.is_terminal:  # piped (`stl status | tee log`): Live would show nothing until exit
         while True:
@@ -345,6 +361,7 @@ def results(
              "Applies to the pivot, --effect, exports and plots.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
+    from cli import render_analysis
     from cli.render import results_notes, why_no_results
     from jobs import analysis
     from jobs.records import list_runs, result_rows
@@ -381,7 +398,7 @@ def results(
                          if analysis.filter_where([{"grid": run.grid, "cell": run.cell}], kept)]
         if rows and not as_json:
             for note in results_notes(grid_runs):  # on stderr: --csv output stays clean
-                typer.echo(f"stl: {note}", err=True)
+                _echo(f"stl: {note}", err=True)
             _print_rows(grids, all_rows, as_csv=as_csv, as_markdown=as_markdown)
             return
         pivot = analysis.build_pivot(all_rows, run_summaries, by=by_axes)
@@ -390,26 +407,26 @@ def results(
             axis, a, b = analysis.parse_effect(effect, all_rows)
             report = analysis.effect_sizes(all_rows, axis=axis, a=a, b=b)
         for note in results_notes(grid_runs):  # after the options are known good: one line for a bad one
-            typer.echo(f"stl: {note}", err=True)
+            _echo(f"stl: {note}", err=True)
         if plot is not None:
             from jobs.plots import plot_pivot
 
             written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
-            typer.echo(f"stl: wrote {written}", err=True)
+            _echo(f"stl: wrote {written}", err=True)
         if as_json:
             clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value", "metrics") if k in r}
                      for r in all_rows]
             payload = {"grid": grids[0] if len(grids) == 1 else grids, "rows": clean,
-                       "pivot": analysis.pivot_to_json(pivot)}
+                       "pivot": render_analysis.pivot_to_json(pivot)}
             if report is not None:
-                payload["effect"] = analysis.effect_to_json(report)
+                payload["effect"] = render_analysis.effect_to_json(report)
             _print_json(payload)
         elif as_csv:
-            sys.stdout.write(analysis.pivot_to_csv(pivot))
+            sys.stdout.write(render_analysis.pivot_to_csv(pivot))
         elif as_markdown:
-            sys.stdout.write(analysis.pivot_to_markdown(pivot))
+            sys.stdout.write(render_analysis.pivot_to_markdown(pivot))
             if report is not None:
-                sys.stdout.write("\n" + analysis.effect_to_markdown(report))
+                sys.stdout.write("\n" + render_analysis.effect_to_markdown(report))
         else:
             from rich.console import Console
 
@@ -417,9 +434,9 @@ def results(
             width: int | None = console.width
             if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
                 console, width = Console(width=200), None
-            console.print(analysis.build_pivot_table(pivot, width=width))
+            console.print(render_analysis.build_pivot_table(pivot, width=width))
             if report is not None:
-                console.print(analysis.build_effect_table(report))
+                console.print(render_analysis.build_effect_table(report))
 
 
 def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool, as_markdown: bool) -> None:
@@ -460,18 +477,18 @@ def logs(
         (run_id,) = resolve_run_ids(conn, [run])
         lines, positions = run_log(conn, run_id)
         for line in lines:
-            typer.echo(line)
+            _echo(line)
         if not lines:  # an empty answer is not a log: say why there is none
             status = run_status(conn, run_id)
             why = {"queued": "none of its stages has started yet (`stl status` shows the queue)",
                    "canceled": "it was canceled before any of its stages started"}.get(status, f"it is {status}")
-            typer.echo(f"stl: run {run_id} has logged nothing: {why}", err=True)
+            _echo(f"stl: run {run_id} has logged nothing: {why}", err=True)
         while follow:
             done = run_status(conn, run_id) in ("finished", "failed", "canceled")
             time.sleep(1.0)
             lines, positions = run_log(conn, run_id, start=positions)
             for line in lines:
-                typer.echo(line)
+                _echo(line)
             if done and not lines:
                 break
 
@@ -496,18 +513,15 @@ def cancel(
         who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
         canceled, already, foreign = cancel_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
-        typer.echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
-                   + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
-                      if foreign else ""))
+        _echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
+              + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
+                 if foreign else ""))
 
 
 @app.command()
 def retry(
     runs: Annotated[list[str] | None, RUN_IDS] = None,
     grid: Annotated[str | None, typer.Option(help="Retry every failed or canceled run of this grid.")] = None,
-    failed: Annotated[bool, typer.Option(
-        "--failed", hidden=True, help="Accepted for old scripts: retry only ever re-queues failed and canceled runs.")
-    ] = False,
     force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
 ) -> None:
     """Queue failed or canceled runs again; stages that already finished are not redone."""
@@ -515,7 +529,6 @@ def retry(
     from jobs.records import check_run_id, resolve_run_ids
 
     with handled():
-        del failed  # the only kind of run retry takes
         if bool(runs) == bool(grid):
             raise UsageError("give run ids or --grid G, not both and not neither")
         for run_id in runs or []:
@@ -525,8 +538,8 @@ def retry(
         who = _queue_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
         requeued, skipped, foreign = retry_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
-        typer.echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
-                   + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
+        _echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
+              + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
 
 @app.command()
@@ -578,7 +591,7 @@ def demo(
         settings = _settings(own_redis=True)
         grid_name = parse_grid(grid_file).grid.name  # a bad grid is refused before any server starts
         code = run_demo(grid_file.resolve(), grid_name, settings,
-                        say=lambda line: typer.echo(f"stl demo: {line}", err=True))
+                        say=lambda line: _echo(f"stl demo: {line}", err=True))
     raise typer.Exit(code)
 
 
@@ -588,7 +601,7 @@ def plot_curves(
     out: Annotated[Path, typer.Option(help="The image to write: .png, .svg or .pdf.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
-    from cli.render import format_cell
+    from jobs.axes import format_cell
     from jobs.plots import plot_loss_curves
     from jobs.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
 
@@ -599,19 +612,23 @@ def plot_curves(
         conn = _connect(settings)
         curves, stage_names = {}, {}
         for run_id in resolve_run_ids(conn, runs):
-            points, names = loss_curve(conn, run_id)
-            cell = run_cell(conn, run_id)
+            try:
+                points, names = loss_curve(conn, run_id)
+                cell = run_cell(conn, run_id)
+            except DamagedRecord as e:  # said, and the other runs are drawn
+                _echo(f"stl: {e}; run {run_id} is left out", err=True)
+                continue
             if not points:
                 trains = cell.get("mtl", "none") != "none" or cell.get("shots", 0)
                 why = (f"none of its training stages has logged a step yet (it is {run_status(conn, run_id)})"
                        if trains else "it trains nothing: zero-shot with no MTL")
-                typer.echo(f"stl: run {run_id} has no training-loss curve: {why}", err=True)
+                _echo(f"stl: run {run_id} has no training-loss curve: {why}", err=True)
                 continue
             label = f"{run_id[:8]} {format_cell(cell)}"
             curves[label], stage_names[label] = points, names
         if not curves:
             raise UsageError("none of these runs has a training-loss curve")
-        typer.echo(f"stl: wrote {plot_loss_curves(curves, out, stage_names=stage_names)}", err=True)
+        _echo(f"stl: wrote {plot_loss_curves(curves, out, stage_names=stage_names)}", err=True)
 
 
 @app.command()
@@ -654,13 +671,13 @@ def disk(
             report = disk_lib.prune_stage_models(conn, settings, prune, user=_queue_user(conn, settings),
                                                  dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
-                typer.echo(line)
+                _echo(line)
             return
         if settings.home.exists() and not settings.home.is_dir():
             raise UsageError(f"STL_HOME {settings.home} is a file, not a folder; point STL_HOME at a folder")
         if not settings.home.is_dir():  # a typo in STL_HOME would otherwise read as an empty home
-            typer.echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
-                       "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
+            _echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
+                  "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
             return
         if not clear_caches:
             from jobs.store import read_store
@@ -671,8 +688,8 @@ def disk(
         running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)
         freed = sum(usage.bytes for usage in removed)
-        typer.echo(f"cleared {settings.cache_dir}: {format_bytes(freed)} in "
-                   f"{sum(usage.files for usage in removed)} file(s)")
+        _echo(f"cleared {settings.cache_dir}: {format_bytes(freed)} in "
+              f"{sum(usage.files for usage in removed)} file(s)")
 
 
 @data_app.command("demo")
@@ -687,7 +704,7 @@ def data_demo(
         if not directory.strip():  # Path("") is the current folder: a blank is a slip, not a choice
             raise UsageError("DIR is blank; name the folder to write the demo dataset into (. for this one)")
         path = write_demo_dataset(Path(directory))
-        typer.echo(f"wrote {path} (synthetic demo data generated by stl, not InstructDial)")
+        _echo(f"wrote {path} (synthetic demo data generated by stl, not InstructDial)")
 
 
 if __name__ == "__main__":

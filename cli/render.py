@@ -9,8 +9,13 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Group
 from rich.markup import escape
 from rich.progress_bar import ProgressBar
-from rich.table import Table
 from rich.text import Text
+
+from jobs.axes import format_cell
+from jobs.codec import printable
+from jobs.display import LiteralTable as Table  # every table shows its strings as written, never as markup
+from jobs.display import literal
+from jobs.humanize import format_duration
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -26,45 +31,6 @@ if TYPE_CHECKING:
 
 STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
-
-
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    seconds = max(0, int(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    if minutes:
-        return f"{minutes}m{secs:02d}s"
-    return f"{secs}s"
-
-
-def format_axes(values: dict[str, Any]) -> str:
-    """`model=tiny:bart instructions=true`: booleans spelled as YAML spells them, as in the grid file."""
-    return " ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items())
-
-
-def format_cell(cell: dict[str, Any]) -> str:
-    return format_axes({k: v for k, v in cell.items() if k != "seed"}) + f" seed={cell.get('seed', '?')}"
-
-
-def format_cell_short(cell: dict[str, Any]) -> str:
-    """A grid cell in few characters, for the live table: `tiny:bart mtl=in-domain no-instr 8-shot seed 1`."""
-    parts = []
-    for key, value in cell.items():
-        if key == "model":
-            parts.append(str(value))
-        elif key == "instructions":
-            parts.append("instr" if value else "no-instr")
-        elif key == "shots":
-            parts.append(f"{value}-shot")
-        elif key == "seed":
-            parts.append(f"seed {value}")
-        else:
-            parts.append(f"{key}={value}")
-    return " ".join(parts)
 
 
 def summary_rows(counts: dict[tuple[str, str, str], int], key: str) -> list[list[str]]:
@@ -99,12 +65,12 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
             continue
         step = f"{run.step}/{run.total}" if run.total else "—"
         rows.append({
-            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell_short(run.cell),
+            "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell(run.cell, short=True),
             "stage": run.stage or "—", "progress": run.progress, "step": step,
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
             "speed": (f"{run.samples_per_s:.1f} ex/s" if run.samples_per_s else "—")
             + (f" MFU {run.mfu:.0%}" if run.mfu is not None else ""),
-            "elapsed": format_duration(run.elapsed_s), "eta": format_duration(run.eta_s),
+            "elapsed": format_duration(run.elapsed_s, compact=True), "eta": format_duration(run.eta_s, compact=True),
         })
     return rows
 
@@ -143,7 +109,7 @@ def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
 
 def _fits(table: Table) -> int:
     """Columns `table` needs to print without squeezing a cell."""
-    from jobs.analysis import table_width  # only when runs are running: status starts without it
+    from cli.render_analysis import table_width  # only when runs are running: status starts without it
 
     return table_width(table)
 
@@ -179,7 +145,7 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
             mem = (f"{(w.gpu_mem_used_mb or 0) / 1024:.1f}/{(w.gpu_mem_total_mb or 0) / 1024:.1f} GiB"
                    if w.gpu_mem_total_mb else "?")
             gpu = f"{w.gpu} {util} {mem}"
-        seen = format_duration(time.time() - w.last_seen) + " ago" if w.last_seen else "—"
+        seen = format_duration(time.time() - w.last_seen, compact=True) + " ago" if w.last_seen else "—"
         disk = "?" if w.disk_free_bytes is None else format_bytes(int(w.disk_free_bytes)) + " free"
         rows.append([w.name, w.host, gpu, w.state, w.stage[:12] or "—", seen, disk])
     return rows
@@ -202,8 +168,8 @@ def build_workers_table(workers: list[WorkerRow], store: Store | None = None) ->
         table.add_column(name)
     rows = worker_rows(workers)
     for worker, row in zip(workers, rows, strict=True):
-        state = Text(row[3], style="bold red" if worker.paused else "")
-        table.add_row(*row[:3], state, *row[4:-1], Text(row[-1], style="bold red" if worker.disk_low else ""))
+        state = literal(row[3], style="bold red" if worker.paused else "")
+        table.add_row(*row[:3], state, *row[4:-1], literal(row[-1], style="bold red" if worker.disk_low else ""))
     if not rows:
         table.add_row("—", "", "", "no worker running: start one with `stl worker`", "", "", "")
     return table
@@ -228,7 +194,7 @@ def failed_rows(runs: list[RunRow]) -> list[list[str]]:
     rows = []
     for run in runs:
         ended = time.strftime("%m-%d %H:%M", time.localtime(run.ended_at)) if run.ended_at else "—"
-        rows.append([run.id[:10], run.grid, format_cell_short(run.cell), ended, short_error(run.error) or "—"])
+        rows.append([run.id[:10], run.grid, format_cell(run.cell, short=True), ended, short_error(run.error) or "—"])
     return rows
 
 
@@ -258,7 +224,7 @@ def finished_grid_rows(grids: list[GridRow]) -> list[list[str]]:
         took = (g.ended_at - g.created_at) if g.ended_at and g.created_at else None
         ended = time.strftime("%Y-%m-%d %H:%M", time.localtime(g.ended_at)) if g.ended_at else "—"
         rows.append([g.grid, str(g.counts.get("finished", 0)), str(g.counts.get("failed", 0)),
-                     str(g.counts.get("canceled", 0)), ended, format_duration(took)])
+                     str(g.counts.get("canceled", 0)), ended, format_duration(took, compact=True)])
     return rows
 
 
@@ -368,25 +334,25 @@ def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     out = [["grid", "run", *axes, "task", "task_type", "metric", "value"]]
     out += [[r["grid"], r["run"], *(value(r["cell"].get(a)) for a in axes), r["task"], r["task_type"],
              r["metric"], repr(float(r["value"]))] for r in rows]
-    return out
+    return [[printable(cell) for cell in row] for row in out]  # a terminal or a spreadsheet gets no ESC
 
 
 def result_markdown(rows: list[dict[str, Any]]) -> str:
     """`--rows --markdown`: the `--rows --csv` table as a pipe table, values to 4 places, for a draft."""
-    from jobs.analysis import markdown_table
+    from cli.render_analysis import markdown_table
 
     header, *body = result_csv_rows(rows)
     return markdown_table(header, [[*row[:-1], f"{float(row[-1]):.4f}"] for row in body], len(header) - 1)
 
 
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
-    from jobs.analysis import constant_axes
+    from cli.render_analysis import constant_axes
 
     constant = constant_axes([r["cell"] for r in rows])
     constant.pop("seed", None)
     title = f"Results of {grid}"
     if constant:
-        title += ": " + format_axes(constant)
+        title += ": " + format_cell(constant)
     table = Table(title=title, title_justify="left")
     for name in ("run", "cell", "task", "type", "metric"):
         table.add_column(name, overflow="fold")

@@ -69,8 +69,12 @@ class Checkpoint:
 class CheckpointStore:
     """The checkpoints of one training stage (see the module's docstring)."""
 
-    def __init__(self, workdir: Path, stage_id: str, log: Callable[[str], None]) -> None:
+    def __init__(self, workdir: Path, stage_id: str, log: Callable[[str], None], *,
+                 fence: Callable[[], None] = lambda: None) -> None:
         self.workdir, self.stage_id, self.log = workdir, stage_id, log
+        # Raises once another work horse took the stage over (jobs.fence): checked before this horse deletes or
+        # commits a checkpoint, so a horse that wakes up past its lease never touches the newer horse's.
+        self.fence = fence
         self.root = workdir / CHECKPOINT_DIR
         # The newest complete checkpoint (loaded, or written since) and its step. Only its folder: holding its
         # tensors would keep a dropped optimizer's memory alive through an out-of-memory retry.
@@ -125,6 +129,7 @@ class CheckpointStore:
         import torch
         from safetensors.torch import save_model as save_weights
 
+        self.fence()
         self._drop_all_but(self.kept)
         final, version = self.root / f"step-{step:08d}", 1
         while final.exists():  # the kept one is of this step too (a stop right after resuming): it stays too
@@ -138,6 +143,7 @@ class CheckpointStore:
             torch.save(trainer, temporary / TRAINER_FILE)
             (temporary / STATE_FILE).write_text(json.dumps(state))
             fsync_tree(temporary)
+            self.fence()
             os.replace(temporary, final)  # the commit: from here on this is the newest checkpoint
             fsync_directory(self.root)
         self.kept = (final, step)

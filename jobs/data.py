@@ -638,14 +638,6 @@ class Mixture:
         return self._store.rows(islice(_mixture_keys(self._pools, self._seed), start, None))
 
 
-def mixture(source: str, tasks: Iterable[str], *, cap: int, seed: int, start: int = 0) -> Iterator[Example]:
-    """An endless, deterministic stream mixing `tasks` examples-proportionally with a per-task cap.
-
-    See `Mixture` for how it streams; `start` skips that many draws cheaply (for resuming).
-    """
-    return Mixture(source, tasks, cap=cap, seed=seed).stream(start)
-
-
 def _mixture_keys(pools: dict[str, array[int]], seed: int) -> Iterator[int]:
     names = list(pools)
     cumulative = list(accumulate(len(pools[task]) for task in names))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from jobs import keys
+from jobs.axes import AXES, EVERY_STAGE, stage_value
 from jobs.codec import text
 from jobs.errors import StagesRunning, StlError, UsageError
 from jobs.layout import DONE_FILE, MODEL_DIR, PRUNED_FILE, SPEC_FILE
@@ -153,18 +154,18 @@ def _describe_stage(stage_dir: Path) -> tuple[str, str]:
     except (OSError, ValueError, KeyError, TypeError):
         return "", ""
     tasks = spec.get("tasks") or []
-    about = [str(spec.get("model", "")), tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks"]
-    if spec.get("shots"):
-        about.append(f"{spec['shots']}-shot")
+    # Each axis's value in the words of jobs/axes.py ("" says nothing): the model and shots lead, the rest end.
+    words = {axis.name: axis.described(stage_value(spec, axis.stage_field)) for axis in AXES
+             if axis.stage_field and (axis.stage_kinds == EVERY_STAGE or kind in axis.stage_kinds)}
+    about = [words.pop("model"), tasks[0] if len(tasks) == 1 else f"{len(tasks)} tasks"]
+    details = [words.pop("shots")]
     train = spec.get("train")
     if isinstance(train, dict) and train.get("max_steps"):
-        about.append(f"{train['max_steps']} steps")  # tells apart models that differ only in training
+        details.append(f"{train['max_steps']} steps")  # tells apart models that differ only in training
     if kind == "finetune":
-        about.append(f"from MTL stage {spec['parent'][:8]}" if spec.get("parent") else "from the base model")
-    if spec.get("instructions") is False:
-        about.append("no instructions")
-    about.append(f"seed {spec.get('seed', '?')}")
-    return kind, " ".join(about)
+        details.append(f"from MTL stage {spec['parent'][:8]}" if spec.get("parent") else "from the base model")
+    details += words.values()
+    return kind, " ".join([*about, *filter(None, details)])
 
 
 def disk_usage(settings: Settings) -> list[DiskUsage]:

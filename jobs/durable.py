@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from jobs.disk import free_space
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 # What libraries say when a write fails without an errno: torch's zip writer (PyTorchStreamWriter, with the
 # C++ stream's "basic_ios::clear: iostream error" as its context), or an errno worded in the text by Rust.
@@ -152,9 +152,10 @@ def fsync_tree(directory: Path) -> None:
         fsync_directory(folder)
 
 
-def write_atomically(path: Path, data: str | bytes) -> None:
+def write_atomically(path: Path, data: str | bytes, *, before_commit: Callable[[], None] | None = None) -> None:
     """Replace `path` by `data` through a file aside, fsync'd, then the folder fsync'd: a crash leaves the old
-    file or the new one, never a torn one; a full disk leaves no file aside."""
+    file or the new one, never a torn one; a full disk leaves no file aside. `before_commit` runs just before the
+    replace and may refuse it by raising (a stale work horse: jobs.fence); the file aside is then removed."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = data.encode() if isinstance(data, str) else data
     with saving(path, temporary, needed=len(payload)):
@@ -162,5 +163,7 @@ def write_atomically(path: Path, data: str | bytes) -> None:
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())
+        if before_commit is not None:
+            before_commit()
         os.replace(temporary, path)
         fsync_directory(path.parent)

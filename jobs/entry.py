@@ -22,6 +22,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.durable import needed_bytes, write_atomically
 from jobs.errors import (
+    DamagedRecord,
     ForeignJob,
     MachineFault,
     ModelError,
@@ -33,6 +34,7 @@ from jobs.errors import (
 )
 from jobs.fairshare import charge_usage
 from jobs.faults import parse_faults
+from jobs.fence import StageFence, generation_is_current
 from jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from jobs.layout import LOG_FILE, SPEC_FILE
 from jobs.runstate import finish_stage_records, start_stage_record, update_runs_if
@@ -54,24 +56,41 @@ PROGRESS_EVERY_S = 2.0
 LOG_PROGRESS_EVERY_S = 30.0  # a progress line in the stage log (`stl logs -f`), beside the status table's
 FLAGS_EVERY_S = 0.2  # a cancel or SIGTERM is read at most this often (one HMGET), between steps or batches
 LOG_LINES_KEPT = 5000
-# Taking the lease and joining the running set is one step: a horse killed in between would leave a
-# stage that no reaper looks at.
+# Taking the lease, joining the running set and counting one more take of the stage (its generation, the
+# horse's fencing token: jobs.fence) are one step: a horse killed in between would leave a stage that no
+# reaper looks at. KEYS: the lease, the running set, the generation. Returns the token, or 0 (held).
 _ACQUIRE_LEASE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
   redis.call('SADD', KEYS[2], ARGV[3])
-  return 1
+  return redis.call('INCR', KEYS[3])
 end
 return 0
 """
-# Renew the lease only while we still hold it (after a Redis restart it may have expired, and a reaper
-# may have taken the stage out of the running set: both are put back).
+# Renew the lease only while no other horse took the stage since (its generation is past our token) and we
+# still hold it. After a Redis restart it may have expired, a reaper may have taken the stage out of the
+# running set, and the take itself may be lost (the generation below our token): all are put back. KEYS: the
+# lease, the running set, the generation, the stage hash. ARGV: holder, TTL, stage id, token, now.
 _RENEW_LEASE = """
+local generation, token = tonumber(redis.call('GET', KEYS[3]) or '0') or 0, tonumber(ARGV[4])
+if generation > token then return 0 end
 local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
-if not holder then
+if holder == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+elseif not holder then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
   redis.call('SADD', KEYS[2], ARGV[3])
-  return 1
+else
+  return 0
+end
+if generation < token then redis.call('SET', KEYS[3], token) end
+redis.call('HSET', KEYS[4], 'heartbeat', ARGV[5])
+return 1
+"""
+# Give the lease up only if it is ours, and ours to give: a stale horse leaves a newer one's lease alone.
+_RELEASE_LEASE = """
+local generation = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if redis.call('GET', KEYS[1]) == ARGV[1] and generation <= tonumber(ARGV[2]) then
+  return redis.call('DEL', KEYS[1])
 end
 return 0
 """
@@ -84,31 +103,46 @@ PARENT_LOOKS = 3  # a parent that finishes just as its child looks for its model
 
 
 class StageLease:
-    """Exactly one process works on a stage: the lease is held and refreshed by a heartbeat."""
+    """Exactly one process works on a stage: the lease is held and refreshed by a heartbeat, and every write
+    of the stage is fenced with the token its take got (`fence`)."""
 
     def __init__(self, conn: redis.Redis, stage_id: str, holder: str) -> None:
         self.conn = conn
         self.stage_id = stage_id
         self.holder = holder
         self.key = keys.stage_lease(stage_id)
+        self.fence = StageFence(conn, stage_id, 0)  # the real token once acquired
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost = False
 
     def acquire(self) -> bool:
-        return bool(self.conn.eval(_ACQUIRE_LEASE, 2, self.key, keys.RUNNING_STAGES, self.holder, LEASE_TTL_S,
-                                   self.stage_id))
+        token = int(self.conn.eval(_ACQUIRE_LEASE, 3, self.key, keys.RUNNING_STAGES, self.fence.key, self.holder,
+                                   LEASE_TTL_S, self.stage_id))
+        if token:
+            self.fence = StageFence(self.conn, self.stage_id, token)
+        return bool(token)
+
+    def taken_over(self) -> bool:
+        """Whether another horse took the stage since this one did (Redis away: not known to be)."""
+        if self.lost:
+            return True
+        try:
+            self.lost = not self.fence.is_current()
+        except redis.RedisError:
+            return False
+        return self.lost
 
     def start_heartbeat(self) -> None:
         def beat() -> None:
             while not self._stop.wait(HEARTBEAT_EVERY_S):
                 try:
-                    if not self.conn.eval(_RENEW_LEASE, 2, self.key, keys.RUNNING_STAGES, self.holder,
-                                          LEASE_TTL_S, self.stage_id):
-                        # Someone else holds the stage now: stop without touching its records.
+                    if not self.conn.eval(_RENEW_LEASE, 4, self.key, keys.RUNNING_STAGES, self.fence.key,
+                                          keys.stage(self.stage_id), self.holder, LEASE_TTL_S, self.stage_id,
+                                          self.fence.token, time.time()):
+                        # Someone else holds or took the stage: stop without touching its records.
                         self.lost = True
                         return
-                    self.conn.hset(keys.stage(self.stage_id), "heartbeat", time.time())
                 except redis.RedisError:
                     pass  # Redis is away; training goes on and the lease is renewed when it is back
         self._thread = threading.Thread(target=beat, name="stl-heartbeat", daemon=True)
@@ -118,11 +152,8 @@ class StageLease:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
-        try:
-            if text(self.conn.get(self.key)) == self.holder:
-                self.conn.delete(self.key)
-        except redis.RedisError:
-            pass
+        with contextlib.suppress(redis.RedisError):
+            self.conn.eval(_RELEASE_LEASE, 2, self.key, self.fence.key, self.holder, self.fence.token)
 
 
 class StageReporter:
@@ -146,19 +177,23 @@ class StageReporter:
         self._flag: str | None = None
 
     def log(self, line: str) -> None:
+        """A line in the stage's log, in Redis and in its folder; none from a horse another one took over from."""
         stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
+        if self.lease.lost:
+            return
+        try:
+            self.lease.fence.write(lambda pipe: (pipe.rpush(keys.stage_log(self.stage_id), stamped),
+                                                 pipe.ltrim(keys.stage_log(self.stage_id), -LOG_LINES_KEPT, -1)))
+        except StageLeaseLost:
+            self.lease.lost = True
+            return
+        except redis.RedisError:
+            pass  # the file keeps it
         try:
             with self.log_file.open("a") as f:
                 f.write(stamped + "\n")
         except OSError:
             pass  # a full disk or a missing folder: Redis keeps the line
-        try:
-            pipe = self.conn.pipeline(transaction=False)
-            pipe.rpush(keys.stage_log(self.stage_id), stamped)
-            pipe.ltrim(keys.stage_log(self.stage_id), -LOG_LINES_KEPT, -1)
-            pipe.execute()
-        except redis.RedisError:
-            pass  # the file keeps it
 
     def _eta_s(self, report: StepReport) -> float | None:
         """Seconds left in this phase at the pace since the first report of this attempt; None until then."""
@@ -178,20 +213,20 @@ class StageReporter:
         last = report.step >= report.total
         training = report.phase == "train"
         has_loss = training and report.loss == report.loss  # evaluation reports progress with a NaN loss
-        try:
-            pipe = self.conn.pipeline(transaction=False)
-            if training:
-                # The loss curve (`stl plot`) is made of training steps only.
-                step_record = json.dumps({
-                    "step": report.step, "loss": report.loss if has_loss else None, "lr": report.learning_rate,
-                    "samples_per_s": report.samples_per_s, "tokens_per_s": report.tokens_per_s,
-                    "mfu": report.mfu, "t": time.time()})
-                with contextlib.suppress(OSError), (self.log_file.parent / "steps.jsonl").open("a") as f:
-                    f.write(step_record + "\n")
+        # The loss curve (`stl plot`) is made of training steps only.
+        step_record = json.dumps({
+            "step": report.step, "loss": report.loss if has_loss else None, "lr": report.learning_rate,
+            "samples_per_s": report.samples_per_s, "tokens_per_s": report.tokens_per_s,
+            "mfu": report.mfu, "t": time.time()}) if training else None
+        progress = last or now - self._last_progress >= PROGRESS_EVERY_S
+        if progress:
+            self._last_progress = now
+
+        def queue(pipe: redis.client.Pipeline) -> None:
+            if step_record is not None:
                 pipe.rpush(keys.stage_steps(self.stage_id), step_record)
                 pipe.ltrim(keys.stage_steps(self.stage_id), -STEPS_KEPT, -1)
-            if last or now - self._last_progress >= PROGRESS_EVERY_S:
-                self._last_progress = now
+            if progress:
                 pipe.hset(keys.stage(self.stage_id), mapping={
                     "step": report.step, "total": report.total, "loss": f"{report.loss:.4f}" if has_loss else "",
                     "samples_per_s": f"{report.samples_per_s:.1f}", "tokens_per_s": f"{report.tokens_per_s:.1f}",
@@ -200,24 +235,41 @@ class StageReporter:
                     "grad_accum": report.grad_accum, "heartbeat": time.time(),
                     "eta_s": "" if eta is None else f"{eta:.1f}", "eta_at": "" if eta is None else time.time(),
                 })
-            pipe.execute()
-        except redis.RedisError:
-            pass
+
+        if step_record is not None or progress:
+            try:
+                self.lease.fence.write(queue)  # a horse another one took over from stops here (StageLeaseLost)
+            except StageLeaseLost:
+                self.lease.lost = True
+                raise
+            except redis.RedisError:
+                pass
+        if step_record is not None:
+            with contextlib.suppress(OSError), (self.log_file.parent / "steps.jsonl").open("a") as f:
+                f.write(step_record + "\n")
         if (self._last_progress_line is None or last
                 or now - self._last_progress_line >= LOG_PROGRESS_EVERY_S):
             self._last_progress_line = now
             self.log(progress_line(report, eta))
 
     def should_stop(self) -> str | None:
+        """"cancel" (also once another horse took the stage over: the stage ends with StageLeaseLost),
+        "preempt", or None."""
         if self.lease.lost:
             return "cancel"
         now = time.monotonic()
         if self._flag is None and now - self._last_flags >= FLAGS_EVERY_S:
             self._last_flags = now
             try:
-                cancel, preempt = self.conn.hmget(keys.stage(self.stage_id), "cancel", "preempt")
+                pipe = self.conn.pipeline(transaction=False)
+                pipe.hmget(keys.stage(self.stage_id), "cancel", "preempt")
+                pipe.get(self.lease.fence.key)
+                (cancel, preempt), generation = pipe.execute()
             except redis.RedisError:
                 return None
+            if not generation_is_current(generation, self.lease.fence.token):
+                self.lease.lost = True
+                return "cancel"
             if text(cancel):
                 self._flag = "cancel"
             elif text(preempt):
@@ -227,7 +279,7 @@ class StageReporter:
 
 def progress_line(report: StepReport, eta_s: float | None) -> str:
     """`step 120/2000 (6%), loss 2.3412, 97.7 samples/s, MFU 12.3%, about 5 min 12 s left`: one log line."""
-    from jobs.notify import format_duration
+    from jobs.humanize import format_duration
 
     percent = f" ({report.step / report.total:.0%})" if report.total else ""
     if report.phase == "train":
@@ -287,23 +339,20 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     raw_spec = conn.hget(stage_key, "spec")
     if not raw_spec:
         raise StageCanceled(f"stage {stage_id} has no record in Redis; it was removed")
-    spec = StageSpec.model_validate_json(raw_spec)
     status = text(conn.hget(stage_key, "status"))
     if status == RunStatus.finished.value:
         return {"stage": stage_id, "status": "already finished"}
     if status == RunStatus.canceled.value:
         raise StageCanceled(f"stage {stage_id} was canceled before it started")
+    try:
+        spec = StageSpec.model_validate_json(raw_spec)
+    except ValueError as e:  # pydantic's ValidationError is one
+        raise fail_unreadable_stage(conn, settings, stage_id, e) from e
 
-    holder = f"{socket.gethostname()}:{os.getpid()}"
-    lease = StageLease(conn, stage_id, holder)
-    while not lease.acquire():
-        # Another horse holds the stage (a false orphan alarm): wait for it rather than run it twice.
-        time.sleep(2)
-        status = text(conn.hget(stage_key, "status"))
-        if status == RunStatus.finished.value:
-            return {"stage": stage_id, "status": "already finished"}
-        if status in (RunStatus.failed.value, RunStatus.canceled.value):
-            raise StageCanceled(f"stage {stage_id} {status} in another work horse")
+    lease = _take_lease(conn, stage_id)
+    if lease is None:
+        return {"stage": stage_id, "status": "already finished"}
+    holder = lease.holder
     workdir = settings.stages_dir / stage_id
     reporter = StageReporter(conn, stage_id, workdir, lease)
     started = time.time()
@@ -314,16 +363,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         faults.before_stage(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / SPEC_FILE).write_text(spec.model_dump_json(indent=2))
-        # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
-        status = start_stage_record(conn, stage_id, {
-            "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": holder,
-            "error": "", "eta_s": "", "eta_at": "", "machine_fault": "", "disk_needed_bytes": ""})
-        if status != "started":  # canceled since its status was read above
-            raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
-        live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
-                              fields={"status": RunStatus.running.value, "current_stage": stage_id},
-                              fields_if_unset={"started_at": started})
-        _write_run_dirs(settings, conn, live, stage_id, spec)
+        _mark_started(conn, settings, lease, spec, started)
         lease.start_heartbeat()
 
         device = pick_device()
@@ -331,30 +371,38 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                      f"model {spec.model}, tasks {', '.join(spec.tasks)}")
         parent_dir = settings.stages_dir / spec.parent if spec.parent else None
         ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
-                           should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step)
+                           should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step,
+                           fence=lease.fence.check)
         outcome = _execute_once_its_parent_is_there(conn, settings, stage_id, spec, ctx, reporter)
+    except StageLeaseLost:
+        _stand_down(lease)
+        raise
     except StageWaitsForParent:
+        if lease.taken_over():
+            raise _stand_down(lease) from None
         _charge(conn, user, started)  # it went back to wait (the log says why): it neither ended nor failed
         lease.release()
         raise
     except StagePreempted as e:
+        if lease.taken_over():
+            raise _stand_down(lease) from e
         reporter.log(f"preempted: {e}; back to the head of the queue")
-        _back_to_queue(conn, stage_id)
+        _back_to_queue(conn, lease.fence)
         _charge(conn, user, started)  # the GPU time spent so far counts towards fair share, resumed or not
         lease.release()
         raise
     except StageCanceled as e:
-        if lease.lost:
-            reporter.log("another work horse took this stage over; stopping this copy")
-            lease.release()
-            raise StageLeaseLost(f"stage {stage_id} is being run elsewhere") from e
+        if lease.taken_over():  # should_stop said "cancel" for that too
+            raise _stand_down(lease) from e
         who = text(conn.hget(stage_key, "cancel"))  # `stl cancel` leaves its user's name here
         reporter.log(f"canceled{f' by {who}' if who and who != 'cancel' else ''}: {e}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.canceled, error=str(e) or "canceled",
-                      started=started, user=user)
+                      started=started, user=user, fence=lease.fence)
         lease.release()
         raise
     except BaseException as e:
+        if lease.taken_over():  # e.g. its files changed under it by the horse that took over
+            raise _stand_down(lease) from e
         message = _failure_message(e, spec)
         fault = machine_fault(e)
         need = needed_bytes(e)  # a full disk: what the failed save needed, so the worker waits for that much room
@@ -366,7 +414,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                 reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
                              f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
                              "until the machine is healthy again")
-                _back_to_queue(conn, stage_id, machine_fault=fault, disk_needed_bytes=need)
+                _back_to_queue(conn, lease.fence, machine_fault=fault, disk_needed_bytes=need)
                 _charge(conn, user, started)
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
@@ -377,15 +425,19 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         if isinstance(e, ModelError) and e.detail:  # the whole story behind a short reason: the loaders' words
             reporter.log(f"  in full: {e.detail}")
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
-                      started=started, user=user)
+                      started=started, user=user, fence=lease.fence)
         lease.release()
         raise
     result = outcome.to_dict()
-    if outcome.train is not None and outcome.train.oom_retries:
-        _record_oom_retries(conn, reporter, stage_id, outcome.train)
-    reporter.log(f"finished in {time.time() - started:.1f} s")
-    finish_stage(conn, settings, stage_id, spec, status=RunStatus.finished, error="", started=started,
-                  user=user, result=result)
+    try:
+        if outcome.train is not None and outcome.train.oom_retries:
+            _record_oom_retries(reporter, lease.fence, outcome.train)
+        reporter.log(f"finished in {time.time() - started:.1f} s")
+        finish_stage(conn, settings, stage_id, spec, status=RunStatus.finished, error="", started=started,
+                      user=user, result=result, fence=lease.fence)
+    except StageLeaseLost:
+        _stand_down(lease)
+        raise
     lease.release()
     return {"stage": stage_id, "status": "finished"}
 
@@ -411,33 +463,88 @@ def _execute_once_its_parent_is_there(conn: redis.Redis, settings: Settings, sta
     return execute_stage(spec, ctx)
 
 
+def fail_unreadable_stage(conn: redis.Redis, settings: Settings, stage_id: str, error: Exception) -> DamagedRecord:
+    """A stage whose spec is not what stl writes (another tool or a hand wrote it) can never run: it fails now,
+    once, with its runs. Left queued, it would be taken, fail and be requeued as an orphan again and again."""
+    from pydantic import ValidationError
+
+    detail = ("; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in error.errors()[:3])
+              if isinstance(error, ValidationError) else " ".join(str(error).split()))
+    message = (f"its record {keys.stage(stage_id)} holds a spec stl cannot read "
+               f"({detail[:200] + '…' if len(detail) > 200 else detail}); enqueue the grid file again, which "
+               "writes the stage anew (`stl retry` would read the same record)")
+    conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
+    finish_stage(conn, settings, stage_id, None, status=RunStatus.failed, error=message, started=time.time(),
+                 user=text(conn.hget(keys.stage(stage_id), "user")) or "unknown")
+    return DamagedRecord(f"stage {stage_id}: {message}")
+
+
+def _take_lease(conn: redis.Redis, stage_id: str) -> StageLease | None:
+    """The stage's lease, held by this horse; None if the stage finished while another horse held it."""
+    lease = StageLease(conn, stage_id, f"{socket.gethostname()}:{os.getpid()}")
+    while not lease.acquire():
+        # Another horse holds the stage (a false orphan alarm): wait for it rather than run it twice.
+        time.sleep(2)
+        status = text(conn.hget(keys.stage(stage_id), "status"))
+        if status == RunStatus.finished.value:
+            return None
+        if status in (RunStatus.failed.value, RunStatus.canceled.value):
+            raise StageCanceled(f"stage {stage_id} {status} in another work horse")
+    return lease
+
+
+def _mark_started(conn: redis.Redis, settings: Settings, lease: StageLease, spec: StageSpec, started: float) -> None:
+    """The stage and its live runs are running, on this horse (StageCanceled if a cancel came first)."""
+    stage_id = lease.stage_id
+    # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
+    status = start_stage_record(conn, stage_id, {
+        "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": lease.holder,
+        "error": "", "eta_s": "", "eta_at": "", "machine_fault": "", "disk_needed_bytes": ""}, fence=lease.fence)
+    if status != "started":  # canceled since its status was read above
+        raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
+    live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
+                          fields={"status": RunStatus.running.value, "current_stage": stage_id},
+                          fields_if_unset={"started_at": started}, fence=lease.fence)
+    _write_run_dirs(settings, conn, live, stage_id, spec)
+
+
+def _stand_down(lease: StageLease) -> StageLeaseLost:
+    """A horse that another took the stage over from (this one was frozen, or cut off, past its lease) ends
+    without writing anything more: its worker logs the error it returns, the stage's log is the new horse's."""
+    lease.lost = True
+    lease.release()  # stops the heartbeat; a newer horse's lease is left alone
+    return lease.fence.stale()
+
+
 def _charge(conn: redis.Redis, user: str, started: float, now: float | None = None) -> None:
     """Fair share: a stage's GPU time goes to its user however the stage ends (a lost charge only skews order)."""
     with contextlib.suppress(redis.RedisError):
         charge_usage(conn, user, (now or time.time()) - started)
 
 
-def _back_to_queue(conn: redis.Redis, stage_id: str, *, machine_fault: str = "", disk_needed_bytes: int = 0) -> None:
+def _back_to_queue(conn: redis.Redis, fence: StageFence, *, machine_fault: str = "",
+                   disk_needed_bytes: int = 0) -> None:
     """The stage did not end: it and its runs are queued again (the worker puts its job back at the head)."""
-    pipe = conn.pipeline(transaction=False)
-    pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
-                                             "machine_fault": machine_fault, "disk_needed_bytes": disk_needed_bytes})
-    pipe.srem(keys.RUNNING_STAGES, stage_id)
-    pipe.execute()
+    stage_id = fence.stage_id
+    fence.write(lambda pipe: (
+        pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
+                                                 "machine_fault": machine_fault,
+                                                 "disk_needed_bytes": disk_needed_bytes}),
+        pipe.srem(keys.RUNNING_STAGES, stage_id)))
     update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
-                   fields={"status": RunStatus.queued.value, "current_stage": ""})
+                   fields={"status": RunStatus.queued.value, "current_stage": ""}, fence=fence)
 
 
-def _record_oom_retries(conn: redis.Redis, reporter: StageReporter, stage_id: str, train: TrainOutcome) -> None:
+def _record_oom_retries(reporter: StageReporter, fence: StageFence, train: TrainOutcome) -> None:
     """Out-of-memory back-offs go on the stage record and in its log, where `stl logs` shows them."""
     steps = "; ".join(f"step {r.step}: micro-batch {r.micro_batch} -> {r.new_micro_batch} "
                       f"x {r.new_grad_accum} accumulation, from step {r.restarted_from}" for r in train.oom_retries)
     reporter.log(f"finished after {len(train.oom_retries)} out-of-memory retr"
                  f"{'y' if len(train.oom_retries) == 1 else 'ies'} ({steps}); now micro-batch {train.micro_batch} "
                  f"x {train.grad_accum} accumulation")
-    conn.hset(keys.stage(stage_id), mapping={
+    fence.write(lambda pipe: pipe.hset(keys.stage(fence.stage_id), mapping={
         "oom_retries": json.dumps([r.to_dict() for r in train.oom_retries]),
-        "micro_batch": train.micro_batch, "grad_accum": train.grad_accum})
+        "micro_batch": train.micro_batch, "grad_accum": train.grad_accum}))
 
 
 def _failure_message(error: BaseException, spec: StageSpec) -> str:
@@ -454,28 +561,37 @@ def _failure_message(error: BaseException, spec: StageSpec) -> str:
     return f"{name}: {detail}" if detail else name
 
 
-def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec, *,
+def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec | None, *,
                   status: RunStatus, error: str, started: float, user: str,
-                  result: dict[str, Any] | None = None) -> None:
-    """Record a stage's end on the stage and on every run that needs it."""
+                  result: dict[str, Any] | None = None, fence: StageFence | None = None) -> bool:
+    """Record a stage's end on the stage and on every run that needs it. False: the stage had finished
+    before, and nothing was written. With its horse's `fence`: StageLeaseLost if another horse took it since.
+    `spec` None: it could not be read (`fail_unreadable_stage`)."""
     from jobs.queueing import cancel_stage_jobs
 
+    kind = spec.kind.value if spec is not None else text(conn.hget(keys.stage(stage_id), "kind")) or "unreadable"
     now = time.time()
     metrics = (result or {}).get("metrics") or []
     stage_fields: dict[str, Any] = {"status": status.value, "ended_at": now, "error": error, "cancel": ""}
     if result is not None:
         stage_fields["outcome"] = json.dumps(result)
-        if spec.kind == StageKind.eval:
+        if kind == StageKind.eval.value:
             stage_fields["metrics"] = json.dumps(metrics)
-    run_ids, grids, finished_runs = finish_stage_records(
-        conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work,
+    end = finish_stage_records(
+        conn, stage_id, status=status, stage_fields=stage_fields, work=spec.work if spec is not None else 0,
         metrics=metrics if status == RunStatus.finished else [], now=now,
-        run_error=f"{spec.kind.value} stage {stage_id}: {error}")
+        run_error=f"{kind} stage {stage_id}: {error}", fence=fence)
+    if end.already:
+        return False  # its runs counted it, its results are in, and its GPU time was charged, once
+    run_ids, grids, finished_runs = end.runs, end.grids, end.finished
+    for run_id in end.incomplete:
+        print(f"stl: run {run_id} ran every stage but lacks some of its results; it is marked failed "
+              "(`stl status` names them)", flush=True)
     # Charged once the stage no longer counts as running (fair share adds running stages' time itself).
     _charge(conn, user, started, now)
     if status != RunStatus.finished:
         # Stages that only the now-failed runs needed will never be able to run.
-        cancel_stage_jobs(conn, run_ids, reason=f"{spec.kind.value} stage {stage_id} {status.value}")
+        cancel_stage_jobs(conn, run_ids, reason=f"{kind} stage {stage_id} {status.value}")
     if status == RunStatus.finished:
         for run_id in run_ids:
             # A copy for people reading STL_HOME; Redis has the results, so a full disk does not undo them.
@@ -490,6 +606,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
             _notify_if_grid_done(conn, settings, grid)
         except Exception as e:  # noqa: BLE001 - a failure to notify is logged and never fails a run
             print(f"stl notify: could not notify for grid {grid}: {e}", flush=True)
+    return True
 
 
 def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[str], *, user: str) -> None:
@@ -506,7 +623,9 @@ def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
-    results = {text(k): json.loads(text(v)) for k, v in conn.hgetall(keys.run_results(run_id)).items()}
+    from jobs.records import read_results
+
+    (results,) = read_results(conn, [run_id])  # a result another tool damaged is left out, not fatal
     if not results:
         return
     run_dir = settings.runs_dir / run_id

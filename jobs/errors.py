@@ -135,3 +135,7 @@ def missing_on_worker(what: str, path: Path) -> str:
 
     return (f"{what} {path} does not exist on the worker's machine ({socket.gethostname()}); check the path in "
             "the grid file; a worker in docker-compose sees only the host folder STL_DATA_ROOT mounts (.env)")
+
+
+class DamagedRecord(StlError):
+    """A record in Redis is not what stl writes (another tool or a hand wrote it), and the command needs it."""

@@ -20,10 +20,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
+from jobs import axes
 from jobs import data as data_lib
 from jobs.errors import DataError
 from jobs.eval_batches import EvalBatches
 from jobs.generation import Generator
+from jobs.metrics import ACCURACY, ACCURACY_GEN, ACCURACY_NORM, EXACT_MATCH, ROUGE_L
 from jobs.model_inputs import evaluation_length_limits
 from jobs.models import (
     bf16_autocast_supported,
@@ -47,13 +49,6 @@ if TYPE_CHECKING:
 
     from jobs.data import Example
     from jobs.progress import StepReport
-
-ACCURACY = "accuracy"  # rank classification by summed log-likelihood (T0)
-ACCURACY_NORM = "accuracy_norm"  # rank classification by log-likelihood per answer token (lm-eval's acc_norm)
-ACCURACY_GEN = "accuracy_gen"  # greedy generation matched against any accepted answer (InstructDial's run_eval)
-CLASSIFICATION_METRICS = (ACCURACY, ACCURACY_NORM, ACCURACY_GEN)
-EXACT_MATCH = "exact_match"
-ROUGE_L = "rougeL"
 
 
 @dataclass(frozen=True)
@@ -236,7 +231,7 @@ class _Scorer:
                 "data": fingerprint,
                 "task": task,
                 "max_examples": self.settings.max_examples,
-                "instructions": self.spec.instructions,
+                **axes.token_key_fields(self.spec, axes.EVAL_TOKENS),  # instructions
                 "tokenizer": self._tokenizer_id(),
                 "source_limit": self.loaded.source_limit,
                 "target_limit": self.loaded.target_limit,

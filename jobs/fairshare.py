@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from typing import TYPE_CHECKING
 
 from jobs import keys
 from jobs.codec import text
+from jobs.records import answers_or_report, read_or_report
 from jobs.states import Priority, RunStatus
 
 if TYPE_CHECKING:
@@ -19,11 +21,10 @@ HALF_LIFE_S = 3600.0
 _CHARGE = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local value, stamp = 0, tonumber(ARGV[3])
-if raw then
-  local sep = string.find(raw, '@')
-  value = tonumber(string.sub(raw, 1, sep - 1))
-  stamp = tonumber(string.sub(raw, sep + 1))
-end
+local sep = raw and string.find(raw, '@')
+-- A value stl did not write ("garbage", "nan@1") counts as no usage, and this charge writes a good one.
+local v, s = sep and tonumber(string.sub(raw, 1, sep - 1)), sep and tonumber(string.sub(raw, sep + 1))
+if v and s and v == v and s == s and v < math.huge and s < math.huge then value, stamp = v, s end
 local now = tonumber(ARGV[3])
 local decayed = value * math.pow(0.5, (now - stamp) / tonumber(ARGV[4]))
 redis.call('HSET', KEYS[1], ARGV[1], tostring(decayed + tonumber(ARGV[2])) .. '@' .. ARGV[3])
@@ -40,10 +41,14 @@ def charge_usage(conn: redis.Redis, user: str, seconds: float, *, now: float | N
 
 
 def decayed_usage(raw: str | bytes | None, now: float) -> float:
+    """Seconds of GPU time as of `now`, from "value@timestamp"; ValueError for anything else."""
     if not raw:
         return 0.0
     value, _, stamp = text(raw).partition("@")
-    return float(value) * math.pow(0.5, (now - float(stamp)) / HALF_LIFE_S)
+    decayed = float(value) * math.pow(0.5, (now - float(stamp)) / HALF_LIFE_S)
+    if not math.isfinite(decayed) or decayed < 0:
+        raise ValueError(f"{text(raw)[:40]!r} is not seconds@timestamp")
+    return decayed
 
 
 def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple[str, float]]:
@@ -58,8 +63,13 @@ def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple
     pipe.smembers(keys.USERS)
     pipe.hgetall(keys.USAGE)
     pipe.smembers(keys.RUNNING_STAGES)
-    users_raw, usage_raw, running_raw = pipe.execute()
-    usage = {text(k): decayed_usage(v, stamp) for k, v in usage_raw.items()}
+    # A damaged record (reported) must not stop the worker: its users count as having used no GPU time.
+    answers = answers_or_report(pipe, [keys.USERS, keys.USAGE, keys.RUNNING_STAGES], None)
+    users_raw, usage_raw, running_raw = (answer or type_() for answer, type_ in zip(answers, (set, dict, set),
+                                                                                        strict=True))
+    usage = {text(k): read_or_report(keys.USAGE, f"field {text(k)} is not what stl writes",
+                                     functools.partial(decayed_usage, v, stamp), 0.0, then="taken as no GPU time")
+             for k, v in usage_raw.items()}
     for user, seconds in _running_seconds(conn, sorted(text(s) for s in running_raw), stamp):
         usage[user] = usage.get(user, 0.0) + seconds
     users = [text(u) for u in users_raw]
@@ -74,7 +84,8 @@ def _running_seconds(conn: redis.Redis, stage_ids: list[str], now: float) -> lis
     for stage_id in stage_ids:
         pipe.hmget(keys.stage(stage_id), "user", "status", "started_at", "heartbeat")
     found = []
-    for user, status, started, heartbeat in pipe.execute():
+    nothing = (None, None, None, None)
+    for user, status, started, heartbeat in answers_or_report(pipe, [keys.stage(s) for s in stage_ids], nothing):
         if not user or text(status) != RunStatus.running.value or not started:
             continue
         try:

@@ -39,6 +39,10 @@ def stage_lease(stage_id: str) -> str:
     return f"{PREFIX}:stage:{stage_id}:lease"  # holder of the stage; expires when its horse dies
 
 
+def stage_generation(stage_id: str) -> str:
+    return f"{PREFIX}:stage:{stage_id}:generation"  # integer, +1 each time a horse takes the stage (jobs.fence)
+
+
 def stage_reap_lock(stage_id: str) -> str:
     return f"{PREFIX}:stage:{stage_id}:reap"
 

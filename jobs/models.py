@@ -285,11 +285,13 @@ def _make_pad_token_coherent(model: PreTrainedModel, tokenizer: Any) -> None:
             generation.decoder_start_token_id = model.config.decoder_start_token_id
 
 
-def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
+def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path, *,
+               before_replace: Callable[[], None] | None = None) -> None:
     """Write weights (safetensors), config, tokenizer files and stl_model.json; replaces `directory`.
 
     Written aside and fsync'd before it replaces `directory`; a failed save leaves nothing aside, and one
-    that a full or read-only disk explains raises the disk's error (jobs.durable.saving)."""
+    that a full or read-only disk explains raises the disk's error (jobs.durable.saving). `before_replace`
+    runs just before that, and may refuse it by raising (a stale work horse: jobs.fence)."""
     temporary = directory.with_name(f".{directory.name}.tmp")
     remove(temporary)
     needed = sum(p.numel() * p.element_size() for p in model.parameters()) + MIN_NEED_BYTES
@@ -303,13 +305,20 @@ def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path) -> None:
         }
         (temporary / STL_MODEL_FILE).write_text(json.dumps(info, indent=2) + "\n")
         fsync_tree(temporary)
-        replace_directory(temporary, directory)
+        replace_directory(temporary, directory, before_replace=before_replace)
 
 
-def replace_directory(source: Path, target: Path) -> None:
+def replace_directory(source: Path, target: Path, *, before_replace: Callable[[], None] | None = None) -> None:
     """Move `source` to `target`, replacing it. A crash leaves either the old or the new one in place:
     at worst `target` is missing and `<target>.old` holds the previous version (see `existing_directory`).
+    `before_replace` may refuse the move by raising (a stale work horse: jobs.fence); `source` is then deleted.
     """
+    if before_replace is not None:
+        try:
+            before_replace()
+        except BaseException:
+            shutil.rmtree(source, ignore_errors=True)
+            raise
     previous = target.with_name(f"{target.name}.old")
     shutil.rmtree(previous, ignore_errors=True)
     if target.exists():

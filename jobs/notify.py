@@ -16,6 +16,8 @@ import urllib.parse
 import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from jobs.humanize import format_duration
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
@@ -80,19 +82,6 @@ def summary_line(grid: str, summary: Mapping[str, Any]) -> str:
     if isinstance(wall_s, int | float) and not isinstance(wall_s, bool) and wall_s >= 0:
         line += f" in {format_duration(float(wall_s))}"
     return line
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    if minutes:
-        return f"{minutes} min {secs} s"
-    return f"{secs} s"
 
 
 def _count(summary: Mapping[str, Any], status: str) -> int:

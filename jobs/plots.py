@@ -7,15 +7,19 @@ the Agg canvas, so nothing here touches pyplot's global state or needs a display
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import textwrap
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, ParamSpec, TypeVar
 
-from jobs.analysis import METRIC_LABELS, render_value, spread_of
+from jobs.axes import render_value
+from jobs.codec import printable
 from jobs.errors import UsageError, path_error
+from jobs.metrics import metric_label
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from matplotlib.axes import Axes
@@ -31,7 +35,30 @@ BAR_HEIGHT = 0.8
 GROUP_GAP = 0.8  # empty bar slots between groups
 INCH_PER_BAR = 0.24
 LABEL_WRAP = 34  # characters per line of a group label
+LEGEND_WRAP = 90  # characters per line of a curve's name in the legend (a long local model path)
 SMOOTH_FROM_POINTS = 40  # longer curves get a moving-average line over the faint raw one
+LABEL_CHARS = 160  # of one name in a figure: a longer one (a damaged record) is cut, so the figure stays drawable
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _label(value: object) -> str:
+    """A name from a grid or from Redis as figure text: control characters escaped, cut to LABEL_CHARS."""
+    shown = printable(value)
+    return shown if len(shown) <= LABEL_CHARS else shown[:LABEL_CHARS - 1] + "…"
+
+
+def _literal_text(draw: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Text made while `draw` runs is shown as written: matplotlib reads `$...$` as mathtext, so a model
+    named `$\\bad{$` would stop the figure from drawing at all."""
+    @functools.wraps(draw)
+    def drawing(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        from matplotlib import rc_context
+
+        with rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawing
 
 
 def plot_pivot(pivot: Pivot, path: Path, *, hue: str | None = None, title: str | None = None) -> Path:
@@ -70,7 +97,7 @@ def choose_hue(pivot: Pivot, hue: str | None = None) -> str | None:
 def group_label(axes: tuple[str, ...], key: tuple[object, ...]) -> str:
     """`tiny:bart · instructions=true · shots=16`: names are dropped only where the value says it."""
     parts = [
-        render_value(value) if isinstance(value, str) else f"{axis}={render_value(value)}"
+        _label(render_value(value)) if isinstance(value, str) else f"{_label(axis)}={_label(render_value(value))}"
         for axis, value in zip(axes, key, strict=True)
     ]
     return " · ".join(parts) or "all runs"
@@ -93,6 +120,7 @@ def _groups(pivot: Pivot, hue: str | None) -> tuple[list[str], list[object], dic
     return labels, list(hue_values), placed
 
 
+@_literal_text
 def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | None = None) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -121,10 +149,11 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
     group_centres = [group * stride + (slots - 1) / 2 for group in range(len(labels))]
     for panel, column in zip(axes, panels, strict=True):
         _draw_bars(panel, column, placed, stride, colours)
-        metric = METRIC_LABELS.get(column.metric, column.metric)
-        panel.set_title(f"{column.task_type.capitalize()}: mean {metric}", fontsize=11)
+        metric = _label(metric_label(column.metric))
+        task_type = _label(column.task_type)
+        panel.set_title(f"{task_type.capitalize()}: mean {metric}", fontsize=11)
         panel.set_xlabel(
-            f"mean {metric} over {column.task_type} tasks (error bar: ± std over {spread_of(pivot)})", fontsize=9
+            f"mean {metric} over {task_type} tasks (error bar: ± std over {_label(spread_of(pivot))})", fontsize=9
         )
         panel.grid(axis="x", alpha=0.3)
         panel.set_axisbelow(True)
@@ -134,10 +163,10 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
     first.set_ylim(bar_rows - GROUP_GAP + 0.2, -0.8)  # first group on top
     other_axes = [axis for axis in pivot.row_axes if axis != hue]
     if other_axes:
-        first.set_ylabel(" · ".join(other_axes), fontsize=9)
+        first.set_ylabel(" · ".join(_label(axis) for axis in other_axes), fontsize=9)
 
     handles = [
-        Patch(facecolor=colour, label=render_value(value))
+        Patch(facecolor=colour, label=_label(render_value(value)))
         for value, colour in zip(hue_values, colours, strict=True)
     ]
     if any(stat is not None and not stat.complete for row in pivot.rows for stat in row.cells.values()):
@@ -145,7 +174,7 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
     if hue is not None or len(handles) > slots:
         figure.legend(
             handles=handles,
-            title=hue,
+            title=None if hue is None else _label(hue),
             loc="outside lower center",
             ncols=min(len(handles), 6),
             fontsize=9,
@@ -153,7 +182,7 @@ def build_pivot_figure(pivot: Pivot, *, hue: str | None = None, title: str | Non
             frameon=False,
         )
     if title:
-        figure.suptitle(title, fontsize=12)
+        figure.suptitle(_label(title), fontsize=12)
     return figure
 
 
@@ -196,6 +225,15 @@ def _draw_bars(
     panel.set_xticks([tick for tick in panel.get_xticks() if 0 <= tick <= 1 + 1e-9])
 
 
+def spread_of(pivot: Pivot) -> str:
+    """What a row's spread is over, for an axis label: "seeds", or the axes its runs differ in."""
+    if pivot.folded == ("seed",):
+        return "seeds"
+    if pivot.folded:
+        return f"runs differing in {', '.join(pivot.folded)}"
+    return "runs"
+
+
 def _palette(count: int) -> list[Colour]:
     from matplotlib import colormaps
 
@@ -220,6 +258,7 @@ def _segments(points: list[tuple[int, float]]) -> list[list[tuple[int, float]]]:
     return [sorted(segment) for segment in segments if segment]
 
 
+@_literal_text
 def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str | None = None,
                       stage_names: dict[str, list[str]] | None = None) -> Figure:
     from matplotlib.figure import Figure
@@ -237,13 +276,13 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
     for label, colour in zip(curves, colours, strict=True):
         points = drawable.get(label, [])
         if not points:
-            panel.plot([], [], color=colour, label=f"{label} (no steps yet)")
+            panel.plot([], [], color=colour, label=textwrap.fill(f"{_label(label)} (no steps yet)", LEGEND_WRAP))
             continue
         names = (stage_names or {}).get(label, [])
         for index, segment in enumerate(_segments(points)):  # one per stage: stages are not joined
             steps = [step for step, _ in segment]
             losses = [loss for _, loss in segment]
-            name = label if index == 0 else None
+            name = textwrap.fill(_label(label), LEGEND_WRAP) if index == 0 else None
             if len(segment) >= SMOOTH_FROM_POINTS:
                 smoothed = True
                 if not many:  # raw noise of a dozen runs hides the curves
@@ -255,7 +294,7 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
                 panel.plot(steps, losses, color=colour, linewidth=1.6, marker="o", markersize=3, label=name)
             stage_name = names[index] if index < len(names) else ""
             if stage_name and not many:  # which task each few-shot branch trains on, at its end
-                end_labels.append(_EndLabel(steps[-1], losses[-1], stage_name, colour))
+                end_labels.append(_EndLabel(steps[-1], losses[-1], _label(stage_name), colour))
     finite = [loss for points in drawable.values() for _, loss in points if math.isfinite(loss) and loss > 0]
     if finite and max(finite) / min(finite) > 30:
         panel.set_yscale("log")  # early spikes would flatten the part of the curve that matters
@@ -269,7 +308,7 @@ def build_loss_figure(curves: dict[str, list[tuple[int, float]]], *, title: str 
     note = ""
     if smoothed:
         note = " (moving average)" if many else " (faint: raw, solid: moving average)"
-    panel.set_title(title or f"Training loss{note}")
+    panel.set_title(_label(title) if title else f"Training loss{note}")
     panel.grid(alpha=0.3)
     if many:
         figure.legend(loc="outside right upper", fontsize=8, frameon=False)
@@ -321,6 +360,7 @@ def _centred_mean(values: list[float], *, window: int) -> list[float]:
 # ----------------------------------------------------------------------------------------------
 
 
+@_literal_text
 def _save(figure: Figure, path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

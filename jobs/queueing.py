@@ -20,9 +20,9 @@ from rq.serializers import JSONSerializer
 
 from jobs import keys
 from jobs.codec import text
-from jobs.errors import GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
+from jobs.errors import DamagedRecord, GridChanged, NotFound, PermissionDenied, RedisUnavailable, UsageError
 from jobs.runstate import update_runs_if
-from jobs.specs import RunSpec, RunStatus, StageKind, StageSpec
+from jobs.specs import RunSpec, RunStatus, StageSpec
 from jobs.states import LIVE, Priority
 
 if TYPE_CHECKING:
@@ -379,10 +379,9 @@ def check_grid_unchanged(conn: redis.Redis, expanded: ExpandedGrid, *, user: str
     changed = changed_runs(conn, expanded)
     if changed:
         grid = expanded.grid.name
-        from jobs.analysis import render_value
+        from jobs.axes import format_cell
 
-        example = json.loads(text(conn.hget(keys.run(changed[0]), "cell")))
-        cell = " ".join(f"{k}={render_value(v)}" for k, v in example.items())
+        cell = format_cell(json.loads(text(conn.hget(keys.run(changed[0]), "cell"))))
         foreign = sum(map(len, split_by_owner(conn, changed, user=user)[1].values())) if user else 0
         raise GridChanged(
             f'grid "{grid}" already has {len(changed)} run(s) made with other settings (e.g. run '
@@ -561,7 +560,11 @@ def load_run_specs(conn: redis.Redis, records: list[dict[str, str]]) -> tuple[li
     for sid, raw in zip(stage_ids, pipe.execute(), strict=True):
         if not raw:
             raise NotFound(f"stage {sid} has no record in Redis; enqueue the grid file again instead")
-        stages[sid] = StageSpec.model_validate_json(raw)
+        try:
+            stages[sid] = StageSpec.model_validate_json(raw)
+        except ValueError as e:
+            raise DamagedRecord(f"damaged record {keys.stage(sid)}: its spec is not what stl writes; enqueue the "
+                                "grid file again instead, which writes it anew") from e
     return runs, stages
 
 
@@ -603,7 +606,3 @@ def check_priority(value: str) -> str:
     if value not in {p.value for p in Priority}:
         raise UsageError(f'unknown priority "{value}"; use one of: {", ".join(p.value for p in Priority)}')
     return value
-
-
-def stage_kind_label(kind: str) -> str:
-    return StageKind(kind).value if kind else "?"

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import redis
 
 from jobs import keys
-from jobs.codec import text
-from jobs.errors import NotFound, UsageError
+from jobs.codec import printable, text
+from jobs.errors import DamagedRecord, NotFound, UsageError
 from jobs.states import RunStatus, StageKind
 
 if TYPE_CHECKING:
-    import redis
+    from collections.abc import Callable, Iterator, Mapping
 
 RUN_ID_PATTERN = re.compile(r"^[0-9a-f]{6,16}$")
 RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "stages_done", "created_at",
@@ -31,11 +36,13 @@ WORKER_STALE_S = 60
 RECENT_FAILURES = 5  # failed runs `stl status` lists, with their errors
 _STATUS_COUNTS = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
-local counts, created, ended, running, failed = {}, {}, {}, {}, {}
+local counts, created, ended, running, failed, damaged = {}, {}, {}, {}, {}, {}
 for _, id in ipairs(ids) do
-  local v = redis.call('HMGET', ARGV[1] .. id, 'grid', 'user', 'status', 'created_at', 'ended_at')
-  local grid, user, status = v[1] or '', v[2] or '', v[3] or ''
-  if ARGV[2] == '' or user == ARGV[2] then
+  local v = redis.pcall('HMGET', ARGV[1] .. id, 'grid', 'user', 'status', 'created_at', 'ended_at')
+  if v.err then
+    damaged[#damaged + 1] = id  -- not a hash: reported by the caller, not counted
+  elseif ARGV[2] == '' or (v[2] or '') == ARGV[2] then
+    local grid, user, status = v[1] or '', v[2] or '', v[3] or ''
     local key = grid .. '\t' .. user .. '\t' .. status
     counts[key] = (counts[key] or 0) + 1
     local c, e = tonumber(v[4]), tonumber(v[5])
@@ -48,7 +55,8 @@ end
 table.sort(failed, function(a, b) return a[1] > b[1] end)
 local recent = {}
 for i = 1, math.min(#failed, tonumber(ARGV[3])) do recent[i] = failed[i][2] end
-return cjson.encode({counts = counts, created = created, ended = ended, running = running, failed = recent})
+return cjson.encode({counts = counts, created = created, ended = ended, running = running, failed = recent,
+                     damaged = damaged})
 """
 
 # Read-only: the fields ARGV[2..] of every run hash named in the zset KEYS[1] (ARGV[1] is the key prefix).
@@ -56,21 +64,125 @@ _BULK_HMGET = """
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
 local fields = {}
 for i = 2, #ARGV do fields[#fields + 1] = ARGV[i] end
-local out = {}
+local out, damaged = {}, {}
 for _, id in ipairs(ids) do
-  local values = redis.call('HMGET', ARGV[1] .. id, unpack(fields))
-  for j = 1, #fields do out[#out + 1] = values[j] or '' end
+  local values = redis.pcall('HMGET', ARGV[1] .. id, unpack(fields))
+  if values.err then
+    damaged[#damaged + 1] = id  -- not a hash: reported by the caller, and the other runs still read
+  else
+    for j = 1, #fields do out[#out + 1] = values[j] or '' end
+  end
 end
-return out
+return {out, damaged}
 """
 
+# --- reading what another tool (or a hand) may have written -----------------------------------------
+
+_T = TypeVar("_T")
+_damage_log = logging.getLogger("stl.records")
+# What a record that is not what stl wrote raises as it is read: not JSON, a missing key, the wrong Redis type.
+UNREADABLE = (ValueError, TypeError, KeyError, redis.ResponseError)
+_reporters: list[Callable[[str], None]] = []  # the innermost `damaged_records_reported` says each line
+
+
+def report_damaged(key: str, problem: str) -> None:
+    """A record stl cannot read, said in one line (see `damaged_records_reported`); the caller goes on."""
+    line = printable(f"damaged record {key}: {problem}")  # the key and value may hold anything: a worker's log too
+    if _reporters:
+        _reporters[-1](line)
+    else:
+        _damage_log.warning("%s", line)
+
+
+def read_or_report(key: str, what: str, read: Callable[[], _T], fallback: _T, *, then: str = "left out") -> _T:
+    """`read()`; or, where the record at `key` cannot be read, `fallback`, and one line: `damaged record KEY:
+    WHAT (why); THEN`. One damaged record costs the view its own part, never the whole view."""
+    try:
+        return read()
+    except UNREADABLE as e:
+        detail = e.args[0] if isinstance(e, KeyError) and e.args else e  # a KeyError's str() is its key's repr
+        why = " ".join(str(detail).split()) or type(e).__name__
+        report_damaged(key, f"{what} ({why[:120]}); {then}")
+        return fallback
+
+
+def json_or_report(key: str, what: str, raw: str, kind: type[_T], fallback: _T, *, then: str = "left out") -> _T:
+    """JSON text `raw` (`what` of the record at `key`) as a `kind`; or `fallback`, reported."""
+    def parse() -> _T:
+        value = json.loads(raw)
+        if not isinstance(value, kind):
+            raise TypeError(f"a JSON {type(value).__name__}, not a {kind.__name__}")
+        return value
+
+    return read_or_report(key, f"{what} is not what stl writes", parse, fallback, then=then)
+
+
+def answers_or_report(pipe: redis.client.Pipeline, keys_read: list[str], fallback: Any) -> list[Any]:
+    """A pipeline's answers, one per key in `keys_read`; an answer Redis refused (a string where a hash or a
+    list belongs) is reported and replaced by `fallback`."""
+    answers = []
+    for key, answer in zip(keys_read, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(answer, redis.ResponseError):
+            report_damaged(key, f"cannot be read ({answer}); left out")
+            answer = fallback
+        answers.append(answer)
+    return answers
+
+
+@contextmanager
+def damaged_records_reported(say: Callable[[str], None]) -> Iterator[None]:
+    """While inside, each damaged record read is passed to `say`, once (a live view reads it every second, a
+    worker all day); an inner one (the worker's log, inside the CLI's) takes over from an outer one."""
+    said: set[str] = set()
+
+    def once(line: str) -> None:
+        if line not in said:
+            said.add(line)
+            say(line)
+
+    _reporters.append(once)
+    try:
+        yield
+    finally:
+        _reporters.remove(once)
+
+
+@dataclass(frozen=True)
+class Fields:
+    """One Redis hash as read (field -> text) and its key: a field that cannot be read is reported and taken
+    as missing."""
+
+    key: str
+    values: Mapping[str, str]
+
+    def get(self, name: str) -> str:
+        return self.values.get(name, "")
+
+    def number(self, name: str, *, finite: bool = True) -> float | None:
+        raw = self.get(name)
+        if raw == "":
+            return None
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value) or (finite and math.isinf(value)):
+            report_damaged(self.key, f"field {name} holds {raw[:40]!r}, not a number; shown as unknown")
+            return None
+        return value
+
+    def json(self, name: str, kind: type[_T], fallback: _T, *, then: str) -> _T:
+        raw = self.get(name)
+        return fallback if raw == "" else json_or_report(self.key, f"field {name}", raw, kind, fallback, then=then)
 
 
 def _f(value: str) -> float | None:
+    """A number stl wrote, or None ("" or anything else; see Fields.number for one that reports it)."""
     try:
-        return float(value) if value != "" else None
+        number = float(value) if value != "" else None
     except ValueError:
         return None
+    return number if number is not None and math.isfinite(number) else None
 
 
 def check_run_id(run_id: str) -> str:
@@ -172,7 +284,9 @@ def list_runs(conn: redis.Redis, *, user: str | None = None, grid: str | None = 
     """Every run (optionally one user's or one grid's), oldest first, with live progress."""
     index = keys.grid_runs(grid) if grid is not None else keys.RUNS  # "": no grid, not every grid
     # One server-side pass instead of one HMGET per run: this stays fast with 10,000 runs.
-    flat = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *RUN_FIELDS)
+    flat, damaged = conn.eval(_BULK_HMGET, 1, index, keys.run(""), *RUN_FIELDS)
+    for run_id in damaged:
+        report_damaged(keys.run(text(run_id)), "not a hash, so not a run record; left out")
     width = len(RUN_FIELDS)
     records = [dict(zip(RUN_FIELDS, map(text, flat[i:i + width]), strict=True)) for i in range(0, len(flat), width)]
     if grid is not None and not records:
@@ -191,10 +305,18 @@ def _with_progress(conn: redis.Redis, records: list[dict[str, str]]) -> list[Run
         pipe = conn.pipeline(transaction=False)
         for sid in running_stages:
             pipe.hmget(keys.stage(sid), *STAGE_PROGRESS_FIELDS)
-        for sid, raw in zip(running_stages, pipe.execute(), strict=True):
-            stage_info[sid] = dict(zip(STAGE_PROGRESS_FIELDS, map(text, raw), strict=True))
+        answers = answers_or_report(pipe, [keys.stage(sid) for sid in running_stages], None)
+        for sid, raw in zip(running_stages, answers, strict=True):
+            if raw is not None:
+                stage_info[sid] = dict(zip(STAGE_PROGRESS_FIELDS, map(text, raw), strict=True))
     now = time.time()
-    return [_run_row(r, stage_info.get(r["current_stage"]), now) for r in records if r["id"]]
+    return [row for r in records
+            if r["id"] and (row := _run_row_or_report(r, stage_info.get(r["current_stage"]), now)) is not None]
+
+
+def _run_row_or_report(record: dict[str, str], stage: dict[str, str] | None, now: float) -> RunRow | None:
+    return read_or_report(keys.run(record["id"]), "cannot be read", lambda: _run_row(record, stage, now), None,
+                          then="the run is left out")
 
 
 @dataclass
@@ -211,6 +333,8 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
     """Counted inside Redis: only the counts and the running runs travel, whatever the queue holds."""
     index = keys.grid_runs(grid) if grid is not None else keys.RUNS  # "": no grid, not every grid
     answer = json.loads(conn.eval(_STATUS_COUNTS, 1, index, keys.run(""), user or "", RECENT_FAILURES))
+    for run_id in answer.get("damaged") or []:
+        report_damaged(keys.run(str(run_id)), "not a hash, so not a run record; left out")
     if grid is not None and not answer["counts"]:
         if user and conn.zcard(keys.grid_runs(grid)):
             raise NotFound(f'user "{user}" has no runs in grid "{grid}"; leave out --user to see all of its runs')
@@ -221,6 +345,9 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
     counts: dict[tuple[str, str, str], int] = {}
     grids: dict[str, GridRow] = {}
     for key, n in (answer["counts"] or {}).items():
+        if key.count("\t") != 2:  # a grid or user name with a tab in it: not one stl wrote
+            report_damaged(keys.RUNS, f"{n} run(s) name a grid or user with a tab in it; not counted")
+            continue
         grid_name, user_name, status = key.split("\t")
         counts[(grid_name, user_name, status)] = int(n)
         row = grids.setdefault(grid_name, GridRow(grid=grid_name, total=0))
@@ -234,37 +361,40 @@ def status_summary(conn: redis.Redis, *, user: str | None = None, grid: str | No
                          failed=run_rows(conn, list(answer["failed"] or [])))
 
 
-def _run_row(record: dict[str, str], stage: dict[str, str] | None, now: float) -> RunRow:
-    n_stages = int(record["n_stages"] or 1)
-    done = int(record["stages_done"] or 0)
+def _run_row(raw_record: dict[str, str], raw_stage: dict[str, str] | None, now: float) -> RunRow:
+    record = Fields(keys.run(raw_record["id"]), raw_record)
+    stage = Fields(keys.stage(record.get("current_stage")), raw_stage) if raw_stage else None
+    n_stages = int(record.number("n_stages") or 1)
+    done = int(record.number("stages_done") or 0)
     row = RunRow(
-        id=record["id"], grid=record["grid"], user=record["user"], priority=record["priority"],
-        status=record["status"], progress=0.0, cell=json.loads(record["cell"]) if record["cell"] else {},
-        created_at=_f(record["created_at"]), started_at=_f(record["started_at"]),
-        ended_at=_f(record["ended_at"]), error=record["error"],
+        id=record.get("id"), grid=record.get("grid"), user=record.get("user"), priority=record.get("priority"),
+        status=record.get("status"), progress=0.0,
+        cell=record.json("cell", dict, {}, then="the run is shown without its cell"),
+        created_at=record.number("created_at"), started_at=record.number("started_at"),
+        ended_at=record.number("ended_at"), error=record.get("error"),
     )
     fraction = 0.0
-    if stage and record["status"] == RunStatus.running.value:
-        row.stage = stage["kind"]
-        step, total = int(_f(stage["step"]) or 0), int(_f(stage["total"]) or 0)
+    if stage and row.status == RunStatus.running.value:
+        row.stage = stage.get("kind")
+        step, total = int(stage.number("step") or 0), int(stage.number("total") or 0)
         row.step, row.total = step, total or None
-        row.loss = _f(stage["loss"])
-        row.samples_per_s = _f(stage["samples_per_s"])
-        row.mfu = _f(stage["mfu"])
-        started = _f(stage["started_at"])
+        row.loss = stage.number("loss", finite=False)  # a loss that overflowed is shown as inf
+        row.samples_per_s = stage.number("samples_per_s")
+        row.mfu = stage.number("mfu")
+        started = stage.number("started_at")
         row.elapsed_s = now - started if started else None
         if total and step:
             fraction = min(step / total, 1.0)
-        eta, eta_at = _f(stage.get("eta_s", "")), _f(stage.get("eta_at", ""))
+        eta, eta_at = stage.number("eta_s"), stage.number("eta_at")
         if eta is not None and eta_at is not None:
             # The work horse's estimate from its pace since its first report (load and compile left out),
             # counted down since it was written.
             row.eta_s = max(eta - (now - eta_at), 0.0)
         elif total and step and row.elapsed_s:
             row.eta_s = row.elapsed_s * (total - step) / step
-    work_total, work_done = _f(record.get("work_total", "")), _f(record.get("work_done", ""))
-    work = _f(stage.get("work", "")) if stage else None
-    if record["status"] == RunStatus.finished.value:
+    work_total, work_done = record.number("work_total"), record.number("work_done")
+    work = stage.number("work") if stage else None
+    if row.status == RunStatus.finished.value:
         row.progress = 1.0
     elif work_total and work_done is not None and (work is not None or not fraction):
         # Each stage weighs the examples it puts through the model: a long MTL stage outweighs an evaluation.
@@ -281,22 +411,22 @@ def list_workers(conn: redis.Redis) -> list[WorkerRow]:
         pipe.hgetall(keys.worker(name))
     rows: list[WorkerRow] = []
     now = time.time()
-    for name, raw in zip(names, pipe.execute(), strict=True):
-        record = {text(k): text(v) for k, v in raw.items()}
-        if not record:
+    for name, raw in zip(names, answers_or_report(pipe, [keys.worker(n) for n in names], {}), strict=True):
+        record = Fields(keys.worker(name), {text(k): text(v) for k, v in raw.items()})
+        if not record.values:
             continue  # its record expired: the worker is gone
-        last_seen = _f(record.get("heartbeat", ""))
-        state = record.get("state", "?")
+        last_seen = record.number("heartbeat")
+        state = record.get("state") or "?"
         if last_seen is not None and now - last_seen > WORKER_STALE_S:
             state = "lost"
         rows.append(WorkerRow(
-            name=name, host=record.get("host", ""), gpu=record.get("gpu", "cpu"),
-            gpu_util=_f(record.get("gpu_util", "")), gpu_mem_used_mb=_f(record.get("gpu_mem_used_mb", "")),
-            gpu_mem_total_mb=_f(record.get("gpu_mem_total_mb", "")), state=state,
-            stage=record.get("stage", ""), last_seen=last_seen,
-            disk_free_bytes=_f(record.get("home_free_bytes", "")),
-            disk_total_bytes=_f(record.get("home_total_bytes", "")),
-            paused=record.get("paused", "") if state == "paused" else "",
+            name=name, host=record.get("host"), gpu=record.get("gpu") or "cpu",
+            gpu_util=record.number("gpu_util"), gpu_mem_used_mb=record.number("gpu_mem_used_mb"),
+            gpu_mem_total_mb=record.number("gpu_mem_total_mb"), state=state,
+            stage=record.get("stage"), last_seen=last_seen,
+            disk_free_bytes=record.number("home_free_bytes"),
+            disk_total_bytes=record.number("home_total_bytes"),
+            paused=record.get("paused") if state == "paused" else "",
         ))
     return rows
 
@@ -320,13 +450,9 @@ def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
     """One row per run x eval task: {grid, run, cell, task, task_type, metric, value, metrics}: the primary
     metric and its value, and every metric the stage recorded."""
     runs = list_runs(conn, grid=grid)
-    pipe = conn.pipeline(transaction=False)
-    for run in runs:
-        pipe.hgetall(keys.run_results(run.id))
     rows: list[dict[str, Any]] = []
-    for run, raw in zip(runs, pipe.execute(), strict=True):
-        results = {text(k): json.loads(text(v)) for k, v in raw.items()}
-        for task, result in sorted(results.items()):
+    for run, results in zip(runs, read_results(conn, [run.id for run in runs]), strict=True):
+        for task, result in results.items():
             rows.append({"grid": grid, "run": run.id, "cell": run.cell, "task": task,
                          "task_type": result["task_type"], "metric": result["metric"],
                          "value": result["value"],
@@ -334,16 +460,91 @@ def result_rows(conn: redis.Redis, grid: str) -> list[dict[str, Any]]:
     return rows
 
 
+def read_results(conn: redis.Redis, run_ids: list[str]) -> list[dict[str, dict[str, Any]]]:
+    """Each run's results, task -> {task_type, metric, value, ...}, tasks in order; a result that is not
+    what stl writes is reported and left out."""
+    if not run_ids:
+        return []
+    pipe = conn.pipeline(transaction=False)
+    for run_id in run_ids:
+        pipe.hgetall(keys.run_results(run_id))
+    keys_read = [keys.run_results(run_id) for run_id in run_ids]
+    out = []
+    for key, raw in zip(keys_read, answers_or_report(pipe, keys_read, {}), strict=True):
+        results = {}
+        for task, value in sorted((text(k), text(v)) for k, v in raw.items()):
+            result = read_or_report(key, f"the result of task {task} is not what stl writes",
+                                    functools.partial(_result, value), None)
+            if result is not None:
+                results[task] = result
+        out.append(results)
+    return out
+
+
+def _result(raw: str) -> dict[str, Any]:
+    result = json.loads(raw)
+    if not isinstance(result, dict):
+        raise TypeError(f"a JSON {type(result).__name__}, not an object")
+    missing = [name for name in ("task_type", "metric", "value") if name not in result]
+    if missing:
+        raise ValueError(f"it has no {' and no '.join(missing)}")
+    value = result["value"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"its value {value!r} is not a number")
+    if not isinstance(result["task_type"], str) or not isinstance(result["metric"], str):
+        raise TypeError("its task_type or metric is not text")
+    metrics = result.get("metrics")
+    if metrics is not None and not (isinstance(metrics, dict) and all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in metrics.values())):
+        raise ValueError("its metrics are not numbers")
+    return result
+
+
+def _run_field(conn: redis.Redis, run_id: str, name: str) -> str | None:
+    """One field of a run's record (None: no such run); DamagedRecord where the key is not a hash."""
+    key = keys.run(run_id)
+    try:
+        raw = conn.hget(key, name)
+    except redis.ResponseError as e:
+        raise DamagedRecord(f"damaged record {key}: not a hash, so not a run record ({e})") from e
+    return None if raw is None else text(raw)
+
+
+def _stage_ids(conn: redis.Redis, run_id: str) -> list[str]:
+    """The stages a run needs, in order; NotFound for no such run, DamagedRecord where they cannot be read."""
+    raw = _run_field(conn, run_id, "stages")
+    if raw is None:
+        raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
+    try:
+        stage_ids = json.loads(raw)
+        if not isinstance(stage_ids, list) or not all(isinstance(sid, str) for sid in stage_ids):
+            raise TypeError("not a list of stage ids")
+    except (ValueError, TypeError) as e:
+        raise DamagedRecord(f"damaged record {keys.run(run_id)}: field stages is not what stl writes ({e}); "
+                            "the run's stages cannot be found") from e
+    return stage_ids
+
+
+def _log_line(key: str, raw: bytes | str) -> str:
+    if isinstance(raw, str):
+        return raw
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        report_damaged(key, "a line is not UTF-8; it is shown with \\x escapes for the bytes that are not")
+        return text(raw)
+
+
 def run_log(conn: redis.Redis, run_id: str, *, start: dict[str, int] | None = None) -> tuple[list[str], dict[str, int]]:
     """New log lines of every stage of a run, and where to continue from (for `stl logs -f`)."""
-    raw_stages = conn.hget(keys.run(run_id), "stages")
-    if raw_stages is None:
-        raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
     positions = dict(start or {})
     lines: list[str] = []
-    for sid in json.loads(text(raw_stages)):
-        offset = positions.get(sid, 0)
-        new = [text(x) for x in conn.lrange(keys.stage_log(sid), offset, -1)]
+    for sid in _stage_ids(conn, run_id):
+        offset, key = positions.get(sid, 0), keys.stage_log(sid)
+        nothing: list[bytes | str] = []
+        raw = read_or_report(key, "not a list of log lines",
+                             functools.partial(conn.lrange, key, offset, -1), nothing)
+        new = [_log_line(key, line) for line in raw]
         lines += new
         positions[sid] = offset + len(new)
     return lines, positions
@@ -351,10 +552,13 @@ def run_log(conn: redis.Redis, run_id: str, *, start: dict[str, int] | None = No
 
 def run_rows(conn: redis.Redis, run_ids: list[str]) -> list[RunRow]:
     """These runs as `stl status --json` shows them (typed, with progress); unknown ids are left out."""
+    if not run_ids:
+        return []
     pipe = conn.pipeline(transaction=False)
     for run_id in run_ids:
         pipe.hmget(keys.run(run_id), *RUN_FIELDS)
-    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True)) for raw in (pipe.execute() if run_ids else [])]
+    answers = answers_or_report(pipe, [keys.run(run_id) for run_id in run_ids], None)
+    records = [dict(zip(RUN_FIELDS, map(text, raw), strict=True)) for raw in answers if raw is not None]
     return _with_progress(conn, records)
 
 
@@ -363,10 +567,10 @@ def run_status(conn: redis.Redis, run_id: str) -> str:
 
 
 def run_cell(conn: redis.Redis, run_id: str) -> dict[str, Any]:
-    raw = conn.hget(keys.run(run_id), "cell")
+    raw = _run_field(conn, run_id, "cell")
     if raw is None:
         raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
-    return dict(json.loads(text(raw)))
+    return Fields(keys.run(run_id), {"cell": raw}).json("cell", dict, {}, then="the run is shown without its cell")
 
 
 def loss_curve(conn: redis.Redis, run_id: str) -> tuple[list[tuple[int, float]], list[str]]:
@@ -374,34 +578,46 @@ def loss_curve(conn: redis.Redis, run_id: str) -> tuple[list[tuple[int, float]],
     starts from ended (a few-shot stage after MTL step 1000 starts at 1001; two few-shot stages of the same
     MTL model both do, as branches), with a NaN loss between two stages (where a line must not join them).
     Also a name for each stage drawn, in order: its task for a few-shot stage (branches look alike), "" for MTL."""
-    raw_stages = conn.hget(keys.run(run_id), "stages")
-    if raw_stages is None:
-        raise NotFound(f'no run with id "{run_id}"; `stl status --json` lists run ids')
-    stage_ids = json.loads(text(raw_stages))
+    stage_ids = _stage_ids(conn, run_id)
     pipe = conn.pipeline(transaction=False)
+    keys_read = []
     for sid in stage_ids:
         pipe.hget(keys.stage(sid), "spec")
         pipe.lrange(keys.stage_steps(sid), 0, -1)
-    answers = pipe.execute()
+        keys_read += [keys.stage(sid), keys.stage_steps(sid)]
+    answers = answers_or_report(pipe, keys_read, None) if stage_ids else []
     points: list[tuple[int, float]] = []
     names: list[str] = []
     ends: dict[str, int] = {}  # the x where each stage's model was left: its children start there
     for index, sid in enumerate(stage_ids):
-        spec, raw_steps = answers[2 * index], answers[2 * index + 1]
-        fields = json.loads(text(spec)) if spec else {}
+        spec, raw_steps = answers[2 * index], answers[2 * index + 1] or []
+        fields = json_or_report(keys.stage(sid), "field spec", text(spec), dict, {},
+                                then="its steps are drawn from step 0") if spec else {}
         parent = fields.get("parent")
-        offset = ends.get(parent, 0) if parent else 0
-        records = [json.loads(text(x)) for x in raw_steps]
-        # Evaluation reports progress without a loss (None or NaN): only training steps make the curve.
-        steps = [s for s in records if isinstance(s.get("loss"), int | float) and s["loss"] == s["loss"]]
-        # A stage resumed from its checkpoint reports the steps after it again: the last report of each counts.
-        steps = sorted({int(s["step"]): s for s in steps}.values(), key=lambda s: int(s["step"]))
-        ends[sid] = offset + max((int(s["step"]) for s in steps), default=0)
+        offset = ends.get(parent, 0) if isinstance(parent, str) else 0
+        steps = _training_steps(keys.stage_steps(sid), raw_steps)
+        ends[sid] = offset + max((step for step, _ in steps), default=0)
         if not steps:
             continue
         if points:  # a new stage (another task, or fine-tuning after MTL): the plot breaks the line here
             points.append((offset, math.nan))
-        names.append(", ".join(fields.get("tasks") or ()) if fields.get("kind") == StageKind.finetune.value else "")
-        for step in steps:
-            points.append((offset + int(step["step"]), float(step["loss"])))
+        tasks = fields.get("tasks")
+        tasks = tasks if isinstance(tasks, list) else []
+        names.append(", ".join(map(str, tasks)) if fields.get("kind") == StageKind.finetune.value else "")
+        points += [(offset + step, loss) for step, loss in steps]
     return points, names
+
+
+def _training_steps(key: str, raw_steps: list[bytes]) -> list[tuple[int, float]]:
+    """(step, loss) of a stage's step records, by step; a record that is not what stl writes is reported."""
+    by_step: dict[int, float] = {}
+    for raw in raw_steps:
+        record = json_or_report(key, "a step record", text(raw), dict, {})
+        step, loss = record.get("step"), record.get("loss")
+        if record and (isinstance(step, bool) or not isinstance(step, int)):
+            report_damaged(key, f"a step record has no step number ({text(raw)[:60]!r}); left out")
+            continue
+        # Evaluation reports progress without a loss (None or NaN): only training steps make the curve.
+        if isinstance(step, int) and isinstance(loss, int | float) and not isinstance(loss, bool) and loss == loss:
+            by_step[step] = float(loss)  # a stage resumed from its checkpoint reports steps again: the last counts
+    return sorted(by_step.items())

@@ -24,6 +24,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.layout import LOG_FILE
 from jobs.queueing import job_id_for, stage_id_for
+from jobs.records import json_or_report
 from jobs.runstate import update_runs_if
 from jobs.specs import RunStatus
 from jobs.states import LIVE
@@ -166,9 +167,10 @@ def find_dropped_jobs(conn: redis.Redis, *, chunk: int = 2000) -> list[str]:
         pipe = conn.pipeline(transaction=False)
         for run_id in run_ids[first:first + chunk]:
             pipe.hmget(keys.run(run_id), "status", "stages")
-        for status, stages in pipe.execute():
+        for run_id, (status, stages) in zip(run_ids[first:first + chunk], pipe.execute(), strict=True):
             if text(status) in LIVE and stages:
-                stage_ids.update(json.loads(text(stages)))
+                stage_ids.update(json_or_report(keys.run(run_id), "field stages", text(stages), list, [],
+                                                then="its stages are not checked"))
     ordered = sorted(stage_ids)
     queued: list[tuple[str, str]] = []  # (job id, queue name)
     for first in range(0, len(ordered), chunk):
@@ -268,16 +270,21 @@ def _started_by_a_dead_worker(conn: redis.Redis, job: Job) -> bool:
 
 def fail_stage(conn: redis.Redis, settings: Settings, stage_id: str, message: str) -> None:
     """Record a stage whose horse cannot be trusted to finish it as failed, on it and on its runs."""
-    from jobs.entry import finish_stage
+    from jobs.entry import fail_unreadable_stage, finish_stage
     from jobs.specs import StageSpec
 
     stage_key = keys.stage(stage_id)
     raw_spec, raw_started, user = conn.hmget(stage_key, "spec", "started_at", "user")
     if not raw_spec:
         return
-    conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
-    finish_stage(conn, settings, stage_id, StageSpec.model_validate_json(text(raw_spec)), status=RunStatus.failed,
-                 error=message, started=float(text(raw_started) or time.time()), user=text(user) or "unknown")
+    try:
+        spec = StageSpec.model_validate_json(text(raw_spec))
+    except ValueError as e:  # not what stl writes: it fails for that
+        fail_unreadable_stage(conn, settings, stage_id, e)
+        return
+    if finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
+                    started=float(text(raw_started) or time.time()), user=text(user) or "unknown"):
+        conn.rpush(keys.stage_log(stage_id), f"{time.strftime('%Y-%m-%d %H:%M:%S')} failed: {message}")
     conn.delete(keys.stage_lease(stage_id))
 
 

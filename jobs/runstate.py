@@ -8,16 +8,19 @@ cancel removed), or a cancel turn a finished run into a canceled one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from jobs import keys
 from jobs.codec import text
+from jobs.fence import eval_fenced
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
 
     import redis
 
+    from jobs.fence import StageFence
     from jobs.states import RunStatus
 
 
@@ -44,12 +47,30 @@ return written
 
 # The end of a stage, on the stage and on every live run that needs it, in one step (a horse that dies
 # half-way must not leave the stage finished and its runs waiting). KEYS: the stage hash, the running-stages
-# set, the stage's runs set. ARGV[1]: JSON, see finish_stage_records. Returns JSON {runs, grids, finished}.
+# set, the stage's runs set. ARGV[1]: JSON, see finish_stage_records. Returns JSON {runs, grids, finished,
+# incomplete}, or {already = true} for a stage that finished before: ending it again changes nothing (its runs
+# counted it once). A run whose stages are all done but that lacks a result its eval stages should have given
+# fails, naming them: "finished" means every result is there.
 _FINISH = """
 local p = cjson.decode(ARGV[1])
+if redis.call('HGET', KEYS[1], 'status') == 'finished' then return cjson.encode({already = true}) end
 redis.call('HSET', KEYS[1], unpack(p.stage_fields))
+local expected = {}  -- eval stage id -> its tasks (many runs may share one eval stage)
+local function missing_results(rkey, evals)
+  local missing = {}
+  for _, e in ipairs(evals) do
+    if not expected[e] then
+      local ok, spec = pcall(cjson.decode, redis.call('HGET', p.stage_prefix .. e, 'spec') or '')
+      expected[e] = (ok and type(spec) == 'table' and type(spec.tasks) == 'table') and spec.tasks or {}
+    end
+    for _, task in ipairs(expected[e]) do
+      if redis.call('HEXISTS', rkey .. p.results_suffix, task) == 0 then missing[#missing + 1] = task end
+    end
+  end
+  return missing
+end
 redis.call('SREM', KEYS[2], p.stage)
-local runs, grids, finished, seen_grid = {}, {}, {}, {}
+local runs, grids, finished, incomplete, seen_grid = {}, {}, {}, {}, {}
 for _, run_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   runs[#runs + 1] = run_id
   local rkey = p.run_prefix .. run_id
@@ -68,8 +89,16 @@ for _, run_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
       redis.call('HINCRBY', rkey, 'work_done', p.work)
       local done = redis.call('HINCRBY', rkey, 'stages_done', 1)
       if done >= (tonumber(redis.call('HGET', rkey, 'n_stages') or '0') or 0) then
-        redis.call('HSET', rkey, 'status', 'finished', 'ended_at', p.now, 'current_stage', '')
-        finished[#finished + 1] = run_id
+        local missing = missing_results(rkey, evals)
+        if #missing == 0 then
+          redis.call('HSET', rkey, 'status', 'finished', 'ended_at', p.now, 'current_stage', '')
+          finished[#finished + 1] = run_id
+        else
+          redis.call('HSET', rkey, 'status', 'failed', 'ended_at', p.now, 'current_stage', '', 'error',
+            'its stages ended, but the results of ' .. table.concat(missing, ', ') .. ' are missing; ' ..
+            '`stl retry` runs it again')
+          incomplete[#incomplete + 1] = run_id
+        end
       else
         redis.call('HSET', rkey, 'status', 'queued', 'current_stage', '')
       end
@@ -78,7 +107,7 @@ for _, run_id in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     end
   end
 end
-return cjson.encode({runs = runs, grids = grids, finished = finished})
+return cjson.encode({runs = runs, grids = grids, finished = finished, incomplete = incomplete})
 """
 
 
@@ -99,39 +128,54 @@ def _flat(mapping: Mapping[str, Any]) -> list[str]:
 
 
 def update_runs_if(conn: redis.Redis, run_ids: Iterable[str], *, allowed: Iterable[str],
-                   fields: Mapping[str, Any], fields_if_unset: Mapping[str, Any] | None = None) -> list[str]:
-    """Write `fields` on each run whose status is one of `allowed` at that moment; returns those runs."""
+                   fields: Mapping[str, Any], fields_if_unset: Mapping[str, Any] | None = None,
+                   fence: StageFence | None = None) -> list[str]:
+    """Write `fields` on each run whose status is one of `allowed` at that moment; returns those runs. With a
+    work horse's `fence`, only while no other horse has taken its stage since (else StageLeaseLost)."""
     ids = list(run_ids)
     if not ids:
         return []
-    written = conn.register_script(_UPDATE_IF)(
-        keys=[keys.run(run_id) for run_id in ids],
-        args=[json.dumps(list(allowed)), json.dumps(_flat(fields)), json.dumps(_flat(fields_if_unset or {}))])
+    args = [json.dumps(list(allowed)), json.dumps(_flat(fields)), json.dumps(_flat(fields_if_unset or {}))]
+    written = eval_fenced(conn, fence, _UPDATE_IF, [keys.run(run_id) for run_id in ids], args)
     return [run_id for run_id, ok in zip(ids, written, strict=True) if int(ok)]
 
 
-def start_stage_record(conn: redis.Redis, stage_id: str, fields: Mapping[str, Any]) -> str:
+def start_stage_record(conn: redis.Redis, stage_id: str, fields: Mapping[str, Any], *,
+                       fence: StageFence | None = None) -> str:
     """Mark a stage running (with `fields`) if it is still queued or running: "started", else its status
     ("" when it has no record)."""
-    return text(conn.eval(_START_IF_LIVE, 2, keys.stage(stage_id), keys.RUNNING_STAGES, stage_id, *_flat(fields)))
+    return text(eval_fenced(conn, fence, _START_IF_LIVE, [keys.stage(stage_id), keys.RUNNING_STAGES],
+                            [stage_id, *_flat(fields)]))
+
+
+@dataclass(frozen=True)
+class StageEnd:
+    """What recording a stage's end did."""
+
+    runs: list[str] = field(default_factory=list)  # every run of the stage
+    grids: list[str] = field(default_factory=list)  # the grids of its live runs
+    finished: list[str] = field(default_factory=list)  # the runs it finished, every result there
+    incomplete: list[str] = field(default_factory=list)  # runs it ended that lack results: failed, naming them
+    already: bool = False  # the stage had finished before: nothing was written
 
 
 def finish_stage_records(conn: redis.Redis, stage_id: str, *, status: RunStatus, stage_fields: Mapping[str, Any],
-                         work: int, metrics: list[dict[str, Any]], now: float, run_error: str
-                         ) -> tuple[list[str], list[str], list[str]]:
-    """Record a stage's end on it and its live runs. Returns (every run of the stage, the grids of the live
-    ones, the runs it finished)."""
+                         work: int, metrics: list[dict[str, Any]], now: float, run_error: str,
+                         fence: StageFence | None = None) -> StageEnd:
+    """Record a stage's end on it and its live runs, once: a stage that finished already is left as it is.
+    With a work horse's `fence`, only while no other horse has taken the stage since (else StageLeaseLost)."""
     # Each task's result as Python writes it (cjson would round the floats to 14 digits).
     results = [part for metric in metrics for part in (metric["task"], json.dumps({**metric, "stage": stage_id}))]
     payload = {"stage": stage_id, "status": status.value, "stage_fields": _flat(stage_fields), "work": int(work),
                "results": results, "now": repr(now), "run_error": run_error, "run_prefix": keys.run(""),
-               "results_suffix": keys.run_results("").removeprefix(keys.run(""))}
-    raw = conn.register_script(_FINISH)(
-        keys=[keys.stage(stage_id), keys.RUNNING_STAGES, keys.stage_runs(stage_id)], args=[json.dumps(payload)])
+               "results_suffix": keys.run_results("").removeprefix(keys.run("")), "stage_prefix": keys.stage("")}
+    raw = eval_fenced(conn, fence, _FINISH, [keys.stage(stage_id), keys.RUNNING_STAGES, keys.stage_runs(stage_id)],
+                      [json.dumps(payload)])
     answer = json.loads(text(raw))
 
     def listed(name: str) -> list[str]:  # cjson writes an empty list as {}
         value = answer.get(name) or []
         return [str(v) for v in value] if isinstance(value, list) else []
 
-    return listed("runs"), listed("grids"), listed("finished")
+    return StageEnd(runs=listed("runs"), grids=listed("grids"), finished=listed("finished"),
+                    incomplete=listed("incomplete"), already=bool(answer.get("already")))

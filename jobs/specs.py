@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from jobs.metrics import ChoosableMetric  # noqa: TC001 - pydantic reads the annotation at runtime
 from jobs.states import Priority, RunStatus, StageKind, TaskType
 
 __all__ = ["EvalConfig", "Priority", "RunSpec", "RunStatus", "StageKind", "StageSpec", "TaskType", "TrainConfig"]
@@ -15,9 +16,6 @@ __all__ = ["EvalConfig", "Priority", "RunSpec", "RunStatus", "StageKind", "Stage
 
 class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class TrainConfig(Frozen):
@@ -55,8 +53,8 @@ class EvalConfig(Frozen):
     samples: Annotated[int, Field(ge=0, le=100)] = 5
     # Greedy decoding with a static KV cache that torch.compile turns into CUDA graphs (CUDA only).
     compile: bool = False
-    # The classification accuracy that results report first (all three are recorded): jobs/evaluate.py.
-    metric: Literal["accuracy", "accuracy_norm", "accuracy_gen"] = "accuracy"
+    # The classification accuracy that results report first (all three are recorded): jobs/metrics.py.
+    metric: ChoosableMetric = "accuracy"
 
 
 class StageSpec(Frozen):

@@ -40,6 +40,9 @@ class StageContext:
     oom_at_step: int | None = None  # test-only fault injection, see TrainRun.oom_at_step
     # Compile caches, token ids and row indexes shared by stages; None: STL_HOME/cache from the settings.
     cache_dir: Path | None = None
+    # Raises StageLeaseLost once another work horse took the stage over (jobs.fence); called right before a
+    # checkpoint, model or metrics file is committed, so a stale horse never replaces a newer one's.
+    fence: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -82,8 +85,9 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
             on_step=ctx.on_step,
         )
         outcome = StageOutcome(metrics=metrics)
-        _write_json(ctx.workdir / METRICS_FILE, outcome.to_dict()["metrics"])
-        _write_json(done, {"stage_id": spec.stage_id, "metrics": outcome.to_dict()["metrics"]})
+        _write_json(ctx.workdir / METRICS_FILE, outcome.to_dict()["metrics"], before_commit=ctx.fence)
+        _write_json(done, {"stage_id": spec.stage_id, "metrics": outcome.to_dict()["metrics"]},
+                    before_commit=ctx.fence)
         return outcome
     pruned = ctx.workdir / PRUNED_FILE
     if pruned.is_file():
@@ -100,6 +104,7 @@ def execute_stage(spec: StageSpec, ctx: StageContext) -> StageOutcome:
         log=ctx.log,
         oom_at_step=ctx.oom_at_step,
         cache_dir=cache_dir,
+        fence=ctx.fence,
     )
     outcome = StageOutcome(train=train(run, on_step=ctx.on_step))
     (ctx.workdir / PRUNED_FILE).unlink(missing_ok=True)  # trained again after `stl disk --prune`
@@ -122,8 +127,8 @@ def _parent_model_dir(parent_dir: Path | None) -> Path | None:
         "machines need one shared STL_HOME (NFS, say)", parent_dir=parent_dir, why=why)
 
 
-def _write_json(path: Path, value: Any) -> None:
-    write_atomically(path, json.dumps(value, indent=2) + "\n")
+def _write_json(path: Path, value: Any, *, before_commit: Callable[[], None]) -> None:
+    write_atomically(path, json.dumps(value, indent=2) + "\n", before_commit=before_commit)
 
 
 def preload_libraries() -> None:

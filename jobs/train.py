@@ -115,6 +115,9 @@ class TrainRun:
     # per batch (MTL); 0: always in the step's own thread. The batches are the same either way (a benchmark
     # and a test compare the two).
     prefetch_batches: int = 2
+    # Raises StageLeaseLost once another work horse took the stage over (jobs.fence): called right before a
+    # checkpoint, the model or done.json replaces what is on disk.
+    fence: Callable[[], None] = lambda: None
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
     if finished is not None:
         cfg.log(f"stage {spec.stage_id} already trained ({finished.steps} steps); reusing its model")
         return finished
-    store = CheckpointStore(cfg.workdir, spec.stage_id, cfg.log)
+    store = CheckpointStore(cfg.workdir, spec.stage_id, cfg.log, fence=cfg.fence)
     checkpoint = _resume_point(store, cfg)
     if checkpoint is None:
         plan = _Plan.for_micro_batch(settings.batch_size, math.ceil(settings.batch_size / settings.grad_accum))
@@ -239,7 +242,7 @@ def _resume_point(store: CheckpointStore, cfg: TrainRun) -> Checkpoint | None:
 
 def _mark_done(cfg: TrainRun, outcome: TrainOutcome, store: CheckpointStore) -> None:
     done = {"stage_id": cfg.spec.stage_id, "train": outcome.to_dict()}
-    write_atomically(cfg.workdir / DONE_FILE, json.dumps(done, indent=2) + "\n")
+    write_atomically(cfg.workdir / DONE_FILE, json.dumps(done, indent=2) + "\n", before_commit=cfg.fence)
     # Only now are the checkpoints redundant: a crash before this line resumes and finishes again.
     store.remove_all()
     cfg.log(f"stage {cfg.spec.stage_id} trained: {outcome.steps} steps, final loss {outcome.final_loss:.4f}")
@@ -445,7 +448,7 @@ class _TrainingSession:
         return loss_value, run.samples, run.tokens
 
     def _finish(self, final_loss: float, samples: int, tokens: int, seconds: float) -> TrainOutcome:
-        save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR)
+        save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR, before_replace=self.cfg.fence)
         return TrainOutcome(
             steps=self.step,
             final_loss=final_loss,

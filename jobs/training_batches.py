@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from jobs import axes
 from jobs import data as data_lib
 from jobs.acceleration import bucketed_length, length_buckets
 from jobs.model_inputs import IGNORE_INDEX
@@ -165,10 +166,8 @@ class TrainingBatches:
                 "kind": "few-shot",
                 "data": fingerprint,
                 "tasks": list(spec.tasks),
-                "shots": spec.shots,
                 "holdout": spec.holdout,
-                "seed": spec.seed,
-                "instructions": spec.instructions,
+                **axes.token_key_fields(spec, axes.FEW_SHOT_TOKENS),  # shots, seed, instructions
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "source_limit": self.source_limit,
                 "target_limit": self.target_limit,

@@ -21,6 +21,8 @@ from jobs.connection import redis_server_binary
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from tests.helpers import Workers
+
 REPO = Path(__file__).resolve().parents[1]
 INSTRUCTDIAL = REPO.parent / "shared" / "data" / "instructdial"
 
@@ -130,3 +132,11 @@ def instructdial_sample() -> Path:
     if not path.is_file():
         pytest.skip(f"InstructDial sample not found at {path} (it lives in ../shared/data, outside the repo)")
     return path
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    """A pool of real `stl worker` subprocesses (tests.helpers.Worker), stopped when the test ends."""
+    from tests.helpers import worker_pool
+
+    yield from worker_pool(tmp_path)

@@ -11,25 +11,27 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs.analysis import (
-    CellStat,
-    Pivot,
-    PivotRow,
+from cli.render_analysis import (
     build_effect_table,
-    build_pivot,
     build_pivot_table,
-    effect_sizes,
     effect_summary,
     effect_table_rows,
     effect_to_json,
     format_percent,
     format_stat,
-    parse_effect,
     pivot_table_rows,
     pivot_to_csv,
     pivot_to_json,
     pivot_to_markdown,
     type_columns_only,
+)
+from jobs.analysis import (
+    CellStat,
+    Pivot,
+    PivotRow,
+    build_pivot,
+    effect_sizes,
+    parse_effect,
 )
 from jobs.errors import UsageError
 
@@ -319,7 +321,7 @@ def test_rich_table_cells() -> None:
         "intent\n(accuracy)",
         "resp\n(ROUGE-L)",
     ]
-    assert table.title == "g: instructions = true"
+    assert str(table.title) == "g: instructions = true"
     cells = [[str(cell) for cell in column._cells] for column in table.columns]
     assert cells[0] == ["tiny:bart", "small|t5"]
     assert cells[1] == ["0.600 ± 0.141 (n=2)", "0.250 (n=1/2)"]
@@ -350,7 +352,7 @@ def test_rich_table_fits_the_terminal() -> None:
 def test_one_run_per_row_shows_no_spread() -> None:
     rows = [result(make_cell(model=m), "intent", 0.5) for m in ("tiny:bart", "tiny:t5")]
     table = build_pivot_table(build_pivot(rows, [summary(make_cell(model=m)) for m in ("tiny:bart", "tiny:t5")]))
-    assert table.caption == "one run per row: no spread to report"
+    assert str(table.caption) == "one run per row: no spread to report"
     assert table_cells(table)[1] == ["0.500", "0.500"]
 
 

@@ -18,6 +18,7 @@ from jobs.data import (
     DEMO_EVAL_TASKS,
     DEMO_TRAIN_TASKS,
     Example,
+    Mixture,
     answer_candidates,
     correct_options,
     cycle_shuffled,
@@ -26,7 +27,6 @@ from jobs.data import (
     is_correct,
     k_shot,
     length_grouped_batches,
-    mixture,
     normalize_answer,
     parse_options,
     read_examples,
@@ -147,7 +147,7 @@ def test_bad_sources_raise_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="output"):
         list(read_examples(str(no_output)))
     with pytest.raises(DataError, match="no examples"):
-        list(islice(mixture(str(no_output), ["zzz"], cap=10, seed=0), 1))
+        list(islice(Mixture(str(no_output), ["zzz"], cap=10, seed=0).stream(), 1))
 
 
 def test_unreachable_hf_dataset_is_a_data_error() -> None:
@@ -168,7 +168,7 @@ def test_hf_sources_read_and_mix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     assert [e.output for e in read_examples("hf:org/dial:text2text", ["b"])] == ["b0", "b1", "b2"]
     assert seen[-1] == ("org/dial", "text2text", True)
-    drawn = list(islice(mixture("hf:org/dial", ["a", "b"], cap=100, seed=1), 90))
+    drawn = list(islice(Mixture("hf:org/dial", ["a", "b"], cap=100, seed=1).stream(), 90))
     assert Counter(e.task for e in drawn)["a"] > Counter(e.task for e in drawn)["b"]
     assert {e.output for e in drawn} == {r["output"] for r in rows}
     assert task_catalog("hf:org/dial") == {}
@@ -221,7 +221,7 @@ def test_k_shot_does_not_depend_on_hash_randomization(demo: Path) -> None:
 
 
 def test_mixture_is_examples_proportional_with_a_cap(sized: Path) -> None:
-    drawn = list(islice(mixture(str(sized), ["mid", "small", "big"], cap=100, seed=0), 4200))
+    drawn = list(islice(Mixture(str(sized), ["mid", "small", "big"], cap=100, seed=0).stream(), 4200))
     counts = Counter(e.task for e in drawn)
     # Rates 100 : 10 : min(1000, 100) -> 1/2.1, 0.1/2.1, 1/2.1.
     assert abs(counts["mid"] / 4200 - 100 / 210) < 0.04
@@ -252,15 +252,15 @@ def test_task_is_found_in_odd_rows(tmp_path: Path) -> None:
         'quote"d': TaskType.generation,
         "gen": TaskType.generation,
     }
-    assert [e.task for e in islice(mixture(str(path), ['quote"d'], cap=5, seed=0), 2)] == ['quote"d'] * 2
+    assert [e.task for e in islice(Mixture(str(path), ['quote"d'], cap=5, seed=0).stream(), 2)] == ['quote"d'] * 2
 
 
 def test_mixture_is_deterministic_and_resumable(sized: Path) -> None:
     tasks = ["mid", "small", "big"]
-    full = [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=5), 300)]
-    assert full == [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=5), 300)]
-    assert full != [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=6), 300)]
-    resumed = [e.output for e in islice(mixture(str(sized), tasks, cap=50, seed=5, start=123), 177)]
+    full = [e.output for e in islice(Mixture(str(sized), tasks, cap=50, seed=5).stream(), 300)]
+    assert full == [e.output for e in islice(Mixture(str(sized), tasks, cap=50, seed=5).stream(), 300)]
+    assert full != [e.output for e in islice(Mixture(str(sized), tasks, cap=50, seed=6).stream(), 300)]
+    resumed = [e.output for e in islice(Mixture(str(sized), tasks, cap=50, seed=5).stream(123), 177)]
     assert resumed == full[123:]
 
 
@@ -274,7 +274,7 @@ def test_cycle_shuffled_reshuffles_each_epoch_and_resumes() -> None:
 
 def test_length_grouped_batches_resume_exactly(sized: Path) -> None:
     def stream_from(start: int) -> Any:
-        return mixture(str(sized), ["mid", "big"], cap=1000, seed=2, start=start)
+        return Mixture(str(sized), ["mid", "big"], cap=1000, seed=2).stream(start)
 
     def batches(start_batch: int, count: int) -> list[list[str]]:
         produced = length_grouped_batches(
@@ -322,7 +322,7 @@ def test_row_index_cache_gives_the_same_samples_and_is_rebuilt_when_the_file_cha
     sized: Path, tmp_path: Path
 ) -> None:
     cache, lines = tmp_path / "cache", []
-    plain = list(islice(mixture(str(sized), ["mid", "small"], cap=50, seed=3), 200))
+    plain = list(islice(Mixture(str(sized), ["mid", "small"], cap=50, seed=3).stream(), 200))
     cached_first = data.Mixture(str(sized), ["mid", "small"], cap=50, seed=3, cache_dir=cache, log=lines.append)
     cached_again = data.Mixture(str(sized), ["small", "big"], cap=50, seed=3, cache_dir=cache, log=lines.append)
     assert ["miss" in lines[0], "hit" in lines[1]] == [True, True]  # one pass indexes every task

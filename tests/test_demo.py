@@ -23,7 +23,7 @@ from jobs import keys
 from jobs.errors import RedisUnavailable
 from jobs.private_redis import MAX_SOCKET_PATH, private_dir, private_redis
 from tests.conftest import REPO, RedisServer, free_port
-from tests.test_faults import child_env, small_grid, stl, wait_for
+from tests.helpers import child_env, small_grid, stl, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -18,7 +18,7 @@ import pytest
 from jobs import keys
 from jobs.codec import text
 from tests.conftest import REPO, RedisServer, free_port
-from tests.test_faults import (
+from tests.helpers import (
     Workers,
     child_env,
     enqueue,
@@ -27,7 +27,6 @@ from tests.test_faults import (
     small_grid,
     stl,
     wait_for,
-    worker_pool,
 )
 
 if TYPE_CHECKING:
@@ -39,10 +38,6 @@ if TYPE_CHECKING:
 AOF_WINDOW_S = 1.0  # appendfsync everysec
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 @pytest.fixture

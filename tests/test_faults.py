@@ -1,202 +1,37 @@
 """Faults inside a stage: out of memory, time limits, a full disk, models that do not exist.
 
-Also the helpers the other fault tests share: real worker subprocesses, the CLI as a subprocess, polling.
 Every test here runs real redis-server and real `stl worker` processes; nothing is mocked.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from jobs import keys
 from jobs.codec import text
-from tests.conftest import REPO
-from tests.helpers import write_grid
+from tests.helpers import (
+    Workers,
+    child_env,
+    enqueue,
+    grid_done,
+    run_statuses,
+    runs_by_model,
+    small_grid,
+    status_json,
+    stl,
+    wait_for,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+
+    from pathlib import Path
 
     import redis
-
-# One small training grid: a stage takes a few seconds on a CPU.
-TRAIN = {"max_steps": 6, "batch_size": 4, "learning_rate": 1.0e-3, "max_source_length": 64,
-         "max_target_length": 8, "checkpoint_every": 2}
-EVAL = {"max_examples": 4, "batch_size": 4, "max_new_tokens": 4, "max_source_length": 64}
-TASKS = {"train": ["sentiment_classification"], "eval": ["emotion_classification"]}
-
-
-def small_grid(directory: Path, data: Path, name: str, *, filename: str | None = None,
-               models: list[str] | None = None, mtl: list[str] | None = None, shots: list[int] | None = None,
-               seeds: list[int] | None = None, train: dict[str, Any] | None = None, **top: Any) -> Path:
-    axes = {"model": models or ["tiny:bart"], "mtl": mtl or ["none"], "instructions": [True],
-            "shots": shots if shots is not None else [4], "seed": seeds or [0]}
-    return write_grid(directory, data, filename or f"{name}.yaml", name=name, tasks=TASKS, grid=axes,
-                      train={**TRAIN, **(train or {})}, eval=EVAL, **top)
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The environment of an stl subprocess: this test's STL_* settings, plus `extra`."""
-    # One intra-op thread per process: several horses and workers share two cores, and torch's default
-    # (a thread per core in every process) makes them thrash, a step taking ten times as long.
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1", **extra}
-    env.pop("STL_FAULT_INJECT", None)
-    if "STL_FAULT_INJECT" in extra:
-        env["STL_FAULT_INJECT"] = extra["STL_FAULT_INJECT"]
-    return env
-
-
-def stl(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO,
-                          env=env or child_env(), timeout=timeout, check=False)
-
-
-@dataclass
-class Worker:
-    """An `stl worker` subprocess in its own session. Its work horse puts itself in a group of its own
-    (RQ calls setpgrp), so killing "the worker and its horse" means both groups."""
-
-    log: Path
-    env: dict[str, str]
-    burst: bool = False
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def start(self) -> Worker:
-        args = [sys.executable, "-m", "cli.main", "worker", *(["--burst"] if self.burst else [])]
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL to the worker's process group (not its horse: see kill_horse)."""
-        if self.alive():
-            os.killpg(self.pid, signal.SIGKILL)
-        if self.process is not None:
-            self.process.wait(timeout=30)
-
-    def wait(self, timeout: float) -> int:
-        assert self.process is not None
-        return self.process.wait(timeout=timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-
-def kill_horse(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)  # the horse leads its own process group
-
-
-def parent_pid(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("PPid:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-class Workers:
-    """Every worker a test starts, killed at the end whatever happens; their logs shown on failure."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.started: list[Worker] = []
-
-    def start(self, *, burst: bool = False, env: dict[str, str] | None = None) -> Worker:
-        log = self.directory / f"worker-{len(self.started)}.log"
-        worker = Worker(log=log, env=env or child_env(), burst=burst).start()
-        self.started.append(worker)
-        return worker
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {w.log.name} (pid {w.pid})\n{w.output()[-4000:]}" for w in self.started)
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.kill()
-
-
-def worker_pool(directory: Path) -> Iterator[Workers]:
-    """For a `workers` fixture: every worker started through it is killed when the test ends."""
-    pool = Workers(directory)
-    try:
-        yield pool
-    finally:
-        pool.stop_all()
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
-
-
-def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.1,
-             diagnostics: Callable[[], str] | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{diagnostics()}" if diagnostics else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{extra}")
-        time.sleep(interval)
-
-
-def run_statuses(conn: redis.Redis, grid: str) -> dict[str, str]:
-    ids = [text(r) for r in conn.zrange(keys.grid_runs(grid), 0, -1)]
-    pipe = conn.pipeline(transaction=False)
-    for run_id in ids:
-        pipe.hget(keys.run(run_id), "status")
-    return {run_id: text(s) for run_id, s in zip(ids, pipe.execute(), strict=True)}
-
-
-def grid_done(conn: redis.Redis, grid: str) -> bool:
-    statuses = run_statuses(conn, grid)
-    return bool(statuses) and all(s in ("finished", "failed", "canceled") for s in statuses.values())
-
-
-def status_json(env: dict[str, str] | None = None) -> dict[str, Any]:
-    result = stl("status", "--json", env=env)
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return dict(json.loads(result.stdout))
-
-
-def runs_by_model(payload: dict[str, Any], grid: str) -> dict[str, dict[str, Any]]:
-    return {run["cell"]["model"]: run for run in payload["runs"] if run["grid"] == grid}
-
-
-def stage_log(conn: redis.Redis, stage_id: str) -> list[str]:
-    return [text(line) for line in conn.lrange(keys.stage_log(stage_id), 0, -1)]
-
-
-def enqueue(path: Path, env: dict[str, str] | None = None) -> None:
-    result = stl("enqueue", str(path), env=env)
-    assert result.returncode == 0, result.stderr
-
 
 # --- scenario 4: out of memory ----------------------------------------------------------------------
 

@@ -21,18 +21,17 @@ import pytest
 
 from jobs import keys
 from jobs.codec import text
-from tests.helpers import newest_checkpoint
-from tests.test_faults import (
+from tests.helpers import (
     child_env,
     enqueue,
     grid_done,
+    newest_checkpoint,
     run_statuses,
     small_grid,
     stage_log,
     status_json,
     stl,
     wait_for,
-    worker_pool,
 )
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
     import redis
     import torch
 
-    from tests.test_faults import Workers
+    from tests.helpers import Workers
 
 # A tiny:bart checkpoint (weights and AdamW state) takes about 6.4 MB: one fits in 10 MB, two do not.
 ONE_CHECKPOINT_FITS = "10m"
@@ -84,10 +83,6 @@ def small_disk(tmp_path: Path) -> Iterator[Tmpfs]:
     with tmpfs(tmp_path / "small-disk", ONE_CHECKPOINT_FITS) as disk:
         yield disk
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 @contextlib.contextmanager

@@ -168,12 +168,13 @@ def test_eval_compile_is_a_boolean_carried_into_eval_stages_only(tmp_path: Path,
     assert problem.startswith(f"{path}:{line}: eval.compile: "), problem
 
 
-def test_the_readme_grid_is_valid_as_it_stands(tmp_path: Path) -> None:
+@pytest.mark.parametrize("document", ["README.md", "docs/grid.md"])
+def test_the_documented_grid_is_valid_as_it_stands(tmp_path: Path, document: str) -> None:
     from tests.conftest import REPO, instructdial_sample
 
     sample = instructdial_sample()
-    readme = (REPO / "README.md").read_text()
-    block = readme.split("## The grid file\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    text = (REPO / document).read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     relative = "../shared/data/instructdial/sample_text2text.jsonl"
     assert f"data: {relative}" in block  # relative to the repository's top, where the README says to save it
     path = tmp_path / "readme.yaml"

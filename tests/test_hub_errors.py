@@ -20,7 +20,7 @@ from cli.render import ERROR_CHARS
 from jobs import keys
 from jobs.codec import text
 from tests.conftest import REPO, free_port
-from tests.test_faults import child_env, enqueue, grid_done, runs_by_model, small_grid, stage_log, stl
+from tests.helpers import child_env, enqueue, grid_done, runs_by_model, small_grid, stage_log, stl
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -26,7 +26,7 @@ import pytest
 
 from jobs.data import DEMO_FILE
 from tests.conftest import REPO
-from tests.test_faults import TASKS, small_grid
+from tests.helpers import TASKS, small_grid
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -139,7 +139,7 @@ class FreshVenv:
         """Only what stl needs: nothing of the development venv (no PYTHONPATH, its bin/ off PATH)."""
         kept = {key: os.environ[key] for key in ("TMPDIR", "LANG") if key in os.environ}
         return {**kept, "PATH": f"{self.bin}{os.pathsep}/usr/bin{os.pathsep}/bin", "PYTHONUNBUFFERED": "1",
-                "COLUMNS": "200", "OMP_NUM_THREADS": "1",  # two cores, shared: see tests/test_faults.child_env
+                "COLUMNS": "200", "OMP_NUM_THREADS": "1",  # two cores, shared: see tests/helpers.child_env
                 "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **settings}
 
     def run(self, *args: str, environment: dict[str, str], cwd: Path,

@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING
 import pytest
 
 from jobs import keys
-from tests.test_faults import Workers, enqueue, small_grid, stl, wait_for, worker_pool
+from tests.helpers import Workers, enqueue, small_grid, stl, wait_for
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     import redis
@@ -27,10 +26,6 @@ POLLS_EACH = 3
 BURSTS = 3
 ENQUEUES_PER_BURST = 4
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.grid import parse_grid
 from tests.conftest import RedisServer, free_port
-from tests.test_faults import Workers, child_env, grid_done, run_statuses, small_grid, stl, wait_for, worker_pool
+from tests.helpers import Workers, child_env, grid_done, run_statuses, small_grid, stl, wait_for
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -24,10 +24,6 @@ if TYPE_CHECKING:
 
     import redis
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 def owners(conn: redis.Redis, grid: str) -> dict[str, str]:

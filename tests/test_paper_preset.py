@@ -38,9 +38,9 @@ def test_every_split_holds_out_six_tasks_of_split_ones_mix_and_trains_on_the_res
     assert len(held_out_sets) == 3  # three different splits, not one drawn three times
 
 
-def test_the_readme_quotes_paper_yamls_eval_count() -> None:
+def test_the_grid_reference_quotes_paper_yamls_eval_count() -> None:
     count = yaml.safe_load(PAPER.read_text())["eval"]["max_examples"]
-    quoted = re.findall(r"scores (\d+) examples per held-out task", (REPO / "README.md").read_text())
+    quoted = re.findall(r"scores (\d+) examples per held-out task", (REPO / "docs" / "grid.md").read_text())
     assert quoted == [str(count)]
 
 

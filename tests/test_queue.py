@@ -562,8 +562,10 @@ def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_
     # The worker finishes the first run's only stage after the cancel read the run as live...
     stale = queueing._load_runs(conn, [first.run_id])  # noqa: SLF001
     [stage_id] = first.stages
+    # A run is finished only with a result for each of its eval tasks.
+    metrics = [{"task": task, "value": 0.5} for task in grid["tasks"]["eval"]]
     finish_stage(conn, load_settings(), stage_id, expanded.stages[stage_id], status=RunStatus.finished, error="",
-                 started=0.0, user="alice", result={"metrics": [{"task": "t", "value": 0.5}]})
+                 started=0.0, user="alice", result={"metrics": metrics})
     assert text(conn.hget(keys.run(first.run_id), "status")) == "finished"
     monkeypatch.setattr(queueing, "_load_runs", lambda *_args: stale)
     canceled, already, _ = queueing.cancel_runs(conn, [first.run_id], user="alice", force=False)
@@ -576,7 +578,7 @@ def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_
     [other_stage] = second.stages
     queueing.cancel_runs(conn, [second.run_id], user="alice", force=False)
     finish_stage(conn, load_settings(), other_stage, expanded.stages[other_stage], status=RunStatus.finished,
-                 error="", started=0.0, user="alice", result={"metrics": [{"task": "t", "value": 0.5}]})
+                 error="", started=0.0, user="alice", result={"metrics": metrics})
     assert text(conn.hget(keys.run(second.run_id), "status")) == "canceled"
     assert not conn.exists(keys.run_results(second.run_id))
 

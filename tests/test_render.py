@@ -30,7 +30,7 @@ from cli.render import (
     worker_rows,
 )
 from jobs import keys
-from jobs.entry import StageReporter, progress_line
+from jobs.entry import StageLease, StageReporter, progress_line
 from jobs.progress import StepReport
 from jobs.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
 
@@ -122,6 +122,13 @@ def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_
         140.0 * 89 / 11)  # before a pace exists: elapsed x steps left / steps done
 
 
+def held_lease(conn: redis.Redis, stage_id: str) -> StageLease:
+    """The lease a work horse holds while it reports: its writes are fenced with its token."""
+    lease = StageLease(conn, stage_id, "here:1")
+    assert lease.acquire()
+    return lease
+
+
 def test_the_eta_goes_through_redis_to_the_status_rows(
     conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -132,7 +139,7 @@ def test_the_eta_goes_through_redis_to_the_status_rows(
                                        "status": "running", "cell": "{}", "n_stages": "1", "stages_done": "0",
                                        "current_stage": "s1"})
     conn.hset(keys.stage("s1"), mapping={"kind": "mtl", "started_at": "940", "status": "running"})
-    reporter = StageReporter(conn, "s1", tmp_path, None)  # type: ignore[arg-type]  (on_step needs no lease)
+    reporter = StageReporter(conn, "s1", tmp_path, held_lease(conn, "s1"))
     for step, now in ((1, 1060.0), (11, 1070.0)):
         clock.now = now
         reporter._last_progress = 0.0  # no throttling between these two reports
@@ -148,7 +155,7 @@ def test_the_stage_log_gets_a_progress_line_at_the_start_every_30_s_and_at_the_e
 ) -> None:
     clock = FakeClock()
     monkeypatch.setattr("jobs.entry.time", clock)
-    reporter = StageReporter(conn, "s1", tmp_path, None)  # type: ignore[arg-type]  (on_step needs no lease)
+    reporter = StageReporter(conn, "s1", tmp_path, held_lease(conn, "s1"))
     for step, now in ((1, 1060.0), (2, 1061.0), (20, 1080.0), (31, 1091.0), (40, 1100.0)):
         clock.now = now
         reporter.on_step(StepReport(step=step, total=40, loss=2.5, learning_rate=0.1, samples_per_s=12.34,
@@ -171,8 +178,8 @@ def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
     assert running_columns(80) == ("run", "cell", "stage", "progress", "eta")
     narrow = build_running_table([run_row()], 80)
     # progress is the whole run's; the step and eta are its current stage's, and the headers say so
-    assert [column.header for column in narrow.columns] == ["run", "cell", "stage", "run progress", "stage eta"]
-    assert narrow.caption == ("user, grid, step, loss, speed, elapsed hidden at this width; "
+    assert [str(column.header) for column in narrow.columns] == ["run", "cell", "stage", "run progress", "stage eta"]
+    assert str(narrow.caption) == ("user, grid, step, loss, speed, elapsed hidden at this width; "
                               "widen the terminal to see them")
     assert build_running_table([run_row()], 200).caption is None
     long_grid = [run_row(grid="a-rather-long-grid-name-for-a-study")]
@@ -183,7 +190,8 @@ def test_narrow_terminals_keep_the_columns_that_say_where_a_run_is() -> None:
     # at 80 the five that say where a run is stay, and the cell wraps
     assert len(build_running_table(long_grid, 80).columns) == len(running_columns(80))
     table = build_running_table([], 80)
-    assert [list(column.cells) for column in table.columns] == [["—"], ["nothing running"], [""], [""], [""]]
+    assert [[str(c) for c in column.cells] for column in table.columns] == [
+        ["—"], ["nothing running"], [""], [""], [""]]
 
 
 def test_worker_rows_show_gpu_or_cpu() -> None:
@@ -235,7 +243,7 @@ def test_finished_grids_show_time_to_completion() -> None:
 
 
 def test_format_duration() -> None:
-    assert [format_duration(s) for s in (None, 0, 59, 61, 3600)] == ["—", "0s", "59s", "1m01s", "1h00m"]
+    assert [format_duration(s, compact=True) for s in (None, 0, 59, 61, 3600)] == ["—", "0s", "59s", "1m01s", "1h00m"]
 
 
 def test_dry_run_rows_list_each_run_with_its_stages(tmp_path, demo_data) -> None:  # type: ignore[no-untyped-def]
@@ -283,8 +291,9 @@ def test_result_rows_say_constant_axes_once_in_the_title() -> None:
              "task": "t", "task_type": "generation", "metric": "rougeL", "value": 0.5}
             for shots in (0, 4) for seed in (0, 1)]
     table = build_results_table("g", rows)
-    assert table.title == "Results of g: model=tiny:bart instructions=true"
-    assert list(table.columns[1].cells) == ["shots=0 seed=0", "shots=0 seed=1", "shots=4 seed=0", "shots=4 seed=1"]
+    assert str(table.title) == "Results of g: model=tiny:bart instructions=true"
+    assert [str(c) for c in table.columns[1].cells] == [
+        "shots=0 seed=0", "shots=0 seed=1", "shots=4 seed=0", "shots=4 seed=1"]
 
 
 def test_failures_show_run_grid_cell_and_error() -> None:
@@ -305,9 +314,10 @@ def test_failures_show_run_grid_cell_and_error() -> None:
     from jobs.records import StatusSummary
 
     view = build_status_view(StatusSummary(counts={}, grids=[], running=[], failed=[failed]), [], 120)
-    assert any(getattr(part, "title", None) == "Recent failures" for part in view.renderables)
-    assert [c.header for c in build_failed_table([failed], 80).columns] == ["run", "cell", "error"]
-    assert [c.header for c in build_failed_table([failed], 120).columns] == ["run", "grid", "cell", "ended", "error"]
+    assert any(str(getattr(part, "title", None)) == "Recent failures" for part in view.renderables)
+    assert [str(c.header) for c in build_failed_table([failed], 80).columns] == ["run", "cell", "error"]
+    assert [str(c.header) for c in build_failed_table([failed], 120).columns] == [
+        "run", "grid", "cell", "ended", "error"]
     quiet = build_status_view(StatusSummary(counts={}, grids=[], running=[]), [], 120)
     assert not any(getattr(part, "title", None) == "Recent failures" for part in quiet.renderables)
 
@@ -397,15 +407,16 @@ def test_status_lists_live_grids_and_only_the_latest_ended_ones() -> None:
     live = GridRow(grid="now", total=2, counts={"finished": 1, "queued": 1}, created_at=1.0, ended_at=None)
     counts = {(g.grid, "alice", status): n for g in [*ended, live] for status, n in g.counts.items()}
     view = build_status_view(StatusSummary(counts=counts, grids=[*ended, live], running=[]), [], 120)
-    tables = {part.title: part for part in view.renderables if getattr(part, "title", None)}
-    assert list(tables["Runs per grid"].columns[0].cells) == ["now"]
-    assert list(tables["Runs per user"].columns[-1].cells) == ["10"]  # the user's whole history still counts
-    assert list(tables["Ended grids"].columns[0].cells) == ["old7", "old6", "old5", "old4", "old3"]
+    tables = {str(part.title): part for part in view.renderables if getattr(part, "title", None)}
+    assert [str(c) for c in tables["Runs per grid"].columns[0].cells] == ["now"]
+    # the user's whole history still counts
+    assert [str(c) for c in tables["Runs per user"].columns[-1].cells] == ["10"]
+    assert [str(c) for c in tables["Ended grids"].columns[0].cells] == ["old7", "old6", "old5", "old4", "old3"]
     assert str(tables["Ended grids"].caption).startswith("and 3 earlier ended grid(s): `stl results GRID`")
     ended_counts = {key: n for key, n in counts.items() if key[0] != "now"}
     only_ended = build_status_view(StatusSummary(counts=ended_counts, grids=ended, running=[]), [], 120)
-    per_grid = next(p for p in only_ended.renderables if getattr(p, "title", None) == "Runs per grid")
-    assert list(per_grid.columns[0].cells) == ["none queued or running"]
+    per_grid = next(p for p in only_ended.renderables if str(getattr(p, "title", None)) == "Runs per grid")
+    assert [str(c) for c in per_grid.columns[0].cells] == ["none queued or running"]
 
 
 def test_why_a_grid_has_no_results_is_one_line_that_says_whether_more_may_come() -> None:

@@ -18,7 +18,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.queueing import job_id_for
 from tests.conftest import REPO, RedisServer, free_port
-from tests.test_faults import (
+from tests.helpers import (
     Workers,
     child_env,
     grid_done,
@@ -27,7 +27,6 @@ from tests.test_faults import (
     small_grid,
     stl,
     wait_for,
-    worker_pool,
 )
 
 if TYPE_CHECKING:
@@ -134,10 +133,6 @@ def test_model_names_are_never_executed(stl_env: Path, conn: redis.Redis, tmp_pa
 
 # --- a Redis with a password --------------------------------------------------------------------------
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 @pytest.fixture

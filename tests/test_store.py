@@ -19,7 +19,7 @@ from jobs import keys
 from jobs.codec import text
 from jobs.grid import parse_grid
 from jobs.specs import StageKind
-from tests.test_faults import (
+from tests.helpers import (
     Workers,
     child_env,
     enqueue,
@@ -30,11 +30,9 @@ from tests.test_faults import (
     status_json,
     stl,
     wait_for,
-    worker_pool,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     import redis
@@ -43,10 +41,6 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 def worker_names(conn: redis.Redis) -> set[str]:

@@ -25,11 +25,10 @@ from jobs import keys
 from jobs.codec import text
 from jobs.settings import load_settings
 from tests.conftest import REPO
-from tests.test_faults import Workers, child_env, wait_for, worker_pool
+from tests.helpers import Workers, child_env, wait_for
 from worker.main import StlWorker
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
 
     import redis
@@ -38,10 +37,6 @@ if TYPE_CHECKING:
 # RQ's own command listener made this up to a minute; a loaded 2-core box needs a few seconds at worst.
 EXIT_WITHIN_S = 10.0
 
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    yield from worker_pool(tmp_path)
 
 
 def _burst_on_an_empty_queue() -> tuple[float, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 import socket
 import time
@@ -331,6 +332,8 @@ class StlWorker(Worker):
         if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault | StageWaitsForParent):
             if isinstance(exc_info[1], StageWaitsForParent):
                 self.log.info("Worker %s: stage %s waits: %s", self.name, stage_id_for(job.id), exc_info[1])
+            if isinstance(exc_info[1], StageLeaseLost):  # the job is the newer horse's now: only say so
+                self.log.warning("Worker %s: %s", self.name, exc_info[1])
             self.handle_execution_ended(job, queue, job.failure_callback_timeout)
             with self.connection.pipeline() as pipe:
                 self.cleanup_execution(job, pipeline=pipe, execution=execution)
@@ -507,6 +510,7 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
     from jobs.disk import check_home_writable
     from jobs.errors import UsageError
     from jobs.notify import notify_setting_problems
+    from jobs.records import damaged_records_reported
     from jobs.store import claim_store
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
@@ -527,8 +531,10 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
         # What was just imported lives as long as the worker: out of the collector's sight, the exit does not
         # walk it (seconds of a `--burst` worker's end) and forked horses do not copy its pages by touching it.
         gc.freeze()
-    worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
-    ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
+    # A record another tool damaged is logged once and skipped: it must not stop the worker (nor its horses).
+    with damaged_records_reported(lambda line: logging.getLogger("rq.worker").warning("stl: %s", line)):
+        worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
+        ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     if worker.paused_reason:  # --burst stopped on a broken machine: the queue is not done, and a script must see it
         raise MachineFault(f"the worker stopped with stages still queued: this machine cannot run them "
                            f"({worker.paused_reason}); fix it and start the worker again")
