@@ -65,7 +65,7 @@ class Runner:
         # Seconds per round: generating, ROUGE-L after it, and (stl on a GPU) ROUGE-L while it decoded.
         self.parts: dict[str, list[tuple[float, float, float]]] = {}
         self.decoding: dict[str, list[str]] = {}  # stl's log lines on how it decoded, last round per arm
-        # stl's own limits (jobs/evaluate.py _Scorer): BART's positions cap them, T5 has none.
+        # stl's own limits (jobs/model_inputs.py evaluation_length_limits): BART's positions cap them, T5 has none.
         self.source_limit = args.source_len
         self.target_limit = args.max_new_tokens
 

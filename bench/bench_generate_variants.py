@@ -1,6 +1,6 @@
 """Greedy generation, several ways on one model: Hugging Face `generate` called three ways, and stl's loop.
 
-This measures options for stl's eval stage (jobs/evaluate.py):
+This measures options for stl's eval stage (jobs/generation.py):
   autocast   fp32 weights under bf16 autocast, dynamic KV cache (stl's eval before it cast weights to bf16)
   bf16       bf16 weights, dynamic KV cache (Trainer's bf16_full_eval)
   static     bf16 weights, `cache_implementation="static"`: a fixed-size KV cache, which lets transformers

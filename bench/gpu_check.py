@@ -279,10 +279,11 @@ def check_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> 
 def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> str | None:
     import torch
 
+    from jobs.acceleration import cuda_graph_skips
     from jobs.checkpoint import CheckpointStore
     from jobs.data import DEMO_TRAIN_TASKS
     from jobs.specs import StageKind, StageSpec, TrainConfig
-    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession, cuda_graph_skips
+    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession
 
     def gradients(compile_mode: bool | Literal["reduce-overhead"]) -> tuple[torch.Tensor, bool]:
         """The step's gradients, and whether they came through CUDA graphs."""
@@ -293,10 +294,10 @@ def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) 
         cfg = TrainRun(spec=spec, workdir=workdir / str(compile_mode), init_from=None, device=device,
                        should_stop=lambda: None, log=lambda _line: None, cache_dir=cache_dir)
         skips = cuda_graph_skips()
-        session = _TrainingSession(cfg, settings, _Plan.for_micro_batch(16, 8), [], _OomInjection(None),
-                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
+        store = CheckpointStore(cfg.workdir, spec.stage_id, cfg.log)
+        session = _TrainingSession(cfg, settings, _Plan.for_micro_batch(16, 8), [], _OomInjection(None), store, None)
         session.model.eval()  # no dropout: both sides compute the same function
-        micro_batches = next(session._prepared_batches())
+        micro_batches = next(session.batches.prepared(session.step))
         for _ in range(3):  # CUDA graph trees warm up, then record, then replay: the third call replays
             session.model.zero_grad(set_to_none=True)
             session._accumulate_gradients(micro_batches)

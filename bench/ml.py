@@ -61,7 +61,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
 
 
-# The eval stage's log lines on how it decoded (jobs/evaluate.py): its own loop or `generate`, and under
+# The eval stage's log lines on how it decoded (jobs/generation.py): its own loop or `generate`, and under
 # eval.compile whether CUDA graphs replayed or the compiled step failed.
 DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
                   "the decoding step for", "the compiled decoding step failed",
@@ -71,17 +71,17 @@ DECODING_LINES = ("generation decodes greedily", "generation runs transformers'"
 def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool, cuda_graphs: bool = False) -> Any:
     """stl's decoding loop (jobs/decoding.py) for `model`: its step compiled as `eval.compile` compiles it,
     or recorded as a CUDA graph as an eval stage on a GPU records it, or eager."""
-    from jobs.decoding import GreedyDecoder, greedy_rules
+    from jobs.decoding import DecodingStep, GreedyDecoder, greedy_rules
 
     rules = greedy_rules(model, max_new_tokens=max_new_tokens, pad_id=PAD)
     if isinstance(rules, str):
         raise SystemExit(f"stl's loop can't decode this model: {rules}")
     if compiled:
-        from jobs.train import prepare_compile
+        from jobs.acceleration import prepare_compile
 
         prepare_compile(None, shapes=2)
-    return GreedyDecoder(model, rules, compile_step=compiled, compile_options={"mode": "reduce-overhead"},
-                         cuda_graphs=cuda_graphs)
+    step = DecodingStep.COMPILED if compiled else DecodingStep.RECORDED if cuda_graphs else DecodingStep.EAGER
+    return GreedyDecoder(model, rules, step=step, compile_options={"mode": "reduce-overhead"})
 
 
 def quiet_transformers() -> None:

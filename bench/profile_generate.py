@@ -1,6 +1,6 @@
 """Where the host's time goes in one batch of greedy decoding with a static, compiled KV cache.
 
-A diagnostic for stl's `eval.compile` decoding (jobs/evaluate.py), not a benchmark: it prints no ratio.
+A diagnostic for stl's `eval.compile` decoding (jobs/generation.py), not a benchmark: it prints no ratio.
 It builds a random-weight model of the named size (bf16 on CUDA) and decodes one batch by `--way`:
   generate  Hugging Face `generate` with `cache_implementation="static"` (transformers compiles its step)
   loop      stl's own loop (jobs/decoding.py) with its step compiled, mode reduce-overhead, as

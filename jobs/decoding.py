@@ -7,7 +7,7 @@ the device: the model call, the logits rules below, the argmax and the bookkeepi
 which on a GPU runs over a static KV cache as one CUDA graph replay per token: recorded from the eager
 step once per batch shape, or compiled by torch.compile under `eval.compile`. On a GPU the host looks for
 the end only every few tokens, and while it waits there it does the stage's other host work (scoring
-the last batch's answers, say: `IdleHostWork`) instead of sitting idle.
+the last batch's answers, say: jobs.prefetch.IdleHostWork) instead of sitting idle.
 
 It produces `generate`'s tokens for greedy decoding, including the rules the model's generation config
 turns into logits processors (`no_repeat_ngram_size`, `min_length`, `min_new_tokens`,
@@ -18,17 +18,19 @@ tests/test_decoding.py checks token for token. A generation config that asks for
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import inspect
-import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+from jobs.cuda_graphs import GraphRecorder, free_graph_pools
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     import torch
+
+    from jobs.prefetch import IdleHostWork
 
 # Generation-config fields that do not change greedy tokens: token ids read below, length limits
 # stl sets, and settings of sampling and beam search, which greedy decoding ignores.
@@ -53,59 +55,6 @@ _NEUTRAL_VALUES: dict[str, Any] = {
     "return_dict_in_generate": False, "remove_invalid_values": False, "renormalize_logits": False,
 }
 _EOS_CHECK_EVERY = 8  # tokens between looks at "all rows finished?" on a GPU (each look waits for it)
-# Operations that wait for the device to hand a value to the host (a CUDA graph recording refuses them).
-HOST_SYNC_OPERATIONS = frozenset({
-    "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::equal", "aten::nonzero",
-    "aten::masked_select", "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim", "aten::bincount",
-})
-_COPIES = frozenset({"aten::_to_copy", "aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize"})
-_FROM_HOST_DATA = frozenset({"aten::lift_fresh", "aten::lift_fresh_copy"})  # torch.tensor(data)
-
-
-def waits_for_the_device(func: Any, args: Sequence[Any], kwargs: dict[str, Any], device: torch.device) -> bool:
-    """Whether the operation `func(*args, **kwargs)`, about to run, would wait for `device`: it reads a
-    value of a tensor on `device` back to the host (an item, a size decided on the device), or copies
-    between `device` and the host (torch.tensor(0, device="cuda") is such a copy). A CPU `device` stands in
-    for a GPU (tests/cuda_graphs_on_cpu.py): its tensors are the GPU's, and making a tensor from host data,
-    which on a GPU is copied to it, counts as that copy."""
-    import torch
-    from torch.utils._pytree import tree_leaves
-
-    name = func._schema.name
-    if device.type == "cpu" and name in _FROM_HOST_DATA:
-        return True
-    a_copy = device.type != "cpu" and name in _COPIES
-    if name not in HOST_SYNC_OPERATIONS and not a_copy:
-        return False  # most operations: decided without looking at their tensors
-    tensors = [leaf for leaf in tree_leaves((args, kwargs)) if isinstance(leaf, torch.Tensor)]
-    if name in HOST_SYNC_OPERATIONS:
-        return any(t.device.type == device.type for t in tensors)
-    target = kwargs.get("device")
-    places = {t.device.type for t in tensors} | ({torch.device(target).type} if target is not None else set())
-    return "cpu" in places and device.type in places
-
-
-def _refusing_host_syncs(model: Any, device: torch.device) -> Any:
-    """A context (of this thread) in which an operation that would wait for `device` raises
-    StepNotRecordable before it runs: a recording ended then is still valid, so ending it leaves torch's
-    CUDA state as it was (a recording voided by a sync leaves its CUDA random state marked as recording)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from jobs.errors import StepNotRecordable
-
-    class RefuseHostSyncs(TorchDispatchMode):
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            kwargs = kwargs or {}
-            if waits_for_the_device(func, args, kwargs, device):
-                raise StepNotRecordable(
-                    f"{type(model).__name__}'s decoding step waits for the GPU ({func._schema.name}), "
-                    "so it cannot be recorded as a CUDA graph"
-                )
-            return func(*args, **kwargs)
-
-    return RefuseHostSyncs()
-
-
 @dataclass(frozen=True)
 class GreedyRules:
     """What greedy `generate` would do for one model: its special tokens, length limits and logits rules.
@@ -251,53 +200,6 @@ def apply_rules(
     return scores
 
 
-class IdleHostWork:
-    """Host work (no CUDA) for the decoding loop to do while the GPU decodes: the loop runs queued jobs,
-    oldest first, at the points where it would otherwise wait for the device (a look for the end of every
-    row, the tokens' copy to the host), for as long as the device still has work queued. What is left
-    runs in `run_all`. The jobs' results cannot depend on when they run, only the time they take. A job's
-    error is raised by `run_all`, not inside the loop, which would take it for a decoding failure."""
-
-    def __init__(self) -> None:
-        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
-        self._error: Exception | None = None
-        self.seconds_while_decoding = 0.0  # what jobs took inside the loop, where the GPU was busy anyway
-        self.done_while_decoding = 0
-
-    def add(self, job: Callable[[], None]) -> None:
-        self._jobs.append(job)
-
-    def run_while(self, busy: Callable[[], bool]) -> None:
-        """Jobs, one at a time, while `busy()` (the device has queued work) and any are left."""
-        if not self._jobs or self._error is not None:
-            return
-        started = time.perf_counter()
-        try:
-            while self._jobs and busy():
-                self._jobs[0]()
-                self._jobs.popleft()
-                self.done_while_decoding += 1
-        except Exception as e:
-            self._error = e  # the job stays queued; run_all raises this
-        self.seconds_while_decoding += time.perf_counter() - started
-
-    def run_all(self) -> None:
-        if self._error is not None:
-            raise self._error
-        while self._jobs:
-            self._jobs.popleft()()
-
-
-def _free_graph_pools() -> None:
-    """Give the memory pools of the CUDA graphs just let go back to the device. Each graph has a pool of
-    its own, which the allocator frees only when asked outside a recording: without this, the pools of
-    dropped batch shapes would pile up until a recording ran out of memory (and the stage halved its
-    batches for nothing)."""
-    import torch
-
-    torch.cuda.empty_cache()
-
-
 @dataclass
 class _Batch:
     """Device buffers of one batch shape, reused batch after batch (a compiled step replays on them)."""
@@ -308,41 +210,46 @@ class _Batch:
     tokens: torch.Tensor  # rows x rules.length: the start token, then what is decoded (pad after the end)
     unfinished: torch.Tensor  # rows, bool
     length: torch.Tensor  # 0-dim: decoder tokens so far, the start token included
-    graph: Any = None  # torch.cuda.CUDAGraph of the step on these buffers, once recorded (cuda_graphs)
-    # cuda_graphs: ones over the static self-attention cache. Given none, BART sizes one from the cache's
+    graph: Any = None  # torch.cuda.CUDAGraph of the step on these buffers, once recorded (RECORDED)
+    # RECORDED: ones over the static self-attention cache. Given none, BART sizes one from the cache's
     # length on the host (a sync, which a CUDA graph recording refuses); with it the step stays on the device.
     decoder_mask: torch.Tensor | None = None
 
 
-class GreedyDecoder:
-    """Greedy decoding of `model` (an encoder-decoder) by `rules`, one batch at a time.
+class DecodingStep(StrEnum):
+    """How the per-token decoding step runs."""
 
-    `cuda_graphs` (CUDA only): record the eager per-token step over a static KV cache as a CUDA graph,
-    once per batch shape, and replay it for every later token: the host launches one graph per token
-    instead of the step's hundreds of kernels, with no compile. `compile_step`: compile the step with
-    torch.compile over a static KV cache (`mode` "reduce-overhead" replays it as a CUDA graph, after a
-    compile per batch shape). With neither, the step runs eagerly over transformers' dynamic cache.
-    """
+    EAGER = "eager"  # eagerly, over transformers' dynamic KV cache
+    # Compiled by torch.compile over a static KV cache (`compile_options` mode "reduce-overhead" replays it as
+    # a CUDA graph, after a compile per batch shape).
+    COMPILED = "compiled"
+    # CUDA only: the eager step over a static KV cache, recorded as a CUDA graph once per batch shape and
+    # replayed for every later token: the host launches one graph per token instead of the step's hundreds
+    # of kernels, with no compile.
+    RECORDED = "recorded"
+
+
+class GreedyDecoder:
+    """Greedy decoding of `model` (an encoder-decoder) by `rules`, one batch at a time, its step run as
+    `step` says."""
 
     def __init__(
         self,
         model: Any,
         rules: GreedyRules,
         *,
-        compile_step: bool = False,
+        step: DecodingStep = DecodingStep.EAGER,
         compile_options: dict[str, Any] | None = None,
-        cuda_graphs: bool = False,
         keep_shapes: int = 1,
     ) -> None:
         import torch
         from transformers import DynamicCache, EncoderDecoderCache, StaticCache
 
         self.model, self.rules = model, rules
+        self.step = DecodingStep(step)
         # Fail here, not mid-stage, where this transformers release builds its caches differently.
         decoder_config = model.config.get_text_config(decoder=True)
-        if compile_step and cuda_graphs:
-            raise ValueError("choose compile_step or cuda_graphs: a compiled step records its own CUDA graphs")
-        if compile_step or cuda_graphs:
+        if self.static:
             StaticCache(config=decoder_config, max_cache_len=1)
         else:
             DynamicCache(config=decoder_config)
@@ -355,16 +262,18 @@ class GreedyDecoder:
         # the write position, newer ones keep it in the cache.
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._pass_position = "cache_position" in parameters
-        self._pass_decoder_mask = cuda_graphs and "decoder_attention_mask" in parameters
-        self.compiled = compile_step
-        self.cuda_graphs = cuda_graphs
-        self.static = compile_step or cuda_graphs  # a static KV cache, reset in place between batches
-        self._capture_stream: Any = None  # the side stream that warms up and records graphs
-        step: Callable[[_Batch], None] = self._step
-        if compile_step:
+        self._pass_decoder_mask = self.step is DecodingStep.RECORDED and "decoder_attention_mask" in parameters
+        self._recorder = GraphRecorder(model)
+        run_step: Callable[[_Batch], None] = self._step
+        if self.step is DecodingStep.COMPILED:
             options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
-            step = torch.compile(self._step, **options)
-        self._compiled_step = step
+            run_step = torch.compile(self._step, **options)
+        self._compiled_step = run_step
+
+    @property
+    def static(self) -> bool:
+        """Whether the KV cache is static (fixed shapes and addresses), reset in place between batches."""
+        return self.step is not DecodingStep.EAGER
 
     def release(self) -> None:
         """Free what decoding holds on the device: every batch shape's buffers and recorded graph and, when
@@ -375,8 +284,8 @@ class GreedyDecoder:
         recorded = any(batch.graph is not None for batch in self._batches.values())
         self._batches.clear()
         if recorded:
-            _free_graph_pools()
-        if self.compiled:
+            free_graph_pools()
+        if self.step is DecodingStep.COMPILED:
             import torch._dynamo
 
             torch._dynamo.reset()
@@ -403,7 +312,7 @@ class GreedyDecoder:
             return found
         while len(self._batches) >= self.keep_shapes:
             if self._batches.pop(next(iter(self._batches))).graph is not None:
-                _free_graph_pools()
+                free_graph_pools()
         device = encoder_states.device
         tokens = torch.full((rows, self.rules.length), self.rules.pad_id, dtype=torch.long, device=device)
         tokens[:, 0] = self.rules.decoder_start_id
@@ -416,7 +325,7 @@ class GreedyDecoder:
             length=torch.ones((), dtype=torch.long, device=device),
             decoder_mask=torch.ones_like(tokens) if self._pass_decoder_mask else None,
         )
-        if self.compiled:
+        if self.step is DecodingStep.COMPILED:
             # Fixed addresses: a CUDA graph reads and writes these in place, replay after replay.
             for tensor in (batch.encoder_states, batch.attention_mask, batch.tokens, batch.unfinished, batch.length):
                 torch._dynamo.mark_static_address(tensor)
@@ -437,7 +346,7 @@ class GreedyDecoder:
     def _rule_masks(self, logits: torch.Tensor) -> RuleMasks:
         if self._masks is None:
             self._masks = rule_masks(self.rules, logits.size(-1), logits.device)
-            if self.compiled:
+            if self.step is DecodingStep.COMPILED:
                 import torch
 
                 for mask in vars(self._masks).values():
@@ -485,60 +394,12 @@ class GreedyDecoder:
         self._choose(batch, self._logits(batch), self._masks)
 
     def _replay(self, batch: _Batch) -> None:
-        """One step as a CUDA graph replay; the first time for these buffers, run the step for real on a
-        side stream (lazy initialisations, such as cuBLAS workspaces, must happen outside a recording) and
-        then record it."""
-        import torch
-
+        """One step as a CUDA graph replay; the first time for these buffers, the step decodes this token for
+        real and is recorded (see jobs.cuda_graphs.GraphRecorder)."""
         if batch.graph is not None:
             batch.graph.replay()
             return
-        stream = self._side_stream(batch.tokens.device)
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._step(batch)  # this token, decoded for real
-        # Not torch.cuda.graph(): it also collects garbage and empties the allocator's cache each time,
-        # which costs more than the recording itself.
-        stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(stream):
-            # thread_local: other threads' CUDA calls (a prefetch thread) cannot invalidate the recording.
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                # Recorded, not run: the buffers stay as the warm-up step left them. A host sync is refused
-                # before it can void the recording (transformers skips some while a recording is under way).
-                with _refusing_host_syncs(self.model, batch.tokens.device):
-                    self._step(batch)
-            except BaseException:
-                self._abandon_recording(graph, batch.tokens.device)
-                raise
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
-        batch.graph = graph
-
-    def _side_stream(self, device: torch.device) -> Any:
-        """The stream that warms up and records graphs, made on first use."""
-        import torch
-
-        if self._capture_stream is None:
-            if device.type != "cuda":
-                raise ValueError(f"cuda_graphs needs a CUDA device; this batch is on {device}")
-            self._capture_stream = torch.cuda.Stream(device=device)
-        return self._capture_stream
-
-    def _abandon_recording(self, graph: Any, device: torch.device) -> None:
-        """End a recording the step broke (a host sync, say), so that the allocator serves the eager
-        decoding that follows normally."""
-        import torch
-
-        try:
-            graph.capture_end()
-        except Exception:
-            # Where ending the void recording fails, torch (2.11) leaves the allocator routing this
-            # thread's memory to the graph pool; its own emptying and out-of-memory retry stay off.
-            with contextlib.suppress(Exception):
-                index = torch.cuda.current_device() if device.index is None else device.index
-                torch._C._cuda_endAllocateToPool(index, graph.pool())
+        batch.graph = self._recorder.record(lambda: self._step(batch), batch.tokens.device)
 
     def _device_busy(self, device: torch.device) -> Callable[[], bool]:
         """Whether `device` still has work queued, asked without waiting for it. A CPU has run each
@@ -575,9 +436,9 @@ class GreedyDecoder:
                         idle_work.run_while(busy)
                     if self.rules.eos_ids and not bool(batch.unfinished.any()):
                         break
-                if self.compiled and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
+                if self.step is DecodingStep.COMPILED and hasattr(torch.compiler, "cudagraph_mark_step_begin"):
                     torch.compiler.cudagraph_mark_step_begin()
-                if self.cuda_graphs:
+                if self.step is DecodingStep.RECORDED:
                     self._replay(batch)
                 else:
                     self._compiled_step(batch)

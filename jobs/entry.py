@@ -45,9 +45,10 @@ from jobs.states import LIVE
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from jobs.progress import StepReport
     from jobs.settings import Settings
     from jobs.stages import StageContext, StageOutcome
-    from jobs.train import StepReport, TrainOutcome
+    from jobs.train import TrainOutcome
 
 HEARTBEAT_EVERY_S = 3.0
 LEASE_TTL_S = 30

@@ -1,19 +1,25 @@
-"""Run an iterator ahead in a background thread, so the consumer does not wait for the items.
+"""Host work done while the GPU is busy, so that neither waits for the other.
 
-The training loop uses it to draw, tokenize, pad and pin the next batches while the current step runs: on a
-GPU the step's host side is busy launching kernels, and tokenizing there would add to every step. The items
-and their order are exactly the iterator's, so prefetching changes nothing in what is trained. Tokenizers and
+`Prefetcher` runs an iterator ahead in a background thread, so the consumer does not wait for the items. The
+training loop uses it to draw, tokenize, pad and pin the next batches while the current step runs: on a GPU
+the step's host side is busy launching kernels, and tokenizing there would add to every step. The items and
+their order are exactly the iterator's, so prefetching changes nothing in what is trained. Tokenizers and
 torch release the GIL while they work, so the two threads do overlap.
+
+`IdleHostWork` queues host jobs for the decoding loop (jobs/decoding.py) to run, in the loop's own thread, at
+the points where it would otherwise wait for the GPU: eval stages score the last batch's answers there.
 """
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
+import time
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
 T = TypeVar("T")
 
@@ -86,3 +92,40 @@ class Prefetcher(Generic[T]):
             except queue.Full:
                 continue
         return False
+
+
+class IdleHostWork:
+    """Host work (no CUDA) for the decoding loop to do while the GPU decodes: the loop runs queued jobs,
+    oldest first, at the points where it would otherwise wait for the device (a look for the end of every
+    row, the tokens' copy to the host), for as long as the device still has work queued. What is left
+    runs in `run_all`. The jobs' results cannot depend on when they run, only the time they take. A job's
+    error is raised by `run_all`, not inside the loop, which would take it for a decoding failure."""
+
+    def __init__(self) -> None:
+        self._jobs: collections.deque[Callable[[], None]] = collections.deque()
+        self._error: Exception | None = None
+        self.seconds_while_decoding = 0.0  # what jobs took inside the loop, where the GPU was busy anyway
+        self.done_while_decoding = 0
+
+    def add(self, job: Callable[[], None]) -> None:
+        self._jobs.append(job)
+
+    def run_while(self, busy: Callable[[], bool]) -> None:
+        """Jobs, one at a time, while `busy()` (the device has queued work) and any are left."""
+        if not self._jobs or self._error is not None:
+            return
+        started = time.perf_counter()
+        try:
+            while self._jobs and busy():
+                self._jobs[0]()
+                self._jobs.popleft()
+                self.done_while_decoding += 1
+        except Exception as e:
+            self._error = e  # the job stays queued; run_all raises this
+        self.seconds_while_decoding += time.perf_counter() - started
+
+    def run_all(self) -> None:
+        if self._error is not None:
+            raise self._error
+        while self._jobs:
+            self._jobs.popleft()()

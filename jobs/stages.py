@@ -19,12 +19,13 @@ from jobs.layout import DONE_FILE, METRICS_FILE, MODEL_DIR, PRUNED_FILE
 from jobs.models import STL_MODEL_FILE
 from jobs.settings import load_settings
 from jobs.specs import StageKind
-from jobs.train import StepReport, TrainOutcome, TrainRun, train
+from jobs.train import TrainOutcome, TrainRun, train
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from jobs.progress import StepReport
     from jobs.specs import StageSpec
 
 

@@ -10,97 +10,52 @@ jobs.models.save_model) and workdir/done.json; its checkpoints are deleted then.
 
 On CUDA the step runs under bf16 autocast (where the GPU has native bf16) with fused AdamW, and reads the
 loss back to the host only on report steps. With `train.compile` the model goes through torch.compile
-(CUDA only; skipped with a log line elsewhere), inductor's caches live under STL_HOME/cache/inductor so
-later stages and runs reuse compiled kernels, and sequences are padded to fixed length buckets so a new
-batch shape does not trigger a recompile (see `length_buckets`); `train.compile: reduce-overhead` also
-replays each micro-batch's forward and backward as CUDA graphs. A background thread (jobs/prefetch.py) makes
-the next batches while the step runs.
+(CUDA only; skipped with a log line elsewhere) over inputs padded to fixed length buckets, with inductor's
+caches under STL_HOME/cache/inductor (jobs/acceleration.py); `train.compile: reduce-overhead` also replays
+each micro-batch's forward and backward as CUDA graphs (jobs/cuda_graphs.py). The batches come from
+jobs/training_batches.py, made ahead of the step in a background thread (jobs/prefetch.py).
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jobs import axes
-from jobs import data as data_lib
+from jobs.acceleration import (
+    caused_by_out_of_memory,
+    compile_pays_on,
+    model_flops_utilization,
+    peak_flops,
+    prepare_compile,
+    release_accelerator_memory,
+)
 from jobs.checkpoint import STATE_FORMAT, Checkpoint, CheckpointStore
+from jobs.cuda_graphs import ShapesSeen, TrainingGraphNotes, own_gradients
 from jobs.durable import write_atomically
 from jobs.errors import DataError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.layout import DONE_FILE, MODEL_DIR
-from jobs.models import (
-    autocast_for,
-    encode_sources,
-    encode_targets,
-    is_seq2seq,
-    load_model_and_tokenizer,
-    max_positions,
-    pad_sequences,
-    save_model,
-    tokenizer_fingerprint,
-)
+from jobs.model_inputs import IGNORE_INDEX, training_length_limits
+from jobs.models import autocast_for, is_seq2seq, load_model_and_tokenizer, save_model
 from jobs.prefetch import Prefetcher
+from jobs.progress import StepReport
 from jobs.specs import StageKind, StageSpec, TrainConfig
+from jobs.training_batches import TrainingBatches, padding_buckets
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
 
     import torch
     from transformers import PreTrainedModel
 
-    from jobs.data import Example
+    from jobs.training_batches import Buckets, MicroBatch
 
 REPORT_EVERY = 10  # read the loss (a host sync) only this often
-WINDOW_BATCHES = 50  # length-grouping window, in batches (fewer when the data is small)
 GRAD_CLIP = 1.0
-IGNORE_INDEX = -100
-BUCKET_MIN = 32  # shortest padded length when compiling
-INDUCTOR_CACHE_DIR = "inductor"  # under STL_HOME/cache
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s by a substring of torch.cuda.get_device_name(), case
-# ignored; fp16 for GPUs without bf16 (T4, V100). First match wins, so specific names precede general ones.
-# None: known to be ambiguous, so no MFU rather than a wrong one.
-PEAK_FLOPS: tuple[tuple[str, float | None], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("A10G", None),  # AWS's variant of the A10, with its own clocks
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("RTX 4090", 165e12),
-    ("T4", 65e12),
-    ("V100", 125e12),
-)
-
-
-@dataclass(frozen=True)
-class StepReport:
-    step: int
-    total: int
-    loss: float  # mean target-token loss since the previous report; NaN during evaluation
-    learning_rate: float
-    samples_per_s: float
-    tokens_per_s: float
-    elapsed_s: float
-    micro_batch: int
-    grad_accum: int
-    phase: str = "train"  # "train", or "eval" (step/total then count examples)
-    # Model FLOP utilisation since the previous report: 6 * trainable parameters * tokens (source + target,
-    # no padding) per second over the GPU's peak bf16 FLOP/s. None on CPU, on an unknown GPU, and in eval.
-    mfu: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        values = asdict(self)
-        return {key: (None if isinstance(v, float) and not math.isfinite(v) else v) for key, v in values.items()}
 
 
 @dataclass(frozen=True)
@@ -194,140 +149,16 @@ class _OomInjection:
 
 
 @dataclass
-class _Encoded:
-    """One micro-batch on the host: padded tensors plus counts for the throughput figures."""
-
-    tensors: dict[str, torch.Tensor]
-    target_tokens: int
-    tokens: int
-    samples: int
-
-
-class _ShapesSeen:
-    """The distinct tensor shapes of micro-batches met so far."""
-
-    def __init__(self) -> None:
-        self.seen: set[tuple[tuple[str, tuple[int, ...]], ...]] = set()
-
-    def first_sight(self, tensors: dict[str, torch.Tensor]) -> bool:
-        """Whether this micro-batch's shapes are new (and remember them)."""
-        key = tuple(sorted((name, tuple(tensor.shape)) for name, tensor in tensors.items()))
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-
-@dataclass
 class _Progress:
     samples: int = 0
     tokens: int = 0
     steps: int = 0
     since: float = field(default_factory=time.perf_counter)
 
-
-def model_flops_utilization(params: int, tokens: int, seconds: float, peak: float | None) -> float | None:
-    """Achieved training FLOP/s over `peak`, counting 6 FLOPs per parameter per token (forward 2, backward 4).
-
-    The usual decoder-only estimate, and issue 6's definition (its reference figures use it). For an
-    encoder-decoder each token runs through only one of the two stacks and embedding lookups cost nothing,
-    so the figure overstates such a model's utilisation (about 2.9x at bart-base, 256->32); attention's own
-    FLOPs are left out. None without a peak or a positive duration.
-    """
-    if peak is None or peak <= 0 or seconds <= 0:
-        return None
-    return 6.0 * params * tokens / seconds / peak
-
-
-def peak_flops(device_name: str) -> float | None:
-    """Peak dense bf16 FLOP/s of the GPU called `device_name` (see PEAK_FLOPS); None if unknown."""
-    name = device_name.lower()
-    for part, peak in PEAK_FLOPS:
-        if part.lower() in name:
-            return peak
-    return None
-
-
-def compile_pays_on(device: torch.device) -> bool:
-    """Whether torch.compile is worth its compile time on `device`: on CUDA, not on a CPU, where stages are
-    smoke tests of a few steps and inductor's C++ build would take longer than the training."""
-    return device.type == "cuda"
-
-
-def length_buckets(cap: int, smallest: int = BUCKET_MIN) -> tuple[int, ...]:
-    """The padded lengths allowed for sequences of at most `cap` tokens: powers of two from `smallest`,
-    then `cap` itself.
-
-    Powers of two keep the shapes to log2(cap / smallest) + 1 per dimension (a 512-token source and a
-    64-token target make 5 x 2 shapes to compile), at the price of padding on top of length grouping (less
-    than half of a padded row, about a quarter on average). Each new shape costs a compile of tens of
-    seconds, once per cache; without compile nothing is saved by fixed shapes, so eager training keeps
-    padding to the longest row of the batch, which is always the least work.
-    """
-    widths = []
-    width = smallest
-    while width < cap:
-        widths.append(width)
-        width *= 2
-    widths.append(cap)
-    return tuple(widths)
-
-
-def caused_by_out_of_memory(error: BaseException) -> bool:
-    """Whether `error` is torch's out-of-memory error, wraps one, or was raised while handling one.
-
-    torch.compile wraps an error raised while it compiles in BackendCompilerFailed (`inner_exception`),
-    and a CUDA graph whose recording runs out of memory can end in a RuntimeError from the abandoned
-    capture, raised while the OOM is handled: both are the GPU running out of memory, so the stage
-    halves its batch as it would for a plain OOM instead of failing.
-    """
-    import torch
-
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, torch.OutOfMemoryError):
-            return True
-        seen.add(id(current))
-        inner = getattr(current, "inner_exception", None)
-        if isinstance(inner, BaseException):
-            current = inner
-        elif current.__cause__ is not None or current.__suppress_context__:  # `raise ... from` says which
-            current = current.__cause__
-        else:
-            current = current.__context__
-    return False
-
-
-def bucketed_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds `length` (`length` itself if none does, which truncation prevents)."""
-    return next((width for width in buckets if width >= length), length)
-
-
-def use_compile_caches(cache_dir: Path) -> Path:
-    """Point inductor's (and Triton's) on-disk caches under `cache_dir`, so compiled graphs and kernels
-    survive this work horse and are reused by later stages and runs. Inductor reads these variables
-    lazily, so setting them before the first compiled call is enough; the horse is one process per stage.
-    """
-    directory = cache_dir / INDUCTOR_CACHE_DIR
-    directory.mkdir(parents=True, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
-    os.environ["TRITON_CACHE_DIR"] = str(directory / "triton")
-    return directory
-
-
-def prepare_compile(cache_dir: Path | None, *, shapes: int) -> str:
-    """Ready torch.compile for `shapes` static shapes: dynamo gives up compiling a function after
-    `recompile_limit` shapes (8 by default) and runs the rest eager, so the limit is raised to cover
-    them; inductor's caches go under `cache_dir`. Returns where the caches are, for the stage's log."""
-    import torch._dynamo
-
-    config = torch._dynamo.config
-    limit_name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    setattr(config, limit_name, max(int(getattr(config, limit_name)), shapes))
-    if cache_dir is None:
-        return "inductor's default cache (no cache_dir)"
-    return str(use_compile_caches(cache_dir))
+    def add_step(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.steps += 1
 
 
 def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutcome:
@@ -369,7 +200,7 @@ def train(cfg: TrainRun, *, on_step: Callable[[StepReport], None]) -> TrainOutco
             _mark_done(cfg, outcome, store)
             return outcome
         del session  # drop the model, optimizer and activations before retrying
-        _release_accelerator_memory(compiled=bool(settings.compile))
+        release_accelerator_memory(compiled=bool(settings.compile))
         checkpoint = _resume_point(store, cfg)
         restart_step = 0 if checkpoint is None else checkpoint.step
         if plan.micro_batch == 1:
@@ -417,49 +248,6 @@ def _mark_done(cfg: TrainRun, outcome: TrainOutcome, store: CheckpointStore) -> 
     cfg.log(f"stage {cfg.spec.stage_id} trained: {outcome.steps} steps, final loss {outcome.final_loss:.4f}")
 
 
-def own_gradients(params: Iterable[torch.nn.Parameter], owned: set[int]) -> None:
-    """Copy out of CUDA graph memory every .grad not copied yet (`owned`: ids of the copies, updated).
-
-    Autograd keeps a replayed backward's output as a parameter's .grad when .grad is empty; the next replay
-    overwrites that memory, and would then add its gradient to itself, losing this one (pytorch/pytorch#169545,
-    #146569). Once a .grad is a copy, later micro-batches add into it in place. Checked after every
-    micro-batch but the last, for a parameter may first get a gradient in a later one (layer drop)."""
-    import torch
-
-    targets, grads = [], []
-    for param in params:
-        if param.grad is not None and id(param.grad) not in owned:
-            targets.append(param)
-            grads.append(param.grad)
-    if not targets:
-        return
-    copies = torch._foreach_mul(grads, 1.0)  # one multi-tensor copy, not a kernel per gradient
-    for param, copy in zip(targets, copies, strict=True):
-        param.grad = copy
-        owned.add(id(copy))
-
-
-def cuda_graph_skips() -> int:
-    """How many times inductor has declined to use CUDA graphs in this process (its own counter)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["inductor"]["cudagraph_skips"])
-
-
-def _release_accelerator_memory(*, compiled: bool) -> None:
-    import torch
-
-    if compiled and torch.cuda.is_available():
-        import torch._dynamo
-
-        # The dropped model's graphs would hold its memory and count against the recompile limit; the
-        # retry's shapes come back from inductor's on-disk cache where they were compiled before.
-        torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _finished_outcome(cfg: TrainRun) -> TrainOutcome | None:
     done = cfg.workdir / DONE_FILE
     if not (done.is_file() and (cfg.workdir / MODEL_DIR).is_dir()):
@@ -467,19 +255,9 @@ def _finished_outcome(cfg: TrainRun) -> TrainOutcome | None:
     return TrainOutcome.from_dict(json.loads(done.read_text())["train"])
 
 
-def _length_limits(model: PreTrainedModel, settings: TrainConfig) -> tuple[int, int]:
-    source, target = settings.max_source_length, settings.max_target_length
-    limit = max_positions(model)
-    if limit is None:
-        return source, target
-    if is_seq2seq(model):
-        return min(source, limit), min(target, limit)
-    target = min(target, limit // 2)
-    return min(source, limit - target), target
-
-
 class _TrainingSession:
-    """Everything one attempt needs: model, optimizer, data position. Dropped whole after an OOM."""
+    """One attempt at training the stage: model, optimizer, batches and the step loop. Dropped whole after an
+    OOM, and made again with smaller micro-batches."""
 
     def __init__(
         self,
@@ -503,39 +281,22 @@ class _TrainingSession:
         )
         self.model.train()
         self.seq2seq = is_seq2seq(self.model)
-        self.source_limit, self.target_limit = _length_limits(self.model, settings)
-        self.pad_id = int(self.tokenizer.pad_token_id)
-        start_id = getattr(self.model.config, "decoder_start_token_id", None)
-        self.decoder_start_id = self.pad_id if start_id is None else int(start_id)
+        limits = training_length_limits(self.model, settings.max_source_length, settings.max_target_length)
         self.forward: Callable[..., Any] = self.model
         # CUDA graphs (train.compile: reduce-overhead): each micro-batch's forward and backward are replayed
         # graphs, whose outputs live in memory the next replay overwrites (see _accumulate_gradients).
         self.cuda_graphs = False
-        self.graph_skips_seen: int | None = None  # inductor's count of skipped CUDA graphs, as last logged
-        self.graphs_confirmed = False  # "CUDA graphs in use" logged
-        self.shapes_recorded = _ShapesSeen()  # micro-batch shapes whose graphs this session has recorded
-        # Padded lengths: None pads to the longest row (eager); else (source, target) buckets for seq2seq,
-        # or (whole sequence,) for a causal LM.
-        self.buckets: tuple[tuple[int, ...], ...] | None = None
+        self.graph_notes: TrainingGraphNotes | None = None
+        self.shapes_recorded = ShapesSeen()  # micro-batch shapes whose graphs this session has recorded
+        buckets = None  # padded lengths: None pads to the longest row (eager)
         if settings.compile and compile_pays_on(self.device):
-            self._compile()
+            buckets = padding_buckets(seq2seq=self.seq2seq, source_limit=limits[0], target_limit=limits[1])
+            self.forward, self.cuda_graphs = _compile(self.model, buckets, settings, cfg)
+            self.graph_notes = TrainingGraphNotes(cfg.log) if self.cuda_graphs else None
         elif settings.compile:
             cfg.log(f"compile skipped: torch.compile only pays on CUDA, and this stage runs on {self.device} (eager)")
         self.autocast = autocast_for(self.device)
-        self.pin = on_cuda
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.dim() < 2]
-        # Fused AdamW updates all parameters in one kernel: on CUDA since torch 2.0, on CPU since 2.4
-        # (there it is about 3x faster than the per-tensor loop for a small model).
-        fused = on_cuda or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
-        self.optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": settings.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=settings.learning_rate,
-            fused=True if fused else None,
-        )
+        self.optimizer = _adamw(self.model, settings, fused=on_cuda)
         self.trainable_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.peak_flops = peak_flops(torch.cuda.get_device_name(self.device)) if on_cuda else None
         if on_cuda and self.peak_flops is None:
@@ -547,194 +308,12 @@ class _TrainingSession:
         self.elapsed_before = 0.0
         self.resumed_step: int | None = None
         self.last_lr = settings.learning_rate
-        # Few-shot sets are encoded once, not every time an example comes round again; None: encode per batch.
-        self.encoded: dict[Example, tuple[list[int], list[int]]] | None = None
-        self.stream_from, self.window_batches = self._training_stream()
+        self.batches = TrainingBatches(
+            self.spec, settings, self.model, self.tokenizer, limits=limits, buckets=buckets,
+            micro_batch=plan.micro_batch, pin=on_cuda, cache_dir=cfg.cache_dir, log=cfg.log,
+        )
         if checkpoint is not None:
             self._load_checkpoint(checkpoint)
-
-    def _compile(self) -> None:
-        import torch
-
-        if self.seq2seq:
-            self.buckets = (length_buckets(self.source_limit), length_buckets(self.target_limit))
-        else:
-            self.buckets = (length_buckets(self.source_limit + self.target_limit),)
-        # Static shapes: one specialised graph per bucket combination, times two batch sizes (a batch that
-        # does not split evenly ends with a smaller micro-batch).
-        where = prepare_compile(self.cfg.cache_dir, shapes=math.prod(len(widths) for widths in self.buckets) * 2)
-        self.cuda_graphs = self.settings.compile == "reduce-overhead"
-        mode = "reduce-overhead" if self.cuda_graphs else None
-        self.forward = torch.compile(self.model, dynamic=False, mode=mode)
-        self.graph_skips_seen = cuda_graph_skips() if self.cuda_graphs else None
-        self.cfg.log(
-            f"compiling with torch.compile{' (mode reduce-overhead: CUDA graphs)' if self.cuda_graphs else ''}: "
-            f"static shapes, padded lengths "
-            f"{' x '.join('/'.join(map(str, widths)) for widths in self.buckets)}; caches in {where}"
-        )
-
-    # --- data ---
-
-    def _training_stream(self) -> tuple[Callable[[int], Iterator[Example]], int]:
-        """The example stream (from a given draw on) and the length-grouping window, in batches.
-
-        The window never holds more examples than there are distinct ones: sorting a window that
-        holds several copies of a small few-shot set would put copies of one example in one batch.
-        """
-        spec, settings = self.spec, self.settings
-        stream_from: Callable[[int], Iterator[Example]]
-        if spec.kind == StageKind.mtl:
-            mixture = data_lib.Mixture(
-                spec.data,
-                spec.tasks,
-                cap=settings.mixture_cap,
-                seed=spec.seed,
-                cache_dir=self.cfg.cache_dir,
-                log=self.cfg.log,
-            )
-            distinct = sum(mixture.sizes.values())
-            stream_from = mixture.stream
-        else:
-            examples = data_lib.few_shot_examples(
-                spec.data, spec.tasks, spec.shots, spec.seed, holdout=spec.holdout, cache_dir=self.cfg.cache_dir,
-                log=self.cfg.log,
-            )
-            distinct = len(examples)
-
-            self.encoded = self._few_shot_encodings(examples)
-
-            def stream_from(start: int) -> Iterator[Example]:
-                return data_lib.cycle_shuffled(examples, spec.seed, start)
-
-        return stream_from, max(1, min(WINDOW_BATCHES, distinct // settings.batch_size))
-
-    def _few_shot_encodings(self, examples: list[Example]) -> dict[Example, tuple[list[int], list[int]]]:
-        """Source and target ids of every few-shot example; with a cache_dir, read from (or written to) the
-        token cache, keyed by everything that decides them."""
-        spec = self.spec
-        path = None
-        fingerprint = None if self.cfg.cache_dir is None else data_lib.source_fingerprint(spec.data)
-        if self.cfg.cache_dir is not None and fingerprint is not None:
-            key = {
-                "kind": "few-shot",
-                "data": fingerprint,
-                "tasks": list(spec.tasks),
-                "holdout": spec.holdout,
-                **axes.token_key_fields(spec, axes.FEW_SHOT_TOKENS),  # shots, seed, instructions
-                "tokenizer": tokenizer_fingerprint(self.tokenizer),
-                "source_limit": self.source_limit,
-                "target_limit": self.target_limit,
-                "seq2seq": self.seq2seq,
-            }
-            path = data_lib.token_cache_path(self.cfg.cache_dir, key)
-            cached = data_lib.load_token_lists(path)
-            if cached is not None and len(cached["sources"]) == len(cached["targets"]) == len(examples):
-                self.cfg.log(f"token cache hit: {len(examples)} few-shot examples ({path})")
-                return dict(zip(examples, zip(cached["sources"], cached["targets"], strict=True), strict=True))
-        sources, targets = self._encode_texts(examples)
-        if path is not None:
-            try:
-                data_lib.save_token_lists(
-                    path, {"sources": sources, "targets": targets}, description=f"few-shot {spec.stage_id}"
-                )
-                self.cfg.log(f"token cache miss: {len(examples)} few-shot examples; wrote {path}")
-            except OSError as e:
-                self.cfg.log(f"token cache miss: could not write {path}: {e}")
-        return dict(zip(examples, zip(sources, targets, strict=True), strict=True))
-
-    def _encode_texts(self, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
-        sources = encode_sources(
-            self.tokenizer,
-            [data_lib.source_text(example, self.spec.instructions) for example in examples],
-            self.source_limit,
-            seq2seq=self.seq2seq,
-        )
-        targets = encode_targets(
-            self.tokenizer, [example.output for example in examples], self.target_limit, seq2seq=self.seq2seq
-        )
-        return sources, targets
-
-    def _prepared_batches(self) -> Iterator[list[_Encoded]]:
-        """Every batch from the current step on, as host tensors ready to copy (pinned on CUDA)."""
-        for batch in self._batches():
-            yield self._encode(batch)
-
-    def _batches(self) -> Iterator[list[Example]]:
-        spec = self.spec
-
-        def length(example: Example) -> int:
-            return len(data_lib.source_text(example, spec.instructions)) + len(example.output)
-
-        return data_lib.length_grouped_batches(
-            self.stream_from,
-            batch_size=self.settings.batch_size,
-            seed=spec.seed,
-            length=length,
-            start_batch=self.step,
-            window_batches=self.window_batches,
-        )
-
-    def _encode(self, batch: Sequence[Example]) -> list[_Encoded]:
-        if self.encoded is not None:
-            sources = [self.encoded[example][0] for example in batch]
-            targets = [self.encoded[example][1] for example in batch]
-        else:
-            sources, targets = self._encode_texts(batch)
-        size = self.plan.micro_batch
-        return [
-            self._micro_batch(sources[first : first + size], targets[first : first + size])
-            for first in range(0, len(batch), size)
-        ]
-
-    def _padded_widths(self, sources: list[list[int]], targets: list[list[int]]) -> tuple[int | None, int | None]:
-        """(source, target) widths for seq2seq, (sequence, None) for a causal LM; None: the longest row."""
-        if self.buckets is None:
-            return None, None
-        if self.seq2seq:
-            source_buckets, target_buckets = self.buckets
-            return (
-                bucketed_length(max(map(len, sources)), source_buckets),
-                bucketed_length(max(map(len, targets)), target_buckets),
-            )
-        longest = max(len(s) + len(t) for s, t in zip(sources, targets, strict=True))
-        return bucketed_length(longest, self.buckets[0]), None
-
-    def _micro_batch(self, sources: list[list[int]], targets: list[list[int]]) -> _Encoded:
-        tensors: dict[str, torch.Tensor]
-        width, target_width = self._padded_widths(sources, targets)
-        if self.seq2seq:
-            tensors = {
-                "input_ids": pad_sequences(sources, self.pad_id, width=width),
-                "attention_mask": pad_sequences([[1] * len(s) for s in sources], 0, width=width),
-                # Teacher forcing: the decoder sees the target shifted right behind the start token.
-                "decoder_input_ids": pad_sequences(
-                    [[self.decoder_start_id] + t[:-1] for t in targets], self.pad_id, width=target_width
-                ),
-                "labels": pad_sequences(targets, IGNORE_INDEX, width=target_width),
-            }
-        else:
-            tensors = {
-                "input_ids": pad_sequences(
-                    [s + t for s, t in zip(sources, targets, strict=True)], self.pad_id, width=width
-                ),
-                "attention_mask": pad_sequences(
-                    [[1] * (len(s) + len(t)) for s, t in zip(sources, targets, strict=True)], 0, width=width
-                ),
-                # Loss only on the answer: the prompt's positions are ignored.
-                "labels": pad_sequences(
-                    [[IGNORE_INDEX] * len(s) + t for s, t in zip(sources, targets, strict=True)],
-                    IGNORE_INDEX,
-                    width=width,
-                ),
-            }
-        if self.pin:
-            tensors = {name: tensor.pin_memory() for name, tensor in tensors.items()}
-        return _Encoded(
-            tensors=tensors,
-            target_tokens=sum(len(t) for t in targets),
-            tokens=sum(len(s) + len(t) for s, t in zip(sources, targets, strict=True)),
-            samples=len(sources),
-        )
 
     # --- the step ---
 
@@ -754,14 +333,14 @@ class _TrainingSession:
             reduction="sum",
         )
 
-    def _optimizer_step(self, micro_batches: Sequence[_Encoded]) -> tuple[torch.Tensor, int, int]:
+    def _optimizer_step(self, micro_batches: Sequence[MicroBatch]) -> tuple[torch.Tensor, int, int]:
         import torch
 
         if self.injection.fires_at(self.step + 1):
             raise torch.OutOfMemoryError("injected")
         step_loss = self._accumulate_gradients(micro_batches)
-        if self.graph_skips_seen is not None:
-            self._log_cuda_graph_skips()
+        if self.graph_notes is not None:
+            self.graph_notes.after_step(self.step + 1)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
         self.optimizer.step()
@@ -769,7 +348,7 @@ class _TrainingSession:
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, sum(m.samples for m in micro_batches), sum(m.tokens for m in micro_batches)
 
-    def _accumulate_gradients(self, micro_batches: Sequence[_Encoded]) -> torch.Tensor:
+    def _accumulate_gradients(self, micro_batches: Sequence[MicroBatch]) -> torch.Tensor:
         """Forward and backward over every micro-batch, summing into the parameters' .grad; the batch's loss."""
         import torch
 
@@ -791,22 +370,6 @@ class _TrainingSession:
                 own_gradients(self.model.parameters(), owned)
         return step_loss
 
-    def _log_cuda_graph_skips(self) -> None:
-        """Say after the first step whether inductor replays CUDA graphs, and later when a new shape's graph
-        falls back to plain compiled kernels (inductor's own log says why). Inductor counts a fallback when it
-        compiles: a stage reusing graphs compiled earlier in the same process sees none (in the worker each
-        stage has a fresh work horse, so it compiles, from the on-disk cache at best)."""
-        assert self.graph_skips_seen is not None
-        skips = cuda_graph_skips()
-        if skips > self.graph_skips_seen:
-            self.cfg.log(
-                f"step {self.step + 1}: torch.compile ran {skips - self.graph_skips_seen} graph(s) without CUDA "
-                "graphs (compiled kernels only); set TORCH_LOGS=cudagraphs to see why"
-            )
-        elif not self.graphs_confirmed:
-            self.cfg.log("CUDA graphs in use: each micro-batch's forward and backward replay as recorded graphs")
-        self.graph_skips_seen, self.graphs_confirmed = skips, True
-
     def run(self, on_step: Callable[[StepReport], None]) -> TrainOutcome | _OutOfMemoryAt:
         total = self.settings.max_steps
         self.cfg.log(
@@ -818,8 +381,8 @@ class _TrainingSession:
         # Closed before _finish: the producer thread uses the tokenizer, which saving the model also reads.
         # A few-shot stage's examples are tokenized once, up front: its batches only need padding, which costs
         # less than handing them over between threads (the two contend for the GIL).
-        depth = self.cfg.prefetch_batches if self.encoded is None else 0
-        with Prefetcher(self._prepared_batches(), depth=depth, name="stl-batches") as batches:
+        depth = 0 if self.batches.tokenized_up_front else self.cfg.prefetch_batches
+        with Prefetcher(self.batches.prepared(self.step), depth=depth, name="stl-batches") as batches:
             outcome = self._steps(batches, on_step, started)
         if isinstance(outcome, _OutOfMemoryAt):
             return outcome
@@ -827,14 +390,13 @@ class _TrainingSession:
         return self._finish(loss_value, run_samples, run_tokens, max(time.perf_counter() - started, 1e-9))
 
     def _steps(
-        self, batches: Iterator[list[_Encoded]], on_step: Callable[[StepReport], None], started: float
+        self, batches: Iterator[list[MicroBatch]], on_step: Callable[[StepReport], None], started: float
     ) -> tuple[float, int, int] | _OutOfMemoryAt:
         """Train to the last step: (last reported loss, samples, tokens), or where memory ran out."""
         import torch
 
         total = self.settings.max_steps
-        run_samples = run_tokens = 0
-        progress = _Progress()
+        progress, run = _Progress(), _Progress()  # since the last report, and since `started`
         loss_since_report = torch.zeros((), device=self.device)
         loss_value = math.nan
         while self.step < total:
@@ -859,11 +421,8 @@ class _TrainingSession:
                 return _OutOfMemoryAt(self.step + 1)
             self.step += 1
             loss_since_report += step_loss
-            progress.samples += samples
-            progress.tokens += tokens
-            progress.steps += 1
-            run_samples += samples
-            run_tokens += tokens
+            progress.add_step(samples, tokens)
+            run.add_step(samples, tokens)
             if self.step % REPORT_EVERY == 0 or self.step in (1, total):
                 loss_value = float((loss_since_report / progress.steps).item())  # the only host sync
                 now = time.perf_counter()
@@ -886,7 +445,7 @@ class _TrainingSession:
                 progress = _Progress()
             if self.step % self.settings.checkpoint_every == 0 and self.step < total:
                 self._save_checkpoint(started)
-        return loss_value, run_samples, run_tokens
+        return loss_value, run.samples, run.tokens
 
     def _finish(self, final_loss: float, samples: int, tokens: int, seconds: float) -> TrainOutcome:
         save_model(self.model, self.tokenizer, self.cfg.workdir / MODEL_DIR, before_replace=self.cfg.fence)
@@ -906,7 +465,6 @@ class _TrainingSession:
     # --- checkpoints ---
 
     def _save_checkpoint(self, started: float) -> None:
-        import numpy as np
         import torch
 
         trainer_state = {
@@ -915,8 +473,6 @@ class _TrainingSession:
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
         }
-        python_rng = random.getstate()
-        numpy_rng = np.random.get_state()
         state = {
             "format": STATE_FORMAT,
             "stage_id": self.spec.stage_id,
@@ -925,36 +481,94 @@ class _TrainingSession:
             "micro_batch": self.plan.micro_batch,
             "grad_accum": self.plan.grad_accum,
             # Batches are a pure function of (data, seed, batch number): the next one is the position.
-            "data": {"next_batch": self.step, "window_batches": self.window_batches},
+            "data": {"next_batch": self.step, "window_batches": self.batches.window_batches},
             "oom_retries": [retry.to_dict() for retry in self.retries],
             "elapsed_s": self.elapsed_before + time.perf_counter() - started,
-            "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
-            "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],  # type: ignore[index, union-attr]
+            **_host_rng_states(),
         }
         self.store.save(self.step, self.model, trainer_state, state)
 
     def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
-        import numpy as np
-        import torch
         from safetensors.torch import load_model as load_weights
 
         state, trainer_state = checkpoint.state, checkpoint.trainer
-        if state["batch_size"] != self.settings.batch_size or state["data"]["window_batches"] != self.window_batches:
+        layout = (state["batch_size"], state["data"]["window_batches"])
+        if layout != (self.settings.batch_size, self.batches.window_batches):
             raise DataError(f"checkpoint in {checkpoint.directory} was written with another batch layout; delete it")
         load_weights(self.model, str(checkpoint.weights), device=str(self.device))
         self.optimizer.load_state_dict(trainer_state["optimizer"])
         self.scheduler.load_state_dict(trainer_state["scheduler"])
-        torch.set_rng_state(trainer_state["torch_rng"].cpu())
-        if self.device.type == "cuda" and trainer_state["cuda_rng"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in trainer_state["cuda_rng"]])
-        version, internal, gauss = state["python_rng"]
-        random.setstate((version, tuple(internal), gauss))
-        name, keys, *rest = state["numpy_rng"]
-        np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+        _restore_rng_states(state, trainer_state, self.device)
         self.step = int(state["step"])
         self.elapsed_before = float(state["elapsed_s"])
         self.resumed_step = self.step
         self.cfg.log(f"resumed from step {self.step}")
+
+
+def _compile(
+    model: PreTrainedModel, buckets: Buckets, settings: TrainConfig, cfg: TrainRun
+) -> tuple[Callable[..., Any], bool]:
+    """`model` compiled for the static shapes of `buckets`, and whether it replays CUDA graphs."""
+    import torch
+
+    # Static shapes: one specialised graph per bucket combination, times two batch sizes (a batch that
+    # does not split evenly ends with a smaller micro-batch).
+    where = prepare_compile(cfg.cache_dir, shapes=math.prod(len(widths) for widths in buckets) * 2)
+    cuda_graphs = settings.compile == "reduce-overhead"
+    mode = "reduce-overhead" if cuda_graphs else None
+    forward = torch.compile(model, dynamic=False, mode=mode)
+    cfg.log(
+        f"compiling with torch.compile{' (mode reduce-overhead: CUDA graphs)' if cuda_graphs else ''}: "
+        f"static shapes, padded lengths "
+        f"{' x '.join('/'.join(map(str, widths)) for widths in buckets)}; caches in {where}"
+    )
+    return forward, cuda_graphs
+
+
+def _adamw(model: torch.nn.Module, settings: TrainConfig, *, fused: bool) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norms)."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    # Fused AdamW updates all parameters in one kernel: on CUDA since torch 2.0, on CPU since 2.4
+    # (there it is about 3x faster than the per-tensor loop for a small model).
+    fused = fused or tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 4)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": settings.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=settings.learning_rate,
+        fused=True if fused else None,
+    )
+
+
+def _host_rng_states() -> dict[str, list[Any]]:
+    """Python's and numpy's random states as JSON values, for a checkpoint's state.json."""
+    import numpy as np
+
+    python_rng = random.getstate()
+    numpy_rng = np.random.get_state()
+    return {
+        "python_rng": [python_rng[0], list(python_rng[1]), python_rng[2]],
+        "numpy_rng": [numpy_rng[0], numpy_rng[1].tolist(), *numpy_rng[2:]],  # type: ignore[index, union-attr]
+    }
+
+
+def _restore_rng_states(state: dict[str, Any], trainer_state: dict[str, Any], device: torch.device) -> None:
+    """Every random state a checkpoint holds: torch's (and CUDA's) from trainer.pt, Python's and numpy's
+    from state.json."""
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(trainer_state["torch_rng"].cpu())
+    if device.type == "cuda" and trainer_state["cuda_rng"]:
+        torch.cuda.set_rng_state_all([s.cpu() for s in trainer_state["cuda_rng"]])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
 def _warmup_then_linear_decay(max_steps: int, warmup_ratio: float) -> Callable[[int], float]:

@@ -1,4 +1,4 @@
-"""CUDA graph recording, played on a CPU for tests: what `GreedyDecoder(cuda_graphs=True)` records must
+"""CUDA graph recording, played on a CPU for tests: what `GreedyDecoder(step=DecodingStep.RECORDED)` records must
 neither wait for the device (a recording refuses host syncs) nor depend on values read on the host while it
 was recorded (a replay repeats the recorded kernels with their arguments as they were)."""
 
@@ -12,7 +12,8 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jobs.decoding import GreedyDecoder, waits_for_the_device
+from jobs.cuda_graphs import GraphRecorder, waits_for_the_device
+from jobs.decoding import GreedyDecoder
 
 # transformers 4 checks on the host whether a BART-family model's cross-attention mask is all ones (a sync,
 # even while a recording is under way); from transformers 5 on their steps record.
@@ -20,7 +21,7 @@ BART_FAMILY_RECORDS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class NoHostSync(TorchDispatchMode):
-    """Fails on the operations that wait for the device (jobs.decoding.waits_for_the_device): a CUDA graph
+    """Fails on the operations that wait for the device (jobs.cuda_graphs.waits_for_the_device): a CUDA graph
     recording refuses them."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -101,12 +102,20 @@ class NoStream:
     def synchronize(self) -> None: ...
 
 
+class RecorderOnCpu(GraphRecorder):
+    """GraphRecorder with a stream that does nothing for the side stream."""
+
+    def side_stream(self, device: torch.device) -> Any:
+        return NoStream()
+
+
 class TapedOnCpu(GreedyDecoder):
-    """GreedyDecoder(cuda_graphs=True) with its own `_replay`, run on a CPU: `TapeGraph` stands in for
-    torch.cuda.CUDAGraph, and a stream that does nothing for the side stream."""
+    """GreedyDecoder(step=DecodingStep.RECORDED) with its own `_replay`, run on a CPU: `TapeGraph` stands in
+    for torch.cuda.CUDAGraph, and a stream that does nothing for the side stream."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._recorder = RecorderOnCpu(self.model)
         self.shapes: list[tuple[int, int]] = []  # (rows, source tokens) of each batch decoded
         self.recordings = 0
         self.graphs: list[TapeGraph] = []  # every recording begun
@@ -114,9 +123,6 @@ class TapedOnCpu(GreedyDecoder):
     def _new_graph(self) -> TapeGraph:
         self.graphs.append(TapeGraph())
         return self.graphs[-1]
-
-    def _side_stream(self, device: torch.device) -> Any:
-        return NoStream()
 
     def _replay(self, batch: Any) -> None:
         recording = batch.graph is None

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     import redis
     import torch
 
+    from jobs.progress import StepReport
     from jobs.specs import StageSpec
-    from jobs.train import StepReport, TrainOutcome
+    from jobs.train import TrainOutcome
 
 
 def grid_dict(data: Path, **overrides: Any) -> dict[str, Any]:

@@ -18,8 +18,9 @@ from transformers import (
 )
 from transformers.generation import logits_process as hf
 
-from jobs.decoding import GreedyDecoder, GreedyRules, IdleHostWork, apply_rules, greedy_rules, rule_masks
+from jobs.decoding import DecodingStep, GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
 from jobs.errors import StepNotRecordable
+from jobs.prefetch import IdleHostWork
 from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, NoHostSync, TapedOnCpu
 
 if TYPE_CHECKING:
@@ -176,7 +177,7 @@ def test_a_reused_batch_shape_decodes_new_sources_as_a_fresh_decoder_does(compil
     model.generation_config.no_repeat_ngram_size = 2
     rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
     assert isinstance(rules, GreedyRules)
-    options = {"compile_step": True, "compile_options": {"backend": "aot_eager"}} if compiled else {}
+    options = {"step": DecodingStep.COMPILED, "compile_options": {"backend": "aot_eager"}} if compiled else {}
     reused = GreedyDecoder(model, rules, **options)  # type: ignore[arg-type]
     with torch.inference_mode():
         outputs = []
@@ -200,7 +201,7 @@ def test_the_compiled_step_traces_whole_and_decodes_the_same_tokens() -> None:
         model.generation_config.no_repeat_ngram_size = 3
         rules = greedy_rules(model, max_new_tokens=12, pad_id=pad)
         assert isinstance(rules, GreedyRules)
-        compiled = GreedyDecoder(model, rules, compile_step=True, compile_options={"backend": "aot_eager"},
+        compiled = GreedyDecoder(model, rules, step=DecodingStep.COMPILED, compile_options={"backend": "aot_eager"},
                                  keep_shapes=2)
         eager = GreedyDecoder(model, rules)
         with torch.inference_mode():
@@ -216,15 +217,15 @@ def test_cuda_graphs_are_refused_off_cuda_and_together_with_compile() -> None:
     model, pad = small_bart(0.5), 1
     rules = greedy_rules(model, max_new_tokens=4, pad_id=pad)
     assert isinstance(rules, GreedyRules)
-    with pytest.raises(ValueError, match="compile_step or cuda_graphs"):
-        GreedyDecoder(model, rules, compile_step=True, cuda_graphs=True)
+    with pytest.raises(ValueError, match="not a valid DecodingStep"):
+        GreedyDecoder(model, rules, step="compiled and recorded")  # type: ignore[arg-type]
     ids, mask = random_sources(random.Random(0), pad, 2, 5)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        GreedyDecoder(model, rules, cuda_graphs=True).decode(ids, mask)
+        GreedyDecoder(model, rules, step=DecodingStep.RECORDED).decode(ids, mask)
 
 
 class _RecordedStepOnCpu(GreedyDecoder):
-    """What `cuda_graphs` records, run on a CPU: the step over the static KV cache, as transformers runs it
+    """What `DecodingStep.RECORDED` records, run on a CPU: the step over the static KV cache, as transformers runs it
     while a recording is under way, and checked for host syncs instead of recorded."""
 
     def _replay(self, batch: Any) -> None:
@@ -239,7 +240,7 @@ def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tok
     rng = random.Random(17)
     for _ in range(4):
         model, pad, rules = model_with_random_rules(rng, max_new_tokens=9, bart=BART_FAMILY_RECORDS)
-        recorded = _RecordedStepOnCpu(model, rules, cuda_graphs=True)
+        recorded = _RecordedStepOnCpu(model, rules, step=DecodingStep.RECORDED)
         with torch.inference_mode():
             for _ in range(2):  # the second batch reuses the first's buffers, reset in place
                 ids, mask = random_sources(rng, pad, 3, 7)
@@ -248,13 +249,13 @@ def test_the_step_cuda_graphs_record_waits_for_nothing_and_decodes_generates_tok
 
 
 def test_recorded_steps_replayed_with_what_they_read_at_recording_decode_generates_tokens() -> None:
-    """The recording path of `cuda_graphs` as a GPU runs it (warm-up step, recording that runs nothing, replay
+    """The recording path of `DecodingStep.RECORDED` as a GPU runs it (warm-up step, recording that runs nothing, replay
     of the recorded operations with the values they read then), batch after batch: a new shape records, a
     reused one replays its graph, an evicted one records again; every batch gives `generate`'s tokens."""
     rng = random.Random(23)
     for _ in range(4):
         model, pad, rules = model_with_random_rules(rng, max_new_tokens=8, bart=BART_FAMILY_RECORDS)
-        taped = TapedOnCpu(model, rules, cuda_graphs=True, keep_shapes=2)
+        taped = TapedOnCpu(model, rules, step=DecodingStep.RECORDED, keep_shapes=2)
         with torch.inference_mode():
             for rows, width in ((3, 6), (3, 6), (2, 9), (3, 6), (4, 5), (2, 9)):
                 ids, mask = random_sources(rng, pad, rows, width)
@@ -269,7 +270,7 @@ def test_a_step_that_waits_for_the_device_is_refused_before_it_voids_the_recordi
     model, pad = small_bart(0.5), 1
     rules = greedy_rules(model, max_new_tokens=6, pad_id=pad)
     assert isinstance(rules, GreedyRules)
-    taped = TapedOnCpu(model, rules, cuda_graphs=True)
+    taped = TapedOnCpu(model, rules, step=DecodingStep.RECORDED)
     taped._pass_decoder_mask = False
     ids, mask = random_sources(random.Random(3), pad, 2, 5)
     # Not the stand-in's AssertionError: the loop's own check came first.
@@ -325,7 +326,7 @@ def test_encoder_decoders_record_and_replay_generates_tokens_or_are_refused_with
     pad = config.pad_token_id
     rules = greedy_rules(model, max_new_tokens=8, pad_id=pad)
     assert isinstance(rules, GreedyRules)
-    taped = TapedOnCpu(model, rules, cuda_graphs=True)
+    taped = TapedOnCpu(model, rules, step=DecodingStep.RECORDED)
     rng = random.Random(5)
     refused = None
     with torch.inference_mode():
@@ -416,7 +417,7 @@ def test_recorded_cuda_graphs_decode_the_eager_loops_tokens_batch_after_batch() 
     model.generation_config.no_repeat_ngram_size = 2
     rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
     assert isinstance(rules, GreedyRules)
-    graphs, eager = GreedyDecoder(model, rules, cuda_graphs=True, keep_shapes=2), GreedyDecoder(model, rules)
+    graphs, eager = GreedyDecoder(model, rules, step=DecodingStep.RECORDED, keep_shapes=2), GreedyDecoder(model, rules)
     with torch.inference_mode():
         for width in (8, 16, 8, 8):
             ids, mask = random_sources(rng, pad, 4, width)
@@ -464,7 +465,7 @@ def test_the_step_compiles_with_the_options_eval_compile_uses(
     model.generation_config.no_repeat_ngram_size, model.generation_config.forced_bos_token_id = 3, 0
     rules = greedy_rules(model, max_new_tokens=10, pad_id=pad)
     assert isinstance(rules, GreedyRules) and rules.no_repeat_ngram_size == 3
-    compiled = GreedyDecoder(model, rules, compile_step=True, compile_options={"mode": "reduce-overhead"})
+    compiled = GreedyDecoder(model, rules, step=DecodingStep.COMPILED, compile_options={"mode": "reduce-overhead"})
     eager = GreedyDecoder(model, rules)
     counters.clear()
     with torch.inference_mode():

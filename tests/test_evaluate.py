@@ -11,16 +11,10 @@ import pytest
 import torch
 
 from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+from jobs.decoding import DecodingStep
 from jobs.errors import DataError, StageCanceled
-from jobs.evaluate import (
-    EvalRun,
-    TaskMetrics,
-    best_option,
-    evaluate,
-    make_rouge_scorer,
-    rouge_l,
-    sequence_log_likelihoods,
-)
+from jobs.evaluate import EvalRun, TaskMetrics, evaluate, make_rouge_scorer, rouge_l
+from jobs.rank import best_option, sequence_log_likelihoods
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.train import TrainRun, train
 from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, TapedOnCpu
@@ -119,10 +113,10 @@ def test_answers_are_scored_while_the_gpu_decodes_later_batches_with_the_same_me
 def test_only_out_of_memory_in_any_form_halves_the_eval_batch(
     demo_data: Path, monkeypatch: pytest.MonkeyPatch, disguised: bool
 ) -> None:
-    from jobs import evaluate as evaluate_module
+    from jobs.rank import RankClassifier
     from tests.helpers import out_of_memory_in_disguise
 
-    original = evaluate_module._Scorer._option_scores
+    original = RankClassifier.option_scores
 
     def failing_on_big_batches(self: Any, sources: Any, candidates: Any) -> Any:
         if len(sources) > 1:
@@ -131,7 +125,7 @@ def test_only_out_of_memory_in_any_form_halves_the_eval_batch(
 
     spec = eval_spec(demo_data, ("intent_classification",), batch_size=4)
     expected = run_eval(spec)
-    monkeypatch.setattr(evaluate_module._Scorer, "_option_scores", failing_on_big_batches)
+    monkeypatch.setattr(RankClassifier, "option_scores", failing_on_big_batches)
     if disguised:
         assert [m.to_dict() for m in run_eval(spec)] == [m.to_dict() for m in expected]
     else:
@@ -223,19 +217,20 @@ def test_a_bf16_gpu_evaluates_with_bf16_weights(
     """Where the device computes bf16 natively the eval model's weights go to bf16 (no per-step autocast
     casts); the scores stay within bf16's rounding of the fp32 ones. The CPU stands in for such a GPU."""
     import jobs.evaluate as evaluate_module
+    from jobs.rank import RankClassifier
 
     tasks = ("intent_classification", "summarization")
     model_dir = briefly_trained(demo_data, tmp_path, "tiny:t5")
     fp32 = run_eval(eval_spec(demo_data, tasks), model_dir=model_dir)
     monkeypatch.setattr(evaluate_module, "bf16_autocast_supported", lambda device: True)
     dtypes: list[torch.dtype] = []
-    real_scores = evaluate_module._Scorer._option_scores
+    real_scores = RankClassifier.option_scores
 
     def scores_and_dtype(self: Any, *args: Any) -> list[list[float]]:
         dtypes.append(next(self.model.parameters()).dtype)
         return real_scores(self, *args)
 
-    monkeypatch.setattr(evaluate_module._Scorer, "_option_scores", scores_and_dtype)
+    monkeypatch.setattr(RankClassifier, "option_scores", scores_and_dtype)
     lines: list[str] = []
     run = EvalRun(spec=eval_spec(demo_data, tasks), model_dir=model_dir, device="cpu",
                   should_stop=lambda: None, log=lines.append)
@@ -287,6 +282,7 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     buckets and a last batch that needs filler rows."""
     import jobs.decoding as decoding_module
     import jobs.evaluate as evaluate_module
+    import jobs.generation as generation_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 11)
@@ -306,16 +302,16 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
 
     class TracedDecoder(decoding_module.GreedyDecoder):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
-            if kwargs.get("compile_step"):
+            if kwargs.get("step") is DecodingStep.COMPILED:
                 kwargs["compile_options"] = {"backend": "aot_eager"}
             super().__init__(*args, **kwargs)
 
         def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            calls.append(("loop", "compiled" if self.compiled else None, tuple(input_ids.shape)))
+            calls.append(("loop", "compiled" if self.step is DecodingStep.COMPILED else None, tuple(input_ids.shape)))
             return super().decode(input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer", load_input_sensitive_model)
-    monkeypatch.setattr(evaluate_module, "GreedyDecoder", TracedDecoder)
+    monkeypatch.setattr(generation_module, "GreedyDecoder", TracedDecoder)
     for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # use_compile_caches sets them
         monkeypatch.delenv(variable, raising=False)
     settings = {"max_examples": 11, "batch_size": 4, "max_source_length": 200, "samples": 11}
@@ -327,7 +323,7 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
         return [sample["prediction"] for sample in metrics.samples]
 
     with monkeypatch.context() as only_generate:  # the reference: transformers' generate, dynamic cache
-        only_generate.setattr(evaluate_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
+        only_generate.setattr(generation_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
         reference = predictions(False, [])
     assert {(way, cache) for way, cache, _ in calls} == {("generate", None)}
     assert len(set(reference)) >= 5, reference  # the answers differ, so comparing them means something
@@ -337,7 +333,7 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     assert {(way, cache) for way, cache, _ in calls} == {("loop" if model == "tiny:t5" else "generate", None)}
     calls.clear()
     lines: list[str] = []
-    monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+    monkeypatch.setattr(generation_module, "compile_pays_on", lambda device: True)
     static = predictions(True, lines)
     assert static == reference
     assert any("static KV cache" in line and "32/64/128/200 tokens" in line for line in lines), lines
@@ -360,9 +356,9 @@ def use_input_sensitive_models(monkeypatch: pytest.MonkeyPatch) -> None:
 def record_decoding_graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, *, without_decoder_mask: bool = False
                                   ) -> list[TapedOnCpu]:
     """Eval stages on the CPU record their decoding step as on a GPU, through tests/cuda_graphs_on_cpu.py;
-    returns every decoder they make (one without cuda_graphs is the eager loop, noting its shapes).
+    returns every decoder they make (one not RECORDED is the eager loop, noting its shapes).
     `without_decoder_mask`: BART's step then syncs, as it did before the loop passed it a decoder mask."""
-    import jobs.evaluate as evaluate_module
+    import jobs.generation as generation_module
 
     made: list[TapedOnCpu] = []
 
@@ -372,8 +368,8 @@ def record_decoding_graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, *, without_de
             made[-1]._pass_decoder_mask = False
         return made[-1]
 
-    monkeypatch.setattr(evaluate_module, "records_decoding_graphs", lambda device: True)
-    monkeypatch.setattr(evaluate_module, "GreedyDecoder", decoder)
+    monkeypatch.setattr(generation_module, "records_decoding_graphs", lambda device: True)
+    monkeypatch.setattr(generation_module, "GreedyDecoder", decoder)
     return made
 
 
@@ -389,21 +385,21 @@ def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_a
     to length buckets and full rows, so that sorted batches of one bucket replay one recording instead of
     each recording its own. The CPU plays the GPU with tests/cuda_graphs_on_cpu.py (a recording runs nothing;
     a replay repeats the recorded operations); the predictions must be those of `generate`."""
-    import jobs.evaluate as evaluate_module
+    import jobs.generation as generation_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 22)
     use_input_sensitive_models(monkeypatch)
     settings = {"max_examples": 22, "samples": 22, "batch_size": 4, "max_source_length": 200, "model": model}
     with monkeypatch.context() as only_generate:
-        only_generate.setattr(evaluate_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
+        only_generate.setattr(generation_module, "greedy_rules", lambda *args, **kwargs: "the reference run")
         reference = generation_predictions(data, tmp_path, [], **settings)
     assert len(set(reference)) >= 8, reference
     made = record_decoding_graphs_on_cpu(monkeypatch)
     lines: list[str] = []
     assert generation_predictions(data, tmp_path, lines, **settings) == reference
     [taped] = made  # no fallback to the eager loop
-    assert taped.cuda_graphs
+    assert taped.step is DecodingStep.RECORDED
     assert any("recorded as a CUDA graph once per batch shape: sources padded to 32/64/128/200 tokens, "
                "batches to 4 rows" in line for line in lines), lines
     assert sum(line.startswith("CUDA graphs in use") for line in lines) == 1, lines
@@ -427,7 +423,7 @@ def test_a_decoding_step_that_cannot_be_recorded_is_decoded_eagerly_with_the_rea
     lines: list[str] = []
     assert generation_predictions(data, tmp_path, lines, **settings) == reference
     taped, eager = made
-    assert taped.cuda_graphs and len(taped.shapes) == 1 and not eager.cuda_graphs
+    assert taped.step is DecodingStep.RECORDED and len(taped.shapes) == 1 and eager.step is DecodingStep.EAGER
     # The failed batch again, as it was padded; then the batches as long as their longest source.
     assert eager.shapes[0] == taped.shapes[0] and [rows for rows, _ in eager.shapes] == [4, 4, 2], eager.shapes
     [failed] = [line for line in lines if line.startswith("recording the decoding step as a CUDA graph failed")]
@@ -441,9 +437,9 @@ def test_static_decoding_is_skipped_for_an_architecture_transformers_does_not_ma
 ) -> None:
     import transformers
 
-    import jobs.evaluate as evaluate_module
+    import jobs.generation as generation_module
 
-    monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+    monkeypatch.setattr(generation_module, "compile_pays_on", lambda device: True)
     monkeypatch.setattr(transformers.T5ForConditionalGeneration, "_can_compile_fullgraph", False)
     lines: list[str] = []
     run = EvalRun(spec=eval_spec(demo_data, ("summarization",), compile=True), model_dir=None, device="cpu",
@@ -510,7 +506,7 @@ class _CompileOnCpu:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, backend: Any = "aot_eager") -> None:
         import jobs.decoding as decoding_module
-        import jobs.evaluate as evaluate_module
+        import jobs.generation as generation_module
 
         self.shapes: list[tuple[int, int]] = []
         self.fail: Callable[[tuple[int, int]], Exception | None] = lambda shape: None
@@ -518,20 +514,20 @@ class _CompileOnCpu:
 
         class Decoder(decoding_module.GreedyDecoder):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
-                if kwargs.get("compile_step"):
+                if kwargs.get("step") is DecodingStep.COMPILED:
                     kwargs["compile_options"] = {"backend": backend}
                 super().__init__(*args, **kwargs)
 
             def decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> torch.Tensor:
                 shape = (int(input_ids.size(0)), int(input_ids.size(1)))
-                error = recorder.fail(shape) if self.compiled else None
+                error = recorder.fail(shape) if self.step is DecodingStep.COMPILED else None
                 if error is not None:
                     raise error
                 recorder.shapes.append(shape)
                 return super().decode(input_ids, attention_mask, **kwargs)
 
-        monkeypatch.setattr(evaluate_module, "GreedyDecoder", Decoder)
-        monkeypatch.setattr(evaluate_module, "compile_pays_on", lambda device: True)
+        monkeypatch.setattr(generation_module, "GreedyDecoder", Decoder)
+        monkeypatch.setattr(generation_module, "compile_pays_on", lambda device: True)
         for variable in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):  # use_compile_caches sets them
             monkeypatch.delenv(variable, raising=False)
 
@@ -551,21 +547,21 @@ def test_running_out_of_memory_in_compiled_decoding_frees_the_graphs_and_goes_on
     the halvings start afresh. Here the limit is 1 shape: without that it fails at the second halving."""
     import torch._dynamo
 
-    import jobs.evaluate as evaluate_module
+    import jobs.generation as generation_module
 
     data = tmp_path / "short.jsonl"
     write_varied_sources(data, "gen", 24)
     settings = {"max_examples": 24, "samples": 24, "batch_size": 8, "max_source_length": 32}
     reference = generation_predictions(data, tmp_path, [], **settings)
     compiling = _CompileOnCpu(monkeypatch)
-    real_prepare = evaluate_module.prepare_compile
+    real_prepare = generation_module.prepare_compile
 
     def prepare_one_shape(*args: Any, **kwargs: Any) -> str:
         where = real_prepare(*args, **kwargs)
         torch._dynamo.config.recompile_limit = 1
         return where
 
-    monkeypatch.setattr(evaluate_module, "prepare_compile", prepare_one_shape)
+    monkeypatch.setattr(generation_module, "prepare_compile", prepare_one_shape)
     torch._dynamo.reset()
     # The first batch of 8 decodes; then batches of more than 2 rows run out of memory.
     compiling.fail = lambda shape: (
@@ -607,12 +603,13 @@ def test_the_stage_log_says_whether_the_compiled_decoding_step_replays_cuda_grap
 ) -> None:
     """Inductor counts a CUDA-graph fallback when it compiles a shape; the CPU has none, so the count is
     played here: none for the first bucket, one for the next."""
-    import jobs.evaluate as evaluate_module
+    import jobs.generation as generation_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 12)
     compiling = _CompileOnCpu(monkeypatch)
-    monkeypatch.setattr(evaluate_module, "cuda_graph_skips", lambda: max(0, len({w for _, w in compiling.shapes}) - 1))
+    monkeypatch.setattr(generation_module, "cuda_graph_skips",
+                        lambda: max(0, len({w for _, w in compiling.shapes}) - 1))
     lines: list[str] = []
     generation_predictions(data, tmp_path, lines, max_source_length=200, compile=True)
     assert len({width for _, width in compiling.shapes}) >= 2
@@ -700,7 +697,7 @@ def test_classification_records_three_accuracies_and_eval_metric_picks_the_prima
 ) -> None:
     """Summed log-likelihood favours the short option; per token favours the long one here; the model's
     generated answer names neither. eval.metric says which one the result reports first."""
-    from jobs import evaluate as evaluate_lib
+    from jobs.rank import RankClassifier
     from tests.instructdial_format import row
 
     data = tmp_path / "short_long.jsonl"
@@ -711,7 +708,7 @@ def test_classification_records_three_accuracies_and_eval_metric_picks_the_prima
         # The short option's whole answer is likelier; the long one's tokens are each likelier.
         return [[-1.0 * len(opts[0]), -0.5 * len(opts[1]) - 0.1] for opts in candidates]
 
-    monkeypatch.setattr(evaluate_lib._Scorer, "_option_scores", fixed_scores)
+    monkeypatch.setattr(RankClassifier, "option_scores", fixed_scores)
     [by_sum] = run_eval(eval_spec(data, ("t",), max_examples=4))
     assert by_sum.metric == "accuracy" and set(by_sum.metrics) == {"accuracy", "accuracy_norm", "accuracy_gen"}
     assert (by_sum.metrics["accuracy"], by_sum.metrics["accuracy_norm"]) == (0.0, 1.0)

@@ -15,30 +15,33 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from jobs.acceleration import (
+    bucketed_length,
+    length_buckets,
+    model_flops_utilization,
+    peak_flops,
+    use_compile_caches,
+)
 from jobs.checkpoint import CheckpointStore
+from jobs.cuda_graphs import own_gradients
 from jobs.data import DEMO_EVAL_TASKS
 from jobs.errors import StagePreempted
 from jobs.evaluate import EvalRun, evaluate
+from jobs.model_inputs import IGNORE_INDEX
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.train import (
-    IGNORE_INDEX,
-    StepReport,
     TrainOutcome,
     TrainRun,
     _OomInjection,
     _Plan,
     _TrainingSession,
-    bucketed_length,
-    length_buckets,
-    model_flops_utilization,
-    own_gradients,
-    peak_flops,
-    use_compile_caches,
 )
 from tests.helpers import assert_bit_identical, run_training, saved_weights
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from jobs.progress import StepReport
 
 torch.set_num_threads(1)
 
@@ -160,17 +163,17 @@ def test_bucketed_micro_batches_have_bucket_shapes_and_the_same_loss(
     spec = finetune_spec(demo_data, model=model, max_source_length=100, max_target_length=40)
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None, log=print)
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None),
-                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
-    batch = next(session._batches())
-    [dynamic] = session._encode(batch)
+    session = new_session(cfg, _Plan.for_micro_batch(4, 4))
+    batches = session.batches
+    batch = next(batches.example_batches(0))
+    [dynamic] = batches.encode(batch)
     if session.seq2seq:
-        session.buckets = (length_buckets(session.source_limit), length_buckets(session.target_limit))
-        allowed = [session.buckets[0], session.buckets[0], session.buckets[1], session.buckets[1]]
+        batches.buckets = (length_buckets(batches.source_limit), length_buckets(batches.target_limit))
+        allowed = [batches.buckets[0], batches.buckets[0], batches.buckets[1], batches.buckets[1]]
     else:
-        session.buckets = (length_buckets(session.source_limit + session.target_limit),)
-        allowed = [session.buckets[0]] * 3
-    [bucketed] = session._encode(batch)
+        batches.buckets = (length_buckets(batches.source_limit + batches.target_limit),)
+        allowed = [batches.buckets[0]] * 3
+    [bucketed] = batches.encode(batch)
     shapes = [tensor.size(1) for tensor in bucketed.tensors.values()]
     assert all(width in widths for width, widths in zip(shapes, allowed, strict=True)), shapes
     assert shapes != [tensor.size(1) for tensor in dynamic.tensors.values()]  # the padding did change
@@ -209,14 +212,20 @@ def sync_callers(spy: HostSyncSpy) -> list[str]:
     return [frames[-2] for _op, frames in spy.syncs]  # frames[-1] is the spy itself
 
 
+def new_session(cfg: TrainRun, plan: _Plan) -> _TrainingSession:
+    """A training attempt from step 0, as train() makes one."""
+    assert cfg.spec.train is not None
+    store = CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log)
+    return _TrainingSession(cfg, cfg.spec.train, plan, [], _OomInjection(None), store, None)
+
+
 def steady_state_session(tmp_path: Path, demo_data: Path, model: str, **settings: Any) -> _TrainingSession:
     spec = finetune_spec(demo_data, model=model, grad_accum=1, **settings)
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
                    log=lambda _line: None, cache_dir=tmp_path / "cache")
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 4), [], _OomInjection(None),
-                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
-    batches = session._prepared_batches()
+    session = new_session(cfg, _Plan.for_micro_batch(4, 4))
+    batches = session.batches.prepared(session.step)
     session._optimizer_step(next(batches))  # the first step creates the optimizer state (and compiles)
     return session
 
@@ -228,7 +237,7 @@ def test_an_eager_training_step_makes_no_host_sync_of_stls_own(tmp_path: Path, d
     session = steady_state_session(tmp_path, demo_data, model)
     spy = HostSyncSpy()
     with spy:
-        session._optimizer_step(next(session._prepared_batches()))
+        session._optimizer_step(next(session.batches.prepared(session.step)))
     callers = sync_callers(spy)
     assert callers, "the spy must see transformers' mask checks, or it is not watching"
     assert all(f"transformers{os.sep}" in caller for caller in callers), callers
@@ -257,13 +266,12 @@ def accumulated_gradients(tmp_path: Path, demo_data: Path, *, graph_memory: bool
     assert spec.train is not None
     cfg = TrainRun(spec=spec, workdir=tmp_path, init_from=None, device="cpu", should_stop=lambda: None,
                    log=lambda _line: None)
-    session = _TrainingSession(cfg, spec.train, _Plan.for_micro_batch(4, 1), [], _OomInjection(None),
-                               CheckpointStore(cfg.workdir, cfg.spec.stage_id, cfg.log), None)
+    session = new_session(cfg, _Plan.for_micro_batch(4, 1))
     session.model.eval()  # no dropout: every session computes the same gradients
     if graph_memory:
         deliver_gradients_like_cuda_graphs(session.model)
     session.cuda_graphs = cuda_graphs  # what the reduce-overhead mode sets, without compiling on a CPU
-    micro_batches = next(session._prepared_batches())
+    micro_batches = next(session.batches.prepared(session.step))
     assert len(micro_batches) == 4
     session._accumulate_gradients(micro_batches)
     return [param.grad.clone() for param in session.model.parameters()]
@@ -329,8 +337,8 @@ def test_compiled_training_is_one_graph_per_shape_with_no_graph_break(
     # Caps at or below the smallest bucket leave one source and one target width: one graph to compile.
     session = steady_state_session(tmp_path, demo_data, "tiny:t5", max_source_length=32, max_target_length=16,
                                    compile=True)
-    assert session.buckets == ((32,), (16,))
-    batches = session._prepared_batches()
+    assert session.batches.buckets == ((32,), (16,))
+    batches = session.batches.prepared(session.step)
     batch = next(batches)
     [encoded] = batch
     assert [t.size(1) for t in encoded.tensors.values()] == [32, 32, 16, 16]

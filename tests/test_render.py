@@ -31,8 +31,8 @@ from cli.render import (
 )
 from jobs import keys
 from jobs.entry import StageLease, StageReporter, progress_line
+from jobs.progress import StepReport
 from jobs.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
-from jobs.train import StepReport
 
 if TYPE_CHECKING:
     from pathlib import Path

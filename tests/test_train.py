@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
+from jobs.cuda_graphs import ShapesSeen
 from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
 from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from jobs.stages import StageContext, execute_stage
-from jobs.train import OomRetry, StepReport, _ShapesSeen, _warmup_then_linear_decay
+from jobs.train import OomRetry, _warmup_then_linear_decay
 from tests.helpers import (
     assert_bit_identical,
     newest_checkpoint,
@@ -25,6 +26,8 @@ from tests.helpers import (
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from jobs.progress import StepReport
 
 # Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
 torch.set_num_threads(1)
@@ -230,7 +233,7 @@ def test_an_out_of_memory_inside_compile_or_capture_halves_the_micro_batch(
 def test_only_out_of_memory_counts_as_out_of_memory() -> None:
     import torch
 
-    from jobs.train import caused_by_out_of_memory
+    from jobs.acceleration import caused_by_out_of_memory
 
     assert caused_by_out_of_memory(torch.OutOfMemoryError("plain"))
     assert caused_by_out_of_memory(out_of_memory_in_disguise("compile"))
@@ -300,19 +303,19 @@ def test_prefetched_batches_train_bit_identically_to_inline_ones(tmp_path: Path,
 def test_a_data_error_in_the_prefetch_thread_fails_the_stage_and_stops_the_thread(
     tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jobs.train import _TrainingSession
+    from jobs.training_batches import TrainingBatches
 
-    encode = _TrainingSession._encode
+    encode = TrainingBatches.encode
     made = {"n": 0}
 
-    def encode_then_fail(self: _TrainingSession, batch: Any) -> Any:
+    def encode_then_fail(self: TrainingBatches, batch: Any) -> Any:
         made["n"] += 1
         if made["n"] == 4:
             assert threading.current_thread().name == "stl-batches"  # the batch is made off the step's thread
             raise DataError("row 17 of demo.jsonl has no output")
         return encode(self, batch)
 
-    monkeypatch.setattr(_TrainingSession, "_encode", encode_then_fail)
+    monkeypatch.setattr(TrainingBatches, "encode", encode_then_fail)
     reports: list[StepReport] = []
     with pytest.raises(DataError, match="row 17"):
         run_training(train_spec(demo_data, checkpoint_every=100), tmp_path, reports=reports)
@@ -325,16 +328,16 @@ def test_only_stages_that_tokenize_per_batch_make_batches_on_the_prefetch_thread
 ) -> None:
     """MTL stages tokenize every batch: that goes to the thread. A few-shot stage's examples are tokenized once,
     up front, so its batches (padding only) are made on the step's own thread."""
-    from jobs.train import _TrainingSession
+    from jobs.training_batches import TrainingBatches
 
-    encode = _TrainingSession._encode
+    encode = TrainingBatches.encode
     threads: dict[str, set[str]] = {}
 
-    def encode_and_record(self: _TrainingSession, batch: Any) -> Any:
+    def encode_and_record(self: TrainingBatches, batch: Any) -> Any:
         threads.setdefault(self.spec.kind.value, set()).add(threading.current_thread().name)
         return encode(self, batch)
 
-    monkeypatch.setattr(_TrainingSession, "_encode", encode_and_record)
+    monkeypatch.setattr(TrainingBatches, "encode", encode_and_record)
     run_training(train_spec(demo_data, max_steps=3), tmp_path / "mtl")
     run_training(train_spec(demo_data, kind="finetune", max_steps=3), tmp_path / "finetune")
     assert threads == {"mtl": {"stl-batches"}, "finetune": {threading.current_thread().name}}
@@ -398,7 +401,7 @@ def test_stage_chain_mtl_then_finetune_then_eval(tmp_path: Path, demo_data: Path
 
 def test_a_micro_batch_shape_is_new_once_whatever_its_values() -> None:
     # Under CUDA graphs the allocator's cache is emptied before a shape's first graph records, and only then.
-    shapes = _ShapesSeen()
+    shapes = ShapesSeen()
     batch = {"input_ids": torch.zeros(4, 64, dtype=torch.long), "labels": torch.zeros(4, 32, dtype=torch.long)}
     assert shapes.first_sight(batch)
     assert not shapes.first_sight({name: tensor + 1 for name, tensor in reversed(batch.items())})
