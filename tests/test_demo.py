@@ -233,6 +233,24 @@ def test_a_server_that_is_not_this_homes_is_never_stopped(tmp_path: Path) -> Non
         other.wait()
 
 
+def test_stopping_the_private_redis_does_not_retry_the_shutdown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SHUTDOWN ends with the server closing the connection; redis-py's default retries took that for a fault and
+    reconnected with backoff, which added 4 s to the end of every demo."""
+    connects: list[str] = []
+    original = redis.connection.UnixDomainSocketConnection._connect
+
+    def counted(connection: redis.connection.UnixDomainSocketConnection) -> object:
+        connects.append(connection.path)
+        return original(connection)
+
+    home = tmp_path / "home"
+    with private_redis(home) as server:
+        monkeypatch.setattr(redis.connection.UnixDomainSocketConnection, "_connect", counted)
+    assert connects == [str(server.socket)]  # one connection: INFO, then SHUTDOWN on it, and no reconnecting
+    assert processes_in(private_dir(home)) == []
+
+
 def test_a_stl_home_too_deep_for_a_socket_gets_one_in_a_private_temp_folder(tmp_path: Path) -> None:
     home = tmp_path / ("deep-" * 20) / "home"
     assert len(str(private_dir(home) / "redis.sock")) > MAX_SOCKET_PATH
