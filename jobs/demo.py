@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from jobs.private_redis import private_redis
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
     from types import FrameType
 
@@ -66,6 +66,14 @@ def which_redis_line(url: str, data_dir: Path, settings: Settings) -> str:
             f"it ends; {ignored}")
 
 
+def step_environment(environ: Mapping[str, str], redis_url: str, home: Path) -> dict[str, str]:
+    """The environment of the demo's `stl` steps: its private Redis and STL_HOME, and one torch thread unless
+    OMP_NUM_THREADS says otherwise. The demo's tiny models gain nothing from a second thread and lose much when the
+    cores are shared: on a 2-core machine with one core busy elsewhere, torch's default made the demo take 289 s
+    instead of 106 s (BENCHMARKS.md, row 27)."""
+    return {"OMP_NUM_THREADS": "1", **environ, "STL_REDIS_URL": redis_url, "STL_HOME": str(home)}
+
+
 def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str], None],
              results_options: Sequence[str] = ()) -> int:
     """Run the grid's steps on a private Redis under STL_HOME; the exit code of the first step that failed, 0 when
@@ -78,7 +86,7 @@ def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str]
             with private_redis(settings.home) as server:
                 try:
                     say(which_redis_line(server.url, server.data_dir, settings))
-                    env = {**os.environ, "STL_REDIS_URL": server.url, "STL_HOME": str(settings.home)}
+                    env = step_environment(os.environ, server.url, settings.home)
                     steps = (["enqueue", str(grid)], ["worker", "--burst"], ["results", grid_name, *results_options])
                     code = _run_steps(steps, env, stop_signals, say)
                 except DemoInterrupted:

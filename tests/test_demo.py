@@ -295,3 +295,12 @@ def test_ctrl_c_stops_the_demo_its_worker_puts_the_stage_back_and_its_redis_stop
     assert payload.returncode == 0, payload.stderr
     (run,) = json.loads(payload.stdout)["runs"]
     assert run["status"] == "queued", run
+
+
+def test_the_demo_runs_torch_on_one_thread_unless_told_otherwise(tmp_path: Path) -> None:
+    from jobs.demo import step_environment
+
+    env = step_environment({"PATH": "/bin", "STL_REDIS_URL": "redis://lab:6379/0"}, "unix:///x/redis.sock", tmp_path)
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "STL_REDIS_URL": "unix:///x/redis.sock",
+                   "STL_HOME": str(tmp_path)}
+    assert step_environment({"OMP_NUM_THREADS": "4"}, "unix:///x", tmp_path)["OMP_NUM_THREADS"] == "4"
