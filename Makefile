@@ -7,6 +7,8 @@ STL := $(VENV)/bin/stl
 # `make demo` runs on a private Redis under DEMO_HOME (never STL_REDIS_URL or localhost:6379): see `stl demo --help`.
 DEMO_GRID ?= grids/example.yaml
 DEMO_HOME ?= $(CURDIR)/.stl-demo
+# What `make demo` prints after its pivot, as `stl results --effect` does (empty: no effect table).
+DEMO_EFFECT ?= mtl=none:in-domain
 # torch's CPU build for machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
 TORCH_CPU ?= torch==2.13.0
 
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	STL_HOME="$(DEMO_HOME)" $(STL) demo "$(DEMO_GRID)"
+	STL_HOME="$(DEMO_HOME)" $(STL) demo "$(DEMO_GRID)" $(if $(DEMO_EFFECT),--effect "$(DEMO_EFFECT)")
 
 lint: venv
 	$(VENV)/bin/ruff check cli jobs worker tests bench

@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "gap": ("bench_gap.py", [], ["--stages", "3", "--rounds", "1"]),
     "mixture-memory": ("bench_mixture_memory.py", [], ["--rounds", "2"]),
     "rouge": ("bench_rouge.py", [], ["--pairs", "300", "--rounds", "2"]),
+    "demo": ("bench_demo.py", [], []),  # one `make demo`, minutes: the same with --quick
 }
 
 

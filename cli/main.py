@@ -575,6 +575,9 @@ def worker(
 def demo(
     grid_file: Annotated[Path, typer.Argument(
         help="The grid YAML file (`make demo`: grids/example.yaml).", show_default=False, metavar="GRID.yaml")],
+    effect: Annotated[str | None, typer.Option(
+        help="After the pivot, the relative gain of B over A on an axis, as `stl results --effect` prints it: "
+             "AXIS=A:B (`make demo`: mtl=none:in-domain).")] = None,
 ) -> None:
     """Run a grid end to end on a private Redis: `stl enqueue`, `stl worker --burst`, `stl results` (`make demo`).
 
@@ -584,13 +587,19 @@ def demo(
     a step fails or Ctrl+C stops it; its data stays, so running the demo again shows its results at once. One demo
     at a time per STL_HOME.
     """
+    from jobs.analysis import parse_effect
     from jobs.demo import run_demo
     from jobs.grid import parse_grid
 
     with handled():
         settings = _settings(own_redis=True)
-        grid_name = parse_grid(grid_file).grid.name  # a bad grid is refused before any server starts
-        code = run_demo(grid_file.resolve(), grid_name, settings,
+        expanded = parse_grid(grid_file)  # a bad grid is refused before any server starts
+        grid_name = expanded.grid.name
+        results_options: list[str] = []
+        if effect is not None:  # checked against the grid's own cells: a typo fails now, not after the runs
+            spec = parse_effect(effect, [{"grid": grid_name, "cell": run.cell} for run in expanded.runs])
+            results_options = ["--effect", f"{spec.axis}={spec.a}:{spec.b}"]
+        code = run_demo(grid_file.resolve(), grid_name, settings, results_options=results_options,
                         say=lambda line: _echo(f"stl demo: {line}", err=True))
     raise typer.Exit(code)
 

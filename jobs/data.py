@@ -726,39 +726,53 @@ _FOODS = ("pizza", "sushi", "tacos", "curry", "pasta", "salad")
 _TIMES = ("7 am", "9 am", "noon", "3 pm", "5 pm", "8 pm")
 _DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday")
 
-_SENTIMENT_LINES = {
-    "positive": ("i love this {x} , it is great !", "what a wonderful day in {c} , i am so happy ."),
-    "negative": ("i hate this {x} , it is awful .", "the trip to {c} was terrible , i am upset ."),
-    "neutral": ("i had {x} for lunch on {d} .", "the meeting in {c} is at {t} ."),
+# What in-domain MTL can transfer (`make demo` shows it). The held-out emotion task is labelled by the cues that
+# label the sentiment training task ({m}: words and the stop after them), with the same labels, in other sentences
+# and asked another way; a model that never saw sentiment has nothing to prefer one label by. The held-out summary
+# names the speaker and the request's slot, as the response training task's reply does.
+_CUES = {
+    "positive": ("yay !", "i love it !", "so happy !"),
+    "negative": ("ugh .", "i hate it .", "so sad ."),
 }
-_EMOTION_LINES = {
-    "joy": ("yay , we won the game in {c} ! i am so happy .", "i love the {x} here , what a great day !"),
-    "anger": (
-        "i am furious , they cancelled my {x} again !",
-        "this is outrageous , the bus to {c} left early !",
-    ),
-    "sadness": (
-        "i miss my friends in {c} , i feel so sad .",
-        "my {x} fell on the floor , i am heartbroken .",
-    ),
-}
+_SENTIMENT_LINES = dict.fromkeys(_CUES, ("{m} the {x} in {c}", "{m} {c} on {d}", "{m} dinner with {n}",
+                                         "{m} at {t} with {n}"))
+_SENTIMENT_WORDINGS = (
+    ("Classify the sentiment.", "Sentiment?"),
+    ("Is the turn positive or negative?", "Tone?"),
+    ("Tell the mood of the turn.", "Mood?"),
+    ("How does the speaker sound?", "Positive or negative?"),
+)
+_EMOTION_LINES = dict.fromkeys(_CUES, ("{m} the show at {t}", "{m} {n} called"))
 _INTENTS = {
-    "book_flight": ("can you book me a flight to {c} on {d} ?", "i need a plane ticket to {c} ."),
-    "check_weather": ("what is the weather like in {c} today ?", "will it rain in {c} on {d} ?"),
-    "order_food": ("i want to order some {x} please .", "can i get a large {x} delivered ?"),
-    "set_alarm": ("please set an alarm for {t} .", "wake me up at {t} on {d} ."),
+    "flight": ("book a flight to {c} .", "i need a plane to {c} ."),
+    "weather": ("is it sunny in {c} ?", "will it rain in {c} ?"),
+    "food": ("i want {x} .", "can i order {x} ?"),
+    "alarm": ("wake me at {t} .", "set an alarm for {t} ."),
 }
 _ACTS = {
-    "greeting": ("hello {n} , nice to meet you .", "hi there {n} , good morning !"),
-    "question": ("do you like {x} ?", "when do we leave for {c} ?"),
-    "thanks": ("thank you so much for the {x} .", "thanks {n} , that was kind ."),
-    "inform": ("the train to {c} leaves at {t} .", "the {x} place opens on {d} ."),
+    "greeting": ("hello {n} !", "hi {n} , good morning !"),
+    "question": ("do you like {x} ?", "when do we leave ?"),
+    "thanks": ("thank you for the {x} .", "thanks {n} ."),
+    "inform": ("the train leaves at {t} .", "the shop opens on {d} ."),
 }
-_OPENERS = ("hey , how are you ?", "good to see you .", "so , what is new ?", "hi , got a minute ?")
-
-
-def _dialogue(turns: Sequence[str]) -> str:
-    return " [ENDOFTURN] ".join(turns)
+_REPLIES = {
+    "flight": "ok {n} , flight to {c} booked .",
+    "weather": "{n} , it is sunny in {c} .",
+    "food": "ok {n} , {x} is coming .",
+    "alarm": "ok {n} , alarm at {t} .",
+}
+_SUMMARIES = {
+    "flight": "{n} wants a flight to {c} .",
+    "weather": "{n} asks if it is sunny in {c} .",
+    "food": "{n} wants {x} .",
+    "alarm": "{n} wants an alarm at {t} .",
+}
+_FACTS = (
+    ("the train leaves at {t} .", "when does the train leave ?", "{t}"),
+    ("{n} flies to {c} .", "where does {n} fly ?", "{c}"),
+    ("{n} ordered {x} .", "what did {n} order ?", "{x}"),
+    ("the party is on {d} .", "when is the party ?", "{d}"),
+)
 
 
 def _row(task: str, instruction: str, text: str, output: str, labels: Sequence[str] = ()) -> dict[str, Any]:
@@ -776,131 +790,75 @@ def _row(task: str, instruction: str, text: str, output: str, labels: Sequence[s
     }
 
 
-def _fill(template: str, rng: random.Random) -> dict[str, str]:
-    slots = {
+def _slots(rng: random.Random, cues: Sequence[str] = ("",)) -> dict[str, str]:
+    return {
         "n": rng.choice(_NAMES),
         "c": rng.choice(_CITIES),
         "x": rng.choice(_FOODS),
         "t": rng.choice(_TIMES),
         "d": rng.choice(_DAYS),
+        "m": rng.choice(cues),
     }
-    return {"text": template.format(**slots), **slots}
 
 
 def _classification_rows(
-    task: str, instruction: str, question: str, lines: Mapping[str, Sequence[str]], rng: random.Random
+    task: str, wordings: Sequence[tuple[str, str]], lines: Mapping[str, Sequence[str]], rng: random.Random
 ) -> list[dict[str, Any]]:
+    """Balanced labels; each row asks in one of `wordings` (instruction, question), as InstructDial words a task
+    in several ways."""
     labels = sorted(lines)
     rows = []
     for i in range(DEMO_ROWS_PER_TASK):
-        label = labels[i % len(labels)]  # balanced labels
-        said = _fill(rng.choice(lines[label]), rng)["text"]
-        context = _dialogue([rng.choice(_OPENERS), said])
-        rows.append(_row(task, instruction, f"[CONTEXT] {context} [QUESTION] {question}", label, labels))
+        label = labels[i % len(labels)]
+        said = rng.choice(lines[label]).format(**_slots(rng, _CUES.get(label, ("",))))
+        instruction, question = rng.choice(wordings)
+        rows.append(_row(task, instruction, f"[CONTEXT] {said} [QUESTION] {question}", label, labels))
+    return rows
+
+
+def _request_rows(
+    task: str, instruction: str, question: str, outputs: Mapping[str, str], rng: random.Random
+) -> list[dict[str, Any]]:
+    """Someone asks for something; the output names them and the request's slot (a reply or a summary)."""
+    intents = sorted(outputs)
+    rows = []
+    for i in range(DEMO_ROWS_PER_TASK):
+        intent = intents[i % len(intents)]
+        slots = _slots(rng)
+        request = rng.choice(_INTENTS[intent]).format(**slots)
+        text = f"[CONTEXT] {slots['n']} : {request} [QUESTION] {question}"
+        rows.append(_row(task, instruction, text, outputs[intent].format(**slots)))
+    return rows
+
+
+def _fact_rows(task: str, instruction: str, rng: random.Random, *, answer: bool) -> list[dict[str, Any]]:
+    """A fact in the dialogue: write the question it answers, or answer its question."""
+    rows = []
+    for i in range(DEMO_ROWS_PER_TASK):
+        fact, question, reply = _FACTS[(i + int(answer)) % len(_FACTS)]
+        slots = _slots(rng)
+        asked = question.format(**slots)
+        text = f"[CONTEXT] {fact.format(**slots)} [QUESTION] {asked if answer else 'Ask about it.'}"
+        rows.append(_row(task, instruction, text, (reply if answer else question).format(**slots)))
     return rows
 
 
 def _demo_rows() -> list[dict[str, Any]]:
-    rng = _seeded("demo-dataset", 0)
-    rows = _classification_rows(
-        "sentiment_classification",
-        "Given a conversation, classify the sentiment of the last utterance.",
-        "What is the sentiment of the last utterance?",
-        _SENTIMENT_LINES,
-        rng,
-    )
-    rows += _classification_rows(
-        "emotion_classification",
-        "Given a conversation, choose the emotion the last speaker feels.",
-        "Which emotion does the last speaker feel?",
-        _EMOTION_LINES,
-        rng,
-    )
-    rows += _classification_rows(
-        "intent_classification",
-        "Given a conversation, find the intent of the user's last request.",
-        "What is the intent of the last utterance?",
-        _INTENTS,
-        rng,
-    )
-    rows += _classification_rows(
-        "act_classification",
-        "Given a conversation, choose the dialogue act of the last utterance.",
-        "What is the dialogue act of the last utterance?",
-        _ACTS,
-        rng,
-    )
-    intents = sorted(_INTENTS)
-    replies = {
-        "book_flight": "sure , i booked your flight to {c} .",
-        "check_weather": "it will be sunny in {c} .",
-        "order_food": "ok , your {x} is on the way .",
-        "set_alarm": "done , your alarm is set for {t} .",
-    }
-    for i in range(DEMO_ROWS_PER_TASK):
-        intent = intents[i % len(intents)]
-        slots = _fill(rng.choice(_INTENTS[intent]), rng)
-        reply = replies[intent].format(**slots)
-        context = _dialogue([rng.choice(_OPENERS), slots["text"]])
-        rows.append(
-            _row(
-                "response_generation",
-                "Given a conversation, write the assistant's next response.",
-                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] Generate the next response.",
-                reply,
-            )
-        )
-    facts = (
-        ("the train to {c} leaves at {t} .", "when does the train to {c} leave ?", "{t}"),
-        ("{n} is flying to {c} on {d} .", "where is {n} flying on {d} ?", "{c}"),
-        ("{n} ordered {x} for dinner .", "what did {n} order for dinner ?", "{x}"),
-        ("the party at {n}'s house is on {d} .", "when is the party at {n}'s house ?", "{d}"),
-    )
-    for i in range(DEMO_ROWS_PER_TASK):
-        fact, question, answer = facts[i % len(facts)]
-        slots = _fill(fact, rng)
-        context = _dialogue([rng.choice(_OPENERS), slots["text"]])
-        rows.append(
-            _row(
-                "question_generation",
-                "Given a conversation, write a question that its last utterance answers.",
-                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] Generate a question.",
-                question.format(**slots),
-            )
-        )
-    for i in range(DEMO_ROWS_PER_TASK):
-        fact, question, answer = facts[(i + 1) % len(facts)]
-        slots = _fill(fact, rng)
-        context = _dialogue([rng.choice(_OPENERS), slots["text"]])
-        rows.append(
-            _row(
-                "answer_generation",
-                "Given a conversation and a question, answer the question in a few words.",
-                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] {question.format(**slots)}",
-                answer.format(**slots),
-            )
-        )
-    summaries = {
-        "book_flight": "{n} wants to fly to {c} .",
-        "check_weather": "{n} asks about the weather in {c} .",
-        "order_food": "{n} wants to order {x} .",
-        "set_alarm": "{n} wants an alarm at {t} .",
-    }
-    for i in range(DEMO_ROWS_PER_TASK):
-        intent = intents[i % len(intents)]
-        slots = _fill(rng.choice(_INTENTS[intent]), rng)
-        context = _dialogue([f"{slots['n']} : {rng.choice(_OPENERS)}", f"{slots['n']} : {slots['text']}"])
-        rows.append(
-            _row(
-                "summarization",
-                "Summarize the conversation in one sentence.",
-                f"[CONTEXT] {context} [ENDOFDIALOGUE] [QUESTION] Summarize the dialogue.",
-                summaries[intent].format(**slots),
-            )
-        )
-    rng.shuffle(rows)
-    return rows
-
+    rng = _seeded("demo-dataset", 1)
+    tasks = [
+        _classification_rows("sentiment_classification", _SENTIMENT_WORDINGS, _SENTIMENT_LINES, rng),
+        _classification_rows("emotion_classification", [("Say how the speaker feels.", "Feeling?")],
+                             _EMOTION_LINES, rng),
+        _classification_rows("intent_classification", [("Find the intent.", "Intent?")], _INTENTS, rng),
+        _classification_rows("act_classification", [("Find the dialogue act.", "Act?")], _ACTS, rng),
+        _request_rows("response_generation", "Reply to the user.", "Reply.", _REPLIES, rng),
+        _fact_rows("question_generation", "Ask what the last turn answers.", rng, answer=False),
+        _fact_rows("answer_generation", "Answer in a few words.", rng, answer=True),
+        _request_rows("summarization", "Summarize the dialogue.", "Summary?", _SUMMARIES, rng),
+    ]
+    # One row of each task in turn: each task keeps its order, so its first rows (the ones evaluated) hold every
+    # label equally often, and an answer that ignores the input scores exactly chance.
+    return [row for rows in zip(*tasks, strict=True) for row in rows]
 
 _DEMO_README = """# stl demo dataset (synthetic)
 
@@ -910,7 +868,9 @@ paper's results.
 
 Same JSONL format and field names as InstructDial's text2text files (prompt, input, output, all_outputs,
 task, dataset, candidates, classes_in_options); classification inputs list their options inline as
-`[OPTIONS] a||||b`. Labels follow keywords in the dialogue, so tiny models can learn them.
+`[OPTIONS] a||||b`. Labels follow cue words in the dialogue, so tiny models can learn them, and the held-out
+tasks share what the training tasks teach: emotion has sentiment's cues and labels in other sentences, and a
+summary names the speaker and the request's slot as a response does.
 
 Tasks for multi-task training: {train}
 Held-out tasks for zero-shot / few-shot evaluation: {held_out}

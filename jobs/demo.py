@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from jobs.private_redis import private_redis
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from pathlib import Path
     from types import FrameType
 
@@ -66,9 +66,18 @@ def which_redis_line(url: str, data_dir: Path, settings: Settings) -> str:
             f"it ends; {ignored}")
 
 
-def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str], None]) -> int:
+def step_environment(environ: Mapping[str, str], redis_url: str, home: Path) -> dict[str, str]:
+    """The environment of the demo's `stl` steps: its private Redis and STL_HOME, and one torch thread unless
+    OMP_NUM_THREADS says otherwise. The demo's tiny models gain nothing from a second thread and lose much when the
+    cores are shared: on a 2-core machine with one core busy elsewhere, torch's default made the demo take 289 s
+    instead of 106 s (BENCHMARKS.md, row 27)."""
+    return {"OMP_NUM_THREADS": "1", **environ, "STL_REDIS_URL": redis_url, "STL_HOME": str(home)}
+
+
+def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str], None],
+             results_options: Sequence[str] = ()) -> int:
     """Run the grid's steps on a private Redis under STL_HOME; the exit code of the first step that failed, 0 when
-    all passed, or 128 + the signal when one stopped the demo."""
+    all passed, or 128 + the signal when one stopped the demo. `results_options` go to `stl results` (an effect)."""
     stop_signals = _StopSignals()
     code = 0
     say = _quiet_on_a_lost_terminal(say)
@@ -77,8 +86,9 @@ def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str]
             with private_redis(settings.home) as server:
                 try:
                     say(which_redis_line(server.url, server.data_dir, settings))
-                    env = {**os.environ, "STL_REDIS_URL": server.url, "STL_HOME": str(settings.home)}
-                    code = _run_steps(grid, grid_name, env, stop_signals, say)
+                    env = step_environment(os.environ, server.url, settings.home)
+                    steps = (["enqueue", str(grid)], ["worker", "--burst"], ["results", grid_name, *results_options])
+                    code = _run_steps(steps, env, stop_signals, say)
                 except DemoInterrupted:
                     pass
                 finally:
@@ -90,9 +100,8 @@ def run_demo(grid: Path, grid_name: str, settings: Settings, say: Callable[[str]
     return 128 + stop_signals.received if stop_signals.received is not None else code
 
 
-def _run_steps(grid: Path, grid_name: str, env: dict[str, str], stop_signals: _StopSignals,
+def _run_steps(steps: Sequence[list[str]], env: dict[str, str], stop_signals: _StopSignals,
                say: Callable[[str], None]) -> int:
-    steps = (["enqueue", str(grid)], ["worker", "--burst"], ["results", grid_name])
     for step in steps:
         code = _run_step(step, env, stop_signals, say)
         if code != 0 or stop_signals.received is not None:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from jobs.connection import redis_server_binary
 from jobs.errors import RedisUnavailable
@@ -54,7 +56,15 @@ class PrivateRedis:
         return self.process.pid
 
     def client(self) -> redis.Redis:
-        return redis.Redis(unix_socket_path=str(self.socket), socket_connect_timeout=2, socket_timeout=10)
+        return _client(self.socket)
+
+
+def _client(socket: Path) -> redis.Redis:
+    """A client of the server on `socket` that tries each command once: a SHUTDOWN ends with the connection
+    closing, which redis-py's default retries took for a fault and retried with backoff, 4 s at every stop.
+    Callers that wait for the server loop themselves."""
+    return redis.Redis(unix_socket_path=str(socket), socket_connect_timeout=2, socket_timeout=10,
+                       retry=Retry(NoBackoff(), 0))
 
 
 def private_dir(home: Path) -> Path:
@@ -208,7 +218,7 @@ def _stop_leftover(data_dir: Path) -> None:
         recorded_pid: int | None = int((data_dir / "redis.pid").read_text().strip())
     except (OSError, ValueError):
         recorded_pid = None
-    with redis.Redis(unix_socket_path=str(socket), socket_connect_timeout=2, socket_timeout=10) as client:
+    with _client(socket) as client:
         try:
             pid = int(client.info("server")["process_id"])
             served_dir = Path(client.config_get("dir")["dir"])

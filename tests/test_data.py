@@ -126,6 +126,13 @@ def test_demo_dataset_is_deterministic_and_parses(tmp_path: Path, demo: Path) ->
             assert example.options and example.output in example.options
         else:
             assert example.options is None
+    # The rows an eval scores first hold every label equally often: an answer that ignores the input scores chance.
+    for task in (task for task, kind in catalog.items() if kind == TaskType.classification):
+        labels = [e.output for e in examples if e.task == task]
+        options = next(e.options for e in examples if e.task == task)
+        assert options is not None
+        for first in (len(options) * 2, len(options) * 6, len(labels)):
+            assert {labels[:first].count(option) for option in options} == {first // len(options)}, task
 
 
 def test_read_examples_filters_tasks_in_order(demo: Path) -> None:

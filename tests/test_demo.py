@@ -84,12 +84,13 @@ def fake_venv(directory: Path) -> Path:
 
 
 def checkout(directory: Path, demo_data: Path) -> Path:
-    """What `make demo` needs of a checkout: its Makefile and a small demo grid (the example's name)."""
+    """What `make demo` needs of a checkout: its Makefile and a small demo grid (the example's name), with both arms
+    of the effect `make demo` prints."""
     directory.mkdir()
     shutil.copy(REPO / "Makefile", directory / "Makefile")
     shutil.copy(REPO / "pyproject.toml", directory / "pyproject.toml")
     (directory / "grids").mkdir()
-    small_grid(directory / "grids", demo_data, "example", filename="small.yaml")
+    small_grid(directory / "grids", demo_data, "example", filename="small.yaml", mtl=["none", "in-domain"])
     return directory
 
 
@@ -129,7 +130,8 @@ def test_two_demos_at_once_both_finish_and_the_labs_redis_gains_no_key(
         assert codes[user] == 0, output[-5000:]
         assert output.count(PRIVATE_LINE) == 1, output[-5000:]
         assert f"STL_REDIS_URL (redis://127.0.0.1:{lab_redis.port}/0) is not used" in output
-        assert "emotion_classification" in output and "│ tiny:bart │" in output, output[-5000:]  # its results table
+        assert "emotion_classification" in output and "│ in-domain │" in output, output[-5000:]  # its results table
+        assert "Effect of mtl: in-domain vs none" in output and "mean overall" in output, output[-5000:]
         assert "Traceback" not in output
         assert_private_server_gone(tree / ".stl-demo")
     assert not (tmp_path / "lab-home").exists()  # each demo ran under its own checkout's .stl-demo
@@ -152,6 +154,19 @@ def test_a_failing_step_stops_the_private_redis_and_the_demo_says_once_which_red
     # Its data stayed: the next demo (here, the server alone) still has the queued run.
     with private_redis(stl_env) as server, server.client() as client:
         assert client.zcard(keys.grid_runs("example")) == 1
+
+
+def test_an_effect_the_grid_cannot_show_is_refused_before_anything_runs(
+        stl_env: Path, tmp_path: Path, demo_data: Path, lab_redis: RedisServer) -> None:
+    grid = small_grid(tmp_path, demo_data, "example", mtl=["none", "in-domain"])
+    for effect, message in (("mtl=none:general", "mtl has no value 'general'"),
+                            ("mtl:none:in-domain", "malformed --effect"),
+                            ("size=none:in-domain", "unknown axis 'size'")):
+        result = stl("demo", str(grid), "--effect", effect, env=child_env(STL_REDIS_URL=lab_redis.url))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.startswith("stl: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and result.stdout == ""
+    assert not private_dir(stl_env).exists()  # no server was started
 
 
 def test_commands_on_the_configured_redis_say_nothing_about_which_one(stl_env: Path) -> None:
@@ -218,6 +233,24 @@ def test_a_server_that_is_not_this_homes_is_never_stopped(tmp_path: Path) -> Non
         other.wait()
 
 
+def test_stopping_the_private_redis_does_not_retry_the_shutdown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SHUTDOWN ends with the server closing the connection; redis-py's default retries took that for a fault and
+    reconnected with backoff, which added 4 s to the end of every demo."""
+    connects: list[str] = []
+    original = redis.connection.UnixDomainSocketConnection._connect
+
+    def counted(connection: redis.connection.UnixDomainSocketConnection) -> object:
+        connects.append(connection.path)
+        return original(connection)
+
+    home = tmp_path / "home"
+    with private_redis(home) as server:
+        monkeypatch.setattr(redis.connection.UnixDomainSocketConnection, "_connect", counted)
+    assert connects == [str(server.socket)]  # one connection: INFO, then SHUTDOWN on it, and no reconnecting
+    assert processes_in(private_dir(home)) == []
+
+
 def test_a_stl_home_too_deep_for_a_socket_gets_one_in_a_private_temp_folder(tmp_path: Path) -> None:
     home = tmp_path / ("deep-" * 20) / "home"
     assert len(str(private_dir(home) / "redis.sock")) > MAX_SOCKET_PATH
@@ -262,3 +295,12 @@ def test_ctrl_c_stops_the_demo_its_worker_puts_the_stage_back_and_its_redis_stop
     assert payload.returncode == 0, payload.stderr
     (run,) = json.loads(payload.stdout)["runs"]
     assert run["status"] == "queued", run
+
+
+def test_the_demo_runs_torch_on_one_thread_unless_told_otherwise(tmp_path: Path) -> None:
+    from jobs.demo import step_environment
+
+    env = step_environment({"PATH": "/bin", "STL_REDIS_URL": "redis://lab:6379/0"}, "unix:///x/redis.sock", tmp_path)
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "STL_REDIS_URL": "unix:///x/redis.sock",
+                   "STL_HOME": str(tmp_path)}
+    assert step_environment({"OMP_NUM_THREADS": "4"}, "unix:///x", tmp_path)["OMP_NUM_THREADS"] == "4"

@@ -15,7 +15,9 @@ from cli.main import app
 from jobs import keys
 from jobs.grid import parse_grid
 from jobs.specs import StageKind
+from tests.conftest import REPO
 from tests.helpers import grid_dict, write_grid
+from tests.test_faults import child_env
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -219,3 +221,29 @@ def test_workers_can_prune_few_shot_models_as_runs_finish(stl_env: Path, conn: r
         assert "STL_PRUNE_FINETUNE" in (stl_env / "stages" / sid / "pruned.json").read_text()
     rows = json.loads(cli("results", "pruned-as-they-go", "--json"))["rows"]
     assert len(rows) == 2 * 2 and all(0.0 <= row["value"] <= 1.0 for row in rows)
+
+
+def test_the_demo_grid_shows_in_domain_mtl_helping_the_held_out_tasks(stl_env: Path, conn: redis.Redis) -> None:
+    """`make demo`'s grid, as `stl demo` runs it (enqueue, a burst worker, results), shows a positive effect of
+    in-domain MTL, with a 95 % interval above zero, on both task types, and seeds that differ.
+
+    This is the guard that MTL checkpoints really feed evaluation: if an eval or few-shot stage started from the
+    base model instead of its parent's (say `jobs.stages._parent_model_dir` lost the MTL stage), an in-domain cell
+    would be built from the same seeded random weights, trained on the same shots, as its mtl=none twin:
+    bit-identical scores on a CPU, every comparison 0 %, and this test fails (it does, with eval stages so broken).
+    """
+    grid = REPO / "grids" / "example.yaml"
+    assert "queued 24 run(s)" in cli("enqueue", str(grid))
+    result = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
+                            text=True, timeout=1200, check=False, env=child_env())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {r["status"] for r in json.loads(cli("status", "--json"))["runs"]} == {"finished"}
+
+    payload = json.loads(cli("results", "example", "--effect", "mtl=none:in-domain", "--json"))
+    effect = payload["effect"]
+    summary = json.dumps({key: effect[key] for key in ("overall", "interval_95", "by_type")})
+    assert effect["overall"] > 0 and effect["interval_95"][0] > 0, summary
+    assert effect["compared"] >= 5, summary  # of 8: zero-shot generation without MTL scores 0, so is skipped
+    assert effect["by_type"]["classification"] > 0 and effect["by_type"]["generation"] > 0, summary
+    stds = [cell["std"] for row in payload["pivot"]["rows"] for cell in row["cells"].values() if cell]
+    assert max(stds) > 0  # the seeds differ: a real spread, not one number three times

@@ -161,3 +161,28 @@ def test_fixed_width_padding_and_cpu_precision() -> None:
 def test_a_local_model_folder_missing_where_the_worker_runs_says_so(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"model folder .*gone does not exist on the worker's machine .*STL_DATA_ROOT"):
         load_model_and_tokenizer(str(tmp_path / "gone"), device="cpu", seed=0)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_tiny_seq2seq_models_learn_a_keyword_rule_in_a_hundred_steps(
+        tmp_path: Path, demo_data: Path, arch: str) -> None:
+    """The demo's transfer needs models that read their input within its budget. BART's default init (std 0.02,
+    made for widths of 768 and more) left tiny:bart giving one answer to every input after 1000 steps."""
+    from jobs.evaluate import EvalRun, evaluate
+    from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+    from tests.helpers import run_training
+
+    task = ("sentiment_classification",)  # labelled by cue words ("yay !", "ugh .") in the demo data
+    spec = StageSpec(kind=StageKind.mtl, model=f"tiny:{arch}", data=str(demo_data), tasks=task, instructions=False,
+                     train=TrainConfig(max_steps=100, batch_size=8, learning_rate=4e-3, warmup_ratio=0.2,
+                                       max_source_length=128, max_target_length=16, checkpoint_every=1000))
+    run_training(spec, tmp_path)
+    scoring = StageSpec(kind=StageKind.eval, model=f"tiny:{arch}", data=str(demo_data), tasks=task,
+                        instructions=False, eval=EvalConfig(max_examples=24, batch_size=24, max_new_tokens=4))
+
+    def accuracy(model_dir: Path | None) -> float:
+        run = EvalRun(spec=scoring, model_dir=model_dir, device="cpu", should_stop=lambda: None, log=lambda _: None)
+        return evaluate(run, on_step=lambda _: None)[0].value
+
+    assert accuracy(None) == 0.5  # untrained: one answer for all, on balanced labels
+    assert accuracy(tmp_path / "model") >= 0.9
