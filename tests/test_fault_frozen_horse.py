@@ -97,6 +97,9 @@ def test_a_horse_frozen_past_its_lease_wakes_up_and_writes_nothing(
                  diagnostics=workers.logs, what="the other worker to finish the MTL stage")
         [resumed] = resumed_steps(conn, mtl)
         assert resumed >= frozen_at > 0
+        # The new horse records the finish, then lets its lease go: the snapshot is taken after both.
+        wait_for(lambda: conn.get(keys.stage_lease(mtl)) is None, timeout=30, diagnostics=workers.logs,
+                 what="the new horse to let the finished stage's lease go")
         before = stage_snapshot(conn, stl_env, mtl)
         # The runs that depend on it are still waiting for their fine-tuning and eval stages.
         assert set(run_statuses(conn, "frozen").values()) <= {"queued", "running"}
