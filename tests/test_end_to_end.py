@@ -235,7 +235,7 @@ def test_the_demo_grid_shows_in_domain_mtl_helping_the_held_out_tasks(stl_env: P
     grid = REPO / "grids" / "example.yaml"
     assert "queued 24 run(s)" in cli("enqueue", str(grid))
     result = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
-                            text=True, timeout=1200, check=False, env=child_env())
+                            text=True, timeout=540, check=False, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert {r["status"] for r in json.loads(cli("status", "--json"))["runs"]} == {"finished"}
 
