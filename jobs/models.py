@@ -315,7 +315,7 @@ def save_model(model: PreTrainedModel, tokenizer: Any, directory: Path, *,
 
 def replace_directory(source: Path, target: Path, *, before_replace: Callable[[], None] | None = None) -> None:
     """Move `source` to `target`, replacing it. A crash leaves either the old or the new one in place:
-    at worst `target` is missing and `<target>.old` holds the previous version (see `existing_directory`).
+    at worst `target` is missing and `<target>.old` holds the previous version.
     `before_replace` may refuse the move by raising (a stale work horse: jobs.fence); `source` is then deleted.
     """
     if before_replace is not None:
@@ -331,14 +331,6 @@ def replace_directory(source: Path, target: Path, *, before_replace: Callable[[]
     os.replace(source, target)
     fsync_directory(target.parent)
     shutil.rmtree(previous, ignore_errors=True)
-
-
-def existing_directory(target: Path) -> Path | None:
-    """`target` if present, else the `.old` copy a crash inside `replace_directory` may have left."""
-    if target.is_dir():
-        return target
-    previous = target.with_name(f"{target.name}.old")
-    return previous if previous.is_dir() else None
 
 
 # --- text to token ids ----------------------------------------------------------------------------
