@@ -23,7 +23,8 @@ $(VENV)/.installed: pyproject.toml
 		echo "installing $(TORCH_CPU) (no NVIDIA driver found)"; \
 		$(PY) -m pip install -q "$(TORCH_CPU)"; \
 	fi
-	$(PY) -m pip install -q -e '.[dev,embedded]'
+	@# setuptools warns that stl/ in the tree shadows the install: it is the links to cli/, jobs/ and worker/.
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q -e '.[dev,embedded]'
 	touch $@
 
 demo: venv

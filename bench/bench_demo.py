@@ -50,7 +50,7 @@ def run_demo(grid: Path, effect: str, home: Path, threads: int, log: Path, timeo
         env.pop(name, None)
         if threads > 0:
             env[name] = str(threads)
-    command = [sys.executable, "-m", "cli.main", "demo", str(grid), *(["--effect", effect] if effect else [])]
+    command = [sys.executable, "-m", "stl.cli.main", "demo", str(grid), *(["--effect", effect] if effect else [])]
     cpu_before, started = children_cpu_seconds(), time.perf_counter()
     with log.open("w") as out:
         code = subprocess.run(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout,

@@ -1,8 +1,8 @@
-"""Evaluation throughput: stl's eval stage (jobs/evaluate.py `evaluate`) vs Hugging Face, examples/s.
+"""Evaluation throughput: stl's eval stage (jobs/ml/evaluate.py `evaluate`) vs Hugging Face, examples/s.
 
 generation  stl: batched greedy decoding + ROUGE-L of a generation task, vs
             `Seq2SeqTrainer.predict(predict_with_generate=True)` on the same token ids, followed by the same
-            decoding and ROUGE-L (jobs.evaluate.rouge_l), so both sides do the same work. With
+            decoding and ROUGE-L (stl.jobs.ml.evaluate.rouge_l), so both sides do the same work. With
             --compile on (or both) stl's arm is (also) run with `eval.compile: true`: a static KV cache
             that transformers compiles into CUDA graphs (on a CPU stl skips it and decodes as usual);
             its rounds share one inductor cache, so the warm-up round compiles cold.
@@ -16,7 +16,7 @@ is loaded, and its per-task result line; HF: tokenizing, the predict call, decod
 generation config sets min_new_tokens = max_new_tokens, so both sides decode every token (equal work).
 One warm-up round is run and discarded. Predictions are compared as a correctness check (they should
 agree: same model, greedy decoding).
-Precision: fp32 on CPU; on CUDA stl's bf16 weights (jobs/evaluate.py casts them, on GPUs with native bf16)
+Precision: fp32 on CPU; on CUDA stl's bf16 weights (jobs/ml/evaluate.py casts them, on GPUs with native bf16)
 vs Trainer's bf16_full_eval=True, which does the same.
 """
 
@@ -50,7 +50,7 @@ BENCH = "eval"
 
 class Runner:
     def __init__(self, setup: Setup, args: argparse.Namespace, workdir: Path) -> None:
-        from jobs.data import read_examples
+        from stl.jobs.ml.data import read_examples
 
         self.setup, self.args, self.workdir = setup, args, workdir
         self.examples = {}
@@ -65,15 +65,15 @@ class Runner:
         # Seconds per round: generating, ROUGE-L after it, and (stl on a GPU) ROUGE-L while it decoded.
         self.parts: dict[str, list[tuple[float, float, float]]] = {}
         self.decoding: dict[str, list[str]] = {}  # stl's log lines on how it decoded, last round per arm
-        # stl's own limits (jobs/model_inputs.py evaluation_length_limits): BART's positions cap them, T5 has none.
+        # stl's own limits (jobs/ml/model_inputs.py evaluation_length_limits): BART's positions cap them, T5 has none.
         self.source_limit = args.source_len
         self.target_limit = args.max_new_tokens
 
     # --- stl ---
 
     def _stl(self, task: str, key: str, *, compile: bool = False) -> float:
-        from jobs.evaluate import EvalRun, evaluate
-        from jobs.specs import EvalConfig, StageKind, StageSpec
+        from stl.jobs.ml.evaluate import EvalRun, evaluate
+        from stl.jobs.specs import EvalConfig, StageKind, StageSpec
 
         args = self.args
         spec = StageSpec(kind=StageKind.eval, model="tiny:bart", seed=args.seed, instructions=True,
@@ -156,8 +156,8 @@ class Runner:
     def hf_generation(self) -> float:
         import numpy as np
 
-        from jobs.data import source_text
-        from jobs.evaluate import _references, make_rouge_scorer, rouge_l
+        from stl.jobs.ml.data import source_text
+        from stl.jobs.ml.evaluate import _references, make_rouge_scorer, rouge_l
 
         args = self.args
         examples = self.examples[self.setup.generation_task]
@@ -181,7 +181,7 @@ class Runner:
     def hf_rank(self) -> float:
         import torch
 
-        from jobs.data import answer_candidates, normalize_answer, source_text
+        from stl.jobs.ml.data import answer_candidates, normalize_answer, source_text
 
         examples = self.examples[self.setup.classification_task]
         candidates = [answer_candidates(e) for e in examples]

@@ -7,7 +7,7 @@ between rounds; this times what an eval stage costs end to end in a fresh proces
 tokenizing, compiling (or loading the compiled kernels from the cache), and decoding a generation task.
 
 Each arm is a fresh `python` child that imports torch and transformers first (the worker's parent has done
-that before it forks), then times `jobs.evaluate.evaluate` from its call to its return:
+that before it forks), then times `stl.jobs.ml.evaluate.evaluate` from its call to its return:
   eager     eval.compile off
   compiled  eval.compile on, with inductor's cache warm: a first compiled child fills it, untimed (its
             seconds are printed apart: what the first such stage on a machine pays)
@@ -45,8 +45,8 @@ def run_child(config: dict[str, Any]) -> None:
     import transformers  # noqa: F401
 
     sys.path.insert(0, str(REPO))
-    from jobs.evaluate import EvalRun, evaluate
-    from jobs.specs import EvalConfig, StageKind, StageSpec
+    from stl.jobs.ml.evaluate import EvalRun, evaluate
+    from stl.jobs.specs import EvalConfig, StageKind, StageSpec
 
     lines: list[str] = []
     spec = StageSpec(kind=StageKind.eval, model="tiny:bart", instructions=True, data=config["data"],

@@ -5,7 +5,7 @@ measure that gap in wall time (what it contains - saving the model, handing the 
 loading the next model and data, one step - is the same work a GPU worker does between stages).
 
 A  stl: K small training stages (fine-tuning tiny:bart on the demo data, one run each) are queued with
-   `jobs.queueing.submit_runs` on a private redis-server, then one `stl worker --burst` runs them all.
+   `stl.jobs.queue.queueing.submit_runs` on a private redis-server, then one `stl worker --burst` runs them all.
    Step times come from STL_HOME/stages/<id>/steps.jsonl (field t; step 1 and the last step are always
    written); the stage records in Redis (started_at, ended_at) split the gap into: save + finish,
    hand-over (RQ job done -> next job dequeued, horse forked, stage started), and load + first step.
@@ -49,8 +49,8 @@ TASK = "emotion_classification"
 _BASELINE = r"""
 import json, sys, time
 import torch, transformers  # what every fresh process pays for
-from jobs.data import few_shot_examples, source_text
-from jobs.models import encode_sources, encode_targets, load_model_and_tokenizer, pad_sequences
+from stl.jobs.ml.data import few_shot_examples, source_text
+from stl.jobs.ml.models import encode_sources, encode_targets, load_model_and_tokenizer, pad_sequences
 data, task, shots, seed, steps, batch, lr, src_len, tgt_len, out = sys.argv[1:]
 shots, seed, steps, batch, src_len, tgt_len = map(int, (shots, seed, steps, batch, src_len, tgt_len))
 model, tok = load_model_and_tokenizer("tiny:bart", device="cpu", seed=seed)
@@ -80,7 +80,7 @@ with open(out, "w") as f:
 
 
 def _stage_specs(args: argparse.Namespace, round_number: int) -> tuple[list[Any], dict[str, Any]]:
-    from jobs.specs import RunSpec, StageKind, StageSpec, TrainConfig
+    from stl.jobs.specs import RunSpec, StageKind, StageSpec, TrainConfig
 
     stages: dict[str, Any] = {}
     runs = []
@@ -108,8 +108,8 @@ def _thread_env(env: dict[str, str], threads: int) -> dict[str, str]:
 
 def run_stl(server: Any, workdir: Path, args: argparse.Namespace, round_number: int,
             parts: dict[str, list[float]]) -> list[float]:
-    from jobs import keys
-    from jobs.queueing import submit_runs
+    from stl.jobs import keys
+    from stl.jobs.queue.queueing import submit_runs
 
     server.flush()
     home = workdir / f"stl-home-{round_number}"

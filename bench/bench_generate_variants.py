@@ -1,11 +1,11 @@
 """Greedy generation, several ways on one model: Hugging Face `generate` called three ways, and stl's loop.
 
-This measures options for stl's eval stage (jobs/generation.py):
+This measures options for stl's eval stage (jobs/ml/generation.py):
   autocast   fp32 weights under bf16 autocast, dynamic KV cache (stl's eval before it cast weights to bf16)
   bf16       bf16 weights, dynamic KV cache (Trainer's bf16_full_eval)
   static     bf16 weights, `cache_implementation="static"`: a fixed-size KV cache, which lets transformers
              compile the decoding step (CUDA graphs); the first call compiles, in the warm-up round
-  loop       stl's own decoding loop (jobs/decoding.py), bf16 weights, dynamic KV cache, eager: what stl's
+  loop       stl's own decoding loop (jobs/ml/decoding.py), bf16 weights, dynamic KV cache, eager: what stl's
              eval runs for an encoder-decoder on a CPU
   loop-graphs  the same over a static KV cache, its eager step recorded as a CUDA graph per batch shape
              and replayed per token: what stl's eval runs on a GPU without eval.compile (CUDA only)

@@ -1,4 +1,4 @@
-"""Peak memory of streaming the MTL mixture (jobs/data.py `mixture`) over 1x vs 10x the data.
+"""Peak memory of streaming the MTL mixture (jobs/ml/data.py `mixture`) over 1x vs 10x the data.
 
 The mixture keeps 8 bytes per row (an offset) and reads one row per draw, so its memory must not grow
 with the data the way the data grows: with 10x the rows, peak RSS above the interpreter floor should
@@ -26,7 +26,7 @@ BENCH = "mixture-memory"
 _PROBE = r"""
 import json, sys, time
 from itertools import islice
-import jobs.data as data
+import stl.jobs.ml.data as data
 mode, path, draws = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tasks = sorted({json.loads(line)["task"] for line in open(sys.argv[4])})
 started = time.perf_counter()

@@ -78,9 +78,9 @@ def bench_enqueue(server: Any, grid_path: Path, home: Path, rounds: int, with_cl
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from jobs import keys
-    from jobs.grid import parse_grid
-    from jobs.queueing import (
+    from stl.jobs import keys
+    from stl.jobs.grid.parse import parse_grid
+    from stl.jobs.queue.queueing import (
         ENTRY_POINT,
         FAILURE_TTL_S,
         RESULT_TTL_S,
@@ -200,10 +200,10 @@ _BREAKDOWN = r"""
 import contextlib, importlib, io, json, sys, time
 t0 = time.perf_counter()
 import rich.console
-import jobs.records
-from cli.main import app
+import stl.jobs.queue.records
+from stl.cli.main import app
 # What the command imports lazily (typer's adapters pull in pydantic), imported here to count as imports.
-for name in ("redis", "jobs.connection", "cli.render", "typer._adapters"):
+for name in ("redis", "stl.jobs.queue.connection", "stl.cli.render", "typer._adapters"):
     with contextlib.suppress(ImportError):
         importlib.import_module(name)
 t1 = time.perf_counter()
@@ -217,7 +217,7 @@ def timed(part, fn):
             spent[part] += time.perf_counter() - started
     return wrapper
 for name in ("status_summary", "list_workers"):
-    setattr(jobs.records, name, timed("query", getattr(jobs.records, name)))
+    setattr(stl.jobs.queue.records, name, timed("query", getattr(stl.jobs.queue.records, name)))
 rich.console.Console.print = timed("render", rich.console.Console.print)
 sys.argv = ["stl", "status", "--once"]
 out = io.StringIO()
@@ -235,8 +235,8 @@ print(json.dumps({"imports": t1 - t0, "query": spent["query"], "render": spent["
 
 
 def bench_status(server: Any, grid_path: Path, home: Path, rounds: int, importtime: bool) -> list[dict[str, Any]]:
-    from jobs.grid import parse_grid
-    from jobs.queueing import submit_runs
+    from stl.jobs.grid.parse import parse_grid
+    from stl.jobs.queue.queueing import submit_runs
 
     conn = server.client()
     server.flush()
@@ -288,7 +288,7 @@ def bench_status(server: Any, grid_path: Path, home: Path, rounds: int, importti
 
 def print_import_profile(args: list[str], env: dict[str, str], what: str, top: int = 12) -> None:
     """The top-level modules with the largest cumulative import time (python -X importtime), for information."""
-    code = "import sys; from cli.main import app; sys.argv = ['stl'] + sys.argv[1:]; app()"
+    code = "import sys; from stl.cli.main import app; sys.argv = ['stl'] + sys.argv[1:]; app()"
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", code, *args[1:]], env=env,
                             capture_output=True, text=True, check=False)
     rows = []

@@ -107,7 +107,7 @@ class TrainingWorker:
         self.horse = 0
 
     def step(self) -> int:
-        from jobs import keys
+        from stl.jobs import keys
 
         value = self.conn.hget(keys.stage(self.stage_id), "step")
         return int(value or 0)
@@ -152,8 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     parts = set(args.only or ["enqueue", "status"])
 
-    from jobs.grid import parse_grid
-    from jobs.queueing import submit_runs
+    from stl.jobs.grid.parse import parse_grid
+    from stl.jobs.queue.queueing import submit_runs
 
     header("bench_queue_busy: enqueue and status while a stage trains (A) vs with its work horse paused (B)")
     with tempfile.TemporaryDirectory(prefix="stl-bench-busy-") as tmp, private_redis() as server:

@@ -1,4 +1,4 @@
-"""ROUGE-L scoring of an eval stage's answers: stl's scorer (jobs/rouge.py) vs rouge-score's RougeScorer.
+"""ROUGE-L scoring of an eval stage's answers: stl's scorer (jobs/ml/rouge.py) vs rouge-score's RougeScorer.
 
 Both compute rouge-score's ROUGE-L F-measure with stemming; the scores are checked to be identical.
 Each round scores every (prediction, references) pair of a set with a new scorer, as each eval stage
@@ -33,7 +33,7 @@ Pairs = list[tuple[str, list[str]]]
 
 
 def dataset_pairs(path: Path, count: int, seed: int) -> Pairs:
-    from jobs.data import read_examples
+    from stl.jobs.ml.data import read_examples
 
     examples = list(read_examples(str(path)))
     rng = random.Random(seed)
@@ -56,7 +56,7 @@ def synthetic_pairs(count: int, seed: int) -> Pairs:
 def scorers(pairs: Pairs) -> tuple[dict[str, Callable[[], None]], dict[str, list[float]]]:
     from rouge_score.rouge_scorer import RougeScorer
 
-    from jobs.rouge import RougeL
+    from stl.jobs.ml.rouge import RougeL
 
     scores: dict[str, list[float]] = {}
 

@@ -1,4 +1,4 @@
-"""Training throughput: stl's loop (jobs/train.py `train`, an MTL stage) vs Hugging Face `Seq2SeqTrainer`.
+"""Training throughput: stl's loop (jobs/ml/train.py `train`, an MTL stage) vs Hugging Face `Seq2SeqTrainer`.
 
 Same model (identical random weights, loaded from one directory), same data, batch size, lengths,
 learning rate and schedule (linear decay, no warm-up), gradient clipping 1.0, no weight decay, no
@@ -73,7 +73,7 @@ STL_ARMS = {arm.name: arm for arm in (
     StlArm("stl-graphs", STL_GRAPHS, "reduce-overhead"),
     StlArm("stl-graphs-inline", STL_GRAPHS_INLINE, "reduce-overhead", prefetch=False),
 )}
-REPORT_EVERY = 10  # jobs.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
+REPORT_EVERY = 10  # stl.jobs.ml.train.REPORT_EVERY: stl reports (and syncs) every 10 steps, and at the last one
 
 
 class Runner:
@@ -89,7 +89,7 @@ class Runner:
         self.train_examples = self._examples()
 
     def _examples(self) -> list[Any]:
-        from jobs.data import read_examples
+        from stl.jobs.ml.data import read_examples
 
         return list(read_examples(str(self.setup.data), self.setup.train_tasks))
 
@@ -160,8 +160,8 @@ class Runner:
         torch._dynamo.reset()
 
     def _stl(self, stl_arm: StlArm) -> float:
-        from jobs.specs import StageKind, StageSpec, TrainConfig
-        from jobs.train import TrainRun, train
+        from stl.jobs.ml.train import TrainRun, train
+        from stl.jobs.specs import StageKind, StageSpec, TrainConfig
 
         args = self.args
         arm = stl_arm.key
@@ -229,7 +229,7 @@ class Runner:
         )
         from transformers.trainer_callback import PrinterCallback
 
-        from jobs.data import source_text
+        from stl.jobs.ml.data import source_text
 
         args, device = self.args, self.args.device
         tokenizer = load_tokenizer(self.setup.model_dir)
@@ -299,9 +299,9 @@ def main() -> None:
         parser.error(f"on CUDA --warmup-steps must be a multiple of {REPORT_EVERY} (stl syncs only at its reports)")
     check_device_dtype(args.device, args.dtype)
     if args.compile_on_cpu:
-        import jobs.train
+        import stl.jobs.ml.train
 
-        jobs.train.compile_pays_on = lambda device: True  # stl's own gate; see --help
+        stl.jobs.ml.train.compile_pays_on = lambda device: True  # stl's own gate; see --help
 
     header(f"bench_train: stl train loop vs Seq2SeqTrainer ({args.size}, {args.device}, {args.dtype})", args.device)
     with tempfile.TemporaryDirectory(prefix="stl-bench-train-") as tmp:

@@ -1,6 +1,6 @@
 """One training step, four ways of running it on one model: which is fastest here?
 
-This measures options for stl's training loop (jobs/train.py), not stl itself. Every variant runs the same
+This measures options for stl's training loop (jobs/ml/train.py), not stl itself. Every variant runs the same
 step as stl's: bf16 autocast on a CUDA GPU (fp32 on a CPU), summed cross-entropy over the target tokens,
 backward, gradient clipping at 1.0 and fused AdamW, on fixed shapes (one length bucket), with no host sync
 inside the timed steps:

@@ -80,7 +80,7 @@ def private_redis(*, persistent: bool = True) -> Iterator[PrivateRedis]:
     """
     import redis
 
-    from jobs.connection import redis_server_binary
+    from stl.jobs.queue.connection import redis_server_binary
 
     binary = redis_server_binary()
     if binary is None:

@@ -1,7 +1,7 @@
 """stl's own stage code on a GPU, end to end (bench/gpu.sh runs it first; a minute on one GPU).
 
 The benchmarks time `train()` and `evaluate()`; this checks the paths around them that only CUDA takes,
-through `jobs.stages.execute_stage`, the function the worker's horse calls:
+through `stl.jobs.ml.stages.execute_stage`, the function the worker's horse calls:
   1. an MTL stage of tiny:t5 with `train.compile: reduce-overhead` (inductor, CUDA graphs, length buckets,
      two micro-batches per step, caches under a temporary STL_HOME/cache), preempted half-way as SIGTERM
      would, then resumed: the resumed stage must log `resumed from step N` (model, optimizer, scheduler and
@@ -46,11 +46,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60, help="MTL steps (default 60; preempted at half)")
     args = parser.parse_args()
 
-    from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
-    from jobs.errors import StagePreempted
-    from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
-    from jobs.stages import StageContext, execute_stage
-    from worker.gpu import GpuProbe
+    from stl.jobs.errors import StagePreempted
+    from stl.jobs.ml.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+    from stl.jobs.ml.stages import StageContext, execute_stage
+    from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+    from stl.worker.gpu import GpuProbe
 
     header(f"gpu_check: stl's stages on {args.device} (tiny:t5, demo data)", args.device)
     quiet_transformers()
@@ -138,7 +138,7 @@ def main() -> int:
         compiled_metrics = execute_stage(compiled, context("eval-compiled", "finetune")).metrics
         static_lines = [line for line in lines if line.startswith(("generation decodes with a static",
                                                                    "eval.compile skipped"))]
-        # stl's own decoding loop, its step compiled, should replay CUDA graphs (jobs/decoding.py).
+        # stl's own decoding loop, its step compiled, should replay CUDA graphs (jobs/ml/decoding.py).
         loop_lines = [line for line in lines if line.startswith(DECODING_LINES)]
         print("   note: eval, compiled, decoding: " + ("; ".join(loop_lines) or "no decoding line"))
         print(f"   note: eval, compiled: {time.perf_counter() - started:.1f} s (compile included); "
@@ -243,7 +243,7 @@ def _check_refused_recording(model: Any, first: Any, mask: Any, recorded: Any, d
     import torch
     from ml import stl_decoder
 
-    from jobs.errors import StepNotRecordable
+    from stl.jobs.errors import StepNotRecordable
 
     syncing = stl_decoder(model, 24, compiled=False, cuda_graphs=True)
     syncing._pass_decoder_mask = False
@@ -279,11 +279,11 @@ def check_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> 
 def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) -> str | None:
     import torch
 
-    from jobs.acceleration import cuda_graph_skips
-    from jobs.checkpoint import CheckpointStore
-    from jobs.data import DEMO_TRAIN_TASKS
-    from jobs.specs import StageKind, StageSpec, TrainConfig
-    from jobs.train import TrainRun, _OomInjection, _Plan, _TrainingSession
+    from stl.jobs.ml.acceleration import cuda_graph_skips
+    from stl.jobs.ml.checkpoint import CheckpointStore
+    from stl.jobs.ml.data import DEMO_TRAIN_TASKS
+    from stl.jobs.ml.train import TrainRun, _OomInjection, _Plan, _TrainingSession
+    from stl.jobs.specs import StageKind, StageSpec, TrainConfig
 
     def gradients(compile_mode: bool | Literal["reduce-overhead"]) -> tuple[torch.Tensor, bool]:
         """The step's gradients, and whether they came through CUDA graphs."""

@@ -10,7 +10,7 @@ Data:
              is exactly --source-len tokens and every target --target-len tokens, so both sides of a
              comparison do identical work (the target copies the start of the source: a learnable task)
   demo       stl's demo dataset (grids/demo-data) with ByT5's byte tokenizer (variable lengths)
-A model directory is written with stl's own `jobs.models.save_model`, so stl loads it as a parent
+A model directory is written with stl's own `stl.jobs.ml.models.save_model`, so stl loads it as a parent
 stage's model (`init_from`) and Hugging Face loads the identical weights with `from_pretrained`.
 """
 
@@ -61,7 +61,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="synthetic", choices=["synthetic", "demo"], help="default synthetic")
 
 
-# The eval stage's log lines on how it decoded (jobs/generation.py): its own loop or `generate`, and under
+# The eval stage's log lines on how it decoded (jobs/ml/generation.py): its own loop or `generate`, and under
 # eval.compile whether CUDA graphs replayed or the compiled step failed.
 DECODING_LINES = ("generation decodes greedily", "generation runs transformers'", "CUDA graphs in use: each decoded",
                   "the decoding step for", "the compiled decoding step failed",
@@ -69,15 +69,15 @@ DECODING_LINES = ("generation decodes greedily", "generation runs transformers'"
 
 
 def stl_decoder(model: Any, max_new_tokens: int, *, compiled: bool, cuda_graphs: bool = False) -> Any:
-    """stl's decoding loop (jobs/decoding.py) for `model`: its step compiled as `eval.compile` compiles it,
+    """stl's decoding loop (jobs/ml/decoding.py) for `model`: its step compiled as `eval.compile` compiles it,
     or recorded as a CUDA graph as an eval stage on a GPU records it, or eager."""
-    from jobs.decoding import DecodingStep, GreedyDecoder, greedy_rules
+    from stl.jobs.ml.decoding import DecodingStep, GreedyDecoder, greedy_rules
 
     rules = greedy_rules(model, max_new_tokens=max_new_tokens, pad_id=PAD)
     if isinstance(rules, str):
         raise SystemExit(f"stl's loop can't decode this model: {rules}")
     if compiled:
-        from jobs.acceleration import prepare_compile
+        from stl.jobs.ml.acceleration import prepare_compile
 
         prepare_compile(None, shapes=2)
     step = DecodingStep.COMPILED if compiled else DecodingStep.RECORDED if cuda_graphs else DecodingStep.EAGER
@@ -163,7 +163,7 @@ def prepare(directory: Path, *, size: str, data: str, source_len: int, target_le
     import torch
     from transformers import AutoModelForSeq2SeqLM
 
-    from jobs.models import byte_tokenizer, save_model
+    from stl.jobs.ml.models import byte_tokenizer, save_model
 
     quiet_transformers()
     if size not in SIZES:
@@ -212,8 +212,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def hf_features(tokenizer: Any, sources: Sequence[str], targets: Sequence[str] | None, source_limit: int,
                 target_limit: int) -> list[dict[str, list[int]]]:
-    """Token ids exactly as stl makes them (jobs.models.encode_sources/encode_targets), as HF features."""
-    from jobs.models import encode_sources, encode_targets
+    """Token ids exactly as stl makes them (stl.jobs.ml.models.encode_sources/encode_targets), as HF features."""
+    from stl.jobs.ml.models import encode_sources, encode_targets
 
     ids = encode_sources(tokenizer, list(sources), source_limit, seq2seq=True)
     rows: list[dict[str, list[int]]] = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in ids]

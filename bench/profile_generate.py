@@ -1,9 +1,9 @@
 """Where the host's time goes in one batch of greedy decoding with a static, compiled KV cache.
 
-A diagnostic for stl's `eval.compile` decoding (jobs/generation.py), not a benchmark: it prints no ratio.
+A diagnostic for stl's `eval.compile` decoding (jobs/ml/generation.py), not a benchmark: it prints no ratio.
 It builds a random-weight model of the named size (bf16 on CUDA) and decodes one batch by `--way`:
   generate  Hugging Face `generate` with `cache_implementation="static"` (transformers compiles its step)
-  loop      stl's own loop (jobs/decoding.py) with its step compiled, mode reduce-overhead, as
+  loop      stl's own loop (jobs/ml/decoding.py) with its step compiled, mode reduce-overhead, as
             `eval.compile` runs it
   graphs    stl's own loop with its eager step recorded as a CUDA graph, as an eval stage on a GPU
             runs it without `eval.compile` (CUDA only)

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from jobs.codec import printable
-from jobs.errors import DamagedRecord, GridError, NoResults, StlError, UsageError
-from jobs.settings import DEFAULT_MAX_RUNS
-from jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
+from stl.jobs.codec import printable
+from stl.jobs.errors import DamagedRecord, GridError, NoResults, StlError, UsageError
+from stl.jobs.settings import DEFAULT_MAX_RUNS
+from stl.jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import redis
     from rich.console import Console, RenderableType
 
-    from jobs.settings import Settings
+    from stl.jobs.settings import Settings
 
 def _click_exceptions(name: str) -> tuple[type[Exception], ...]:
     """Click's exception class `name`, and the copy of it inside the click that newer typers ship."""
@@ -104,7 +104,7 @@ def handled() -> Iterator[None]:
     is not what stl writes is said in one line too, and the command goes on without it."""
     import redis
 
-    from jobs.records import damaged_records_reported
+    from stl.jobs.queue.records import damaged_records_reported
 
     try:
         with damaged_records_reported(lambda line: _echo(f"stl: {line}", err=True)):
@@ -163,7 +163,7 @@ RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=Fals
 
 
 def _settings(*, own_redis: bool = False) -> Settings:
-    from jobs.settings import check_user_name, load_settings
+    from stl.jobs.settings import check_user_name, load_settings
 
     settings = load_settings(own_redis=own_redis)
     check_user_name(settings.user, what="STL_USER")
@@ -171,13 +171,13 @@ def _settings(*, own_redis: bool = False) -> Settings:
 
 
 def _connect(settings: Settings) -> redis.Redis:
-    from jobs.connection import connect
+    from stl.jobs.queue.connection import connect
 
     return connect(settings)
 
 
 def _user(settings: Settings, given: str | None) -> str:
-    from jobs.settings import check_user_name
+    from stl.jobs.settings import check_user_name
 
     if given is not None and not given.strip():
         raise UsageError("--user is blank; name the user, or leave out --user to queue as STL_USER")
@@ -186,7 +186,7 @@ def _user(settings: Settings, given: str | None) -> str:
 
 def _queue_user(conn: redis.Redis, settings: Settings, given: str | None = None) -> str:
     """Who a command that acts as a user acts as: a Redis ACL user, where there is one, overrides STL_USER."""
-    from jobs.identity import queue_user
+    from stl.jobs.queue.identity import queue_user
 
     return queue_user(conn, settings, given=given)
 
@@ -216,8 +216,8 @@ def enqueue(
     train or eval settings, so its existing runs would now be made differently) is refused unless
     --replace, which cancels those runs and drops them: otherwise its results would mix.
     """
-    from jobs.grid import parse_grid
-    from jobs.queueing import (
+    from stl.jobs.grid.parse import parse_grid
+    from stl.jobs.queue.queueing import (
         changed_runs,
         check_grid_owner,
         check_grid_unchanged,
@@ -235,9 +235,9 @@ def enqueue(
             import redis
             from rich.console import Console
 
-            from cli.render import build_dry_run_table
-            from jobs.connection import connect
-            from jobs.queueing import run_statuses
+            from stl.cli.render import build_dry_run_table
+            from stl.jobs.queue.connection import connect
+            from stl.jobs.queue.queueing import run_statuses
 
             try:  # what is queued already, where Redis answers; a dry run never starts a server
                 conn = connect(settings, start_embedded=False)
@@ -254,7 +254,7 @@ def enqueue(
             if statuses is not None and replace:
                 _say_what_replace_would_drop(conn, expanded.grid.name, changed_runs(conn, expanded), who, force)
             return
-        from cli.render import enqueue_message, kept_runs_message
+        from stl.cli.render import enqueue_message, kept_runs_message
 
         conn = _connect(settings)
         who = _queue_user(conn, settings, user)
@@ -274,8 +274,8 @@ def enqueue(
 
 
 def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
-    from cli.render import kept_runs_message
-    from jobs.queueing import split_by_owner
+    from stl.cli.render import kept_runs_message
+    from stl.jobs.queue.queueing import split_by_owner
 
     mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
     _echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
@@ -292,9 +292,9 @@ def status(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2, max=3600)] = 1.0,
 ) -> None:
     """Show queued, running and finished runs per user and grid, running runs and workers, live."""
-    from jobs.connection import connect
-    from jobs.records import list_runs, list_workers, status_summary
-    from jobs.store import registered_store
+    from stl.jobs.queue.connection import connect
+    from stl.jobs.queue.records import list_runs, list_workers, status_summary
+    from stl.jobs.queue.store import registered_store
 
     with handled():
         settings = _settings()
@@ -308,7 +308,7 @@ def status(
             return
         from rich.console import Console
 
-        from cli.render import build_status_view
+        from stl.cli.render import build_status_view
 
         console = Console()
 
@@ -361,10 +361,10 @@ def results(
              "Applies to the pivot, --effect, exports and plots.")] = None,
 ) -> None:
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
-    from cli import render_analysis
-    from cli.render import results_notes, why_no_results
-    from jobs import analysis
-    from jobs.records import list_runs, result_rows
+    from stl.cli import render_analysis
+    from stl.cli.render import results_notes, why_no_results
+    from stl.jobs.queue.records import list_runs, result_rows
+    from stl.jobs.results import analysis
 
     with handled():
         if sum([as_json, as_csv, as_markdown]) > 1:
@@ -409,7 +409,7 @@ def results(
         for note in results_notes(grid_runs):  # after the options are known good: one line for a bad one
             _echo(f"stl: {note}", err=True)
         if plot is not None:
-            from jobs.plots import plot_pivot
+            from stl.jobs.results.plots import plot_pivot
 
             written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
             _echo(f"stl: wrote {written}", err=True)
@@ -441,19 +441,19 @@ def results(
 
 def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool, as_markdown: bool) -> None:
     if as_markdown:
-        from cli.render import result_markdown
+        from stl.cli.render import result_markdown
 
         sys.stdout.write(result_markdown(rows))
     elif as_csv:
         import csv
 
-        from cli.render import result_csv_rows
+        from stl.cli.render import result_csv_rows
 
         csv.writer(sys.stdout).writerows(result_csv_rows(rows))
     else:
         from rich.console import Console
 
-        from cli.render import build_results_table
+        from stl.cli.render import build_results_table
 
         console = Console()
         if not console.is_terminal:  # piped: one line per row, as with the pivot
@@ -467,8 +467,8 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until the run ends.")] = False,
 ) -> None:
     """Print a run's log: every stage it needs, from any machine that reaches Redis."""
-    from jobs.connection import connect
-    from jobs.records import check_run_id, resolve_run_ids, run_log, run_status
+    from stl.jobs.queue.connection import connect
+    from stl.jobs.queue.records import check_run_id, resolve_run_ids, run_log, run_status
 
     with handled():
         check_run_id(run)  # before Redis is asked anything: a malformed id is bad input wherever Redis is
@@ -500,8 +500,8 @@ def cancel(
     force: Annotated[bool, typer.Option("--force", help="Also cancel other users' runs.")] = False,
 ) -> None:
     """Cancel runs: queued ones leave the queue, running ones stop within seconds."""
-    from jobs.queueing import cancel_runs, runs_of_grid
-    from jobs.records import check_run_id, resolve_run_ids
+    from stl.jobs.queue.queueing import cancel_runs, runs_of_grid
+    from stl.jobs.queue.records import check_run_id, resolve_run_ids
 
     with handled():
         if bool(runs) == bool(grid):
@@ -525,8 +525,8 @@ def retry(
     force: Annotated[bool, typer.Option("--force", help="Also retry other users' runs.")] = False,
 ) -> None:
     """Queue failed or canceled runs again; stages that already finished are not redone."""
-    from jobs.queueing import retry_runs, runs_of_grid
-    from jobs.records import check_run_id, resolve_run_ids
+    from stl.jobs.queue.queueing import retry_runs, runs_of_grid
+    from stl.jobs.queue.records import check_run_id, resolve_run_ids
 
     with handled():
         if bool(runs) == bool(grid):
@@ -558,9 +558,9 @@ def worker(
     of the machine (a full disk, a broken GPU driver) puts the stage back too, and the worker waits, checking
     the machine every 30 s, until it is fixed: `stl status` shows it paused, with the reason."""
     with handled():
-        from jobs.connection import connect
-        from worker.gpu import missing_gpu
-        from worker.main import run_worker
+        from stl.jobs.queue.connection import connect
+        from stl.worker.gpu import missing_gpu
+        from stl.worker.main import run_worker
 
         problem = None if gpu is None else missing_gpu(gpu)
         if problem:
@@ -587,9 +587,9 @@ def demo(
     a step fails or Ctrl+C stops it; its data stays, so running the demo again shows its results at once. One demo
     at a time per STL_HOME.
     """
-    from jobs.analysis import parse_effect
-    from jobs.demo import run_demo
-    from jobs.grid import parse_grid
+    from stl.jobs.grid.parse import parse_grid
+    from stl.jobs.queue.demo import run_demo
+    from stl.jobs.results.analysis import parse_effect
 
     with handled():
         settings = _settings(own_redis=True)
@@ -610,9 +610,9 @@ def plot_curves(
     out: Annotated[Path, typer.Option(help="The image to write: .png, .svg or .pdf.")] = Path("curves.png"),
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
-    from jobs.axes import format_cell
-    from jobs.plots import plot_loss_curves
-    from jobs.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
+    from stl.jobs.axes import format_cell
+    from stl.jobs.queue.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
+    from stl.jobs.results.plots import plot_loss_curves
 
     with handled():
         for run_id in runs:
@@ -660,9 +660,10 @@ def disk(
     """
     from rich.console import Console
 
-    from cli.render import build_disk_table, format_bytes, prune_lines
-    from jobs import disk as disk_lib
-    from jobs import keys
+    from stl.cli.render import build_disk_table, format_bytes, prune_lines
+    from stl.jobs import keys
+    from stl.jobs.disk_space import free_space
+    from stl.jobs.queue import disk as disk_lib
 
     with handled():
         settings = _settings()
@@ -673,7 +674,7 @@ def disk(
         if force and not (clear_caches or prune is not None):
             raise UsageError("--force goes with --clear-caches or --prune")
         if prune is not None:
-            from jobs.store import check_queue_store
+            from stl.jobs.queue.store import check_queue_store
 
             conn = _connect(settings)
             check_queue_store(conn, settings, action="prune models")
@@ -689,10 +690,10 @@ def disk(
                   "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
             return
         if not clear_caches:
-            from jobs.store import read_store
+            from stl.jobs.queue.store import read_store
 
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
-                                             disk_lib.free_space(settings.home), store=read_store(settings.home)))
+                                             free_space(settings.home), store=read_store(settings.home)))
             return
         running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)
@@ -707,7 +708,7 @@ def data_demo(
                                              metavar="DIR")],
 ) -> None:
     """Write stl's own small synthetic dialogue dataset (InstructDial format), for demos and tests."""
-    from jobs.data import write_demo_dataset
+    from stl.jobs.ml.data import write_demo_dataset
 
     with handled():
         if not directory.strip():  # Path("") is the current folder: a blank is a slip, not a choice

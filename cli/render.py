@@ -11,11 +11,11 @@ from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.text import Text
 
-from jobs.axes import format_cell
-from jobs.codec import printable
-from jobs.display import LiteralTable as Table  # every table shows its strings as written, never as markup
-from jobs.display import literal
-from jobs.humanize import format_duration
+from stl.jobs.axes import format_cell
+from stl.jobs.codec import printable
+from stl.jobs.display import LiteralTable as Table  # every table shows its strings as written, never as markup
+from stl.jobs.display import literal
+from stl.jobs.humanize import format_duration
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
     from rich.console import RenderableType
 
-    from jobs.disk import DiskUsage, PruneReport
-    from jobs.grid import ExpandedGrid
-    from jobs.queueing import SubmitReport
-    from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
-    from jobs.store import Store
+    from stl.jobs.grid.parse import ExpandedGrid
+    from stl.jobs.queue.disk import DiskUsage, PruneReport
+    from stl.jobs.queue.queueing import SubmitReport
+    from stl.jobs.queue.records import GridRow, RunRow, StatusSummary, WorkerRow
+    from stl.jobs.queue.store import Store
 
 STATUS_ORDER = ("queued", "running", "finished", "failed", "canceled")
 STATUS_STYLE = {"queued": "yellow", "running": "cyan", "finished": "green", "failed": "red", "canceled": "dim"}
@@ -109,7 +109,7 @@ def build_running_table(runs: list[RunRow], width: int | None = None) -> Table:
 
 def _fits(table: Table) -> int:
     """Columns `table` needs to print without squeezing a cell."""
-    from cli.render_analysis import table_width  # only when runs are running: status starts without it
+    from stl.cli.render_analysis import table_width  # only when runs are running: status starts without it
 
     return table_width(table)
 
@@ -152,11 +152,11 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
 
 
 def build_workers_table(workers: list[WorkerRow], store: Store | None = None) -> Table:
-    """`store`: the STL_HOME the queue's workers share (jobs.store), named in the title."""
+    """`store`: the STL_HOME the queue's workers share (stl.jobs.queue.store), named in the title."""
     low = sorted({w.host for w in workers if w.disk_low})
     caption = (f"STL_HOME is running out of space on {', '.join(low)}: `stl disk` shows what takes it; "
                "`stl disk --prune finetune` frees few-shot models of finished runs") if low else None
-    from jobs.health import HEALTH_CHECK_EVERY_S
+    from stl.jobs.health import HEALTH_CHECK_EVERY_S
 
     paused = [f"{w.name} takes no work: {w.paused}; it tries the machine every "
               f"{HEALTH_CHECK_EVERY_S:.0f} s and goes on by itself"
@@ -278,7 +278,7 @@ def results_notes(runs: list[RunRow]) -> list[str]:
         detail = f": {example.error}" if example.error else ""
         notes.append(f"{len(ended)} of {len(runs)} run(s) {status} and have no results; {why} "
                      f"(e.g. run {example.id[:10]}{detail})")
-    from jobs.states import LIVE
+    from stl.jobs.states import LIVE
 
     live = sum(run.status in LIVE for run in runs)
     if live:
@@ -288,7 +288,7 @@ def results_notes(runs: list[RunRow]) -> list[str]:
 
 def why_no_results(grids: list[str], runs: list[RunRow]) -> str:
     """One line for `stl results` when no run of these (existing) grids has a result: still to come, or never."""
-    from jobs.states import LIVE
+    from stl.jobs.states import LIVE
 
     names, its = ", ".join(grids), "its" if len(grids) == 1 else "their"
     shown_by = f"`stl status --grid {grids[0]}`" if len(grids) == 1 else "`stl status`"
@@ -324,7 +324,7 @@ def result_table_rows(rows: list[dict[str, Any]], hide: Iterable[str] = ()) -> l
 def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """`--rows --csv`: a header, then one row per run and task; axes in the grid's order, true/false as
     the grid file and the pivot's CSV spell them."""
-    from jobs.analysis import render_value
+    from stl.jobs.results.analysis import render_value
 
     axes = list(dict.fromkeys(axis for r in rows for axis in r["cell"]))
 
@@ -339,14 +339,14 @@ def result_csv_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
 
 def result_markdown(rows: list[dict[str, Any]]) -> str:
     """`--rows --markdown`: the `--rows --csv` table as a pipe table, values to 4 places, for a draft."""
-    from cli.render_analysis import markdown_table
+    from stl.cli.render_analysis import markdown_table
 
     header, *body = result_csv_rows(rows)
     return markdown_table(header, [[*row[:-1], f"{float(row[-1]):.4f}"] for row in body], len(header) - 1)
 
 
 def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
-    from cli.render_analysis import constant_axes
+    from stl.cli.render_analysis import constant_axes
 
     constant = constant_axes([r["cell"] for r in rows])
     constant.pop("seed", None)
@@ -364,7 +364,7 @@ def build_results_table(grid: str, rows: list[dict[str, Any]]) -> Table:
 
 def dry_run_rows(expanded: ExpandedGrid, statuses: dict[str, str] | None = None) -> list[list[str]]:
     """One row per run: id, cell, stages; with `statuses` (the queue's, by run id), what enqueue would do."""
-    from jobs.queueing import SKIPPED_ON_ENQUEUE
+    from stl.jobs.queue.queueing import SKIPPED_ON_ENQUEUE
 
     rows = []
     for run in expanded.runs:
@@ -443,7 +443,7 @@ def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:
 
 def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] | None = None,
                      store: Store | None = None) -> Table:
-    """`space`: (free, total) bytes of the file system holding STL_HOME; `store`: its store id (jobs.store),
+    """`space`: (free, total) bytes of the file system holding STL_HOME; `store`: its store id (stl.jobs.queue.store),
     which `stl status` shows for the queue's workers."""
     title = f"STL_HOME = {home}"
     if space is not None:

@@ -1,4 +1,4 @@
-"""What `stl results` prints of jobs/analysis.py's pivot and effect sizes: rich tables, and Markdown, CSV and
+"""What `stl results` prints of jobs/results/analysis.py's pivot and effect sizes: rich tables, and Markdown, CSV and
 JSON text. Pure functions of their arguments; rich is imported inside the functions that build tables.
 """
 
@@ -11,16 +11,16 @@ from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
 from typing import TYPE_CHECKING, Any
 
-from jobs.axes import EMPTY_VALUE, render_value
-from jobs.codec import printable
-from jobs.metrics import metric_label
+from stl.jobs.axes import EMPTY_VALUE, render_value
+from stl.jobs.codec import printable
+from stl.jobs.metrics import metric_label
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping, Sequence
 
     from rich.table import Table
 
-    from jobs.analysis import AxisValue, CellStat, Column, EffectReport, Pivot, PivotRow
+    from stl.jobs.results.analysis import AxisValue, CellStat, Column, EffectReport, Pivot, PivotRow
 
 
 def column_header(column: Column) -> str:
@@ -126,8 +126,8 @@ def build_pivot_table(pivot: Pivot, *, title: str | None = None, width: int | No
 def _pivot_table(pivot: Pivot, *, title: str | None, hidden_tasks: bool) -> Table:
     from rich.text import Text
 
-    from jobs.display import LiteralTable as Table  # task and model names are shown as written, not as markup
-    from jobs.display import literal
+    from stl.jobs.display import LiteralTable as Table  # task and model names are shown as written, not as markup
+    from stl.jobs.display import literal
 
     n = uniform_count(pivot)
     over = ("" if not pivot.folded else f" (one per {pivot.folded[0]})" if len(pivot.folded) == 1
@@ -211,8 +211,8 @@ def build_effect_table(report: EffectReport, *, title: str | None = None) -> Tab
     """Rich table of every comparison, then the mean relative improvement per task type and overall."""
     from rich.text import Text
 
-    from jobs.display import LiteralTable as Table
-    from jobs.display import literal
+    from stl.jobs.display import LiteralTable as Table
+    from stl.jobs.display import literal
 
     combo_axes = [name for name, _ in report.comparisons[0].combo] if report.comparisons else []
     # Axes with one value in every comparison are said once, in the title, as in the pivot.

@@ -2,8 +2,8 @@
 its values read, and which token caches depend on it.
 
 A grid file lists values per axis under `grid:`; every combination is a run's cell, a dict of axis name to
-value in the order of AXES. jobs/grid.py validates the values (its `Axes` model has one field per entry
-here) and expands each cell into stages; jobs/disk.py describes stages, cli/render.py shows cells, and the
+value in the order of AXES. jobs/grid/parse.py validates the values (its `Axes` model has one field per entry
+here) and expands each cell into stages; jobs/queue/disk.py describes stages, cli/render.py shows cells, and the
 token caches key on the stage fields, all by reading AXES. docs/extending.md walks through adding one.
 Light to import: no pydantic, no torch.
 """
@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from jobs.specs import StageSpec
+    from stl.jobs.specs import StageSpec
 
 EMPTY_VALUE = "—"
-# The token caches (jobs/data.py's token_cache_path) that hold a stage's ids, by the `kind` in their key.
+# The token caches (jobs/ml/data.py's token_cache_path) that hold a stage's ids, by the `kind` in their key.
 FEW_SHOT_TOKENS, EVAL_TOKENS = "few-shot", "eval"
 EVERY_STAGE = frozenset({"mtl", "finetune", "eval"})  # jobs/states.py's StageKind values
 
@@ -44,7 +44,7 @@ class Axis:
     # The StageSpec field that holds the value in the stages it reaches, or a field of one of its sections
     # (`train.learning_rate`: stages without a train section have none); None: it decides other fields.
     stage_field: str | None
-    # True: jobs/grid.py's expansion reads the axis by name, because it decides which stages a run has or
+    # True: jobs/grid/parse.py's expansion reads the axis by name, because it decides which stages a run has or
     # what goes into them (a resolved model path, the MTL parent, the tasks). False: the value goes, as
     # written, into `stage_field` of each stage of the run whose kind is in `stage_kinds`.
     shapes_stages: bool
@@ -92,7 +92,7 @@ def default_values(name: str) -> list[Any]:
 
 
 def listed_values(section: object) -> dict[str, list[Any]]:
-    """The values a grid file's `grid:` section (jobs/grid.py's Axes) lists per axis, in cell order; an axis the
+    """The values a grid file's `grid:` section (jobs/grid/parse.py's Axes) lists per axis, in cell order; an axis the
     cells do not have (split, in a grid whose tasks name no splits) is left out."""
     listed = {axis.name: getattr(section, axis.name) for axis in AXES}
     return {name: values for name, values in listed.items() if values is not None}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
-from jobs.codec import UNSAFE_CHARS, printable
+from stl.jobs.codec import UNSAFE_CHARS, printable
 
 if TYPE_CHECKING:
     from rich.console import RenderableType

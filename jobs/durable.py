@@ -4,7 +4,7 @@ A save is written aside, fsync'd (the folder too) and renamed into place, so a c
 leaves the old version or the whole new one. When a save fails, what it wrote aside is removed (a full
 disk must not stay full of half a checkpoint) and the failure is classified: torch's serializer reports
 a full disk as "unexpected pos" or "iostream error" with no errno, so a failure the disk explains (it is
-full, or read-only) is raised again as the OSError it really was, which jobs.health counts as the
+full, or read-only) is raised again as the OSError it really was, which stl.jobs.health counts as the
 machine's fault: the stage is requeued and the worker pauses until the disk has room.
 """
 
@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.disk import free_space
+from stl.jobs.disk_space import free_space
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -155,7 +155,7 @@ def fsync_tree(directory: Path) -> None:
 def write_atomically(path: Path, data: str | bytes, *, before_commit: Callable[[], None] | None = None) -> None:
     """Replace `path` by `data` through a file aside, fsync'd, then the folder fsync'd: a crash leaves the old
     file or the new one, never a torn one; a full disk leaves no file aside. `before_commit` runs just before the
-    replace and may refuse it by raising (a stale work horse: jobs.fence); the file aside is then removed."""
+    replace and may refuse it by raising (a stale work horse: stl.jobs.queue.fence); the file aside is then removed."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = data.encode() if isinstance(data, str) else data
     with saving(path, temporary, needed=len(payload)):

@@ -69,7 +69,7 @@ class ModelError(StlError):
 
 class ParentModelMissing(ModelError):
     """A stage's parent finished, but its model is not in STL_HOME (pruned, deleted, or made elsewhere). The
-    worker makes the parent again first (jobs.remake); elsewhere it is a ModelError."""
+    worker makes the parent again first (stl.jobs.queue.remake); elsewhere it is a ModelError."""
 
     def __init__(self, message: str, *, parent_dir: Path, why: str) -> None:
         super().__init__(message)

@@ -17,14 +17,14 @@ import tempfile
 import time
 from typing import TYPE_CHECKING
 
-from jobs.disk import check_home_writable, free_space
-from jobs.errors import StlError
+from stl.jobs.disk_space import check_home_writable, free_space
+from stl.jobs.errors import StlError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from jobs.faults import Faults
-    from jobs.settings import Settings
+    from stl.jobs.faults import Faults
+    from stl.jobs.settings import Settings
 
 # A stage that meets a machine fault this many times fails after all: the fault may be its own doing
 # (a model too big for the disk, a kernel that crashes this GPU), and the queue must move on.
@@ -79,7 +79,7 @@ def machine_problem(settings: Settings, *, gpu: bool, faults: Faults,
     """What stops this machine from running a stage now, or None. Run by the worker's parent, which never
     touches CUDA itself: the GPU is tried in a new process, during which `keep_alive` is called every
     second (the worker's heartbeat must not stop while a wedged driver makes it wait). `need_bytes`: what
-    the write that met a full disk needed (jobs.durable.DiskFull), so the stage is not retried into it."""
+    the write that met a full disk needed (stl.jobs.durable.DiskFull), so the stage is not retried into it."""
     if faults.disk_full_now():
         return "no space left on the disk under STL_HOME (injected)"
     space = free_space(settings.home)

@@ -40,7 +40,7 @@ def stage_lease(stage_id: str) -> str:
 
 
 def stage_generation(stage_id: str) -> str:
-    return f"{PREFIX}:stage:{stage_id}:generation"  # integer, +1 each time a horse takes the stage (jobs.fence)
+    return f"{PREFIX}:stage:{stage_id}:generation"  # +1 each time a horse takes the stage (jobs/queue/fence.py)
 
 
 def stage_reap_lock(stage_id: str) -> str:

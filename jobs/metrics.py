@@ -1,6 +1,6 @@
 """The metrics an eval stage records, in one place: each one's name, label, task type and scoring.
 
-jobs/evaluate.py computes them under these names; jobs/analysis.py averages the ones that score a task
+jobs/ml/evaluate.py computes them under these names; jobs/results/analysis.py averages the ones that score a task
 type into the pivot's per-type columns and the effect sizes; `eval.metric` (jobs/specs.py) picks among
 the choosable ones. docs/extending.md walks through adding one. Light to import: no pydantic, no torch.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from jobs.states import TaskType
+from stl.jobs.states import TaskType
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class Metric:
     name: str  # as results store it (the `metric` of a result row, the keys of its `metrics`)
     label: str  # as tables and figures name it
     task_type: TaskType
-    scoring: str  # how jobs/evaluate.py scores an example, for people reading results
+    scoring: str  # how jobs/ml/evaluate.py scores an example, for people reading results
     # Counts as a run's score for its task type: the pivot's per-type columns and --effect average it.
     scores_type: bool = True
     # `eval.metric` may choose it as the one a classification eval reports first.

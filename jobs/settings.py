@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.errors import UsageError
+from stl.jobs.errors import UsageError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 # A grid expanding to more runs than this is refused unless `stl enqueue --max-runs` raises it.

@@ -8,8 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jobs.metrics import ChoosableMetric  # noqa: TC001 - pydantic reads the annotation at runtime
-from jobs.states import Priority, RunStatus, StageKind, TaskType
+from stl.jobs.metrics import ChoosableMetric  # noqa: TC001 - pydantic reads the annotation at runtime
+from stl.jobs.states import Priority, RunStatus, StageKind, TaskType
 
 __all__ = ["EvalConfig", "Priority", "RunSpec", "RunStatus", "StageKind", "StageSpec", "TaskType", "TrainConfig"]
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from jobs.connection import redis_server_binary
+from stl.jobs.queue.connection import redis_server_binary
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -122,7 +122,7 @@ def stl_env(redis_server: RedisServer, conn: redis.Redis, tmp_path: Path,
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from jobs.data import write_demo_dataset
+    from stl.jobs.ml.data import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo-data"))
 

@@ -12,8 +12,8 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jobs.cuda_graphs import GraphRecorder, waits_for_the_device
-from jobs.decoding import GreedyDecoder
+from stl.jobs.ml.cuda_graphs import GraphRecorder, waits_for_the_device
+from stl.jobs.ml.decoding import GreedyDecoder
 
 # transformers 4 checks on the host whether a BART-family model's cross-attention mask is all ones (a sync,
 # even while a recording is under way); from transformers 5 on their steps record.
@@ -21,7 +21,7 @@ BART_FAMILY_RECORDS = int(transformers.__version__.split(".")[0]) >= 5
 
 
 class NoHostSync(TorchDispatchMode):
-    """Fails on the operations that wait for the device (jobs.cuda_graphs.waits_for_the_device): a CUDA graph
+    """Fails on the operations that wait for the device (stl.jobs.ml.cuda_graphs.waits_for_the_device): a CUDA graph
     recording refuses them."""
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from jobs import keys
-from jobs.codec import text
+from stl.jobs import keys
+from stl.jobs.codec import text
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -25,9 +25,9 @@ if TYPE_CHECKING:
     import redis
     import torch
 
-    from jobs.progress import StepReport
-    from jobs.specs import StageSpec
-    from jobs.train import TrainOutcome
+    from stl.jobs.ml.progress import StepReport
+    from stl.jobs.ml.train import TrainOutcome
+    from stl.jobs.specs import StageSpec
 
 
 def grid_dict(data: Path, **overrides: Any) -> dict[str, Any]:
@@ -64,8 +64,8 @@ def run_training(
     reports: list[StepReport] | None = None,
     prefetch_batches: int = 2,
 ) -> tuple[TrainOutcome, list[str]]:
-    """`jobs.train.train` on the CPU; returns the outcome and the stage's log lines."""
-    from jobs.train import TrainRun, train
+    """`stl.jobs.ml.train.train` on the CPU; returns the outcome and the stage's log lines."""
+    from stl.jobs.ml.train import TrainRun, train
 
     lines: list[str] = []
     run = TrainRun(spec=spec, workdir=workdir, init_from=init_from, device="cpu", should_stop=should_stop,
@@ -75,7 +75,7 @@ def run_training(
 
 
 def newest_checkpoint(workdir: Path) -> Path | None:
-    """The folder of a training stage's newest checkpoint (see jobs.checkpoint), or None; also of the earlier
+    """The folder of a training stage's newest checkpoint (see stl.jobs.ml.checkpoint), or None; also of the earlier
     layout, where workdir/checkpoint held the files itself."""
     import re
 
@@ -151,7 +151,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def stl(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "stl.cli.main", *args], capture_output=True, text=True, cwd=REPO,
                           env=env or child_env(), timeout=timeout, check=False)
 
 
@@ -166,7 +166,7 @@ class Worker:
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> Worker:
-        args = [sys.executable, "-m", "cli.main", "worker", *(["--burst"] if self.burst else [])]
+        args = [sys.executable, "-m", "stl.cli.main", "worker", *(["--burst"] if self.burst else [])]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)

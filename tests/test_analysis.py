@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from cli.render_analysis import (
+from stl.cli.render_analysis import (
     build_effect_table,
     build_pivot_table,
     effect_summary,
@@ -25,7 +25,8 @@ from cli.render_analysis import (
     pivot_to_markdown,
     type_columns_only,
 )
-from jobs.analysis import (
+from stl.jobs.errors import UsageError
+from stl.jobs.results.analysis import (
     CellStat,
     Pivot,
     PivotRow,
@@ -33,7 +34,6 @@ from jobs.analysis import (
     effect_sizes,
     parse_effect,
 )
-from jobs.errors import UsageError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -547,7 +547,7 @@ def test_format_percent_rounds_half_up() -> None:
 
 def test_analysis_and_plots_import_neither_torch_nor_matplotlib() -> None:
     code = (
-        "import sys, jobs.analysis, jobs.plots, jobs.notify\n"
+        "import sys, stl.jobs.results.analysis, stl.jobs.results.plots, stl.jobs.queue.notify\n"
         "heavy = [m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

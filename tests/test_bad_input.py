@@ -20,8 +20,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs.grid import DEFAULT_MAX_RUNS
+from stl.cli.main import app
+from stl.jobs.grid.parse import DEFAULT_MAX_RUNS
 
 if TYPE_CHECKING:
     import redis
@@ -219,7 +219,7 @@ def test_a_path_no_command_checked_is_still_one_line(capsys: pytest.CaptureFixtu
 
     import typer
 
-    from cli.main import handled
+    from stl.cli.main import handled
 
     with pytest.raises(typer.Exit) as exit_info, handled():
         raise IsADirectoryError(errno.EISDIR, "Is a directory", "/tmp/out.csv")
@@ -299,7 +299,7 @@ def test_a_blank_demo_folder_is_refused_rather_than_read_as_this_one(tmp_path: P
 ])
 def test_a_mistyped_command_line_is_one_line_naming_the_command(args: list[str], expected: str) -> None:
     # Through the installed entry point's code path (standalone mode), where click would print a usage block.
-    entry_point = "from cli.main import app; app(prog_name='stl')"  # what the `stl` script runs
+    entry_point = "from stl.cli.main import app; app(prog_name='stl')"  # what the `stl` script runs
     result = subprocess.run([sys.executable, "-c", entry_point, *args], capture_output=True, text=True, timeout=60,
                             check=False, env={**os.environ, "STL_REDIS_URL": "redis://127.0.0.1:1/0"})
     assert result.returncode == 2, result.stderr
@@ -308,8 +308,8 @@ def test_a_mistyped_command_line_is_one_line_naming_the_command(args: list[str],
 
 
 def test_results_options_that_cannot_go_together_are_refused_before_anything_is_read(tmp_path: Path) -> None:
-    from jobs.analysis import parse_effect
-    from jobs.errors import UsageError as StlUsageError
+    from stl.jobs.errors import UsageError as StlUsageError
+    from stl.jobs.results.analysis import parse_effect
 
     env = {"STL_REDIS_URL": "redis://127.0.0.1:1/0", "STL_HOME": str(tmp_path)}  # no Redis needed to refuse
     for args, says in ((["g", "--rows", "--plot", str(tmp_path / "p.png")], "--rows lists runs one by one"),

@@ -21,7 +21,7 @@ HEAVY = ("torch", "transformers", "datasets", "matplotlib")
 
 def modules_loaded_by(args: list[str]) -> set[str]:
     """Run a CLI command in a fresh interpreter and return the heavy modules it imported."""
-    script = ("import sys\nfrom cli.main import app\n"
+    script = ("import sys\nfrom stl.cli.main import app\n"
               "try:\n    app(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
               f"print('LOADED=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
@@ -40,7 +40,8 @@ def test_help_status_and_enqueue_do_not_import_torch(stl_env: Path, tmp_path: Pa
 
 def test_embedded_redis_starts_when_nothing_answers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    from jobs import connection, settings
+    from stl.jobs import settings
+    from stl.jobs.queue import connection
 
     port = free_port()
     monkeypatch.delenv("STL_REDIS_URL", raising=False)
@@ -64,8 +65,9 @@ def test_embedded_redis_starts_when_nothing_answers(tmp_path: Path, monkeypatch:
 
 def test_explicit_url_that_is_down_is_an_error_not_an_embedded_server(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import connection, settings
-    from jobs.errors import RedisUnavailable
+    from stl.jobs import settings
+    from stl.jobs.errors import RedisUnavailable
+    from stl.jobs.queue import connection
 
     monkeypatch.setenv("STL_REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     monkeypatch.setenv("STL_HOME", str(tmp_path / "home"))
@@ -77,7 +79,7 @@ def test_explicit_url_that_is_down_is_an_error_not_an_embedded_server(
 def test_version() -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from stl.cli.main import app
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.startswith("stl 0.")
@@ -86,8 +88,8 @@ def test_version() -> None:
 def test_worker_refuses_a_gpu_the_machine_does_not_have() -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
-    from worker.gpu import missing_gpu
+    from stl.cli.main import app
+    from stl.worker.gpu import missing_gpu
 
     problem = missing_gpu(64)  # more GPUs than any machine we run on has
     assert problem is not None and problem.startswith("--gpu 64: this machine has ")
@@ -101,7 +103,7 @@ def test_the_embedded_redis_server_is_the_systems_even_with_the_venv_active(
     import os
     from pathlib import Path as RealPath
 
-    from jobs.connection import redis_server_binary
+    from stl.jobs.queue.connection import redis_server_binary
 
     system = tmp_path / "bin"
     system.mkdir()
@@ -119,7 +121,7 @@ def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
     # `stl results --rows | head -1`: the pipe closes while stl still writes; no "cannot use" line, no traceback.
     script = (
         "import sys, typer\n"
-        "from cli.main import handled\n"
+        "from stl.cli.main import handled\n"
         "try:\n"
         "    with handled():\n"
         "        for _ in range(200_000):\n"

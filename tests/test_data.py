@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from jobs import data
-from jobs.data import (
+from stl.jobs.errors import DataError
+from stl.jobs.ml import data
+from stl.jobs.ml.data import (
     DEMO_EVAL_TASKS,
     DEMO_TRAIN_TASKS,
     Example,
@@ -34,8 +35,7 @@ from jobs.data import (
     task_catalog,
     write_demo_dataset,
 )
-from jobs.errors import DataError
-from jobs.specs import TaskType
+from stl.jobs.specs import TaskType
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -190,7 +190,8 @@ def test_task_catalog_types_and_cache_invalidation(tmp_path: Path) -> None:
 
 
 def test_catalog_and_models_import_without_torch() -> None:
-    code = "import sys, jobs.data, jobs.models, jobs.stages; assert 'torch' not in sys.modules, 'torch imported'"
+    code = ("import sys, stl.jobs.ml.data, stl.jobs.ml.models, stl.jobs.ml.stages; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -209,7 +210,7 @@ def test_k_shot_is_deterministic(demo: Path) -> None:
 
 def test_k_shot_does_not_depend_on_hash_randomization(demo: Path) -> None:
     code = (
-        "import sys; from jobs.data import read_examples, k_shot;"
+        "import sys; from stl.jobs.ml.data import read_examples, k_shot;"
         "ex = list(read_examples(sys.argv[1], ['summarization']));"
         "print([e.output for e in k_shot(ex, 4, seed=7)])"
     )
@@ -378,7 +379,7 @@ def test_few_shot_examples_never_include_the_eval_examples(demo: Path) -> None:
 def test_demo_into_a_file_or_an_unwritable_folder_is_one_line_and_exit_2(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from cli.main import app
+    from stl.cli.main import app
 
     a_file = tmp_path / "demo_text2text.jsonl"
     a_file.write_text("already here\n")
@@ -411,7 +412,7 @@ def test_a_row_cut_short_after_its_task_is_found_before_anything_is_queued(tmp_p
 
 
 def test_the_demo_dataset_is_never_written_over_someone_elses_files(tmp_path: Path) -> None:
-    from jobs.errors import UsageError
+    from stl.jobs.errors import UsageError
 
     (tmp_path / "README.md").write_text("# my project\n")
     with pytest.raises(UsageError, match=r"README.md exists and is not stl's demo data"):

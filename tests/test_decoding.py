@@ -1,4 +1,4 @@
-"""stl's greedy decoding loop (jobs/decoding.py) against transformers' own `generate` and logits processors."""
+"""stl's greedy decoding loop (jobs/ml/decoding.py) against transformers' own `generate` and logits processors."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from transformers import (
 )
 from transformers.generation import logits_process as hf
 
-from jobs.decoding import DecodingStep, GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
-from jobs.errors import StepNotRecordable
-from jobs.prefetch import IdleHostWork
+from stl.jobs.errors import StepNotRecordable
+from stl.jobs.ml.decoding import DecodingStep, GreedyDecoder, GreedyRules, apply_rules, greedy_rules, rule_masks
+from stl.jobs.ml.prefetch import IdleHostWork
 from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, NoHostSync, TapedOnCpu
 
 if TYPE_CHECKING:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import pytest
 import redis
 
-from jobs import keys
-from jobs.errors import RedisUnavailable
-from jobs.private_redis import MAX_SOCKET_PATH, private_dir, private_redis
+from stl.jobs import keys
+from stl.jobs.errors import RedisUnavailable
+from stl.jobs.queue.private_redis import MAX_SOCKET_PATH, private_dir, private_redis
 from tests.conftest import REPO, RedisServer, free_port
 from tests.helpers import child_env, small_grid, stl, wait_for
 
@@ -78,7 +78,7 @@ def fake_venv(directory: Path) -> Path:
     """A VENV for the Makefile whose `stl` is this repository's, in the interpreter running the tests."""
     (directory / "bin").mkdir(parents=True)
     wrapper = directory / "bin" / "stl"
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m cli.main "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m stl.cli.main "$@"\n')
     wrapper.chmod(0o755)
     return directory
 
@@ -189,7 +189,7 @@ def test_a_second_demo_on_the_same_stl_home_is_refused_and_stops_nothing(
 
 def test_a_private_redis_left_by_a_killed_demo_is_stopped_and_its_data_kept(tmp_path: Path) -> None:
     home = tmp_path / "home"
-    script = ("import sys, time\nfrom pathlib import Path\nfrom jobs.private_redis import private_redis\n"
+    script = ("import sys, time\nfrom pathlib import Path\nfrom stl.jobs.queue.private_redis import private_redis\n"
               "with private_redis(Path(sys.argv[1])) as server, server.client() as client:\n"
               "    client.set('queued', 'yes'); client.save() if False else None\n"
               "    print(server.pid, flush=True); time.sleep(600)\n")
@@ -210,7 +210,7 @@ def test_a_private_redis_left_by_a_killed_demo_is_stopped_and_its_data_kept(tmp_
 
 
 def test_a_server_that_is_not_this_homes_is_never_stopped(tmp_path: Path) -> None:
-    from jobs.connection import redis_server_binary
+    from stl.jobs.queue.connection import redis_server_binary
 
     other_dir = tmp_path / "someone-else"
     other_dir.mkdir()
@@ -269,7 +269,7 @@ def test_ctrl_c_stops_the_demo_its_worker_puts_the_stage_back_and_its_redis_stop
     grid = small_grid(tmp_path, demo_data, "example", train={"max_steps": 2000, "checkpoint_every": 50})
     log = tmp_path / "demo.log"
     with log.open("wb") as out:
-        demo = subprocess.Popen([sys.executable, "-m", "cli.main", "demo", str(grid)], cwd=REPO, env=child_env(),
+        demo = subprocess.Popen([sys.executable, "-m", "stl.cli.main", "demo", str(grid)], cwd=REPO, env=child_env(),
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def running_stages() -> int:
@@ -298,7 +298,7 @@ def test_ctrl_c_stops_the_demo_its_worker_puts_the_stage_back_and_its_redis_stop
 
 
 def test_the_demo_runs_torch_on_one_thread_unless_told_otherwise(tmp_path: Path) -> None:
-    from jobs.demo import step_environment
+    from stl.jobs.queue.demo import step_environment
 
     env = step_environment({"PATH": "/bin", "STL_REDIS_URL": "redis://lab:6379/0"}, "unix:///x/redis.sock", tmp_path)
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "STL_REDIS_URL": "unix:///x/redis.sock",

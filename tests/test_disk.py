@@ -9,15 +9,15 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from cli.render import disk_rows, format_bytes, prune_lines
-from jobs import keys
-from jobs.disk import clear_caches, disk_usage, prune_stage_models
-from jobs.errors import UsageError
-from jobs.grid import ExpandedGrid, parse_grid
-from jobs.queueing import job_id_for, submit_runs
-from jobs.settings import load_settings
-from jobs.states import PruneTarget, StageKind
+from stl.cli.main import app
+from stl.cli.render import disk_rows, format_bytes, prune_lines
+from stl.jobs import keys
+from stl.jobs.errors import UsageError
+from stl.jobs.grid.parse import ExpandedGrid, parse_grid
+from stl.jobs.queue.disk import clear_caches, disk_usage, prune_stage_models
+from stl.jobs.queue.queueing import job_id_for, submit_runs
+from stl.jobs.settings import load_settings
+from stl.jobs.states import PruneTarget, StageKind
 from tests.helpers import grid_dict, write_grid
 
 if TYPE_CHECKING:
@@ -173,7 +173,7 @@ def test_models_unknown_to_this_redis_are_left_alone(stl_env: Path, conn: redis.
 
 def test_pruning_is_refused_in_an_stl_home_that_is_not_the_queues_store(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs.store import claim_store
+    from stl.jobs.queue.store import claim_store
 
     expanded = finished_grid(conn, stl_env, write_grid(tmp_path, demo_data))
     queue_store = claim_store(conn, load_settings())  # what the queue's first worker does

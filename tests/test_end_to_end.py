@@ -11,10 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs import keys
-from jobs.grid import parse_grid
-from jobs.specs import StageKind
+from stl.cli.main import app
+from stl.jobs import keys
+from stl.jobs.grid.parse import parse_grid
+from stl.jobs.specs import StageKind
 from tests.conftest import REPO
 from tests.helpers import grid_dict, write_grid
 from tests.test_faults import child_env
@@ -29,7 +29,7 @@ runner = CliRunner()
 
 
 def run_worker(timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "stl.cli.main", "worker", "--burst"], capture_output=True,
                             text=True, timeout=timeout, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -142,7 +142,7 @@ def test_running_run_is_canceled_within_seconds(stl_env: Path, conn: redis.Redis
     path.write_text(yaml.safe_dump(grid))
     cli("enqueue", str(path))
     (run,) = parse_grid(path).runs
-    worker = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--burst"],
+    worker = subprocess.Popen([sys.executable, "-m", "stl.cli.main", "worker", "--burst"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         import time
@@ -228,13 +228,13 @@ def test_the_demo_grid_shows_in_domain_mtl_helping_the_held_out_tasks(stl_env: P
     in-domain MTL, with a 95 % interval above zero, on both task types, and seeds that differ.
 
     This is the guard that MTL checkpoints really feed evaluation: if an eval or few-shot stage started from the
-    base model instead of its parent's (say `jobs.stages._parent_model_dir` lost the MTL stage), an in-domain cell
+    base model instead of its parent's (say `stages._parent_model_dir` lost the MTL stage), an in-domain cell
     would be built from the same seeded random weights, trained on the same shots, as its mtl=none twin:
     bit-identical scores on a CPU, every comparison 0 %, and this test fails (it does, with eval stages so broken).
     """
     grid = REPO / "grids" / "example.yaml"
     assert "queued 24 run(s)" in cli("enqueue", str(grid))
-    result = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "stl.cli.main", "worker", "--burst"], capture_output=True,
                             text=True, timeout=540, check=False, env=child_env())
     assert result.returncode == 0, result.stderr[-3000:]
     assert {r["status"] for r in json.loads(cli("status", "--json"))["runs"]} == {"finished"}

@@ -10,13 +10,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
-from jobs.decoding import DecodingStep
-from jobs.errors import DataError, StageCanceled
-from jobs.evaluate import EvalRun, TaskMetrics, evaluate, make_rouge_scorer, rouge_l
-from jobs.rank import best_option, sequence_log_likelihoods
-from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
-from jobs.train import TrainRun, train
+from stl.jobs.errors import DataError, StageCanceled
+from stl.jobs.ml.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+from stl.jobs.ml.decoding import DecodingStep
+from stl.jobs.ml.evaluate import EvalRun, TaskMetrics, evaluate, make_rouge_scorer, rouge_l
+from stl.jobs.ml.rank import best_option, sequence_log_likelihoods
+from stl.jobs.ml.train import TrainRun, train
+from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from tests.cuda_graphs_on_cpu import BART_FAMILY_RECORDS, TapedOnCpu
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ def run_eval(
 
 
 def test_out_of_memory_halves_the_eval_batch_and_scores_the_same(demo_data: Path) -> None:
-    from jobs.errors import OutOfMemory
+    from stl.jobs.errors import OutOfMemory
 
     tasks = ("intent_classification", "summarization")
     spec = eval_spec(demo_data, tasks, batch_size=4)
@@ -74,8 +74,8 @@ def test_out_of_memory_halves_the_eval_batch_and_scores_the_same(demo_data: Path
 def test_answers_are_scored_while_the_gpu_decodes_later_batches_with_the_same_metrics(
     demo_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import jobs.evaluate as evaluate_module
-    from jobs.decoding import GreedyDecoder
+    import stl.jobs.ml.evaluate as evaluate_module
+    from stl.jobs.ml.decoding import GreedyDecoder
 
     spec = eval_spec(demo_data, ("summarization",), max_examples=12, batch_size=4, samples=12)
     reference = run_eval(spec)
@@ -113,7 +113,7 @@ def test_answers_are_scored_while_the_gpu_decodes_later_batches_with_the_same_me
 def test_only_out_of_memory_in_any_form_halves_the_eval_batch(
     demo_data: Path, monkeypatch: pytest.MonkeyPatch, disguised: bool
 ) -> None:
-    from jobs.rank import RankClassifier
+    from stl.jobs.ml.rank import RankClassifier
     from tests.helpers import out_of_memory_in_disguise
 
     original = RankClassifier.option_scores
@@ -216,8 +216,8 @@ def test_a_bf16_gpu_evaluates_with_bf16_weights(
 ) -> None:
     """Where the device computes bf16 natively the eval model's weights go to bf16 (no per-step autocast
     casts); the scores stay within bf16's rounding of the fp32 ones. The CPU stands in for such a GPU."""
-    import jobs.evaluate as evaluate_module
-    from jobs.rank import RankClassifier
+    import stl.jobs.ml.evaluate as evaluate_module
+    from stl.jobs.ml.rank import RankClassifier
 
     tasks = ("intent_classification", "summarization")
     model_dir = briefly_trained(demo_data, tmp_path, "tiny:t5")
@@ -280,9 +280,9 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
     checks it traces whole (`fullgraph`) without inductor's minutes of CPU compiling. The predictions must
     be token for token those of `generate` with its default dynamic cache, on sources of several length
     buckets and a last batch that needs filler rows."""
-    import jobs.decoding as decoding_module
-    import jobs.evaluate as evaluate_module
-    import jobs.generation as generation_module
+    import stl.jobs.ml.decoding as decoding_module
+    import stl.jobs.ml.evaluate as evaluate_module
+    import stl.jobs.ml.generation as generation_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 11)
@@ -346,7 +346,7 @@ def test_static_decoding_pads_to_buckets_and_full_batches_and_predicts_the_same(
 
 def use_input_sensitive_models(monkeypatch: pytest.MonkeyPatch) -> None:
     """Eval stages load their models through `make_input_sensitive`."""
-    import jobs.evaluate as evaluate_module
+    import stl.jobs.ml.evaluate as evaluate_module
 
     real_load = evaluate_module.load_model_and_tokenizer
     monkeypatch.setattr(evaluate_module, "load_model_and_tokenizer",
@@ -358,7 +358,7 @@ def record_decoding_graphs_on_cpu(monkeypatch: pytest.MonkeyPatch, *, without_de
     """Eval stages on the CPU record their decoding step as on a GPU, through tests/cuda_graphs_on_cpu.py;
     returns every decoder they make (one not RECORDED is the eager loop, noting its shapes).
     `without_decoder_mask`: BART's step then syncs, as it did before the loop passed it a decoder mask."""
-    import jobs.generation as generation_module
+    import stl.jobs.ml.generation as generation_module
 
     made: list[TapedOnCpu] = []
 
@@ -385,7 +385,7 @@ def test_recorded_decoding_graphs_pad_batches_to_buckets_record_once_per_shape_a
     to length buckets and full rows, so that sorted batches of one bucket replay one recording instead of
     each recording its own. The CPU plays the GPU with tests/cuda_graphs_on_cpu.py (a recording runs nothing;
     a replay repeats the recorded operations); the predictions must be those of `generate`."""
-    import jobs.generation as generation_module
+    import stl.jobs.ml.generation as generation_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 22)
@@ -437,7 +437,7 @@ def test_static_decoding_is_skipped_for_an_architecture_transformers_does_not_ma
 ) -> None:
     import transformers
 
-    import jobs.generation as generation_module
+    import stl.jobs.ml.generation as generation_module
 
     monkeypatch.setattr(generation_module, "compile_pays_on", lambda device: True)
     monkeypatch.setattr(transformers.T5ForConditionalGeneration, "_can_compile_fullgraph", False)
@@ -505,8 +505,8 @@ class _CompileOnCpu:
     (rows, width) and can make chosen decodes raise."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, backend: Any = "aot_eager") -> None:
-        import jobs.decoding as decoding_module
-        import jobs.generation as generation_module
+        import stl.jobs.ml.decoding as decoding_module
+        import stl.jobs.ml.generation as generation_module
 
         self.shapes: list[tuple[int, int]] = []
         self.fail: Callable[[tuple[int, int]], Exception | None] = lambda shape: None
@@ -547,7 +547,7 @@ def test_running_out_of_memory_in_compiled_decoding_frees_the_graphs_and_goes_on
     the halvings start afresh. Here the limit is 1 shape: without that it fails at the second halving."""
     import torch._dynamo
 
-    import jobs.generation as generation_module
+    import stl.jobs.ml.generation as generation_module
 
     data = tmp_path / "short.jsonl"
     write_varied_sources(data, "gen", 24)
@@ -603,7 +603,7 @@ def test_the_stage_log_says_whether_the_compiled_decoding_step_replays_cuda_grap
 ) -> None:
     """Inductor counts a CUDA-graph fallback when it compiles a shape; the CPU has none, so the count is
     played here: none for the first bucket, one for the next."""
-    import jobs.generation as generation_module
+    import stl.jobs.ml.generation as generation_module
 
     data = tmp_path / "varied.jsonl"
     write_varied_sources(data, "gen", 12)
@@ -620,7 +620,7 @@ def test_the_stage_log_says_whether_the_compiled_decoding_step_replays_cuda_grap
 def test_a_generation_config_the_loop_does_not_reproduce_is_decoded_by_generate_and_the_log_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import jobs.evaluate as evaluate_module
+    import stl.jobs.ml.evaluate as evaluate_module
 
     real_load = evaluate_module.load_model_and_tokenizer
     generate_calls: list[int] = []
@@ -647,7 +647,7 @@ def test_a_failing_decoding_loop_hands_the_stage_to_generate_with_the_reason(
 ) -> None:
     """The eager loop is the default path of every BART and T5 eval: should it fail on some device, the stage
     goes on with transformers' generate (the same tokens) and says why, instead of failing."""
-    import jobs.decoding as decoding_module
+    import stl.jobs.ml.decoding as decoding_module
 
     data = tmp_path / "short.jsonl"
     write_varied_sources(data, "gen", 12)
@@ -697,7 +697,7 @@ def test_classification_records_three_accuracies_and_eval_metric_picks_the_prima
 ) -> None:
     """Summed log-likelihood favours the short option; per token favours the long one here; the model's
     generated answer names neither. eval.metric says which one the result reports first."""
-    from jobs.rank import RankClassifier
+    from stl.jobs.ml.rank import RankClassifier
     from tests.instructdial_format import row
 
     data = tmp_path / "short_long.jsonl"

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs import keys
-from jobs.codec import text
-from jobs.entry import LEASE_TTL_S
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.queue.entry import LEASE_TTL_S
 from tests.helpers import (
     EVAL,
     TRAIN,

@@ -22,8 +22,8 @@ from rq import Queue
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from jobs import keys
-from jobs.codec import text
+from stl.jobs import keys
+from stl.jobs.codec import text
 from tests.helpers import (
     Workers,
     child_env,

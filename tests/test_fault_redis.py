@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from jobs import keys
-from jobs.codec import text
+from stl.jobs import keys
+from stl.jobs.codec import text
 from tests.conftest import REPO, RedisServer, free_port
 from tests.helpers import (
     Workers,
@@ -70,7 +70,7 @@ def test_redis_killed_and_restarted_mid_grid_loses_nothing(
     # A terminal, as far as rich can tell: the live view redraws every half second.
     status_env = child_env(TTY_COMPATIBLE="1", TERM="xterm", COLUMNS="160")
     with status_out.open("wb") as out:
-        status = subprocess.Popen([sys.executable, "-m", "cli.main", "status", "--interval", "0.5"], cwd=REPO,
+        status = subprocess.Popen([sys.executable, "-m", "stl.cli.main", "status", "--interval", "0.5"], cwd=REPO,
                                   env=status_env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: "finished" in run_statuses(conn, "redis-grid").values(), timeout=120,
@@ -127,7 +127,7 @@ def test_the_lease_heartbeat_takes_a_lost_lease_back_and_yields_to_another_holde
         conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a Redis restart the lease may be gone (written in the last second) or taken (it expired and
     the stage went to another horse): the heartbeat takes it back in the first case and stops in the second."""
-    from jobs import entry
+    from stl.jobs.queue import entry
 
     monkeypatch.setattr(entry, "HEARTBEAT_EVERY_S", 0.05)
     lease = entry.StageLease(conn, "0" * 20, "here:1")
@@ -153,7 +153,7 @@ def test_the_outage_ends_only_when_a_call_gets_through(monkeypatch: pytest.Monke
     import redis as redis_lib
     from redis.backoff import NoBackoff
 
-    from jobs import connection
+    from stl.jobs.queue import connection
 
     monkeypatch.setattr(connection._Outage, "since", None)  # noqa: SLF001 - the process-wide outage state
     retry = connection.PatientRetry(NoBackoff(), retries=5)

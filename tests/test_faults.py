@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs import keys
-from jobs.codec import text
+from stl.jobs import keys
+from stl.jobs.codec import text
 from tests.helpers import (
     Workers,
     child_env,
@@ -123,7 +123,7 @@ def test_a_stage_that_keeps_meeting_a_full_disk_fails_clearly_and_the_worker_goe
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
     # disk_full=1: every stage meets a full disk, while the worker's health check finds the disk fine (as if
     # each stage filled the disk itself): each is tried MAX_MACHINE_FAULTS times, then fails its runs.
-    from jobs.health import MAX_MACHINE_FAULTS
+    from stl.jobs.health import MAX_MACHINE_FAULTS
 
     enqueue(small_grid(tmp_path, demo_data, "disk-full", shots=[0, 4]))
     worker = workers.start(env=child_env(STL_FAULT_INJECT="disk_full=1"))
@@ -193,14 +193,14 @@ def test_a_full_disk_pauses_the_worker_with_every_run_kept_queued_until_it_has_r
 def test_machine_faults_are_told_from_a_stages_own_errors() -> None:
     import errno
 
-    from jobs.errors import ModelError
-    from jobs.health import machine_fault
+    from stl.jobs.errors import ModelError
+    from stl.jobs.health import machine_fault
 
     assert machine_fault(OSError(errno.ENOSPC, "No space left on device", "/stl/x")) == \
         "No space left on device (/stl/x)"
     assert machine_fault(OSError(errno.EROFS, "Read-only file system"))
     # safetensors (Rust) words the errno in its text; torch's "unexpected pos" alone is not enough (it is only
-    # a full disk where the disk says so: jobs.durable.disk_write_fault, given the file it was writing)
+    # a full disk where the disk says so: stl.jobs.durable.disk_write_fault, given the file it was writing)
     rust = RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
     assert (machine_fault(rust) or "").startswith("No space left on device")
     assert machine_fault(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 2")) is None

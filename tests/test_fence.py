@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from jobs import keys
-from jobs.codec import text
-from jobs.errors import StageLeaseLost
-from jobs.grid import parse_grid
-from jobs.queueing import submit_runs
-from jobs.settings import load_settings
-from jobs.states import RunStatus, StageKind
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.errors import StageLeaseLost
+from stl.jobs.grid.parse import parse_grid
+from stl.jobs.queue.queueing import submit_runs
+from stl.jobs.settings import load_settings
+from stl.jobs.states import RunStatus, StageKind
 from tests.helpers import grid_dict, wait_for, write_grid
 
 if TYPE_CHECKING:
@@ -23,15 +23,15 @@ if TYPE_CHECKING:
 
     import redis
 
-    from jobs.fence import StageFence
-    from jobs.grid import ExpandedGrid
+    from stl.jobs.grid.parse import ExpandedGrid
+    from stl.jobs.queue.fence import StageFence
 
 STAGE = "0" * 20
 
 
 def test_a_horse_whose_stage_another_took_can_neither_renew_nor_write_nor_release(
         conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import entry
+    from stl.jobs.queue import entry
 
     monkeypatch.setattr(entry, "HEARTBEAT_EVERY_S", 0.05)
     frozen = entry.StageLease(conn, STAGE, "here:1")
@@ -64,7 +64,7 @@ def test_a_horse_whose_stage_another_took_can_neither_renew_nor_write_nor_releas
 
 def test_a_take_that_redis_lost_in_a_restart_is_not_a_takeover(
         conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import entry
+    from stl.jobs.queue import entry
 
     monkeypatch.setattr(entry, "HEARTBEAT_EVERY_S", 0.05)
     lease = entry.StageLease(conn, STAGE, "here:1")
@@ -93,7 +93,7 @@ def _run(conn: redis.Redis, run_id: str) -> dict[str, str]:
 
 def test_finishing_a_stage_twice_counts_it_once_and_a_stale_horse_cannot_finish_it(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    from jobs.entry import StageLease, finish_stage
+    from stl.jobs.queue.entry import StageLease, finish_stage
 
     expanded = _mtl_and_eval(conn, tmp_path, demo_data)
     [run] = expanded.runs
@@ -131,7 +131,7 @@ def test_finishing_a_stage_twice_counts_it_once_and_a_stale_horse_cannot_finish_
 
 def test_a_run_whose_stages_ended_without_all_its_results_fails_naming_them(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    from jobs.entry import finish_stage
+    from stl.jobs.queue.entry import finish_stage
 
     expanded = _mtl_and_eval(conn, tmp_path, demo_data)
     [run] = expanded.runs
@@ -150,7 +150,7 @@ def test_a_run_whose_stages_ended_without_all_its_results_fails_naming_them(
 
 
 def test_a_refused_commit_leaves_what_is_on_disk_and_no_temporary_behind(tmp_path: Path) -> None:
-    from jobs.models import replace_directory
+    from stl.jobs.ml.models import replace_directory
 
     target, source = tmp_path / "model", tmp_path / ".model.tmp"
     target.mkdir()
@@ -180,8 +180,8 @@ def refuse_after(passes: int) -> Callable[[], None]:
 
 
 def test_a_stage_taken_over_mid_training_or_evaluation_commits_nothing_more(tmp_path: Path, demo_data: Path) -> None:
-    from jobs.specs import EvalConfig, StageSpec
-    from jobs.stages import StageContext, execute_stage
+    from stl.jobs.ml.stages import StageContext, execute_stage
+    from stl.jobs.specs import EvalConfig, StageSpec
     from tests.test_fault_kill import checkpoint_step
     from tests.test_train import train_spec
 
@@ -207,7 +207,7 @@ def test_a_stage_taken_over_mid_training_or_evaluation_commits_nothing_more(tmp_
 def test_a_horse_that_cannot_reach_redis_commits_nothing() -> None:
     import redis as redis_lib
 
-    from jobs.fence import StageFence
+    from stl.jobs.queue.fence import StageFence
     from tests.conftest import free_port
 
     unreachable = redis_lib.Redis(port=free_port(), socket_connect_timeout=0.2)

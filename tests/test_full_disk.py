@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs import keys
-from jobs.codec import text
+from stl.jobs import keys
+from stl.jobs.codec import text
 from tests.helpers import (
     child_env,
     enqueue,
@@ -104,7 +104,7 @@ def trained_bart() -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """tiny:bart after one AdamW step: a model, its tokenizer, and a trainer state as a stage checkpoints it."""
     import torch
 
-    from jobs.models import load_model_and_tokenizer
+    from stl.jobs.ml.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer("tiny:bart", device="cpu", seed=0, init_from=None)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -124,10 +124,10 @@ def state_at(step: int) -> dict[str, Any]:
 
 def test_a_save_that_fills_a_real_disk_is_a_full_disk_and_keeps_the_previous_checkpoint(
         small_disk: Tmpfs, tmp_path: Path) -> None:
-    from jobs.checkpoint import CheckpointStore
-    from jobs.durable import DiskFull, disk_write_fault, needed_bytes
-    from jobs.health import machine_fault
-    from jobs.models import save_model
+    from stl.jobs.durable import DiskFull, disk_write_fault, needed_bytes
+    from stl.jobs.health import machine_fault
+    from stl.jobs.ml.checkpoint import CheckpointStore
+    from stl.jobs.ml.models import save_model
 
     model, tokenizer, trainer = trained_bart()
     lines: list[str] = []

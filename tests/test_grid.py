@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import GridError
-from jobs.grid import GridFile, load_yaml, parse_grid
-from jobs.specs import StageKind
+from stl.jobs.errors import GridError
+from stl.jobs.grid.parse import GridFile, load_yaml, parse_grid
+from stl.jobs.specs import StageKind
 from tests.helpers import grid_dict, write_grid
 
 

@@ -20,19 +20,19 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from cli import render_analysis
-from cli.main import app
-from cli.render import (
+from stl.cli import render_analysis
+from stl.cli.main import app
+from stl.cli.render import (
     build_results_table,
     build_status_view,
     result_csv_rows,
     result_markdown,
 )
-from jobs import keys
-from jobs.analysis import build_pivot, effect_sizes
-from jobs.codec import text
-from jobs.plots import build_loss_figure, build_pivot_figure, plot_loss_curves, plot_pivot
-from jobs.records import GridRow, RunRow, StatusSummary, WorkerRow
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.queue.records import GridRow, RunRow, StatusSummary, WorkerRow
+from stl.jobs.results.analysis import build_pivot, effect_sizes
+from stl.jobs.results.plots import build_loss_figure, build_pivot_figure, plot_loss_curves, plot_pivot
 from tests.helpers import small_grid, stl
 
 if TYPE_CHECKING:
@@ -198,8 +198,8 @@ def test_commands_show_markup_in_names_and_escapes_in_records_as_written(
     """The reported case: a local model `./markup/[/bold]` made `stl status` crash for every user while its
     failed run was among the five latest failures; and escapes written into a run's error and its stage's log
     (by an older stl, another tool) reached other users' terminals raw."""
-    from jobs.recovery import fail_stage
-    from jobs.settings import load_settings
+    from stl.jobs.queue.recovery import fail_stage
+    from stl.jobs.settings import load_settings
 
     grid, _ = hostile_grid(tmp_path, demo_data)
     dry = stl("enqueue", "--dry-run", str(grid))

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from cli.render import ERROR_CHARS
-from jobs import keys
-from jobs.codec import text
+from stl.cli.render import ERROR_CHARS
+from stl.jobs import keys
+from stl.jobs.codec import text
 from tests.conftest import REPO, free_port
 from tests.helpers import child_env, enqueue, grid_done, runs_by_model, small_grid, stage_log, stl
 
@@ -91,7 +91,7 @@ def online_env(tmp_path: Path, endpoint: str) -> dict[str, str]:
 
 
 def run_burst_worker(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "stl.cli.main", "worker", "--burst"], capture_output=True, text=True,
                             cwd=REPO, env=env, timeout=400, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -184,8 +184,8 @@ def test_a_worker_that_cannot_reach_the_hub_says_it_looks_offline(
 
 
 def test_an_id_the_hub_would_refuse_and_a_model_offline_mode_cannot_fetch_fail_with_short_reasons() -> None:
-    from jobs.errors import ModelError
-    from jobs.models import load_model_and_tokenizer
+    from stl.jobs.errors import ModelError
+    from stl.jobs.ml.models import load_model_and_tokenizer
 
     # The worker's side: `stl enqueue` refuses such ids now, but runs queued before still reach a worker.
     with pytest.raises(ModelError) as caught:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs.data import DEMO_FILE
+from stl.jobs.ml.data import DEMO_FILE
 from tests.conftest import REPO
 from tests.helpers import TASKS, small_grid
 
@@ -186,7 +186,8 @@ def grid_inputs(plain_venv: FreshVenv, tmp_path_factory: pytest.TempPathFactory)
     work = tmp_path_factory.mktemp("inputs")
     environment = plain_venv.environment(HOME=str(work))
     plain_venv.run("stl", "data", "demo", str(work / "data"), environment=environment, cwd=work)
-    save = ("import sys; from pathlib import Path; from jobs.models import load_model_and_tokenizer, save_model; "
+    save = ("import sys; from pathlib import Path; "
+            "from stl.jobs.ml.models import load_model_and_tokenizer, save_model; "
             "model, tokenizer = load_model_and_tokenizer('tiny:bart', device='cpu', seed=0); "
             "save_model(model, tokenizer, Path(sys.argv[1]))")
     plain_venv.run("python", "-c", save, str(work / "saved-bart"), environment=environment, cwd=work)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from jobs import keys
+from stl.jobs import keys
 from tests.helpers import Workers, enqueue, small_grid, stl, wait_for
 
 if TYPE_CHECKING:

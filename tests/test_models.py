@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 
-from jobs.errors import ModelError
-from jobs.models import (
+from stl.jobs.errors import ModelError
+from stl.jobs.ml.models import (
     TINY_ARCHS,
     autocast_for,
     base_model_name,
@@ -168,8 +168,8 @@ def test_tiny_seq2seq_models_learn_a_keyword_rule_in_a_hundred_steps(
         tmp_path: Path, demo_data: Path, arch: str) -> None:
     """The demo's transfer needs models that read their input within its budget. BART's default init (std 0.02,
     made for widths of 768 and more) left tiny:bart giving one answer to every input after 1000 steps."""
-    from jobs.evaluate import EvalRun, evaluate
-    from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
+    from stl.jobs.ml.evaluate import EvalRun, evaluate
+    from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
     from tests.helpers import run_training
 
     task = ("sentiment_classification",)  # labelled by cue words ("yay !", "ugh .") in the demo data

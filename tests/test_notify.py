@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from jobs.notify import format_duration, notify_grid_done, summary_line
+from stl.jobs.queue.notify import format_duration, notify_grid_done, summary_line
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

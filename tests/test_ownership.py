@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 import pytest
 import yaml
 
-from jobs import keys
-from jobs.codec import text
-from jobs.grid import parse_grid
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.grid.parse import parse_grid
 from tests.conftest import RedisServer, free_port
 from tests.helpers import Workers, child_env, grid_done, run_statuses, small_grid, stl, wait_for
 

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs import keys
-from jobs.grid import parse_grid
+from stl.cli.main import app
+from stl.jobs import keys
+from stl.jobs.grid.parse import parse_grid
 
 if TYPE_CHECKING:
     from pathlib import Path

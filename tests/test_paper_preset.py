@@ -1,4 +1,4 @@
-"""grids/paper.yaml: its splits are jobs/splits.py's, each a fair draw, and the file enqueues on an export
+"""grids/paper.yaml: its splits are jobs/grid/splits.py's, each a fair draw, and the file enqueues on an export
 that holds its tasks; the README quotes its eval count."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs.data import task_family
-from jobs.splits import CLASSIFICATION, LEAVE_TASK_TEST, LEAVE_TASK_TRAIN, paper_splits, type_mix
+from stl.cli.main import app
+from stl.jobs.grid.splits import CLASSIFICATION, LEAVE_TASK_TEST, LEAVE_TASK_TRAIN, paper_splits, type_mix
+from stl.jobs.ml.data import task_family
 from tests.instructdial_format import get_options_string, row
 
 REPO = Path(__file__).resolve().parents[1]

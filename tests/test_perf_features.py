@@ -15,33 +15,33 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from jobs.acceleration import (
+from stl.jobs.errors import StagePreempted
+from stl.jobs.ml.acceleration import (
     bucketed_length,
     length_buckets,
     model_flops_utilization,
     peak_flops,
     use_compile_caches,
 )
-from jobs.checkpoint import CheckpointStore
-from jobs.cuda_graphs import own_gradients
-from jobs.data import DEMO_EVAL_TASKS
-from jobs.errors import StagePreempted
-from jobs.evaluate import EvalRun, evaluate
-from jobs.model_inputs import IGNORE_INDEX
-from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
-from jobs.train import (
+from stl.jobs.ml.checkpoint import CheckpointStore
+from stl.jobs.ml.cuda_graphs import own_gradients
+from stl.jobs.ml.data import DEMO_EVAL_TASKS
+from stl.jobs.ml.evaluate import EvalRun, evaluate
+from stl.jobs.ml.model_inputs import IGNORE_INDEX
+from stl.jobs.ml.train import (
     TrainOutcome,
     TrainRun,
     _OomInjection,
     _Plan,
     _TrainingSession,
 )
+from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from tests.helpers import assert_bit_identical, run_training, saved_weights
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from jobs.progress import StepReport
+    from stl.jobs.ml.progress import StepReport
 
 torch.set_num_threads(1)
 
@@ -331,7 +331,7 @@ def test_compiled_training_is_one_graph_per_shape_with_no_graph_break(
     second batch of the same bucket shape runs that graph without compiling again."""
     from torch._dynamo.utils import counters
 
-    monkeypatch.setattr("jobs.train.compile_pays_on", lambda device: True)
+    monkeypatch.setattr("stl.jobs.ml.train.compile_pays_on", lambda device: True)
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # the stage points it at its cache
     counters.clear()
     # Caps at or below the smallest bucket leave one source and one target width: one graph to compile.
@@ -359,7 +359,7 @@ def test_reduce_overhead_compiles_and_says_whether_cuda_graphs_run(
     """The reduce-overhead path, run on the CPU: it compiles with torch's mode of that name, accumulates over
     two micro-batches, and the stage log says that inductor ran the graphs without CUDA graphs (on a CPU it
     must: they are CUDA's)."""
-    monkeypatch.setattr("jobs.train.compile_pays_on", lambda device: True)
+    monkeypatch.setattr("stl.jobs.ml.train.compile_pays_on", lambda device: True)
     spec = finetune_spec(demo_data, model="tiny:t5", max_source_length=32, max_target_length=16, max_steps=2,
                          checkpoint_every=100, compile="reduce-overhead")
     outcome, lines = run_training(spec, tmp_path / "stage", cache_dir=tmp_path / "cache")

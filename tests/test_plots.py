@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from jobs.analysis import Pivot, build_pivot
-from jobs.errors import UsageError
-from jobs.plots import (
+from stl.jobs.errors import UsageError
+from stl.jobs.results.analysis import Pivot, build_pivot
+from stl.jobs.results.plots import (
     build_loss_figure,
     build_pivot_figure,
     choose_hue,

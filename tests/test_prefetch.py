@@ -1,4 +1,4 @@
-"""The prefetcher that makes training batches ahead of the step (jobs/prefetch.py)."""
+"""The prefetcher that makes training batches ahead of the step (jobs/ml/prefetch.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from jobs.prefetch import Prefetcher
+from stl.jobs.ml.prefetch import Prefetcher
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -15,14 +15,14 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs import keys
-from jobs.codec import text
-from jobs.errors import NotFound
-from jobs.fairshare import charge_usage, queue_order
-from jobs.grid import parse_grid
-from jobs.queueing import job_id_for, submit_runs
-from jobs.settings import load_settings
+from stl.cli.main import app
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.errors import NotFound
+from stl.jobs.grid.parse import parse_grid
+from stl.jobs.queue.fairshare import charge_usage, queue_order
+from stl.jobs.queue.queueing import job_id_for, submit_runs
+from stl.jobs.settings import load_settings
 from tests.helpers import grid_dict, write_grid
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def test_enqueue_writes_runs_stages_and_rq_jobs(stl_env: Path, conn: redis.Redis
     ready = queued_job_ids(conn, "alice")
     for sid, spec in expanded.stages.items():
         job = Job.fetch(job_id_for(sid), connection=conn, serializer=JSONSerializer)
-        assert job.func_name == "jobs.entry.run_stage"
+        assert job.func_name == "stl.jobs.queue.entry.run_stage"
         assert job.timeout == 86400 and job.result_ttl is not None and job.result_ttl > 500
         if spec.parent is None:
             assert job.id in ready
@@ -234,7 +234,7 @@ def test_fair_share_prefers_the_user_with_least_recent_gpu_time(
     charge_usage(conn, "alice", 600.0)
     assert queue_order(conn)[:3] == [keys.queue_name("bob", p) for p in ("high", "normal", "low")]
 
-    from worker.main import StlWorker
+    from stl.worker.main import StlWorker
 
     worker = StlWorker(connection=conn, settings=settings, gpu_index=None)
     job, queue = worker.dequeue_job_and_maintain_ttl(None)  # type: ignore[misc]
@@ -247,7 +247,7 @@ def test_fair_share_prefers_the_user_with_least_recent_gpu_time(
 
 
 def test_fair_share_counts_a_running_stage_until_its_last_heartbeat(conn: redis.Redis) -> None:
-    from jobs.fairshare import users_by_usage
+    from stl.jobs.queue.fairshare import users_by_usage
 
     now = 1_000_000.0
     conn.sadd(keys.USERS, "alice", "bob")
@@ -360,7 +360,7 @@ def test_cli_rejects_bad_run_ids_before_they_become_paths(stl_env: Path, conn: r
 
 
 def _run_worker_burst(stl_env: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", "worker", "--burst"], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stl.cli.main", "worker", "--burst"], capture_output=True,
                           text=True, timeout=120, check=False)
 
 
@@ -370,7 +370,7 @@ def test_worker_refuses_foreign_functions_and_pickles(stl_env: Path, conn: redis
     queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
     foreign = queue.enqueue("os.system", f"touch {marker}")
     # a job whose data is a pickle, as RQ's default serializer would write it
-    forged = queue.enqueue("jobs.entry.run_stage", "x")
+    forged = queue.enqueue("stl.jobs.queue.entry.run_stage", "x")
     payload = zlib.compress(pickle.dumps(("os.system", None, (f"touch {marker}",), {})))
     conn.hset(Job.key_for(forged.id), "data", payload)
 
@@ -414,7 +414,7 @@ def test_status_lists_the_latest_failures_with_their_errors(stl_env: Path, conn:
                                                             demo_data: Path) -> None:
     import yaml
 
-    from jobs.records import RECENT_FAILURES, status_summary
+    from stl.jobs.queue.records import RECENT_FAILURES, status_summary
 
     grid = grid_dict(demo_data)
     grid["grid"]["seed"] = list(range(2))
@@ -464,8 +464,8 @@ def test_results_of_a_grid_with_no_results_yet_say_so_in_one_line_and_exit_1_in_
 
 def test_runs_list_in_the_grid_files_order_so_results_rows_do_too(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    from jobs.analysis import build_pivot
-    from jobs.records import list_runs
+    from stl.jobs.queue.records import list_runs
+    from stl.jobs.results.analysis import build_pivot
 
     grid = grid_dict(demo_data)
     grid["grid"].update(model=["tiny:t5", "tiny:bart"], instructions=[True, False], mtl=["none"], shots=[4, 0],
@@ -550,9 +550,9 @@ def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(
 
 def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_other(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import queueing
-    from jobs.entry import finish_stage
-    from jobs.states import RunStatus
+    from stl.jobs.queue import queueing
+    from stl.jobs.queue.entry import finish_stage
+    from stl.jobs.states import RunStatus
 
     grid = grid_dict(demo_data)
     grid["grid"].update(model=["tiny:bart"], mtl=["none"], shots=[0], seed=[0, 1])
@@ -585,7 +585,7 @@ def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_
 
 def test_the_submit_itself_refuses_a_grid_another_user_took_meanwhile(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    from jobs.errors import GridChanged
+    from stl.jobs.errors import GridChanged
 
     expanded = parse_grid(write_grid(tmp_path, demo_data))
     # bob's check found the name free, then alice's enqueue of the same name landed first
@@ -600,7 +600,7 @@ def test_the_submit_itself_refuses_a_grid_another_user_took_meanwhile(
 
 def test_a_stage_another_enqueue_starts_sharing_while_it_is_canceled_stays_queued(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from jobs import queueing
+    from stl.jobs.queue import queueing
 
     grid = grid_dict(demo_data)
     grid["grid"].update(model=["tiny:bart"], mtl=["none"], shots=[0], seed=[0])
@@ -627,7 +627,7 @@ def test_a_stage_another_enqueue_starts_sharing_while_it_is_canceled_stays_queue
 
 def test_a_run_queued_again_while_its_canceled_stage_still_runs_clears_the_cancel(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    from jobs import queueing
+    from stl.jobs.queue import queueing
 
     grid = grid_dict(demo_data)
     grid["grid"].update(model=["tiny:bart"], mtl=["none"], shots=[0], seed=[0])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, get_args
 
-from jobs.axes import AXES, AXIS, EVAL_TOKENS, FEW_SHOT_TOKENS, format_cell, token_key_fields
-from jobs.metrics import METRICS, TYPE_METRICS, ChoosableMetric, metric_label
-from jobs.specs import EvalConfig, StageSpec, TrainConfig
+from stl.jobs.axes import AXES, AXIS, EVAL_TOKENS, FEW_SHOT_TOKENS, format_cell, token_key_fields
+from stl.jobs.metrics import METRICS, TYPE_METRICS, ChoosableMetric, metric_label
+from stl.jobs.specs import EvalConfig, StageSpec, TrainConfig
 
 if TYPE_CHECKING:
     from pytest import MonkeyPatch
@@ -29,7 +29,7 @@ def test_metric_names_are_unique_and_each_task_type_has_a_score() -> None:
 
 
 def test_every_axis_has_one_grid_field_with_its_type_and_default() -> None:
-    from jobs.grid import Axes
+    from stl.jobs.grid.parse import Axes
 
     assert set(Axes.model_fields) == set(AXIS)
     for axis in AXES:
@@ -58,7 +58,7 @@ def test_cells_read_as_the_grid_file_spells_them() -> None:
 
 
 def test_a_results_row_whose_axes_are_all_in_the_title_shows_just_its_seed() -> None:
-    from cli.render import result_table_rows
+    from stl.cli.render import result_table_rows
 
     row = {"run": "0123456789abcdef", "cell": {"model": "tiny:bart", "seed": 0}, "task": "t",
            "task_type": "generation", "metric": "rougeL", "value": 0.5}
@@ -66,7 +66,7 @@ def test_a_results_row_whose_axes_are_all_in_the_title_shows_just_its_seed() -> 
 
 
 def test_an_axis_that_shapes_no_stage_sets_its_field_on_the_stages_it_reaches(monkeypatch: MonkeyPatch) -> None:
-    from jobs import axes
+    from stl.jobs import axes
 
     # The example of docs/extending.md: how long the MTL stage trains, and nothing else.
     mtl_steps = axes.Axis("mtl_steps", int, default=None, stage_field="train.max_steps", shapes_stages=False,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from cli.render import (
+from stl.cli.render import (
     RUNNING_COLUMNS,
     _fits,
     build_failed_table,
@@ -29,10 +29,10 @@ from cli.render import (
     summary_rows,
     worker_rows,
 )
-from jobs import keys
-from jobs.entry import StageLease, StageReporter, progress_line
-from jobs.progress import StepReport
-from jobs.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
+from stl.jobs import keys
+from stl.jobs.ml.progress import StepReport
+from stl.jobs.queue.entry import StageLease, StageReporter, progress_line
+from stl.jobs.queue.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -72,7 +72,7 @@ def test_running_rows_show_progress_step_loss_elapsed_and_eta() -> None:
 
 
 class FakeClock:
-    """Stands in for the `time` module of jobs.entry: one settable clock for monotonic() and time()."""
+    """Stands in for the `time` module of stl.jobs.queue.entry: one settable clock for monotonic() and time()."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -99,7 +99,7 @@ def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_
     """Step 1 reports after 60 s of loading and compiling, then each step takes 1 s: at step 11 of 100 the
     ETA is 89 s (the pace since step 1), not 70 x (100 - 11) / 11 from the elapsed time."""
     clock = FakeClock()
-    monkeypatch.setattr("jobs.entry.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.entry.time", clock)
     reporter = StageReporter(None, "s", tmp_path, None)  # type: ignore[arg-type]  (_eta_s needs neither)
     assert report_at(reporter, clock, 1, 1060.0) is None  # the first report: no pace yet
     assert report_at(reporter, clock, 11, 1070.0) == pytest.approx(89.0)
@@ -133,8 +133,8 @@ def test_the_eta_goes_through_redis_to_the_status_rows(
     conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr("jobs.entry.time", clock)
-    monkeypatch.setattr("jobs.records.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.entry.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.records.time", clock)
     conn.hset(keys.run("r1"), mapping={"id": "r1", "grid": "g", "user": "u", "priority": "normal",
                                        "status": "running", "cell": "{}", "n_stages": "1", "stages_done": "0",
                                        "current_stage": "s1"})
@@ -154,7 +154,7 @@ def test_the_stage_log_gets_a_progress_line_at_the_start_every_30_s_and_at_the_e
     conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr("jobs.entry.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.entry.time", clock)
     reporter = StageReporter(conn, "s1", tmp_path, held_lease(conn, "s1"))
     for step, now in ((1, 1060.0), (2, 1061.0), (20, 1080.0), (31, 1091.0), (40, 1100.0)):
         clock.now = now
@@ -247,7 +247,7 @@ def test_format_duration() -> None:
 
 
 def test_dry_run_rows_list_each_run_with_its_stages(tmp_path, demo_data) -> None:  # type: ignore[no-untyped-def]
-    from jobs.grid import parse_grid
+    from stl.jobs.grid.parse import parse_grid
     from tests.helpers import write_grid
 
     rows = dry_run_rows(parse_grid(write_grid(tmp_path, demo_data)))
@@ -257,7 +257,7 @@ def test_dry_run_rows_list_each_run_with_its_stages(tmp_path, demo_data) -> None
 
 
 def test_one_frame_does_not_say_how_to_quit() -> None:
-    from jobs.records import StatusSummary
+    from stl.jobs.queue.records import StatusSummary
 
     summary = StatusSummary(counts={}, grids=[], running=[])
     live = build_status_view(summary, [], 120)
@@ -311,7 +311,7 @@ def test_failures_show_run_grid_cell_and_error() -> None:
     words = "eval stage 0123456789abcdef0123: ModelError: " + " ".join(["reason"] * 30)
     [row] = failed_rows([run_row(status="failed", error=words)])
     assert len(row[4]) <= 120 and row[4].endswith("reason…"), row[4]
-    from jobs.records import StatusSummary
+    from stl.jobs.queue.records import StatusSummary
 
     view = build_status_view(StatusSummary(counts={}, grids=[], running=[], failed=[failed]), [], 120)
     assert any(str(getattr(part, "title", None)) == "Recent failures" for part in view.renderables)
@@ -326,7 +326,7 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
     import json
     import math
 
-    from jobs.records import loss_curve
+    from stl.jobs.queue.records import loss_curve
 
     def stage(sid: str, parent: str | None, losses: list[float]) -> None:
         kind = sid.split("-")[0].replace("ft", "finetune")
@@ -370,7 +370,7 @@ def test_result_csv_rows_keep_the_grid_order_of_axes_and_spell_booleans_as_the_g
 
 
 def test_enqueue_message_says_how_to_watch_only_when_something_was_queued() -> None:
-    from jobs.queueing import SubmitReport
+    from stl.jobs.queue.queueing import SubmitReport
 
     nothing = enqueue_message(SubmitReport(grid="g", skipped=["a", "b"]), "alice")
     assert nothing == "queued 0 run(s) of grid g for alice; skipped 2 identical run(s) already queued or finished"
@@ -400,7 +400,7 @@ def test_run_progress_weighs_each_stage_by_the_examples_it_puts_through_the_mode
 
 
 def test_status_lists_live_grids_and_only_the_latest_ended_ones() -> None:
-    from jobs.records import StatusSummary
+    from stl.jobs.queue.records import StatusSummary
 
     ended = [GridRow(grid=f"old{i}", total=1, counts={"finished": 1}, created_at=100.0 + i, ended_at=200.0 + i)
              for i in range(8)]
@@ -420,7 +420,7 @@ def test_status_lists_live_grids_and_only_the_latest_ended_ones() -> None:
 
 
 def test_why_a_grid_has_no_results_is_one_line_that_says_whether_more_may_come() -> None:
-    from cli.render import why_no_results
+    from stl.cli.render import why_no_results
 
     runs = [run_row(id=f"{n}123456789abcdef", grid="g", status=status, error=error) for n, (status, error) in
             enumerate([("finished", ""), ("failed", "eval stage 0123456789abcdef0123: ModelError: gone")])]

@@ -1,4 +1,4 @@
-"""jobs/rouge.py must give rouge-score's ROUGE-L F-measure exactly, only faster."""
+"""jobs/ml/rouge.py must give rouge-score's ROUGE-L F-measure exactly, only faster."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 from rouge_score.rouge_scorer import RougeScorer, _lcs_table
 
-from jobs.rouge import RougeL, lcs_length
+from stl.jobs.ml.rouge import RougeL, lcs_length
 from tests.conftest import instructdial_sample
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def test_no_references_score_zero() -> None:
 
 
 def dataset_texts(path: Path) -> list[str]:
-    from jobs.data import read_examples
+    from stl.jobs.ml.data import read_examples
 
     texts: list[str] = []
     for example in read_examples(str(path)):

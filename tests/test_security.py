@@ -13,10 +13,10 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs import keys
-from jobs.codec import text
-from jobs.queueing import job_id_for
+from stl.cli.main import app
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.queue.queueing import job_id_for
 from tests.conftest import REPO, RedisServer, free_port
 from tests.helpers import (
     Workers,
@@ -89,13 +89,13 @@ def test_worker_refuses_forged_stage_jobs(stl_env: Path, conn: redis.Redis, tmp_
     queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
     stage = "0123456789abcdef0123"
     forged = {
-        "a path for a stage id": queue.enqueue("jobs.entry.run_stage", "../../../../tmp/stl-escape"),
-        "extra keyword arguments": queue.enqueue("jobs.entry.run_stage", args=(stage,), kwargs={"extra": 1},
+        "a path for a stage id": queue.enqueue("stl.jobs.queue.entry.run_stage", "../../../../tmp/stl-escape"),
+        "extra keyword arguments": queue.enqueue("stl.jobs.queue.entry.run_stage", args=(stage,), kwargs={"extra": 1},
                                                  job_id=job_id_for(stage)),
-        "an id of another stage": queue.enqueue("jobs.entry.run_stage", stage, job_id=job_id_for("f" * 20)),
-        "a failure callback": queue.enqueue("jobs.entry.run_stage", "a" * 20, job_id=job_id_for("a" * 20),
+        "an id of another stage": queue.enqueue("stl.jobs.queue.entry.run_stage", stage, job_id=job_id_for("f" * 20)),
+        "a failure callback": queue.enqueue("stl.jobs.queue.entry.run_stage", "a" * 20, job_id=job_id_for("a" * 20),
                                             on_failure=Callback("os.system")),
-        "a success callback": queue.enqueue("jobs.entry.run_stage", "b" * 20, job_id=job_id_for("b" * 20),
+        "a success callback": queue.enqueue("stl.jobs.queue.entry.run_stage", "b" * 20, job_id=job_id_for("b" * 20),
                                             on_success=Callback("shutil.rmtree")),
     }
     result = stl("worker", "--burst", timeout=120)
@@ -205,8 +205,8 @@ def test_every_command_checks_run_ids_before_they_become_paths(stl_env: Path, co
 
 def test_a_job_record_is_never_trusted_for_a_stage_folder(stl_env: Path, conn: redis.Redis) -> None:
     """Even called directly, the entry point refuses what is not a stage id before it touches a path."""
-    from jobs.entry import run_stage
-    from jobs.errors import ForeignJob
+    from stl.jobs.errors import ForeignJob
+    from stl.jobs.queue.entry import run_stage
 
     for bad in ("../x", "/etc", "0" * 19, "0" * 21, "G" * 20, ""):
         with pytest.raises(ForeignJob):

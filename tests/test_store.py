@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from jobs import keys
-from jobs.codec import text
-from jobs.grid import parse_grid
-from jobs.specs import StageKind
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.grid.parse import parse_grid
+from stl.jobs.specs import StageKind
 from tests.helpers import (
     Workers,
     child_env,
@@ -183,7 +183,7 @@ def test_a_parent_model_that_keeps_vanishing_fails_the_run_clearly_and_retry_fin
 
 
 def test_the_way_out_names_another_database_and_never_the_password() -> None:
-    from jobs.store import another_database
+    from stl.jobs.queue.store import another_database
 
     assert another_database("redis://localhost:6379/0") == "redis://localhost:6379/1"
     assert another_database("redis://:s3cret@redis.lab:6380/4") == "redis://:PASSWORD@redis.lab:6380/5"

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from jobs import keys
-from jobs.codec import text
+from stl.cli.main import app
+from stl.jobs import keys
+from stl.jobs.codec import text
 from tests.helpers import (
     Workers,
     child_env,
@@ -204,7 +204,7 @@ def test_the_worker_starts_among_damaged_records_and_runs_the_queue(
     grid = small_grid(tmp_path, demo_data, "after-damage", shots=[0], seeds=[7])
     assert stl("enqueue", str(grid)).returncode == 0
     # The finished state was made in another STL_HOME, whose store id the snapshot holds; the new grid needs
-    # none of its models, so this worker's home becomes the queue's store (jobs.store).
+    # none of its models, so this worker's home becomes the queue's store (stl.jobs.queue.store).
     conn.delete(keys.STORE)
     worker = stl("worker", "--burst", timeout=300)
     said = worker.stdout + worker.stderr

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from jobs.cuda_graphs import ShapesSeen
-from jobs.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
-from jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
-from jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
-from jobs.stages import StageContext, execute_stage
-from jobs.train import OomRetry, _warmup_then_linear_decay
+from stl.jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
+from stl.jobs.ml.cuda_graphs import ShapesSeen
+from stl.jobs.ml.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+from stl.jobs.ml.stages import StageContext, execute_stage
+from stl.jobs.ml.train import OomRetry, _warmup_then_linear_decay
+from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from tests.helpers import (
     assert_bit_identical,
     newest_checkpoint,
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from jobs.progress import StepReport
+    from stl.jobs.ml.progress import StepReport
 
 # Tiny models gain nothing from a second thread, and lose a lot when other processes share the CPUs.
 torch.set_num_threads(1)
@@ -210,7 +210,7 @@ def test_out_of_memory_halves_the_micro_batch_and_finishes(tmp_path: Path, demo_
 def test_an_out_of_memory_inside_compile_or_capture_halves_the_micro_batch(
     tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
-    from jobs import train as train_module
+    from stl.jobs.ml import train as train_module
 
     original = train_module._TrainingSession._optimizer_step
     raised: list[int] = []
@@ -233,7 +233,7 @@ def test_an_out_of_memory_inside_compile_or_capture_halves_the_micro_batch(
 def test_only_out_of_memory_counts_as_out_of_memory() -> None:
     import torch
 
-    from jobs.acceleration import caused_by_out_of_memory
+    from stl.jobs.ml.acceleration import caused_by_out_of_memory
 
     assert caused_by_out_of_memory(torch.OutOfMemoryError("plain"))
     assert caused_by_out_of_memory(out_of_memory_in_disguise("compile"))
@@ -303,7 +303,7 @@ def test_prefetched_batches_train_bit_identically_to_inline_ones(tmp_path: Path,
 def test_a_data_error_in_the_prefetch_thread_fails_the_stage_and_stops_the_thread(
     tmp_path: Path, demo_data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from jobs.training_batches import TrainingBatches
+    from stl.jobs.ml.training_batches import TrainingBatches
 
     encode = TrainingBatches.encode
     made = {"n": 0}
@@ -328,7 +328,7 @@ def test_only_stages_that_tokenize_per_batch_make_batches_on_the_prefetch_thread
 ) -> None:
     """MTL stages tokenize every batch: that goes to the thread. A few-shot stage's examples are tokenized once,
     up front, so its batches (padding only) are made on the step's own thread."""
-    from jobs.training_batches import TrainingBatches
+    from stl.jobs.ml.training_batches import TrainingBatches
 
     encode = TrainingBatches.encode
     threads: dict[str, set[str]] = {}

@@ -21,12 +21,12 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
-from jobs import keys
-from jobs.codec import text
-from jobs.settings import load_settings
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.settings import load_settings
+from stl.worker.main import StlWorker
 from tests.conftest import REPO
 from tests.helpers import Workers, child_env, wait_for
-from worker.main import StlWorker
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -41,7 +41,7 @@ EXIT_WITHIN_S = 10.0
 
 def _burst_on_an_empty_queue() -> tuple[float, str]:
     """Seconds from the worker's "done, quitting" to its exit, and its output."""
-    process = subprocess.Popen([sys.executable, "-m", "cli.main", "worker", "--burst"], cwd=REPO, env=child_env(),
+    process = subprocess.Popen([sys.executable, "-m", "stl.cli.main", "worker", "--burst"], cwd=REPO, env=child_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     lines, done_at = [], None
@@ -106,7 +106,7 @@ def test_the_worker_keeps_rqs_registry_maintenance_running_while_it_waits_for_wo
     worker.last_cleaned_at = cleaned = rq_now()  # as just after the worker's start
     queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
     failed = FailedJobRegistry(queue=queue)
-    job = Job.create("jobs.entry.run_stage", args=["0" * 20], connection=conn, serializer=JSONSerializer)
+    job = Job.create("stl.jobs.queue.entry.run_stage", args=["0" * 20], connection=conn, serializer=JSONSerializer)
     job.save()
     conn.zadd(failed.key, {job.id: time.time() - 60})  # kept for its TTL, which ran out a minute ago
     assert worker.dequeue_job_and_maintain_ttl(timeout=5, max_idle_time=3) is None  # idle: no work

@@ -17,21 +17,21 @@ from typing import TYPE_CHECKING, Any
 import redis
 from rq import Queue, Worker
 from rq.exceptions import DequeueTimeout
-from rq.job import JobStatus
+from rq.job import UNEVALUATED, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
-from jobs import keys
-from jobs.codec import text
-from jobs.disk import free_space
-from jobs.entry import STAGE_ID
-from jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
-from jobs.fairshare import queue_order
-from jobs.faults import parse_faults
-from jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
-from jobs.queueing import ENTRY_POINT, job_id_for, stage_id_for
-from jobs.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
-from worker.gpu import GpuProbe
+from stl.jobs import keys
+from stl.jobs.codec import text
+from stl.jobs.disk_space import free_space
+from stl.jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
+from stl.jobs.faults import parse_faults
+from stl.jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
+from stl.jobs.queue.entry import STAGE_ID
+from stl.jobs.queue.fairshare import queue_order
+from stl.jobs.queue.queueing import ENTRY_POINT, LEGACY_ENTRY_POINTS, job_id_for, stage_id_for
+from stl.jobs.queue.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
+from stl.worker.gpu import GpuProbe
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from rq.executions import Execution
     from rq.job import Job
 
-    from jobs.settings import Settings
+    from stl.jobs.settings import Settings
 
 POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new users' queues
 # How long the thread that listens for RQ's commands (shutdown, kill-horse, stop-job: rq-dashboard's buttons)
@@ -73,6 +73,15 @@ def _not_a_stage_job(job: Job) -> str | None:
     if callbacks:
         return f"it names {'/'.join(callbacks)} callbacks"
     return None
+
+
+def _rename_entry_point(job: Job) -> str:
+    """A job queued under the entry point's old module path is rewritten to the current one, in Redis too, so
+    the work horse imports stl.jobs.queue.entry and the job keeps its place and history."""
+    job._func_name = ENTRY_POINT  # noqa: SLF001 - RQ has no public setter for a queued job's function
+    job._data = UNEVALUATED  # noqa: SLF001 - re-serialised from the fields above on the next read
+    job.connection.hset(job.key, "data", job.data)
+    return ENTRY_POINT
 
 
 class StlWorker(Worker):
@@ -203,6 +212,8 @@ class StlWorker(Worker):
             self._refuse(job, queue, f"job {job.id} was refused: its data is not stl's JSON ({type(e).__name__}); "
                          "stl runs only jobs written by `stl enqueue`")
             return
+        if func_name in LEGACY_ENTRY_POINTS:
+            func_name = _rename_entry_point(job)
         if func_name != ENTRY_POINT:
             self._refuse(job, queue, f"job {job.id} was refused: it names {func_name!r}, but this worker runs "
                          f"only {ENTRY_POINT}; enqueue work with `stl enqueue`")
@@ -233,7 +244,7 @@ class StlWorker(Worker):
     # --- a machine that cannot run stages ---------------------------------------------------------
 
     def _pause_if_the_machine_failed(self, stage_id: str) -> None:
-        """A stage its horse stopped for a fault of the machine (jobs.health): take no work until it is fixed."""
+        """A stage its horse stopped for a fault of the machine (stl.jobs.health): take no work until it is fixed."""
         try:
             fault, need = (text(v) for v in self.connection.hmget(keys.stage(stage_id), "machine_fault",
                                                                   "disk_needed_bytes"))
@@ -506,12 +517,12 @@ class StlWorker(Worker):
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
                preload: bool = True, adopt_store: bool = False) -> bool:
     """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking.
-    `adopt_store`: make this STL_HOME the queue's artifact store (jobs.store), its old one being gone."""
-    from jobs.disk import check_home_writable
-    from jobs.errors import UsageError
-    from jobs.notify import notify_setting_problems
-    from jobs.records import damaged_records_reported
-    from jobs.store import claim_store
+    `adopt_store`: make this STL_HOME the queue's artifact store (stl.jobs.queue.store), its old one being gone."""
+    from stl.jobs.disk_space import check_home_writable
+    from stl.jobs.errors import UsageError
+    from stl.jobs.queue.notify import notify_setting_problems
+    from stl.jobs.queue.records import damaged_records_reported
+    from stl.jobs.queue.store import claim_store
 
     check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
     problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
@@ -525,7 +536,7 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:
-        from jobs.stages import preload_libraries
+        from stl.jobs.ml.stages import preload_libraries
 
         preload_libraries()
         # What was just imported lives as long as the worker: out of the collector's sight, the exit does not
