@@ -241,6 +241,20 @@ def test_plain_pip_install_runs_mtl_fewshot_eval(plain_venv: FreshVenv, grid_inp
 
 
 @pytest.mark.slow
+def test_plain_install_puts_nothing_generic_at_the_top_of_site_packages(plain_venv: FreshVenv,
+                                                                       tmp_path: Path) -> None:
+    """stl's code installs as stl.cli, stl.jobs and stl.worker: another package's `jobs` or `cli` is safe."""
+    environment = plain_venv.environment(HOME=str(tmp_path))
+    listing = ("import importlib.metadata as m; "
+               "print('\\n'.join(sorted({f.parts[0] for f in m.files('stl')})))")
+    top = plain_venv.run("python", "-c", listing, environment=environment, cwd=tmp_path).stdout.split()
+    assert top == ["stl", "stl-0.1.0.dist-info"], top
+    for generic in ("cli", "jobs", "worker"):
+        assert not plain_venv.importable(generic, environment, tmp_path), f"`import {generic}` finds stl's code"
+    assert plain_venv.importable("stl.jobs.queue.entry", environment, tmp_path)
+
+
+@pytest.mark.slow
 def test_dockerfile_install_runs_mtl_fewshot_eval(dockerfile_venv: FreshVenv, grid_inputs: Inputs,
                                                   private_redis: RedisServer, tmp_path: Path) -> None:
     environment = dockerfile_venv.environment(HOME=str(tmp_path))

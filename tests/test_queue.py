@@ -23,7 +23,7 @@ from stl.jobs.grid.parse import parse_grid
 from stl.jobs.queue.fairshare import charge_usage, queue_order
 from stl.jobs.queue.queueing import job_id_for, submit_runs
 from stl.jobs.settings import load_settings
-from tests.helpers import grid_dict, write_grid
+from tests.helpers import grid_dict, run_statuses, write_grid
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -381,6 +381,28 @@ def test_worker_refuses_foreign_functions_and_pickles(stl_env: Path, conn: redis
         job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
         assert job.get_status().value == "failed"
         assert needle in (job.latest_result().exc_string if job.latest_result() else "")  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_jobs_queued_under_the_entry_points_old_module_path_still_run(stl_env: Path, conn: redis.Redis,
+                                                                      tmp_path: Path, demo_data: Path) -> None:
+    """A queue written before stl installed as stl.*: its jobs name jobs.entry.run_stage, which no longer imports."""
+    path = write_grid(tmp_path, demo_data, grid={"model": ["tiny:bart"], "mtl": ["none"], "instructions": [True],
+                                                 "shots": [0], "seed": [0]})
+    assert enqueue(path)[0] == 0
+    (job_id,) = queued_job_ids(conn, "alice")
+    job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    args = job.args
+    job.func_name = "jobs.entry.run_stage"
+    assert job.args == args
+    conn.hset(job.key, "data", zlib.compress(job.data))
+
+    result = _run_worker_burst(stl_env)
+    assert result.returncode == 0, result.stderr
+    assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).func_name == "stl.jobs.queue.entry.run_stage"
+    assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).get_status().value == "finished", \
+        result.stderr[-3000:]
+    assert set(run_statuses(conn, "test-grid").values()) == {"finished"}
 
 
 def test_enqueue_against_a_redis_that_is_down_fails_clearly(tmp_path: Path, demo_data: Path,

@@ -12,12 +12,13 @@ import logging
 import os
 import socket
 import time
+import zlib
 from typing import TYPE_CHECKING, Any
 
 import redis
 from rq import Queue, Worker
 from rq.exceptions import DequeueTimeout
-from rq.job import UNEVALUATED, JobStatus
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
@@ -78,9 +79,9 @@ def _not_a_stage_job(job: Job) -> str | None:
 def _rename_entry_point(job: Job) -> str:
     """A job queued under the entry point's old module path is rewritten to the current one, in Redis too, so
     the work horse imports stl.jobs.queue.entry and the job keeps its place and history."""
-    job._func_name = ENTRY_POINT  # noqa: SLF001 - RQ has no public setter for a queued job's function
-    job._data = UNEVALUATED  # noqa: SLF001 - re-serialised from the fields above on the next read
-    job.connection.hset(job.key, "data", job.data)
+    _ = job.args, job.kwargs, job.instance  # decoded first: setting func_name re-encodes from these fields
+    job.func_name = ENTRY_POINT
+    job.connection.hset(job.key, "data", zlib.compress(job.data))  # as RQ stores it
     return ENTRY_POINT
 
 
