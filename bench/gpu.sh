@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# First a check of stl's own stage code on the GPU (bench/gpu_check.py: CUDA graphs, resume, eval, NVML);
+# First, packing: bench_slots.py (16 stages at --slots 1,2,4; GPU_SLOTS=0 skips it, GPU_SLOTS=only runs it alone).
+# Then a check of stl's own stage code on the GPU (bench/gpu_check.py: CUDA graphs, resume, eval, NVML);
 # then the GPU benchmarks, most wanted first, so that a cut-off run still leaves them:
 #   stl's training loop vs Seq2SeqTrainer (bf16) at t5-small and bart-base sizes (random weights from config,
 #   synthetic tokens, no network), stl's arms eager and `train.compile: reduce-overhead` (CUDA graphs)
@@ -119,7 +120,18 @@ for line in sys.stdin:
 COMMON=(--device "$DEVICE" --dtype "$DTYPE" --data synthetic)
 VARIANTS=${GPU_VARIANTS:-0}
 if [[ "${GPU_COMPILE:-1}" == 0 ]]; then BART_ARMS=(--compile off); T5_ARMS=(--compile off); fi
-if [[ "$VARIANTS" != only ]]; then
+SLOTS=${GPU_SLOTS:-1}
+# Packing (issue 25): 16 stages (8 MTL of t5-small size, 8 evals) at `--slots 1,2,4`, GPU busy share, MPS or
+# time-slicing; about 8 minutes on a GPU. GPU_SLOTS=0 skips it, GPU_SLOTS=only runs it alone.
+if [[ "$SLOTS" != 0 ]]; then
+  if [[ "$DEVICE" == cuda* ]]; then
+    run "${SLOTS_LIMIT_S:-560}" slots bench/bench_slots.py --device cuda --steps 200 --tolerance 0.05
+  else
+    run "${SLOTS_LIMIT_S:-900}" slots bench/bench_slots.py --device cpu --slots 1,2
+  fi
+fi
+if [[ "$SLOTS" == only ]]; then VARIANTS=none; fi
+if [[ "$VARIANTS" != only && "$VARIANTS" != none ]]; then
   if [[ "${GPU_TRAIN:-1}" != 0 ]]; then
     run "$COMPILE_LIMIT_S" stages bench/gpu_check.py --device "$DEVICE"  # stl's own CUDA paths, CUDA graphs included
     # Each stl arm against Trainer, 2 interleaved rounds; the CUDA-graph arm's cold compile runs untimed first.
@@ -147,7 +159,7 @@ fi
 # stl's decoding loop eager, as CUDA graphs and compiled (G7 measured autocast), and a training step eager vs compiled vs
 # CUDA graphs (on a CPU, check them with bench_generate_variants.py / bench_train_variants.py --device cpu
 # --size tiny).
-if [[ "$DEVICE" == cuda* && "$VARIANTS" != 0 ]]; then
+if [[ "$DEVICE" == cuda* && "$VARIANTS" != 0 && "$VARIANTS" != none ]]; then
   for size in bart-base t5-small; do  # two cold compiles each (HF's static step, stl's loop)
     run "$COMPILE_LIMIT_S" "generate-variants-$size" bench/bench_generate_variants.py --device "$DEVICE" \
       --size "$size" --examples 512 --batch-size 64 --source-len 256 --max-new-tokens 32 --rounds 2 \

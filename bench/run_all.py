@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "mixture-memory": ("bench_mixture_memory.py", [], ["--rounds", "2"]),
     "rouge": ("bench_rouge.py", [], ["--pairs", "300", "--rounds", "2"]),
     "demo": ("bench_demo.py", [], []),  # one `make demo`, minutes: the same with --quick
+    "slots": ("bench_slots.py", ["--slots", "1,2"], ["--slots", "1,2", "--steps", "4"]),  # 16 stages per slot count
 }
 
 
