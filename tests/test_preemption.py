@@ -217,7 +217,7 @@ def test_a_light_users_stage_starts_within_the_bound_and_the_heavy_stage_resumes
     heavy_env, light_env = child_env(STL_USER="heavy"), child_env(STL_USER="light")
     # One long fine-tuning stage (then its eval): a checkpoint every 25 steps, hundreds of steps on a CPU.
     enqueue(small_grid(tmp_path, demo_data, "heavy-grid", shots=[4],
-                       train={"max_steps": 1500, "checkpoint_every": 25}), env=heavy_env)
+                       train={"max_steps": 1000, "checkpoint_every": 25}), env=heavy_env)
     workers.start(env=child_env(STL_PREEMPT_AFTER=str(PREEMPT_AFTER_S)))
 
     def heavy_training() -> str | None:
@@ -251,7 +251,7 @@ def test_a_light_users_stage_starts_within_the_bound_and_the_heavy_stage_resumes
     checkpointed = int(yielded[0].group(2))
     assert waited <= bound, f"waited {waited:.1f} s, more than {bound} s"
 
-    wait_for(lambda: grid_done(conn, "light-grid") and grid_done(conn, "heavy-grid"), timeout=150,
+    wait_for(lambda: grid_done(conn, "light-grid") and grid_done(conn, "heavy-grid"), timeout=240,
              what="both grids to finish", diagnostics=workers.logs)
     assert set(run_statuses(conn, "light-grid").values()) == {"finished"}
     assert set(run_statuses(conn, "heavy-grid").values()) == {"finished"}
