@@ -556,7 +556,12 @@ def worker(
 
     SIGTERM (docker stop) checkpoints the running stage and puts it back at the head of its queue. A fault
     of the machine (a full disk, a broken GPU driver) puts the stage back too, and the worker waits, checking
-    the machine every 30 s, until it is fixed: `stl status` shows it paused, with the reason."""
+    the machine every 30 s, until it is fixed: `stl status` shows it paused, with the reason.
+
+    STL_PREEMPT_AFTER (seconds, default 1800; 0 turns it off): a training stage that has run this long since
+    it last started checkpoints and goes back to the head of its queue when a user with less recent GPU time
+    has a stage waiting and no idle worker can take it; that stage runs next. Evaluations are never
+    preempted, and a resumed stage runs this long again before it can be preempted again."""
     with handled():
         from stl.jobs.queue.connection import connect
         from stl.worker.gpu import missing_gpu

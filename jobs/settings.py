@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from stl.jobs.errors import UsageError
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 # A grid expanding to more runs than this is refused unless `stl enqueue --max-runs` raises it.
 DEFAULT_MAX_RUNS = 10_000
+# A training stage yields to a lighter user's waiting stage once it has run this long (stl.jobs.queue.preemption).
+DEFAULT_PREEMPT_AFTER_S = 1800.0
 MAX_USER_LENGTH = 32
 USER_PATTERN = re.compile(rf"^[a-z0-9][a-z0-9_.-]{{0,{MAX_USER_LENGTH - 1}}}$")
 
@@ -46,6 +49,8 @@ class Settings:
     prune_finetune: bool = False
     # STL_USER was set (not the login name): where Redis has ACL users, it must name the Redis user.
     user_explicit: bool = False
+    # STL_PREEMPT_AFTER: seconds a training stage runs before a lighter user's waiting stage may preempt it; 0: never.
+    preempt_after_s: float = DEFAULT_PREEMPT_AFTER_S
 
     @property
     def runs_dir(self) -> Path:
@@ -93,7 +98,23 @@ def load_settings(*, own_redis: bool = False) -> Settings:
         fault_inject=env.get("STL_FAULT_INJECT", ""),
         prune_finetune=_flag("STL_PRUNE_FINETUNE", env.get("STL_PRUNE_FINETUNE", "")),
         user_explicit=bool(env.get("STL_USER")),
+        preempt_after_s=_seconds("STL_PREEMPT_AFTER", env.get("STL_PREEMPT_AFTER", ""), DEFAULT_PREEMPT_AFTER_S),
     )
+
+
+def _seconds(name: str, value: str, default: float) -> float:
+    """A duration setting: a number of seconds, 0 or more; unset or blank: `default`."""
+    word = value.strip()
+    if not word:
+        return default
+    try:
+        seconds = float(word)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UsageError(f"{name}={word!r} is not a number of seconds; set it to 0 or more (e.g. "
+                         f"{default:.0f}), or unset it for the default ({default:.0f})")
+    return seconds
 
 
 def _flag(name: str, value: str) -> bool:

@@ -30,6 +30,7 @@ from stl.jobs.faults import parse_faults
 from stl.jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
 from stl.jobs.queue.entry import STAGE_ID
 from stl.jobs.queue.fairshare import queue_order
+from stl.jobs.queue.preemption import preempt_if_due
 from stl.jobs.queue.queueing import ENTRY_POINT, LEGACY_ENTRY_POINTS, job_id_for, stage_id_for
 from stl.jobs.queue.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
 from stl.worker.gpu import GpuProbe
@@ -431,6 +432,24 @@ class StlWorker(Worker):
             self._write_record(None)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             self.log.error("Worker %s: Redis is unreachable (%s); the stage goes on", self.name, e)
+        self._preempt_if_due(job)
+
+    def _preempt_if_due(self, job: Job) -> None:
+        """Every monitor tick: let the stage yield to a lighter user's waiting one (stl.jobs.queue.preemption)."""
+        after = self.settings.preempt_after_s
+        ran = (rq_now() - job.started_at).total_seconds() if job.started_at else 0.0
+        if after <= 0 or ran < after:  # the stage started after its job did: it has run less than this
+            return
+        try:
+            chosen = preempt_if_due(self.connection, own_worker=self.name, own_stage=stage_id_for(job.id),
+                                    preempt_after_s=after)
+        except Exception as e:  # noqa: BLE001 - a failed check must not end the worker; the next tick tries again
+            self.log.error("Worker %s: could not check for preemption (%s: %s)", self.name, type(e).__name__, e)
+            return
+        if chosen is not None:
+            self.log.info("Worker %s: asked stage %s of %s (%.0f s since it started) to checkpoint and yield to "
+                          "%s's waiting stage (STL_PREEMPT_AFTER=%.0f)", self.name, chosen.stage_id, chosen.user,
+                          chosen.ran_s, chosen.for_user, after)
 
     def _write_record(self, state: str | None) -> None:
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),

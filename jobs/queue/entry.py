@@ -37,6 +37,7 @@ from stl.jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from stl.jobs.layout import LOG_FILE, SPEC_FILE
 from stl.jobs.queue.fairshare import charge_usage
 from stl.jobs.queue.fence import StageFence, generation_is_current
+from stl.jobs.queue.preemption import preempted_line
 from stl.jobs.queue.runstate import finish_stage_records, start_stage_record, update_runs_if
 from stl.jobs.settings import load_settings
 from stl.jobs.specs import RunStatus, StageKind, StageSpec
@@ -386,7 +387,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     except StagePreempted as e:
         if lease.taken_over():
             raise _stand_down(lease) from e
-        reporter.log(f"preempted: {e}; back to the head of the queue")
+        reporter.log(preempted_line(conn, stage_id, e, time.time() - started))
         _back_to_queue(conn, lease.fence)
         _charge(conn, user, started)  # the GPU time spent so far counts towards fair share, resumed or not
         lease.release()
@@ -527,8 +528,8 @@ def _back_to_queue(conn: redis.Redis, fence: StageFence, *, machine_fault: str =
     """The stage did not end: it and its runs are queued again (the worker puts its job back at the head)."""
     stage_id = fence.stage_id
     fence.write(lambda pipe: (
-        pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "", "worker": "",
-                                                 "machine_fault": machine_fault,
+        pipe.hset(keys.stage(stage_id), mapping={"status": RunStatus.queued.value, "preempt": "",
+                                                 "preempted_for": "", "worker": "", "machine_fault": machine_fault,
                                                  "disk_needed_bytes": disk_needed_bytes}),
         pipe.srem(keys.RUNNING_STAGES, stage_id)))
     update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
