@@ -708,7 +708,7 @@ def data_demo(
                                              metavar="DIR")],
 ) -> None:
     """Write stl's own small synthetic dialogue dataset (InstructDial format), for demos and tests."""
-    from stl.jobs.ml.data import write_demo_dataset
+    from stl.jobs.ml.demo_dataset import write_demo_dataset
 
     with handled():
         if not directory.strip():  # Path("") is the current folder: a blank is a slip, not a choice
