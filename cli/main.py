@@ -264,7 +264,8 @@ def logs(
 ) -> None:
     """Print a run's log: every stage it needs, from any machine that reaches Redis."""
     from stl.jobs.queue.connection import connect
-    from stl.jobs.queue.records import check_run_id, resolve_run_ids, run_log, run_status
+    from stl.jobs.queue.records import check_run_id, resolve_run_ids, run_status
+    from stl.jobs.queue.run_details import run_log
 
     with handled():
         check_run_id(run)  # before Redis is asked anything: a malformed id is bad input wherever Redis is

@@ -28,7 +28,8 @@ def results(
     """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
     from stl.cli import render_analysis
     from stl.cli.render import results_notes, why_no_results
-    from stl.jobs.queue.records import list_runs, result_rows
+    from stl.jobs.queue.records import list_runs
+    from stl.jobs.queue.run_results import result_rows
     from stl.jobs.results import analysis
 
     with handled():
@@ -132,7 +133,8 @@ def plot_curves(
 ) -> None:
     """Draw the training-loss curves of runs into a PNG."""
     from stl.jobs.axes import format_cell
-    from stl.jobs.queue.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
+    from stl.jobs.queue.records import check_run_id, resolve_run_ids, run_status
+    from stl.jobs.queue.run_details import loss_curve, run_cell
     from stl.jobs.results.plots import plot_loss_curves
 
     with handled():

@@ -326,7 +326,7 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
     import json
     import math
 
-    from stl.jobs.queue.records import loss_curve
+    from stl.jobs.queue.run_details import loss_curve
 
     def stage(sid: str, parent: str | None, losses: list[float]) -> None:
         kind = sid.split("-")[0].replace("ft", "finetune")

@@ -623,7 +623,7 @@ def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
-    from stl.jobs.queue.records import read_results
+    from stl.jobs.queue.run_results import read_results
 
     (results,) = read_results(conn, [run_id])  # a result another tool damaged is left out, not fatal
     if not results:
