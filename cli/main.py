@@ -125,14 +125,8 @@ def enqueue(
     --replace, which cancels those runs and drops them: otherwise its results would mix.
     """
     from stl.jobs.grid.parse import parse_grid
-    from stl.jobs.queue.queueing import (
-        changed_runs,
-        check_grid_owner,
-        check_grid_unchanged,
-        check_priority,
-        drop_runs,
-        submit_runs,
-    )
+    from stl.jobs.queue.grid_changes import changed_runs, check_grid_owner, check_grid_unchanged, drop_runs
+    from stl.jobs.queue.queueing import check_priority, submit_runs
 
     with handled():
         settings = cli_settings()
@@ -145,7 +139,7 @@ def enqueue(
 
             from stl.cli.render import build_dry_run_table
             from stl.jobs.queue.connection import connect
-            from stl.jobs.queue.queueing import run_statuses
+            from stl.jobs.queue.grid_changes import run_statuses
 
             try:  # what is queued already, where Redis answers; a dry run never starts a server
                 conn = connect(settings, start_embedded=False)
@@ -183,7 +177,7 @@ def enqueue(
 
 def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
     from stl.cli.render import kept_runs_message
-    from stl.jobs.queue.queueing import split_by_owner
+    from stl.jobs.queue.grid_changes import split_by_owner
 
     mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
     echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
