@@ -25,6 +25,10 @@ ALLOWED_JOBS_IMPORTS = {
     "results": {"base", "results"},
 }
 
+# Too long today and being reworked by other changes of issue 24 (the stage start/finish in entry.py, the worker);
+# each entry must still be too long (see below), so the list shrinks as they land. Add nothing here.
+KNOWN_TOO_LONG = frozenset({"jobs/queue/entry.py:run_stage", "worker/main.py:StlWorker"})
+
 # Heavy libraries the CLI imports only inside the commands that train or plot, so `stl --help` starts fast.
 HEAVY_FOR_CLI = ("torch", "transformers", "datasets", "matplotlib")
 
@@ -98,13 +102,14 @@ def jobs_layer(module: str) -> str | None:
     return "base"
 
 
-def test_no_module_class_or_function_is_too_long() -> None:
-    too_long: list[str] = []
+def too_long_parts() -> dict[str, str]:
+    """`path` or `path:name` of every module, class and function over its limit -> what is wrong with it."""
+    too_long: dict[str, str] = {}
     for path in product_files():
         source = path.read_text()
         lines = len(source.splitlines())
         if lines > MAX_MODULE_LINES:
-            too_long.append(f"{relative(path)}: module has {lines} lines (limit {MAX_MODULE_LINES})")
+            too_long[relative(path)] = f"{relative(path)}: module has {lines} lines (limit {MAX_MODULE_LINES})"
         for node in ast.walk(ast.parse(source, filename=str(path))):
             if isinstance(node, ast.ClassDef):
                 kind, limit = "class", MAX_CLASS_LINES
@@ -114,9 +119,19 @@ def test_no_module_class_or_function_is_too_long() -> None:
                 continue
             length = (node.end_lineno or node.lineno) - node.lineno + 1
             if length > limit:
-                too_long.append(f"{relative(path)}:{node.lineno}: {kind} {node.name} has {length} lines "
-                                f"(limit {limit})")
+                too_long[f"{relative(path)}:{node.name}"] = (
+                    f"{relative(path)}:{node.lineno}: {kind} {node.name} has {length} lines (limit {limit})")
+    return too_long
+
+
+def test_no_module_class_or_function_is_too_long() -> None:
+    too_long = [why for name, why in too_long_parts().items() if name not in KNOWN_TOO_LONG]
     assert not too_long, "split these by responsibility:\n" + "\n".join(too_long)
+
+
+def test_the_known_too_long_parts_still_are() -> None:
+    fixed = KNOWN_TOO_LONG - too_long_parts().keys()
+    assert not fixed, f"these are no longer too long: take them out of KNOWN_TOO_LONG: {sorted(fixed)}"
 
 
 def test_jobs_imports_only_go_down_the_layers() -> None:
