@@ -50,7 +50,7 @@ BENCH = "eval"
 
 class Runner:
     def __init__(self, setup: Setup, args: argparse.Namespace, workdir: Path) -> None:
-        from stl.jobs.ml.data import read_examples
+        from stl.jobs.ml.sources import read_examples
 
         self.setup, self.args, self.workdir = setup, args, workdir
         self.examples = {}
@@ -156,8 +156,8 @@ class Runner:
     def hf_generation(self) -> float:
         import numpy as np
 
-        from stl.jobs.ml.data import source_text
         from stl.jobs.ml.evaluate import _references, make_rouge_scorer, rouge_l
+        from stl.jobs.ml.examples import source_text
 
         args = self.args
         examples = self.examples[self.setup.generation_task]
@@ -181,7 +181,7 @@ class Runner:
     def hf_rank(self) -> float:
         import torch
 
-        from stl.jobs.ml.data import answer_candidates, normalize_answer, source_text
+        from stl.jobs.ml.examples import answer_candidates, normalize_answer, source_text
 
         examples = self.examples[self.setup.classification_task]
         candidates = [answer_candidates(e) for e in examples]

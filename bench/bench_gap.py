@@ -49,7 +49,8 @@ TASK = "emotion_classification"
 _BASELINE = r"""
 import json, sys, time
 import torch, transformers  # what every fresh process pays for
-from stl.jobs.ml.data import few_shot_examples, source_text
+from stl.jobs.ml.data import few_shot_examples
+from stl.jobs.ml.examples import source_text
 from stl.jobs.ml.models import encode_sources, encode_targets, load_model_and_tokenizer, pad_sequences
 data, task, shots, seed, steps, batch, lr, src_len, tgt_len, out = sys.argv[1:]
 shots, seed, steps, batch, src_len, tgt_len = map(int, (shots, seed, steps, batch, src_len, tgt_len))

@@ -27,6 +27,7 @@ _PROBE = r"""
 import json, sys, time
 from itertools import islice
 import stl.jobs.ml.data as data
+from stl.jobs.ml.sources import read_examples
 mode, path, draws = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tasks = sorted({json.loads(line)["task"] for line in open(sys.argv[4])})
 started = time.perf_counter()
@@ -35,7 +36,7 @@ if mode == "mixture":
     for example in islice(data.Mixture(path, tasks, cap=500_000, seed=0).stream(), draws):
         count += len(example.output) > -1
 elif mode == "list":
-    rows = list(data.read_examples(path, tasks))
+    rows = list(read_examples(path, tasks))
     count = len(rows)
 elapsed = time.perf_counter() - started
 # VmHWM: this process's own peak RSS. (ru_maxrss is not: Linux carries the parent's peak across fork+exec.)

@@ -33,7 +33,7 @@ Pairs = list[tuple[str, list[str]]]
 
 
 def dataset_pairs(path: Path, count: int, seed: int) -> Pairs:
-    from stl.jobs.ml.data import read_examples
+    from stl.jobs.ml.sources import read_examples
 
     examples = list(read_examples(str(path)))
     rng = random.Random(seed)

@@ -89,7 +89,7 @@ class Runner:
         self.train_examples = self._examples()
 
     def _examples(self) -> list[Any]:
-        from stl.jobs.ml.data import read_examples
+        from stl.jobs.ml.sources import read_examples
 
         return list(read_examples(str(self.setup.data), self.setup.train_tasks))
 
@@ -229,7 +229,7 @@ class Runner:
         )
         from transformers.trainer_callback import PrinterCallback
 
-        from stl.jobs.ml.data import source_text
+        from stl.jobs.ml.examples import source_text
 
         args, device = self.args, self.args.device
         tokenizer = load_tokenizer(self.setup.model_dir)

@@ -47,7 +47,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from stl.jobs.errors import StagePreempted
-    from stl.jobs.ml.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+    from stl.jobs.ml.demo_dataset import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
     from stl.jobs.ml.stages import StageContext, execute_stage
     from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
     from stl.worker.gpu import GpuProbe
@@ -281,7 +281,7 @@ def _compare_accumulated_gradients(device: str, workdir: Path, cache_dir: Path) 
 
     from stl.jobs.ml.acceleration import cuda_graph_skips
     from stl.jobs.ml.checkpoint import CheckpointStore
-    from stl.jobs.ml.data import DEMO_TRAIN_TASKS
+    from stl.jobs.ml.demo_dataset import DEMO_TRAIN_TASKS
     from stl.jobs.ml.train import TrainRun, _OomInjection, _Plan, _TrainingSession
     from stl.jobs.specs import StageKind, StageSpec, TrainConfig
 

@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path  # noqa: TC003 (typer reads option types at run time)
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
+from stl.cli.demo_commands import data_app, demo
+from stl.cli.results_commands import plot_curves, results
+from stl.cli.shared import acting_user, checked_user, cli_settings, connect_redis, echo, handled, one_line, print_json
 from stl.jobs.codec import printable
-from stl.jobs.errors import DamagedRecord, GridError, NoResults, StlError, UsageError
+from stl.jobs.errors import StlError, UsageError
 from stl.jobs.settings import DEFAULT_MAX_RUNS
 from stl.jobs.states import PruneTarget  # noqa: TC001 (typer reads option types at run time)
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
     import redis
     from rich.console import Console, RenderableType
 
-    from stl.jobs.settings import Settings
 
 def _click_exceptions(name: str) -> tuple[type[Exception], ...]:
     """Click's exception class `name`, and the copy of it inside the click that newer typers ship."""
@@ -55,14 +55,14 @@ class _OneLineUsageErrors(TyperGroup):
             context = getattr(e, "ctx", None)
             command = context.command_path if context is not None else "stl"
             # Newer typers check values with pydantic, whose wording leaks through: "Value error, 'x' is not ..."
-            message = _one_line(e.format_message()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
-            _echo(f"{command}: {message} (see `{command} --help`)", err=True)
+            message = one_line(e.format_message()).replace("Value error, ", "").rstrip(".")  # type: ignore[attr-defined]
+            echo(f"{command}: {message} (see `{command} --help`)", err=True)
             sys.exit(2)
         except _click_exceptions("ClickException") as e:  # a file click itself could not open, say
-            _echo(f"stl: {_one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
+            echo(f"stl: {one_line(e.format_message())}", err=True)  # type: ignore[attr-defined]
             sys.exit(1)
         except (*_click_exceptions("Abort"), typer.Abort):  # type: ignore[misc]  # Ctrl+C or Ctrl+D at a prompt
-            _echo("stl: aborted", err=True)
+            echo("stl: aborted", err=True)
             sys.exit(130)
         sys.exit(result if isinstance(result, int) else 0)
 
@@ -75,7 +75,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-data_app = typer.Typer(help="Datasets: write the demo dataset.", no_args_is_help=True)
+
+# `stl --help` lists the commands in the order they are registered: the ones defined in other modules of
+# stl.cli (results_commands, demo_commands) are registered below in their place, the `data` group comes last.
 app.add_typer(data_app, name="data")
 
 
@@ -84,9 +86,9 @@ def _print_version(value: bool) -> None:
         from importlib.metadata import PackageNotFoundError, version
 
         try:
-            _echo(f"stl {version('stl')}")
+            echo(f"stl {version('stl')}")
         except PackageNotFoundError:
-            _echo("stl (not installed as a package; run `make venv`)")
+            echo("stl (not installed as a package; run `make venv`)")
         raise typer.Exit
 
 
@@ -97,102 +99,8 @@ def main(
 ) -> None:
     """stl: share one GPU workstation for transfer-learning experiments on small language models."""
 
-
-@contextmanager
-def handled() -> Iterator[None]:
-    """Domain errors become one clear line on stderr and an exit code; never a traceback. A record in Redis that
-    is not what stl writes is said in one line too, and the command goes on without it."""
-    import redis
-
-    from stl.jobs.queue.records import damaged_records_reported
-
-    try:
-        with damaged_records_reported(lambda line: _echo(f"stl: {line}", err=True)):
-            yield
-        sys.stdout.flush()  # here, so that a reader gone away is met inside this block
-    except BrokenPipeError:
-        # The reader stopped early (`stl results --rows | head`): stop quietly, as a pipe's writer does.
-        _discard_stdout()
-        raise typer.Exit(141) from None
-    except GridError as e:
-        for line in e.problems:
-            _echo(_one_line(line), err=True)
-        raise typer.Exit(e.exit_code) from None
-    except StlError as e:
-        _echo(f"stl: {_one_line(str(e))}", err=True)
-        raise typer.Exit(e.exit_code) from None
-    except (redis.ConnectionError, redis.TimeoutError) as e:
-        _echo(f"stl: lost the connection to Redis ({e}); check that it is running and try again", err=True)
-        raise typer.Exit(1) from None
-    except redis.ResponseError as e:  # a key of stl's holds another type than stl writes there
-        _echo(f"stl: Redis refused a read ({_one_line(str(e))}): a key of stl's holds a value stl did not write",
-              err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(130) from None
-    except OSError as e:  # a file or folder the command was pointed at; the sites that know which say so first
-        where = f" {e.filename}" if e.filename else ""
-        _echo(f"stl: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
-        raise typer.Exit(2) from None
-
-
-def _discard_stdout() -> None:
-    """Point stdout at /dev/null, so that Python's flush at exit does not meet the closed pipe again."""
-    import os
-
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):  # stdout is no file (under a test's capture): nothing to flush at exit
-        pass
-
-
-def _echo(message: str, *, err: bool = False) -> None:
-    """Print a line of stl's: the names, paths and errors it quotes were written by others (a grid file,
-    Redis), so their control characters are shown as escapes, never sent to the terminal."""
-    typer.echo(printable(message, keep="\n\t"), err=err)
-
-
-def _one_line(message: str) -> str:
-    """A message quoting user input (a path, a user name) that holds a line break is still one line."""
-    return " ".join(message.splitlines())
-
-
 LIVE_READ_TIMEOUT_S = 5.0  # `stl status` (live): how long one Redis command may take before the view says so
 RUN_IDS = typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")
-
-
-def _settings(*, own_redis: bool = False) -> Settings:
-    from stl.jobs.settings import check_user_name, load_settings
-
-    settings = load_settings(own_redis=own_redis)
-    check_user_name(settings.user, what="STL_USER")
-    return settings
-
-
-def _connect(settings: Settings) -> redis.Redis:
-    from stl.jobs.queue.connection import connect
-
-    return connect(settings)
-
-
-def _user(settings: Settings, given: str | None) -> str:
-    from stl.jobs.settings import check_user_name
-
-    if given is not None and not given.strip():
-        raise UsageError("--user is blank; name the user, or leave out --user to queue as STL_USER")
-    return check_user_name(given or settings.user, what="--user" if given else "STL_USER")
-
-
-def _queue_user(conn: redis.Redis, settings: Settings, given: str | None = None) -> str:
-    """Who a command that acts as a user acts as: a Redis ACL user, where there is one, overrides STL_USER."""
-    from stl.jobs.queue.identity import queue_user
-
-    return queue_user(conn, settings, given=given)
-
-
-def _print_json(obj: object) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
 @app.command()
@@ -217,18 +125,12 @@ def enqueue(
     --replace, which cancels those runs and drops them: otherwise its results would mix.
     """
     from stl.jobs.grid.parse import parse_grid
-    from stl.jobs.queue.queueing import (
-        changed_runs,
-        check_grid_owner,
-        check_grid_unchanged,
-        check_priority,
-        drop_runs,
-        submit_runs,
-    )
+    from stl.jobs.queue.grid_changes import changed_runs, check_grid_owner, check_grid_unchanged, drop_runs
+    from stl.jobs.queue.queueing import check_priority, submit_runs
 
     with handled():
-        settings = _settings()
-        who = _user(settings, user)
+        settings = cli_settings()
+        who = checked_user(settings, user)
         check_priority(priority)
         expanded = parse_grid(grid_file, max_runs=max_runs)
         if dry_run:
@@ -237,7 +139,7 @@ def enqueue(
 
             from stl.cli.render import build_dry_run_table
             from stl.jobs.queue.connection import connect
-            from stl.jobs.queue.queueing import run_statuses
+            from stl.jobs.queue.grid_changes import run_statuses
 
             try:  # what is queued already, where Redis answers; a dry run never starts a server
                 conn = connect(settings, start_embedded=False)
@@ -245,7 +147,7 @@ def enqueue(
             except (StlError, OSError, redis.RedisError):
                 statuses = None
             if statuses is not None:  # what the enqueue itself would refuse, it refuses here too
-                who = _queue_user(conn, settings, user)
+                who = acting_user(conn, settings, user)
                 if not force:
                     check_grid_owner(conn, expanded.grid.name, who)
                 if not replace:
@@ -256,31 +158,31 @@ def enqueue(
             return
         from stl.cli.render import enqueue_message, kept_runs_message
 
-        conn = _connect(settings)
-        who = _queue_user(conn, settings, user)
+        conn = connect_redis(settings)
+        who = acting_user(conn, settings, user)
         if not force:
             check_grid_owner(conn, expanded.grid.name, who)
         if replace:
             dropped = drop_runs(conn, changed_runs(conn, expanded), user=who, force=force)
             if dropped.dropped:
-                _echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
+                echo(f"dropped {dropped.dropped} run(s) of grid {expanded.grid.name} whose settings changed")
             if dropped.kept:
-                _echo(kept_runs_message(expanded.grid.name, dropped.kept))
+                echo(kept_runs_message(expanded.grid.name, dropped.kept))
         else:
             check_grid_unchanged(conn, expanded, user=None if force else who)
         report = submit_runs(conn, expanded.runs, expanded.stages, user=who, priority=priority,
                              stage_timeout=expanded.grid.stage_timeout, owner_only=not force)
-        _echo(enqueue_message(report, who, priority))
+        echo(enqueue_message(report, who, priority))
 
 
 def _say_what_replace_would_drop(conn: redis.Redis, grid: str, changed: list[str], user: str, force: bool) -> None:
     from stl.cli.render import kept_runs_message
-    from stl.jobs.queue.queueing import split_by_owner
+    from stl.jobs.queue.grid_changes import split_by_owner
 
     mine, others = (changed, {}) if force else split_by_owner(conn, changed, user=user)
-    _echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
+    echo(f"--replace would cancel and drop {len(mine)} run(s) of grid {grid} made with other settings")
     if others:
-        _echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
+        echo(kept_runs_message(grid, {owner: len(ids) for owner, ids in others.items()}, dry_run=True))
 
 
 @app.command()
@@ -297,13 +199,13 @@ def status(
     from stl.jobs.queue.store import registered_store
 
     with handled():
-        settings = _settings()
+        settings = cli_settings()
         # A live view must say within seconds that Redis hangs, not freeze on its last frame for a minute.
         conn = connect(settings, read_timeout=60.0 if once or as_json else LIVE_READ_TIMEOUT_S)
         if as_json:
             runs = list_runs(conn, user=user, grid=grid)
             store = registered_store(conn)
-            _print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)],
+            print_json({"runs": [r.to_json() for r in runs], "workers": [w.to_json() for w in list_workers(conn)],
                          "store": None if store is None else store.to_json()})
             return
         from rich.console import Console
@@ -346,119 +248,7 @@ def _live_status(console: Console, view: Callable[[], RenderableType], interval:
             time.sleep(interval)
 
 
-@app.command()
-def results(
-    grids: Annotated[list[str], typer.Argument(help="One or more grid names.", show_default=False, metavar="GRID")],
-    by: Annotated[str | None, typer.Option(help="Row axes of the pivot, e.g. model,mtl.")] = None,
-    effect: Annotated[str | None, typer.Option(help="Relative gain of B over A on an axis: AXIS=A:B.")] = None,
-    rows: Annotated[bool, typer.Option("--rows", help="One row per run and task instead of the pivot.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
-    as_markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table for a draft.")] = False,
-    plot: Annotated[Path | None, typer.Option(help="Also draw the pivot as grouped bars into this PNG.")] = None,
-    where: Annotated[list[str] | None, typer.Option(
-        help="Keep only runs with these values of an axis: AXIS=V[,V...]; repeat for more axes. "
-             "Applies to the pivot, --effect, exports and plots.")] = None,
-) -> None:
-    """Results of finished runs: a pivot of mean ± std over seeds, effect sizes, exports and plots."""
-    from stl.cli import render_analysis
-    from stl.cli.render import results_notes, why_no_results
-    from stl.jobs.queue.records import list_runs, result_rows
-    from stl.jobs.results import analysis
-
-    with handled():
-        if sum([as_json, as_csv, as_markdown]) > 1:
-            raise UsageError("choose one of --json, --csv and --markdown")
-        if rows and (plot is not None or effect):
-            raise UsageError("--rows lists runs one by one, while --plot and --effect work on the pivot; "
-                             "leave out --rows")
-        by_axes = None
-        if by is not None:
-            by_axes = [a.strip() for a in by.split(",") if a.strip()]
-            if not by_axes:
-                raise UsageError(f"--by {by!r} names no axis; e.g. --by model,mtl")
-        if effect:
-            analysis.check_effect_syntax(effect)  # its values are checked against the results, once there are some
-        grids = list(dict.fromkeys(grids))  # a grid named twice is read once
-        settings = _settings()
-        conn = _connect(settings)
-        all_rows: list[dict] = []
-        run_summaries: list[dict] = []
-        grid_runs = []
-        for grid in grids:
-            all_rows += result_rows(conn, grid)
-            grid_runs += list_runs(conn, grid=grid)
-        if not all_rows:  # in every form (table, --rows, --json, --csv, --plot): nothing written, exit 1
-            raise NoResults(why_no_results(grids, grid_runs))
-        run_summaries = [{"grid": r.grid, "run": r.id, "cell": r.cell, "status": r.status} for r in grid_runs]
-        if where:
-            kept = analysis.parse_where(where, [*all_rows, *run_summaries])
-            all_rows, run_summaries = analysis.filter_where(all_rows, kept), analysis.filter_where(run_summaries, kept)
-            grid_runs = [run for run in grid_runs
-                         if analysis.filter_where([{"grid": run.grid, "cell": run.cell}], kept)]
-        if rows and not as_json:
-            for note in results_notes(grid_runs):  # on stderr: --csv output stays clean
-                _echo(f"stl: {note}", err=True)
-            _print_rows(grids, all_rows, as_csv=as_csv, as_markdown=as_markdown)
-            return
-        pivot = analysis.build_pivot(all_rows, run_summaries, by=by_axes)
-        report = None
-        if effect:
-            axis, a, b = analysis.parse_effect(effect, all_rows)
-            report = analysis.effect_sizes(all_rows, axis=axis, a=a, b=b)
-        for note in results_notes(grid_runs):  # after the options are known good: one line for a bad one
-            _echo(f"stl: {note}", err=True)
-        if plot is not None:
-            from stl.jobs.results.plots import plot_pivot
-
-            written = plot_pivot(pivot, plot, hue=report.axis if report is not None else None)
-            _echo(f"stl: wrote {written}", err=True)
-        if as_json:
-            clean = [{k: r[k] for k in ("run", "cell", "task", "task_type", "metric", "value", "metrics") if k in r}
-                     for r in all_rows]
-            payload = {"grid": grids[0] if len(grids) == 1 else grids, "rows": clean,
-                       "pivot": render_analysis.pivot_to_json(pivot)}
-            if report is not None:
-                payload["effect"] = render_analysis.effect_to_json(report)
-            _print_json(payload)
-        elif as_csv:
-            sys.stdout.write(render_analysis.pivot_to_csv(pivot))
-        elif as_markdown:
-            sys.stdout.write(render_analysis.pivot_to_markdown(pivot))
-            if report is not None:
-                sys.stdout.write("\n" + render_analysis.effect_to_markdown(report))
-        else:
-            from rich.console import Console
-
-            console = Console()
-            width: int | None = console.width
-            if not console.is_terminal:  # piped or in `make`: don't squeeze the pivot into 80 columns
-                console, width = Console(width=200), None
-            console.print(render_analysis.build_pivot_table(pivot, width=width))
-            if report is not None:
-                console.print(render_analysis.build_effect_table(report))
-
-
-def _print_rows(grids: list[str], rows: list[dict], *, as_csv: bool, as_markdown: bool) -> None:
-    if as_markdown:
-        from stl.cli.render import result_markdown
-
-        sys.stdout.write(result_markdown(rows))
-    elif as_csv:
-        import csv
-
-        from stl.cli.render import result_csv_rows
-
-        csv.writer(sys.stdout).writerows(result_csv_rows(rows))
-    else:
-        from rich.console import Console
-
-        from stl.cli.render import build_results_table
-
-        console = Console()
-        if not console.is_terminal:  # piped: one line per row, as with the pivot
-            console = Console(width=200)
-        console.print(build_results_table(", ".join(grids), rows))
+app.command()(results)  # defined in results_commands
 
 
 @app.command()
@@ -468,27 +258,28 @@ def logs(
 ) -> None:
     """Print a run's log: every stage it needs, from any machine that reaches Redis."""
     from stl.jobs.queue.connection import connect
-    from stl.jobs.queue.records import check_run_id, resolve_run_ids, run_log, run_status
+    from stl.jobs.queue.records import check_run_id, resolve_run_ids, run_status
+    from stl.jobs.queue.run_details import run_log
 
     with handled():
         check_run_id(run)  # before Redis is asked anything: a malformed id is bad input wherever Redis is
-        settings = _settings()
+        settings = cli_settings()
         conn = connect(settings, patient=follow)  # following rides out a Redis restart, as the worker does
         (run_id,) = resolve_run_ids(conn, [run])
         lines, positions = run_log(conn, run_id)
         for line in lines:
-            _echo(line)
+            echo(line)
         if not lines:  # an empty answer is not a log: say why there is none
             status = run_status(conn, run_id)
             why = {"queued": "none of its stages has started yet (`stl status` shows the queue)",
                    "canceled": "it was canceled before any of its stages started"}.get(status, f"it is {status}")
-            _echo(f"stl: run {run_id} has logged nothing: {why}", err=True)
+            echo(f"stl: run {run_id} has logged nothing: {why}", err=True)
         while follow:
             done = run_status(conn, run_id) in ("finished", "failed", "canceled")
             time.sleep(1.0)
             lines, positions = run_log(conn, run_id, start=positions)
             for line in lines:
-                _echo(line)
+                echo(line)
             if done and not lines:
                 break
 
@@ -508,12 +299,12 @@ def cancel(
             raise UsageError("give run ids or --grid, not both and not neither")
         for run_id in runs or []:
             check_run_id(run_id)
-        settings = _settings()
-        conn = _connect(settings)
-        who = _queue_user(conn, settings)
+        settings = cli_settings()
+        conn = connect_redis(settings)
+        who = acting_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
         canceled, already, foreign = cancel_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
-        _echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
+        echo(f"canceled {len(canceled)} of {len(ids)} run(s); {len(already)} had already ended"
               + (f"; left {len(foreign)} live run(s) of other users (--force cancels those too)"
                  if foreign else ""))
 
@@ -533,12 +324,12 @@ def retry(
             raise UsageError("give run ids or --grid G, not both and not neither")
         for run_id in runs or []:
             check_run_id(run_id)
-        settings = _settings()
-        conn = _connect(settings)
-        who = _queue_user(conn, settings)
+        settings = cli_settings()
+        conn = connect_redis(settings)
+        who = acting_user(conn, settings)
         ids = runs_of_grid(conn, grid) if grid else resolve_run_ids(conn, runs or [])
         requeued, skipped, foreign = retry_runs(conn, ids, user=who, force=force, skip_foreign=bool(grid))
-        _echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
+        echo(f"re-queued {len(requeued)} of {len(ids)} run(s); {len(skipped)} were not failed or canceled"
               + (f"; left {len(foreign)} of other users (--force retries them too)" if foreign else ""))
 
 
@@ -570,79 +361,14 @@ def worker(
         problem = None if gpu is None else missing_gpu(gpu)
         if problem:
             raise UsageError(problem)
-        settings = _settings()
+        settings = cli_settings()
         conn = connect(settings, patient=True)
 
         run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst, adopt_store=adopt_store)
 
 
-@app.command()
-def demo(
-    grid_file: Annotated[Path, typer.Argument(
-        help="The grid YAML file (`make demo`: grids/example.yaml).", show_default=False, metavar="GRID.yaml")],
-    effect: Annotated[str | None, typer.Option(
-        help="After the pivot, the relative gain of B over A on an axis, as `stl results --effect` prints it: "
-             "AXIS=A:B (`make demo`: mtl=none:in-domain).")] = None,
-) -> None:
-    """Run a grid end to end on a private Redis: `stl enqueue`, `stl worker --burst`, `stl results` (`make demo`).
-
-    The private redis-server keeps its data under STL_HOME/private-redis (`make demo`: .stl-demo in the
-    checkout) and listens on a unix socket there, never on a TCP port. STL_REDIS_URL and localhost:6379 are not
-    used, so a demo never joins the lab's queue or another demo's. The server stops when the demo ends, also when
-    a step fails or Ctrl+C stops it; its data stays, so running the demo again shows its results at once. One demo
-    at a time per STL_HOME.
-    """
-    from stl.jobs.grid.parse import parse_grid
-    from stl.jobs.queue.demo import run_demo
-    from stl.jobs.results.analysis import parse_effect
-
-    with handled():
-        settings = _settings(own_redis=True)
-        expanded = parse_grid(grid_file)  # a bad grid is refused before any server starts
-        grid_name = expanded.grid.name
-        results_options: list[str] = []
-        if effect is not None:  # checked against the grid's own cells: a typo fails now, not after the runs
-            spec = parse_effect(effect, [{"grid": grid_name, "cell": run.cell} for run in expanded.runs])
-            results_options = ["--effect", f"{spec.axis}={spec.a}:{spec.b}"]
-        code = run_demo(grid_file.resolve(), grid_name, settings, results_options=results_options,
-                        say=lambda line: _echo(f"stl demo: {line}", err=True))
-    raise typer.Exit(code)
-
-
-@app.command("plot")
-def plot_curves(
-    runs: Annotated[list[str], typer.Argument(help="Run ids (or unique prefixes).", show_default=False, metavar="RUN")],
-    out: Annotated[Path, typer.Option(help="The image to write: .png, .svg or .pdf.")] = Path("curves.png"),
-) -> None:
-    """Draw the training-loss curves of runs into a PNG."""
-    from stl.jobs.axes import format_cell
-    from stl.jobs.queue.records import check_run_id, loss_curve, resolve_run_ids, run_cell, run_status
-    from stl.jobs.results.plots import plot_loss_curves
-
-    with handled():
-        for run_id in runs:
-            check_run_id(run_id)
-        settings = _settings()
-        conn = _connect(settings)
-        curves, stage_names = {}, {}
-        for run_id in resolve_run_ids(conn, runs):
-            try:
-                points, names = loss_curve(conn, run_id)
-                cell = run_cell(conn, run_id)
-            except DamagedRecord as e:  # said, and the other runs are drawn
-                _echo(f"stl: {e}; run {run_id} is left out", err=True)
-                continue
-            if not points:
-                trains = cell.get("mtl", "none") != "none" or cell.get("shots", 0)
-                why = (f"none of its training stages has logged a step yet (it is {run_status(conn, run_id)})"
-                       if trains else "it trains nothing: zero-shot with no MTL")
-                _echo(f"stl: run {run_id} has no training-loss curve: {why}", err=True)
-                continue
-            label = f"{run_id[:8]} {format_cell(cell)}"
-            curves[label], stage_names[label] = points, names
-        if not curves:
-            raise UsageError("none of these runs has a training-loss curve")
-        _echo(f"stl: wrote {plot_loss_curves(curves, out, stage_names=stage_names)}", err=True)
+app.command()(demo)  # defined in demo_commands
+app.command("plot")(plot_curves)  # defined in results_commands
 
 
 @app.command()
@@ -671,7 +397,7 @@ def disk(
     from stl.jobs.queue import disk as disk_lib
 
     with handled():
-        settings = _settings()
+        settings = cli_settings()
         if clear_caches and prune is not None:
             raise UsageError("--clear-caches and --prune are separate steps; run one, then the other")
         if dry_run and prune is None:
@@ -681,17 +407,17 @@ def disk(
         if prune is not None:
             from stl.jobs.queue.store import check_queue_store
 
-            conn = _connect(settings)
+            conn = connect_redis(settings)
             check_queue_store(conn, settings, action="prune models")
-            report = disk_lib.prune_stage_models(conn, settings, prune, user=_queue_user(conn, settings),
+            report = disk_lib.prune_stage_models(conn, settings, prune, user=acting_user(conn, settings),
                                                  dry_run=dry_run, force=force)
             for line in prune_lines(report, prune.value, dry_run=dry_run):
-                _echo(line)
+                echo(line)
             return
         if settings.home.exists() and not settings.home.is_dir():
             raise UsageError(f"STL_HOME {settings.home} is a file, not a folder; point STL_HOME at a folder")
         if not settings.home.is_dir():  # a typo in STL_HOME would otherwise read as an empty home
-            _echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
+            echo(f"stl: STL_HOME {settings.home} does not exist: nothing has run with it yet; if something "
                   "should have, check the variable (stages write under the worker's STL_HOME)", err=True)
             return
         if not clear_caches:
@@ -700,26 +426,11 @@ def disk(
             Console().print(build_disk_table(settings.home, disk_lib.disk_usage(settings),
                                              free_space(settings.home), store=read_store(settings.home)))
             return
-        running = 0 if force else int(_connect(settings).scard(keys.RUNNING_STAGES))
+        running = 0 if force else int(connect_redis(settings).scard(keys.RUNNING_STAGES))
         removed = disk_lib.clear_caches(settings, running_stages=running, force=force)
         freed = sum(usage.bytes for usage in removed)
-        _echo(f"cleared {settings.cache_dir}: {format_bytes(freed)} in "
+        echo(f"cleared {settings.cache_dir}: {format_bytes(freed)} in "
               f"{sum(usage.files for usage in removed)} file(s)")
-
-
-@data_app.command("demo")
-def data_demo(
-    directory: Annotated[str, typer.Argument(help="Folder to write the demo dataset into.", show_default=False,
-                                             metavar="DIR")],
-) -> None:
-    """Write stl's own small synthetic dialogue dataset (InstructDial format), for demos and tests."""
-    from stl.jobs.ml.data import write_demo_dataset
-
-    with handled():
-        if not directory.strip():  # Path("") is the current folder: a blank is a slip, not a choice
-            raise UsageError("DIR is blank; name the folder to write the demo dataset into (. for this one)")
-        path = write_demo_dataset(Path(directory))
-        _echo(f"wrote {path} (synthetic demo data generated by stl, not InstructDial)")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def stl_env(redis_server: RedisServer, conn: redis.Redis, tmp_path: Path,
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from stl.jobs.ml.data import write_demo_dataset
+    from stl.jobs.ml.demo_dataset import write_demo_dataset
 
     return write_demo_dataset(tmp_path_factory.mktemp("demo-data"))
 

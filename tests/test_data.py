@@ -15,26 +15,20 @@ import pytest
 
 from stl.jobs.errors import DataError
 from stl.jobs.ml import data
-from stl.jobs.ml.data import (
-    DEMO_EVAL_TASKS,
-    DEMO_TRAIN_TASKS,
+from stl.jobs.ml.data import Mixture, cycle_shuffled, few_shot_examples, k_shot, length_grouped_batches
+from stl.jobs.ml.data_cache import INDEX_CACHE_DIR, load_token_lists, save_token_lists, token_cache_path
+from stl.jobs.ml.demo_dataset import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS, write_demo_dataset
+from stl.jobs.ml.examples import (
     Example,
-    Mixture,
     answer_candidates,
     correct_options,
-    cycle_shuffled,
     example_from_row,
-    few_shot_examples,
     is_correct,
-    k_shot,
-    length_grouped_batches,
     normalize_answer,
     parse_options,
-    read_examples,
     source_text,
-    task_catalog,
-    write_demo_dataset,
 )
+from stl.jobs.ml.sources import read_examples, source_fingerprint, task_catalog
 from stl.jobs.specs import TaskType
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -210,7 +204,7 @@ def test_k_shot_is_deterministic(demo: Path) -> None:
 
 def test_k_shot_does_not_depend_on_hash_randomization(demo: Path) -> None:
     code = (
-        "import sys; from stl.jobs.ml.data import read_examples, k_shot;"
+        "import sys; from stl.jobs.ml.data import k_shot; from stl.jobs.ml.sources import read_examples;"
         "ex = list(read_examples(sys.argv[1], ['summarization']));"
         "print([e.output for e in k_shot(ex, 4, seed=7)])"
     )
@@ -338,7 +332,7 @@ def test_row_index_cache_gives_the_same_samples_and_is_rebuilt_when_the_file_cha
     assert cached_again.sizes == {"small": 10, "big": 50}
     shots = few_shot_examples(str(sized), ["big", "small"], 4, seed=2, cache_dir=cache, log=lines.append)
     assert shots == few_shot_examples(str(sized), ["big", "small"], 4, seed=2) and "hit" in lines[-1]
-    files = list((cache / data.INDEX_CACHE_DIR).iterdir())
+    files = list((cache / INDEX_CACHE_DIR).iterdir())
     assert len(files) == 1 and files[0].suffix == ".safetensors"
     # A rewritten file is a new key (size and mtime), so the index is built again.
     with sized.open("a") as handle:
@@ -350,17 +344,17 @@ def test_row_index_cache_gives_the_same_samples_and_is_rebuilt_when_the_file_cha
 
 
 def test_token_lists_round_trip_without_pickle(tmp_path: Path) -> None:
-    path = data.token_cache_path(tmp_path, {"kind": "test", "n": 1})
-    assert path != data.token_cache_path(tmp_path, {"kind": "test", "n": 2})
+    path = token_cache_path(tmp_path, {"kind": "test", "n": 1})
+    assert path != token_cache_path(tmp_path, {"kind": "test", "n": 2})
     groups = {"sources": [[5, 6, 7], [], [2**31 - 1]], "none": [], "counts": [[3, 0, 1]]}
-    data.save_token_lists(path, groups, description="test")
-    assert data.load_token_lists(path) == groups
+    save_token_lists(path, groups, description="test")
+    assert load_token_lists(path) == groups
     assert path.read_bytes()[:1] != b"\x80"  # not a pickle (protocol 2+ starts with 0x80)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left behind
     path.write_bytes(b"damaged")
-    assert data.load_token_lists(path) is None
-    assert data.load_token_lists(tmp_path / "missing.safetensors") is None
-    assert data.source_fingerprint("hf:some/dataset") is None
+    assert load_token_lists(path) is None
+    assert load_token_lists(tmp_path / "missing.safetensors") is None
+    assert source_fingerprint("hf:some/dataset") is None
 
 
 def test_few_shot_examples_never_include_the_eval_examples(demo: Path) -> None:
@@ -397,7 +391,7 @@ def test_a_data_file_missing_where_the_worker_runs_says_so_and_names_the_docker_
     import socket
 
     with pytest.raises(DataError) as caught:
-        list(data.read_examples(str(tmp_path / "gone.jsonl")))
+        list(read_examples(str(tmp_path / "gone.jsonl")))
     message = str(caught.value)
     assert f"{tmp_path / 'gone.jsonl'} does not exist on the worker's machine ({socket.gethostname()})" in message
     assert "STL_DATA_ROOT" in message and "\n" not in message
@@ -408,7 +402,7 @@ def test_a_row_cut_short_after_its_task_is_found_before_anything_is_queued(tmp_p
     row = {"task": "t", "input": "a long input", "output": "x", "all_outputs": ["x"]}
     path.write_text(json.dumps(row) + "\n" + json.dumps(row)[:-12] + "\n")  # "task" survives the cut
     with pytest.raises(DataError, match=r"cut\.jsonl:2: not a whole JSON object .*cut short"):
-        data.task_catalog(str(path))
+        task_catalog(str(path))
 
 
 def test_the_demo_dataset_is_never_written_over_someone_elses_files(tmp_path: Path) -> None:
@@ -416,12 +410,12 @@ def test_the_demo_dataset_is_never_written_over_someone_elses_files(tmp_path: Pa
 
     (tmp_path / "README.md").write_text("# my project\n")
     with pytest.raises(UsageError, match=r"README.md exists and is not stl's demo data"):
-        data.write_demo_dataset(tmp_path)
+        write_demo_dataset(tmp_path)
     assert (tmp_path / "README.md").read_text() == "# my project\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
     again = tmp_path / "demo"
-    data.write_demo_dataset(again)
-    data.write_demo_dataset(again)  # over its own earlier copy: fine
+    write_demo_dataset(again)
+    write_demo_dataset(again)  # over its own earlier copy: fine
 
 
 # --- options in every style InstructDial writes ------------------------------------------------------------

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from stl.jobs.errors import DataError, StageCanceled
-from stl.jobs.ml.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from stl.jobs.ml.decoding import DecodingStep
+from stl.jobs.ml.demo_dataset import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from stl.jobs.ml.evaluate import EvalRun, TaskMetrics, evaluate, make_rouge_scorer, rouge_l
 from stl.jobs.ml.rank import best_option, sequence_log_likelihoods
 from stl.jobs.ml.train import TrainRun, train

@@ -19,7 +19,7 @@ import pytest
 
 from stl.jobs import keys
 from stl.jobs.codec import text
-from stl.jobs.queue.entry import LEASE_TTL_S
+from stl.jobs.queue.stage_lease import LEASE_TTL_S
 from tests.helpers import (
     EVAL,
     TRAIN,

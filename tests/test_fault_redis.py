@@ -127,18 +127,18 @@ def test_the_lease_heartbeat_takes_a_lost_lease_back_and_yields_to_another_holde
         conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
     """After a Redis restart the lease may be gone (written in the last second) or taken (it expired and
     the stage went to another horse): the heartbeat takes it back in the first case and stops in the second."""
-    from stl.jobs.queue import entry
+    from stl.jobs.queue import stage_lease
 
-    monkeypatch.setattr(entry, "HEARTBEAT_EVERY_S", 0.05)
-    lease = entry.StageLease(conn, "0" * 20, "here:1")
+    monkeypatch.setattr(stage_lease, "HEARTBEAT_EVERY_S", 0.05)
+    lease = stage_lease.StageLease(conn, "0" * 20, "here:1")
     assert lease.acquire() and conn.sismember(keys.RUNNING_STAGES, "0" * 20)
-    assert not entry.StageLease(conn, "0" * 20, "there:2").acquire()
+    assert not stage_lease.StageLease(conn, "0" * 20, "there:2").acquire()
     lease.start_heartbeat()
     try:
         conn.delete(lease.key)
         conn.srem(keys.RUNNING_STAGES, "0" * 20)
         wait_for(lambda: text(conn.get(lease.key)) == "here:1", timeout=5, what="the lease to be taken back")
-        assert conn.sismember(keys.RUNNING_STAGES, "0" * 20) and conn.ttl(lease.key) > entry.LEASE_TTL_S - 5
+        assert conn.sismember(keys.RUNNING_STAGES, "0" * 20) and conn.ttl(lease.key) > stage_lease.LEASE_TTL_S - 5
         assert not lease.lost
         conn.set(lease.key, "there:2", ex=30)
         wait_for(lambda: lease.lost, timeout=5, what="the heartbeat to notice another holder")

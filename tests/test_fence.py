@@ -31,13 +31,13 @@ STAGE = "0" * 20
 
 def test_a_horse_whose_stage_another_took_can_neither_renew_nor_write_nor_release(
         conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stl.jobs.queue import entry
+    from stl.jobs.queue import stage_lease
 
-    monkeypatch.setattr(entry, "HEARTBEAT_EVERY_S", 0.05)
-    frozen = entry.StageLease(conn, STAGE, "here:1")
+    monkeypatch.setattr(stage_lease, "HEARTBEAT_EVERY_S", 0.05)
+    frozen = stage_lease.StageLease(conn, STAGE, "here:1")
     assert frozen.acquire() and frozen.fence.token == 1
     conn.delete(frozen.key)  # it expired while the horse was frozen
-    newer = entry.StageLease(conn, STAGE, "there:2")
+    newer = stage_lease.StageLease(conn, STAGE, "there:2")
     assert newer.acquire() and newer.fence.token == 2
     newer.release()  # the newer horse finished: no lease left for the frozen one to take back
     conn.srem(keys.RUNNING_STAGES, STAGE)
@@ -57,17 +57,17 @@ def test_a_horse_whose_stage_another_took_can_neither_renew_nor_write_nor_releas
     assert newer.fence.write(lambda pipe: pipe.set("written", 1)) == [True]
     # A release by the frozen horse leaves a newer holder's lease alone, even under its own name.
     conn.set(frozen.key, "here:1", ex=30)
-    assert entry.StageLease(conn, STAGE, "here:1").acquire() is False
+    assert stage_lease.StageLease(conn, STAGE, "here:1").acquire() is False
     frozen.release()
     assert text(conn.get(frozen.key)) == "here:1"
 
 
 def test_a_take_that_redis_lost_in_a_restart_is_not_a_takeover(
         conn: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stl.jobs.queue import entry
+    from stl.jobs.queue import stage_lease
 
-    monkeypatch.setattr(entry, "HEARTBEAT_EVERY_S", 0.05)
-    lease = entry.StageLease(conn, STAGE, "here:1")
+    monkeypatch.setattr(stage_lease, "HEARTBEAT_EVERY_S", 0.05)
+    lease = stage_lease.StageLease(conn, STAGE, "here:1")
     assert lease.acquire()
     conn.delete(lease.key, lease.fence.key)  # the last second before the restart: the take itself is gone
     assert lease.fence.is_current()
@@ -93,7 +93,8 @@ def _run(conn: redis.Redis, run_id: str) -> dict[str, str]:
 
 def test_finishing_a_stage_twice_counts_it_once_and_a_stale_horse_cannot_finish_it(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path) -> None:
-    from stl.jobs.queue.entry import StageLease, finish_stage
+    from stl.jobs.queue.entry import finish_stage
+    from stl.jobs.queue.stage_lease import StageLease
 
     expanded = _mtl_and_eval(conn, tmp_path, demo_data)
     [run] = expanded.runs

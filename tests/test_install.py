@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from stl.jobs.ml.data import DEMO_FILE
+from stl.jobs.ml.demo_dataset import DEMO_FILE
 from tests.conftest import REPO
 from tests.helpers import TASKS, small_grid
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from stl.cli.main import app
 from stl.jobs.grid.splits import CLASSIFICATION, LEAVE_TASK_TEST, LEAVE_TASK_TRAIN, paper_splits, type_mix
-from stl.jobs.ml.data import task_family
+from stl.jobs.ml.examples import task_family
 from tests.instructdial_format import get_options_string, row
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ from stl.jobs.ml.acceleration import (
 )
 from stl.jobs.ml.checkpoint import CheckpointStore
 from stl.jobs.ml.cuda_graphs import own_gradients
-from stl.jobs.ml.data import DEMO_EVAL_TASKS
+from stl.jobs.ml.demo_dataset import DEMO_EVAL_TASKS
 from stl.jobs.ml.evaluate import EvalRun, evaluate
 from stl.jobs.ml.model_inputs import IGNORE_INDEX
 from stl.jobs.ml.train import (

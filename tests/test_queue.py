@@ -582,14 +582,14 @@ def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_
     submit_runs(conn, expanded.runs, expanded.stages, user="alice", priority="normal", stage_timeout=60)
     first, second = expanded.runs
     # The worker finishes the first run's only stage after the cancel read the run as live...
-    stale = queueing._load_runs(conn, [first.run_id])  # noqa: SLF001
+    stale = queueing.load_runs(conn, [first.run_id])
     [stage_id] = first.stages
     # A run is finished only with a result for each of its eval tasks.
     metrics = [{"task": task, "value": 0.5} for task in grid["tasks"]["eval"]]
     finish_stage(conn, load_settings(), stage_id, expanded.stages[stage_id], status=RunStatus.finished, error="",
                  started=0.0, user="alice", result={"metrics": metrics})
     assert text(conn.hget(keys.run(first.run_id), "status")) == "finished"
-    monkeypatch.setattr(queueing, "_load_runs", lambda *_args: stale)
+    monkeypatch.setattr(queueing, "load_runs", lambda *_args: stale)
     canceled, already, _ = queueing.cancel_runs(conn, [first.run_id], user="alice", force=False)
     monkeypatch.undo()
     # ...and the finished run stays finished, reported as already ended.

@@ -31,8 +31,9 @@ from stl.cli.render import (
 )
 from stl.jobs import keys
 from stl.jobs.ml.progress import StepReport
-from stl.jobs.queue.entry import StageLease, StageReporter, progress_line
 from stl.jobs.queue.records import GridRow, RunRow, WorkerRow, _run_row, run_rows
+from stl.jobs.queue.stage_lease import StageLease
+from stl.jobs.queue.stage_reporter import StageReporter, progress_line
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -99,7 +100,7 @@ def test_stage_eta_is_the_pace_since_the_first_report_so_a_slow_first_step_does_
     """Step 1 reports after 60 s of loading and compiling, then each step takes 1 s: at step 11 of 100 the
     ETA is 89 s (the pace since step 1), not 70 x (100 - 11) / 11 from the elapsed time."""
     clock = FakeClock()
-    monkeypatch.setattr("stl.jobs.queue.entry.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.stage_reporter.time", clock)
     reporter = StageReporter(None, "s", tmp_path, None)  # type: ignore[arg-type]  (_eta_s needs neither)
     assert report_at(reporter, clock, 1, 1060.0) is None  # the first report: no pace yet
     assert report_at(reporter, clock, 11, 1070.0) == pytest.approx(89.0)
@@ -133,7 +134,7 @@ def test_the_eta_goes_through_redis_to_the_status_rows(
     conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr("stl.jobs.queue.entry.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.stage_reporter.time", clock)
     monkeypatch.setattr("stl.jobs.queue.records.time", clock)
     conn.hset(keys.run("r1"), mapping={"id": "r1", "grid": "g", "user": "u", "priority": "normal",
                                        "status": "running", "cell": "{}", "n_stages": "1", "stages_done": "0",
@@ -154,7 +155,7 @@ def test_the_stage_log_gets_a_progress_line_at_the_start_every_30_s_and_at_the_e
     conn: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock()
-    monkeypatch.setattr("stl.jobs.queue.entry.time", clock)
+    monkeypatch.setattr("stl.jobs.queue.stage_reporter.time", clock)
     reporter = StageReporter(conn, "s1", tmp_path, held_lease(conn, "s1"))
     for step, now in ((1, 1060.0), (2, 1061.0), (20, 1080.0), (31, 1091.0), (40, 1100.0)):
         clock.now = now
@@ -326,7 +327,7 @@ def test_the_loss_curve_starts_each_stage_where_the_stage_it_starts_from_ended(c
     import json
     import math
 
-    from stl.jobs.queue.records import loss_curve
+    from stl.jobs.queue.run_details import loss_curve
 
     def stage(sid: str, parent: str | None, losses: list[float]) -> None:
         kind = sid.split("-")[0].replace("ft", "finetune")

@@ -54,7 +54,7 @@ def test_no_references_score_zero() -> None:
 
 
 def dataset_texts(path: Path) -> list[str]:
-    from stl.jobs.ml.data import read_examples
+    from stl.jobs.ml.sources import read_examples
 
     texts: list[str] = []
     for example in read_examples(str(path)):

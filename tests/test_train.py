@@ -11,7 +11,7 @@ import torch
 
 from stl.jobs.errors import DataError, ModelError, OutOfMemory, StageCanceled, StagePreempted
 from stl.jobs.ml.cuda_graphs import ShapesSeen
-from stl.jobs.ml.data import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
+from stl.jobs.ml.demo_dataset import DEMO_EVAL_TASKS, DEMO_TRAIN_TASKS
 from stl.jobs.ml.stages import StageContext, execute_stage
 from stl.jobs.ml.train import OomRetry, _warmup_then_linear_decay
 from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig

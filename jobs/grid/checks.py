@@ -102,7 +102,7 @@ class _GridChecks:
 
     def read_catalogs(self, sources: dict[str, Loc]) -> None:
         """The tasks of every local data file that can be read; hf: sources are only checked for form."""
-        from stl.jobs.ml.data import task_catalog
+        from stl.jobs.ml.sources import task_catalog
 
         for source, loc in sources.items():
             if source.startswith("hf:"):
@@ -154,7 +154,7 @@ class _GridChecks:
 
     def families(self, sources: list[str], held_out: list[str], loc: Loc) -> None:
         """A source of the same family as a held-out task (its -poluteoptions twin, say) is refused."""
-        from stl.jobs.ml.data import task_family
+        from stl.jobs.ml.examples import task_family
 
         families = {task_family(task): task for task in held_out}
         for index, task in enumerate(sources):
@@ -179,7 +179,8 @@ class _GridChecks:
     def shots_fit(self) -> None:
         """Few-shot examples come from the rows after each target task's eval examples: enough must be left.
         One line for the whole axis: the smallest shots value that does not fit, its tasks smallest first."""
-        from stl.jobs.ml.data import few_shot_shortfall, task_sizes
+        from stl.jobs.ml.data import few_shot_shortfall
+        from stl.jobs.ml.sources import task_sizes
 
         sizes = task_sizes(self.main_source) if self.catalogs.get(self.main_source) else {}
         eval_tasks = sorted({task for split in self.split_map.values() for task in split.eval if task in sizes})

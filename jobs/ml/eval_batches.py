@@ -8,8 +8,8 @@ import time
 from typing import TYPE_CHECKING
 
 from stl.jobs.errors import OutOfMemory, StageCanceled, StagePreempted
-from stl.jobs.ml import data as data_lib
 from stl.jobs.ml.acceleration import caused_by_out_of_memory
+from stl.jobs.ml.examples import source_text
 from stl.jobs.ml.progress import StepReport
 
 if TYPE_CHECKING:
@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
     import torch
 
-    from stl.jobs.ml.data import Example
     from stl.jobs.ml.evaluate import EvalRun
+    from stl.jobs.ml.examples import Example
 
 
 class EvalBatches:
@@ -55,7 +55,7 @@ class EvalBatches:
         """`positions` (into `examples`) in batches of similar source length (less padding)."""
         order = sorted(
             positions,
-            key=lambda i: (len(data_lib.source_text(examples[i], self.spec.instructions)), i),
+            key=lambda i: (len(source_text(examples[i], self.spec.instructions)), i),
         )
         size = self.rows
         return [order[first : first + size] for first in range(0, len(order), size)]

@@ -23,8 +23,9 @@ from typing import TYPE_CHECKING, Any, cast
 from stl.jobs import axes
 from stl.jobs.errors import DataError
 from stl.jobs.metrics import ACCURACY, ACCURACY_GEN, ACCURACY_NORM, EXACT_MATCH, ROUGE_L
-from stl.jobs.ml import data as data_lib
+from stl.jobs.ml.data_cache import load_token_lists, save_token_lists, token_cache_path
 from stl.jobs.ml.eval_batches import EvalBatches
+from stl.jobs.ml.examples import answer_candidates, correct_options, is_correct, source_text
 from stl.jobs.ml.generation import Generator
 from stl.jobs.ml.model_inputs import evaluation_length_limits
 from stl.jobs.ml.models import (
@@ -38,6 +39,7 @@ from stl.jobs.ml.models import (
 from stl.jobs.ml.prefetch import IdleHostWork
 from stl.jobs.ml.rank import RankClassifier
 from stl.jobs.ml.rouge import RougeL
+from stl.jobs.ml.sources import read_examples, source_fingerprint
 from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TaskType
 
 if TYPE_CHECKING:
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from stl.jobs.ml.data import Example
+    from stl.jobs.ml.examples import Example
     from stl.jobs.ml.progress import StepReport
 
 
@@ -186,7 +188,7 @@ def _first_examples(source: str, tasks: Sequence[str], limit: int) -> dict[str, 
     wanted = list(dict.fromkeys(tasks))
     found: dict[str, list[Example]] = {task: [] for task in wanted}
     open_tasks = set(wanted)
-    for example in data_lib.read_examples(source, wanted):
+    for example in read_examples(source, wanted):
         bucket = found[example.task]
         if len(bucket) < limit:
             bucket.append(example)
@@ -222,7 +224,7 @@ class _Scorer:
     def encode_task(self, task: str, examples: Sequence[Example]) -> _TaskIds:
         """The task's sources and answer candidates as ids, from the token cache when it has them."""
         path = None
-        fingerprint = None if self.cfg.cache_dir is None else data_lib.source_fingerprint(self.spec.data)
+        fingerprint = None if self.cfg.cache_dir is None else source_fingerprint(self.spec.data)
         if self.cfg.cache_dir is not None and fingerprint is not None:
             # The examples are the first max_examples of the task in the file, so the file and the task
             # decide them; the rest decides how they are encoded.
@@ -237,8 +239,8 @@ class _Scorer:
                 "target_limit": self.loaded.target_limit,
                 "seq2seq": self.loaded.seq2seq,
             }
-            path = data_lib.token_cache_path(self.cfg.cache_dir, key)
-            cached = data_lib.load_token_lists(path)
+            path = token_cache_path(self.cfg.cache_dir, key)
+            cached = load_token_lists(path)
             ids = None if cached is None else _task_ids_from_lists(cached, len(examples))
             if ids is not None:
                 self.cfg.log(f"token cache hit: {task}, {len(examples)} examples ({path})")
@@ -246,7 +248,7 @@ class _Scorer:
         ids = self._encode_examples(examples)
         if path is not None:
             try:
-                data_lib.save_token_lists(path, _task_ids_to_lists(ids), description=f"eval {task}")
+                save_token_lists(path, _task_ids_to_lists(ids), description=f"eval {task}")
                 self.cfg.log(f"token cache miss: {task}, {len(examples)} examples; wrote {path}")
             except OSError as e:
                 self.cfg.log(f"token cache miss: {task}; could not write {path}: {e}")
@@ -260,9 +262,9 @@ class _Scorer:
 
     def _encode_examples(self, examples: Sequence[Example]) -> _TaskIds:
         loaded = self.loaded
-        texts = [data_lib.source_text(example, self.spec.instructions) for example in examples]
+        texts = [source_text(example, self.spec.instructions) for example in examples]
         sources = encode_sources(loaded.tokenizer, texts, loaded.source_limit, seq2seq=loaded.seq2seq)
-        candidates = [data_lib.answer_candidates(example) for example in examples]
+        candidates = [answer_candidates(example) for example in examples]
         flat = [candidate for options in candidates for candidate in options]
         encoded = encode_targets(loaded.tokenizer, flat, loaded.target_limit, seq2seq=loaded.seq2seq) if flat else []
         grouped: list[list[list[int]]] = []
@@ -281,18 +283,18 @@ class _Scorer:
         # Examples that list options are rank-classified, two ways. Every example is also answered by greedy
         # generation (accuracy_gen); an example without options can only be, and counts that way throughout.
         answers = self.generator.generate(examples, range(len(examples)), ids.sources)
-        by_generation = [float(data_lib.is_correct(e, answer)) for e, answer in zip(examples, answers, strict=True)]
+        by_generation = [float(is_correct(e, answer)) for e, answer in zip(examples, answers, strict=True)]
         predictions = list(answers)
         per_metric = {ACCURACY: list(by_generation), ACCURACY_NORM: list(by_generation), ACCURACY_GEN: by_generation}
         primary = self.settings.metric
         ranked = self.classifier.classify(examples, with_options, ids.sources, ids.candidates)
         for i, (by_sum, by_token) in ranked.items():
-            correct = data_lib.correct_options(examples[i])
+            correct = correct_options(examples[i])
             per_metric[ACCURACY][i] = float(by_sum in correct)
             per_metric[ACCURACY_NORM][i] = float(by_token in correct)
             if primary != ACCURACY_GEN:  # the samples show the answer the primary metric scored
                 chosen = by_token if primary == ACCURACY_NORM else by_sum
-                predictions[i] = data_lib.answer_candidates(examples[i])[chosen]
+                predictions[i] = answer_candidates(examples[i])[chosen]
         if len(with_options) < len(examples):  # some rows list no options: one mixed measure, as before
             return self._metrics(task, TaskType.classification, EXACT_MATCH, {EXACT_MATCH: per_metric[ACCURACY]},
                                  examples, predictions)
@@ -335,7 +337,7 @@ class _Scorer:
     ) -> TaskMetrics:
         samples = [
             {
-                "source": data_lib.source_text(example, self.spec.instructions),
+                "source": source_text(example, self.spec.instructions),
                 "prediction": prediction,
                 "references": _references(example),
             }

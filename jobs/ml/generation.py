@@ -31,9 +31,9 @@ if TYPE_CHECKING:
 
     import torch
 
-    from stl.jobs.ml.data import Example
     from stl.jobs.ml.eval_batches import EvalBatches
     from stl.jobs.ml.evaluate import EvalModel, EvalRun
+    from stl.jobs.ml.examples import Example
     from stl.jobs.ml.prefetch import IdleHostWork
     from stl.jobs.specs import EvalConfig
 

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
     import torch
 
-    from stl.jobs.ml.data import Example
     from stl.jobs.ml.eval_batches import EvalBatches
     from stl.jobs.ml.evaluate import EvalModel
+    from stl.jobs.ml.examples import Example
 
 
 def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,11 @@ from typing import TYPE_CHECKING
 from stl.jobs import axes
 from stl.jobs.ml import data as data_lib
 from stl.jobs.ml.acceleration import bucketed_length, length_buckets
+from stl.jobs.ml.data_cache import load_token_lists, save_token_lists, token_cache_path
+from stl.jobs.ml.examples import source_text
 from stl.jobs.ml.model_inputs import IGNORE_INDEX
 from stl.jobs.ml.models import encode_sources, encode_targets, is_seq2seq, pad_sequences, tokenizer_fingerprint
+from stl.jobs.ml.sources import source_fingerprint
 from stl.jobs.specs import StageKind
 
 if TYPE_CHECKING:
@@ -27,7 +30,7 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from stl.jobs.ml.data import Example
+    from stl.jobs.ml.examples import Example
     from stl.jobs.specs import StageSpec, TrainConfig
 
 WINDOW_BATCHES = 50  # length-grouping window, in batches (fewer when the data is small)
@@ -97,7 +100,7 @@ class TrainingBatches:
         spec = self.spec
 
         def length(example: Example) -> int:
-            return len(data_lib.source_text(example, spec.instructions)) + len(example.output)
+            return len(source_text(example, spec.instructions)) + len(example.output)
 
         return data_lib.length_grouped_batches(
             self.stream_from,
@@ -160,7 +163,7 @@ class TrainingBatches:
         token cache, keyed by everything that decides them."""
         spec = self.spec
         path = None
-        fingerprint = None if self.cache_dir is None else data_lib.source_fingerprint(spec.data)
+        fingerprint = None if self.cache_dir is None else source_fingerprint(spec.data)
         if self.cache_dir is not None and fingerprint is not None:
             key = {
                 "kind": "few-shot",
@@ -173,15 +176,15 @@ class TrainingBatches:
                 "target_limit": self.target_limit,
                 "seq2seq": self.seq2seq,
             }
-            path = data_lib.token_cache_path(self.cache_dir, key)
-            cached = data_lib.load_token_lists(path)
+            path = token_cache_path(self.cache_dir, key)
+            cached = load_token_lists(path)
             if cached is not None and len(cached["sources"]) == len(cached["targets"]) == len(examples):
                 self.log(f"token cache hit: {len(examples)} few-shot examples ({path})")
                 return dict(zip(examples, zip(cached["sources"], cached["targets"], strict=True), strict=True))
         sources, targets = self._encode_texts(examples)
         if path is not None:
             try:
-                data_lib.save_token_lists(
+                save_token_lists(
                     path, {"sources": sources, "targets": targets}, description=f"few-shot {spec.stage_id}"
                 )
                 self.log(f"token cache miss: {len(examples)} few-shot examples; wrote {path}")
@@ -192,7 +195,7 @@ class TrainingBatches:
     def _encode_texts(self, examples: Sequence[Example]) -> tuple[list[list[int]], list[list[int]]]:
         sources = encode_sources(
             self.tokenizer,
-            [data_lib.source_text(example, self.spec.instructions) for example in examples],
+            [source_text(example, self.spec.instructions) for example in examples],
             self.source_limit,
             seq2seq=self.seq2seq,
         )

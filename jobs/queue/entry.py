@@ -12,7 +12,6 @@ import json
 import os
 import re
 import socket
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -34,267 +33,26 @@ from stl.jobs.errors import (
 )
 from stl.jobs.faults import parse_faults
 from stl.jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
-from stl.jobs.layout import LOG_FILE, SPEC_FILE
+from stl.jobs.layout import SPEC_FILE
 from stl.jobs.queue.fairshare import charge_usage
-from stl.jobs.queue.fence import StageFence, generation_is_current
 from stl.jobs.queue.preemption import preempted_line
 from stl.jobs.queue.runstate import finish_stage_records, start_stage_record, update_runs_if
+from stl.jobs.queue.stage_lease import StageLease
+from stl.jobs.queue.stage_reporter import StageReporter
 from stl.jobs.settings import load_settings
 from stl.jobs.specs import RunStatus, StageKind, StageSpec
 from stl.jobs.states import LIVE
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
-    from stl.jobs.ml.progress import StepReport
     from stl.jobs.ml.stages import StageContext, StageOutcome
     from stl.jobs.ml.train import TrainOutcome
+    from stl.jobs.queue.fence import StageFence
     from stl.jobs.settings import Settings
 
-HEARTBEAT_EVERY_S = 3.0
-LEASE_TTL_S = 30
-PROGRESS_EVERY_S = 2.0
-LOG_PROGRESS_EVERY_S = 30.0  # a progress line in the stage log (`stl logs -f`), beside the status table's
-FLAGS_EVERY_S = 0.2  # a cancel or SIGTERM is read at most this often (one HMGET), between steps or batches
-LOG_LINES_KEPT = 5000
-# Taking the lease, joining the running set and counting one more take of the stage (its generation, the
-# horse's fencing token: stl.jobs.queue.fence) are one step: a horse killed in between would leave a stage that no
-# reaper looks at. KEYS: the lease, the running set, the generation. Returns the token, or 0 (held).
-_ACQUIRE_LEASE = """
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then
-  redis.call('SADD', KEYS[2], ARGV[3])
-  return redis.call('INCR', KEYS[3])
-end
-return 0
-"""
-# Renew the lease only while no other horse took the stage since (its generation is past our token) and we
-# still hold it. After a Redis restart it may have expired, a reaper may have taken the stage out of the
-# running set, and the take itself may be lost (the generation below our token): all are put back. KEYS: the
-# lease, the running set, the generation, the stage hash. ARGV: holder, TTL, stage id, token, now.
-_RENEW_LEASE = """
-local generation, token = tonumber(redis.call('GET', KEYS[3]) or '0') or 0, tonumber(ARGV[4])
-if generation > token then return 0 end
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-elseif not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  redis.call('SADD', KEYS[2], ARGV[3])
-else
-  return 0
-end
-if generation < token then redis.call('SET', KEYS[3], token) end
-redis.call('HSET', KEYS[4], 'heartbeat', ARGV[5])
-return 1
-"""
-# Give the lease up only if it is ours, and ours to give: a stale horse leaves a newer one's lease alone.
-_RELEASE_LEASE = """
-local generation = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-if redis.call('GET', KEYS[1]) == ARGV[1] and generation <= tonumber(ARGV[2]) then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 FAILURE_MESSAGE_MAX = 500
 # What StageSpec.stage_id makes: the id becomes a folder name under STL_HOME and part of Redis keys.
 STAGE_ID = re.compile(r"^[0-9a-f]{20}$")
-STEPS_KEPT = 20_000
 PARENT_LOOKS = 3  # a parent that finishes just as its child looks for its model: look again, this often
-
-
-
-class StageLease:
-    """Exactly one process works on a stage: the lease is held and refreshed by a heartbeat, and every write
-    of the stage is fenced with the token its take got (`fence`)."""
-
-    def __init__(self, conn: redis.Redis, stage_id: str, holder: str) -> None:
-        self.conn = conn
-        self.stage_id = stage_id
-        self.holder = holder
-        self.key = keys.stage_lease(stage_id)
-        self.fence = StageFence(conn, stage_id, 0)  # the real token once acquired
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.lost = False
-
-    def acquire(self) -> bool:
-        token = int(self.conn.eval(_ACQUIRE_LEASE, 3, self.key, keys.RUNNING_STAGES, self.fence.key, self.holder,
-                                   LEASE_TTL_S, self.stage_id))
-        if token:
-            self.fence = StageFence(self.conn, self.stage_id, token)
-        return bool(token)
-
-    def taken_over(self) -> bool:
-        """Whether another horse took the stage since this one did (Redis away: not known to be)."""
-        if self.lost:
-            return True
-        try:
-            self.lost = not self.fence.is_current()
-        except redis.RedisError:
-            return False
-        return self.lost
-
-    def start_heartbeat(self) -> None:
-        def beat() -> None:
-            while not self._stop.wait(HEARTBEAT_EVERY_S):
-                try:
-                    if not self.conn.eval(_RENEW_LEASE, 4, self.key, keys.RUNNING_STAGES, self.fence.key,
-                                          keys.stage(self.stage_id), self.holder, LEASE_TTL_S, self.stage_id,
-                                          self.fence.token, time.time()):
-                        # Someone else holds or took the stage: stop without touching its records.
-                        self.lost = True
-                        return
-                except redis.RedisError:
-                    pass  # Redis is away; training goes on and the lease is renewed when it is back
-        self._thread = threading.Thread(target=beat, name="stl-heartbeat", daemon=True)
-        self._thread.start()
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout=5)
-        with contextlib.suppress(redis.RedisError):
-            self.conn.eval(_RELEASE_LEASE, 2, self.key, self.fence.key, self.holder, self.fence.token)
-
-
-class StageReporter:
-    """Throttled writes of progress, logs and flags for one stage."""
-
-    def __init__(self, conn: redis.Redis, stage_id: str, workdir: Path, lease: StageLease) -> None:
-        self.conn = conn
-        self.stage_id = stage_id
-        self.lease = lease
-        self.log_file = workdir / LOG_FILE
-        self._last_progress = 0.0
-        self._last_progress_line: float | None = None
-        # (step, monotonic time) of the first report of the current attempt: the pace for the ETA is measured
-        # from there, leaving out loading the model and compiling, which precede that report. An attempt is
-        # a phase (train or eval) with one micro-batch plan; an OOM retry (a smaller micro-batch) or a step
-        # that goes back starts a new one, since the retry reloads, recompiles and repeats steps.
-        self._pace_from: tuple[int, float] | None = None
-        self._attempt: tuple[str, int, int] | None = None
-        self._last_step = -1
-        self._last_flags = 0.0
-        self._flag: str | None = None
-
-    def log(self, line: str) -> None:
-        """A line in the stage's log, in Redis and in its folder; none from a horse another one took over from."""
-        stamped = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}"
-        if self.lease.lost:
-            return
-        try:
-            self.lease.fence.write(lambda pipe: (pipe.rpush(keys.stage_log(self.stage_id), stamped),
-                                                 pipe.ltrim(keys.stage_log(self.stage_id), -LOG_LINES_KEPT, -1)))
-        except StageLeaseLost:
-            self.lease.lost = True
-            return
-        except redis.RedisError:
-            pass  # the file keeps it
-        try:
-            with self.log_file.open("a") as f:
-                f.write(stamped + "\n")
-        except OSError:
-            pass  # a full disk or a missing folder: Redis keeps the line
-
-    def _eta_s(self, report: StepReport) -> float | None:
-        """Seconds left in this phase at the pace since the first report of this attempt; None until then."""
-        now = time.monotonic()
-        attempt = (report.phase, report.micro_batch, report.grad_accum)
-        new_attempt = attempt != self._attempt or report.step <= self._last_step
-        self._attempt, self._last_step = attempt, report.step
-        if new_attempt or self._pace_from is None:
-            self._pace_from = (report.step, now)
-            return None
-        step, at = self._pace_from
-        return (now - at) / (report.step - step) * max(report.total - report.step, 0)
-
-    def on_step(self, report: StepReport) -> None:
-        now = time.monotonic()
-        eta = self._eta_s(report)
-        last = report.step >= report.total
-        training = report.phase == "train"
-        has_loss = training and report.loss == report.loss  # evaluation reports progress with a NaN loss
-        # The loss curve (`stl plot`) is made of training steps only.
-        step_record = json.dumps({
-            "step": report.step, "loss": report.loss if has_loss else None, "lr": report.learning_rate,
-            "samples_per_s": report.samples_per_s, "tokens_per_s": report.tokens_per_s,
-            "mfu": report.mfu, "t": time.time()}) if training else None
-        progress = last or now - self._last_progress >= PROGRESS_EVERY_S
-        if progress:
-            self._last_progress = now
-
-        def queue(pipe: redis.client.Pipeline) -> None:
-            if step_record is not None:
-                pipe.rpush(keys.stage_steps(self.stage_id), step_record)
-                pipe.ltrim(keys.stage_steps(self.stage_id), -STEPS_KEPT, -1)
-            if progress:
-                pipe.hset(keys.stage(self.stage_id), mapping={
-                    "step": report.step, "total": report.total, "loss": f"{report.loss:.4f}" if has_loss else "",
-                    "samples_per_s": f"{report.samples_per_s:.1f}", "tokens_per_s": f"{report.tokens_per_s:.1f}",
-                    "mfu": "" if report.mfu is None else f"{report.mfu:.4f}",
-                    "elapsed_s": f"{report.elapsed_s:.1f}", "micro_batch": report.micro_batch,
-                    "grad_accum": report.grad_accum, "heartbeat": time.time(),
-                    "eta_s": "" if eta is None else f"{eta:.1f}", "eta_at": "" if eta is None else time.time(),
-                })
-
-        if step_record is not None or progress:
-            try:
-                self.lease.fence.write(queue)  # a horse another one took over from stops here (StageLeaseLost)
-            except StageLeaseLost:
-                self.lease.lost = True
-                raise
-            except redis.RedisError:
-                pass
-        if step_record is not None:
-            with contextlib.suppress(OSError), (self.log_file.parent / "steps.jsonl").open("a") as f:
-                f.write(step_record + "\n")
-        if (self._last_progress_line is None or last
-                or now - self._last_progress_line >= LOG_PROGRESS_EVERY_S):
-            self._last_progress_line = now
-            self.log(progress_line(report, eta))
-
-    def should_stop(self) -> str | None:
-        """"cancel" (also once another horse took the stage over: the stage ends with StageLeaseLost),
-        "preempt", or None."""
-        if self.lease.lost:
-            return "cancel"
-        now = time.monotonic()
-        if self._flag is None and now - self._last_flags >= FLAGS_EVERY_S:
-            self._last_flags = now
-            try:
-                pipe = self.conn.pipeline(transaction=False)
-                pipe.hmget(keys.stage(self.stage_id), "cancel", "preempt")
-                pipe.get(self.lease.fence.key)
-                (cancel, preempt), generation = pipe.execute()
-            except redis.RedisError:
-                return None
-            if not generation_is_current(generation, self.lease.fence.token):
-                self.lease.lost = True
-                return "cancel"
-            if text(cancel):
-                self._flag = "cancel"
-            elif text(preempt):
-                self._flag = "preempt"
-        return self._flag
-
-
-def progress_line(report: StepReport, eta_s: float | None) -> str:
-    """`step 120/2000 (6%), loss 2.3412, 97.7 samples/s, MFU 12.3%, about 5 min 12 s left`: one log line."""
-    from stl.jobs.humanize import format_duration
-
-    percent = f" ({report.step / report.total:.0%})" if report.total else ""
-    if report.phase == "train":
-        parts = [f"step {report.step}/{report.total}{percent}"]
-        if report.loss == report.loss:  # NaN: no loss since the previous report
-            parts.append(f"loss {report.loss:.4f}")
-        parts.append(f"{report.samples_per_s:.1f} samples/s")
-        if report.mfu is not None:
-            parts.append(f"MFU {report.mfu:.1%}")
-    else:
-        parts = [f"scored {report.step}/{report.total} examples{percent}", f"{report.samples_per_s:.1f} examples/s"]
-    if eta_s is not None and report.step < report.total:
-        parts.append(f"about {format_duration(eta_s)} left")
-    return ", ".join(parts)
 
 
 def _stage_run_ids(conn: redis.Redis, stage_id: str) -> list[str]:
@@ -624,7 +382,7 @@ def _prune_finetune_models(conn: redis.Redis, settings: Settings, run_ids: list[
 
 
 def _write_results_file(settings: Settings, conn: redis.Redis, run_id: str) -> None:
-    from stl.jobs.queue.records import read_results
+    from stl.jobs.queue.run_results import read_results
 
     (results,) = read_results(conn, [run_id])  # a result another tool damaged is left out, not fatal
     if not results:
