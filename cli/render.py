@@ -144,7 +144,7 @@ def worker_rows(workers: list[WorkerRow]) -> list[list[str]]:
             util = f"{w.gpu_util:.0f}%" if w.gpu_util is not None else "?"
             mem = (f"{(w.gpu_mem_used_mb or 0) / 1024:.1f}/{(w.gpu_mem_total_mb or 0) / 1024:.1f} GiB"
                    if w.gpu_mem_total_mb else "?")
-            gpu = f"{w.gpu} {util} {mem}"
+            gpu = f"{w.gpu} {util} {mem}" + (f" ({w.sharing})" if w.sharing and w.sharing != "cpu" else "")
         seen = format_duration(time.time() - w.last_seen, compact=True) + " ago" if w.last_seen else "—"
         disk = "?" if w.disk_free_bytes is None else format_bytes(int(w.disk_free_bytes)) + " free"
         rows.append([w.name, w.host, gpu, w.state, w.stage[:12] or "—", seen, disk])
@@ -161,7 +161,8 @@ def build_workers_table(workers: list[WorkerRow], store: Store | None = None) ->
     paused = [f"{w.name} takes no work: {w.paused}; it tries the machine every "
               f"{HEALTH_CHECK_EVERY_S:.0f} s and goes on by itself"
               for w in workers if w.paused]
-    caption = "\n".join([*paused, *([caption] if caption else [])]) or None
+    waiting = [f"{w.name} waits for device memory: {w.waiting}" for w in workers if w.waiting]
+    caption = "\n".join(escape(line) for line in [*paused, *waiting, *([caption] if caption else [])]) or None
     title = "Workers" if store is None else f"Workers · STL_HOME {store.home} on {store.host} (store {store.short})"
     table = Table(title=escape(title), title_justify="left", caption=caption, caption_style="bold red")
     for name in ("worker", "host", "gpu", "state", "stage", "seen", "STL_HOME disk"):

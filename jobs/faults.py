@@ -3,6 +3,10 @@
 Format: comma-separated `name=value`, e.g. `oom_at_step=3`, `disk_full=1` (every stage meets a full disk, as if
 it filled the disk itself), or `disk_full_while=/tmp/flag` (the disk is full while that file exists: the worker's
 health check sees it too).
+
+Test aid for admission by device memory (issue 25): `device_memory=<bytes>` makes the worker admit stages as if
+its device had that much memory (stl.worker.device_memory.FixedDeviceMemory), on the CPU too, and
+`device_memory_used=<bytes>` as if processes outside stl held that much of it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ class Faults:
     oom_at_step: int | None = None
     disk_full: bool = False
     disk_full_while: str = ""
+    device_memory: int | None = None
+    device_memory_used: int = 0
 
     def disk_full_now(self) -> bool:
         """The whole disk reads as full (the health check sees it too); `disk_full` is each stage's alone."""
@@ -34,5 +40,8 @@ def parse_faults(text: str) -> Faults:
         if name:
             values[name] = value
     oom = values.get("oom_at_step")
+    memory = values.get("device_memory")
     return Faults(oom_at_step=int(oom) if oom else None, disk_full=values.get("disk_full") == "1",
-                  disk_full_while=values.get("disk_full_while", ""))
+                  disk_full_while=values.get("disk_full_while", ""),
+                  device_memory=int(memory) if memory else None,
+                  device_memory_used=int(values.get("device_memory_used") or 0))

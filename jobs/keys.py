@@ -70,3 +70,23 @@ def queue_name(user: str, priority: str) -> str:
 
 def host_fault(host: str) -> str:
     return f"{PREFIX}:host:{host}:fault"  # string "<time>|<reason>": a worker of that host met a machine fault
+
+
+# --- several stages on one device (issue 25) ---------------------------------------------------------------
+# hash memory key (jobs/ml/memory_estimate.memory_key: kind, model, batch, lengths) -> the largest peak of device
+# memory (torch.cuda.max_memory_allocated, bytes) a finished stage of that key reached
+MEMORY_PEAKS = f"{PREFIX}:memory:peaks"
+
+
+def device_stages(device: str) -> str:
+    return f"{PREFIX}:device:{device}:stages"  # set of stage ids running on device "<host>:gpu0"
+
+
+def device_reserved(device: str) -> str:
+    # hash stage id -> json {bytes, at, worker}: the device memory an admitted stage may grow into
+    # (stl.jobs.queue.admission_gate); removed when its stage ends
+    return f"{PREFIX}:device:{device}:reserved"
+
+
+def device_admission_lock(device: str) -> str:
+    return f"{PREFIX}:device:{device}:admitting"  # short lock: one slot of a device admits at a time

@@ -434,3 +434,13 @@ def test_why_a_grid_has_no_results_is_one_line_that_says_whether_more_may_come()
                                            "`stl logs RUN` says why, e.g. run 1123456789: eval: ModelError: gone")
     assert "\n" not in why_no_results(["g"], [run_row(status="failed", error="a\nb")])
 
+
+
+def test_a_worker_waiting_for_device_memory_says_why_and_its_gpu_shows_how_it_is_shared() -> None:
+    waiting = WorkerRow(name="box.gpu0.1", host="box", gpu="NVIDIA H100", gpu_util=40.0, gpu_mem_used_mb=9000.0,
+                        gpu_mem_total_mb=81559.0, state="idle", stage="", last_seen=time.time(), sharing="MPS",
+                        waiting="stage 0123456789abcdef0123 needs 9.0 GB, 6.1 GB free [sic]")
+    table = build_workers_table([waiting])
+    assert str(table.caption) == ("box.gpu0.1 waits for device memory: stage 0123456789abcdef0123 needs 9.0 GB, "
+                                  "6.1 GB free \\[sic]")  # user text stays literal: no rich markup
+    assert worker_rows([waiting])[0][2].endswith("GiB (MPS)")

@@ -28,11 +28,13 @@ from stl.jobs.disk_space import free_space
 from stl.jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
 from stl.jobs.faults import parse_faults
 from stl.jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
+from stl.jobs.queue.admission_gate import AdmissionGate
 from stl.jobs.queue.entry import STAGE_ID
 from stl.jobs.queue.fairshare import queue_order
 from stl.jobs.queue.preemption import preempt_if_due
 from stl.jobs.queue.queueing import ENTRY_POINT, LEGACY_ENTRY_POINTS, job_id_for, stage_id_for
 from stl.jobs.queue.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
+from stl.worker.device_memory import device_memory_for, sharing_mode
 from stl.worker.gpu import GpuProbe
 
 if TYPE_CHECKING:
@@ -92,7 +94,7 @@ class StlWorker(Worker):
     log_result_lifespan = False  # "result is kept for 7776000 seconds" after every stage says nothing useful
 
     def __init__(self, *, connection: redis.Redis, settings: Settings, gpu_index: int | None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, slots: int = 1) -> None:
         self.settings = settings
         self.gpu_index = gpu_index
         self._probe = GpuProbe(gpu_index)
@@ -118,12 +120,22 @@ class StlWorker(Worker):
             job_monitoring_interval=5,
         )
         self._refresh_queues()
+        # Several stages on one device: admitted by memory (stl.jobs.queue.admission_gate); None: one at a time.
+        self.device = f"{host}:{device}"
+        self.sharing = sharing_mode(has_gpu=self._probe.has_gpu)
+        memory = device_memory_for(parse_faults(settings.fault_inject), has_gpu=self._probe.has_gpu,
+                                   gpu_index=gpu_index, slots=slots)
+        self._admission = None if memory is None else AdmissionGate(
+            connection, device=self.device, memory=memory, worker_name=self.name,
+            log=lambda line: self.log.info("Worker %s: %s", self.name, line))
 
     def bootstrap(self, *args: Any, **kwargs: Any) -> None:
         super().bootstrap(*args, **kwargs)
         # RQ has just listed the queues there are now; new users' queues join as they appear.
         self.log.info("Worker %s: takes each stage from whichever user's queue (stl.<user>.<priority>) has used "
                       "the least GPU time lately, new users included", self.name)
+        self.log.info("Worker %s: device %s, shared by %s%s", self.name, self.device, self.sharing,
+                      "; stages are admitted by device memory" if self._admission else "")
 
     def subscribe(self) -> None:
         """RQ's subscribe, with a listener that wakes often enough for the worker to stop at once."""
@@ -178,6 +190,13 @@ class StlWorker(Worker):
                     time.sleep(POLL_S)
                     continue
                 self._holding_job = True  # a SIGTERM from here on is noted, not raised mid-dequeue
+                if self._admission is not None:  # the head stage is taken only once it fits on the device
+                    result = self._admission.take(self._ordered_queues, self._fetch_taken_job)
+                    self._holding_job = result is not None
+                    if result is not None or (timeout is None and self._admission.queues_empty):
+                        return result
+                    time.sleep(POLL_S)
+                    continue
                 result = self.queue_class.dequeue_any(
                     self._ordered_queues, None if timeout is None else POLL_S, connection=self.connection,
                     job_class=self.job_class, serializer=self.serializer,
@@ -198,6 +217,12 @@ class StlWorker(Worker):
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
 
+    def _fetch_taken_job(self, queue_key: str, job_id: str) -> tuple[Job, Queue] | None:
+        """RQ's (job, queue) for a job the admission gate took off `queue_key`, as RQ's own dequeue makes it."""
+        return self.queue_class._fetch_dequeued_job(  # noqa: SLF001 - RQ's post-pop step, shared with its dequeue
+            self.connection, queue_key, job_id, job_class=self.job_class, serializer=self.serializer,
+            death_penalty_class=self.death_penalty_class)
+
     # --- running a job ------------------------------------------------------------------------
 
     def execute_job(self, job: Job, queue: Queue) -> None:
@@ -206,6 +231,8 @@ class StlWorker(Worker):
             self._execute_job(job, queue)
         finally:
             self._holding_job = False
+            if self._admission is not None:
+                self._admission.release(stage_id_for(job.id))
 
     def _execute_job(self, job: Job, queue: Queue) -> None:
         try:
@@ -453,7 +480,9 @@ class StlWorker(Worker):
 
     def _write_record(self, state: str | None) -> None:
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
-                                            "stage": self._current_stage, "paused": self._paused}
+                                            "stage": self._current_stage, "paused": self._paused,
+                                            "device": self.device, "sharing": self.sharing,
+                                            "waiting": self._admission.waiting if self._admission else ""}
         record.update(self._probe.read())
         space = free_space(self.settings.home)
         if space is not None:

@@ -34,6 +34,7 @@ from stl.jobs.errors import (
 from stl.jobs.faults import parse_faults
 from stl.jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from stl.jobs.layout import SPEC_FILE
+from stl.jobs.queue.admission_gate import cap_horse_memory, record_horse_peak
 from stl.jobs.queue.fairshare import charge_usage
 from stl.jobs.queue.preemption import preempted_line
 from stl.jobs.queue.runstate import finish_stage_records, start_stage_record, update_runs_if
@@ -126,6 +127,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         lease.start_heartbeat()
 
         device = pick_device()
+        cap_horse_memory(conn, stage_id, device, reporter.log)  # several stages on one GPU: its share
         reporter.log(f"stage {spec.kind.value} {stage_id} started on {holder} ({device}); "
                      f"model {spec.model}, tasks {', '.join(spec.tasks)}")
         parent_dir = settings.stages_dir / spec.parent if spec.parent else None
@@ -192,6 +194,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         if outcome.train is not None and outcome.train.oom_retries:
             _record_oom_retries(reporter, lease.fence, outcome.train)
         reporter.log(f"finished in {time.time() - started:.1f} s")
+        record_horse_peak(conn, stage_id, spec, device)
         finish_stage(conn, settings, stage_id, spec, status=RunStatus.finished, error="", started=started,
                       user=user, result=result, fence=lease.fence)
     except StageLeaseLost:

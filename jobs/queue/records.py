@@ -256,6 +256,8 @@ class WorkerRow:
     disk_free_bytes: float | None = None  # of the file system holding the worker's STL_HOME
     disk_total_bytes: float | None = None
     paused: str = ""  # why it takes no work: a fault of its machine (stl.jobs.health)
+    sharing: str = ""  # how stages share its GPU: "MPS", "time-slicing" or "cpu" (stl.worker.device_memory)
+    waiting: str = ""  # why its next stage waits: "stage <id> needs 9.0 GB, 6.1 GB free" (admission by memory)
 
     @property
     def disk_low(self) -> bool:
@@ -427,6 +429,7 @@ def list_workers(conn: redis.Redis) -> list[WorkerRow]:
             disk_free_bytes=record.number("home_free_bytes"),
             disk_total_bytes=record.number("home_total_bytes"),
             paused=record.get("paused") if state == "paused" else "",
+            sharing=record.get("sharing"), waiting=record.get("waiting"),
         ))
     return rows
 
