@@ -15,7 +15,7 @@ from stl.jobs.axes import format_cell
 from stl.jobs.codec import printable
 from stl.jobs.display import LiteralTable as Table  # every table shows its strings as written, never as markup
 from stl.jobs.display import literal
-from stl.jobs.humanize import format_duration
+from stl.jobs.humanize import format_bytes, format_duration
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -425,15 +425,6 @@ def kept_runs_message(grid: str, kept: dict[str, int], *, dry_run: bool = False)
     return (f"{'would keep' if dry_run else 'kept'} {count} run{'' if count == 1 else 's'} of {whose} made with other "
             f"settings (`stl results {grid}` averages them with yours): only their owner drops them, and "
             "--force drops other users' runs too")
-
-
-def format_bytes(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
 
 
 def disk_rows(usage: list[DiskUsage]) -> list[list[str]]:

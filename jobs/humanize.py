@@ -1,4 +1,5 @@
-"""Durations as people read them, in sentences and in table cells. Light to import: the standard library only."""
+"""Durations and sizes as people read them, in sentences and in table cells. Light to import: the standard library
+only."""
 
 from __future__ import annotations
 
@@ -20,3 +21,13 @@ def format_duration(seconds: float | None, *, compact: bool = False) -> str:
     if minutes:
         return f"{minutes} min {secs} s"
     return f"{secs} s"
+
+
+def format_bytes(size: float) -> str:
+    """`512 B`, `1.5 KiB`, `9.0 GiB`: binary units, as nvidia-smi and `df -h` count them."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -15,6 +15,7 @@ import pytest
 from stl.jobs import keys
 from stl.jobs.codec import text
 from stl.jobs.faults import parse_faults
+from stl.jobs.humanize import format_bytes
 from stl.jobs.ml.memory_estimate import (
     UNKNOWN_MODEL_PARAMETERS,
     estimate_memory,
@@ -22,7 +23,7 @@ from stl.jobs.ml.memory_estimate import (
     model_shape,
     shape_from_config,
 )
-from stl.jobs.queue.admission import MARGIN_BYTES, Reservation, decide_admission, format_bytes, with_margin
+from stl.jobs.queue.admission import MARGIN_BYTES, Reservation, decide_admission, with_margin
 from stl.jobs.queue.admission_gate import AdmissionGate, record_peak, recorded_peak
 from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from stl.worker.device_memory import FixedDeviceMemory, device_memory_for, sharing_mode
@@ -117,8 +118,8 @@ def test_a_stage_that_does_not_fit_waits_and_says_why() -> None:
     _, free = memory.total_and_free()
     decision = decide_admission(8 * GB, free_bytes=free, others=[Reservation("a", 7 * GB)])
     assert not decision.admitted
-    assert decision.reason.startswith(f"needs {format_bytes(decision.need_bytes)}, 9.0 GB free")
-    assert decision.reason.startswith("needs 9.3 GB, 9.0 GB free")
+    assert decision.reason.startswith(f"needs {format_bytes(decision.need_bytes)}, {format_bytes(9 * GB)} free")
+    assert decision.reason.startswith("needs 8.7 GiB, 8.4 GiB free")
 
 
 def test_a_stage_alone_on_the_device_is_always_admitted() -> None:

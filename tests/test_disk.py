@@ -10,10 +10,11 @@ import yaml
 from typer.testing import CliRunner
 
 from stl.cli.main import app
-from stl.cli.render import disk_rows, format_bytes, prune_lines
+from stl.cli.render import disk_rows, prune_lines
 from stl.jobs import keys
 from stl.jobs.errors import UsageError
 from stl.jobs.grid.parse import ExpandedGrid, parse_grid
+from stl.jobs.humanize import format_bytes
 from stl.jobs.queue.disk import clear_caches, disk_usage, prune_stage_models
 from stl.jobs.queue.queueing import job_id_for, submit_runs
 from stl.jobs.settings import load_settings

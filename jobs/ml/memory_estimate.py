@@ -73,7 +73,7 @@ class MemoryEstimate:
     source: str  # "recorded" (an earlier stage's peak), "formula", or "default formula" (model not readable)
 
     def describe(self) -> str:
-        from stl.jobs.queue.admission import format_bytes
+        from stl.jobs.humanize import format_bytes
 
         return f"{format_bytes(self.bytes)} ({self.source})"
 

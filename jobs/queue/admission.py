@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from stl.jobs.humanize import format_bytes
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -76,12 +78,3 @@ def decide_admission(estimate_bytes: int, *, free_bytes: int, others: Sequence[R
                          estimate_bytes, need, available, alone=False)
     return Admission(False, f"needs {format_bytes(need)}, {format_bytes(max(available, 0))} free ({held})",
                      estimate_bytes, need, available, alone=False)
-
-
-def format_bytes(count: float) -> str:
-    """`9.0 GB`, `512 MB`: decimal units, as people compare them with nvidia-smi's figures at a glance."""
-    if abs(count) >= 1e9:
-        return f"{count / 1e9:.1f} GB"
-    if abs(count) >= 1e6:
-        return f"{count / 1e6:.0f} MB"
-    return f"{count / 1e3:.0f} kB"

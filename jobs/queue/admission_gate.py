@@ -271,7 +271,7 @@ def cap_horse_memory(conn: redis.Redis, stage_id: str, device: str, log: Callabl
     _, total = torch.cuda.mem_get_info()
     fraction = min(int(budget) / total, 1.0)
     torch.cuda.set_per_process_memory_fraction(fraction)
-    from stl.jobs.queue.admission import format_bytes
+    from stl.jobs.humanize import format_bytes
 
     log(f"device memory capped at {format_bytes(int(budget))} ({fraction:.0%} of {format_bytes(total)}): other "
         "stages share this GPU")
