@@ -177,7 +177,7 @@ def test_two_slots_of_one_device_never_admit_against_the_same_free_memory(conn: 
 
     assert gates[0].take([queue], taken) == (f"stl-{first}", queue.key)  # type: ignore[arg-type]
     assert gates[1].take([queue], taken) is None  # 5 GB and its margin do not fit in 8 GB less the first's 3
-    assert gates[1].waiting == (f"stage {second} needs 6.0 GB, 5.0 GB free (8.0 GB free now, 3.0 GB of it "
+    assert gates[1].waiting == (f"stage {second} needs 5.6 GiB, 4.7 GiB free (7.5 GiB free now, 2.8 GiB of it "
                                 "promised to 1 running stage)")
     assert text(conn.hget(keys.stage(second), "waiting_reason")) == gates[1].waiting
     assert conn.lrange(queue.key, 0, -1) == [f"stl-{second}".encode()]  # peeked, not taken
