@@ -70,3 +70,9 @@ def queue_name(user: str, priority: str) -> str:
 
 def host_fault(host: str) -> str:
     return f"{PREFIX}:host:{host}:fault"  # string "<time>|<reason>": a worker of that host met a machine fault
+
+
+def device_stages(device: str) -> str:
+    """Set of the stage ids running on one device ("<host>:gpu0", "<host>:cpu"); read it through
+    stl.jobs.queue.devices.stages_on_device, which leaves out entries of workers that died."""
+    return f"{PREFIX}:device:{device}:stages"

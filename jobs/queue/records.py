@@ -256,6 +256,10 @@ class WorkerRow:
     disk_free_bytes: float | None = None  # of the file system holding the worker's STL_HOME
     disk_total_bytes: float | None = None
     paused: str = ""  # why it takes no work: a fault of its machine (stl.jobs.health)
+    device: str = ""  # "<host>:gpu0": its slots share it (stl.worker.slots); "" from an older stl
+    slot: int = 1  # which of the device's `slots` this worker is
+    slots: int = 1
+    waiting: str = ""  # why the stage it would take next waits (admission: "stage X needs 9.0 GB, 6.1 GB free")
 
     @property
     def disk_low(self) -> bool:
@@ -427,6 +431,8 @@ def list_workers(conn: redis.Redis) -> list[WorkerRow]:
             disk_free_bytes=record.number("home_free_bytes"),
             disk_total_bytes=record.number("home_total_bytes"),
             paused=record.get("paused") if state == "paused" else "",
+            device=record.get("device"), slot=int(record.number("slot") or 1), slots=int(record.number("slots") or 1),
+            waiting=record.get("waiting"),
         ))
     return rows
 
