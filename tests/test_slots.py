@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,8 +22,8 @@ from stl.jobs.queue import entry
 from stl.jobs.queue.devices import accrue_device_share, settle_device_seconds, stages_on_device
 from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
 from stl.jobs.queue.records import WorkerRow, read_results
-from stl.worker.slots import slot_command, slot_environment, slot_worker_name, threads_per_slot
-from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid
+from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
+from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,6 +50,51 @@ def test_cpu_slots_split_the_cores_unless_the_user_chose_threads() -> None:
     assert slot_environment({"OMP_NUM_THREADS": "3"}, slots=4, on_cpu=True, cores=16) == {"OMP_NUM_THREADS": "3"}
     assert slot_environment({}, slots=4, on_cpu=False, cores=16) == {}  # a GPU's horses: torch's own default
     assert slot_environment({}, slots=1, on_cpu=True, cores=16) == {}  # one slot: as `stl worker` was
+
+
+def _supervise(tmp_path: Path, script: str, *, slots: int = 2, burst: bool = True,
+               stop_once_up: bool = False) -> tuple[int, list[str]]:
+    """Run a SlotSupervisor whose slots run `script` (argv[1]: the slot's number, argv[2]: a folder);
+    `stop_once_up`: SIGTERM once every slot has written up-<n> there."""
+    said: list[str] = []
+    supervisor = SlotSupervisor(slots=slots, burst=burst, env=dict(os.environ), say=said.append,
+                                command=lambda n: [sys.executable, "-c", script, str(n), str(tmp_path)])
+
+    def stop_once_all_are_up() -> None:
+        wait_for(lambda: len(list(tmp_path.glob("up-*"))) == slots, timeout=60, what="the slots to start")
+        supervisor.forward(signal.SIGTERM)
+
+    if stop_once_up:
+        threading.Thread(target=stop_once_all_are_up, daemon=True).start()
+    return supervisor.run(), said
+
+
+def test_the_supervisor_starts_again_a_slot_that_died(tmp_path: Path) -> None:
+    # Slot 2 is killed the first time it runs (as by the OOM killer); both end their work the second.
+    script = ("import os, pathlib, signal, sys; n, d = sys.argv[1], pathlib.Path(sys.argv[2]); "
+              "mark = d / f'ran-{n}'; first = not mark.exists(); mark.touch(); "
+              "os.kill(os.getpid(), signal.SIGKILL) if n == '2' and first else sys.exit(0)")
+    code, said = _supervise(tmp_path, script)
+    assert code == 0
+    assert [line.split(" (pid")[0] for line in said] == ["slot 2"]
+    assert "died unexpectedly (exit status -9); starting it again" in said[0]
+
+
+def test_a_burst_slot_that_cannot_run_the_queue_makes_the_supervisor_fail(tmp_path: Path) -> None:
+    script = "import sys; sys.exit(1 if sys.argv[1] == '1' else 0)"  # slot 1: the machine is broken
+    assert _supervise(tmp_path, script) == (1, [])
+
+
+def test_the_supervisor_passes_sigterm_on_and_starts_nothing_again(tmp_path: Path) -> None:
+    script = ("import pathlib, signal, sys, time; d = pathlib.Path(sys.argv[2]); "
+              "signal.signal(signal.SIGTERM, lambda *a: ((d / f'stopped-{sys.argv[1]}').touch(), sys.exit(0))); "
+              "(d / f'up-{sys.argv[1]}').touch(); time.sleep(60)")  # up: its handler is set
+    started = time.monotonic()
+    code, said = _supervise(tmp_path, script, burst=False, stop_once_up=True)
+    assert code == 0 and time.monotonic() - started < 30
+    assert sorted(p.name for p in tmp_path.glob("stopped-*")) == ["stopped-1", "stopped-2"]
+    assert said == ["stopping: passing SIGTERM to 2 slot worker(s); each running stage checkpoints and goes "
+                    "back to the head of its queue"]
 
 
 def _running(conn: redis.Redis, stage_id: str, *, at: float, user: str = "alice") -> None:

@@ -87,8 +87,8 @@ class SlotSupervisor:
     """Starts, watches and stops the slot processes of one device."""
 
     slots: int
-    gpu_index: int | None
     burst: bool
+    command: Callable[[int], list[str]]  # the command line of slot n (1..slots)
     env: dict[str, str]
     say: Callable[[str], None]
     children: list[Slot] = field(default_factory=list)
@@ -98,7 +98,7 @@ class SlotSupervisor:
         # Its own process group: a Ctrl+C at the terminal reaches the supervisor alone, which passes it on once
         # (a second SIGINT would make a slot kill its horse without a checkpoint).
         slot.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            slot_command(slot.number, self.slots, gpu_index=self.gpu_index, burst=self.burst), env=self.env,
+            self.command(slot.number), env=self.env,
             process_group=0, preexec_fn=_die_with_the_supervisor)  # noqa: PLW1509 - prctl only, no locks
         slot.started, slot.restart_at = time.monotonic(), None
 
@@ -175,7 +175,8 @@ def run_slots(*, slots: int, gpu_index: int | None, burst: bool, on_cpu: bool,
     threads = env.get("OMP_NUM_THREADS") or "torch's default"
     say(f"{slots} slots on {'the CPU' if on_cpu else f'GPU {gpu_index or 0}'}, each a worker with its own work "
         f"horse" + (f"; {threads} thread(s) each of {cores} cores" if on_cpu else ""))
-    supervisor = SlotSupervisor(slots=slots, gpu_index=gpu_index, burst=burst, env=env, say=say)
+    supervisor = SlotSupervisor(slots=slots, burst=burst, env=env, say=say,
+                                command=lambda n: slot_command(n, slots, gpu_index=gpu_index, burst=burst))
     previous = {s: signal.signal(s, supervisor.forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         return supervisor.run()
