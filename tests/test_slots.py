@@ -7,6 +7,7 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,7 +24,7 @@ from stl.jobs.queue.devices import accrue_device_share, settle_device_seconds, s
 from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
 from stl.jobs.queue.records import WorkerRow, read_results
 from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
-from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, wait_for
+from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, stage_log, status_json, wait_for
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -233,3 +234,25 @@ def test_two_cpu_slots_run_stages_at_once_with_one_at_a_times_results(
     assert not [(x, y) for i, x in enumerate(spans_one) for y in spans_one[i + 1:]
                 if max(x[0], y[0]) < min(x[1], y[1])]  # and one slot runs one at a time
     assert "died unexpectedly" not in workers.logs()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_slotted_worker_puts_every_running_stage_back(
+        conn: redis.Redis, stl_env: Path, demo_data: Path, workers: Workers, tmp_path: Path) -> None:
+    grid = small_grid(tmp_path, demo_data, "long", seeds=[0, 1], shots=[0], mtl=["in-domain"],
+                      train={"max_steps": 400, "checkpoint_every": 2})
+    enqueue(grid)
+    worker = workers.start(extra_args=["--slots", "2"])
+    device = f"{socket.gethostname()}:cpu"
+    running = wait_for(lambda: len(stages_on_device(conn, device)) == 2 and stages_on_device(conn, device),
+                       timeout=180, what="two stages on the CPU at once", diagnostics=workers.logs)
+    slotted = sorted((w["slot"], w["slots"], w["device"], w["stage"]) for w in status_json()["workers"])
+    assert [s[:3] for s in slotted] == [(1, 2, device), (2, 2, device)]
+    assert sorted(s[3] for s in slotted) == running
+    assert worker.process is not None
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=120) == 0, workers.logs()
+    for stage_id in running:  # each checkpointed and went back to the head of its queue
+        assert text(conn.hget(keys.stage(stage_id), "status")) == "queued", workers.logs()
+        assert any("preempted" in line for line in stage_log(conn, stage_id))
+    assert conn.scard(keys.device_stages(device)) == 0
