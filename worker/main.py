@@ -236,14 +236,19 @@ class StlWorker(Worker):
             queue._enqueue_job(job, at_front=True)  # noqa: SLF001
             return
         self._current_stage = stage_id_for(job.id)
-        self._write_record("busy")  # before the device's set names the stage: see stages_on_device
-        with share_device(self.connection, self.device, self._current_stage, self.log):
-            try:
-                super().execute_job(job, queue)
-                self._pause_if_the_machine_failed(self._current_stage)
-            finally:
-                self._current_stage = ""
-                self._write_record("paused" if self._paused else "idle")
+        self._write_record("busy")
+        try:
+            super().execute_job(job, queue)
+            self._pause_if_the_machine_failed(self._current_stage)
+        finally:
+            self._current_stage = ""
+            self._write_record("paused" if self._paused else "idle")
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """While the horse runs, its stage is in the device's set (stl.jobs.queue.devices): the worker's record
+        names the stage from before (execute_job) to after, as stages_on_device wants."""
+        with share_device(self.connection, self.device, stage_id_for(job.id), self.log):
+            super().monitor_work_horse(job, queue, execution)
 
     # --- a machine that cannot run stages ---------------------------------------------------------
 
