@@ -341,9 +341,13 @@ def worker(
     adopt_store: Annotated[bool, typer.Option(
         "--adopt-store", help="Make this STL_HOME the queue's artifact store, where the one its workers shared "
         "is gone (wiped or moved); refused while workers use that one.")] = False,
+    slots: Annotated[int, typer.Option(
+        help="Run up to this many stages at once on the device, each in its own worker and work horse; on a "
+             "CPU each gets its share of the cores. Fair share charges a stage its share of the device.",
+        min=1)] = 1,
 ) -> None:
-    """Run the GPU worker: one stage at a time, the next from whoever has used the least GPU time lately
-    (decayed, half-life one hour), so one person's big grid does not block someone else's run.
+    """Run the GPU worker: one stage at a time (or --slots at once), the next from whoever has used the least
+    GPU time lately (decayed, half-life one hour), so one person's big grid does not block someone else's run.
 
     SIGTERM (docker stop) checkpoints the running stage and puts it back at the head of its queue. A fault
     of the machine (a full disk, a broken GPU driver) puts the stage back too, and the worker waits, checking
@@ -352,10 +356,13 @@ def worker(
     STL_PREEMPT_AFTER (seconds, default 1800; 0 turns it off): a training stage that has run this long since
     it last started checkpoints and goes back to the head of its queue when a user with less recent GPU time
     has a stage waiting and no idle worker can take it; that stage runs next. Evaluations are never
-    preempted, and a resumed stage runs this long again before it can be preempted again."""
+    preempted, and a resumed stage runs this long again before it can be preempted again.
+
+With --slots N this process supervises N slot workers: it passes SIGTERM and Ctrl+C on to them, starts
+    again one that dies, and with --burst ends when all have."""
     with handled():
         from stl.jobs.queue.connection import connect
-        from stl.worker.gpu import missing_gpu
+        from stl.worker.gpu import GpuProbe, missing_gpu
         from stl.worker.main import run_worker
 
         problem = None if gpu is None else missing_gpu(gpu)
@@ -363,8 +370,32 @@ def worker(
             raise UsageError(problem)
         settings = cli_settings()
         conn = connect(settings, patient=True)
+        if slots > 1:  # a supervisor of slot workers, which never imports torch
+            from stl.worker.slots import check_before_slots, run_slots
 
+            check_before_slots(conn, settings, adopt_store=adopt_store)
+            on_cpu = gpu is None and not GpuProbe(None).has_gpu
+            code = run_slots(slots=slots, gpu_index=gpu, burst=burst, on_cpu=on_cpu,
+                             say=lambda line: echo(f"stl worker: {line}", err=True))
+            raise typer.Exit(code)
         run_worker(connection=conn, settings=settings, gpu_index=gpu, burst=burst, adopt_store=adopt_store)
+
+
+@app.command("worker-slot", hidden=True)
+def worker_slot(
+    slot: Annotated[int, typer.Option(min=1)],
+    slots: Annotated[int, typer.Option(min=1)],
+    gpu: Annotated[int | None, typer.Option(min=0)] = None,
+    burst: Annotated[bool, typer.Option("--burst")] = False,
+) -> None:
+    """One slot worker of `stl worker --slots N`, started by it (stl.worker.slots)."""
+    with handled():
+        from stl.jobs.queue.connection import connect
+        from stl.worker.main import run_worker
+
+        settings = cli_settings()
+        run_worker(connection=connect(settings, patient=True), settings=settings, gpu_index=gpu, burst=burst,
+                   slot=slot, slots=slots)
 
 
 app.command()(demo)  # defined in demo_commands

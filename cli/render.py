@@ -176,6 +176,29 @@ def build_workers_table(workers: list[WorkerRow], store: Store | None = None) ->
     return table
 
 
+def slot_rows(workers: list[WorkerRow]) -> list[list[str]]:
+    """One row per slot of the devices that run several stages at once (`stl worker --slots N`), or whose
+    worker says why a stage waits: device, slot, worker, state, stage, why it waits. A device's slots together."""
+    shown = {w.device for w in workers if w.device and (w.slots > 1 or w.waiting)}
+    rows = []
+    for w in sorted((w for w in workers if w.device in shown), key=lambda w: (w.device, w.slot, w.name)):
+        rows.append([w.device, f"{w.slot}/{w.slots}", w.name, w.state, w.stage[:12] or "—", w.waiting])
+    return rows
+
+
+def build_slots_table(workers: list[WorkerRow]) -> Table | None:
+    """The slots of each device and what runs in each; None where every worker runs one stage at a time."""
+    rows = slot_rows(workers)
+    if not rows:
+        return None
+    table = Table(title="Slots", title_justify="left")
+    for name in ("device", "slot", "worker", "state", "stage", "waits because"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 ERROR_CHARS = 120  # of a failed run's error in `stl status`; `stl logs RUN` has all of it
 # "finetune stage 3f9a…(20 hex): …": the stage id says nothing in a row that names the run; its kind stays.
 _STAGE_ID_IN_ERROR = re.compile(r"^(\w+) stage [0-9a-f]{20}: ")
@@ -257,6 +280,9 @@ def build_status_view(summary: StatusSummary, workers: list[WorkerRow], width: i
         build_summary_table(summary.counts, "user"), build_summary_table(live_counts, "grid"),
         build_running_table(summary.running, width), build_workers_table(workers, store),
     ]
+    slots = build_slots_table(workers)
+    if slots is not None:
+        parts.append(slots)
     if summary.failed:
         parts.append(build_failed_table(summary.failed, width))
     if any(g.done for g in summary.grids):

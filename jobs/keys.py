@@ -79,7 +79,9 @@ MEMORY_PEAKS = f"{PREFIX}:memory:peaks"
 
 
 def device_stages(device: str) -> str:
-    return f"{PREFIX}:device:{device}:stages"  # set of stage ids running on device "<host>:gpu0"
+    """Set of the stage ids running on one device ("<host>:gpu0", "<host>:cpu"); read it through
+    stl.jobs.queue.devices.stages_on_device, which leaves out entries of workers that died."""
+    return f"{PREFIX}:device:{device}:stages"
 
 
 def device_reserved(device: str) -> str:

@@ -163,10 +163,11 @@ class Worker:
     log: Path
     env: dict[str, str]
     burst: bool = False
+    extra_args: list[str] = field(default_factory=list)  # more options of `stl worker`
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def start(self) -> Worker:
-        args = [sys.executable, "-m", "stl.cli.main", "worker", *(["--burst"] if self.burst else [])]
+        args = [sys.executable, "-m", "stl.cli.main", "worker", *(["--burst"] if self.burst else []), *self.extra_args]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
@@ -217,9 +218,10 @@ class Workers:
         self.directory = directory
         self.started: list[Worker] = []
 
-    def start(self, *, burst: bool = False, env: dict[str, str] | None = None) -> Worker:
+    def start(self, *, burst: bool = False, env: dict[str, str] | None = None,
+              extra_args: list[str] | None = None) -> Worker:
         log = self.directory / f"worker-{len(self.started)}.log"
-        worker = Worker(log=log, env=env or child_env(), burst=burst).start()
+        worker = Worker(log=log, env=env or child_env(), burst=burst, extra_args=extra_args or []).start()
         self.started.append(worker)
         return worker
 

@@ -29,6 +29,7 @@ from stl.jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageW
 from stl.jobs.faults import parse_faults
 from stl.jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
 from stl.jobs.queue.admission_gate import AdmissionGate
+from stl.jobs.queue.devices import device_id
 from stl.jobs.queue.entry import STAGE_ID
 from stl.jobs.queue.fairshare import queue_order
 from stl.jobs.queue.preemption import preempt_if_due
@@ -36,6 +37,7 @@ from stl.jobs.queue.queueing import ENTRY_POINT, LEGACY_ENTRY_POINTS, job_id_for
 from stl.jobs.queue.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
 from stl.worker.device_memory import device_memory_for, sharing_mode
 from stl.worker.gpu import GpuProbe
+from stl.worker.slots import account_device_share, share_device, slot_worker_name
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -94,7 +96,7 @@ class StlWorker(Worker):
     log_result_lifespan = False  # "result is kept for 7776000 seconds" after every stage says nothing useful
 
     def __init__(self, *, connection: redis.Redis, settings: Settings, gpu_index: int | None,
-                 name: str | None = None, slots: int = 1) -> None:
+                 name: str | None = None, slot: int = 1, slots: int = 1) -> None:
         self.settings = settings
         self.gpu_index = gpu_index
         self._probe = GpuProbe(gpu_index)
@@ -112,16 +114,16 @@ class StlWorker(Worker):
         host = socket.gethostname()
         self.host = host
         device = f"gpu{gpu_index}" if gpu_index is not None else ("gpu" if self._probe.has_gpu else "cpu")
+        self.slot, self.slots, self.device = slot, slots, device_id(host, device)  # stl.worker.slots
         super().__init__(
             [Queue(keys.queue_name("_", "normal"), connection=connection, serializer=JSONSerializer)],
-            name=name or f"{host}.{device}.{os.getpid()}",
+            name=name or slot_worker_name(host, device, slot, slots, os.getpid()),
             connection=connection,
             serializer=JSONSerializer,
             job_monitoring_interval=5,
         )
         self._refresh_queues()
         # Several stages on one device: admitted by memory (stl.jobs.queue.admission_gate); None: one at a time.
-        self.device = f"{host}:{device}"
         self.sharing = sharing_mode(has_gpu=self._probe.has_gpu)
         memory = device_memory_for(parse_faults(settings.fault_inject), has_gpu=self._probe.has_gpu,
                                    gpu_index=gpu_index, slots=slots)
@@ -269,6 +271,12 @@ class StlWorker(Worker):
         finally:
             self._current_stage = ""
             self._write_record("paused" if self._paused else "idle")
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
+        """While the horse runs, its stage is in the device's set (stl.jobs.queue.devices): the worker's record
+        names the stage from before (execute_job) to after, as stages_on_device wants."""
+        with share_device(self.connection, self.device, stage_id_for(job.id), self.log):
+            super().monitor_work_horse(job, queue, execution)
 
     # --- a machine that cannot run stages ---------------------------------------------------------
 
@@ -457,6 +465,7 @@ class StlWorker(Worker):
         try:
             super().maintain_heartbeats(job, execution)
             self._write_record(None)
+            account_device_share(self.connection, self.device, self._current_stage)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             self.log.error("Worker %s: Redis is unreachable (%s); the stage goes on", self.name, e)
         self._preempt_if_due(job)
@@ -481,7 +490,8 @@ class StlWorker(Worker):
     def _write_record(self, state: str | None) -> None:
         record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
                                             "stage": self._current_stage, "paused": self._paused,
-                                            "device": self.device, "sharing": self.sharing,
+                                            "device": self.device, "slot": self.slot, "slots": self.slots,
+                                            "sharing": self.sharing,
                                             "waiting": self._admission.waiting if self._admission else ""}
         record.update(self._probe.read())
         space = free_space(self.settings.home)
@@ -564,9 +574,10 @@ class StlWorker(Worker):
 
 
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,
-               preload: bool = True, adopt_store: bool = False) -> bool:
+               preload: bool = True, adopt_store: bool = False, slot: int = 1, slots: int = 1) -> bool:
     """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking.
-    `adopt_store`: make this STL_HOME the queue's artifact store (stl.jobs.queue.store), its old one being gone."""
+    `adopt_store`: make this STL_HOME the queue's artifact store (stl.jobs.queue.store), its old one being gone.
+    `slot` of `slots`: which of the device's slots this worker is (stl.worker.slots starts them)."""
     from stl.jobs.disk_space import check_home_writable
     from stl.jobs.errors import UsageError
     from stl.jobs.queue.notify import notify_setting_problems
@@ -593,7 +604,7 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
         gc.freeze()
     # A record another tool damaged is logged once and skipped: it must not stop the worker (nor its horses).
     with damaged_records_reported(lambda line: logging.getLogger("rq.worker").warning("stl: %s", line)):
-        worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index)
+        worker = StlWorker(connection=connection, settings=settings, gpu_index=gpu_index, slot=slot, slots=slots)
         ran = worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     if worker.paused_reason:  # --burst stopped on a broken machine: the queue is not done, and a script must see it
         raise MachineFault(f"the worker stopped with stages still queued: this machine cannot run them "

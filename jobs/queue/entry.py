@@ -35,6 +35,7 @@ from stl.jobs.faults import parse_faults
 from stl.jobs.health import HOST_FAULT_TTL_S, MAX_MACHINE_FAULTS, machine_fault
 from stl.jobs.layout import SPEC_FILE
 from stl.jobs.queue.admission_gate import cap_horse_memory, record_horse_peak
+from stl.jobs.queue.devices import DEVICE_ACCOUNTED_AT, DEVICE_SECONDS, settle_device_seconds
 from stl.jobs.queue.fairshare import charge_usage
 from stl.jobs.queue.preemption import preempted_line
 from stl.jobs.queue.runstate import finish_stage_records, start_stage_record, update_runs_if
@@ -141,7 +142,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     except StageWaitsForParent:
         if lease.taken_over():
             raise _stand_down(lease) from None
-        _charge(conn, user, started)  # it went back to wait (the log says why): it neither ended nor failed
+        _charge(conn, user, stage_id, started)  # it went back to wait (the log says why): it neither ended nor failed
         lease.release()
         raise
     except StagePreempted as e:
@@ -149,7 +150,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
             raise _stand_down(lease) from e
         reporter.log(preempted_line(conn, stage_id, e, time.time() - started))
         _back_to_queue(conn, lease.fence)
-        _charge(conn, user, started)  # the GPU time spent so far counts towards fair share, resumed or not
+        _charge(conn, user, stage_id, started)  # the GPU time spent so far counts towards fair share, resumed or not
         lease.release()
         raise
     except StageCanceled as e:
@@ -176,7 +177,7 @@ def run_stage(stage_id: str) -> dict[str, Any]:
                              f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
                              "until the machine is healthy again")
                 _back_to_queue(conn, lease.fence, machine_fault=fault, disk_needed_bytes=need)
-                _charge(conn, user, started)
+                _charge(conn, user, stage_id, started)
                 lease.release()
                 raise MachineFault(f"stage {stage_id}: {fault}") from e
             message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
@@ -261,7 +262,8 @@ def _mark_started(conn: redis.Redis, settings: Settings, lease: StageLease, spec
     # The preempt flag is left alone: a worker told to stop just before this horse started has set it.
     status = start_stage_record(conn, stage_id, {
         "status": RunStatus.running.value, "started_at": started, "heartbeat": started, "worker": lease.holder,
-        "error": "", "eta_s": "", "eta_at": "", "machine_fault": "", "disk_needed_bytes": ""}, fence=lease.fence)
+        "error": "", "eta_s": "", "eta_at": "", "machine_fault": "", "disk_needed_bytes": "",
+        DEVICE_SECONDS: 0, DEVICE_ACCOUNTED_AT: started}, fence=lease.fence)  # its share of the device: devices.py
     if status != "started":  # canceled since its status was read above
         raise StageCanceled(f"stage {stage_id} was {status or 'removed'} before it started")
     live = update_runs_if(conn, _stage_run_ids(conn, stage_id), allowed=LIVE,
@@ -278,10 +280,13 @@ def _stand_down(lease: StageLease) -> StageLeaseLost:
     return lease.fence.stale()
 
 
-def _charge(conn: redis.Redis, user: str, started: float, now: float | None = None) -> None:
-    """Fair share: a stage's GPU time goes to its user however the stage ends (a lost charge only skews order)."""
+def _charge(conn: redis.Redis, user: str, stage_id: str, started: float, now: float | None = None) -> None:
+    """Fair share: a stage's GPU time goes to its user however the stage ends (a lost charge only skews order):
+    its share of the device (stl.jobs.queue.devices), its wall time where it kept no account."""
+    end = now or time.time()
+    share = settle_device_seconds(conn, stage_id, end)
     with contextlib.suppress(redis.RedisError):
-        charge_usage(conn, user, (now or time.time()) - started)
+        charge_usage(conn, user, end - started if share is None else share, now=end)
 
 
 def _back_to_queue(conn: redis.Redis, fence: StageFence, *, machine_fault: str = "",
@@ -350,7 +355,7 @@ def finish_stage(conn: redis.Redis, settings: Settings, stage_id: str, spec: Sta
         print(f"stl: run {run_id} ran every stage but lacks some of its results; it is marked failed "
               "(`stl status` names them)", flush=True)
     # Charged once the stage no longer counts as running (fair share adds running stages' time itself).
-    _charge(conn, user, started, now)
+    _charge(conn, user, stage_id, started, now)
     if status != RunStatus.finished:
         # Stages that only the now-failed runs needed will never be able to run.
         cancel_stage_jobs(conn, run_ids, reason=f"{kind} stage {stage_id} {status.value}")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from stl.jobs import keys
 from stl.jobs.codec import text
+from stl.jobs.queue.devices import DEVICE_ACCOUNTED_AT, DEVICE_SECONDS, running_share
 from stl.jobs.queue.records import answers_or_report, read_or_report
 from stl.jobs.states import Priority, RunStatus
 
@@ -54,9 +55,9 @@ def decayed_usage(raw: str | bytes | None, now: float) -> float:
 def users_by_usage(conn: redis.Redis, *, now: float | None = None) -> list[tuple[str, float]]:
     """Every user who ever queued, least recent GPU time first (ties by name).
 
-    A stage is charged to its user when it ends; until then the seconds it has run so far (to its last
-    heartbeat, so a stage whose worker died stops counting) are added here, so that with several GPUs a
-    user whose stage has held one for hours does not also come first for the next.
+    A stage is charged to its user when it ends; until then its share of the device so far (to its last
+    heartbeat, so a stage whose worker died stops counting; stl.jobs.queue.devices) is added here, so that
+    with several GPUs a user whose stage has held one for hours does not also come first for the next.
     """
     stamp = time.time() if now is None else now
     pipe = conn.pipeline(transaction=False)
@@ -82,18 +83,22 @@ def _running_seconds(conn: redis.Redis, stage_ids: list[str], now: float) -> lis
         return []
     pipe = conn.pipeline(transaction=False)
     for stage_id in stage_ids:
-        pipe.hmget(keys.stage(stage_id), "user", "status", "started_at", "heartbeat")
+        pipe.hmget(keys.stage(stage_id), "user", "status", "started_at", "heartbeat", DEVICE_SECONDS,
+                   DEVICE_ACCOUNTED_AT)
     found = []
-    nothing = (None, None, None, None)
-    for user, status, started, heartbeat in answers_or_report(pipe, [keys.stage(s) for s in stage_ids], nothing):
+    nothing = (None,) * 6
+    for user, status, started, heartbeat, device_seconds, accounted_at in answers_or_report(
+            pipe, [keys.stage(s) for s in stage_ids], nothing):
         if not user or text(status) != RunStatus.running.value or not started:
             continue
         try:
             start = float(started)
-            last = float(heartbeat) if heartbeat else start
+            last = min(now, float(heartbeat) if heartbeat else start)
         except ValueError:
             continue
-        found.append((text(user), max(0.0, min(now, last) - start)))
+        # Its share of the device where it keeps an account (stl.jobs.queue.devices), else its wall time.
+        share = running_share(device_seconds, accounted_at, last) if accounted_at else None
+        found.append((text(user), max(0.0, last - start) if share is None else share))
     return found
 
 

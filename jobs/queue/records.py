@@ -257,7 +257,10 @@ class WorkerRow:
     disk_total_bytes: float | None = None
     paused: str = ""  # why it takes no work: a fault of its machine (stl.jobs.health)
     sharing: str = ""  # how stages share its GPU: "MPS", "time-slicing" or "cpu" (stl.worker.device_memory)
-    waiting: str = ""  # why its next stage waits: "stage <id> needs 9.0 GB, 6.1 GB free" (admission by memory)
+    device: str = ""  # "<host>:gpu0": its slots share it (stl.worker.slots); "" from an older stl
+    slot: int = 1  # which of the device's `slots` this worker is
+    slots: int = 1
+    waiting: str = ""  # why its next stage waits: "stage <id> needs 9.0 GiB, 6.1 GiB free" (admission by memory)
 
     @property
     def disk_low(self) -> bool:
@@ -429,7 +432,8 @@ def list_workers(conn: redis.Redis) -> list[WorkerRow]:
             disk_free_bytes=record.number("home_free_bytes"),
             disk_total_bytes=record.number("home_total_bytes"),
             paused=record.get("paused") if state == "paused" else "",
-            sharing=record.get("sharing"), waiting=record.get("waiting"),
+            sharing=record.get("sharing"), device=record.get("device"), slot=int(record.number("slot") or 1),
+            slots=int(record.number("slots") or 1), waiting=record.get("waiting"),
         ))
     return rows
 

@@ -23,6 +23,7 @@ from rq.serializers import JSONSerializer
 from stl.jobs import keys
 from stl.jobs.codec import text
 from stl.jobs.layout import LOG_FILE
+from stl.jobs.queue.devices import DEVICE
 from stl.jobs.queue.queueing import job_id_for, stage_id_for
 from stl.jobs.queue.records import json_or_report
 from stl.jobs.queue.runstate import update_runs_if
@@ -293,6 +294,7 @@ def _enqueue_at_front(conn: redis.Redis, job: Job, stage_id: str, *, line: str |
     queue = Queue(job.origin, connection=conn, serializer=JSONSerializer)
     started_registry = queue.started_job_registry
     stale_entries = [text(e) for e in conn.zrange(started_registry.key, 0, -1) if text(e).split(":")[0] == job.id]
+    device = text(conn.hget(keys.stage(stage_id), DEVICE))  # read before it can be taken again, on another
     with conn.pipeline() as pipe:
         if stale_entries:
             pipe.zrem(started_registry.key, *stale_entries)
@@ -305,6 +307,8 @@ def _enqueue_at_front(conn: redis.Redis, job: Job, stage_id: str, *, line: str |
                                                      "preempt": ""})
             pipe.rpush(keys.stage_log(stage_id), line)
         pipe.srem(keys.RUNNING_STAGES, stage_id)
+        if device:
+            pipe.srem(keys.device_stages(device), stage_id)
         pipe.execute()
 
 
