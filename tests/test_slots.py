@@ -22,7 +22,8 @@ from stl.jobs.codec import text
 from stl.jobs.queue import entry
 from stl.jobs.queue.devices import accrue_device_share, settle_device_seconds, stages_on_device
 from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
-from stl.jobs.queue.records import WorkerRow, read_results
+from stl.jobs.queue.records import WorkerRow
+from stl.jobs.queue.run_results import read_results
 from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
 from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, stage_log, status_json, wait_for
 
