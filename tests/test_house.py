@@ -25,10 +25,6 @@ ALLOWED_JOBS_IMPORTS = {
     "results": {"base", "results"},
 }
 
-# Too long today and being reworked by other changes of issue 24 (the stage start/finish in entry.py, the worker);
-# each entry must still be too long (see below), so the list shrinks as they land. Add nothing here.
-KNOWN_TOO_LONG = frozenset({"jobs/queue/entry.py:run_stage", "worker/main.py:StlWorker"})
-
 # Heavy libraries the CLI imports only inside the commands that train or plot, so `stl --help` starts fast.
 HEAVY_FOR_CLI = ("torch", "transformers", "datasets", "matplotlib")
 
@@ -125,13 +121,8 @@ def too_long_parts() -> dict[str, str]:
 
 
 def test_no_module_class_or_function_is_too_long() -> None:
-    too_long = [why for name, why in too_long_parts().items() if name not in KNOWN_TOO_LONG]
+    too_long = list(too_long_parts().values())
     assert not too_long, "split these by responsibility:\n" + "\n".join(too_long)
-
-
-def test_the_known_too_long_parts_still_are() -> None:
-    fixed = KNOWN_TOO_LONG - too_long_parts().keys()
-    assert not fixed, f"these are no longer too long: take them out of KNOWN_TOO_LONG: {sorted(fixed)}"
 
 
 def test_jobs_imports_only_go_down_the_layers() -> None:

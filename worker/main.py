@@ -16,33 +16,30 @@ import zlib
 from typing import TYPE_CHECKING, Any
 
 import redis
-from rq import Queue, Worker
+from rq import Queue
 from rq.exceptions import DequeueTimeout
-from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now as rq_now
 
 from stl.jobs import keys
-from stl.jobs.codec import text
-from stl.jobs.disk_space import free_space
-from stl.jobs.errors import MachineFault, StageLeaseLost, StagePreempted, StageWaitsForParent, StlError
+from stl.jobs.errors import MachineFault
 from stl.jobs.faults import parse_faults
-from stl.jobs.health import HEALTH_CHECK_EVERY_S, HOST_FAULT_TTL_S, machine_problem
 from stl.jobs.queue.admission_gate import AdmissionGate
 from stl.jobs.queue.devices import device_id
 from stl.jobs.queue.entry import STAGE_ID
 from stl.jobs.queue.fairshare import queue_order
 from stl.jobs.queue.preemption import preempt_if_due
 from stl.jobs.queue.queueing import ENTRY_POINT, LEGACY_ENTRY_POINTS, job_id_for, stage_id_for
-from stl.jobs.queue.recovery import fail_stage, find_dropped_jobs, reap_orphans, requeue_orphan, worker_is_dead
 from stl.worker.device_memory import device_memory_for, sharing_mode
 from stl.worker.gpu import GpuProbe
+from stl.worker.machine_health import MachineHealth
+from stl.worker.reaper import Reaper
 from stl.worker.slots import account_device_share, share_device, slot_worker_name
+from stl.worker.stage_endings import StageEndingsWorker
+from stl.worker.worker_record import remove_worker_record, write_worker_record
 
 if TYPE_CHECKING:
-    from types import TracebackType
 
-    from redis.typing import EncodableT, FieldT
     from rq.executions import Execution
     from rq.job import Job
 
@@ -53,17 +50,6 @@ POLL_S = 1  # how long one blocking dequeue waits before the worker looks at new
 # waits per read. Stopping the worker waits for that read to end: RQ's own 60 s made every exit, `--burst`
 # on an empty queue included, hang for up to a minute. Reads that time out cost no Redis command.
 COMMAND_POLL_S = 0.5
-REAP_EVERY_S = 2.0  # a live worker finds a dead local horse within this; the check is a few reads
-WORKER_RECORD_TTL_S = 120
-# Looking for jobs taken off a queue by a worker that died reads every live run: not at every reap, but
-# when a worker starts, when it sees another die, and every ten minutes.
-DROPPED_SCAN_EVERY_S = 600.0
-DROPPED_CONFIRM_S = 10.0  # a job in the hands of a live worker is recorded as started long before this
-# Delete a lease only if the given (dead) horse holds it.
-_DROP_LEASE_OF = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _not_a_stage_job(job: Job) -> str | None:
@@ -90,7 +76,7 @@ def _rename_entry_point(job: Job) -> str:
     return ENTRY_POINT
 
 
-class StlWorker(Worker):
+class StlWorker(StageEndingsWorker):
     """RQ's forking worker with fair-share queue order, a safe entry point and preemption."""
 
     log_result_lifespan = False  # "result is kept for 7776000 seconds" after every stage says nothing useful
@@ -100,17 +86,8 @@ class StlWorker(Worker):
         self.settings = settings
         self.gpu_index = gpu_index
         self._probe = GpuProbe(gpu_index)
-        self._last_reap = 0.0
-        self._last_dropped_scan = -DROPPED_SCAN_EVERY_S  # the first reap looks
-        self._dropped: dict[str, float] = {}  # stage id -> when first seen in no queue
         self._current_stage = ""
-        self._pending_orphan = ""
-        self._pending_timeout = ""
         self._holding_job = False  # from dequeue until the horse is done: a stop must not drop the job
-        self._paused = ""  # why the machine cannot run stages now (a full disk, a broken GPU); "" when it can
-        self._disk_need = 0  # while paused for a full disk: what the stage's failed save needed (bytes)
-        self._host_fault_seen = ""  # the last machine fault announced on this host that this worker checked
-        self._next_health_check = 0.0
         host = socket.gethostname()
         self.host = host
         device = f"gpu{gpu_index}" if gpu_index is not None else ("gpu" if self._probe.has_gpu else "cpu")
@@ -122,6 +99,9 @@ class StlWorker(Worker):
             serializer=JSONSerializer,
             job_monitoring_interval=5,
         )
+        self._reaper = Reaper(connection, settings, worker_name=self.name, log=self.log)
+        self._health = MachineHealth(connection, settings, host=host, worker_name=self.name,
+                                     has_gpu=self._probe.has_gpu, log=self.log, write_record=self._write_record)
         self._refresh_queues()
         # Several stages on one device: admitted by memory (stl.jobs.queue.admission_gate); None: one at a time.
         self.sharing = sharing_mode(has_gpu=self._probe.has_gpu)
@@ -163,14 +143,14 @@ class StlWorker(Worker):
         from rq.worker import WorkerStatus
 
         self.set_state(WorkerStatus.IDLE)
-        self._write_record("paused" if self._paused else "idle")
+        self._write_record("paused" if self._health.paused else "idle")
         idle_since = time.monotonic()
         while True:
             try:
                 self.heartbeat()
                 if self.should_run_maintenance_tasks:  # as RQ's own loop: its registries are cleaned, idle or not
                     self.run_maintenance_tasks()
-                self._reap_if_due()
+                self._reaper.reap_if_due()
                 self._refresh_queues()
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 self.log.error("Worker %s: Redis is unreachable (%s); retrying in 2 s", self.name, e)
@@ -178,10 +158,10 @@ class StlWorker(Worker):
                 continue
             if self._stop_requested:
                 return None
-            if self._paused and not self._healthy_again():
+            if self._health.paused and not self._health.healthy_again():
                 if timeout is None:  # --burst: nothing more can run here now
                     self.log.error("Worker %s: stopping, the machine cannot run stages (%s); queued stages stay "
-                                   "queued", self.name, self._paused)
+                                   "queued", self.name, self._health.paused)
                     return None
                 time.sleep(POLL_S)
                 continue
@@ -259,7 +239,7 @@ class StlWorker(Worker):
             queue._enqueue_job(job, at_front=True)  # noqa: SLF001
             self.log.info("Worker %s: stopping; job %s goes back to the head of %s", self.name, job.id, queue.name)
             return
-        if self._host_fault_stops_work():
+        if self._health.host_fault_stops_work():
             # Another worker of this host met a machine fault as this job was taken: it goes back, untried.
             queue._enqueue_job(job, at_front=True)  # noqa: SLF001
             return
@@ -267,10 +247,10 @@ class StlWorker(Worker):
         self._write_record("busy")
         try:
             super().execute_job(job, queue)
-            self._pause_if_the_machine_failed(self._current_stage)
+            self._health.pause_if_the_stage_met_a_fault(self._current_stage)
         finally:
             self._current_stage = ""
-            self._write_record("paused" if self._paused else "idle")
+            self._write_record("paused" if self._health.paused else "idle")
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         """While the horse runs, its stage is in the device's set (stl.jobs.queue.devices): the worker's record
@@ -278,179 +258,10 @@ class StlWorker(Worker):
         with share_device(self.connection, self.device, stage_id_for(job.id), self.log):
             super().monitor_work_horse(job, queue, execution)
 
-    # --- a machine that cannot run stages ---------------------------------------------------------
-
-    def _pause_if_the_machine_failed(self, stage_id: str) -> None:
-        """A stage its horse stopped for a fault of the machine (stl.jobs.health): take no work until it is fixed."""
-        try:
-            fault, need = (text(v) for v in self.connection.hmget(keys.stage(stage_id), "machine_fault",
-                                                                  "disk_needed_bytes"))
-            self._host_fault_seen = text(self.connection.get(keys.host_fault(self.host)))  # our own: checked below
-        except redis.RedisError:
-            return  # the next stage meets the fault again, if there is one
-        if not fault:
-            return
-        self.log.error("Worker %s: stage %s was stopped by a fault of this machine (%s); checking the machine",
-                       self.name, stage_id, fault)
-        # A full disk: the stage needs room for what it failed to save, or it would only fill the disk again.
-        self._disk_need = int(need) if need.isdigit() else 0
-        # The pause gives the health check's reason from the start, as every later check words it (not the
-        # stage's error first): `stl status` shows one reason for the whole pause.
-        problem = self._machine_problem()
-        if problem is None:
-            self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
-            self._disk_need = 0
-            return
-        self.log.error("Worker %s: taking no work until the machine is healthy again: %s; trying again every %.0f s",
-                       self.name, problem, HEALTH_CHECK_EVERY_S)
-        self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
-
     @property
     def paused_reason(self) -> str:
-        return self._paused
-
-    def _host_fault_stops_work(self) -> bool:
-        """Whether a fault another worker of this host met (and announced) is this machine's too: checked once
-        per announcement, before the next stage, so that stage does not meet it again."""
-        try:
-            announced = text(self.connection.get(keys.host_fault(self.host)))
-        except redis.RedisError:
-            return False
-        if not announced or announced == self._host_fault_seen:
-            return False
-        self._host_fault_seen = announced
-        problem = self._machine_problem()
-        if problem is None:
-            self.log.info("Worker %s: another worker of this host met a machine fault (%s); this worker's health "
-                          "check passed, so it goes on", self.name, announced.partition("|")[2])
-            return False
-        self.log.error("Worker %s: another worker of this host met a machine fault, and this one finds it too (%s); "
-                       "taking no work until the machine is healthy again", self.name, problem)
-        self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
-        return True
-
-    def _pause(self, reason: str, *, check_in: float) -> None:
-        self._paused, self._next_health_check = reason, time.monotonic() + check_in
-        self._write_record("paused")
-
-    def _machine_problem(self) -> str | None:
-        return machine_problem(self.settings, gpu=self._probe.has_gpu, faults=parse_faults(self.settings.fault_inject),
-                               keep_alive=lambda: self._write_record(None), need_bytes=self._disk_need)
-
-    def _healthy_again(self) -> bool:
-        """While paused: try the machine now and then; True once nothing is wrong with it."""
-        if time.monotonic() < self._next_health_check:
-            return False
-        problem = self._machine_problem()
-        if problem:
-            if problem != self._paused:
-                self.log.error("Worker %s: still taking no work: %s; trying again every %.0f s", self.name,
-                               problem, HEALTH_CHECK_EVERY_S)
-            with contextlib.suppress(redis.RedisError):  # the host's other workers keep checking before work
-                self.connection.expire(keys.host_fault(self.host), HOST_FAULT_TTL_S)
-            self._pause(problem, check_in=HEALTH_CHECK_EVERY_S)
-            return False
-        self.log.info("Worker %s: the machine passed its health check; taking work again", self.name)
-        self._paused, self._disk_need = "", 0
-        self._write_record("idle")
-        return True
-
-    def _refuse(self, job: Job, queue: Queue, message: str) -> None:
-        self.log.error("Worker %s: %s", self.name, message)
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            job._handle_failure(message, pipeline=pipe, worker_name=self.name)  # noqa: SLF001
-            pipe.execute()
-
-    def handle_exception(self, job: Job, *exc_info: Any) -> None:
-        """A stage that ends an expected way (canceled, preempted, out of memory, bad data or model) gets one
-        line here; its own log (`stl logs`) has the rest. Anything else is a bug and keeps RQ's traceback."""
-        error = exc_info[1] if len(exc_info) > 1 else None
-        if isinstance(error, StlError) and not self._exc_handlers:  # no handler of ours to call
-            self.log.warning("Worker %s: stage %s ended: %s: %s", self.name, stage_id_for(job.id),
-                             type(error).__name__, " ".join(str(error).split()))
-            return
-        super().handle_exception(job, *exc_info)
-
-    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution,
-                          exc_info: tuple[type[BaseException] | None, BaseException | None, TracebackType | None]
-                          ) -> None:
-        """In the horse: a preempted stage, or one the machine failed, goes back to the head of its queue, not
-        to 'failed'; one that waits for its parent to be made again is an RQ dependent of it already."""
-        if isinstance(exc_info[1], StagePreempted | StageLeaseLost | MachineFault | StageWaitsForParent):
-            if isinstance(exc_info[1], StageWaitsForParent):
-                self.log.info("Worker %s: stage %s waits: %s", self.name, stage_id_for(job.id), exc_info[1])
-            if isinstance(exc_info[1], StageLeaseLost):  # the job is the newer horse's now: only say so
-                self.log.warning("Worker %s: %s", self.name, exc_info[1])
-            self.handle_execution_ended(job, queue, job.failure_callback_timeout)
-            with self.connection.pipeline() as pipe:
-                self.cleanup_execution(job, pipeline=pipe, execution=execution)
-                if isinstance(exc_info[1], StagePreempted | MachineFault):
-                    job.set_status(JobStatus.QUEUED, pipeline=pipe)
-                    queue._enqueue_job(job, pipeline=pipe, at_front=True)  # noqa: SLF001
-                pipe.execute()
-            return
-        super()._finalize_failure(job, queue, execution, exc_info)
-
-    def handle_work_horse_killed(self, job: Job, retpid: int, ret_val: int, rusage: Any) -> None:
-        """The horse died (OOM killer, kill -9): resume the stage from its checkpoint, now.
-
-        Unless it died because this worker killed it for running far past its time limit: then it failed.
-        """
-        super().handle_work_horse_killed(job, retpid, ret_val, rusage)
-        stage_id = stage_id_for(job.id)
-        # Only the dead horse's own lease: another horse may hold the stage (a false orphan alarm).
-        with contextlib.suppress(redis.RedisError):  # the reaper finds a dead holder by itself
-            self.connection.eval(_DROP_LEASE_OF, 1, keys.stage_lease(stage_id), f"{self.host}:{retpid}")
-        elapsed = (rq_now() - job.started_at).total_seconds() if job.started_at else 0.0
-        if job.timeout and job.timeout > 0 and elapsed > job.timeout:
-            self._pending_timeout = stage_id
-        else:
-            self._pending_orphan = stage_id
-
-    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry: Any = None, exc_string: str = "",
-                           execution: Execution | None = None) -> None:
-        super().handle_job_failure(job, queue, started_job_registry=started_job_registry, exc_string=exc_string,
-                                   execution=execution)
-        stage_id = stage_id_for(job.id)
-        try:
-            if self._pending_orphan == stage_id:
-                if requeue_orphan(self.connection, self.settings, stage_id, horse_dead=True,
-                                  reason=f"its work horse died ({' '.join(exc_string.split())[:120]})"):
-                    self.log.warning("Worker %s: the horse of stage %s died; requeued at the head of its queue",
-                                     self.name, stage_id)
-            elif self._pending_timeout == stage_id:
-                fail_stage(self.connection, self.settings, stage_id,
-                           f"its work horse ran more than a minute past the stage's time limit ({job.timeout} s) "
-                           "and was killed; raise stage_timeout in the grid")
-        except redis.RedisError as e:
-            # The reaper finds the stage again once Redis answers.
-            self.log.error("Worker %s: could not requeue stage %s (%s); the reaper will", self.name, stage_id, e)
-        finally:
-            self._pending_orphan = self._pending_timeout = ""
-
-    # --- stopping -----------------------------------------------------------------------------
-
-    def request_stop(self, signum: int, frame: Any) -> None:
-        """SIGTERM (docker stop): take no new work; a training stage checkpoints and is requeued."""
-        if self._current_stage:
-            try:
-                self.connection.hset(keys.stage(self._current_stage), "preempt", "1")
-                self.log.info("Worker %s: asked stage %s to checkpoint and yield", self.name, self._current_stage)
-            except redis.RedisError as e:
-                self.log.error("Worker %s: could not ask stage %s to yield (%s)", self.name, self._current_stage, e)
-        super().request_stop(signum, frame)
-
-    def _shutdown(self) -> None:
-        if self._holding_job:
-            # A job was just taken off the queue: finish taking it (execute_job puts it back), then stop.
-            self._stop_requested = True
-            return
-        super()._shutdown()
-
-    def set_shutdown_requested_date(self) -> None:
-        with contextlib.suppress(redis.RedisError):
-            super().set_shutdown_requested_date()
+        """Why the machine cannot run stages now (a full disk, a broken GPU); "" when it can."""
+        return self._health.paused
 
     # --- what `stl status` shows --------------------------------------------------------------
 
@@ -488,89 +299,16 @@ class StlWorker(Worker):
                           chosen.ran_s, chosen.for_user, after)
 
     def _write_record(self, state: str | None) -> None:
-        record: dict[FieldT, EncodableT] = {"host": self.host, "heartbeat": time.time(),
-                                            "stage": self._current_stage, "paused": self._paused,
-                                            "device": self.device, "slot": self.slot, "slots": self.slots,
-                                            "sharing": self.sharing,
-                                            "waiting": self._admission.waiting if self._admission else ""}
-        record.update(self._probe.read())
-        space = free_space(self.settings.home)
-        if space is not None:
-            record["home_free_bytes"], record["home_total_bytes"] = space
-        if state is not None:
-            record["state"] = state
-        try:
-            pipe = self.connection.pipeline(transaction=False)
-            pipe.sadd(keys.WORKERS, self.name)
-            pipe.hset(keys.worker(self.name), mapping=record)
-            pipe.expire(keys.worker(self.name), WORKER_RECORD_TTL_S)
-            pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            # What `stl status` shows can wait; the work cannot.
-            self.log.error("Worker %s: could not write its status to Redis (%s)", self.name, e)
-
-    def _reap_if_due(self) -> None:
-        now = time.monotonic()
-        if now - self._last_reap < REAP_EVERY_S:
-            return
-        self._last_reap = now
-        try:
-            self._reap(now)
-        except (redis.ConnectionError, redis.TimeoutError):
-            raise  # the dequeue loop waits for Redis
-        except Exception:
-            # A record the reaper cannot read must not stop the worker: RQ would end its loop.
-            self.log.exception("Worker %s: looking for orphaned stages failed; trying again later", self.name)
-
-    def _reap(self, now: float) -> None:
-        for stage_id in reap_orphans(self.connection, self.settings):
-            self.log.warning("Worker %s: stage %s was orphaned; requeued at the head of its queue",
-                             self.name, stage_id)
-        # Jobs are dropped only by a worker that dies: look when one has, when starting, and now and then.
-        if self._forget_dead_workers() or now - self._last_dropped_scan >= DROPPED_SCAN_EVERY_S or (
-                self._dropped and now - self._last_dropped_scan >= DROPPED_CONFIRM_S):
-            self._last_dropped_scan = now
-            self._requeue_dropped(now)
-
-    def _forget_dead_workers(self) -> bool:
-        """Take workers that died without a word (kill -9, lost machine) off the list; True if any."""
-        names = sorted(text(n) for n in self.connection.smembers(keys.WORKERS) if text(n) != self.name)
-        if not names:
-            return False
-        pipe = self.connection.pipeline(transaction=False)
-        for name in names:
-            pipe.exists(keys.worker(name))
-        dead = [n for n, alive in zip(names, pipe.execute(), strict=True) if not alive or worker_is_dead(n)]
-        if dead:
-            self.connection.srem(keys.WORKERS, *dead)
-            self.log.warning("Worker %s: worker(s) %s died; looking for the jobs they held", self.name,
-                             ", ".join(dead))
-        return bool(dead)
-
-    def _requeue_dropped(self, now: float) -> None:
-        """Jobs a dead worker took off a queue before RQ recorded them: requeued when seen twice."""
-        found = set(find_dropped_jobs(self.connection))
-        self._dropped = {sid: self._dropped.get(sid, now) for sid in found}
-        for stage_id, since in list(self._dropped.items()):
-            if now - since < DROPPED_CONFIRM_S:
-                continue
-            del self._dropped[stage_id]
-            if requeue_orphan(self.connection, self.settings, stage_id, horse_dead=True,
-                              reason="its worker died after taking it off the queue"):
-                self.log.warning("Worker %s: stage %s was taken off its queue by a worker that died; requeued",
-                                 self.name, stage_id)
+        write_worker_record(self.connection, self.name, {
+            "host": self.host, "stage": self._current_stage, "paused": self._health.paused, "device": self.device,
+            "slot": self.slot, "slots": self.slots, "sharing": self.sharing,
+            "waiting": self._admission.waiting if self._admission else "", **self._probe.read(),
+        }, home=self.settings.home, state=state, log=self.log)
 
     def teardown(self) -> None:
-        try:
-            pipe = self.connection.pipeline(transaction=False)
-            pipe.srem(keys.WORKERS, self.name)
-            pipe.delete(keys.worker(self.name))
-            pipe.execute()
-        except redis.RedisError as e:
-            self.log.error("Worker %s: could not remove its record from Redis (%s); it expires", self.name, e)
-        finally:
-            with contextlib.suppress(redis.RedisError):
-                super().teardown()
+        remove_worker_record(self.connection, self.name, log=self.log)
+        with contextlib.suppress(redis.RedisError):
+            super().teardown()
 
 
 def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | None, burst: bool,

@@ -97,21 +97,9 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     job = get_current_job()
     conn: redis.Redis = job.connection if job is not None else connect(settings, start_embedded=False)
     stage_key = keys.stage(stage_id)
-    raw_spec = conn.hget(stage_key, "spec")
-    if not raw_spec:
-        raise StageCanceled(f"stage {stage_id} has no record in Redis; it was removed")
-    status = text(conn.hget(stage_key, "status"))
-    if status == RunStatus.finished.value:
-        return {"stage": stage_id, "status": "already finished"}
-    if status == RunStatus.canceled.value:
-        raise StageCanceled(f"stage {stage_id} was canceled before it started")
-    try:
-        spec = StageSpec.model_validate_json(raw_spec)
-    except ValueError as e:  # pydantic's ValidationError is one
-        raise fail_unreadable_stage(conn, settings, stage_id, e) from e
-
-    lease = _take_lease(conn, stage_id)
-    if lease is None:
+    spec = _stage_spec_to_run(conn, settings, stage_id)
+    lease = None if spec is None else _take_lease(conn, stage_id)
+    if spec is None or lease is None:
         return {"stage": stage_id, "status": "already finished"}
     holder = lease.holder
     workdir = settings.stages_dir / stage_id
@@ -165,30 +153,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
     except BaseException as e:
         if lease.taken_over():  # e.g. its files changed under it by the horse that took over
             raise _stand_down(lease) from e
-        message = _failure_message(e, spec)
-        fault = machine_fault(e)
-        need = needed_bytes(e)  # a full disk: what the failed save needed, so the worker waits for that much room
-        if fault is not None:
-            # The other workers of this host check the machine before they take a stage (this one included).
-            conn.set(keys.host_fault(socket.gethostname()), f"{time.time():.3f}|{fault}", ex=HOST_FAULT_TTL_S)
-            attempt = conn.hincrby(stage_key, "machine_faults", 1)
-            if attempt < MAX_MACHINE_FAULTS:
-                reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
-                             f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
-                             "until the machine is healthy again")
-                _back_to_queue(conn, lease.fence, machine_fault=fault, disk_needed_bytes=need)
-                _charge(conn, user, stage_id, started)
-                lease.release()
-                raise MachineFault(f"stage {stage_id}: {fault}") from e
-            message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
-            # its worker pauses too, and checks the machine
-            conn.hset(stage_key, mapping={"machine_fault": fault, "disk_needed_bytes": need})
-        reporter.log(f"failed: {message}")
-        if isinstance(e, ModelError) and e.detail:  # the whole story behind a short reason: the loaders' words
-            reporter.log(f"  in full: {e.detail}")
-        finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
-                      started=started, user=user, fence=lease.fence)
-        lease.release()
+        _record_failure(conn, settings, stage_id, spec, e, reporter=reporter, lease=lease, user=user,
+                        started=started)
         raise
     result = outcome.to_dict()
     try:
@@ -203,6 +169,54 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         raise
     lease.release()
     return {"stage": stage_id, "status": "finished"}
+
+
+def _stage_spec_to_run(conn: redis.Redis, settings: Settings, stage_id: str) -> StageSpec | None:
+    """The spec of a stage to run; None if it is finished already. Raises StageCanceled (removed or canceled),
+    or fails a stage whose spec cannot be read."""
+    stage_key = keys.stage(stage_id)
+    raw_spec = conn.hget(stage_key, "spec")
+    if not raw_spec:
+        raise StageCanceled(f"stage {stage_id} has no record in Redis; it was removed")
+    status = text(conn.hget(stage_key, "status"))
+    if status == RunStatus.finished.value:
+        return None
+    if status == RunStatus.canceled.value:
+        raise StageCanceled(f"stage {stage_id} was canceled before it started")
+    try:
+        return StageSpec.model_validate_json(raw_spec)
+    except ValueError as e:  # pydantic's ValidationError is one
+        raise fail_unreadable_stage(conn, settings, stage_id, e) from e
+
+
+def _record_failure(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec, e: BaseException, *,
+                    reporter: StageReporter, lease: StageLease, user: str, started: float) -> None:
+    """A stage that raised: back to the queue if the machine failed it (raises MachineFault), else failed."""
+    stage_key = keys.stage(stage_id)
+    message = _failure_message(e, spec)
+    fault = machine_fault(e)
+    need = needed_bytes(e)  # a full disk: what the failed save needed, so the worker waits for that much room
+    if fault is not None:
+        # The other workers of this host check the machine before they take a stage (this one included).
+        conn.set(keys.host_fault(socket.gethostname()), f"{time.time():.3f}|{fault}", ex=HOST_FAULT_TTL_S)
+        attempt = conn.hincrby(stage_key, "machine_faults", 1)
+        if attempt < MAX_MACHINE_FAULTS:
+            reporter.log(f"stopped by a fault of this machine, not of the stage ({fault}); back to the head of "
+                         f"the queue (attempt {attempt} of {MAX_MACHINE_FAULTS}); the worker takes no work "
+                         "until the machine is healthy again")
+            _back_to_queue(conn, lease.fence, machine_fault=fault, disk_needed_bytes=need)
+            _charge(conn, user, stage_id, started)
+            lease.release()
+            raise MachineFault(f"stage {stage_id}: {fault}") from e
+        message += f" (the machine failed this stage {attempt} times; `stl retry` it once the machine is fixed)"
+        # its worker pauses too, and checks the machine
+        conn.hset(stage_key, mapping={"machine_fault": fault, "disk_needed_bytes": need})
+    reporter.log(f"failed: {message}")
+    if isinstance(e, ModelError) and e.detail:  # the whole story behind a short reason: the loaders' words
+        reporter.log(f"  in full: {e.detail}")
+    finish_stage(conn, settings, stage_id, spec, status=RunStatus.failed, error=message,
+                  started=started, user=user, fence=lease.fence)
+    lease.release()
 
 
 def _execute_once_its_parent_is_there(conn: redis.Redis, settings: Settings, stage_id: str, spec: StageSpec,
