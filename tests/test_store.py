@@ -172,7 +172,7 @@ def test_a_parent_model_that_keeps_vanishing_fails_the_run_clearly_and_retry_fin
     [(run_id, status)] = run_statuses(conn, "vanishing-again").items()
     assert status == "failed"
     error = text(conn.hget(keys.run(run_id), "error"))
-    assert error.startswith("ModelError: ") and mtl in error and "made again 3 times" in error, error
+    assert ": ModelError: " in error and mtl in error and "made again 3 times" in error, error
     assert "`stl retry`" in error, error
 
     retried = stl("retry", run_id)
