@@ -191,7 +191,8 @@ def test_pruned_models_train_again_when_a_new_stage_needs_them(stl_env: Path, co
     grid["name"] = "few-shot-longer"
     grid["eval"] = {**grid["eval"], "max_new_tokens": 9}
     path.write_text(yaml.safe_dump(grid))
-    assert "4 new stage job(s) (2 of them train again a model `stl disk --prune` deleted)" in cli("enqueue", str(path))
+    enqueued = cli("enqueue", str(path))
+    assert "4 new stage job(s)" in enqueued and "2 of them train again" in enqueued, enqueued
     run_worker()
     rows = json.loads(cli("results", "few-shot-longer", "--json"))["rows"]
     assert len(rows) == 2 and {row["task"] for row in rows} == set(before)
@@ -199,7 +200,8 @@ def test_pruned_models_train_again_when_a_new_stage_needs_them(stl_env: Path, co
         stage_dir = stl_env / "stages" / sid
         assert (stage_dir / "model").is_dir() and not (stage_dir / "pruned.json").exists()
         assert (stage_dir / "log.txt").read_text().count(" started on ") == 2
-        assert "training again: `stl disk --prune` deleted this stage's model" in (stage_dir / "log.txt").read_text()
+        assert any("training again" in line and "stl disk --prune" in line
+                   for line in (stage_dir / "log.txt").read_text().splitlines())
         assert not conn.hget(keys.stage(sid), "pruned")
     assert (stl_env / "stages" / mtl / "log.txt").read_text().count(" started on ") == 1
 

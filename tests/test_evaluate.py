@@ -427,7 +427,7 @@ def test_a_decoding_step_that_cannot_be_recorded_is_decoded_eagerly_with_the_rea
     # The failed batch again, as it was padded; then the batches as long as their longest source.
     assert eager.shapes[0] == taped.shapes[0] and [rows for rows, _ in eager.shapes] == [4, 4, 2], eager.shapes
     [failed] = [line for line in lines if line.startswith("recording the decoding step as a CUDA graph failed")]
-    assert "BartForConditionalGeneration's decoding step waits for the GPU (aten::" in failed, failed
+    assert "BartForConditionalGeneration" in failed and "(aten::" in failed, failed
     assert failed.endswith("decoding eagerly for the rest of the stage"), failed
     assert not any(line.startswith("CUDA graphs in use") for line in lines), lines
 

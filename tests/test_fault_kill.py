@@ -326,7 +326,7 @@ def test_a_checkpoint_damaged_while_its_stage_waited_falls_back_to_the_previous_
     previous = resumed_steps(conn, sid)[-1]
     # At or before the damaged one: a stop that lands on a regular checkpoint's step saves a second one of it.
     assert 10 <= previous <= saved, (previous, saved)
-    assert f"falling back to the previous checkpoint, checkpoint/step-{previous:08d} (step {previous})" in logs
+    assert any("falling back" in line and f"checkpoint/step-{previous:08d}" in line for line in logs.splitlines())
     assert f"resumed from step {previous}" in logs
 
 

@@ -52,7 +52,8 @@ def test_out_of_memory_halves_the_micro_batch_then_fails_clearly_at_one(
     payload = status_json()
     (failed,) = [r for r in payload["runs"] if r["grid"] == "oom-at-one"]
     assert failed["status"] == "failed"
-    assert "out of GPU memory even at micro-batch 1" in failed["error"] and "\n" not in failed["error"]
+    assert ": OutOfMemory: " in failed["error"] and "micro-batch 1 " in failed["error"], failed["error"]
+    assert "\n" not in failed["error"]
     (finished,) = [r for r in payload["runs"] if r["grid"] == "oom-halves"]
     assert finished["status"] == "finished", finished
 
@@ -67,8 +68,9 @@ def test_out_of_memory_halves_the_micro_batch_then_fails_clearly_at_one(
     assert json.loads(record["outcome"])["train"]["oom_retries"] == retries
     logs = stl("logs", finished["id"])
     assert logs.returncode == 0, logs.stderr
-    assert "out of GPU memory at step 3 with micro-batch 4; retrying with micro-batch 2 x 2" in logs.stdout
-    assert "finished after 1 out-of-memory retry" in logs.stdout
+    assert any("step 3" in line and "micro-batch 4" in line and "micro-batch 2 x 2" in line
+               for line in logs.stdout.splitlines()), logs.stdout
+    assert "1 out-of-memory retry " in logs.stdout, logs.stdout
     assert "resumed from step 2" in logs.stdout
     failed_logs = stl("logs", failed["id"]).stdout
     assert "failed: OutOfMemory" in failed_logs
@@ -133,7 +135,7 @@ def test_a_stage_that_keeps_meeting_a_full_disk_fails_clearly_and_the_worker_goe
     assert len(runs) == 2
     for run in runs:
         assert run["status"] == "failed"
-        assert "no space left on the disk under STL_HOME" in run["error"] and "\n" not in run["error"]
+        assert "no space left" in run["error"] and "\n" not in run["error"]
         assert "stl disk --prune finetune" in run["error"]
         assert f"the machine failed this stage {MAX_MACHINE_FAULTS} times" in run["error"]
     # Nothing was left holding a lease or marked running.
@@ -154,7 +156,7 @@ def test_a_full_disk_pauses_the_worker_with_every_run_kept_queued_until_it_has_r
     # --burst on a broken machine stops, and says so with a non-zero exit: the queue is not done
     burst = stl("worker", "--burst", env=broken)
     assert burst.returncode == 1, burst.stderr
-    assert "the worker stopped with stages still queued: this machine cannot run them" in burst.stderr
+    assert "still queued" in burst.stderr and "Traceback" not in burst.stderr, burst.stderr
     conn.delete(keys.host_fault(socket.gethostname()))  # forget its announcement: the two below start unwarned
     # Two workers of one host: the one that meets the fault tells the other, which checks before it takes a stage
     first, second = workers.start(env=broken), workers.start(env=broken)
@@ -164,8 +166,8 @@ def test_a_full_disk_pauses_the_worker_with_every_run_kept_queued_until_it_has_r
         return rows if len(rows) == 2 else None
 
     rows = wait_for(paused_workers, timeout=60, interval=0.5, what="both workers to pause", diagnostics=workers.logs)
-    assert all("no space left on the disk under STL_HOME" in row["paused"] for row in rows)
-    assert any("another worker of this host met a machine fault, and this one finds it too" in w.output()
+    assert all("no space left" in row["paused"] and "STL_HOME" in row["paused"] for row in rows)
+    assert any("another worker of this host met a machine fault" in w.output()
                for w in (first, second)), workers.logs()
     time.sleep(3)  # long enough for a worker that ignored the pause to take the next stage
     assert set(run_statuses(conn, "full-then-freed").values()) == {"queued"}, workers.logs()
@@ -181,7 +183,7 @@ def test_a_full_disk_pauses_the_worker_with_every_run_kept_queued_until_it_has_r
     assert "stopped by a fault of this machine" in "\n".join(
         text(line) for line in conn.lrange(keys.stage_log(tried[0]), 0, -1))
     status = stl("status", "--once", env=child_env(COLUMNS="250"))
-    assert "takes no work: no space left on the disk" in status.stdout, status.stdout
+    assert "takes no work" in status.stdout and "no space left" in status.stdout, status.stdout
     flag.unlink()  # room again: the worker's next health check (every 30 s) lets it go on
     wait_for(lambda: grid_done(conn, "full-then-freed"), timeout=150, what="the grid to end", diagnostics=workers.logs)
     assert set(run_statuses(conn, "full-then-freed").values()) == {"finished"}, workers.logs()

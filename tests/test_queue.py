@@ -105,7 +105,7 @@ def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
                         eval={**grid_dict(demo_data)["eval"], "max_examples": 8})
     code, out, err = enqueue(edited)
     assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, (out, err)
-    assert 'grid "test-grid" already has 4 run(s) made with other settings' in err
+    assert '"test-grid"' in err and "4 run(s)" in err, err
     assert "give the grid a new name, or pass --replace" in err
     assert conn.dbsize() == written and set(conn.zrange(keys.grid_runs("test-grid"), 0, -1)) == old_runs
     # a dry run says the same, and what --replace would drop, writing nothing either way
@@ -117,7 +117,7 @@ def test_an_edited_grid_is_refused_under_its_old_name_unless_replace(
 
     code, out, err = enqueue(edited, "--replace")
     assert code == 0, err
-    assert "dropped 4 run(s) of grid test-grid whose settings changed" in out and "queued 4 run(s)" in out
+    assert "dropped 4 run(s) of grid test-grid" in out and "queued 4 run(s)" in out, out
     new_runs = set(conn.zrange(keys.grid_runs("test-grid"), 0, -1))
     assert len(new_runs) == 4 and not new_runs & old_runs
     assert not any(conn.exists(keys.run(r.decode())) for r in old_runs)
@@ -186,7 +186,7 @@ def test_dry_run_writes_nothing(stl_env: Path, conn: redis.Redis, tmp_path: Path
     path = write_grid(tmp_path, demo_data)
     code, out, _ = enqueue(path, "--dry-run")
     assert code == 0 and "4 runs" in out
-    assert "enqueue would queue 4 and skip 0" in " ".join(out.split())
+    assert all(fact in " ".join(out.split()) for fact in ("would queue 4 ", "skip 0")), out
     assert conn.dbsize() == 0
     # with runs queued, it says which an enqueue would skip
     assert enqueue(path)[0] == 0
@@ -344,7 +344,8 @@ def test_a_grid_name_is_its_first_users_and_grid_commands_leave_other_users_runs
     conn.hset(keys.run(alices[0]), "status", "finished")
     result = runner.invoke(app, ["cancel", "--grid", "test-grid"])
     assert result.exit_code == 0, result.stderr
-    assert "canceled 3 of 8 run(s); 1 had already ended; left 4 live run(s) of other users" in result.stdout
+    facts = ("canceled 3 of 8", "1 had already ended", "left 4 live")
+    assert all(fact in result.stdout for fact in facts), result.stdout
     assert {text(conn.hget(keys.run(r), "status")) for r in bobs} == {"queued"}
     result = runner.invoke(app, ["retry", "--grid", "test-grid"])
     assert result.exit_code == 0 and "re-queued 3 of 8 run(s)" in result.stdout, result.stderr
@@ -563,11 +564,11 @@ def test_an_empty_grid_name_is_no_grid_and_a_run_named_twice_is_one_run(
     run_id = text(conn.zrange(keys.RUNS, 0, 0)[0])
     result = runner.invoke(app, ["logs", run_id])
     assert result.exit_code == 0 and result.stdout == ""
-    assert result.stderr == f"stl: run {run_id} has logged nothing: none of its stages has started yet (`stl " \
-        "status` shows the queue)\n"
+    assert result.stderr.startswith(f"stl: run {run_id} ") and result.stderr.count("\n") == 1, result.stderr
+    assert "none of its stages has started" in result.stderr and "`stl status`" in result.stderr
     result = runner.invoke(app, ["cancel", run_id, run_id[:8]])
     assert result.exit_code == 0 and result.stdout.startswith("canceled 1 of 1 run(s)"), result.output
-    assert "it was canceled before any of its stages started" in runner.invoke(app, ["logs", run_id]).stderr
+    assert "canceled" in runner.invoke(app, ["logs", run_id]).stderr
 
 
 def test_a_cancel_and_the_end_of_a_stage_racing_for_a_run_cannot_overwrite_each_other(
@@ -692,7 +693,8 @@ def test_runs_whose_stages_are_all_done_are_said_to_finish_at_once(stl_env: Path
     code, out, err = enqueue(write_grid(tmp_path, demo_data, filename="again.yaml", name="again"))
     assert code == 0, err
     assert "queued 4 run(s) of grid again" in out
-    assert "4 of the queued run(s) finished at once: every stage they need was done by earlier runs" in out
+    assert "4 of the queued run(s) finished at once" in out, out
+    assert set(run_statuses(conn, "again").values()) == {"finished"}
     assert "watch them with" not in out
     statuses = {text(conn.hget(keys.run(text(r)), "status")) for r in conn.zrange(keys.grid_runs("again"), 0, -1)}
     assert statuses == {"finished"}

@@ -100,7 +100,7 @@ def test_a_wiped_stl_home_is_adopted_only_when_asked_and_then_remakes_what_runs_
     refused = stl("worker", "--burst", timeout=120)
     assert refused.returncode == 2, refused.stderr
     assert refused.stderr.count("\n") == 1 and "Traceback" not in refused.stderr
-    assert f"STL_HOME {home} has no store id any more (it was wiped" in refused.stderr, refused.stderr
+    assert f"STL_HOME {home} " in refused.stderr and "no store id" in refused.stderr, refused.stderr
     assert "`stl worker --adopt-store` makes this folder the queue's store" in refused.stderr
     assert not (home / "store.json").exists()  # a refused worker writes no store id
     assert set(run_statuses(conn, "after-wipe").values()) == {"queued"}
@@ -172,7 +172,7 @@ def test_a_parent_model_that_keeps_vanishing_fails_the_run_clearly_and_retry_fin
     [(run_id, status)] = run_statuses(conn, "vanishing-again").items()
     assert status == "failed"
     error = text(conn.hget(keys.run(run_id), "error"))
-    assert f"the model of its parent stage {mtl} was made again 3 times and went missing each time" in error, error
+    assert ": ModelError: " in error and mtl in error and "made again 3 times" in error, error
     assert "`stl retry`" in error, error
 
     retried = stl("retry", run_id)

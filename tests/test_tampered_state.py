@@ -235,8 +235,8 @@ def test_a_stage_whose_spec_cannot_be_read_fails_once_clearly_and_the_worker_goe
     record = {text(k): text(v) for k, v in conn.hgetall(keys.stage(stage_id)).items()}
     assert record["status"] == "failed" and not record.get("orphaned"), record  # never requeued as an orphan
     (line,) = stage_log(conn, stage_id)  # tried once
-    assert f"failed: its record {keys.stage(stage_id)} holds a spec stl cannot read" in line, line
+    assert "failed: " in line and keys.stage(stage_id) in line and "cannot read" in line, line
     error = text(conn.hget(keys.run(run_id), "error"))
-    assert f"its record {keys.stage(stage_id)} holds a spec stl cannot read" in error, error
+    assert keys.stage(stage_id) in error and "cannot read" in error, error
     assert "enqueue the grid file again" in error and "\n" not in error
     assert worker.output().count(f"stage {stage_id} ended: DamagedRecord") == 1, workers.logs()

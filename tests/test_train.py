@@ -143,7 +143,7 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_finishes_the_sa
     resumed, lines = run_training(spec, tmp_path)
     log = "\n".join(lines)
     assert f"checkpoint/step-00000006 cannot be used: {name}" in log, log  # the file, and why
-    assert "falling back to the previous checkpoint, checkpoint/step-00000004 (step 4)" in lines
+    assert any("falling back" in line and "checkpoint/step-00000004" in line for line in lines), lines
     assert "resumed from step 4" in lines
     assert resumed.resumed_from == 4 and resumed.steps == 9
     assert_bit_identical(saved_weights(uninterrupted), saved_weights(tmp_path))
@@ -162,7 +162,7 @@ def test_with_every_checkpoint_damaged_the_stage_starts_over_and_finishes_the_sa
         damage(checkpoint, how)
 
     resumed, lines = run_training(spec, tmp_path)
-    assert "no usable checkpoint is left: training starts again from step 0" in lines, lines
+    assert any("no usable checkpoint" in line for line in lines), lines
     assert resumed.resumed_from is None and resumed.steps == 9
     assert_bit_identical(saved_weights(uninterrupted), saved_weights(tmp_path))
 
