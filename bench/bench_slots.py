@@ -33,12 +33,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, VENV_BIN, Ratio, Report, header, print_absolute, private_redis, stl_env  # noqa: E402
+from common import REPO, Ratio, Report, header, print_absolute, private_redis, stl_env  # noqa: E402
 from ml import DEMO_CLASSIFICATION, DEMO_GENERATION, DEMO_TRAIN, prepare  # noqa: E402
 
 BENCH = "slots"
 GRID_NAME = "bench-slots"
 SEEDS = 8  # 8 runs x (MTL + eval) = 16 stages
+STL = [sys.executable, "-m", "stl.cli.main"]  # the checkout's stl, also where it is not installed (a lent GPU)
 
 
 def write_grid(directory: Path, model_dir: Path, data: Path, *, steps: int, batch_size: int, source_len: int,
@@ -108,8 +109,8 @@ def sharing_modes(conn: Any) -> set[str]:
 
 
 def results_by_cell(env: dict[str, str]) -> dict[tuple[str, str], float]:
-    out = subprocess.run([str(VENV_BIN / "stl"), "results", GRID_NAME, "--json"], env=env, capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([*STL, "results", GRID_NAME, "--json"], env=env, capture_output=True, text=True,
+                         check=True).stdout
     return {(row["run"], row["task"]): float(row["value"]) for row in json.loads(out)["rows"]}
 
 
@@ -119,8 +120,8 @@ def run_grid(slots: int, grid: Path, redis_url: str, flush: Any, client: Any, wo
     flush()
     home = Path(tempfile.mkdtemp(prefix=f"slots{slots}-", dir=work))
     env = stl_env(redis_url, home)
-    subprocess.run([str(VENV_BIN / "stl"), "enqueue", str(grid)], env=env, check=True, capture_output=True)
-    command = [str(VENV_BIN / "stl"), "worker", "--burst", "--slots", str(slots)]
+    subprocess.run([*STL, "enqueue", str(grid)], env=env, check=True, capture_output=True)
+    command = [*STL, "worker", "--burst", "--slots", str(slots)]
     if gpu_index is not None:
         command += ["--gpu", str(gpu_index)]
     modes: set[str] = set()

@@ -116,8 +116,10 @@ def private_redis(*, persistent: bool = True) -> Iterator[PrivateRedis]:
 def stl_env(redis_url: str, home: Path, user: str = "bench") -> dict[str, str]:
     """Environment for an stl subprocess pointed at a private Redis and a temp STL_HOME."""
     env = dict(os.environ)
+    # The checkout first; what PYTHONPATH held stays after it (the wheels on a lent GPU machine).
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.update({"STL_REDIS_URL": redis_url, "STL_HOME": str(home), "STL_USER": user, "COLUMNS": "120",
-                "PYTHONPATH": str(REPO)})
+                "PYTHONPATH": pythonpath})
     for name in ("STL_FAULT_INJECT", "STL_NOTIFY_CMD", "STL_NOTIFY_URL"):
         env.pop(name, None)
     return env

