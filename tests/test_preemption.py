@@ -145,9 +145,11 @@ def put_waiting(conn: redis.Redis, user: str, stage_id: str) -> None:
     conn.rpush(f"rq:queue:{keys.queue_name(user, 'normal')}", f"stl-{stage_id}")
 
 
-def put_worker(conn: redis.Redis, name: str, *, state: str, paused: str = "", heartbeat: float) -> None:
+def put_worker(conn: redis.Redis, name: str, *, state: str, paused: str = "", heartbeat: float,
+               waiting: str = "") -> None:
     conn.sadd(keys.WORKERS, name)
-    conn.hset(keys.worker(name), mapping={"state": state, "paused": paused, "heartbeat": heartbeat})
+    conn.hset(keys.worker(name), mapping={"state": state, "paused": paused, "heartbeat": heartbeat,
+                                          "waiting": waiting})
 
 
 def test_the_worker_sets_the_flag_on_its_own_stage_only_and_once(conn: redis.Redis) -> None:
@@ -170,7 +172,7 @@ def test_the_worker_sets_the_flag_on_its_own_stage_only_and_once(conn: redis.Red
     assert preempt_if_due(conn, own_worker="w-b", own_stage="b" * 20, preempt_after_s=30, now=now + 60) is None
 
 
-def test_an_idle_worker_of_the_queue_means_no_preemption_unless_it_is_paused_or_gone(conn: redis.Redis) -> None:
+def test_an_idle_worker_means_no_preemption_unless_paused_gone_or_waiting_for_memory(conn: redis.Redis) -> None:
     now = time.time()
     sid = "a" * 20
     put_running(conn, sid, "heavy", started_at=now - 100)
@@ -180,6 +182,7 @@ def test_an_idle_worker_of_the_queue_means_no_preemption_unless_it_is_paused_or_
     assert preempt_if_due(conn, own_worker="w-a", own_stage=sid, preempt_after_s=30, now=now) is None
     put_worker(conn, "w-idle", state="idle", heartbeat=now - 1, paused="the disk under STL_HOME is full")
     put_worker(conn, "w-gone", state="idle", heartbeat=now - 600)
+    put_worker(conn, "w-slot", state="idle", heartbeat=now - 1, waiting="stage cccc needs 8.7 GiB, 2.0 GiB free")
     assert read_queue_view(conn, own_worker="w-a", now=now).idle_workers == 0
     assert preempt_if_due(conn, own_worker="w-a", own_stage=sid, preempt_after_s=30, now=now) is not None
 

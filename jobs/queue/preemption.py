@@ -114,7 +114,7 @@ def read_queue_view(conn: redis.Redis, *, own_worker: str, now: float) -> QueueV
     for stage_id in stage_ids:
         pipe.hmget(keys.stage(stage_id), "user", "kind", "status", "started_at", "preempt")
     for name in workers:
-        pipe.hmget(keys.worker(name), "state", "paused", "heartbeat")
+        pipe.hmget(keys.worker(name), "state", "paused", "heartbeat", "waiting")
     answers = pipe.execute(raise_on_error=False)  # a damaged record is left out, not fatal
     lanes = len(Priority)
     lengths = answers[:len(users) * lanes]
@@ -139,12 +139,13 @@ def read_queue_view(conn: redis.Redis, *, own_worker: str, now: float) -> QueueV
     for fields in records:
         if not isinstance(fields, list):
             continue
-        state, paused, heartbeat = (text(f) for f in fields)
+        state, paused, heartbeat, waiting_for_memory = (text(f) for f in fields)
         try:
             fresh = now - float(heartbeat) <= IDLE_WORKER_FRESH_S
         except ValueError:
             fresh = False
-        idle += state == "idle" and not paused and fresh
+        # A slot waiting for device memory cannot take the waiting stage: yielding may be what frees the room.
+        idle += state == "idle" and not paused and not waiting_for_memory and fresh
     return QueueView(running=running, waiting_users=waiting, idle_workers=idle)
 
 
