@@ -358,7 +358,7 @@ def worker(
     has a stage waiting and no idle worker can take it; that stage runs next. Evaluations are never
     preempted, and a resumed stage runs this long again before it can be preempted again.
 
-With --slots N this process supervises N slot workers: it passes SIGTERM and Ctrl+C on to them, starts
+    With --slots N this process supervises N slot workers: it passes SIGTERM and Ctrl+C on to them, starts
     again one that dies, and with --burst ends when all have."""
     with handled():
         from stl.jobs.queue.connection import connect

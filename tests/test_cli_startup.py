@@ -136,3 +136,28 @@ def test_a_reader_that_stops_early_ends_the_command_quietly() -> None:
     errors = writer.stderr.read().decode()
     assert writer.wait(timeout=60) == 141
     assert errors == ""
+
+
+def test_every_commands_help_is_one_consistently_indented_docstring() -> None:
+    """A paragraph indented unlike the rest makes click keep every line's indentation: `--help` then shows
+    runs of spaces mid-sentence."""
+    import inspect
+
+    import typer.main
+
+    from stl.cli.main import app
+
+    group = typer.main.get_command(app)
+    assert isinstance(group, typer.core.TyperGroup)
+    commands = dict(group.commands)
+    for name, command in list(commands.items()):
+        if isinstance(command, typer.core.TyperGroup):
+            commands.update({f"{name} {sub}": c for sub, c in command.commands.items()})
+    assert "worker" in commands and "status" in commands
+    for name, command in commands.items():
+        callback = command.callback
+        doc = inspect.getdoc(callback) if callback is not None else None
+        if not doc:
+            continue
+        ragged = [line for line in doc.splitlines() if line.startswith(" ")]
+        assert not ragged, f"`stl {name} --help`: lines indented unlike the rest of its docstring: {ragged}"
