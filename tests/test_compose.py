@@ -58,6 +58,7 @@ def test_compose_config_is_valid_and_complete(tmp_path: Path) -> None:
     assert devices[0]["capabilities"] == ["gpu"]
     assert worker["environment"]["STL_REDIS_URL"].startswith("redis://:s3cret-test@redis:6379")
     assert worker["environment"]["STL_HOME"] == "/stl"
+    assert worker["environment"]["STL_PREEMPT_AFTER"] == "1800"  # set where the worker starts
     assert ("stl-home", "/stl") in mounts(worker)
     # grids name data and local models by host paths: the worker sees them at the same path, read-only
     assert ("/home", "/home") in mounts(worker)
