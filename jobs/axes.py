@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from stl.jobs.specs import StageSpec
 
 EMPTY_VALUE = "—"
-# The token caches (jobs/ml/data.py's token_cache_path) that hold a stage's ids, by the `kind` in their key.
+# The token caches (jobs/ml/data_cache.py's token_cache_path) that hold a stage's ids, by the `kind` in their key.
 FEW_SHOT_TOKENS, EVAL_TOKENS = "few-shot", "eval"
 EVERY_STAGE = frozenset({"mtl", "finetune", "eval"})  # jobs/states.py's StageKind values
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from stl.jobs.axes import AXES, AXIS, EVAL_TOKENS, FEW_SHOT_TOKENS, format_cell, token_key_fields
@@ -39,7 +41,24 @@ def test_every_axis_has_one_grid_field_with_its_type_and_default() -> None:
         else:
             assert field.default == (None if axis.default is None else list(axis.default)), axis.name
             assert all(type(value) is axis.type for value in axis.default or ()), axis.name
-        assert axis.stage_field is None or axis.stage_field in StageSpec.model_fields, axis.name
+        assert axis.stage_field is None or _is_stage_field(axis.stage_field), axis.name
+
+
+def _is_stage_field(stage_field: str) -> bool:
+    """`seed` names a StageSpec field, `train.max_steps` a field of one of its sections."""
+    section, _, name = stage_field.rpartition(".")
+    if not section:
+        return name in StageSpec.model_fields
+    if section not in StageSpec.model_fields:
+        return False
+    models = get_args(StageSpec.model_fields[section].annotation)
+    return any(name in getattr(model, "model_fields", {}) for model in models)
+
+
+def test_a_section_field_is_a_stage_field_and_a_typo_is_not() -> None:
+    assert _is_stage_field("seed") and _is_stage_field("train.max_steps") and _is_stage_field("eval.batch_size")
+    assert not _is_stage_field("train.max_step") and not _is_stage_field("trian.max_steps")
+    assert not _is_stage_field("sed")
 
 
 def test_token_caches_key_on_the_stage_fields_that_decide_their_ids() -> None:
@@ -83,3 +102,76 @@ def test_an_axis_that_shapes_no_stage_sets_its_field_on_the_stages_it_reaches(mo
                                      ).stage_id
     assert axes.stage_value(mtl.model_dump(mode="json"), "train.max_steps") == 7
     assert axes.stage_value(StageSpec(kind="eval", model="m", data="/d", tasks=()), "train.max_steps") is None
+
+
+PRODUCT = Path(__file__).resolve().parents[1]
+# The registry and the grid file's schema: the two files a new axis whose values go into stages as written
+# (shapes_stages=False) may touch.
+AXIS_FILES = {Path("jobs/axes.py"), Path("jobs/grid/parse.py")}
+
+
+def test_axes_that_shape_no_stage_are_named_only_in_the_registry_and_the_grid_schema() -> None:
+    # Code elsewhere that names such an axis handles it by hand: the next one like it would need the same.
+    import ast
+
+    names = {axis.name for axis in AXES if not axis.shapes_stages}
+    assert names, "the registry has an axis that shapes no stage (instructions)"
+    named_elsewhere = []
+    for package in ("cli", "jobs", "worker"):
+        for path in sorted((PRODUCT / package).rglob("*.py")):
+            relative = path.relative_to(PRODUCT)
+            if relative in AXIS_FILES:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(relative))):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    named_elsewhere.append(f"{relative}:{node.lineno}: {node.value!r}")
+    assert not named_elsewhere, "\n".join(named_elsewhere)
+
+
+def test_a_new_axis_reaches_runs_stages_status_results_and_disk_from_the_registry_alone(
+        tmp_path: Path, demo_data: Path, monkeypatch: MonkeyPatch) -> None:
+    """docs/extending.md's worked example, `mtl_steps`, added to the registry only. The grid schema's field
+    (its other file) is left out: the cells are given to the expansion directly."""
+    import sys
+
+    import yaml
+
+    from stl.cli.render import result_csv_rows
+    from stl.jobs import axes
+    from stl.jobs.grid.parse import _expand, parse_grid
+    from stl.jobs.queue.disk import _describe_stage
+    from stl.jobs.results.analysis import build_pivot
+    from tests.helpers import grid_dict
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid_dict(demo_data), sort_keys=False))
+    expanded = parse_grid(path)  # mtl: none and in-domain, shots 0 and 4
+    mtl_steps = axes.Axis("mtl_steps", int, default=None, stage_field="train.max_steps", shapes_stages=False,
+                          stage_kinds=frozenset({"mtl"}), short=lambda steps: f"{steps} MTL steps",
+                          stage_text=lambda _: "")
+    extended = (*axes.AXES, mtl_steps)
+    for module in [m for name, m in sys.modules.items() if name.startswith("stl.")]:
+        if getattr(module, "AXES", None) is axes.AXES:  # every module that reads the registry
+            monkeypatch.setattr(module, "AXES", extended)
+    monkeypatch.setattr(axes, "AXIS", {axis.name: axis for axis in extended})
+
+    cells = [{**run.cell, "mtl_steps": steps} for run in expanded.runs for steps in (2000, 8000)]
+    runs, stages = _expand(expanded.grid, tmp_path, cells)
+
+    assert len({run.run_id for run in runs}) == len(cells) == 2 * len(expanded.runs)
+    mtl = {spec.train.max_steps: spec for spec in stages.values() if spec.kind == "mtl"}  # type: ignore[union-attr]
+    assert set(mtl) == {2000, 8000}
+    assert {spec.train.max_steps for spec in stages.values() if spec.kind == "finetune"} == {6}  # type: ignore[union-attr]
+    without_mtl = {run.stages for run in runs if run.cell["mtl"] == "none"}
+    assert len(without_mtl) == 2  # one per shots value: the value changes nothing, so nothing trains twice
+
+    assert axes.format_cell(runs[-1].cell, short=True).endswith("4-shot seed 0 8000 MTL steps")
+    rows = [{"grid": "g", "run": run.run_id, "cell": run.cell, "task": "t", "task_type": "generation",
+             "metric": "rougeL", "value": 0.5} for run in runs]
+    assert "mtl_steps" in result_csv_rows(rows)[0]
+    assert "mtl_steps" in build_pivot(rows).row_axes
+    stage_dir = tmp_path / "stage"
+    stage_dir.mkdir()
+    (stage_dir / "spec.json").write_text(json.dumps(mtl[8000].model_dump(mode="json")))
+    kind, about = _describe_stage(stage_dir)
+    assert kind == "mtl" and "8000 steps" in about and "mtl_steps" not in about
