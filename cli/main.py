@@ -193,7 +193,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print {runs, workers} as JSON and exit.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2, max=3600)] = 1.0,
 ) -> None:
-    """Show queued, running and finished runs per user and grid, running runs and workers, live."""
+    """Show queued, running and finished runs per user and grid, running runs and workers, live.
+
+    Workers of `stl worker --slots N` get a Slots table: what runs in each slot, and why a stage waits for
+    device memory."""
     from stl.jobs.queue.connection import connect
     from stl.jobs.queue.records import list_runs, list_workers, status_summary
     from stl.jobs.queue.store import registered_store
@@ -358,8 +361,10 @@ def worker(
     has a stage waiting and no idle worker can take it; that stage runs next. Evaluations are never
     preempted, and a resumed stage runs this long again before it can be preempted again.
 
-With --slots N this process supervises N slot workers: it passes SIGTERM and Ctrl+C on to them, starts
-    again one that dies, and with --burst ends when all have."""
+    With --slots N this process supervises N slot workers: it passes SIGTERM and Ctrl+C on to them, starts
+    again one that dies, and with --burst ends when all have. On a GPU a stage starts beside others only when
+    its estimated peak memory fits what the GPU has free (processes outside stl count); `stl status` shows
+    each slot, the sharing mode (MPS or time-slicing) and why a stage waits."""
     with handled():
         from stl.jobs.queue.connection import connect
         from stl.worker.gpu import GpuProbe, missing_gpu

@@ -25,7 +25,17 @@ from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
 from stl.jobs.queue.records import WorkerRow
 from stl.jobs.queue.run_results import read_results
 from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
-from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, stage_log, status_json, wait_for
+from tests.helpers import (
+    Workers,
+    child_env,
+    enqueue,
+    grid_done,
+    small_grid,
+    stage_log,
+    status_json,
+    stl,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -53,6 +63,14 @@ def test_cpu_slots_split_the_cores_unless_the_user_chose_threads() -> None:
     assert slot_environment({}, slots=4, on_cpu=False, cores=16) == {}  # a GPU's horses: torch's own default
     assert slot_environment({}, slots=1, on_cpu=True, cores=16) == {}  # one slot: as `stl worker` was
 
+
+def test_the_help_of_worker_and_status_documents_slots() -> None:
+    worker, status = stl("worker", "--help"), stl("status", "--help")
+    assert worker.returncode == status.returncode == 0, worker.stderr + status.stderr
+    assert "--slots" in worker.stdout and "MPS or time-slicing" in worker.stdout
+    assert "Slots table" in status.stdout
+    # A help paragraph out of step with the docstring's indentation is printed with runs of spaces inside it.
+    assert not [line for line in worker.stdout.splitlines() if "   " in line.strip() and "--" not in line]
 
 def _supervise(tmp_path: Path, script: str, *, slots: int = 2, burst: bool = True,
                stop_once_up: bool = False) -> tuple[int, list[str]]:
