@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from stl.jobs.queue import entry
 from stl.jobs.queue.devices import accrue_device_share, settle_device_seconds, stages_on_device
 from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
 from stl.jobs.queue.records import WorkerRow
+from stl.jobs.queue.recovery import worker_is_dead
 from stl.jobs.queue.run_results import read_results
 from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
 from tests.helpers import (
@@ -53,6 +55,16 @@ def test_slot_workers_are_named_by_device_and_slot() -> None:
     assert command[:3] == [sys.executable, "-m", "stl.cli.main"]
     assert command[3:] == ["worker-slot", "--slot", "2", "--slots", "3", "--gpu", "1", "--burst"]
     assert slot_command(1, 2, gpu_index=None, burst=False)[3:] == ["worker-slot", "--slot", "1", "--slots", "2"]
+
+
+def test_a_dead_slot_worker_of_this_host_is_known_dead_by_its_name() -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid, host = int(gone.stdout), socket.gethostname()
+    for slot, slots in ((1, 1), (2, 4)):
+        assert worker_is_dead(slot_worker_name(host, "gpu0", slot, slots, dead_pid))
+        assert not worker_is_dead(slot_worker_name(host, "gpu0", slot, slots, os.getpid()))
+        assert not worker_is_dead(slot_worker_name("elsewhere", "gpu0", slot, slots, dead_pid))  # not ours to say
 
 
 def test_cpu_slots_split_the_cores_unless_the_user_chose_threads() -> None:
