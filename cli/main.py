@@ -376,9 +376,9 @@ def worker(
         settings = cli_settings()
         conn = connect(settings, patient=True)
         if slots > 1:  # a supervisor of slot workers, which never imports torch
-            from stl.worker.slots import check_before_slots, run_slots
+            from stl.worker.slots import check_before_work, run_slots
 
-            check_before_slots(conn, settings, adopt_store=adopt_store)
+            check_before_work(conn, settings, adopt_store=adopt_store)
             on_cpu = gpu is None and not GpuProbe(None).has_gpu
             code = run_slots(slots=slots, gpu_index=gpu, burst=burst, on_cpu=on_cpu,
                              say=lambda line: echo(f"stl worker: {line}", err=True))
