@@ -193,7 +193,10 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print {runs, workers} as JSON and exit.")] = False,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.", min=0.2, max=3600)] = 1.0,
 ) -> None:
-    """Show queued, running and finished runs per user and grid, running runs and workers, live."""
+    """Show queued, running and finished runs per user and grid, running runs and workers, live.
+
+    Workers of `stl worker --slots N` get a Slots table: what runs in each slot, and why a stage waits for
+    device memory."""
     from stl.jobs.queue.connection import connect
     from stl.jobs.queue.records import list_runs, list_workers, status_summary
     from stl.jobs.queue.store import registered_store
@@ -359,7 +362,9 @@ def worker(
     preempted, and a resumed stage runs this long again before it can be preempted again.
 
     With --slots N this process supervises N slot workers: it passes SIGTERM and Ctrl+C on to them, starts
-    again one that dies, and with --burst ends when all have."""
+    again one that dies, and with --burst ends when all have. On a GPU a stage starts beside others only when
+    its estimated peak memory fits what the GPU has free (processes outside stl count); `stl status` shows
+    each slot, the sharing mode (MPS or time-slicing) and why a stage waits."""
     with handled():
         from stl.jobs.queue.connection import connect
         from stl.worker.gpu import GpuProbe, missing_gpu
@@ -371,9 +376,9 @@ def worker(
         settings = cli_settings()
         conn = connect(settings, patient=True)
         if slots > 1:  # a supervisor of slot workers, which never imports torch
-            from stl.worker.slots import check_before_slots, run_slots
+            from stl.worker.slots import check_before_work, run_slots
 
-            check_before_slots(conn, settings, adopt_store=adopt_store)
+            check_before_work(conn, settings, adopt_store=adopt_store)
             on_cpu = gpu is None and not GpuProbe(None).has_gpu
             code = run_slots(slots=slots, gpu_index=gpu, burst=burst, on_cpu=on_cpu,
                              say=lambda line: echo(f"stl worker: {line}", err=True))

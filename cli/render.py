@@ -7,7 +7,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
-from rich.markup import escape
 from rich.progress_bar import ProgressBar
 from rich.text import Text
 
@@ -162,9 +161,9 @@ def build_workers_table(workers: list[WorkerRow], store: Store | None = None) ->
               f"{HEALTH_CHECK_EVERY_S:.0f} s and goes on by itself"
               for w in workers if w.paused]
     waiting = [f"{w.name} waits for device memory: {w.waiting}" for w in workers if w.waiting]
-    caption = "\n".join(escape(line) for line in [*paused, *waiting, *([caption] if caption else [])]) or None
+    caption = "\n".join([*paused, *waiting, *([caption] if caption else [])]) or None
     title = "Workers" if store is None else f"Workers · STL_HOME {store.home} on {store.host} (store {store.short})"
-    table = Table(title=escape(title), title_justify="left", caption=caption, caption_style="bold red")
+    table = Table(title=title, title_justify="left", caption=caption, caption_style="bold red")
     for name in ("worker", "host", "gpu", "state", "stage", "seen", "STL_HOME disk"):
         table.add_column(name)
     rows = worker_rows(workers)
@@ -468,7 +467,7 @@ def build_disk_table(home: Path, usage: list[DiskUsage], space: tuple[int, int] 
         title += f" ({format_bytes(space[0])} free of {format_bytes(space[1])})"
     if store is not None:
         title += f" · store {store.short}"
-    table = Table(title=escape(title), title_justify="left",
+    table = Table(title=title, title_justify="left",
                   caption="--clear-caches loses only time; --prune deletes models no queued or running run needs "
                           "(a later run that needs one trains it again); runs and redis stay")
     table.add_column("part", no_wrap=True)

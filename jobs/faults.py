@@ -4,7 +4,7 @@ Format: comma-separated `name=value`, e.g. `oom_at_step=3`, `disk_full=1` (every
 it filled the disk itself), or `disk_full_while=/tmp/flag` (the disk is full while that file exists: the worker's
 health check sees it too).
 
-Test aid for admission by device memory (issue 25): `device_memory=<bytes>` makes the worker admit stages as if
+Test aid for admission by device memory: `device_memory=<bytes>` makes the worker admit stages as if
 its device had that much memory (stl.worker.device_memory.FixedDeviceMemory), on the CPU too, and
 `device_memory_used=<bytes>` as if processes outside stl held that much of it.
 """

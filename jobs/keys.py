@@ -72,8 +72,8 @@ def host_fault(host: str) -> str:
     return f"{PREFIX}:host:{host}:fault"  # string "<time>|<reason>": a worker of that host met a machine fault
 
 
-# --- several stages on one device (issue 25) ---------------------------------------------------------------
-# hash memory key (jobs/ml/memory_estimate.memory_key: kind, model, batch, lengths) -> the largest peak of device
+# --- several stages on one device ----------------------------------------------------------------------------
+# hash memory key (stl.jobs.ml.memory_estimate.memory_key: kind, model, batch, lengths) -> the largest peak of device
 # memory (torch.cuda.max_memory_allocated, bytes) a finished stage of that key reached
 MEMORY_PEAKS = f"{PREFIX}:memory:peaks"
 

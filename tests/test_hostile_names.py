@@ -130,6 +130,18 @@ def test_the_status_view_shows_hostile_names_as_written(value: str) -> None:
 
 
 @pytest.mark.parametrize("value", HOSTILE.values(), ids=IDS)
+def test_the_slots_table_and_the_workers_caption_show_hostile_names_as_written(value: str) -> None:
+    """Worker names, devices, the sharing mode and why a stage waits come from other workers' records."""
+    slots = [WorkerRow(name=value, host=value, gpu=value, gpu_util=1.0, gpu_mem_used_mb=1.0, gpu_mem_total_mb=2.0,
+                       state=value, stage=value, last_seen=time.time(), sharing=value, device=value, slot=slot,
+                       slots=2, waiting=value, paused=value) for slot in (1, 2)]
+    summary = StatusSummary(counts={}, grids=[], running=[], failed=[])
+    plain = assert_shown_literally(build_status_view(summary, slots), value)
+    assert "Slots" in plain
+    for said in (f"takes no work: {escaped(value)[:12]}", f"waits for device memory: {escaped(value)[:12]}"):
+        assert said in plain, said  # the captions as written too: not markup, not escaped for markup
+
+@pytest.mark.parametrize("value", HOSTILE.values(), ids=IDS)
 def test_results_tables_show_hostile_names_as_written(value: str) -> None:
     rows, runs = hostile_results(value)
     assert_shown_literally(build_results_table(value, rows), value)

@@ -442,5 +442,5 @@ def test_a_worker_waiting_for_device_memory_says_why_and_its_gpu_shows_how_it_is
                         waiting="stage 0123456789abcdef0123 needs 9.0 GB, 6.1 GB free [sic]")
     table = build_workers_table([waiting])
     assert str(table.caption) == ("box.gpu0.1 waits for device memory: stage 0123456789abcdef0123 needs 9.0 GB, "
-                                  "6.1 GB free \\[sic]")  # user text stays literal: no rich markup
+                                  "6.1 GB free [sic]")  # shown as written: LiteralTable makes it no markup
     assert worker_rows([waiting])[0][2].endswith("GiB (MPS)")

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,9 +24,20 @@ from stl.jobs.queue import entry
 from stl.jobs.queue.devices import accrue_device_share, settle_device_seconds, stages_on_device
 from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
 from stl.jobs.queue.records import WorkerRow
+from stl.jobs.queue.recovery import worker_is_dead
 from stl.jobs.queue.run_results import read_results
 from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
-from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, stage_log, status_json, wait_for
+from tests.helpers import (
+    Workers,
+    child_env,
+    enqueue,
+    grid_done,
+    small_grid,
+    stage_log,
+    status_json,
+    stl,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -45,6 +57,16 @@ def test_slot_workers_are_named_by_device_and_slot() -> None:
     assert slot_command(1, 2, gpu_index=None, burst=False)[3:] == ["worker-slot", "--slot", "1", "--slots", "2"]
 
 
+def test_a_dead_slot_worker_of_this_host_is_known_dead_by_its_name() -> None:
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid, host = int(gone.stdout), socket.gethostname()
+    for slot, slots in ((1, 1), (2, 4)):
+        assert worker_is_dead(slot_worker_name(host, "gpu0", slot, slots, dead_pid))
+        assert not worker_is_dead(slot_worker_name(host, "gpu0", slot, slots, os.getpid()))
+        assert not worker_is_dead(slot_worker_name("elsewhere", "gpu0", slot, slots, dead_pid))  # not ours to say
+
+
 def test_cpu_slots_split_the_cores_unless_the_user_chose_threads() -> None:
     assert [threads_per_slot(16, n) for n in (1, 2, 3, 4, 32)] == [16, 8, 5, 4, 1]
     env = slot_environment({"PATH": "/bin"}, slots=4, on_cpu=True, cores=16)
@@ -53,6 +75,14 @@ def test_cpu_slots_split_the_cores_unless_the_user_chose_threads() -> None:
     assert slot_environment({}, slots=4, on_cpu=False, cores=16) == {}  # a GPU's horses: torch's own default
     assert slot_environment({}, slots=1, on_cpu=True, cores=16) == {}  # one slot: as `stl worker` was
 
+
+def test_the_help_of_worker_and_status_documents_slots() -> None:
+    worker, status = stl("worker", "--help"), stl("status", "--help")
+    assert worker.returncode == status.returncode == 0, worker.stderr + status.stderr
+    assert "--slots" in worker.stdout and "MPS or time-slicing" in worker.stdout
+    assert "Slots table" in status.stdout
+    # A help paragraph out of step with the docstring's indentation is printed with runs of spaces inside it.
+    assert not [line for line in worker.stdout.splitlines() if "   " in line.strip() and "--" not in line]
 
 def _supervise(tmp_path: Path, script: str, *, slots: int = 2, burst: bool = True,
                stop_once_up: bool = False) -> tuple[int, list[str]]:

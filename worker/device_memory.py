@@ -60,7 +60,7 @@ class FixedDeviceMemory:
 
 
 def device_memory_for(faults: Faults, *, has_gpu: bool, gpu_index: int | None, slots: int) -> DeviceMemory | None:
-    """What admission by memory reads, or None where the worker admits as before (one stage at a time): the
+    """What admission by memory reads, or None where the worker takes each stage as it comes, one at a time: the
     fake device of the fault-injection setting, or NVML for a GPU worker with more than one slot."""
     if faults.device_memory is not None:
         return FixedDeviceMemory(faults.device_memory, faults.device_memory_used)

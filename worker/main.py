@@ -34,7 +34,7 @@ from stl.worker.device_memory import device_memory_for, sharing_mode
 from stl.worker.gpu import GpuProbe
 from stl.worker.machine_health import MachineHealth
 from stl.worker.reaper import Reaper
-from stl.worker.slots import account_device_share, share_device, slot_worker_name
+from stl.worker.slots import account_device_share, check_before_work, share_device, slot_worker_name
 from stl.worker.stage_endings import StageEndingsWorker
 from stl.worker.worker_record import remove_worker_record, write_worker_record
 
@@ -316,21 +316,9 @@ def run_worker(*, connection: redis.Redis, settings: Settings, gpu_index: int | 
     """Start a worker; returns whether it ran any job. Imports the ML stack once, before forking.
     `adopt_store`: make this STL_HOME the queue's artifact store (stl.jobs.queue.store), its old one being gone.
     `slot` of `slots`: which of the device's slots this worker is (stl.worker.slots starts them)."""
-    from stl.jobs.disk_space import check_home_writable
-    from stl.jobs.errors import UsageError
-    from stl.jobs.queue.notify import notify_setting_problems
     from stl.jobs.queue.records import damaged_records_reported
-    from stl.jobs.queue.store import claim_store
 
-    check_home_writable(settings)  # before any job is taken: otherwise every stage would fail on it
-    problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
-    if problems:  # said now, not when the first grid ends hours later (and then only in this worker's log)
-        raise UsageError("; and ".join(problems))
-    # Workers of one queue start stages from each other's models: one STL_HOME, or this worker takes nothing.
-    store = claim_store(connection, settings, adopt=adopt_store)
-    if adopt_store:
-        print(f"stl: STL_HOME {settings.home} (store {store.short}) is the queue's artifact store; models its "
-              "stages need that are not in it are made again", flush=True)
+    check_before_work(connection, settings, adopt_store=adopt_store)
     if gpu_index is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_index)
     if preload:

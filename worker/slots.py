@@ -152,19 +152,23 @@ class SlotSupervisor:
         slot.restart_at = now + delay
 
 
-def check_before_slots(conn: redis.Redis, settings: Settings, *, adopt_store: bool) -> None:
-    """What every worker checks before it takes work (stl.worker.main.run_worker), once, before the slots
-    start: a problem is said once, and `--adopt-store` adopts once."""
+def check_before_work(conn: redis.Redis, settings: Settings, *, adopt_store: bool) -> None:
+    """What a worker checks before it takes any stage (stl.worker.main.run_worker); `stl worker --slots N`
+    checks once before its slots start, so a problem is said once and `--adopt-store` adopts once."""
     from stl.jobs.disk_space import check_home_writable
     from stl.jobs.errors import UsageError
     from stl.jobs.queue.notify import notify_setting_problems
     from stl.jobs.queue.store import claim_store
 
-    check_home_writable(settings)
+    check_home_writable(settings)  # otherwise every stage it takes would fail on it
     problems = notify_setting_problems(settings.notify_cmd, settings.notify_url)
-    if problems:
+    if problems:  # said now, not when the first grid ends hours later (and then only in this worker's log)
         raise UsageError("; and ".join(problems))
-    claim_store(conn, settings, adopt=adopt_store)
+    # Workers of one queue start stages from each other's models: one STL_HOME, or this worker takes nothing.
+    store = claim_store(conn, settings, adopt=adopt_store)
+    if adopt_store:
+        print(f"stl: STL_HOME {settings.home} (store {store.short}) is the queue's artifact store; models its "
+              "stages need that are not in it are made again", flush=True)
 
 
 def run_slots(*, slots: int, gpu_index: int | None, burst: bool, on_cpu: bool,

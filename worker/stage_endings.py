@@ -1,7 +1,7 @@
 """How a stage's job ends in the worker: refused before it runs, stopped by SIGTERM, or through RQ's end-of-job
-hooks. RQ's hooks: an expected ending gets one log line, not a traceback; a
-preempted stage, or one the machine failed, goes back to the head of its queue; a dead horse's stage resumes
-from its checkpoint; a horse killed for running past its time limit fails its stage."""
+hooks. RQ's hooks: an expected ending gets one log line, not a traceback; a preempted stage, or one the machine
+failed, goes back to the head of its queue; a dead horse's stage resumes from its checkpoint; a horse killed for
+running past its time limit fails its stage."""
 
 from __future__ import annotations
 

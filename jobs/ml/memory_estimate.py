@@ -30,7 +30,7 @@ TRAIN_ACTIVATION_BYTES = 24
 EVAL_ACTIVATION_BYTES = 8  # one layer's activations at a time, and the key/value cache of generation
 TRAIN_LOGIT_COPIES = 3
 # A model whose config cannot be read here (not downloaded yet, a remote-code architecture): assumed as big as
-# the largest this lab trains (bart-large, t5-large: about 0.8 B parameters), so it is never packed on a guess.
+# the largest this lab trains (t5-large: about 0.74 B parameters), so it is never packed on a guess.
 UNKNOWN_MODEL_PARAMETERS = 800_000_000
 
 
@@ -62,7 +62,7 @@ class ModelShape:
                 + self.decoder_layers * (attention + cross_attention + feed_forward))
 
 
-# The default's shape: bart-large-sized, with UNKNOWN_MODEL_PARAMETERS parameters or a little more.
+# The default's shape: bart-large's width and vocabulary, deep enough for UNKNOWN_MODEL_PARAMETERS or a little more.
 UNKNOWN_MODEL = ModelShape(vocab=50_265, hidden=1024, ffn=4096, encoder_layers=32, decoder_layers=32,
                            known=False)
 
@@ -71,11 +71,6 @@ UNKNOWN_MODEL = ModelShape(vocab=50_265, hidden=1024, ffn=4096, encoder_layers=3
 class MemoryEstimate:
     bytes: int
     source: str  # "recorded" (an earlier stage's peak), "formula", or "default formula" (model not readable)
-
-    def describe(self) -> str:
-        from stl.jobs.humanize import format_bytes
-
-        return f"{format_bytes(self.bytes)} ({self.source})"
 
 
 def memory_key(spec: StageSpec) -> str:

@@ -1,11 +1,11 @@
 """Whether one more stage fits on a device now: a pure decision on memory, no Redis, no device calls.
 
-The rule (issue 25): a stage is admitted when its estimated peak plus a margin fits in what the device has
+The rule: a stage is admitted when its estimated peak plus a margin fits in what the device has
 free now (as NVML reports it, so processes outside stl count) less what the stages already admitted there may
 still grow into. A stage already there may grow into its estimate minus what it uses now; where its use is
 not known (its horse has not started, or the device cannot tell per process, as under MPS), into its whole
-estimate. A stage with nothing else of stl on its device is always admitted: that is one stage at a time, as
-before, and an out-of-memory back-off handles a device too small for it.
+estimate. A stage with nothing else of stl on its device is always admitted: that is one stage at a time,
+and an out-of-memory back-off handles a device too small for it.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class Reservation:
 @dataclass(frozen=True)
 class Admission:
     admitted: bool
-    reason: str  # for people: "needs 9.0 GB, 6.1 GB free" or why it was admitted
+    reason: str  # for people: "needs 9.0 GiB, 6.1 GiB free" or why it was admitted
     estimate_bytes: int  # the stage's estimated peak
     need_bytes: int  # the estimate plus the margin: the budget its horse is capped at
     available_bytes: int  # free now, less what admitted stages may still grow into

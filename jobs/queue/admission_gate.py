@@ -9,7 +9,7 @@ behind it: fair share decides who goes next, memory only when.
 
 Slots of one device admit one at a time (a short Redis lock) and each admitted stage's estimate is registered
 in keys.device_reserved(device) until its stage ends, so two slots never count the same free memory twice.
-In the horse: `cap_horse_memory` caps the process at its budget, `record_peak` stores what it reached.
+In the horse: `cap_horse_memory` caps the process at its budget, `record_horse_peak` stores what it reached.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class AdmissionGate:
         self.worker_name = worker_name
         self.log = log
         self.host = socket.gethostname()
-        self.waiting = ""  # "stage <id> needs 9.0 GB, 6.1 GB free" while the head stage waits; "" otherwise
+        self.waiting = ""  # "stage <id> needs 9.0 GiB, 6.1 GiB free" while the head stage waits; "" otherwise
         self._waiting_stage = ""
         self.queues_empty = False  # whether the last `take` found no job in any queue
 
@@ -195,7 +195,7 @@ class AdmissionGate:
         entry = json.dumps({"bytes": decision.estimate_bytes, "at": time.time(), "worker": self.worker_name})
         pipe = self.conn.pipeline(transaction=False)
         pipe.hset(keys.device_reserved(self.device), stage_id, entry)
-        # A stage alone on the device is not capped: one at a time, as before, it may use the whole device.
+        # A stage alone on the device is not capped: like a stage of a one-slot worker, it may use the whole device.
         pipe.hset(keys.stage(stage_id), mapping={"memory_budget_bytes": "" if decision.alone else decision.need_bytes,
                                                  "memory_estimate_bytes": decision.estimate_bytes,
                                                  "waiting_reason": ""})

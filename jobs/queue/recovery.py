@@ -83,8 +83,12 @@ def holder_is_dead(holder: str) -> bool:
 
 
 def worker_is_dead(name: str) -> bool:
-    """An stl worker of this host (named `<host>.<device>.<pid>`) whose process no longer exists."""
+    """An stl worker of this host whose process no longer exists. Named `<host>.<device>.<pid>`, or
+    `<host>.<device>.s<slot>.<pid>` for one slot of several (stl.worker.slots.slot_worker_name)."""
     prefix, _, pid = name.rpartition(".")
+    before, _, last = prefix.rpartition(".")
+    if last[:1] == "s" and last[1:].isdigit():  # a device is gpu<n>, gpu or cpu: never s<n>
+        prefix = before
     host = prefix.rpartition(".")[0]
     return host == socket.gethostname() and _pid_is_dead(pid)
 
