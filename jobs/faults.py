@@ -7,13 +7,29 @@ health check sees it too).
 Test aid for admission by device memory: `device_memory=<bytes>` makes the worker admit stages as if
 its device had that much memory (stl.worker.device_memory.FixedDeviceMemory), on the CPU too, and
 `device_memory_used=<bytes>` as if processes outside stl held that much of it.
+
+Test aid for timing: `min_step_s=<seconds>` makes every training step take at least that long (the horse
+waits at each progress report), so a stage lasts long enough whatever the machine's speed.
 """
 
 from __future__ import annotations
 
 import errno
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+
+class _Progress(Protocol):
+    @property
+    def step(self) -> int: ...
+
+
+Report = TypeVar("Report", bound=_Progress)
 
 
 @dataclass(frozen=True)
@@ -23,6 +39,7 @@ class Faults:
     disk_full_while: str = ""
     device_memory: int | None = None
     device_memory_used: int = 0
+    min_step_s: float = 0.0
 
     def disk_full_now(self) -> bool:
         """The whole disk reads as full (the health check sees it too); `disk_full` is each stage's alone."""
@@ -31,6 +48,23 @@ class Faults:
     def before_stage(self, workdir: Path) -> None:
         if self.disk_full or self.disk_full_now():
             raise OSError(errno.ENOSPC, "No space left on device (injected)", str(workdir))
+
+
+    def paced(self, on_step: Callable[[Report], None]) -> Callable[[Report], None]:
+        """`on_step`, after waiting out whatever the steps since the last report took less than `min_step_s`
+        each (from the first report on: a resumed stage starts counting where it resumed)."""
+        if self.min_step_s <= 0:
+            return on_step
+        last: list[tuple[int, float]] = []
+
+        def report(progress: Report) -> None:
+            if last:
+                step, at = last[0]
+                time.sleep(max(0.0, (progress.step - step) * self.min_step_s - (time.monotonic() - at)))
+            last[:] = [(progress.step, time.monotonic())]
+            on_step(progress)
+
+        return report
 
 
 def parse_faults(text: str) -> Faults:
@@ -44,4 +78,5 @@ def parse_faults(text: str) -> Faults:
     return Faults(oom_at_step=int(oom) if oom else None, disk_full=values.get("disk_full") == "1",
                   disk_full_while=values.get("disk_full_while", ""),
                   device_memory=int(memory) if memory else None,
-                  device_memory_used=int(values.get("device_memory_used") or 0))
+                  device_memory_used=int(values.get("device_memory_used") or 0),
+                  min_step_s=float(values.get("min_step_s") or 0))

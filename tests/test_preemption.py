@@ -13,6 +13,7 @@ import pytest
 from stl.jobs import keys
 from stl.jobs.codec import text
 from stl.jobs.errors import StagePreempted, UsageError
+from stl.jobs.faults import parse_faults
 from stl.jobs.queue.preemption import (
     Preemption,
     RunningStage,
@@ -207,6 +208,22 @@ def test_the_log_line_names_the_user_the_stage_yielded_for(conn: redis.Redis) ->
     assert preempted_line(conn, sid, error, 16.6).startswith("preempted for light's stage after 17 s: stage ")
 
 
+def test_the_min_step_fault_makes_each_step_take_at_least_that_long() -> None:
+    """The test aid that keeps the heavy stage below running long enough on a fast machine."""
+    from types import SimpleNamespace
+
+    seen: list[int] = []
+    report = parse_faults("min_step_s=0.02").paced(lambda progress: seen.append(progress.step))
+    started = time.monotonic()
+    report(SimpleNamespace(step=40))  # the first report only sets the count going (a resumed stage's step)
+    assert time.monotonic() - started < 0.2
+    report(SimpleNamespace(step=50))  # 10 steps: at least 0.2 s since the last report
+    assert time.monotonic() - started >= 0.2
+    assert seen == [40, 50]
+    plain = seen.append
+    assert parse_faults("").paced(plain) is plain
+
+
 # --- a real worker ----------------------------------------------------------------------------------------------
 
 PREEMPT_AFTER_S = 15
@@ -218,10 +235,11 @@ SLACK_S = 10  # the horse's exit, the next one's fork and lease, on two loaded c
 def test_a_light_users_stage_starts_within_the_bound_and_the_heavy_stage_resumes_and_finishes(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
     heavy_env, light_env = child_env(STL_USER="heavy"), child_env(STL_USER="light")
-    # One long fine-tuning stage (then its eval): a checkpoint every 25 steps, hundreds of steps on a CPU.
+    # One long fine-tuning stage (then its eval), a checkpoint every 25 steps: at least 50 s whatever the
+    # machine (an idle one trains these 1000 steps in 20 s), so it still runs when the light user comes.
     enqueue(small_grid(tmp_path, demo_data, "heavy-grid", shots=[4],
                        train={"max_steps": 1000, "checkpoint_every": 25}), env=heavy_env)
-    workers.start(env=child_env(STL_PREEMPT_AFTER=str(PREEMPT_AFTER_S)))
+    workers.start(env=child_env(STL_PREEMPT_AFTER=str(PREEMPT_AFTER_S), STL_FAULT_INJECT="min_step_s=0.05"))
 
     def heavy_training() -> str | None:
         for sid in (text(s) for s in conn.smembers(keys.RUNNING_STAGES)):

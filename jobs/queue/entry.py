@@ -120,7 +120,8 @@ def run_stage(stage_id: str) -> dict[str, Any]:
         reporter.log(f"stage {spec.kind.value} {stage_id} started on {holder} ({device}); "
                      f"model {spec.model}, tasks {', '.join(spec.tasks)}")
         parent_dir = settings.stages_dir / spec.parent if spec.parent else None
-        ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device, on_step=reporter.on_step,
+        ctx = StageContext(workdir=workdir, parent_dir=parent_dir, device=device,
+                           on_step=faults.paced(reporter.on_step),
                            should_stop=reporter.should_stop, log=reporter.log, oom_at_step=faults.oom_at_step,
                            fence=lease.fence.check)
         outcome = _execute_once_its_parent_is_there(conn, settings, stage_id, spec, ctx, reporter)
