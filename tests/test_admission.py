@@ -238,25 +238,36 @@ def test_a_stage_that_does_not_fit_waits_with_its_reason_and_starts_once_the_oth
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:
     # Two workers of one host stand for two slots of one device; 512 MiB is less than any stage's margin alone,
     # so the second stage can never start beside the first.
-    env = child_env(STL_FAULT_INJECT=f"device_memory={512 * 2**20}")
+    # Each training step takes at least 0.1 s, so the wait lasts seconds on a fast machine too.
+    env = child_env(STL_FAULT_INJECT=f"device_memory={512 * 2**20},min_step_s=0.1")
     enqueue(small_grid(tmp_path, demo_data, "first", train={"max_steps": 30}))
     enqueue(small_grid(tmp_path, demo_data, "second", seeds=[1], train={"max_steps": 30}))
     for _ in range(2):
         workers.start(env=env)
 
-    def waiting_stage() -> tuple[str, str] | None:
+    def waiting_stage() -> tuple[str, str, str, int] | None:
+        """(stage, the worker's reason, the stage's reason and status, stages running), read in one
+        transaction: a worker's record lags its gate by up to a heartbeat."""
         for name in conn.smembers(keys.WORKERS):
             reason = text(conn.hget(keys.worker(text(name)), "waiting"))
-            if reason:
-                return reason.split()[1], reason
+            if not reason:
+                continue
+            stage_id = reason.split()[1]
+            pipe = conn.pipeline(transaction=True)
+            pipe.hget(keys.worker(text(name)), "waiting")
+            pipe.hmget(keys.stage(stage_id), "waiting_reason", "status")
+            pipe.scard(keys.RUNNING_STAGES)
+            again, (stage_reason, status), running = pipe.execute()
+            # A stage waits while the other runs alone on the device (between two stages none may run).
+            if text(again) == reason == text(stage_reason) and text(status) == "queued" and running == 1:
+                return stage_id, reason, text(status), int(running)
         return None
 
-    stage_id, reason = wait_for(waiting_stage, timeout=120, what="a worker to wait for device memory",
-                                interval=0.05, diagnostics=workers.logs)
+    stage_id, reason, status, running = wait_for(waiting_stage, timeout=120, interval=0.05,
+                                                 what="a worker and its stage to say it waits for device memory",
+                                                 diagnostics=workers.logs)
     assert "needs" in reason and "free" in reason
-    assert text(conn.hget(keys.stage(stage_id), "waiting_reason")) == reason
-    assert text(conn.hget(keys.stage(stage_id), "status")) == "queued"
-    assert len(conn.smembers(keys.RUNNING_STAGES)) == 1  # the other stage runs, alone on the device
+    assert status == "queued" and running == 1
 
     wait_for(lambda: grid_done(conn, "first") and grid_done(conn, "second"), timeout=240,
              what="both grids to finish", diagnostics=workers.logs)
