@@ -240,7 +240,9 @@ def _stage_spans(conn: redis.Redis) -> list[tuple[float, float]]:
 
 
 def _run_grid(conn: redis.Redis, workers: Workers, grid: Path, name: str, *, slots: int, home: Path) -> dict[int, Any]:
-    env = child_env(STL_HOME=str(home))  # one thread per horse either way: the comparison is of slots alone
+    # One thread per horse either way: the comparison is of slots alone. Each training step takes at least
+    # 0.5 s, so a fine-tuning stage lasts seconds and two slots' stages overlap on a fast machine too.
+    env = child_env(STL_HOME=str(home), STL_FAULT_INJECT="min_step_s=0.5")
     enqueue(grid, env=env)
     worker = workers.start(burst=True, env=env, extra_args=["--slots", str(slots)])
     assert worker.wait(timeout=500) == 0, workers.logs()
