@@ -76,6 +76,9 @@ def host_fault(host: str) -> str:
 # hash memory key (stl.jobs.ml.memory_estimate.memory_key: kind, model, batch, lengths) -> the largest peak of device
 # memory (torch.cuda.max_memory_allocated, bytes) a finished stage of that key reached
 MEMORY_PEAKS = f"{PREFIX}:memory:peaks"
+# hash calibration key (stl.jobs.ml.memory_estimate.calibration_key: kind and model) -> the largest ratio of a
+# recorded peak to the formula's estimate, which corrects the formula for that model's unseen batches and lengths
+MEMORY_CALIBRATION = f"{PREFIX}:memory:calibration"
 
 
 def device_stages(device: str) -> str:

@@ -24,7 +24,13 @@ from stl.jobs.ml.memory_estimate import (
     shape_from_config,
 )
 from stl.jobs.queue.admission import MARGIN_BYTES, Reservation, decide_admission, with_margin
-from stl.jobs.queue.admission_gate import AdmissionGate, record_peak, recorded_peak
+from stl.jobs.queue.admission_gate import (
+    AdmissionGate,
+    formula_correction,
+    record_peak,
+    recorded_peak,
+    stage_estimate,
+)
 from stl.jobs.specs import EvalConfig, StageKind, StageSpec, TrainConfig
 from stl.worker.device_memory import FixedDeviceMemory, device_memory_for, sharing_mode
 from tests.helpers import Workers, child_env, enqueue, grid_done, small_grid, wait_for
@@ -102,6 +108,35 @@ def test_a_recorded_peak_replaces_the_formula_and_the_record_keeps_the_largest(c
     assert memory_key(eval_spec()) != memory_key(spec)
     guess = estimate_memory(spec, recorded=recorded_peak(conn, spec))
     assert (guess.bytes, guess.source) == (3 * GB, "recorded")
+
+
+def test_a_recorded_peak_corrects_the_formula_for_the_models_other_batches(conn: redis.Redis) -> None:
+    seen, unseen = train_spec(batch=8), train_spec(batch=32)
+    formula_seen = estimate_memory(seen, recorded=None).bytes
+    formula_unseen = estimate_memory(unseen, recorded=None).bytes
+    assert stage_estimate(conn, unseen) == formula_unseen  # nothing recorded yet: the formula as it is
+    record_peak(conn, "a" * 20, seen, formula_seen * 3)  # the model needed three times the formula's guess
+    assert formula_correction(conn, unseen) == pytest.approx(3.0)
+    assert stage_estimate(conn, unseen) == pytest.approx(formula_unseen * 3, rel=1e-6)
+    assert stage_estimate(conn, seen) == formula_seen * 3  # its own key: the recorded peak itself
+    corrected = estimate_memory(unseen, recorded=None, correction=3.0)
+    assert corrected.source == "formula corrected x3.00"
+    # Only the same model, trained: its evaluation and other models keep their own formula.
+    assert formula_correction(conn, eval_spec()) is None
+    assert formula_correction(conn, train_spec("tiny:bart")) is None
+    # A smaller ratio later does not lower the correction: a guess too low ends in an out-of-memory back-off.
+    record_peak(conn, "b" * 20, train_spec(batch=16), estimate_memory(train_spec(batch=16), recorded=None).bytes)
+    assert formula_correction(conn, unseen) == pytest.approx(3.0)
+
+
+def test_an_unknown_models_default_is_not_corrected_and_is_read_again_once_downloaded(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    guess = estimate_memory(train_spec(str(model)), recorded=None, correction=0.5)
+    assert guess.source == "default formula"  # the ratio was measured against a real shape, not the default's
+    from transformers import T5Config
+
+    T5Config().save_pretrained(model)  # what its first stage's download does
+    assert model_shape(str(model)).known
 
 
 # --- the decision -------------------------------------------------------------------------------------

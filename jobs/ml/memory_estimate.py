@@ -9,7 +9,9 @@ horse: stl.jobs.queue.admission_gate). Without one, a formula from the model's s
 - evaluation: 4 bytes per parameter plus activations and the decoder's key/value cache,
   `batch x (source + new tokens) x hidden x layers x EVAL_ACTIVATION_BYTES`, plus one copy of the logits.
 
-The constants are rough on purpose: after the first stage of a key, its recorded peak replaces the formula.
+The constants are rough on purpose. After the first stage of a key, its recorded peak replaces the formula; and
+the largest ratio of a recorded peak to the formula, per model and kind (training or evaluation), corrects the
+formula for that model's other batches and lengths (`calibration_key`).
 No torch here; transformers only to read a hub or local model's config.json, from local files (no network).
 """
 
@@ -70,7 +72,9 @@ UNKNOWN_MODEL = ModelShape(vocab=50_265, hidden=1024, ffn=4096, encoder_layers=3
 @dataclass(frozen=True)
 class MemoryEstimate:
     bytes: int
-    source: str  # "recorded" (an earlier stage's peak), "formula", or "default formula" (model not readable)
+    # "recorded" (an earlier stage's peak), "formula", "default formula" (model not readable), or either formula
+    # with "corrected" (times the model's recorded ratio of peak to formula)
+    source: str
 
 
 def memory_key(spec: StageSpec) -> str:
@@ -84,12 +88,28 @@ def memory_key(spec: StageSpec) -> str:
     return f"train|{spec.model}|b{tr.batch_size}|s{tr.max_source_length}|t{tr.max_target_length}"
 
 
-def estimate_memory(spec: StageSpec, *, recorded: int | None, shape: ModelShape | None = None) -> MemoryEstimate:
+def calibration_key(spec: StageSpec) -> str:
+    """Stages whose ratio of recorded peak to formula is alike: the same model, trained or evaluated. Not wider:
+    a tiny model's fixed overheads would inflate a big model's guess many times over."""
+    return f"{'eval' if spec.kind == StageKind.eval else 'train'}|{spec.model}"
+
+
+def estimate_memory(spec: StageSpec, *, recorded: int | None, shape: ModelShape | None = None,
+                    correction: float | None = None) -> MemoryEstimate:
     """The stage's peak device memory: `recorded` (the largest peak of its memory key) if there is one, else
-    the formula on `shape` (read from the model's config when not given)."""
+    the formula on `shape` (read from the model's config when not given), times `correction` if given (the
+    largest recorded ratio of peak to formula of its calibration key)."""
     if recorded is not None and recorded > 0:
         return MemoryEstimate(recorded, "recorded")
     shape = shape or model_shape(spec.model)
+    formula = _formula(spec, shape)
+    # Not the default's: the ratio was measured against the model's real shape, read where it had been downloaded.
+    if correction is not None and correction > 0 and shape.known:
+        return MemoryEstimate(int(formula.bytes * correction), f"{formula.source} corrected x{correction:.2f}")
+    return formula
+
+
+def _formula(spec: StageSpec, shape: ModelShape) -> MemoryEstimate:
     source = "formula" if shape.known else "default formula"
     if spec.kind == StageKind.eval:
         ev = spec.eval
@@ -106,10 +126,19 @@ def estimate_memory(spec: StageSpec, *, recorded: int | None, shape: ModelShape 
     return MemoryEstimate(total, source)
 
 
-@functools.lru_cache(maxsize=64)
 def model_shape(name: str) -> ModelShape:
     """The shape of model `name`: a `tiny:` one from stl's own constants, a hub id or local folder from its
-    config.json on this machine (never the network), anything else the conservative UNKNOWN_MODEL."""
+    config.json on this machine (never the network), anything else the conservative UNKNOWN_MODEL. A known
+    shape is remembered; an unknown one is looked for again, since its first stage downloads the model."""
+    try:
+        return _known_shape(name)
+    except LookupError:
+        return UNKNOWN_MODEL
+
+
+@functools.lru_cache(maxsize=64)
+def _known_shape(name: str) -> ModelShape:
+    """Raises LookupError where the shape cannot be read: lru_cache keeps no exception, so it is read again."""
     from stl.jobs.ml.models import TINY_LAYERS, TINY_MAX_POSITIONS, TINY_PREFIX, TINY_WIDTH
 
     if name.startswith(TINY_PREFIX):
@@ -124,10 +153,12 @@ def model_shape(name: str) -> ModelShape:
         from transformers import AutoConfig
 
         source = str(Path(name).expanduser()) if Path(name).expanduser().is_dir() else name
-        config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False)
-        return shape_from_config(config)
-    except Exception:  # noqa: BLE001 - not downloaded, no such folder, an architecture transformers lacks
-        return UNKNOWN_MODEL
+        shape = shape_from_config(AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=False))
+    except Exception as e:  # noqa: BLE001 - not downloaded, no such folder, an architecture transformers lacks
+        raise LookupError(f"no readable config for {name}") from e
+    if not shape.known:
+        raise LookupError(f"{name}'s config names no width or vocabulary")
+    return shape
 
 
 def _first_int(config: Any, *names: str) -> int | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import time
 import uuid
@@ -51,7 +52,8 @@ _TAKE_IF_HEAD = """
 if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then return redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') end
 return false
 """
-# Keep the largest peak seen for a memory key. KEYS: the peaks hash. ARGV: key, bytes.
+# Keep the largest value seen for a field: a memory key's peak, a calibration key's ratio. KEYS: the hash.
+# ARGV: field, value.
 _KEEP_MAX = """
 local old = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0
 if tonumber(ARGV[2]) > old then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1 end
@@ -66,18 +68,35 @@ def recorded_peak(conn: redis.Redis, spec: StageSpec) -> int | None:
     return int(value) if value.isdigit() else None
 
 
+def formula_correction(conn: redis.Redis, spec: StageSpec) -> float | None:
+    """The largest ratio of recorded peak to formula of the stage's model and kind; None before the first."""
+    from stl.jobs.ml.memory_estimate import calibration_key
+
+    try:
+        ratio = float(text(conn.hget(keys.MEMORY_CALIBRATION, calibration_key(spec))))
+    except ValueError:
+        return None
+    return ratio if ratio > 0 and math.isfinite(ratio) else None
+
+
 def stage_estimate(conn: redis.Redis, spec: StageSpec) -> int:
     from stl.jobs.ml.memory_estimate import estimate_memory
 
-    return estimate_memory(spec, recorded=recorded_peak(conn, spec)).bytes
+    recorded = recorded_peak(conn, spec)
+    correction = None if recorded else formula_correction(conn, spec)
+    return estimate_memory(spec, recorded=recorded, correction=correction).bytes
 
 
 def record_peak(conn: redis.Redis, stage_id: str, spec: StageSpec, peak_bytes: int) -> None:
-    """A stage's peak on its record (`peak_memory_bytes`) and, if the largest of its memory key, in MEMORY_PEAKS."""
-    from stl.jobs.ml.memory_estimate import memory_key
+    """A stage's peak on its record (`peak_memory_bytes`); if the largest of its memory key, in MEMORY_PEAKS; and
+    its ratio to the formula, if the largest of its model and kind, in MEMORY_CALIBRATION."""
+    from stl.jobs.ml.memory_estimate import calibration_key, estimate_memory, memory_key
 
     conn.hset(keys.stage(stage_id), "peak_memory_bytes", peak_bytes)
     conn.eval(_KEEP_MAX, 1, keys.MEMORY_PEAKS, memory_key(spec), peak_bytes)
+    formula = estimate_memory(spec, recorded=None).bytes
+    if formula > 0 and peak_bytes > 0:
+        conn.eval(_KEEP_MAX, 1, keys.MEMORY_CALIBRATION, calibration_key(spec), repr(peak_bytes / formula))
 
 
 class AdmissionGate:
