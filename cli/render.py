@@ -65,7 +65,8 @@ def running_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
         step = f"{run.step}/{run.total}" if run.total else "—"
         rows.append({
             "run": run.id[:10], "user": run.user, "grid": run.grid, "cell": format_cell(run.cell, short=True),
-            "stage": run.stage or "—", "progress": run.progress, "step": step,
+            "stage": (run.stage or "—") + (f", {run.yielding}" if run.yielding else ""),
+            "progress": run.progress, "step": step,
             "loss": f"{run.loss:.4f}" if run.loss is not None else "—",
             "speed": (f"{run.samples_per_s:.1f} ex/s" if run.samples_per_s else "—")
             + (f" MFU {run.mfu:.0%}" if run.mfu is not None else ""),

@@ -208,6 +208,27 @@ def test_the_log_line_names_the_user_the_stage_yielded_for(conn: redis.Redis) ->
     assert preempted_line(conn, sid, error, 16.6).startswith("preempted for light's stage after 17 s: stage ")
 
 
+def test_status_shows_a_stage_that_is_yielding_and_to_whom(conn: redis.Redis) -> None:
+    from stl.cli.render import running_rows
+    from stl.jobs.queue.records import run_rows
+
+    now = time.time()
+    sid = "a" * 20
+    put_running(conn, sid, "heavy", started_at=now - 100)
+    conn.hset(keys.run("0123456789ab"), mapping={"id": "0123456789ab", "grid": "g", "user": "heavy",
+                                                 "status": "running", "current_stage": sid, "n_stages": 2})
+    put_waiting(conn, "light", "c" * 20)
+    put_worker(conn, "w-a", state="busy", heartbeat=now)
+    (row,) = run_rows(conn, ["0123456789ab"])
+    assert (row.yielding, running_rows([row])[0]["stage"]) == ("", "mtl")
+    assert preempt_if_due(conn, own_worker="w-a", own_stage=sid, preempt_after_s=30, now=now) is not None
+    (row,) = run_rows(conn, ["0123456789ab"])
+    assert (row.yielding, running_rows([row])[0]["stage"]) == ("yielding to light", "mtl, yielding to light")
+    conn.hset(keys.stage(sid), "preempted_for", "")  # the flag a worker told to stop sets
+    (row,) = run_rows(conn, ["0123456789ab"])
+    assert row.yielding == "stopping"
+
+
 def test_the_min_step_fault_makes_each_step_take_at_least_that_long() -> None:
     """The test aid that keeps the heavy stage below running long enough on a fast machine."""
     from types import SimpleNamespace

@@ -27,7 +27,7 @@ RUN_FIELDS = ("id", "grid", "user", "priority", "status", "cell", "n_stages", "s
               "started_at", "ended_at", "error", "current_stage", "work_total", "work_done")
 STAGE_PROGRESS_FIELDS = (
     "kind", "step", "total", "loss", "samples_per_s", "elapsed_s", "started_at", "status", "mfu", "eta_s", "eta_at",
-    "work",
+    "work", "preempt", "preempted_for",
 )
 WORKER_STALE_S = 60
 
@@ -237,6 +237,9 @@ class RunRow:
     mfu: float | None = None  # model FLOPs utilisation of the running stage, on a GPU with a known peak
     elapsed_s: float | None = None
     eta_s: float | None = None
+    # Its stage checkpoints to give the device up: "yielding to <user>" (preempted for their waiting stage) or
+    # "stopping" (its worker was told to stop); "" while it runs on.
+    yielding: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -386,6 +389,9 @@ def _run_row(raw_record: dict[str, str], raw_stage: dict[str, str] | None, now: 
         row.loss = stage.number("loss", finite=False)  # a loss that overflowed is shown as inf
         row.samples_per_s = stage.number("samples_per_s")
         row.mfu = stage.number("mfu")
+        if stage.get("preempt"):
+            for_user = stage.get("preempted_for")
+            row.yielding = f"yielding to {for_user}" if for_user else "stopping"
         started = stage.number("started_at")
         row.elapsed_s = now - started if started else None
         if total and step:
