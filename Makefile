@@ -9,6 +9,8 @@ DEMO_GRID ?= grids/example.yaml
 DEMO_HOME ?= $(CURDIR)/.stl-demo
 # What `make demo` prints after its pivot, as `stl results --effect` does (empty: no effect table).
 DEMO_EFFECT ?= mtl=none:in-domain
+# pytest processes (pytest-xdist): most slow tests wait on a worker subprocess, so two share two cores well.
+TEST_WORKERS ?= 2
 # torch's CPU build for machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
 TORCH_CPU ?= torch==2.13.0
 
@@ -37,7 +39,7 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 test: venv lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 bench: venv
 	$(PY) bench/run_all.py
