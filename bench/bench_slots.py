@@ -132,7 +132,8 @@ def run_grid(slots: int, grid: Path, redis_url: str, flush: Any, client: Any, wo
         while process.poll() is None:
             if time.perf_counter() - started > timeout:
                 process.kill()
-                raise SystemExit(f"--slots {slots} ran past {timeout:.0f} s; see {log}")
+                raise SystemExit(f"--slots {slots} ran past {timeout:.0f} s; worker log, its end:\n"
+                                 f"{log.read_text()[-6000:]}")
             with contextlib.suppress(Exception):
                 modes |= sharing_modes(client)
             time.sleep(0.5)
@@ -141,7 +142,10 @@ def run_grid(slots: int, grid: Path, redis_url: str, flush: Any, client: Any, wo
         raise SystemExit(f"`stl worker --slots {slots}` exited {process.returncode}:\n{log.read_text()[-3000:]}")
     results = results_by_cell(env)
     if len(results) != SEEDS * 2:
-        raise SystemExit(f"--slots {slots}: {len(results)} results, expected {SEEDS * 2}; see {log}")
+        # The work folder goes with the run: what went wrong is printed here.
+        runs = subprocess.run([*STL, "status", "--json"], env=env, capture_output=True, text=True).stdout
+        raise SystemExit(f"--slots {slots}: {len(results)} results, expected {SEEDS * 2}.\nstl status --json: "
+                         f"{runs[-3000:]}\nworker log, its end:\n{log.read_text()[-6000:]}")
     return wall, sampler.busy_share(), modes, results
 
 
