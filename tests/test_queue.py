@@ -406,6 +406,32 @@ def test_jobs_queued_under_the_entry_points_old_module_path_still_run(stl_env: P
     assert set(run_statuses(conn, "test-grid").values()) == {"finished"}
 
 
+def test_a_stage_rq_left_in_its_ready_registry_runs_at_the_workers_next_poll(stl_env: Path, conn: redis.Redis,
+                                                                           tmp_path: Path, demo_data: Path) -> None:
+    """RQ marks a finished stage's dependents ready, then enqueues them under an optimistic lock on the queue's
+    ready registry; when another worker commits to that registry at the same moment (two slots finishing
+    together), RQ leaves the job there for its maintenance, ten minutes later (stl.jobs.queue.dependents)."""
+    path = write_grid(tmp_path, demo_data, grid={"model": ["tiny:bart"], "mtl": ["none"], "instructions": [True],
+                                                 "shots": [0], "seed": [0]})
+    assert enqueue(path)[0] == 0
+    (job_id,) = queued_job_ids(conn, "alice")
+    queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
+    # The state RQ leaves after losing that race: off the queue, status ready_to_enqueue, in the ready registry.
+    conn.lrem(queue.key, 0, job_id)
+    conn.hset(f"rq:job:{job_id}", "status", "ready_to_enqueue")
+    conn.zadd(queue.ready_job_registry.key, {job_id: 1.0})
+    # Another worker ran RQ's maintenance a moment ago: this one's maintenance leaves the registries alone.
+    for name in queue_order(conn):
+        conn.set(Queue(name, connection=conn).registry_cleaning_key, 1, ex=60)
+
+    result = _run_worker_burst(stl_env)
+    assert result.returncode == 0, result.stderr
+    assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).get_status().value == "finished", \
+        result.stderr[-3000:]
+    assert set(run_statuses(conn, "test-grid").values()) == {"finished"}
+    assert conn.zcard(queue.ready_job_registry.key) == 0
+
+
 def test_enqueue_against_a_redis_that_is_down_fails_clearly(tmp_path: Path, demo_data: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.conftest import free_port

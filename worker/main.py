@@ -25,6 +25,7 @@ from stl.jobs import keys
 from stl.jobs.errors import MachineFault
 from stl.jobs.faults import parse_faults
 from stl.jobs.queue.admission_gate import AdmissionGate
+from stl.jobs.queue.dependents import enqueue_ready_dependents
 from stl.jobs.queue.devices import device_id
 from stl.jobs.queue.entry import STAGE_ID
 from stl.jobs.queue.fairshare import queue_order
@@ -152,6 +153,7 @@ class StlWorker(StageEndingsWorker):
                     self.run_maintenance_tasks()
                 self._reaper.reap_if_due()
                 self._refresh_queues()
+                enqueue_ready_dependents(self.connection, self.queues)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 self.log.error("Worker %s: Redis is unreachable (%s); retrying in 2 s", self.name, e)
                 time.sleep(2)
