@@ -340,7 +340,8 @@ def retry(
 def worker(
     gpu: Annotated[int | None, typer.Option(help="GPU index to use (sets CUDA_VISIBLE_DEVICES).", min=0)] = None,
     burst: Annotated[bool, typer.Option(
-        "--burst", help="Exit when the queues are empty (exit code 1 if the machine cannot run them).")] = False,
+        "--burst", help="Exit when the queues are empty and no other stage runs on this device, since a stage "
+                   "that ends may queue the next (exit code 1 if the machine cannot run them).")] = False,
     adopt_store: Annotated[bool, typer.Option(
         "--adopt-store", help="Make this STL_HOME the queue's artifact store, where the one its workers shared "
         "is gone (wiped or moved); refused while workers use that one.")] = False,

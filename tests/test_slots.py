@@ -270,6 +270,23 @@ def test_two_cpu_slots_run_stages_at_once_with_one_at_a_times_results(
 
 
 @pytest.mark.slow
+def test_a_burst_slot_waits_for_the_stage_beside_it_whose_end_queues_the_next(
+        conn: redis.Redis, stl_env: Path, demo_data: Path, workers: Workers, tmp_path: Path) -> None:
+    """One run: MTL, then the eval that depends on it. The slot that finds the queue empty at the start must
+    not quit while the MTL stage runs: its end queues the eval, which either slot may then take."""
+    grid = small_grid(tmp_path, demo_data, "chain", shots=[0], mtl=["in-domain"], train={"max_steps": 8})
+    env = child_env(STL_FAULT_INJECT="min_step_s=0.5")
+    enqueue(grid, env=env)
+    worker = workers.start(burst=True, env=env, extra_args=["--slots", "2"])
+    assert worker.wait(timeout=300) == 0, workers.logs()
+    assert grid_done(conn, "chain"), workers.logs()
+    lines = workers.logs().splitlines()
+    mtl_done = next(i for i, line in enumerate(lines) if "Successfully completed mtl" in line)
+    quits = [i for i, line in enumerate(lines) if "done, quitting" in line]
+    assert len(quits) == 2 and min(quits) > mtl_done, workers.logs()
+
+
+@pytest.mark.slow
 def test_sigterm_to_a_slotted_worker_puts_every_running_stage_back(
         conn: redis.Redis, stl_env: Path, demo_data: Path, workers: Workers, tmp_path: Path) -> None:
     grid = small_grid(tmp_path, demo_data, "long", seeds=[0, 1], shots=[0], mtl=["in-domain"],

@@ -26,7 +26,7 @@ from stl.jobs.errors import MachineFault
 from stl.jobs.faults import parse_faults
 from stl.jobs.queue.admission_gate import AdmissionGate
 from stl.jobs.queue.dependents import enqueue_ready_dependents
-from stl.jobs.queue.devices import device_id
+from stl.jobs.queue.devices import device_id, stages_on_device
 from stl.jobs.queue.entry import STAGE_ID
 from stl.jobs.queue.fairshare import queue_order
 from stl.jobs.queue.preemption import preempt_if_due
@@ -177,7 +177,8 @@ class StlWorker(StageEndingsWorker):
                 if self._admission is not None:  # the head stage is taken only once it fits on the device
                     result = self._admission.take(self._ordered_queues, self._fetch_taken_job)
                     self._holding_job = result is not None
-                    if result is not None or (timeout is None and self._admission.queues_empty):
+                    if result is not None or (timeout is None and self._admission.queues_empty
+                                              and not self._device_busy()):
                         return result
                     time.sleep(POLL_S)
                     continue
@@ -187,8 +188,12 @@ class StlWorker(StageEndingsWorker):
                     death_penalty_class=self.death_penalty_class,
                 )
                 self._holding_job = result is not None
-                if result is not None or timeout is None:
+                if result is not None:
                     return result
+                if timeout is None:
+                    if not self._device_busy():
+                        return None
+                    time.sleep(POLL_S)
             except DequeueTimeout:
                 self._holding_job = False
             except (redis.ConnectionError, redis.TimeoutError) as e:
@@ -200,6 +205,11 @@ class StlWorker(StageEndingsWorker):
                 return None
             if max_idle_time is not None and time.monotonic() - idle_since > max_idle_time:
                 return None
+
+    def _device_busy(self) -> bool:
+        """Whether other stages run on this worker's device: a `--burst` slot waits for them rather than quit
+        on an empty queue, since a stage that ends releases the stages that depend on it."""
+        return bool(stages_on_device(self.connection, self.device))
 
     def _fetch_taken_job(self, queue_key: str, job_id: str) -> tuple[Job, Queue] | None:
         """RQ's (job, queue) for a job the admission gate took off `queue_key`, as RQ's own dequeue makes it."""
