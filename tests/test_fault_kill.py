@@ -330,6 +330,38 @@ def test_a_checkpoint_damaged_while_its_stage_waited_falls_back_to_the_previous_
     assert f"resumed from step {previous}" in logs
 
 
+def test_a_job_a_live_worker_is_taking_is_not_requeued_beside_it(stl_env: Path, conn: redis.Redis, tmp_path: Path,
+                                                                  demo_data: Path) -> None:
+    """A stale started-registry entry of a dead worker makes the reaper look at a stage; if a live worker has
+    just popped its job (RQ's intermediate queue, not yet marked started), a second copy at the head of the
+    queue would run it twice (seen under load in CI: both copies met the same machine fault)."""
+    import socket
+    import subprocess
+
+    from rq.queue import IntermediateQueue
+
+    from stl.jobs.queue.recovery import reap_orphans
+    from stl.jobs.settings import load_settings
+
+    enqueue(small_grid(tmp_path, demo_data, "taken", shots=[0]))
+    queue = Queue(keys.queue_name("alice", "normal"), connection=conn, serializer=JSONSerializer)
+    (job_id,) = (text(j) for j in conn.lrange(queue.key, 0, -1))
+    intermediate = IntermediateQueue(queue.key, conn).key
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    conn.hset(f"rq:job:{job_id}", "worker_name", f"{socket.gethostname()}.gpu.{dead.pid}")
+    conn.zadd(queue.started_job_registry.key, {f"{job_id}:0123abcd": time.time() + 600})
+    conn.lmove(queue.key, intermediate, "LEFT", "RIGHT")  # what a live worker's dequeue does first
+
+    settings = load_settings()
+    assert reap_orphans(conn, settings) == []
+    assert conn.llen(queue.key) == 0 and conn.lrange(intermediate, 0, -1) == [job_id.encode()]
+    # The worker that popped it died there: nothing takes it, and the reaper puts it back.
+    conn.lrem(intermediate, 0, job_id)
+    assert reap_orphans(conn, settings) == [job_id.removeprefix("stl-")]
+    assert [text(j) for j in conn.lrange(queue.key, 0, -1)] == [job_id]
+
+
 @pytest.mark.slow
 def test_jobs_of_a_worker_that_died_before_its_horse_took_the_lease_are_requeued(
         stl_env: Path, conn: redis.Redis, tmp_path: Path, demo_data: Path, workers: Workers) -> None:

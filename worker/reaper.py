@@ -78,7 +78,7 @@ class Reaper:
             if now - since < DROPPED_CONFIRM_S:
                 continue
             del self._dropped[stage_id]
-            if requeue_orphan(self.connection, self.settings, stage_id, horse_dead=True,
+            if requeue_orphan(self.connection, self.settings, stage_id, horse_dead=True, dropped=True,
                               reason="its worker died after taking it off the queue"):
                 self.log.warning("Worker %s: stage %s was taken off its queue by a worker that died; requeued",
                                  self.worker_name, stage_id)

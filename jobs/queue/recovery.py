@@ -195,25 +195,29 @@ def find_dropped_jobs(conn: redis.Redis, *, chunk: int = 2000) -> list[str]:
 
 
 def requeue_orphan(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: str,
-                   horse_dead: bool = False) -> bool:
+                   horse_dead: bool = False, dropped: bool = False) -> bool:
     """Put one orphaned stage back at the head of its queue. Returns False if there was nothing to do.
 
     `horse_dead`: the caller saw the horse die (its worker, or RQ's registries), so the stage is requeued
-    even if it never reached the running set. A stage whose failure or cancellation was already recorded
-    stays as it is; one that finished is only handed back to RQ, which then releases its dependents.
+    even if it never reached the running set. `dropped`: the caller found its job in no queue twice, seconds
+    apart, so a worker that took it died; otherwise a job on its way from its queue to a worker (RQ's
+    intermediate queue, not yet marked started) is being taken now and is left alone. A stage whose failure
+    or cancellation was already recorded stays as it is; one that finished is only handed back to RQ, which
+    then releases its dependents.
     """
     token = uuid.uuid4().hex
     lock = keys.stage_reap_lock(stage_id)
     if not conn.set(lock, token, nx=True, ex=REAP_LOCK_TTL_S):
         return False
     try:
-        return _requeue(conn, settings, stage_id, reason=reason, horse_dead=horse_dead)
+        return _requeue(conn, settings, stage_id, reason=reason, horse_dead=horse_dead, dropped=dropped)
     finally:
         # Released at once, not left to expire: the same stage may be orphaned again within seconds.
         conn.eval(_RELEASE_LOCK, 1, lock, token)
 
 
-def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: str, horse_dead: bool) -> bool:
+def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: str, horse_dead: bool,
+             dropped: bool) -> bool:
     stage_key = keys.stage(stage_id)
     holder = conn.get(keys.stage_lease(stage_id))
     if holder is not None and not holder_is_dead(text(holder)):
@@ -235,6 +239,9 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
     if job_status == JobStatus.QUEUED and conn.lpos(Queue(job.origin, connection=conn).key, job.id) is not None:
         # Someone put it back already (another reaper, or its own worker): only the bookkeeping is left.
         conn.srem(keys.RUNNING_STAGES, stage_id)
+        return False
+    if job_status == JobStatus.QUEUED and not dropped and _being_taken(conn, job):
+        # A live worker popped it a moment ago (RQ marks it started next): a copy at the head would run twice.
         return False
     if job_status == JobStatus.STARTED and not running and not _started_by_a_dead_worker(conn, job):
         return False  # put back and taken again meanwhile: a live worker has it now
@@ -262,6 +269,14 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
         except OSError:
             pass  # the line is in Redis
     return True
+
+
+def _being_taken(conn: redis.Redis, job: Job) -> bool:
+    """Whether `job` is in RQ's intermediate queue: popped by a worker that has not marked it started yet."""
+    from rq.queue import IntermediateQueue
+
+    queue_key = Queue(job.origin, connection=conn).key
+    return conn.lpos(IntermediateQueue(queue_key, conn).key, job.id) is not None
 
 
 def _started_by_a_dead_worker(conn: redis.Redis, job: Job) -> bool:
