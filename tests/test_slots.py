@@ -26,7 +26,14 @@ from stl.jobs.queue.fairshare import decayed_usage, users_by_usage
 from stl.jobs.queue.records import WorkerRow
 from stl.jobs.queue.recovery import worker_is_dead
 from stl.jobs.queue.run_results import read_results
-from stl.worker.slots import SlotSupervisor, slot_command, slot_environment, slot_worker_name, threads_per_slot
+from stl.worker.slots import (
+    SlotSupervisor,
+    cpu_slots_warning,
+    slot_command,
+    slot_environment,
+    slot_worker_name,
+    threads_per_slot,
+)
 from tests.helpers import (
     Workers,
     child_env,
@@ -69,6 +76,8 @@ def test_a_dead_slot_worker_of_this_host_is_known_dead_by_its_name() -> None:
 
 def test_cpu_slots_split_the_cores_unless_the_user_chose_threads() -> None:
     assert [threads_per_slot(16, n) for n in (1, 2, 3, 4, 32)] == [16, 8, 5, 4, 1]
+    # More slots than cores: said at start, with the slot count that fits.
+    assert cpu_slots_warning(2, 2) == "" and "--slots 2" in cpu_slots_warning(4, 2)
     env = slot_environment({"PATH": "/bin"}, slots=4, on_cpu=True, cores=16)
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "4"}
     assert slot_environment({"OMP_NUM_THREADS": "3"}, slots=4, on_cpu=True, cores=16) == {"OMP_NUM_THREADS": "3"}
