@@ -153,7 +153,7 @@ class StlWorker(StageEndingsWorker):
                     self.run_maintenance_tasks()
                 self._reaper.reap_if_due()
                 self._refresh_queues()
-                enqueue_ready_dependents(self.connection, self.queues)
+                enqueue_ready_dependents(self.connection, self.queues, log=self.log, worker_name=self.name)
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 self.log.error("Worker %s: Redis is unreachable (%s); retrying in 2 s", self.name, e)
                 time.sleep(2)
