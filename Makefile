@@ -10,7 +10,7 @@ DEMO_HOME ?= $(CURDIR)/.stl-demo
 # What `make demo` prints after its pivot, as `stl results --effect` does (empty: no effect table).
 DEMO_EFFECT ?= mtl=none:in-domain
 # pytest processes (pytest-xdist); 0 runs the suite in one process, as CI does. Two take about 10 minutes on two
-# cores instead of 18, but the SIGTERM test (tests/test_fault_kill.py) failed twice in four runs that way.
+# cores instead of 18, but the SIGTERM test (tests/test_fault_kill.py) failed twice in six runs that way.
 TEST_WORKERS ?= 0
 # torch's CPU build for machines without an NVIDIA driver; GPU machines keep pip's default (CUDA) build.
 TORCH_CPU ?= torch==2.13.0
