@@ -135,7 +135,7 @@ class AdmissionGate:
             if not decision.admitted:
                 self._wait_for(stage_id, f"stage {stage_id} {decision.reason}")
                 return None
-            if not self.conn.eval(_TAKE_IF_HEAD, 2, queue.key, _intermediate_key(queue), job_id):
+            if not self.conn.eval(_TAKE_IF_HEAD, 2, queue.key, queue.intermediate_queue_key, job_id):
                 return None  # taken by another worker since it was looked at
             self._reserve(stage_id, decision)
         self._wait_for("", "")
@@ -257,12 +257,6 @@ def _head(conn: redis.Redis, queues: Sequence[Queue]) -> tuple[Queue, str] | Non
         if job_id is not None:
             return queue, text(job_id)
     return None
-
-
-def _intermediate_key(queue: Queue) -> str:
-    from rq.queue import IntermediateQueue
-
-    return IntermediateQueue(queue.key, queue.connection).key
 
 
 def _reservation(raw: object) -> dict[str, Any] | None:

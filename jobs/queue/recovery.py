@@ -273,10 +273,7 @@ def _requeue(conn: redis.Redis, settings: Settings, stage_id: str, *, reason: st
 
 def _being_taken(conn: redis.Redis, job: Job) -> bool:
     """Whether `job` is in RQ's intermediate queue: popped by a worker that has not marked it started yet."""
-    from rq.queue import IntermediateQueue
-
-    queue_key = Queue(job.origin, connection=conn).key
-    return conn.lpos(IntermediateQueue(queue_key, conn).key, job.id) is not None
+    return conn.lpos(Queue(job.origin, connection=conn).intermediate_queue_key, job.id) is not None
 
 
 def _started_by_a_dead_worker(conn: redis.Redis, job: Job) -> bool:
