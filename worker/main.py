@@ -208,7 +208,13 @@ class StlWorker(StageEndingsWorker):
 
     def _device_busy(self) -> bool:
         """Whether other stages run on this worker's device: a `--burst` slot waits for them rather than quit
-        on an empty queue, since a stage that ends releases the stages that depend on it."""
+        on an empty queue, since a stage that ends releases the stages that depend on it. A slot that has just
+        taken a stage joins the device only once its horse starts: an idle device is looked at again a poll later."""
+        if stages_on_device(self.connection, self.device):
+            return True
+        if self.slots <= 1:
+            return False
+        time.sleep(POLL_S)
         return bool(stages_on_device(self.connection, self.device))
 
     def _fetch_taken_job(self, queue_key: str, job_id: str) -> tuple[Job, Queue] | None:
